@@ -1,0 +1,84 @@
+"""`sdbot doctor`: what works on this machine, one line per check.
+
+It loads torch and every configured model, so it runs as its own command, never in
+the bot process. The Discord token is reported as set or not, never shown.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+
+from pipeline.config import Config
+
+OK, WARN, FAIL = "ok  ", "warn", "FAIL"
+
+
+def _line(status: str, what: str, detail: str) -> None:
+    print(f"[{status}] {what}: {detail}")
+
+
+def run_doctor(config: Config) -> int:
+    failures = 0
+    _line(OK, "config", config.path or "(defaults)")
+    failures += _check_torch()
+    for model in config.models:
+        failures += _check_model(config, model.name)
+    failures += _check_database(config)
+    if os.environ.get("DISCORD_TOKEN"):
+        _line(OK, "DISCORD_TOKEN", "set")
+    else:
+        _line(FAIL, "DISCORD_TOKEN", "not set; `sdbot run` needs it (see README, Quick start)")
+        failures += 1
+    print("all checks passed" if not failures else f"{failures} check(s) failed")
+    return 0 if not failures else 1
+
+
+def _check_torch() -> int:
+    try:
+        import torch
+    except ImportError as exc:
+        _line(FAIL, "torch", f"not importable ({exc})")
+        return 1
+    _line(OK, "torch", torch.__version__)
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            _line(OK, f"cuda:{i}", f"{props.name}, {props.total_memory / 2**30:.0f} GiB")
+    else:
+        _line(WARN, "CUDA", "no GPU visible; workers will run on the CPU (slow)")
+    return 0
+
+
+def _check_model(config: Config, name: str) -> int:
+    from pipeline.models import ModelError, load_model
+
+    model = config.model(name)
+    start = time.perf_counter()
+    try:
+        loaded = load_model(model, device=config.workers.devices[0], dtype=config.workers.dtype)
+    except (ModelError, ValueError, OSError) as exc:
+        _line(FAIL, f"model {name}", str(exc))
+        return 1
+    seconds = time.perf_counter() - start
+    _line(
+        OK,
+        f"model {name}",
+        f"{loaded.family} from {model.source}, hash {loaded.hash}, "
+        f"loaded on {loaded.device} in {seconds:.1f}s",
+    )
+    return 0
+
+
+def _check_database(config: Config) -> int:
+    path = config.storage.database
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with sqlite3.connect(path) as conn:
+            conn.execute("select 1")
+    except (OSError, sqlite3.Error) as exc:
+        _line(FAIL, "database", f"{path}: {exc}")
+        return 1
+    _line(OK, "database", str(path))
+    return 0

@@ -1,0 +1,492 @@
+"""Run one generation job (or a batch of compatible ones) on a loaded model.
+
+txt2img, img2img, inpaint (mask blur, "only masked" crop, unmasked pixels kept
+exactly), outpaint (pad, feathered mask, inpaint), upscale (a 2× hires pass), the
+keep-face / keep-background masks, and ADetailer-style face fix. Each mode reads top
+to bottom; every image gets A1111 infotext. A per-step callback reports progress with
+a cheap preview and checks for cancellation between steps.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+from pipeline import faces
+from pipeline.images import open_image
+from pipeline.infotext import VERSION, format_infotext, png_bytes
+from pipeline.jobs import GenerateSpec, JobError, OutputImage
+from pipeline.models import LoadedModel
+from pipeline.samplers import build_scheduler, resolve
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, int, "bytes | None"], None]
+OUTPAINT_FEATHER = 40  # px of the old image blended into the new area, as A1111 does
+FACE_FIX_STRENGTH = 0.4  # ADetailer's default denoise
+FACE_FIX_PADDING = 32
+MAX_INPUT_PIXELS = 4096 * 4096
+
+# Latent → RGB projections (A1111's "Approx cheap" preview): no model, one matmul.
+_PREVIEW_FACTORS = {
+    "sd1": (
+        [
+            [0.3512, 0.2297, 0.3227],
+            [0.3250, 0.4974, 0.2350],
+            [-0.2829, 0.1762, 0.2721],
+            [-0.2120, -0.2616, -0.7177],
+        ],
+        [0.0, 0.0, 0.0],
+    ),
+    "sdxl": (
+        [
+            [0.3651, 0.4232, 0.4341],
+            [-0.2533, -0.0042, 0.1068],
+            [0.1076, 0.1111, -0.0362],
+            [-0.3165, -0.2492, -0.2188],
+        ],
+        [0.1084, -0.0175, -0.0011],
+    ),
+}
+
+
+class GenerationCancelled(Exception):
+    """The job's cancellation flag was set; raised between two denoising steps."""
+
+
+class BlobSource(Protocol):
+    def get(self, sha: str) -> bytes: ...
+    def path(self, sha: str) -> Any: ...
+
+
+@dataclass
+class _Run:
+    """What one pipeline call needs besides its images: progress and cancellation."""
+
+    model: LoadedModel
+    on_step: StepCallback | None
+    should_cancel: Callable[[], bool] | None
+    preview_every: int
+
+    def callback(self, pipe, step: int, timestep, kwargs: dict) -> dict:
+        if self.should_cancel is not None and self.should_cancel():
+            raise GenerationCancelled()
+        if self.on_step is not None:
+            done = step + 1
+            total = getattr(pipe, "num_timesteps", None) or done
+            show = self.preview_every > 0 and (done % self.preview_every == 0)
+            preview = latent_preview(kwargs["latents"], self.model.family) if show else None
+            self.on_step(done, total, preview)
+        return {}
+
+
+def run_generation(
+    model: LoadedModel,
+    specs: Sequence[GenerateSpec],
+    *,
+    blobs: BlobSource | None = None,
+    loras: Any = None,
+    on_step: StepCallback | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    preview_every: int = 4,
+) -> list[list[OutputImage]]:
+    """Run the specs (one, or several txt2img jobs sharing a batch key) as one call.
+
+    Returns one list of images per spec, in order. Raises GenerationCancelled,
+    JobError (bad input: message for the member) or ImageInputError.
+    """
+    specs = [spec if spec.seed is not None else spec.with_seed() for spec in specs]
+    if not specs:
+        return []
+    run = _Run(model, on_step, should_cancel, preview_every)
+    if len(specs) > 1:
+        keys = {spec.batch_key() for spec in specs}
+        if len(keys) != 1 or "" in keys:
+            raise JobError("only txt2img jobs with the same settings can share a batch")
+    spec = specs[0]
+    if spec.mode == "txt2img":
+        results = txt2img(run, specs, blobs, loras)
+    else:
+        image = _input_image(spec.image, blobs, "image")
+        mode = {"img2img": img2img, "inpaint": inpaint, "outpaint": outpaint, "upscale": upscale}[
+            spec.mode
+        ]
+        results = [mode(run, spec, image, blobs, loras)]
+    if spec.face_fix:
+        results = [
+            [fix_faces(run, s, img, blobs, loras) for img in images]
+            for s, images in zip(specs, results)
+        ]
+    return [
+        [_output(model, s, img, seed) for img, seed in zip(images, s.seeds())]
+        for s, images in zip(specs, results)
+    ]
+
+
+# --- the modes ----------------------------------------------------------------------
+
+
+def txt2img(run: _Run, specs: Sequence[GenerateSpec], blobs, loras) -> list[list[Image.Image]]:
+    # 1. One sample per image: spec × count, each with its own seeded generator, so
+    #    an image is the same whether it ran alone or in a batch.
+    spec = specs[0]
+    samples = [(s, seed) for s in specs for seed in s.seeds()]
+    pipe = run.model.pipe
+    # 2. Sampler, LoRAs, prompt embeddings; 3. denoise and decode.
+    with _sampler(run.model, pipe, spec), _loras(loras, [s for s, _ in samples], blobs, spec):
+        conditioning = _encode(pipe, [s for s, _ in samples])
+        images = _call(
+            run,
+            pipe,
+            spec,
+            conditioning,
+            [seed for _, seed in samples],
+            width=spec.width,
+            height=spec.height,
+        )
+    return _split(images, [s.count for s in specs])
+
+
+def img2img(run: _Run, spec: GenerateSpec, image: Image.Image, blobs, loras) -> list[Image.Image]:
+    pipe = run.model.img2img()
+    source = image.resize((spec.width, spec.height), Image.LANCZOS)
+    with _sampler(run.model, pipe, spec), _loras(loras, [spec] * spec.count, blobs, spec):
+        conditioning = _encode(pipe, [spec] * spec.count)
+        return _call(
+            run, pipe, spec, conditioning, spec.seeds(), image=source, strength=spec.strength
+        )
+
+
+def upscale(run: _Run, spec: GenerateSpec, image: Image.Image, blobs, loras) -> list[Image.Image]:
+    """A hires pass: resize by the factor, then img2img at the spec's (low) strength."""
+    width = _multiple_of_8(image.width * spec.upscale_factor)
+    height = _multiple_of_8(image.height * spec.upscale_factor)
+    big = GenerateSpec(**{**_fields(spec), "mode": "img2img", "width": width, "height": height})
+    return img2img(run, big, image, blobs, loras)
+
+
+def inpaint(
+    run: _Run,
+    spec: GenerateSpec,
+    image: Image.Image,
+    blobs,
+    loras,
+    mask: Image.Image | None = None,
+    strength: float | None = None,
+) -> list[Image.Image]:
+    """Repaint the white part of the mask; every pixel where the (blurred) mask is 0
+    is the input pixel, exactly."""
+    # 1. The mask: given, uploaded, or built from the faces in the photo.
+    if mask is None:
+        mask = _mask_for(spec, image, blobs)
+    blurred = mask.filter(ImageFilter.GaussianBlur(spec.mask_blur)) if spec.mask_blur else mask
+    # 2. The region to repaint: a padded crop around the mask ("only masked"), or all.
+    crop = mask_crop_box(mask, spec.only_masked_padding, (spec.width, spec.height))
+    if not spec.only_masked:
+        crop = (0, 0, image.width, image.height)
+    region = image.crop(crop).resize((spec.width, spec.height), Image.LANCZOS)
+    region_mask = blurred.crop(crop).resize((spec.width, spec.height), Image.LANCZOS)
+    # 3. Inpaint the region at the processing size.
+    pipe = run.model.inpaint()
+    with _sampler(run.model, pipe, spec), _loras(loras, [spec] * spec.count, blobs, spec):
+        conditioning = _encode(pipe, [spec] * spec.count)
+        painted = _call(
+            run,
+            pipe,
+            spec,
+            conditioning,
+            spec.seeds(),
+            image=region,
+            mask_image=region_mask,
+            strength=strength or spec.strength,
+        )
+    # 4. Paste back through the blurred mask: where it is 0 the original stays.
+    return [paste_back(image, p, crop, blurred) for p in painted]
+
+
+def outpaint(run: _Run, spec: GenerateSpec, image: Image.Image, blobs, loras) -> list[Image.Image]:
+    canvas, mask = outpaint_canvas(image, spec.outpaint_direction or "all", spec.outpaint_pixels)
+    # The feathered mask already blends the seam; new content starts from noise.
+    flat = GenerateSpec(**{**_fields(spec), "mask_blur": 0})
+    return inpaint(run, flat, canvas, blobs, loras, mask=mask, strength=1.0)
+
+
+def fix_faces(run: _Run, spec: GenerateSpec, image: Image.Image, blobs, loras) -> Image.Image:
+    """ADetailer: for each face, inpaint a padded crop at 512² (SDXL 1024²) with denoise
+    0.4 and paste it back through a feathered mask. Nothing outside the crop changes."""
+    boxes = faces.detect_faces(image)
+    size = 1024 if run.model.is_xl else 512
+    for box in boxes:
+        crop = faces.face_crop_box(box, image.size, FACE_FIX_PADDING)
+        mask = Image.new("L", image.size, 0)
+        mask.paste(faces.face_mask(image.size, [box]).crop(crop), crop[:2])
+        face_spec = GenerateSpec(
+            **{
+                **_fields(spec),
+                "mode": "inpaint",
+                "count": 1,
+                "width": size,
+                "height": size,
+                "only_masked": True,
+                "only_masked_padding": FACE_FIX_PADDING,
+                "mask_blur": 0,
+            }
+        )
+        image = inpaint(run, face_spec, image, blobs, loras, mask=mask, strength=FACE_FIX_STRENGTH)[
+            0
+        ]
+    return image
+
+
+# --- masks and geometry -------------------------------------------------------------
+
+
+def _mask_for(spec: GenerateSpec, image: Image.Image, blobs) -> Image.Image:
+    if spec.mask:
+        mask = open_image(_blob(blobs, spec.mask), max_pixels=MAX_INPUT_PIXELS, name="mask")
+        if mask.size != image.size:
+            raise JobError(
+                f"the mask is {mask.width}×{mask.height} but the image is "
+                f"{image.width}×{image.height}; they must be the same size"
+            )
+        mask = mask.convert("L")
+    elif spec.keep:
+        boxes = faces.detect_faces(image)
+        if spec.keep == "face":
+            mask = faces.keep_face_mask(image.size, boxes)
+        else:
+            mask = faces.person_mask(image.size, boxes)
+    else:
+        raise JobError("inpaint needs a mask (white = repaint) or keep: face|background")
+    if mask.getextrema()[1] == 0:
+        raise JobError("the mask is empty: paint the area to repaint in white")
+    return mask
+
+
+def mask_crop_box(
+    mask: Image.Image, padding: int, target: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """The mask's bounding box grown by `padding`, widened to the target aspect ratio and
+    kept inside the image (A1111's get_crop_region + expand_crop_region)."""
+    box = mask.point(lambda v: 255 if v > 0 else 0).getbbox() or (0, 0, *mask.size)
+    x0, y0, x1, y1 = box
+    x0, y0 = max(x0 - padding, 0), max(y0 - padding, 0)
+    x1, y1 = min(x1 + padding, mask.width), min(y1 + padding, mask.height)
+    ratio = target[0] / target[1]
+    width, height = x1 - x0, y1 - y0
+    if width / height < ratio:  # too narrow: widen
+        x0, x1 = _grow_span(x0, x1, round(height * ratio), mask.width)
+    else:
+        y0, y1 = _grow_span(y0, y1, round(width / ratio), mask.height)
+    return x0, y0, x1, y1
+
+
+def _grow_span(start: int, end: int, wanted: int, limit: int) -> tuple[int, int]:
+    wanted = min(wanted, limit)
+    extra = wanted - (end - start)
+    start = max(start - extra // 2, 0)
+    end = start + wanted
+    if end > limit:
+        start, end = limit - wanted, limit
+    return start, end
+
+
+def paste_back(
+    original: Image.Image, painted: Image.Image, crop: tuple[int, int, int, int], mask: Image.Image
+) -> Image.Image:
+    width, height = crop[2] - crop[0], crop[3] - crop[1]
+    canvas = original.copy()
+    canvas.paste(painted.resize((width, height), Image.LANCZOS), crop[:2])
+    return Image.composite(canvas, original, mask)
+
+
+def outpaint_canvas(
+    image: Image.Image, direction: str, pixels: int
+) -> tuple[Image.Image, Image.Image]:
+    """The enlarged canvas (new area filled by stretching the edge pixels, which gives the
+    sampler the right colours to start from) and its feathered mask (255 = new area)."""
+    left = pixels if direction in ("left", "all") else 0
+    right = pixels if direction in ("right", "all") else 0
+    top = pixels if direction in ("up", "all") else 0
+    bottom = pixels if direction in ("down", "all") else 0
+    array = np.asarray(image)
+    padded = np.pad(array, ((top, bottom), (left, right), (0, 0)), mode="edge")
+    canvas = Image.fromarray(padded)
+    mask = np.full(padded.shape[:2], 255, dtype=np.float32)
+    h, w = array.shape[:2]
+    feather = min(OUTPAINT_FEATHER, pixels, w // 4, h // 4)
+    inner = np.zeros((h, w), dtype=np.float32)
+    # Ramp from 0 (deep inside the old image) to 255 at the old edge, only on new sides.
+    ys, xs = np.mgrid[0:h, 0:w]
+    distances = [np.full((h, w), np.inf)]
+    for pad, dist in ((left, xs), (right, w - 1 - xs), (top, ys), (bottom, h - 1 - ys)):
+        if pad:
+            distances.append(dist.astype(np.float32))
+    nearest = np.minimum.reduce(distances)
+    if feather > 0:
+        inner = np.clip(1.0 - nearest / feather, 0.0, 1.0) * 255
+    mask[top : top + h, left : left + w] = inner
+    return canvas, Image.fromarray(mask.astype(np.uint8), "L")
+
+
+def _multiple_of_8(value: float) -> int:
+    return max(8, int(round(value / 8)) * 8)
+
+
+# --- pieces shared by the modes ------------------------------------------------------
+
+
+@contextmanager
+def _sampler(model: LoadedModel, pipe, spec: GenerateSpec) -> Iterator[None]:
+    scheduler = build_scheduler(model.scheduler_config, spec.sampler, spec.schedule)
+    if hasattr(scheduler.config, "noise_sampler_seed"):
+        # DPM++ SDE draws its Brownian noise from its own seed: tie it to the job's.
+        scheduler = scheduler.from_config(scheduler.config, noise_sampler_seed=spec.seed)
+    original = pipe.scheduler
+    pipe.scheduler = scheduler
+    tiling = spec.width * spec.height > model.config.vae_tiling_above
+    if tiling:
+        pipe.vae.enable_tiling()
+    try:
+        yield
+    finally:
+        pipe.scheduler = original
+        if tiling:
+            pipe.vae.disable_tiling()
+
+
+@contextmanager
+def _loras(cache, samples: Sequence[GenerateSpec], blobs, spec: GenerateSpec) -> Iterator[None]:
+    per_sample = [[(ref, blobs.path(ref.sha256)) for ref in s.loras] for s in samples]
+    if not any(per_sample):
+        yield
+        return
+    if cache is None:
+        raise JobError("LoRAs are not available on this worker")
+    if all(lst == per_sample[0] for lst in per_sample):
+        with cache.activate(per_sample[0]):
+            yield
+    else:
+        with cache.activate_per_sample(per_sample, cfg=spec.cfg_scale > 1):
+            yield
+
+
+def _encode(pipe, samples: Sequence[GenerateSpec]) -> dict[str, Any]:
+    from pipeline.prompt import encode_prompts, extract_loras
+
+    prompts = [extract_loras(s.prompt)[0] for s in samples]
+    negatives = [extract_loras(s.negative_prompt)[0] for s in samples]
+    return encode_prompts(pipe, prompts, negatives)
+
+
+def _call(
+    run: _Run,
+    pipe,
+    spec: GenerateSpec,
+    conditioning: dict[str, Any],
+    seeds: list[int],
+    **inputs: Any,
+) -> list[Image.Image]:
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    steps = spec.steps
+    if inputs.get("strength"):
+        # diffusers runs int(steps × strength) steps; at low strength that can be 0.
+        steps = max(steps, math.ceil(1 / inputs["strength"]))
+    with torch.inference_mode():
+        result = pipe(
+            **conditioning,
+            num_inference_steps=steps,
+            guidance_scale=spec.cfg_scale,
+            generator=generators,
+            callback_on_step_end=run.callback,
+            callback_on_step_end_tensor_inputs=["latents"],
+            **inputs,
+        )
+    return result.images
+
+
+def _split(images: list[Image.Image], counts: list[int]) -> list[list[Image.Image]]:
+    out, start = [], 0
+    for count in counts:
+        out.append(images[start : start + count])
+        start += count
+    return out
+
+
+def _fields(spec: GenerateSpec) -> dict[str, Any]:
+    from dataclasses import asdict, fields
+
+    values = asdict(spec)
+    values["loras"] = spec.loras  # keep LoraRef objects, not dicts
+    return {f.name: values[f.name] for f in fields(spec)}
+
+
+def _blob(blobs, sha: str) -> bytes:
+    if blobs is None:
+        raise JobError("this job needs an input image but no blob store was given")
+    return blobs.get(sha)
+
+
+def _input_image(sha: str | None, blobs, name: str) -> Image.Image:
+    if not sha:
+        raise JobError(f"this job needs an input {name}")
+    return open_image(_blob(blobs, sha), max_pixels=MAX_INPUT_PIXELS, name=name)
+
+
+def latent_preview(latents: torch.Tensor, family: str, max_side: int = 256) -> bytes:
+    """The first sample's latents as a small JPEG, projected to RGB by a fixed matrix."""
+    factors, bias = _PREVIEW_FACTORS["sdxl" if family == "sdxl" else "sd1"]
+    latent = latents[0].detach().float().cpu()
+    if latent.shape[0] != 4:  # 9-channel inpainting latents carry 4 noise channels first
+        latent = latent[:4]
+    rgb = torch.einsum("chw,cr->hwr", latent, torch.tensor(factors)) + torch.tensor(bias)
+    array = ((rgb.clamp(-1, 1) + 1) * 127.5).byte().numpy()
+    image = Image.fromarray(array, "RGB")
+    scale = max_side / max(image.size)
+    if scale > 1:
+        image = image.resize(
+            (round(image.width * scale), round(image.height * scale)), Image.BILINEAR
+        )
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=70)
+    return buffer.getvalue()
+
+
+def infotext_for(model: LoadedModel, spec: GenerateSpec, seed: int, size: tuple[int, int]) -> str:
+    sampler, schedule = resolve(spec.sampler, spec.schedule)
+    params: dict[str, Any] = {
+        "Steps": spec.steps,
+        "Sampler": sampler.name,
+        "Schedule type": None if schedule == "Automatic" else schedule,
+        "CFG scale": spec.cfg_scale,
+        "Seed": seed,
+        "Size": f"{size[0]}x{size[1]}",
+        "Model hash": model.hash,
+        "Model": model.name,
+        "Denoising strength": spec.strength if spec.mode in ("img2img", "inpaint") else None,
+        "Mask blur": spec.mask_blur if spec.mode == "inpaint" else None,
+        "Outpaint": f"{spec.outpaint_direction} {spec.outpaint_pixels}px"
+        if spec.mode == "outpaint"
+        else None,
+        "Hires upscale": spec.upscale_factor if spec.mode == "upscale" else None,
+        "ADetailer model": "haarcascade face" if spec.face_fix else None,
+        "Lora hashes": ", ".join(f"{r.name}: {r.sha256[:12]}" for r in spec.loras) or None,
+        "Version": VERSION,
+    }
+    if spec.mode == "upscale":
+        params["Denoising strength"] = spec.strength
+    return format_infotext(spec.prompt, spec.negative_prompt, params)
+
+
+def _output(model: LoadedModel, spec: GenerateSpec, image: Image.Image, seed: int) -> OutputImage:
+    text = infotext_for(model, spec, seed, image.size)
+    return OutputImage(png=png_bytes(image, text), seed=seed, infotext=text)

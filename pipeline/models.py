@@ -1,0 +1,299 @@
+"""Load base models once per worker: Hub ids, diffusers folders, single-file checkpoints.
+
+A model is loaded once and kept; img2img and inpaint pipelines are derived from it
+with `from_pipe`, which shares the same modules (no second copy of the weights).
+CUDA gets fp16 (or bf16 when configured), the CPU fp32; attention is PyTorch's SDPA
+(diffusers' default processor on torch ≥ 2). The loading code is the same for the
+tests' tiny model folder and for a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config, ModelConfig
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+class ModelError(Exception):
+    """A model that cannot be loaded; the message names the source and what was tried."""
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    family: str  # "sd1" | "sdxl"
+    source: str
+    hash: str  # A1111 "Model hash": first 10 hex of the weights' sha256
+    device: str
+    dtype: Any
+    pipe: Any  # the text-to-image pipeline; its modules are shared by the derived ones
+    config: ModelConfig
+    scheduler_config: dict[str, Any] = field(default_factory=dict)  # samplers build on it
+    _derived: dict[str, Any] = field(default_factory=dict)
+    _inpaint_model: LoadedModel | None = None
+
+    @property
+    def is_xl(self) -> bool:
+        return self.family == "sdxl"
+
+    def img2img(self):
+        return self._derive("img2img")
+
+    def inpaint(self):
+        """The inpaint pipeline: the dedicated inpainting model when configured,
+        else derived from the base model (diffusers blends latents for 4-channel UNets)."""
+        if self._inpaint_model is not None:
+            return self._inpaint_model.pipe
+        return self._derive("inpaint")
+
+    def _derive(self, kind: str):
+        if kind not in self._derived:
+            from diffusers import (
+                StableDiffusionImg2ImgPipeline,
+                StableDiffusionInpaintPipeline,
+                StableDiffusionXLImg2ImgPipeline,
+                StableDiffusionXLInpaintPipeline,
+            )
+
+            classes = {
+                ("img2img", False): StableDiffusionImg2ImgPipeline,
+                ("img2img", True): StableDiffusionXLImg2ImgPipeline,
+                ("inpaint", False): StableDiffusionInpaintPipeline,
+                ("inpaint", True): StableDiffusionXLInpaintPipeline,
+            }
+            derived = classes[kind, self.is_xl].from_pipe(self.pipe)
+            derived.set_progress_bar_config(disable=True)
+            self._derived[kind] = derived
+        return self._derived[kind]
+
+    def pipelines(self) -> list[Any]:
+        """Every pipeline object sharing this model's modules (for scheduler swaps)."""
+        return [self.pipe, *self._derived.values()]
+
+
+def choose_device(requested: str = "auto") -> str:
+    import torch
+
+    if requested not in ("auto", ""):
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def choose_dtype(device: str, requested: str = "auto"):
+    import torch
+
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device.startswith("cuda"):
+        # bf16 where the card supports it: same speed as fp16, no overflow in the VAE.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def detect_family(source: str) -> str:
+    """sd1 or sdxl from a folder's model_index.json, a single file's keys, or a Hub id's
+    cached model_index.json. Raises ModelError when the source cannot be read."""
+    path = Path(source)
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.exists():
+            raise ModelError(
+                f"model folder {source} has no model_index.json; it is not a diffusers model folder"
+            )
+        return _family_from_index(json.loads(index.read_text()))
+    if path.suffix in SINGLE_FILE_SUFFIXES:
+        if not path.exists():
+            raise ModelError(f"model file {source} does not exist")
+        return _family_from_checkpoint(path)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        index = hf_hub_download(source, "model_index.json")
+    except Exception as exc:  # noqa: BLE001 - any failure means "can't tell"
+        raise _hub_error(source, exc) from None
+    return _family_from_index(json.loads(Path(index).read_text()))
+
+
+def _family_from_index(index: dict[str, Any]) -> str:
+    return "sdxl" if "text_encoder_2" in index or "XL" in index.get("_class_name", "") else "sd1"
+
+
+def _family_from_checkpoint(path: Path) -> str:
+    if path.suffix != ".safetensors":
+        return "sd1"  # .ckpt: pickles; don't open them just to guess
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types
+        raise ModelError(f"model file {path} is not a valid .safetensors file ({exc})") from None
+    return "sdxl" if any(k.startswith("conditioner.embedders.1") for k in keys) else "sd1"
+
+
+def _hub_error(source: str, exc: Exception) -> ModelError:
+    name = type(exc).__name__
+    offline = (
+        os.environ.get("HF_HUB_OFFLINE") == "1"
+        or any(word in name for word in ("Connection", "Offline", "LocalEntryNotFound", "Timeout"))
+        or "connect" in str(exc).lower()
+    )
+    if offline:
+        return ModelError(
+            f"model {source!r} is not in the local Hugging Face cache and the Hub cannot be "
+            "reached (no network). Download it where there is network "
+            "(huggingface-cli download), or set source to a local folder or .safetensors file."
+        )
+    if "RepositoryNotFound" in name or "404" in str(exc):
+        return ModelError(f"model {source!r}: no such repository on the Hugging Face Hub")
+    return ModelError(
+        f"model {source!r} is neither a local folder, a .safetensors file, nor a loadable "
+        f"Hub id ({name})"
+    )
+
+
+def weights_hash(source: str) -> str:
+    """A1111's short model hash: sha256 of the checkpoint file, first 10 hex.
+
+    For a diffusers folder we hash the UNet weights file — the part that identifies
+    the model; Hub ids are resolved to their cached files by diffusers first.
+    """
+    path = Path(source)
+    if path.is_dir():
+        candidates = sorted((path / "unet").glob("*.safetensors")) + sorted(
+            (path / "unet").glob("*.bin")
+        )
+        if not candidates:
+            return hashlib.sha256(source.encode()).hexdigest()[:10]
+        path = candidates[0]
+    elif not path.exists():
+        return hashlib.sha256(source.encode()).hexdigest()[:10]
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:10]
+
+
+def load_model(model: ModelConfig, *, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load one configured model onto a device. Raises ModelError with a clear message."""
+    device = choose_device(device)
+    torch_dtype = choose_dtype(device, dtype)
+    family = model.family if model.family != "auto" else detect_family(model.source)
+    pipe = _load_pipeline(model.source, family, torch_dtype)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    loaded = LoadedModel(
+        name=model.name,
+        family=family,
+        source=model.source,
+        hash=weights_hash(_local_source(model.source, pipe)),
+        device=device,
+        dtype=torch_dtype,
+        pipe=pipe,
+        config=model,
+        scheduler_config=dict(pipe.scheduler.config),
+    )
+    if model.inpaint_source:
+        inpaint = _load_pipeline(model.inpaint_source, family, torch_dtype, inpaint=True)
+        inpaint.to(device)
+        inpaint.set_progress_bar_config(disable=True)
+        loaded._inpaint_model = LoadedModel(
+            name=f"{model.name}-inpaint",
+            family=family,
+            source=model.inpaint_source,
+            hash=weights_hash(model.inpaint_source),
+            device=device,
+            dtype=torch_dtype,
+            pipe=inpaint,
+            config=model,
+        )
+    log.info("loaded model %s (%s) on %s as %s", model.name, family, device, torch_dtype)
+    return loaded
+
+
+def _local_source(source: str, pipe: Any) -> str:
+    if Path(source).exists():
+        return source
+    return str(getattr(pipe, "_name_or_path", None) or pipe.config.get("_name_or_path", source))
+
+
+def _pipeline_class(family: str, inpaint: bool):
+    from diffusers import (
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLInpaintPipeline,
+        StableDiffusionXLPipeline,
+    )
+
+    if family == "sdxl":
+        return StableDiffusionXLInpaintPipeline if inpaint else StableDiffusionXLPipeline
+    return StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
+
+
+def _load_pipeline(source: str, family: str, torch_dtype: Any, *, inpaint: bool = False):
+    cls = _pipeline_class(family, inpaint)
+    path = Path(source)
+    try:
+        if path.suffix in SINGLE_FILE_SUFFIXES:
+            if not path.exists():
+                raise ModelError(f"model file {source} does not exist")
+            return cls.from_single_file(str(path), torch_dtype=torch_dtype)
+        if path.is_dir() or source.startswith(("/", "./", "../")):
+            if not path.is_dir():
+                raise ModelError(f"model folder {source} does not exist")
+            return _from_pretrained(cls, source, torch_dtype)
+        return _from_pretrained(cls, source, torch_dtype)
+    except ModelError:
+        raise
+    except OSError as exc:
+        if path.exists():
+            raise ModelError(f"model {source} could not be loaded: {_short(exc)}") from None
+        raise _hub_error(source, exc) from None
+    except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds for bad files
+        raise ModelError(
+            f"model {source} could not be loaded as a {family} "
+            f"{'inpainting ' if inpaint else ''}pipeline: {_short(exc)}"
+        ) from None
+
+
+def _from_pretrained(cls, source: str, torch_dtype: Any):
+    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
+    if cls.__name__.startswith("StableDiffusion") and "XL" not in cls.__name__:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    return cls.from_pretrained(source, **kwargs)
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:300]
+
+
+class ModelCache:
+    """The models of one worker, each loaded on first use and then kept."""
+
+    def __init__(self, config: Config, device: str = "auto"):
+        self.config = config
+        self.device = device
+        self._models: dict[str, LoadedModel] = {}
+
+    def get(self, name: str = "default") -> LoadedModel:
+        model_config = self.config.model(name)
+        if model_config.name not in self._models:
+            self._models[model_config.name] = load_model(
+                model_config, device=self.device, dtype=self.config.workers.dtype
+            )
+        return self._models[model_config.name]
+
+    def loaded(self) -> list[LoadedModel]:
+        return list(self._models.values())

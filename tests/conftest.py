@@ -1,0 +1,55 @@
+"""Shared fixtures: the tiny random-weight models, written once per test session."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never reach a network; make the Hub client fail fast instead of timing out.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _quiet_libraries() -> None:
+    try:
+        import diffusers.utils.logging as dlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+    except ImportError:
+        pass
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    from pipeline.tiny import write_tiny_model
+
+    _quiet_libraries()
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_xl(tmp_path_factory) -> Path:
+    from pipeline.tiny import write_tiny_model
+
+    _quiet_libraries()
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "xl", xl=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint(tmp_path_factory) -> Path:
+    from pipeline.tiny import write_tiny_model
+
+    _quiet_libraries()
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "inpaint", inpaint=True)
+
+
+def png_of(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
