@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose and args.command != "run":
+        from pipeline.quiet import quiet_libraries
+
+        quiet_libraries()
     try:
         return args.handler(args) or 0
     except (CliError, ConfigError, JobError, ValueError, OSError) as exc:

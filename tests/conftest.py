@@ -53,3 +53,12 @@ def png_of(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+@pytest.fixture
+async def emulator():
+    """A loopback Discord (tests/emulator.py) with discord.py pointed at it."""
+    from tests.emulator import emulated_discord
+
+    async with emulated_discord() as emu:
+        yield emu
