@@ -16,6 +16,7 @@ characters) and long prompts really do span several 75-token chunks.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 # Common prompt words get their own token (via BPE merges) so token counts look like
@@ -295,7 +296,11 @@ def write_tiny_model(directory: str | Path, *, xl: bool = False, inpaint: bool =
             requires_safety_checker=False,
         )
     pipe.save_pretrained(directory, safe_serialization=True)
-    for path in tokenizer_dir.iterdir():
-        path.unlink()
-    tokenizer_dir.rmdir()
+    # transformers 5 saves only tokenizer.json; keep the BPE files too so the folder
+    # also loads with transformers 4's slow CLIPTokenizer.
+    for name in ("tokenizer", "tokenizer_2"):
+        if (directory / name).is_dir():
+            for source in ("vocab.json", "merges.txt"):
+                shutil.copyfile(tokenizer_dir / source, directory / name / source)
+    shutil.rmtree(tokenizer_dir)
     return directory
