@@ -188,7 +188,10 @@ def inpaint(
     # 1. The mask: given, uploaded, or built from the faces in the photo.
     if mask is None:
         mask = _mask_for(spec, image, blobs)
-    blurred = mask.filter(ImageFilter.GaussianBlur(spec.mask_blur)) if spec.mask_blur else mask
+    # Face masks come feathered already; blurring again would reach into the kept face.
+    feathered = spec.keep is not None and not spec.mask
+    blur = 0 if feathered else spec.mask_blur
+    blurred = mask.filter(ImageFilter.GaussianBlur(blur)) if blur else mask
     # 2. The region to repaint: a padded crop around the mask ("only masked"), or all.
     crop = mask_crop_box(mask, spec.only_masked_padding, (spec.width, spec.height))
     if not spec.only_masked:

@@ -85,6 +85,7 @@ def _bomb_png(path: Path) -> None:
         (["--image", "bomb.png"], "20000×20000"),
         (["--image", "in.png", "--mask", "small-mask.png"], "the mask is 32×32 but the image is 64×64"),
         (["--image", "missing.png"], "does not exist"),
+        (["--image", "in.png", "--keep", "face"], "no face found in the photo; attach a mask"),
     ],
 )
 def test_bad_input_gets_one_line_and_a_nonzero_exit(workdir, args, message):

@@ -1,0 +1,84 @@
+"""Face jobs on a real photo: keep-face inpainting and ADetailer-style face fix."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as photos
+
+from pipeline import faces
+from pipeline.blobs import BlobStore
+from pipeline.config import config_from_dict
+from pipeline.generate import _Run, fix_faces, run_generation
+from pipeline.jobs import GenerateSpec
+from pipeline.models import ModelCache
+from tests.conftest import png_of
+
+
+@pytest.fixture(scope="module")
+def sd(tiny_sd):
+    config = config_from_dict({"models": {"tiny": {"source": str(tiny_sd)}}})
+    return ModelCache(config, "cpu").get()
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> Image.Image:
+    return Image.fromarray(photos.astronaut()).resize((256, 256), Image.LANCZOS)
+
+
+def spec(**changes) -> GenerateSpec:
+    values = {"prompt": "photo of a woman", "width": 64, "height": 64, "steps": 3, "seed": 3}
+    return GenerateSpec(**{**values, **changes})
+
+
+def test_keep_face_leaves_every_face_pixel_unchanged(sd, astronaut, tmp_path):
+    blobs = BlobStore(tmp_path)
+    job = spec(mode="inpaint", image=blobs.put(png_of(astronaut)), keep="face", strength=1.0)
+    out = np.asarray(Image.open(io.BytesIO(run_generation(sd, [job], blobs=blobs)[0][0].png)))
+    boxes = faces.detect_faces(astronaut)
+    kept = np.asarray(faces.keep_face_mask(astronaut.size, boxes)) == 0
+    original = np.asarray(astronaut)
+    assert kept.sum() > 500  # the face is a real region
+    assert np.array_equal(out[kept], original[kept])
+    assert np.abs(out[~kept].astype(int) - original[~kept]).mean() > 10  # the rest repainted
+
+
+def test_keep_background_repaints_the_person_only(sd, astronaut, tmp_path):
+    blobs = BlobStore(tmp_path)
+    job = spec(mode="inpaint", image=blobs.put(png_of(astronaut)), keep="background")
+    out = np.asarray(Image.open(io.BytesIO(run_generation(sd, [job], blobs=blobs)[0][0].png)))
+    person = np.asarray(faces.person_mask(astronaut.size, faces.detect_faces(astronaut)))
+    background = person == 0
+    assert np.array_equal(out[background], np.asarray(astronaut)[background])
+
+
+def test_a_photo_without_a_face_gets_the_message(sd, tmp_path):
+    blobs = BlobStore(tmp_path)
+    coffee = Image.fromarray(photos.coffee()).resize((128, 96))
+    job = spec(mode="inpaint", image=blobs.put(png_of(coffee)), keep="face")
+    with pytest.raises(faces.NoFaceFound, match="no face found in the photo; attach a mask"):
+        run_generation(sd, [job], blobs=blobs)
+
+
+def test_face_fix_changes_nothing_outside_the_padded_face_box(sd, astronaut):
+    run = _Run(sd, None, None, 0)
+    fixed = np.asarray(fix_faces(run, spec(), astronaut, None, None))
+    original = np.asarray(astronaut)
+    [box] = faces.detect_faces(astronaut)
+    x0, y0, x1, y1 = faces.face_crop_box(box, astronaut.size, 32)
+    outside = np.ones(original.shape[:2], dtype=bool)
+    outside[y0:y1, x0:x1] = False
+    assert np.array_equal(fixed[outside], original[outside])
+    assert not np.array_equal(fixed[y0:y1, x0:x1], original[y0:y1, x0:x1])
+
+
+def test_face_fix_option_runs_on_generated_images(sd):
+    # Random weights draw no faces: face fix must then leave the image exactly as is.
+    plain = run_generation(sd, [spec()])[0][0]
+    fixed = run_generation(sd, [spec(face_fix=True)])[0][0]
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(plain.png))),
+                          np.asarray(Image.open(io.BytesIO(fixed.png))))
+    assert "ADetailer model" in fixed.infotext
