@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - last line of defence for ModelError etc.
-        if type(exc).__name__ in ("ModelError", "BlobError", "StoreError", "PoolError"):
+        user_safe = {"ModelError", "BlobError", "StoreError", "PoolError"}
+        if user_safe & {cls.__name__ for cls in type(exc).__mro__}:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USAGE
         raise

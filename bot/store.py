@@ -95,6 +95,8 @@ def open_db(path: str | Path, *, busy_timeout_s: float = 30.0) -> sqlite_utils.D
     """Open (creating if needed) the database file and bring its schema up to date."""
     # check_same_thread=False: the bot may run store calls in asyncio.to_thread;
     # callers must still use one connection from one thread at a time.
+    if str(path) != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(str(path), timeout=busy_timeout_s, check_same_thread=False)
     db = sqlite_utils.Database(conn)
     if str(path) != ":memory:":

@@ -1,0 +1,52 @@
+"""`sdbot train`: photos in, a registered kohya LoRA out, and no photos or checkpoints left."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+from safetensors import safe_open
+from skimage import data as photos
+
+from bot import store
+
+
+def test_train_command_prepares_trains_registers_and_reports(tmp_path, tiny_sd):
+    names = []
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        Image.fromarray(getattr(photos, name)()).save(tmp_path / f"{name}.jpg")
+        names.append(f"{name}.jpg")
+    (tmp_path / "notes.txt").write_text("not a photo")
+    (tmp_path / "config.toml").write_text(
+        f'[models.tiny]\nsource = "{tiny_sd}"\n[storage]\ndata_dir = "data"\n'
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path.cwd())}
+    result = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "train", "me", *names, "notes.txt", "--steps", "2",
+         "--resolution", "64", "--user", "u1", "--method", "lora"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Accepted 4 photo(s) (1 with a face found)." in result.stdout
+    assert "notes.txt" in result.stdout  # the report names the rejected file
+    assert "Held-out loss: base" in result.stdout
+    assert "<lora:me:0.8>" in result.stdout
+    db = store.open_db(tmp_path / "data" / "sdbot.sqlite")
+    record = store.find_lora(db, "me", user_id="u1", guild_id=None)
+    assert record["method"] == "lora" and record["size_bytes"] > 0
+    assert record["metrics"]["steps"] == 2
+    with safe_open(record["path"], framework="pt") as f:
+        assert any(k.startswith("lora_unet_") for k in f.keys())
+        assert f.metadata()["sdbot_token"] == record["token"]
+    assert not (tmp_path / "data" / "training").exists() or not any(
+        (tmp_path / "data" / "training").iterdir()
+    )
+    again = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "train", "me", *names, "--steps", "2", "--user", "u1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert again.returncode == 2
+    assert "you already have a LoRA named 'me'" in again.stderr
