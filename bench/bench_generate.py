@@ -1,0 +1,78 @@
+"""Overhead of `pipeline.generate.run_generation` over a plain diffusers pipeline call.
+
+Same process, same tiny model, identical parameters, alternating runs; both sides
+produce PIL images from the same seed (ours also writes the PNG with infotext, which a
+bot must do anyway). Prints a markdown table. Run:
+
+    python bench/bench_generate.py [--steps 20] [--size 64] [--runs 15] [--model DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.quiet import quiet_libraries
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--model", type=Path, default=None, help="diffusers folder (default: tiny)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    quiet_libraries()
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    from pipeline.config import config_from_dict
+    from pipeline.generate import run_generation
+    from pipeline.jobs import GenerateSpec
+    from pipeline.models import ModelCache
+    from pipeline.tiny import write_tiny_model
+
+    source = args.model or write_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
+    config = config_from_dict({"models": {"bench": {"source": str(source)}}})
+    model = ModelCache(config, args.device).get()
+    pipe = model.pipe
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(model.scheduler_config)
+    spec = GenerateSpec("a photo of a cat, high quality", negative_prompt="blurry",
+                        sampler="Euler a", steps=args.steps, cfg_scale=7.0, seed=1,
+                        width=args.size, height=args.size)
+
+    def plain() -> None:
+        pipe("a photo of a cat, high quality", negative_prompt="blurry",
+             num_inference_steps=args.steps, guidance_scale=7.0, width=args.size,
+             height=args.size, generator=torch.Generator("cpu").manual_seed(1))
+
+    def ours() -> None:
+        run_generation(model, [spec])
+
+    for warm in (plain, ours, plain, ours):
+        warm()
+    times: dict[str, list[float]] = {"plain diffusers": [], "sdbot generate": []}
+    for _ in range(args.runs):
+        for name, fn in (("plain diffusers", plain), ("sdbot generate", ours)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    base = statistics.median(times["plain diffusers"])
+    print(f"tiny model, {args.size}×{args.size}, {args.steps} steps, Euler a, CFG 7, "
+          f"device {args.device}, torch threads {torch.get_num_threads()}, {args.runs} alternating runs\n")
+    print("| | median s/image | it/s | ratio to plain |")
+    print("|---|---|---|---|")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"| {name} | {median:.4f} | {args.steps / median:.1f} | {median / base:.3f} |")
+    print(f"\ncommand: python bench/bench_generate.py --steps {args.steps} --size {args.size} "
+          f"--runs {args.runs}")
+
+
+if __name__ == "__main__":
+    main()
