@@ -1,0 +1,167 @@
+"""LoRA switching and mixed-LoRA batches against the plain diffusers way.
+
+    python bench/bench_loras.py [--steps 4] [--size 64] [--threads 1] [--repeats 3]
+
+On the tiny random-weight model (CPU unless CUDA is present) it prints a markdown table:
+applying a cached LoRA vs loading an uncached one, and four jobs with four different
+LoRAs run (a) the plain diffusers way, one by one with `load_lora_weights` + generate +
+`unload_lora_weights`, (b) one by one through `LoraCache.activate` with the adapters
+cached, and (c) as one mixed batch with `activate_per_sample`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.jobs import LoraRef  # noqa: E402
+from pipeline.loras import LoraCache  # noqa: E402
+from pipeline.prompt import encode_prompts  # noqa: E402
+from pipeline.tiny import write_tiny_model  # noqa: E402
+from tests.lora_files import write_lora  # noqa: E402
+
+PROMPTS = ["a photo of a cat", "a dog", "a portrait of a woman", "a city at night"]
+
+
+def load_pipe(path: Path, device: str):
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    pipe = StableDiffusionPipeline.from_pretrained(path).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, prompts: list[str], args: argparse.Namespace) -> None:
+    embeds = encode_prompts(pipe, prompts, [""] * len(prompts))
+    generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+    pipe(
+        **embeds,
+        num_inference_steps=args.steps,
+        height=args.size,
+        width=args.size,
+        guidance_scale=5.0,
+        generator=generators,
+        output_type="np",
+    )
+    sync()
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    """Median seconds of `repeats` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def refs(paths: list[Path]) -> list[tuple[LoraRef, Path]]:
+    return [(LoraRef(p.stem, hashlib.sha256(p.read_bytes()).hexdigest(), 0.8), p) for p in paths]
+
+
+def bench_apply(pipe, loras: list[tuple[LoraRef, Path]], repeats: int) -> tuple[float, float]:
+    """Seconds to enter+leave `activate` for a cached LoRA, and for one that must load."""
+    cached = LoraCache(pipe, max_bytes=1 << 30)
+
+    def apply_cached() -> None:
+        with cached.activate([loras[0]]):
+            pass
+
+    hot = timed(apply_cached, repeats)
+    # A cache that holds one file: alternating two LoRAs loads one every time.
+    one_slot = LoraCache(pipe, max_bytes=loras[1][1].stat().st_size)
+    turn = iter(range(10**9))
+
+    def apply_uncached() -> None:
+        with one_slot.activate([loras[1 + next(turn) % 2]]):
+            pass
+
+    cold = timed(apply_uncached, repeats)
+    return hot, cold
+
+
+def bench_jobs(pipe, paths: list[Path], args: argparse.Namespace) -> dict[str, float]:
+    """Seconds for four jobs with four different LoRAs, three ways."""
+    loras = refs(paths)
+
+    def plain_diffusers() -> None:
+        for i, path in enumerate(paths):
+            pipe.load_lora_weights(str(path), adapter_name=f"job{i}")
+            pipe.set_adapters([f"job{i}"], [0.8])
+            generate(pipe, [PROMPTS[i]], args)
+            pipe.unload_lora_weights()
+
+    cache = LoraCache(pipe, max_bytes=1 << 30)
+
+    def cached_one_by_one() -> None:
+        for i, lora in enumerate(loras):
+            with cache.activate([lora]):
+                generate(pipe, [PROMPTS[i]], args)
+
+    def mixed_batch() -> None:
+        with cache.activate_per_sample([[lora] for lora in loras], cfg=True):
+            generate(pipe, PROMPTS, args)
+
+    return {
+        "plain diffusers: load + generate + unload, one job at a time": timed(
+            plain_diffusers, args.repeats
+        ),
+        "sdbot LoraCache.activate, one job at a time (cached)": timed(
+            cached_one_by_one, args.repeats
+        ),
+        "sdbot activate_per_sample, one batch of 4 (cached)": timed(mixed_batch, args.repeats),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with tempfile.TemporaryDirectory() as tmp:
+        model = write_tiny_model(Path(tmp) / "sd1")
+        pipe = load_pipe(model, device)
+        paths = [
+            write_lora(Path(tmp) / f"lora{i}.safetensors", pipe, "kohya", seed=i) for i in range(4)
+        ]
+        hot, cold = bench_apply(load_pipe(model, device), refs(paths), args.repeats)
+        jobs = bench_jobs(pipe, paths, args)
+    cpu = f"CPU, {args.threads} thread(s)"
+    device_name = torch.cuda.get_device_name() if device == "cuda" else cpu
+    size = f"{args.size}×{args.size}"
+    print(f"Tiny SD 1.x model, {size}, {args.steps} steps, CFG on, {device_name}\n")
+    print("| what | time | images/s | vs plain diffusers |\n|---|---|---|---|")
+    print(f"| apply a cached LoRA | {hot * 1e3:.2f} ms | | |")
+    print(f"| load an uncached LoRA | {cold * 1e3:.2f} ms | | |")
+    plain = next(iter(jobs.values()))
+    for name, seconds in jobs.items():
+        print(f"| {name} | {seconds:.3f} s | {4 / seconds:.1f} | {plain / seconds:.2f}× |")
+    print("\nReproduce: python bench/bench_loras.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
