@@ -9,6 +9,7 @@ a cheap preview and checks for cancellation between steps.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -126,10 +127,23 @@ def run_generation(
             [fix_faces(run, s, img, blobs, loras) for img in images]
             for s, images in zip(specs, results)
         ]
+    hashes = {ref.sha256: lora_file_hash(blobs, ref.sha256) for s in specs for ref in s.loras}
     return [
-        [_output(model, s, img, seed) for img, seed in zip(images, s.seeds())]
+        [_output(model, s, img, seed, hashes) for img, seed in zip(images, s.seeds())]
         for s, images in zip(specs, results)
     ]
+
+
+@functools.lru_cache(maxsize=256)
+def _lora_hash_of(path: str, sha: str) -> str:
+    from pipeline.loras import lora_hash
+
+    return lora_hash(path)
+
+
+def lora_file_hash(blobs, sha: str) -> str:
+    """A1111's "Lora hashes" value (Civitai's AutoV3), computed once per file."""
+    return _lora_hash_of(str(blobs.path(sha)), sha)
 
 
 # --- the modes ----------------------------------------------------------------------
@@ -139,6 +153,15 @@ def txt2img(run: _Run, specs: Sequence[GenerateSpec], blobs, loras) -> list[list
     # 1. One sample per image: spec × count, each with its own seeded generator, so
     #    an image is the same whether it ran alone or in a batch.
     spec = specs[0]
+    if len(specs) > 1 and len(counts := _chunk_counts(run.model.pipe, specs)) > 1:
+        # Padding a shorter prompt with empty chunks would change its image: each chunk
+        # count runs as its own batch, so every image equals the same job run alone.
+        results: list[list[Image.Image]] = [[] for _ in specs]
+        for members in counts.values():
+            group = txt2img(run, [specs[i] for i in members], blobs, loras)
+            for i, images in zip(members, group):
+                results[i] = images
+        return results
     samples = [(s, seed) for s in specs for seed in s.seeds()]
     pipe = run.model.pipe
     # 2. Sampler, LoRAs, prompt embeddings; 3. denoise and decode.
@@ -154,6 +177,15 @@ def txt2img(run: _Run, specs: Sequence[GenerateSpec], blobs, loras) -> list[list
             height=spec.height,
         )
     return _split(images, [s.count for s in specs])
+
+
+def _chunk_counts(pipe, specs: Sequence[GenerateSpec]) -> dict[int, list[int]]:
+    from pipeline.prompt import chunk_count
+
+    groups: dict[int, list[int]] = {}
+    for i, spec in enumerate(specs):
+        groups.setdefault(chunk_count(pipe, spec.prompt, spec.negative_prompt), []).append(i)
+    return groups
 
 
 def img2img(run: _Run, spec: GenerateSpec, image: Image.Image, blobs, loras) -> list[Image.Image]:
@@ -464,7 +496,13 @@ def latent_preview(latents: torch.Tensor, family: str, max_side: int = 256) -> b
     return buffer.getvalue()
 
 
-def infotext_for(model: LoadedModel, spec: GenerateSpec, seed: int, size: tuple[int, int]) -> str:
+def infotext_for(
+    model: LoadedModel,
+    spec: GenerateSpec,
+    seed: int,
+    size: tuple[int, int],
+    lora_hashes: dict[str, str] | None = None,
+) -> str:
     sampler, schedule = resolve(spec.sampler, spec.schedule)
     params: dict[str, Any] = {
         "Steps": spec.steps,
@@ -482,7 +520,10 @@ def infotext_for(model: LoadedModel, spec: GenerateSpec, seed: int, size: tuple[
         else None,
         "Hires upscale": spec.upscale_factor if spec.mode == "upscale" else None,
         "ADetailer model": "haarcascade face" if spec.face_fix else None,
-        "Lora hashes": ", ".join(f"{r.name}: {r.sha256[:12]}" for r in spec.loras) or None,
+        "Lora hashes": ", ".join(
+            f"{r.name}: {(lora_hashes or {}).get(r.sha256, r.sha256[:12])}" for r in spec.loras
+        )
+        or None,
         "Version": VERSION,
     }
     if spec.mode == "upscale":
@@ -490,6 +531,12 @@ def infotext_for(model: LoadedModel, spec: GenerateSpec, seed: int, size: tuple[
     return format_infotext(spec.prompt, spec.negative_prompt, params)
 
 
-def _output(model: LoadedModel, spec: GenerateSpec, image: Image.Image, seed: int) -> OutputImage:
-    text = infotext_for(model, spec, seed, image.size)
+def _output(
+    model: LoadedModel,
+    spec: GenerateSpec,
+    image: Image.Image,
+    seed: int,
+    lora_hashes: dict[str, str],
+) -> OutputImage:
+    text = infotext_for(model, spec, seed, image.size, lora_hashes)
     return OutputImage(png=png_bytes(image, text), seed=seed, infotext=text)

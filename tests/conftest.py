@@ -12,6 +12,11 @@ import pytest
 # Tests never reach a network; make the Hub client fail fast instead of timing out.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Two cores shared by the test process and its worker processes: with more than one
+# intra-op thread each, the tiny model runs up to 100× slower from oversubscription.
+# Set before torch loads, so spawned workers inherit it too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
 def _quiet_libraries() -> None:

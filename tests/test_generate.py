@@ -213,3 +213,24 @@ def test_every_sampler_runs_two_steps(sd):
     for name in sampler_names():
         [images] = run_generation(sd, [spec(sampler=name, steps=2)])
         assert parse_infotext(images[0].infotext)["Seed"] == "7", name
+
+
+def test_mixed_lora_batch_equals_each_job_alone_and_names_lora_hashes(sd, blobs, tmp_path):
+    from pipeline.jobs import LoraRef
+    from pipeline.loras import LoraCache
+    from tests.lora_files import write_lora
+
+    refs = []
+    for i, kind in enumerate(("kohya", "loha")):
+        path = write_lora(tmp_path / f"l{i}.safetensors", sd.pipe, kind, seed=i)
+        refs.append(LoraRef(f"style{i}", blobs.put(path.read_bytes(), ".safetensors"), 0.8))
+    cache = LoraCache(sd.pipe, max_bytes=2**30)
+    jobs = [spec(seed=1, loras=(refs[0],)), spec(seed=2, loras=(refs[1],)), spec(seed=3)]
+    together = run_generation(sd, jobs, blobs=blobs, loras=cache)
+    for job, batched in zip(jobs, together):
+        alone = run_generation(sd, [job], blobs=blobs, loras=cache)[0][0]
+        assert np.abs(pixels(batched[0]) - pixels(alone)).max() <= 1
+    plain = run_generation(sd, [spec(seed=1)], blobs=blobs, loras=cache)[0][0]
+    assert np.abs(pixels(together[0][0]) - pixels(plain)).mean() > 1  # the LoRA did something
+    info = parse_infotext(together[0][0].infotext)
+    assert info["Lora hashes"].startswith("style0: ") and len(info["Lora hashes"]) == 20
