@@ -1,0 +1,314 @@
+"""The dispatcher: hands queued jobs to free workers and records what comes back.
+
+SQLite is the source of truth (see `bot.store`): a job is claimed (marked running) in
+one transaction before it is sent to a worker, and its outcome is written when the
+worker reports it. Execution is pessimistic, as in arq: a job may run twice (its
+worker died after finishing, the bot was killed mid-queue), so results are
+content-addressed blobs and `store.finish` keeps the first outcome.
+
+Runs in the bot's event loop and never imports torch. SQLite calls run on one
+dedicated thread, in order, so a slow disk never stalls Discord's heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlite_utils
+
+from bot import store
+from pipeline.blobs import BlobError, BlobStore
+from pipeline.config import Config
+from pipeline.jobs import (
+    Cancelled,
+    Done,
+    Event,
+    Failed,
+    JobError,
+    JobSpec,
+    Paused,
+    Progress,
+    Started,
+    spec_from_dict,
+)
+from pipeline.pool import WORKER_DIED, WorkerPool
+
+log = logging.getLogger(__name__)
+
+OnEvent = Callable[[dict, Event], Awaitable[None]]
+T = TypeVar("T")
+SAFETY_POLL_S = 2.0  # a missed wake() (a worker restarted, another process enqueued) waits this
+_SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,12}")
+
+
+class Dispatcher:
+    """Feeds the pool from the fair queue; `on_event(job_row, event)` hears everything."""
+
+    def __init__(
+        self,
+        db: sqlite_utils.Database | str | Path,
+        pool: WorkerPool,
+        blobs: BlobStore,
+        config: Config,
+        *,
+        on_event: OnEvent,
+        name: str = "dispatcher",
+    ) -> None:
+        # Pass a path: the dispatcher then has its own connection, used only from its
+        # own thread. A Database object must not be used by anyone else meanwhile.
+        self._db_source = db
+        self.db: sqlite_utils.Database | None = None if isinstance(db, (str, Path)) else db
+        self.pool = pool
+        self.blobs = blobs
+        self.config = config
+        self.on_event = on_event
+        self.name = name
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdbot-db")
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._batches: set[asyncio.Task] = set()
+        self._starting = 0  # batches claimed but not yet on a worker
+        self._running: dict[str, dict] = {}  # job id → row, for jobs on a worker
+        self._yield_asked: set[str] = set()
+        self._prefer_generation = False  # after a training job paused for them
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the database, requeue jobs a previous run left running, start serving."""
+        if self.db is None:
+            self.db = await self._call(store.open_db, self._db_source)
+        requeued = await self._call(store.requeue_interrupted, self.db)
+        if requeued:
+            log.info("requeued %d job(s) left running by a previous run", requeued)
+        self._task = asyncio.create_task(self._serve(), name="sdbot-dispatcher")
+
+    async def stop(self) -> None:
+        """Stop claiming and drop running batches (their jobs stay `running` in the
+        database and are requeued by the next start, like after a crash)."""
+        tasks = [t for t in (self._task, *self._batches) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if isinstance(self._db_source, (str, Path)) and self.db is not None:
+            await self._call(self.db.close)
+        self._executor.shutdown(wait=True)
+
+    def wake(self) -> None:
+        """Call after enqueueing: the queue is looked at now, not at the next poll."""
+        self._wakeup.set()
+
+    async def cancel(
+        self, job_id: str, by_user: str | None = None, *, admin: bool = False
+    ) -> store.JobStatus:
+        """Cancel for a member (None: the bot itself). A queued job ends at once; a
+        running one is stopped on its worker and ends when the worker says so.
+        Raises store.NotYours / store.JobNotFound (messages for the member)."""
+        previous = await self._call(
+            store.cancel, self.db, job_id, str(by_user or ""), admin=admin or by_user is None
+        )
+        if previous is store.JobStatus.RUNNING:
+            await self.pool.cancel(job_id)
+        elif previous is store.JobStatus.QUEUED:
+            row = await self._call(store.get_job, self.db, job_id)
+            await self._notify(row, Cancelled(job_id))
+        return previous
+
+    async def wait_idle(self, timeout_s: float = 60.0) -> None:
+        """Wait until nothing is queued or running (tests, benchmarks, shutdown)."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while await self._call(_busy_count, self.db):
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"jobs still queued or running after {timeout_s:g} s")
+            await asyncio.sleep(0.05)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        while True:
+            try:
+                await self._fill()
+            except Exception:  # noqa: BLE001 - a locked db or a bug must not stop the queue
+                log.exception("dispatcher: could not hand out jobs; trying again")
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), SAFETY_POLL_S)
+            except asyncio.TimeoutError:  # not the builtin one before Python 3.11
+                pass
+            self._wakeup.clear()
+
+    async def _fill(self) -> None:
+        """Claim one fair batch per free worker."""
+        while self.pool.free_workers() - self._starting > 0:
+            rows = await self._claim()
+            if not rows:
+                break
+            self._starting += 1
+            task = asyncio.create_task(self._run_batch(rows), name=f"sdbot-batch-{rows[0]['id']}")
+            self._batches.add(task)
+            task.add_done_callback(self._batch_ended)
+        await self._ask_training_to_yield()
+
+    async def _claim(self) -> list[dict]:
+        size = max(1, self.config.workers.batch_size)
+        claim = partial(store.claim_next, self.db, worker=self.name, max_batch=size)
+        if self._prefer_generation:
+            rows = await self._call(claim, kinds={"generate"})
+            if rows:
+                return rows
+            self._prefer_generation = False  # no generation waiting: training may resume
+        return await self._call(claim)
+
+    def _batch_ended(self, task: asyncio.Task) -> None:
+        self._batches.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("dispatcher: a batch failed", exc_info=task.exception())
+        self.wake()
+
+    async def _ask_training_to_yield(self) -> None:
+        """A training job holds a worker for minutes: when generation jobs wait and no
+        worker is free, ask it to pause at its next checkpoint (it is requeued)."""
+        training = [
+            job_id
+            for job_id, row in self._running.items()
+            if row["kind"] == "train" and job_id not in self._yield_asked
+        ]
+        if not training or self.pool.free_workers() > 0:
+            return
+        if await self._call(_generation_waiting, self.db):
+            for job_id in training:
+                self.pool.request_yield(job_id)
+                self._yield_asked.add(job_id)
+
+    # -- one batch ----------------------------------------------------------------------------
+
+    async def _run_batch(self, rows: list[dict]) -> None:
+        jobs = {row["id"]: row for row in rows}
+        on_worker = False
+        try:
+            runnable = await self._checked(rows)
+            self._running.update({job_id: jobs[job_id] for job_id, _ in runnable})
+            async for event in self.pool.run(runnable):
+                if not on_worker:
+                    on_worker = True
+                    self._starting -= 1
+                    self.wake()  # the pool's free count is now accurate again
+                await self._record(jobs[event.job_id], event)
+            # A pool that ended a batch without an outcome for a job broke its contract;
+            # the job must not stay `running` forever.
+            for job_id in [j for j, _ in runnable if j in self._running]:
+                await self._record(jobs[job_id], Failed(job_id, WORKER_DIED, retryable=True))
+        finally:
+            if not on_worker:
+                self._starting -= 1
+            for job_id in jobs:
+                self._running.pop(job_id, None)
+                self._yield_asked.discard(job_id)
+
+    async def _checked(self, rows: list[dict]) -> list[tuple[str, JobSpec]]:
+        """The specs that pass the server's limits; the others fail now, never reaching a
+        worker (limits may have been lowered since the job was queued)."""
+        runnable = []
+        for row in rows:
+            try:
+                spec = spec_from_dict(row["spec"])
+                spec.check(self.config.limits)
+            except JobError as exc:
+                await self._record(row, Failed(row["id"], str(exc)))
+            except (TypeError, ValueError) as exc:
+                message = f"this job's saved settings cannot be read ({type(exc).__name__})"
+                await self._record(row, Failed(row["id"], message))
+            else:
+                runnable.append((row["id"], spec))
+        return runnable
+
+    async def _record(self, row: dict, event: Event) -> None:
+        """Write the event's outcome to the database, then tell the Discord layer."""
+        job_id = row["id"]
+        if isinstance(event, (Started, Progress)):
+            await self._notify(row, event)
+            return
+        self._running.pop(job_id, None)
+        if isinstance(event, Done):
+            try:
+                result = await asyncio.to_thread(self._save_outputs, event)
+            except BlobError as exc:
+                event = Failed(job_id, str(exc), retryable=False)
+            else:
+                row = await self._call(store.finish, self.db, job_id, result)
+        if isinstance(event, Failed):
+            row = await self._call(store.fail, self.db, job_id, event.message, event.retryable)
+        elif isinstance(event, Cancelled):
+            row = await self._call(store.mark_cancelled, self.db, job_id)
+        elif isinstance(event, Paused):
+            row = await self._call(_requeue_paused, self.db, job_id)
+            self._prefer_generation = True
+        if row["status"] == store.JobStatus.QUEUED.value:
+            self.wake()  # retried or paused: back in the queue
+        await self._notify(row, event)
+
+    def _save_outputs(self, done: Done) -> dict[str, Any]:
+        """Store a job's images and files as blobs; the result row refers to them by sha256."""
+        images = [
+            {
+                "sha256": self.blobs.put(image.png, ".png"),
+                "seed": image.seed,
+                "infotext": image.infotext,
+            }
+            for image in done.images
+        ]
+        files = [
+            {"name": name, "sha256": self.blobs.put(data, _suffix(name)), "size": len(data)}
+            for name, data in done.files
+        ]
+        return {"images": images, "files": files, "info": dict(done.info)}
+
+    async def _notify(self, row: dict | None, event: Event) -> None:
+        if row is None:
+            return
+        try:
+            await self.on_event(row, event)
+        except Exception:  # noqa: BLE001 - a Discord hiccup must not lose the queue
+            log.exception("on_event failed for job %s (%s)", row.get("id"), event.type)
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, partial(fn, *args, **kwargs))
+
+
+# -- small queries the store does not have (yet) ------------------------------------------------
+
+
+def _generation_waiting(db: sqlite_utils.Database) -> bool:
+    row = db.execute(
+        "SELECT 1 FROM jobs WHERE status = 'queued' AND kind = 'generate' LIMIT 1"
+    ).fetchone()
+    return row is not None
+
+
+def _busy_count(db: sqlite_utils.Database) -> int:
+    row = db.execute("SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'running')").fetchone()
+    return int(row[0])
+
+
+def _requeue_paused(db: sqlite_utils.Database, job_id: str) -> dict | None:
+    """A paused training job goes back to the queue without using up an attempt.
+    TODO(store): belongs in bot.store as `pause(db, job_id)`."""
+    with db.conn:  # one transaction; the store's triggers keep queue counts right
+        db.execute(
+            "UPDATE jobs SET status = 'queued', worker = NULL, started_at = NULL "
+            "WHERE id = ? AND status = 'running'",
+            [job_id],
+        )
+    return store.get_job(db, job_id)
+
+
+def _suffix(name: str) -> str:
+    suffix = Path(name).suffix
+    return suffix if _SUFFIX.fullmatch(suffix) else ""

@@ -1,0 +1,344 @@
+"""One worker's job loop: load models once, run a batch, report what happened as events.
+
+The Runner is the same object inside a LocalPool process and inside a Ray actor; the
+pool only moves batches in and events out. It never raises out of `run`: every
+failure becomes a `Failed` event for the jobs it touched, and the worker keeps
+serving (a worker that dies instead is the pool's problem, see `pipeline.pool`).
+
+Which errors a member may read: exceptions whose class is defined in this package
+(`pipeline.*`) and derives from ValueError (JobError, ImageInputError, NoFaceFound,
+ConfigError, …), plus ModelError, LoraError and BlobError, were written with a
+user-safe message. Anything else (a ValueError from inside diffusers included) may
+carry internals, so the member gets a generic line and the traceback goes to the log.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.blobs import BlobError, BlobStore
+from pipeline.config import Config
+from pipeline.jobs import (
+    Cancelled,
+    Done,
+    Event,
+    Failed,
+    GenerateSpec,
+    JobSpec,
+    OutputImage,
+    Paused,
+    Progress,
+    Started,
+    TrainSpec,
+)
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[Event], None]
+Batch = Sequence[tuple[str, JobSpec]]
+PROGRESS_INTERVAL_S = 0.25  # at most ~4 progress events per second per batch
+# Exception class names (from modules we may not import here) whose messages are
+# written for members.
+USER_SAFE_NAMES = frozenset({"ModelError", "LoraError"})
+
+
+class Runner:
+    """Runs job batches on one device, loading each model once."""
+
+    def __init__(self, config: Config, *, device: str, blobs: BlobStore, name: str) -> None:
+        self.config = config
+        self.device = device
+        self.blobs = blobs
+        self.name = name
+        self._models: Any = None  # pipeline.models.ModelCache, built on first use
+        self._loras: dict[str, Any] = {}  # model name → LoRA cache
+
+    def warm_up(self) -> None:
+        """Load the default model now, so the first job does not pay for it."""
+        self._model("default")
+
+    def run(
+        self,
+        batch: Batch,
+        emit: Emit,
+        is_cancelled: Callable[[str], bool],
+        should_yield: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """Run every job of the batch; each gets Started, then exactly one terminal event."""
+        for group in _groups(batch):
+            live = [(job_id, spec) for job_id, spec in group if not is_cancelled(job_id)]
+            for job_id, _ in group:
+                if is_cancelled(job_id):
+                    emit(Cancelled(job_id))
+            if not live:
+                continue
+            for job_id, _ in live:
+                emit(Started(job_id, worker=self.name))
+            if isinstance(live[0][1], TrainSpec):
+                self._train(live[0][0], live[0][1], emit, is_cancelled, should_yield)
+            else:
+                self._generate(live, emit, is_cancelled)  # type: ignore[arg-type]
+
+    # -- generation ---------------------------------------------------------------------
+
+    def _generate(
+        self,
+        jobs: list[tuple[str, GenerateSpec]],
+        emit: Emit,
+        is_cancelled: Callable[[str], bool],
+    ) -> None:
+        from pipeline.generate import GenerationCancelled, run_generation
+
+        ids = [job_id for job_id, _ in jobs]
+        progress = _ProgressThrottle(ids, emit)
+        try:
+            model = self._model(jobs[0][1].model)
+            results = run_generation(
+                model,
+                [spec for _, spec in jobs],
+                blobs=self.blobs,
+                loras=self._lora_cache(model),
+                on_step=progress.step,
+                # A batch stops only when all its members cancelled; a single member's
+                # cancel discards its images at the end instead.
+                should_cancel=lambda: all(is_cancelled(job_id) for job_id in ids),
+                preview_every=self.config.workers.preview_every,
+            )
+        except GenerationCancelled:
+            for job_id in ids:
+                emit(Cancelled(job_id))
+            return
+        except Exception as exc:  # noqa: BLE001 - every failure must become an event
+            self._generation_failed(jobs, exc, emit, is_cancelled)
+            return
+        for (job_id, _), images in zip(jobs, results):
+            emit(Cancelled(job_id) if is_cancelled(job_id) else Done(job_id, tuple(images)))
+
+    def _generation_failed(
+        self,
+        jobs: list[tuple[str, GenerateSpec]],
+        exc: Exception,
+        emit: Emit,
+        is_cancelled: Callable[[str], bool],
+    ) -> None:
+        if len(jobs) > 1:
+            # One bad member (a broken LoRA, too big for memory together) must not sink
+            # the others: run each alone to find out which one fails.
+            log.info(
+                "batch of %d failed (%s); running its jobs one by one",
+                len(jobs),
+                type(exc).__name__,
+            )
+            _free_memory(self.device)
+            for job in jobs:
+                self._generate([job], emit, is_cancelled)
+            return
+        job_id, spec = jobs[0]
+        emit(failure_event(job_id, spec, exc, self.device))
+
+    # -- training -----------------------------------------------------------------------
+
+    def _train(
+        self,
+        job_id: str,
+        spec: TrainSpec,
+        emit: Emit,
+        is_cancelled: Callable[[str], bool],
+        should_yield: Callable[[], bool],
+    ) -> None:
+        from pipeline import train
+
+        checkpoint_dir = self._checkpoint_dir(job_id)
+        try:
+            event = self._train_once(job_id, spec, emit, is_cancelled, should_yield, checkpoint_dir)
+        except train.TrainingCancelled:
+            event = Cancelled(job_id)
+        except Exception as exc:  # noqa: BLE001 - every failure must become an event
+            event = failure_event(job_id, spec, exc, self.device)
+        if not isinstance(event, Paused):
+            # The checkpoint holds weights learnt from the member's photos: it goes as
+            # soon as the job is over. (A worker that dies keeps it, to resume.)
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        emit(event)
+
+    def _train_once(
+        self,
+        job_id: str,
+        spec: TrainSpec,
+        emit: Emit,
+        is_cancelled: Callable[[str], bool],
+        should_yield: Callable[[], bool],
+        checkpoint_dir: Path,
+    ) -> Event:
+        from pipeline import train
+        from pipeline.images import open_image
+
+        def decode(shas: Sequence[str]) -> list[Any]:
+            limit = self.config.limits.max_input_pixels
+            return [open_image(self.blobs.get(sha), max_pixels=limit, name="photo") for sha in shas]
+
+        def on_progress(step: int, total: int, loss: float | None = None) -> None:
+            progress.step(step, total, None, loss)
+
+        progress = _ProgressThrottle([job_id], emit)
+        model = self._model(spec.model)
+        outcome = train.train_lora(
+            model.pipe,
+            spec,
+            decode(spec.photos),
+            list(spec.captions),
+            decode(spec.test_photos),
+            checkpoint_dir=checkpoint_dir,
+            limits=self.config.limits,
+            on_progress=on_progress,
+            should_cancel=lambda: is_cancelled(job_id),
+            should_yield=should_yield,
+            model_name=model.name,
+            model_hash=model.hash,
+        )
+        if isinstance(outcome, train.TrainingPaused):
+            return Paused(job_id, step=outcome.step)
+        return _training_done(job_id, spec, outcome)
+
+    def _checkpoint_dir(self, job_id: str) -> Path:
+        # Under the data folder, so a restarted worker on this machine finds it again.
+        return Path(self.config.storage.data_dir) / "checkpoints" / job_id
+
+    # -- models -------------------------------------------------------------------------
+
+    def _model(self, name: str) -> Any:
+        if self._models is None:
+            from pipeline.models import ModelCache
+
+            self._models = ModelCache(self.config, self.device)
+        return self._models.get(name)
+
+    def _lora_cache(self, model: Any) -> Any:
+        """The worker's LoRA adapters for this model (its derived img2img/inpaint
+        pipelines share the same modules, so one cache serves them all)."""
+        if model.name not in self._loras:
+            from pipeline.loras import LoraCache
+
+            self._loras[model.name] = LoraCache(
+                model.pipe,
+                max_bytes=self.config.loras.cache_mb * 1024 * 1024,
+                max_file_bytes=self.config.loras.max_file_mb * 1024 * 1024,
+            )
+        return self._loras[model.name]
+
+
+# -- events -------------------------------------------------------------------------------
+
+
+class _ProgressThrottle:
+    """Turns the per-step callback into a few Progress events per second: a tiny model
+    steps in milliseconds and a Discord message can be edited about once a second."""
+
+    def __init__(self, job_ids: list[str], emit: Emit, interval_s: float = PROGRESS_INTERVAL_S):
+        self.job_ids = job_ids
+        self.emit = emit
+        self.interval_s = interval_s
+        self._last = 0.0
+
+    def step(self, step: int, total: int, preview: bytes | None, loss: float | None = None) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval_s and step != total:
+            return
+        self._last = now
+        for job_id in self.job_ids:
+            self.emit(Progress(job_id, step, total, preview=preview, loss=loss))
+
+
+def _training_done(job_id: str, spec: TrainSpec, result: Any) -> Done:
+    """TrainResult → Done: the kohya .safetensors file, sample images, validation figures."""
+    from pipeline.infotext import png_bytes
+
+    samples = tuple(
+        OutputImage(png=png_bytes(image, ""), seed=spec.seed) for image in result.samples
+    )
+    info = {
+        "base_loss": _finite_or_none(result.base_loss),
+        "adapter_loss": _finite_or_none(result.adapter_loss),
+        "got_worse": bool(result.got_worse),
+        "steps": result.steps,
+        "seconds": round(result.seconds, 1),
+        "metadata": dict(result.metadata),
+    }
+    files = ((f"{spec.name}.safetensors", result.safetensors),)
+    return Done(job_id, images=samples, files=files, info=info)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None  # no test photos: NaN, not JSON
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """True when the exception's message was written to be shown to a member."""
+    cls = type(exc)
+    if isinstance(exc, BlobError) or cls.__name__ in USER_SAFE_NAMES:
+        return True
+    return isinstance(exc, ValueError) and cls.__module__.startswith("pipeline.")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True  # torch.cuda.OutOfMemoryError is a RuntimeError subclass by that name
+    text = str(exc).lower()
+    # MPS and the CPU allocator word it differently from CUDA.
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
+
+
+def failure_event(job_id: str, spec: JobSpec, exc: BaseException, device: str) -> Failed:
+    """The Failed event for an exception, with a message a member may read."""
+    if is_user_error(exc):
+        return Failed(job_id, str(exc) or type(exc).__name__, retryable=False)
+    if is_out_of_memory(exc):
+        _free_memory(device)
+        where = "GPU" if device.startswith("cuda") else "worker"
+        return Failed(
+            job_id,
+            f"the {where} ran out of memory at {_job_size(spec)}; try a smaller size or count",
+            retryable=False,
+        )
+    log.error("job %s failed inside the model", job_id, exc_info=exc)
+    return Failed(
+        job_id,
+        f"generation failed inside the model ({type(exc).__name__}); the job id is in the logs",
+        retryable=False,
+    )
+
+
+def _job_size(spec: JobSpec) -> str:
+    if isinstance(spec, GenerateSpec):
+        return f"{spec.width}×{spec.height} ×{spec.count}"
+    return f"{spec.resolution}×{spec.resolution} ×{spec.batch_size}"
+
+
+def _free_memory(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _groups(batch: Batch) -> list[list[tuple[str, JobSpec]]]:
+    """Jobs that can share one pipeline call: equal non-empty batch keys; else alone."""
+    groups: dict[str, list[tuple[str, JobSpec]]] = {}
+    singles: list[list[tuple[str, JobSpec]]] = []
+    for job_id, spec in batch:
+        key = spec.batch_key()
+        if key:
+            groups.setdefault(key, []).append((job_id, spec))
+        else:
+            singles.append([(job_id, spec)])
+    return list(groups.values()) + singles
