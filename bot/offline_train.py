@@ -54,16 +54,26 @@ def train_offline(args: argparse.Namespace, config: Config) -> int:
     model = ModelCache(config, config.workers.devices[0]).get(args.model)
     resolution = args.resolution or (1024 if model.is_xl else 512)
     dataset = prepare_dataset(
-        _read_photos(args.photos), zip_data=zip_data, resolution=resolution,
-        min_side=config.training.min_side, subject=args.subject, token=rare_token(args.name),
-        max_photos=config.training.max_photos, min_photos=config.training.min_photos,
+        _read_photos(args.photos),
+        zip_data=zip_data,
+        resolution=resolution,
+        min_side=config.training.min_side,
+        subject=args.subject,
+        token=rare_token(args.name),
+        max_photos=config.training.max_photos,
+        min_photos=config.training.min_photos,
     )
     print(dataset_summary(dataset.report))
     # 2. Train
     spec = TrainSpec(
-        name=args.name, photos=tuple(f"{i:064x}" for i in range(len(dataset.train))),
-        captions=tuple(t.caption for t in dataset.train), token=dataset.token,
-        subject=args.subject, model=model.name, method=args.method, steps=args.steps,
+        name=args.name,
+        photos=tuple(f"{i:064x}" for i in range(len(dataset.train))),
+        captions=tuple(t.caption for t in dataset.train),
+        token=dataset.token,
+        subject=args.subject,
+        model=model.name,
+        method=args.method,
+        steps=args.steps,
         resolution=resolution,
     )
     spec.check(config.limits)
@@ -71,28 +81,49 @@ def train_offline(args: argparse.Namespace, config: Config) -> int:
     checkpoints = Path(config.storage.data_dir) / "training" / f"cli-{args.user}-{args.name}"
     try:
         result = train_lora(
-            model.pipe, spec, [t.image for t in dataset.train], list(spec.captions),
-            [t.image for t in dataset.test], checkpoint_dir=checkpoints, limits=config.limits,
-            on_progress=_progress, model_name=model.name, model_hash=model.hash,
+            model.pipe,
+            spec,
+            [t.image for t in dataset.train],
+            list(spec.captions),
+            [t.image for t in dataset.test],
+            checkpoint_dir=checkpoints,
+            limits=config.limits,
+            on_progress=_progress,
+            model_name=model.name,
+            model_hash=model.hash,
         )
     finally:
         # Checkpoints hold what was learnt from the member's photos: never keep them.
         shutil.rmtree(checkpoints, ignore_errors=True)
     assert isinstance(result, TrainResult)  # no should_yield: it never pauses
     # 3. Register and report
-    metrics = {"base_loss": result.base_loss, "adapter_loss": result.adapter_loss,
-               "got_worse": result.got_worse, "steps": result.steps}
+    metrics = {
+        "base_loss": result.base_loss,
+        "adapter_loss": result.adapter_loss,
+        "got_worse": result.got_worse,
+        "steps": result.steps,
+    }
     record = register_trained_lora(
-        db, blobs, config, owner_id=args.user, guild_id=None, name=args.name,
-        token=dataset.token, method=args.method, base_model=model.name,
-        data=result.safetensors, metrics=metrics,
+        db,
+        blobs,
+        config,
+        owner_id=args.user,
+        guild_id=None,
+        name=args.name,
+        token=dataset.token,
+        method=args.method,
+        base_model=model.name,
+        sha256=blobs.put(result.safetensors, ".safetensors"),
+        metrics=metrics,
     )
     grid = Path(f"{args.name}-samples.png")
     grid.write_bytes(png_bytes(make_grid(result.samples)))
     print(validation_summary(metrics))
-    print(f"trained {args.method} '{args.name}' in {time.monotonic() - started:.0f}s, "
-          f"{result.steps} steps; {len(result.safetensors) / 2**20:.1f} MB, "
-          f"sha256 {record['sha256'][:12]}")
+    print(
+        f"trained {args.method} '{args.name}' in {time.monotonic() - started:.0f}s, "
+        f"{result.steps} steps; {len(result.safetensors) / 2**20:.1f} MB, "
+        f"sha256 {record['sha256'][:12]}"
+    )
     print(f"samples: {grid}")
     print(f"use it: <lora:{args.name}:0.8> — trigger word '{dataset.token}'")
     return 0

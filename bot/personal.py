@@ -29,7 +29,9 @@ def check_name_free(db: sqlite_utils.Database, user_id: str, name: str) -> None:
             )
 
 
-def check_quota(db: sqlite_utils.Database, config: Config, user_id: str, new_bytes: int = 0) -> None:
+def check_quota(
+    db: sqlite_utils.Database, config: Config, user_id: str, new_bytes: int = 0
+) -> None:
     """Refuse a new personal model over the member's count or size quota."""
     count, used = store.lora_usage(db, str(user_id))
     limits = config.training
@@ -58,13 +60,13 @@ def register_trained_lora(
     token: str,
     method: str,
     base_model: str,
-    data: bytes,
+    sha256: str,
     metrics: dict[str, Any],
     job_id: str | None = None,
 ) -> dict:
-    """Store the .safetensors as a blob and add it to the member's registry."""
-    check_quota(db, config, owner_id, len(data))
-    sha = blobs.put(data, suffix=".safetensors")
+    """Add a trained .safetensors, already in the blob store, to the member's registry."""
+    size = blobs.size(sha256)
+    check_quota(db, config, owner_id, size)
     return store.add_lora(
         db,
         owner_id=str(owner_id),
@@ -73,9 +75,9 @@ def register_trained_lora(
         token=token,
         method=method,
         base_model=base_model,
-        sha256=sha,
-        path=str(blobs.path(sha)),
-        size_bytes=len(data),
+        sha256=sha256,
+        path=str(blobs.path(sha256)),
+        size_bytes=size,
         metrics=metrics,
         job_id=job_id,
     )
@@ -89,6 +91,8 @@ def validation_summary(metrics: dict[str, Any]) -> str:
     change = (adapted - base) / base * 100 if base else 0.0
     line = f"Held-out loss: base {base:.4f} → yours {adapted:.4f} ({change:+.1f}%)."
     if metrics.get("got_worse"):
-        line += (" ⚠️ Your model does worse than the base model on your held-out photos: "
-                 "try more or more varied photos, or fewer steps.")
+        line += (
+            " ⚠️ Your model does worse than the base model on your held-out photos: "
+            "try more or more varied photos, or fewer steps."
+        )
     return line

@@ -81,6 +81,7 @@ class WorkersConfig:
     max_attempts: int = 3
     preview_every: int = 4  # steps between preview images
     dtype: str = "auto"  # auto | float16 | bfloat16 | float32
+    cpu_threads: int = 0  # torch threads of a CPU worker; 0 = torch's default
 
 
 @dataclass(frozen=True)

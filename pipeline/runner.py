@@ -62,6 +62,16 @@ class Runner:
 
     def warm_up(self) -> None:
         """Load the default model now, so the first job does not pay for it."""
+        from pipeline.quiet import quiet_libraries
+
+        quiet_libraries()
+        threads = self.config.workers.cpu_threads
+        if threads and not self.device.startswith("cuda"):
+            import torch
+
+            # Several CPU workers (or a worker beside the bot) oversubscribe the cores
+            # with torch's default thread count; a small model then runs many times slower.
+            torch.set_num_threads(threads)
         self._model("default")
 
     def run(
