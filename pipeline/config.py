@@ -109,6 +109,7 @@ class TrainingConfig:
     max_loras_per_member: int = 10
     max_lora_mb_per_member: int = 500
     chunk_steps: int = 50  # steps before a training job yields the worker to generation
+    resolution: int = 0  # training image size; 0 = 512 for SD 1.x, 1024 for SDXL
 
 
 @dataclass(frozen=True)
