@@ -1,0 +1,201 @@
+"""Texts and files for progress and result messages, inside Discord's limits.
+
+Pure functions of a job row and numbers: no Discord calls, so they are easy to
+read and test. Limits (DISCORD.md): 2000 characters of content, 4096 per embed
+description, 6000 across embeds, 10 files and 25 MiB per message, and the
+per-file upload limit the interaction (or guild) reports.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+from PIL import Image
+
+from pipeline.infotext import parse_infotext
+
+MiB = 1024 * 1024
+CONTENT_LIMIT = 2000
+DESCRIPTION_LIMIT = 4096
+REQUEST_LIMIT = 25 * MiB
+DEFAULT_FILE_LIMIT = 10 * MiB
+FENCE = "```"
+PROMPT_IN_MESSAGE = 300  # characters of the prompt shown in progress and result messages
+
+MODE_LABELS = {
+    "txt2img": "",
+    "img2img": "img2img",
+    "inpaint": "inpaint",
+    "outpaint": "outpaint",
+    "upscale": "upscale",
+}
+
+
+def truncate(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, with an ellipsis when cut."""
+    text = text or ""
+    return text if len(text) <= limit else text[: max(0, limit - 1)] + "…"
+
+
+def quote_prompt(prompt: str, limit: int = PROMPT_IN_MESSAGE) -> str:
+    """A prompt as bold text that can't break Discord markdown or ping anyone."""
+    cleaned = " ".join((prompt or "").split()).replace("*", "\\*").replace("@", "@\u200b")
+    return f"**{truncate(cleaned, limit)}**" if cleaned else "*(no prompt)*"
+
+
+def parameters_line(spec: dict) -> str:
+    """Short parameters: mode, size, steps, sampler, CFG."""
+    parts = [
+        MODE_LABELS.get(spec.get("mode", ""), spec.get("mode", "")),
+        f"{spec.get('width')}×{spec.get('height')}" if spec.get("mode") == "txt2img" else "",
+        f"{spec.get('steps')} steps",
+        str(spec.get("sampler", "")),
+        f"CFG {spec.get('cfg_scale', 0):g}",
+    ]
+    if spec.get("mode") in ("img2img", "inpaint", "upscale"):
+        parts.append(f"strength {spec.get('strength', 0):g}")
+    return " · ".join(p for p in parts if p)
+
+
+# -- progress -----------------------------------------------------------------------
+
+
+def queued_text(user_id: str, spec: dict, position: int | None) -> str:
+    where = f"position {position}" if position else "waiting for a worker"
+    return truncate(f"<@{user_id}> {quote_prompt(spec.get('prompt', ''))}\nQueued — {where}", 2000)
+
+
+def progress_text(
+    user_id: str, spec: dict, step: int, total: int, eta_s: float | None, note: str = ""
+) -> str:
+    bar = progress_bar(step, total)
+    eta = f" · about {format_seconds(eta_s)} left" if eta_s is not None and step < total else ""
+    extra = f"\n{note}" if note else ""
+    text = (
+        f"<@{user_id}> {quote_prompt(spec.get('prompt', ''))}\n"
+        f"`{bar}` step {step}/{total}{eta}{extra}"
+    )
+    return truncate(text, CONTENT_LIMIT)
+
+
+def status_text(user_id: str, spec: dict, status: str) -> str:
+    """Final state of a progress message that never got a result (failed, cancelled)."""
+    return truncate(f"<@{user_id}> {quote_prompt(spec.get('prompt', ''))}\n{status}", 2000)
+
+
+def progress_bar(step: int, total: int, width: int = 16) -> str:
+    filled = round(width * step / total) if total > 0 else 0
+    return "█" * filled + "░" * (width - filled)
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    return f"{seconds // 60} min {seconds % 60:02d} s"
+
+
+def eta_seconds(elapsed_s: float, step: int, total: int) -> float | None:
+    """Time left at the pace so far; None before the first step."""
+    if step <= 0 or total <= 0:
+        return None
+    return elapsed_s / step * (total - step)
+
+
+# -- results --------------------------------------------------------------------------
+
+
+def result_text(user_id: str, job_id: str, spec: dict, images: list[dict], note: str = "") -> str:
+    seeds = ", ".join(str(image.get("seed")) for image in images)
+    label = "Seed" if len(images) == 1 else "Seeds"
+    lines = [
+        f"<@{user_id}> {quote_prompt(spec.get('prompt', ''))}",
+        f"{label} {seeds} · {parameters_line(spec)} · job `{job_id}`",
+    ]
+    if note:
+        lines.append(note)
+    return truncate("\n".join(lines), CONTENT_LIMIT)
+
+
+def info_text(job: dict, index: int | None = None) -> str:
+    """Full parameters of a result, from the job row (Discord may strip PNG chunks)."""
+    images = (job.get("result") or {}).get("images") or []
+    chosen = images if index is None else images[index : index + 1]
+    blocks = [image.get("infotext", "") for image in chosen if image.get("infotext")]
+    if not blocks:
+        blocks = [_spec_summary(job.get("spec") or {})]
+    header = f"Job `{job['id']}`"
+    # Each infotext in its own code block, cut to fit: members paste them into A1111.
+    room = (CONTENT_LIMIT - len(header)) // len(blocks) - 2 * len(FENCE) - 3
+    cut = [truncate(block.replace(FENCE, "'''"), room) for block in blocks]
+    return header + "".join(f"\n{FENCE}\n{block}\n{FENCE}" for block in cut)
+
+
+def _spec_summary(spec: dict) -> str:
+    keys = ("prompt", "negative_prompt", "mode", "steps", "sampler", "cfg_scale", "seed")
+    return "\n".join(f"{key}: {spec.get(key)}" for key in keys if spec.get(key) not in (None, ""))
+
+
+def infotext_seed(infotext: str) -> str | None:
+    return parse_infotext(infotext).get("Seed")
+
+
+# -- files within the upload limits ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Upload:
+    filename: str
+    data: bytes
+
+
+def fit_uploads(
+    pngs: list[tuple[str, bytes]],
+    per_file_limit: int = DEFAULT_FILE_LIMIT,
+    request_limit: int = REQUEST_LIMIT,
+) -> tuple[list[Upload], str]:
+    """The images as uploads that Discord accepts, and a note when any was re-encoded.
+
+    PNGs (with their infotext) go as they are when they fit; a PNG over the per-file
+    limit, or every PNG when together they pass the request limit, is re-encoded as
+    a JPEG (smaller quality, then smaller size, until it fits). Never drops an image.
+    """
+    share = min(per_file_limit, request_limit // max(1, len(pngs)))
+    total = sum(len(data) for _, data in pngs)
+    uploads, changed = [], 0
+    for name, data in pngs:
+        limit = per_file_limit if total <= request_limit else share
+        if len(data) <= limit:
+            uploads.append(Upload(name, data))
+            continue
+        uploads.append(Upload(name.rsplit(".", 1)[0] + ".jpg", shrink_to_jpeg(data, limit)))
+        changed += 1
+    note = ""
+    if changed:
+        note = (
+            f"{changed} image(s) re-encoded as JPEG to fit Discord's "
+            f"{per_file_limit / MiB:g} MiB upload limit; Info shows their parameters."
+        )
+    return uploads, note
+
+
+def shrink_to_jpeg(png: bytes, limit: int) -> bytes:
+    """A JPEG under ``limit`` bytes: lower quality first, then halve the size."""
+    image = Image.open(io.BytesIO(png))
+    image.load()
+    image = image.convert("RGB")
+    while True:
+        for quality in (92, 80, 65):
+            data = _jpeg(image, quality)
+            if len(data) <= limit:
+                return data
+        if min(image.size) <= 16:
+            return data
+        image = image.resize((image.width // 2, image.height // 2), Image.LANCZOS)
+
+
+def _jpeg(image: Image.Image, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality, optimize=True)
+    return buffer.getvalue()
