@@ -58,12 +58,20 @@ def parameters_line(spec: dict) -> str:
     return " · ".join(p for p in parts if p)
 
 
+def job_title(spec: dict) -> str:
+    """What a job is about, for its messages: the prompt, or the model being trained."""
+    if "prompt" in spec:
+        return quote_prompt(spec.get("prompt", ""))
+    photos = len(spec.get("photos", ())) + len(spec.get("test_photos", ()))
+    return f"training **{truncate(spec.get('name', ''), 40)}** ({spec.get('method')}, {photos} photos)"
+
+
 # -- progress -----------------------------------------------------------------------
 
 
 def queued_text(user_id: str, spec: dict, position: int | None) -> str:
     where = f"position {position}" if position else "waiting for a worker"
-    return truncate(f"<@{user_id}> {quote_prompt(spec.get('prompt', ''))}\nQueued — {where}", 2000)
+    return truncate(f"<@{user_id}> {job_title(spec)}\nQueued — {where}", 2000)
 
 
 def progress_text(
@@ -73,7 +81,7 @@ def progress_text(
     eta = f" · about {format_seconds(eta_s)} left" if eta_s is not None and step < total else ""
     extra = f"\n{note}" if note else ""
     text = (
-        f"<@{user_id}> {quote_prompt(spec.get('prompt', ''))}\n"
+        f"<@{user_id}> {job_title(spec)}\n"
         f"`{bar}` step {step}/{total}{eta}{extra}"
     )
     return truncate(text, CONTENT_LIMIT)
@@ -81,7 +89,7 @@ def progress_text(
 
 def status_text(user_id: str, spec: dict, status: str) -> str:
     """Final state of a progress message that never got a result (failed, cancelled)."""
-    return truncate(f"<@{user_id}> {quote_prompt(spec.get('prompt', ''))}\n{status}", 2000)
+    return truncate(f"<@{user_id}> {job_title(spec)}\n{status}", 2000)
 
 
 def progress_bar(step: int, total: int, width: int = 16) -> str:
@@ -116,6 +124,23 @@ def result_text(user_id: str, job_id: str, spec: dict, images: list[dict], note:
     if note:
         lines.append(note)
     return truncate("\n".join(lines), CONTENT_LIMIT)
+
+
+def training_result_text(
+    user_id: str, spec: dict, record: dict, validation: str, info: dict
+) -> str:
+    """The message that delivers a personal model: figures and how to use it."""
+    minutes = (info.get("seconds") or 0) / 60
+    lines = [
+        f"<@{user_id}> your model **{record['name']}** is ready "
+        f"({spec.get('method')}, {info.get('steps')} steps, {minutes:.1f} min).",
+        validation,
+        f"Use it in any prompt: `<lora:{record['name']}:0.8>` — include the trigger word "
+        f"`{spec.get('token')}`, e.g. `photo of {spec.get('token')} {spec.get('subject')}`.",
+        "Samples above; /lora info, share, export or delete it any time. "
+        "Your training photos have been deleted.",
+    ]
+    return truncate("\n".join(line for line in lines if line), CONTENT_LIMIT)
 
 
 def info_text(job: dict, index: int | None = None) -> str:

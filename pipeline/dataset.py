@@ -374,7 +374,8 @@ def prepare_dataset(
     if len(usable) < min_photos:
         problems = "; ".join(f"{r.name}: {r.reason}" for r in report if not r.accepted)
         raise DatasetError(
-            f"only {len(usable)} usable photos (need at least {min_photos})"
+            f"only {len(usable)} usable photo{'' if len(usable) == 1 else 's'} "
+            f"(need at least {min_photos})"
             + (f": {problems}" if problems else "")
         )
 

@@ -18,7 +18,7 @@ from bot.errors import answer_expected
 if TYPE_CHECKING:
     from bot.app import SDBot
 
-EXTENSIONS = ("bot.cogs.generate", "bot.cogs.member")
+EXTENSIONS = ("bot.cogs.generate", "bot.cogs.member", "bot.cogs.train", "bot.cogs.loras")
 
 
 class SDCog(commands.Cog):

@@ -1,0 +1,265 @@
+"""`/train`: a member's photos in, a personal LoRA out.
+
+The command answers at once with the dataset report (which photos were used, which
+were not and why) and the queue position; a public progress message shows step,
+loss, ETA and a Cancel button; the result is a channel message with the sample grid,
+the validation figures and how to use the model. Training photos are deleted when
+the job ends, whatever the outcome: only the prepared crops are ever stored, and
+only until then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from typing import Literal
+
+import discord
+from discord import app_commands
+
+from bot import render, store
+from bot.app import JobMessages, _Tracked
+from bot.attachments import MiB, download
+from bot.cogs import SDCog
+from bot.errors import UserError
+from bot.personal import check_name_free, check_quota, register_trained_lora, validation_summary
+from bot.photo_jobs import prepare_photos
+from pipeline.jobs import Done, Event, Failed, TrainSpec, spec_to_dict
+
+log = logging.getLogger(__name__)
+
+Attachment = discord.Attachment
+
+
+class TrainingMessages(JobMessages):
+    """A training job's progress and result messages; deletes its photos at the end."""
+
+    async def on_event(self, row: dict, event: Event) -> None:
+        await super().on_event(row, event)
+        over = isinstance(event, Done) or row["status"] in ("failed", "cancelled")
+        if over and not (isinstance(event, Failed) and row["status"] == "queued"):
+            await asyncio.to_thread(delete_photos, self.bot.blobs, row["spec"])
+
+    async def _post_result(self, row: dict, tracked: _Tracked) -> None:
+        if row.get("message_id"):
+            return  # posted before a restart: exactly once
+        result = row.get("result") or {}
+        info = result.get("info") or {}
+        spec = row["spec"]
+        try:
+            record = await self.bot.db_call(_register_once, self.bot, row)
+        except store.StoreError as exc:
+            await self._final_status(row, tracked, f"Trained, but not saved: {exc}")
+            return
+        files = []
+        samples = result.get("images") or []
+        if samples:
+            grid = await asyncio.to_thread(self.bot.blobs.get, samples[0]["sha256"])
+            files.append(discord.File(io.BytesIO(grid), f"{spec['name']}-samples.png"))
+        text = render.training_result_text(
+            row["user_id"], spec, record, validation_summary(info), info
+        )
+        message = await self._channel(row).send(text, files=files)
+        await self.bot.db_call(store.set_job_messages, row["id"], message_id=str(message.id))
+        if tracked.progress_id is not None:
+            progress = self._channel(row).get_partial_message(tracked.progress_id)
+            await self._quietly(progress.delete(), row["id"])
+
+
+def _register_once(db, bot, row: dict) -> dict:
+    """Register the trained file; a retried post (after a restart) finds it registered."""
+    existing = db.execute("SELECT id FROM loras WHERE job_id = ?", [row["id"]]).fetchone()
+    if existing:
+        return store.get_lora(db, existing[0])
+    spec, result = row["spec"], row.get("result") or {}
+    [file] = result["files"]
+    info = result.get("info") or {}
+    metrics = {k: info.get(k) for k in ("base_loss", "adapter_loss", "got_worse", "steps")}
+    return register_trained_lora(
+        db,
+        bot.blobs,
+        bot.config,
+        owner_id=row["user_id"],
+        guild_id=row.get("guild_id"),
+        name=spec["name"],
+        token=spec["token"],
+        method=spec["method"],
+        base_model=spec["model"],
+        sha256=file["sha256"],
+        metrics=metrics,
+        job_id=row["id"],
+    )
+
+
+def delete_photos(blobs, spec: dict) -> None:
+    for sha in [*spec.get("photos", ()), *spec.get("test_photos", ())]:
+        blobs.delete(sha)
+
+
+class TrainCog(SDCog):
+    def __init__(self, bot) -> None:
+        super().__init__(bot)
+        self.messages = TrainingMessages(bot)
+        bot.job_event_handlers["train"] = self.messages.on_event
+
+    @app_commands.command(name="train")
+    @app_commands.describe(
+        name="a name for your model: you will write <lora:NAME:0.8>",
+        photo1="a photo of the subject (3–20 photos in all; faces are found and cropped)",
+        photo2="another photo",
+        photo3="another photo",
+        photo4="another photo",
+        photo5="another photo",
+        photo6="another photo",
+        photo7="another photo",
+        photo8="another photo",
+        photo9="another photo",
+        photo10="another photo",
+        archive="a .zip of photos, instead of or besides the photo options",
+        method="lora (default), or the LyCORIS variants loha / lokr",
+        subject="what the photos show: person, man, woman, dog, cat, toy…",
+        steps="training steps; 0 = about 100 per photo",
+    )
+    async def train(
+        self,
+        interaction: discord.Interaction,
+        name: app_commands.Range[str, 1, 40],
+        photo1: Attachment,
+        photo2: Attachment | None = None,
+        photo3: Attachment | None = None,
+        photo4: Attachment | None = None,
+        photo5: Attachment | None = None,
+        photo6: Attachment | None = None,
+        photo7: Attachment | None = None,
+        photo8: Attachment | None = None,
+        photo9: Attachment | None = None,
+        photo10: Attachment | None = None,
+        archive: Attachment | None = None,
+        method: Literal["lora", "loha", "lokr"] = "lora",
+        subject: app_commands.Range[str, 1, 40] = "person",
+        steps: app_commands.Range[int, 0, 3000] = 0,
+    ) -> None:
+        """Train a personal model (LoRA) from 3–20 photos of one person, pet or object."""
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        bot, user = self.bot, str(interaction.user.id)
+        # 1. Cheap refusals first: name, quota, queue room.
+        await bot.db_call(check_name_free, user, name)
+        await bot.db_call(check_quota, bot.config, user)
+        await bot.check_queue_room(interaction.user.id)
+        # 2. Download (size checked before), prepare in the helper process.
+        attached = [photo1, photo2, photo3, photo4, photo5, photo6, photo7, photo8, photo9, photo10]
+        photos = await self._download_photos([a for a in attached if a is not None])
+        zip_data = await self._download_archive(archive) if archive else None
+        model = bot.config.model("default")
+        resolution = bot.config.training.resolution or await asyncio.to_thread(
+            training_resolution, model
+        )
+        settings = dict(
+            resolution=resolution,
+            min_side=bot.config.training.min_side,
+            subject=subject,
+            max_photos=bot.config.training.max_photos,
+            min_photos=bot.config.training.min_photos,
+            token=None,
+        )
+        prepared = await bot.face_probe.run(prepare_photos, photos, zip_data, settings)
+        if "error" in prepared:
+            raise UserError(prepared["error"])
+        # 3. Queue the job with the prepared crops as blobs.
+        spec = await asyncio.to_thread(
+            self._spec, prepared, name, model.name, method, subject, steps, resolution
+        )
+        row = await bot.db_call(
+            store.enqueue,
+            user_id=user,
+            guild_id=_str(interaction.guild_id),
+            channel_id=_str(interaction.channel_id),
+            kind="train",
+            spec=spec_to_dict(spec),
+            batch_key="",
+            max_attempts=bot.config.workers.max_attempts,
+            max_queued_per_user=bot.config.queue.max_queued_per_user,
+        )
+        position = await bot.db_call(store.queue_position, row["id"])
+        await self.messages.announce(row, position)
+        bot.dispatcher.wake()
+        planned = spec.planned_steps(bot.config.limits)
+        await interaction.followup.send(
+            render.truncate(
+                f"{prepared['summary']}\n\nQueued training `{row['id']}` for '{name}' "
+                f"({method}, {planned} steps, trigger word `{spec.token}`) — "
+                f"{f'position {position}' if position else 'starting'}. "
+                "Progress and the result will be posted in this channel.",
+                1900,
+            ),
+            ephemeral=True,
+        )
+
+    def _spec(
+        self,
+        prepared: dict,
+        name: str,
+        model: str,
+        method: str,
+        subject: str,
+        steps: int,
+        resolution: int,
+    ) -> TrainSpec:
+        blobs = self.bot.blobs
+        spec = TrainSpec(
+            name=name,
+            photos=tuple(blobs.put(png, ".png") for png in prepared["train"]),
+            test_photos=tuple(blobs.put(png, ".png") for png in prepared["test"]),
+            captions=tuple(prepared["captions"]),
+            token=prepared["token"],
+            subject=subject,
+            model=model,
+            method=method,
+            steps=steps,
+            resolution=resolution,
+            checkpoint_every=self.bot.config.training.chunk_steps,
+        )
+        try:
+            spec.check(self.bot.config.limits)
+        except Exception:
+            delete_photos(blobs, spec_to_dict(spec))
+            raise
+        return spec
+
+    async def _download_photos(self, attachments: list[Attachment]) -> list[tuple[str, bytes]]:
+        limit_mb = self.bot.config.attachments.max_mb
+        for attachment in attachments:  # refuse big files before downloading any
+            if attachment.size > limit_mb * MiB:
+                raise UserError(
+                    f"{attachment.filename} is {attachment.size / MiB:.1f} MB; the limit is "
+                    f"{limit_mb:g} MB per photo"
+                )
+        # Non-images and corrupt files are not refused here: the dataset report names them.
+        return [(a.filename, await download(a, self.bot.config, a.filename)) for a in attachments]
+
+    async def _download_archive(self, archive: Attachment) -> bytes:
+        if not archive.filename.lower().endswith(".zip"):
+            raise UserError(f"the archive must be a .zip file, not {archive.filename}")
+        return await download(archive, self.bot.config, "archive")
+
+
+def training_resolution(model) -> int:
+    """512 for SD 1.x, 1024 for SDXL (read from the model's files, without torch)."""
+    from pipeline.models import ModelError, detect_family
+
+    family = model.family
+    if family == "auto":
+        try:
+            family = detect_family(model.source)
+        except ModelError:
+            family = "sd1"
+    return 1024 if family == "sdxl" else 512
+
+
+def _str(value: int | None) -> str | None:
+    return None if value is None else str(value)
+
+
+async def setup(bot) -> None:
+    await bot.add_cog(TrainCog(bot))
