@@ -60,7 +60,9 @@ def write_arch_model(kind: str, directory: Path) -> Path:
         pipe = StableDiffusionXLPipeline(
             vae=AutoencoderKL(**_json("sdxl_vae.json")),
             text_encoder=text_encoder,
-            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**_json("openclip_bigg.json"))),
+            text_encoder_2=CLIPTextModelWithProjection(
+                CLIPTextConfig(**_json("openclip_bigg.json"))
+            ),
             tokenizer=tokenizer,
             tokenizer_2=tokenizer,
             unet=UNet2DConditionModel(**_json("sdxl_unet.json")),

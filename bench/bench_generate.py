@@ -42,14 +42,27 @@ def main() -> None:
     model = ModelCache(config, args.device).get()
     pipe = model.pipe
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(model.scheduler_config)
-    spec = GenerateSpec("a photo of a cat, high quality", negative_prompt="blurry",
-                        sampler="Euler a", steps=args.steps, cfg_scale=7.0, seed=1,
-                        width=args.size, height=args.size)
+    spec = GenerateSpec(
+        "a photo of a cat, high quality",
+        negative_prompt="blurry",
+        sampler="Euler a",
+        steps=args.steps,
+        cfg_scale=7.0,
+        seed=1,
+        width=args.size,
+        height=args.size,
+    )
 
     def plain() -> None:
-        pipe("a photo of a cat, high quality", negative_prompt="blurry",
-             num_inference_steps=args.steps, guidance_scale=7.0, width=args.size,
-             height=args.size, generator=torch.Generator("cpu").manual_seed(1))
+        pipe(
+            "a photo of a cat, high quality",
+            negative_prompt="blurry",
+            num_inference_steps=args.steps,
+            guidance_scale=7.0,
+            width=args.size,
+            height=args.size,
+            generator=torch.Generator("cpu").manual_seed(1),
+        )
 
     def ours() -> None:
         run_generation(model, [spec])
@@ -63,15 +76,20 @@ def main() -> None:
             fn()
             times[name].append(time.perf_counter() - start)
     base = statistics.median(times["plain diffusers"])
-    print(f"tiny model, {args.size}×{args.size}, {args.steps} steps, Euler a, CFG 7, "
-          f"device {args.device}, torch threads {torch.get_num_threads()}, {args.runs} alternating runs\n")
+    print(
+        f"tiny model, {args.size}×{args.size}, {args.steps} steps, Euler a, CFG 7, "
+        f"device {args.device}, torch threads {torch.get_num_threads()}, "
+        f"{args.runs} alternating runs\n"
+    )
     print("| | median s/image | it/s | ratio to plain |")
     print("|---|---|---|---|")
     for name, values in times.items():
         median = statistics.median(values)
         print(f"| {name} | {median:.4f} | {args.steps / median:.1f} | {median / base:.3f} |")
-    print(f"\ncommand: python bench/bench_generate.py --steps {args.steps} --size {args.size} "
-          f"--runs {args.runs}")
+    print(
+        f"\ncommand: python bench/bench_generate.py --steps {args.steps} --size {args.size} "
+        f"--runs {args.runs}"
+    )
 
 
 if __name__ == "__main__":

@@ -406,9 +406,7 @@ class JobMessages:
         elapsed = now - (tracked.started_at or now)
         eta = render.eta_seconds(elapsed, event.step, event.total)
         note = f"loss {event.loss:.4f}" if event.loss is not None else ""
-        text = render.progress_text(
-            row["user_id"], row["spec"], event.step, event.total, eta, note
-        )
+        text = render.progress_text(row["user_id"], row["spec"], event.step, event.total, eta, note)
         self._schedule_edit(row, tracked, text, event.preview)
 
     async def _on_failed(self, row: dict, tracked: _Tracked, event: Failed) -> None:

@@ -63,7 +63,9 @@ def job_title(spec: dict) -> str:
     if "prompt" in spec:
         return quote_prompt(spec.get("prompt", ""))
     photos = len(spec.get("photos", ())) + len(spec.get("test_photos", ()))
-    return f"training **{truncate(spec.get('name', ''), 40)}** ({spec.get('method')}, {photos} photos)"
+    return (
+        f"training **{truncate(spec.get('name', ''), 40)}** ({spec.get('method')}, {photos} photos)"
+    )
 
 
 # -- progress -----------------------------------------------------------------------
@@ -80,10 +82,7 @@ def progress_text(
     bar = progress_bar(step, total)
     eta = f" · about {format_seconds(eta_s)} left" if eta_s is not None and step < total else ""
     extra = f"\n{note}" if note else ""
-    text = (
-        f"<@{user_id}> {job_title(spec)}\n"
-        f"`{bar}` step {step}/{total}{eta}{extra}"
-    )
+    text = f"<@{user_id}> {job_title(spec)}\n`{bar}` step {step}/{total}{eta}{extra}"
     return truncate(text, CONTENT_LIMIT)
 
 

@@ -375,8 +375,7 @@ def prepare_dataset(
         problems = "; ".join(f"{r.name}: {r.reason}" for r in report if not r.accepted)
         raise DatasetError(
             f"only {len(usable)} usable photo{'' if len(usable) == 1 else 's'} "
-            f"(need at least {min_photos})"
-            + (f": {problems}" if problems else "")
+            f"(need at least {min_photos})" + (f": {problems}" if problems else "")
         )
 
     # 5. Hold out a few photos, the same ones for the same seed.

@@ -35,7 +35,9 @@ TRAIN_TIMEOUT = 400.0
 @pytest.fixture
 def config(emu, shared_pool, tiny_sd, tmp_path):  # noqa: F811
     return make_config(
-        tiny_sd, data_dir_for(shared_pool, tmp_path), emu,
+        tiny_sd,
+        data_dir_for(shared_pool, tmp_path),
+        emu,
         training={"resolution": 64, "min_side": 64, "chunk_steps": 2},
     )
 
@@ -50,29 +52,36 @@ def jpeg(name: str, size: int = 256) -> bytes:
 def photo_options(emulator, names=("astronaut", "coffee", "chelsea", "rocket")) -> dict:
     attachments = {}
     for i, name in enumerate(names, start=1):
-        attachments[f"photo{i}"] = emulator.add_attachment(jpeg(name), f"{name}.jpg",
-                                                           "image/jpeg")
+        attachments[f"photo{i}"] = emulator.add_attachment(jpeg(name), f"{name}.jpg", "image/jpeg")
     return attachments
 
 
 async def train(emulator, name: str, user=None, steps: int = 2, extra: dict | None = None):
     options = {"name": name, "steps": steps, **(extra or {})}
-    return await emulator.send_command("train", options, user=user,
-                                       attachments=photo_options(emulator))
+    return await emulator.send_command(
+        "train", options, user=user, attachments=photo_options(emulator)
+    )
 
 
 def training_results(emulator, user_id: str) -> list[dict]:
-    return [m for m in emulator.channel_messages(ephemeral=False)
-            if "is ready" in m["content"] and f"<@{user_id}>" in m["content"]]
+    return [
+        m
+        for m in emulator.channel_messages(ephemeral=False)
+        if "is ready" in m["content"] and f"<@{user_id}>" in m["content"]
+    ]
 
 
 async def test_train_reports_the_dataset_trains_registers_and_deletes_photos(
-    emu, shared_pool, config  # noqa: F811
+    emu,
+    shared_pool,
+    config,  # noqa: F811
 ):
     text_file = emu.add_attachment(b"not a photo", "notes.txt", "text/plain")
     async with running_sdbot(config, shared_pool):
         record = await emu.send_command(
-            "train", {"name": "me", "steps": 20, "subject": "woman"}, user=emu.alice,
+            "train",
+            {"name": "me", "steps": 20, "subject": "woman"},
+            user=emu.alice,
             attachments={**photo_options(emu), "photo5": text_file},
         )
         answer = (await reply(record))["content"]
@@ -85,10 +94,15 @@ async def test_train_reports_the_dataset_trains_registers_and_deletes_photos(
         row = store.get_job(db, job)
         lora = store.find_lora(db, "me", user_id=emu.alice.id, guild_id=emu.guild_id)
         # <lora:me:1> changes the image; the same seed without it does not.
-        with_lora = await wait_result(emu, await queued_job(
-            await imagine(emu, f"photo of {lora['token']} woman <lora:me:1>", seed=5)))
-        without = await wait_result(emu, await queued_job(
-            await imagine(emu, f"photo of {lora['token']} woman", seed=5)))
+        with_lora = await wait_result(
+            emu,
+            await queued_job(
+                await imagine(emu, f"photo of {lora['token']} woman <lora:me:1>", seed=5)
+            ),
+        )
+        without = await wait_result(
+            emu, await queued_job(await imagine(emu, f"photo of {lora['token']} woman", seed=5))
+        )
     assert "Held-out loss: base" in message["content"]
     assert "<lora:me:0.8>" in message["content"]
     [grid] = message["attachments"]
@@ -111,24 +125,34 @@ async def test_a_private_lora_is_invisible_to_other_members(emu, shared_pool, co
         assert TRAIN_ID.search(answer), answer
         await emu.wait_for(lambda: training_results(emu, emu.alice.id), TRAIN_TIMEOUT)
         refused = await error_reply(await imagine(emu, "a cat <lora:secret:1>", user=emu.bob))
-        info = await reply(await emu.send_command("lora", {"name": "secret"},
-                                                  subcommand="info", user=emu.bob))
-        delete = await reply(await emu.send_command("lora", {"name": "secret"},
-                                                    subcommand="delete", user=emu.bob))
-        listing = await reply(await emu.send_command("lora", {}, subcommand="list",
-                                                     user=emu.bob))
+        info = await reply(
+            await emu.send_command("lora", {"name": "secret"}, subcommand="info", user=emu.bob)
+        )
+        delete = await reply(
+            await emu.send_command("lora", {"name": "secret"}, subcommand="delete", user=emu.bob)
+        )
+        listing = await reply(await emu.send_command("lora", {}, subcommand="list", user=emu.bob))
         # The owner shares it: now bob may use it, but still not delete it.
-        shared = await reply(await emu.send_command("lora", {"name": "secret", "shared": True},
-                                                    subcommand="share", user=emu.alice))
+        shared = await reply(
+            await emu.send_command(
+                "lora", {"name": "secret", "shared": True}, subcommand="share", user=emu.alice
+            )
+        )
         used = await queued_job(await imagine(emu, "a cat <lora:secret:1>", user=emu.bob))
-        still = await reply(await emu.send_command("lora", {"name": "secret"},
-                                                   subcommand="delete", user=emu.bob))
-        exported = await reply(await emu.send_command("lora", {"name": "secret"},
-                                                      subcommand="export", user=emu.alice))
-        renamed = await reply(await emu.send_command(
-            "lora", {"name": "secret", "new_name": "mine"}, subcommand="rename", user=emu.alice))
-        gone = await reply(await emu.send_command("lora", {"name": "mine"},
-                                                  subcommand="delete", user=emu.alice))
+        still = await reply(
+            await emu.send_command("lora", {"name": "secret"}, subcommand="delete", user=emu.bob)
+        )
+        exported = await reply(
+            await emu.send_command("lora", {"name": "secret"}, subcommand="export", user=emu.alice)
+        )
+        renamed = await reply(
+            await emu.send_command(
+                "lora", {"name": "secret", "new_name": "mine"}, subcommand="rename", user=emu.alice
+            )
+        )
+        gone = await reply(
+            await emu.send_command("lora", {"name": "mine"}, subcommand="delete", user=emu.alice)
+        )
     assert "LoRA 'secret' not found" in refused
     assert "no LoRA named 'secret'" in info["content"]
     assert "no LoRA named 'secret'" in delete["content"]
@@ -143,7 +167,9 @@ async def test_a_private_lora_is_invisible_to_other_members(emu, shared_pool, co
 
 
 async def test_generation_runs_while_a_long_training_job_holds_the_only_worker(
-    emu, shared_pool, config  # noqa: F811
+    emu,
+    shared_pool,
+    config,  # noqa: F811
 ):
     async with running_sdbot(config, shared_pool):
         answer = (await reply(await train(emu, "long", steps=400)))["content"]
@@ -167,13 +193,15 @@ async def test_generation_runs_while_a_long_training_job_holds_the_only_worker(
 async def test_train_refuses_too_few_photos_and_a_taken_name(emu, shared_pool, config):  # noqa: F811
     async with running_sdbot(config, shared_pool):
         few = await emu.send_command(
-            "train", {"name": "few"},
+            "train",
+            {"name": "few"},
             attachments={"photo1": emu.add_attachment(jpeg("coffee"), "coffee.jpg", "image/jpeg")},
         )
         text = await error_reply(few)
         db = store.open_db(config.storage.database)
-        store.add_lora(db, owner_id=emu.alice.id, guild_id=emu.guild_id, name="taken",
-                       sha256="a" * 64)
+        store.add_lora(
+            db, owner_id=emu.alice.id, guild_id=emu.guild_id, name="taken", sha256="a" * 64
+        )
         taken = await error_reply(await train(emu, "taken"))
         # The bot keeps serving.
         assert await queued_job(await imagine(emu, "a cat"))

@@ -18,9 +18,14 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
 def sdbot(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bot.cli", *args], capture_output=True,
-                          text=True, cwd=cwd, env={**ENV, "PYTHONPATH": str(Path.cwd())},
-                          timeout=240)
+    return subprocess.run(
+        [sys.executable, "-m", "bot.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**ENV, "PYTHONPATH": str(Path.cwd())},
+        timeout=240,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +44,17 @@ def workdir(tmp_path_factory, tiny_sd):
 
 
 def test_generate_writes_pngs_with_infotext_and_prints_seeds(workdir):
-    result = sdbot("generate", "a photo of a cat", "--count", "2", "--seed", "5",
-                   "--out", "cat.png", cwd=workdir)
+    result = sdbot(
+        "generate",
+        "a photo of a cat",
+        "--count",
+        "2",
+        "--seed",
+        "5",
+        "--out",
+        "cat.png",
+        cwd=workdir,
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines == ["cat-1.png  seed 5", "cat-2.png  seed 6"]
@@ -51,8 +65,9 @@ def test_generate_writes_pngs_with_infotext_and_prints_seeds(workdir):
 
 @pytest.mark.parametrize("extra", [["--mask", "mask.png"], ["--outpaint", "right:32"], []])
 def test_generate_edits_an_image(workdir, extra):
-    result = sdbot("generate", "a red square", "--image", "in.png", *extra, "--out", "e.png",
-                   cwd=workdir)
+    result = sdbot(
+        "generate", "a red square", "--image", "in.png", *extra, "--out", "e.png", cwd=workdir
+    )
     assert result.returncode == 0, result.stderr
     size = Image.open(workdir / "e.png").size
     assert size == ((96, 64) if "--outpaint" in extra else (64, 64))
@@ -65,12 +80,22 @@ def test_model_can_be_a_path(workdir, tiny_sd):
 
 def _bomb_png(path: Path) -> None:
     """A valid PNG header claiming 20000×20000 with a tiny body."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
     header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-                     + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.mark.parametrize(
@@ -83,7 +108,10 @@ def _bomb_png(path: Path) -> None:
         (["--image", "notes.txt"], "is not an image"),
         (["--image", "corrupt.png"], "could not be decoded"),
         (["--image", "bomb.png"], "20000×20000"),
-        (["--image", "in.png", "--mask", "small-mask.png"], "the mask is 32×32 but the image is 64×64"),
+        (
+            ["--image", "in.png", "--mask", "small-mask.png"],
+            "the mask is 32×32 but the image is 64×64",
+        ),
         (["--image", "missing.png"], "does not exist"),
         (["--image", "in.png", "--keep", "face"], "no face found in the photo; attach a mask"),
     ],
@@ -100,8 +128,13 @@ def test_bad_input_gets_one_line_and_a_nonzero_exit(workdir, args, message):
 
 
 def test_tiny_model_command_writes_a_loadable_folder(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "bot.cli", "tiny-model", str(tmp_path / "m"),
-                             "--xl"], capture_output=True, text=True, env=ENV, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "tiny-model", str(tmp_path / "m"), "--xl"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "m" / "text_encoder_2").is_dir()
     assert (tmp_path / "m" / "tokenizer" / "vocab.json").exists()
@@ -109,8 +142,14 @@ def test_tiny_model_command_writes_a_loadable_folder(tmp_path):
 
 def test_doctor_reports_models_database_and_token_without_showing_it(workdir):
     env = {**ENV, "DISCORD_TOKEN": "secret-token-value", "PYTHONPATH": str(Path.cwd())}
-    result = subprocess.run([sys.executable, "-m", "bot.cli", "doctor"], capture_output=True,
-                            text=True, cwd=workdir, env=env, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "doctor"],
+        capture_output=True,
+        text=True,
+        cwd=workdir,
+        env=env,
+        timeout=120,
+    )
     assert "[ok  ] model tiny: sd1" in result.stdout
     assert "[ok  ] DISCORD_TOKEN: set" in result.stdout
     assert "secret-token-value" not in result.stdout + result.stderr

@@ -79,6 +79,7 @@ def test_face_fix_option_runs_on_generated_images(sd):
     # Random weights draw no faces: face fix must then leave the image exactly as is.
     plain = run_generation(sd, [spec()])[0][0]
     fixed = run_generation(sd, [spec(face_fix=True)])[0][0]
-    assert np.array_equal(np.asarray(Image.open(io.BytesIO(plain.png))),
-                          np.asarray(Image.open(io.BytesIO(fixed.png))))
+    assert np.array_equal(
+        np.asarray(Image.open(io.BytesIO(plain.png))), np.asarray(Image.open(io.BytesIO(fixed.png)))
+    )
     assert "ADetailer model" in fixed.infotext

@@ -25,9 +25,28 @@ def test_train_command_prepares_trains_registers_and_reports(tmp_path, tiny_sd):
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path.cwd())}
     result = subprocess.run(
-        [sys.executable, "-m", "bot.cli", "train", "me", *names, "notes.txt", "--steps", "2",
-         "--resolution", "64", "--user", "u1", "--method", "lora"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "bot.cli",
+            "train",
+            "me",
+            *names,
+            "notes.txt",
+            "--steps",
+            "2",
+            "--resolution",
+            "64",
+            "--user",
+            "u1",
+            "--method",
+            "lora",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     assert "Accepted 4 photo(s) (1 with a face found)." in result.stdout
@@ -39,14 +58,18 @@ def test_train_command_prepares_trains_registers_and_reports(tmp_path, tiny_sd):
     assert record["method"] == "lora" and record["size_bytes"] > 0
     assert record["metrics"]["steps"] == 2
     with safe_open(record["path"], framework="pt") as f:
-        assert any(k.startswith("lora_unet_") for k in f.keys())
+        assert any(k.startswith("lora_unet_") for k in f)
         assert f.metadata()["sdbot_token"] == record["token"]
     assert not (tmp_path / "data" / "training").exists() or not any(
         (tmp_path / "data" / "training").iterdir()
     )
     again = subprocess.run(
         [sys.executable, "-m", "bot.cli", "train", "me", *names, "--steps", "2", "--user", "u1"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert again.returncode == 2
     assert "you already have a LoRA named 'me'" in again.stderr
