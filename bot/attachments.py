@@ -96,10 +96,3 @@ def store_photos(blobs: BlobStore, photos: list[Photo]) -> None:
     """Into the blob store, where workers read them by sha256 (call in a thread)."""
     for photo in photos:
         blobs.put(photo.png, ".png")
-
-
-def working_size(width: int, height: int, pixel_budget: int) -> tuple[int, int]:
-    """The size img2img/inpaint work at: the photo's shape within the member's pixel
-    budget (their default width × height), never upscaled, in multiples of 8."""
-    scale = min(1.0, (pixel_budget / (width * height)) ** 0.5)
-    return max(64, int(width * scale) // 8 * 8), max(64, int(height * scale) // 8 * 8)

@@ -217,10 +217,12 @@ def build_generate_spec(args: argparse.Namespace, config: Config, blobs: _Blobs)
 
 
 def _image_inputs(args: argparse.Namespace, config: Config, blobs: _Blobs) -> dict[str, Any]:
+    from pipeline.images import working_size
+
     limit = config.limits.max_input_pixels
     data, image = _read_input(args.image, "image", limit)
     values: dict[str, Any] = {"image": blobs.add_bytes(data), "mode": "img2img"}
-    width, height = fit_size(image.width, image.height, config.limits.max_pixels)
+    width, height = working_size(image.width, image.height, config.limits.max_pixels)
     values["width"], values["height"] = args.width or width, args.height or height
     if args.mask:
         mask_data, mask = _read_input(args.mask, "mask", limit)
@@ -251,13 +253,6 @@ def _require_face(image) -> None:
 
     if not detect_faces(image):
         raise CliError(str(NoFaceFound()))
-
-
-def fit_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
-    """An input image's size, scaled down to the pixel limit and rounded to multiples
-    of 8 (the VAE's factor) — the size img2img/inpaint work at."""
-    scale = min(1.0, (max_pixels / (width * height)) ** 0.5)
-    return (max(64, int(width * scale) // 8 * 8), max(64, int(height * scale) // 8 * 8))
 
 
 def _loras(args: argparse.Namespace, config: Config, blobs: _Blobs) -> tuple[LoraRef, ...]:

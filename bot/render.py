@@ -29,6 +29,7 @@ MODE_LABELS = {
     "inpaint": "inpaint",
     "outpaint": "outpaint",
     "upscale": "upscale",
+    "facefix": "face fix",
 }
 
 

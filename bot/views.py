@@ -100,6 +100,13 @@ class UpscaleButton(_JobButton, template=r"sdbot:upscale:" + JOB + INDEX):
         await _generate(bot).upscale(interaction, self.job_id, self.index or 0)
 
 
+class FixFacesButton(_JobButton, template=r"sdbot:faces:" + JOB + INDEX):
+    action, label = "faces", "Fix faces"
+
+    async def act(self, interaction: discord.Interaction, bot: SDBot) -> None:
+        await _generate(bot).fix_faces(interaction, self.job_id, self.index or 0)
+
+
 class InfoButton(_JobButton, template=r"sdbot:info:" + JOB + INDEX):
     action, label, emoji = "info", "Info", "ℹ️"
 
@@ -147,6 +154,7 @@ DYNAMIC_ITEMS = (
     RerollButton,
     VariationButton,
     UpscaleButton,
+    FixFacesButton,
     InfoButton,
     DeleteButton,
     ForgetButton,
@@ -160,15 +168,17 @@ def progress_view(job_id: str) -> discord.ui.View:
 
 
 def result_view(job_id: str, count: int) -> discord.ui.View:
-    """Reroll, Variations, Upscale, Info, Delete; per-image V1…/U1… rows for several images."""
+    """Reroll, Variations, Upscale, Fix faces, Info, Delete; per-image V1…/U1…/F1… rows
+    for several images (Discord allows 5 buttons a row)."""
     view = discord.ui.View(timeout=None)
     if count <= 1:
         for item in (
-            RerollButton(job_id),
-            VariationButton(job_id, None),
-            UpscaleButton(job_id, None),
-            InfoButton(job_id),
-            DeleteButton(job_id),
+            RerollButton(job_id, row=0),
+            VariationButton(job_id, None, row=0),
+            UpscaleButton(job_id, None, row=0),
+            FixFacesButton(job_id, None, row=0),
+            InfoButton(job_id, row=1),
+            DeleteButton(job_id, row=1),
         ):
             view.add_item(item)
         return view
@@ -181,6 +191,7 @@ def result_view(job_id: str, count: int) -> discord.ui.View:
     for index in range(min(count, 5)):
         view.add_item(VariationButton(job_id, index, row=1))
         view.add_item(UpscaleButton(job_id, index, row=2))
+        view.add_item(FixFacesButton(job_id, index, row=3))
     return view
 
 

@@ -118,10 +118,14 @@ def run_generation(
         results = txt2img(run, specs, blobs, loras)
     else:
         image = _input_image(spec.image, blobs, "image")
-        mode = {"img2img": img2img, "inpaint": inpaint, "outpaint": outpaint, "upscale": upscale}[
-            spec.mode
-        ]
-        results = [mode(run, spec, image, blobs, loras)]
+        modes = {
+            "img2img": img2img,
+            "inpaint": inpaint,
+            "outpaint": outpaint,
+            "upscale": upscale,
+            "facefix": face_fix_only,
+        }
+        results = [modes[spec.mode](run, spec, image, blobs, loras)]
     if spec.face_fix:
         results = [
             [fix_faces(run, s, img, blobs, loras) for img in images]
@@ -253,6 +257,13 @@ def outpaint(run: _Run, spec: GenerateSpec, image: Image.Image, blobs, loras) ->
     # The feathered mask already blends the seam; new content starts from noise.
     flat = GenerateSpec(**{**_fields(spec), "mask_blur": 0})
     return inpaint(run, flat, canvas, blobs, loras, mask=mask, strength=1.0)
+
+
+def face_fix_only(
+    run: _Run, spec: GenerateSpec, image: Image.Image, blobs, loras
+) -> list[Image.Image]:
+    """The "Fix faces" button: the face pass alone, on an earlier result."""
+    return [fix_faces(run, spec, image, blobs, loras)]
 
 
 def fix_faces(run: _Run, spec: GenerateSpec, image: Image.Image, blobs, loras) -> Image.Image:
@@ -519,7 +530,7 @@ def infotext_for(
         if spec.mode == "outpaint"
         else None,
         "Hires upscale": spec.upscale_factor if spec.mode == "upscale" else None,
-        "ADetailer model": "haarcascade face" if spec.face_fix else None,
+        "ADetailer model": "haarcascade face" if spec.face_fix or spec.mode == "facefix" else None,
         "Lora hashes": ", ".join(
             f"{r.name}: {(lora_hashes or {}).get(r.sha256, r.sha256[:12])}" for r in spec.loras
         )

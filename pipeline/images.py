@@ -138,3 +138,10 @@ def _high_bit_depth_to_8bit(image: Image.Image) -> Image.Image:
     values = np.asarray(image, dtype=np.float64)
     top = 65535.0 if values.max(initial=0) > 255 else 255.0
     return Image.fromarray(np.clip(values / top * 255.0, 0, 255).astype(np.uint8), "L")
+
+
+def working_size(width: int, height: int, pixel_budget: int) -> tuple[int, int]:
+    """The size img2img/inpaint work at: the photo's shape within the member's pixel
+    budget (their default width × height), never upscaled, in multiples of 8."""
+    scale = min(1.0, (pixel_budget / (width * height)) ** 0.5)
+    return max(64, int(width * scale) // 8 * 8), max(64, int(height * scale) // 8 * 8)

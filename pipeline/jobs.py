@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-MODES = ("txt2img", "img2img", "inpaint", "outpaint", "upscale")
+MODES = ("txt2img", "img2img", "inpaint", "outpaint", "upscale", "facefix")
 OUTPAINT_DIRECTIONS = ("left", "right", "up", "down", "all")
 KEEP_CHOICES = ("face", "background")
 TRAIN_METHODS = ("lora", "loha", "lokr")
@@ -80,7 +80,8 @@ class GenerateSpec:
     kind: ClassVar[str] = "generate"
 
     prompt: str
-    mode: Literal["txt2img", "img2img", "inpaint", "outpaint", "upscale"] = "txt2img"
+    # facefix: only the ADetailer-style face pass, on the input image (the "Fix faces" button)
+    mode: Literal["txt2img", "img2img", "inpaint", "outpaint", "upscale", "facefix"] = "txt2img"
     negative_prompt: str = ""
     model: str = "default"
     sampler: str = "Euler a"

@@ -163,6 +163,8 @@ async def test_result_buttons(emu, shared_pool, config):  # noqa: F811
             emu, await queued_job(await emu.click(first, f"sdbot:upscale:{job}"))
         )
 
+        # Random weights draw no faces: Fix faces says so and queues nothing.
+        no_face = await reply(await emu.click(first, f"sdbot:faces:{job}"))
         info = await reply(await emu.click(first, f"sdbot:info:{job}", user=emu.bob))
         refused = await reply(await emu.click(first, f"sdbot:delete:{job}", user=emu.bob))
         still_there = emu.get_message(first["id"]) is not None
@@ -172,6 +174,7 @@ async def test_result_buttons(emu, shared_pool, config):  # noqa: F811
     [(big, _)] = result_images(emu, upscaled)
     assert reroll_info["Prompt"] == "a lighthouse" and reroll_info["Seed"] != first_info["Seed"]
     assert big.size == (128, 128)
+    assert no_face["flags"] & 64 and "No face found in this image" in no_face["content"]
     assert info["flags"] & 64 and "Seed: 7" in info["content"] and "a lighthouse" in info["content"]
     assert refused["flags"] & 64 and "only the member" in refused["content"].lower()
     assert still_there

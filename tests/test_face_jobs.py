@@ -83,3 +83,18 @@ def test_face_fix_option_runs_on_generated_images(sd):
         np.asarray(Image.open(io.BytesIO(plain.png))), np.asarray(Image.open(io.BytesIO(fixed.png)))
     )
     assert "ADetailer model" in fixed.infotext
+
+
+def test_fix_faces_mode_repaints_only_the_face_of_an_earlier_image(sd, astronaut, tmp_path):
+    blobs = BlobStore(tmp_path)
+    job = spec(mode="facefix", image=blobs.put(png_of(astronaut)), width=256, height=256)
+    [[image]] = run_generation(sd, [job], blobs=blobs)
+    fixed = np.asarray(Image.open(io.BytesIO(image.png)))
+    original = np.asarray(astronaut)
+    [box] = faces.detect_faces(astronaut)
+    x0, y0, x1, y1 = faces.face_crop_box(box, astronaut.size, 32)
+    outside = np.ones(original.shape[:2], dtype=bool)
+    outside[y0:y1, x0:x1] = False
+    assert np.array_equal(fixed[outside], original[outside])
+    assert not np.array_equal(fixed, original)
+    assert "ADetailer model" in image.infotext

@@ -19,9 +19,10 @@ from PIL import Image
 
 from bot import render, store
 from bot.app import SDBot
-from bot.attachments import Photo, read_photo, working_size
+from bot.attachments import Photo, read_photo
 from bot.cogs import SDCog
 from bot.errors import UserError
+from pipeline.images import working_size
 from pipeline.jobs import MAX_SEED, GenerateSpec, check_size, spec_from_dict
 from pipeline.samplers import resolve, sampler_names
 
@@ -357,6 +358,28 @@ class Generate(SDCog):
             mode="upscale",
             strength=UPSCALE_STRENGTH,
             upscale_factor=UPSCALE_FACTOR,
+            width=width,
+            height=height,
+            count=1,
+            face_fix=False,
+            seed=image.get("seed"),
+            loras=await self._loras_for(interaction, job, spec),
+        )
+        await self.bot.submit(interaction, spec)
+
+    async def fix_faces(self, interaction: discord.Interaction, job_id: str, index: int) -> None:
+        """Repaint the faces of one result (ADetailer); nothing is queued without a face."""
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        job, spec = await self._job_spec(job_id)
+        image = self._result_image(job, index)
+        png = await asyncio.to_thread(self.bot.blobs.get, image["sha256"])
+        limit = self.bot.config.limits.max_input_pixels
+        if await self.bot.face_probe.count_faces(png, limit) == 0:
+            raise UserError("no face found in this image, so there is no face to fix")
+        width, height = await self._image_size(image["sha256"])
+        spec = dataclasses.replace(
+            _as_edit(spec, image["sha256"]),
+            mode="facefix",
             width=width,
             height=height,
             count=1,
