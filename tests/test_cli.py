@@ -154,3 +154,24 @@ def test_doctor_reports_models_database_and_token_without_showing_it(workdir):
     assert "[ok  ] DISCORD_TOKEN: set" in result.stdout
     assert "secret-token-value" not in result.stdout + result.stderr
     assert "database" in result.stdout
+
+
+def test_generate_resolves_loras_from_the_lora_folder(workdir, tiny_sd):
+    from diffusers import StableDiffusionPipeline
+
+    from tests.lora_files import write_lora
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    (workdir / "loras").mkdir(exist_ok=True)
+    write_lora(workdir / "loras" / "MyStyle.safetensors", pipe, "kohya", seed=3)
+    ok = sdbot("generate", "a cat <lora:mystyle:0.7>", "--lora-dir", "loras", "--seed", "1",
+               "--out", "styled.png", cwd=workdir)
+    assert ok.returncode == 0, ok.stderr
+    info = parse_infotext(read_infotext((workdir / "styled.png").read_bytes()))
+    assert info["Prompt"] == "a cat <lora:mystyle:0.7>"
+    assert info["Lora hashes"].startswith("mystyle: ")
+    missing = sdbot("generate", "a cat <lora:mystile:0.5>", "--lora-dir", "loras", cwd=workdir)
+    assert missing.returncode == 2
+    assert "LoRA 'mystile' not found" in missing.stderr and "MyStyle" in missing.stderr
+    weight = sdbot("generate", "a cat <lora:mystyle:9>", "--lora-dir", "loras", cwd=workdir)
+    assert weight.returncode == 2 and "between -4 and 4" in weight.stderr
