@@ -293,11 +293,7 @@ def register_server_loras(
 
 
 def _register_one(db: sqlite_utils.Database, path: Path, sha: str, guild_id: str) -> bool:
-    # TODO(store): a `find_server_lora_by_sha` belongs in bot.store.
-    known = db.execute(
-        "SELECT 1 FROM loras WHERE owner_id IS NULL AND guild_id = ? AND sha256 = ?",
-        [guild_id, sha],
-    ).fetchone()
+    known = store.server_lora_by_sha(db, guild_id, sha)
     if known:
         return False
     try:
@@ -333,6 +329,8 @@ class _Tracked:
 
 class JobMessages:
     """Turns a generation job's events into its progress and result messages."""
+
+    kind = "generate"  # the jobs whose messages this posts
 
     def __init__(self, bot: SDBot) -> None:
         self.bot = bot
@@ -516,24 +514,11 @@ class JobMessages:
 
     async def deliver_missed(self) -> None:
         """Post results of jobs that finished while the bot was not there to post them."""
-        rows = await self.bot.db_call(_unposted_results, time.time() - MISSED_RESULTS_WINDOW_S)
+        since = time.time() - MISSED_RESULTS_WINDOW_S
+        rows = await self.bot.db_call(store.unposted_results, since, self.kind)
         for row in rows:
             tracked = self._tracked(row)
             try:
                 await self._finish(row, tracked, self._post_result)
             except discord.HTTPException as exc:
                 log.warning("could not post the missed result of job %s: %s", row["id"], exc)
-
-
-def _unposted_results(db: sqlite_utils.Database, since: float) -> list[dict]:
-    # TODO(store): belongs in bot.store as `unposted_results(db, since)`.
-    ids = [
-        r[0]
-        for r in db.execute(
-            "SELECT id FROM jobs WHERE status = 'done' AND kind = 'generate' "
-            "AND message_id IS NULL AND channel_id IS NOT NULL AND finished_at >= ? "
-            "ORDER BY finished_at",
-            [since],
-        )
-    ]
-    return [store.get_job(db, job_id) for job_id in ids]  # type: ignore[misc]

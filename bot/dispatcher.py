@@ -124,7 +124,7 @@ class Dispatcher:
     async def wait_idle(self, timeout_s: float = 60.0) -> None:
         """Wait until nothing is queued or running (tests, benchmarks, shutdown)."""
         deadline = asyncio.get_running_loop().time() + timeout_s
-        while await self._call(_busy_count, self.db):
+        while await self._call(store.busy_count, self.db):
             if asyncio.get_running_loop().time() > deadline:
                 raise TimeoutError(f"jobs still queued or running after {timeout_s:g} s")
             await asyncio.sleep(0.05)
@@ -181,7 +181,7 @@ class Dispatcher:
         ]
         if not training or self.pool.free_workers() > 0:
             return
-        if await self._call(_generation_waiting, self.db):
+        if await self._call(store.generation_waiting, self.db):
             for job_id in training:
                 self.pool.request_yield(job_id)
                 self._yield_asked.add(job_id)
@@ -247,7 +247,7 @@ class Dispatcher:
         elif isinstance(event, Cancelled):
             row = await self._call(store.mark_cancelled, self.db, job_id)
         elif isinstance(event, Paused):
-            row = await self._call(_requeue_paused, self.db, job_id)
+            row = await self._call(store.pause, self.db, job_id)
             self._prefer_generation = True
         if row["status"] == store.JobStatus.QUEUED.value:
             self.wake()  # retried or paused: back in the queue
@@ -280,33 +280,6 @@ class Dispatcher:
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, partial(fn, *args, **kwargs))
-
-
-# -- small queries the store does not have (yet) ------------------------------------------------
-
-
-def _generation_waiting(db: sqlite_utils.Database) -> bool:
-    row = db.execute(
-        "SELECT 1 FROM jobs WHERE status = 'queued' AND kind = 'generate' LIMIT 1"
-    ).fetchone()
-    return row is not None
-
-
-def _busy_count(db: sqlite_utils.Database) -> int:
-    row = db.execute("SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'running')").fetchone()
-    return int(row[0])
-
-
-def _requeue_paused(db: sqlite_utils.Database, job_id: str) -> dict | None:
-    """A paused training job goes back to the queue without using up an attempt.
-    TODO(store): belongs in bot.store as `pause(db, job_id)`."""
-    with db.conn:  # one transaction; the store's triggers keep queue counts right
-        db.execute(
-            "UPDATE jobs SET status = 'queued', worker = NULL, started_at = NULL "
-            "WHERE id = ? AND status = 'running'",
-            [job_id],
-        )
-    return store.get_job(db, job_id)
 
 
 def _suffix(name: str) -> str:

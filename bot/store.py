@@ -951,3 +951,71 @@ def forget_user(db: sqlite_utils.Database, user_id: str) -> dict:
         shas |= {lora["sha256"] for lora in loras if lora["sha256"]}
         blobs, paths = _unreferenced(db, shas, {lora["path"] for lora in loras if lora["path"]})
     return {"jobs": n_jobs, "loras": len(loras), "running": running, "blobs": blobs, "paths": paths}
+
+
+# -- small queries for the dispatcher and the bot --------------------------------------------
+
+
+def pause(db: sqlite_utils.Database, job_id: str) -> dict | None:
+    """A paused training job goes back to the queue without using up an attempt."""
+    with _write(db):
+        db.execute(
+            "UPDATE jobs SET status = 'queued', worker = NULL, started_at = NULL "
+            "WHERE id = ? AND status = 'running'",
+            [job_id],
+        )
+    return get_job(db, job_id)
+
+
+def generation_waiting(db: sqlite_utils.Database) -> bool:
+    """Is any image job queued? (Then a running training job should yield.)"""
+    row = db.execute(
+        "SELECT 1 FROM jobs WHERE status = 'queued' AND kind = 'generate' LIMIT 1"
+    ).fetchone()
+    return row is not None
+
+
+def busy_count(db: sqlite_utils.Database) -> int:
+    """Jobs queued or running, all members together."""
+    row = db.execute("SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'running')").fetchone()
+    return int(row[0])
+
+
+def unposted_results(db: sqlite_utils.Database, since: float, kind: str = "generate") -> list[dict]:
+    """Jobs finished since ``since`` whose result message was never posted (bot was down)."""
+    ids = [
+        r[0]
+        for r in db.execute(
+            "SELECT id FROM jobs WHERE status = 'done' AND kind = ? "
+            "AND message_id IS NULL AND channel_id IS NOT NULL AND finished_at >= ? "
+            "ORDER BY finished_at",
+            [kind, since],
+        )
+    ]
+    return [job for job in (get_job(db, job_id) for job_id in ids) if job is not None]
+
+
+def posted_messages(db: sqlite_utils.Database, user_id: str) -> list[tuple[str, str]]:
+    """(channel, message) ids of every progress and result message of the member's jobs."""
+    rows = db.execute(
+        "SELECT channel_id, message_id, progress_message_id FROM jobs "
+        "WHERE user_id = ? AND channel_id IS NOT NULL",
+        [str(user_id)],
+    ).fetchall()
+    return [(c, m) for c, *ids in rows for m in ids if m]
+
+
+def server_lora_by_sha(db: sqlite_utils.Database, guild_id: str, sha: str) -> dict | None:
+    """The guild library's LoRA with these bytes, if it is registered."""
+    return _decode(
+        _one(
+            db,
+            "SELECT * FROM loras WHERE owner_id IS NULL AND guild_id = ? AND sha256 = ?",
+            [guild_id, sha],
+        )
+    )
+
+
+def lora_of_job(db: sqlite_utils.Database, job_id: str) -> dict | None:
+    """The LoRA a training job registered, if it did."""
+    return _decode(_one(db, "SELECT * FROM loras WHERE job_id = ?", [job_id]))

@@ -163,7 +163,7 @@ class Member(SDCog):
             raise UserError("this button is for the member who asked /forget")
         await interaction.response.defer(ephemeral=True, thinking=True)
         uid = str(user_id)
-        posted = await self.bot.db_call(_posted_messages, uid)
+        posted = await self.bot.db_call(store.posted_messages, uid)
         removed = await self.bot.db_call(store.forget_user, uid)
         for job_id in removed["running"]:
             await self.bot.pool.cancel(job_id)  # rows are gone; just stop the work
@@ -205,16 +205,6 @@ def _job_line(job: dict, position: int | None) -> str:
 def _choice_name(job: dict) -> str:
     prompt = " ".join(job["spec"].get("prompt", "").split())
     return render.truncate(f"{job['id']} · {job['status']} · {prompt}", 100)
-
-
-def _posted_messages(db, user_id: str) -> list[tuple[str, str]]:
-    """(channel, message) ids of every progress and result message of the member's jobs."""
-    rows = db.execute(
-        "SELECT channel_id, message_id, progress_message_id FROM jobs "
-        "WHERE user_id = ? AND channel_id IS NOT NULL",
-        [user_id],
-    ).fetchall()
-    return [(c, m) for c, *ids in rows for m in ids if m]
 
 
 def _delete_files(bot: SDBot, blobs: list[str], paths: list[str]) -> None:

@@ -17,6 +17,7 @@ from typing import Literal
 
 import discord
 from discord import app_commands
+from discord.ext import commands
 
 from bot import render, store
 from bot.app import JobMessages, _Tracked
@@ -35,6 +36,8 @@ Attachment = discord.Attachment
 class TrainingMessages(JobMessages):
     """A training job's progress and result messages; deletes its photos at the end."""
 
+    kind = "train"
+
     async def on_event(self, row: dict, event: Event) -> None:
         await super().on_event(row, event)
         over = isinstance(event, Done) or row["status"] in ("failed", "cancelled")
@@ -47,6 +50,8 @@ class TrainingMessages(JobMessages):
         result = row.get("result") or {}
         info = result.get("info") or {}
         spec = row["spec"]
+        # Also here: a result delivered after a restart never went through on_event.
+        await asyncio.to_thread(delete_photos, self.bot.blobs, spec)
         try:
             record = await self.bot.db_call(_register_once, self.bot, row)
         except store.StoreError as exc:
@@ -69,9 +74,9 @@ class TrainingMessages(JobMessages):
 
 def _register_once(db, bot, row: dict) -> dict:
     """Register the trained file; a retried post (after a restart) finds it registered."""
-    existing = db.execute("SELECT id FROM loras WHERE job_id = ?", [row["id"]]).fetchone()
+    existing = store.lora_of_job(db, row["id"])
     if existing:
-        return store.get_lora(db, existing[0])
+        return existing
     spec, result = row["spec"], row.get("result") or {}
     [file] = result["files"]
     info = result.get("info") or {}
@@ -102,6 +107,14 @@ class TrainCog(SDCog):
         super().__init__(bot)
         self.messages = TrainingMessages(bot)
         bot.job_event_handlers["train"] = self.messages.on_event
+        self._delivered_missed = False
+
+    @commands.Cog.listener()
+    async def on_ready(self) -> None:
+        # Models that finished training while the bot was down are delivered once.
+        if not self._delivered_missed:
+            self._delivered_missed = True
+            await self.messages.deliver_missed()
 
     @app_commands.command(name="train")
     @app_commands.describe(
