@@ -336,7 +336,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    from bot.doctor import run_doctor
+    from pipeline.doctor import run_doctor
 
     return run_doctor(_config(args))
 

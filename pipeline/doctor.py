@@ -1,4 +1,4 @@
-"""`sdbot doctor`: what works on this machine, one line per check.
+"""`sdbot doctor`: what works on this machine, one line per check (GPU, models, database, token).
 
 It loads torch and every configured model, so it runs as its own command, never in
 the bot process. The Discord token is reported as set or not, never shown.
