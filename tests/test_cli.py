@@ -164,8 +164,17 @@ def test_generate_resolves_loras_from_the_lora_folder(workdir, tiny_sd):
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
     (workdir / "loras").mkdir(exist_ok=True)
     write_lora(workdir / "loras" / "MyStyle.safetensors", pipe, "kohya", seed=3)
-    ok = sdbot("generate", "a cat <lora:mystyle:0.7>", "--lora-dir", "loras", "--seed", "1",
-               "--out", "styled.png", cwd=workdir)
+    ok = sdbot(
+        "generate",
+        "a cat <lora:mystyle:0.7>",
+        "--lora-dir",
+        "loras",
+        "--seed",
+        "1",
+        "--out",
+        "styled.png",
+        cwd=workdir,
+    )
     assert ok.returncode == 0, ok.stderr
     info = parse_infotext(read_infotext((workdir / "styled.png").read_bytes()))
     assert info["Prompt"] == "a cat <lora:mystyle:0.7>"
