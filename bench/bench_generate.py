@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--model", type=Path, default=None, help="diffusers folder (default: tiny)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto", help="auto | float16 | bfloat16 | float32")
     args = parser.parse_args()
     quiet_libraries()
     from diffusers import EulerAncestralDiscreteScheduler
@@ -38,7 +39,9 @@ def main() -> None:
     from pipeline.tiny import write_tiny_model
 
     source = args.model or write_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
-    config = config_from_dict({"models": {"bench": {"source": str(source)}}})
+    config = config_from_dict(
+        {"models": {"bench": {"source": str(source)}}, "workers": {"dtype": args.dtype}}
+    )
     model = ModelCache(config, args.device).get()
     pipe = model.pipe
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(model.scheduler_config)
@@ -69,11 +72,19 @@ def main() -> None:
 
     for warm in (plain, ours, plain, ours):
         warm()
+    cuda = args.device.startswith("cuda")
     times: dict[str, list[float]] = {"plain diffusers": [], "sdbot generate": []}
+    peaks: dict[str, int] = {name: 0 for name in times}
     for _ in range(args.runs):
         for name, fn in (("plain diffusers", plain), ("sdbot generate", ours)):
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             fn()
+            if cuda:
+                torch.cuda.synchronize()
+                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated())
             times[name].append(time.perf_counter() - start)
     base = statistics.median(times["plain diffusers"])
     print(
@@ -81,11 +92,14 @@ def main() -> None:
         f"device {args.device}, torch threads {torch.get_num_threads()}, "
         f"{args.runs} alternating runs\n"
     )
-    print("| | median s/image | it/s | ratio to plain |")
-    print("|---|---|---|---|")
+    if cuda:
+        print(f"card: {torch.cuda.get_device_name()}, dtype {model.dtype}\n")
+    print("| | median s/image | it/s | ratio to plain | peak GPU memory |")
+    print("|---|---|---|---|---|")
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"| {name} | {median:.4f} | {args.steps / median:.1f} | {median / base:.3f} |")
+        peak = f"{peaks[name] / 2**30:.2f} GiB" if cuda else "-"
+        print(f"| {name} | {median:.4f} | {args.steps / median:.1f} | {median / base:.3f} | {peak} |")
     print(
         f"\ncommand: python bench/bench_generate.py --steps {args.steps} --size {args.size} "
         f"--runs {args.runs}"
