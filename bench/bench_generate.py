@@ -99,7 +99,8 @@ def main() -> None:
     for name, values in times.items():
         median = statistics.median(values)
         peak = f"{peaks[name] / 2**30:.2f} GiB" if cuda else "-"
-        print(f"| {name} | {median:.4f} | {args.steps / median:.1f} | {median / base:.3f} | {peak} |")
+        speed = args.steps / median
+        print(f"| {name} | {median:.4f} | {speed:.1f} | {median / base:.3f} | {peak} |")
     print(
         f"\ncommand: python bench/bench_generate.py --steps {args.steps} --size {args.size} "
         f"--runs {args.runs}"
