@@ -32,6 +32,9 @@ class ModelConfig:
     source: str  # Hub id, local diffusers folder, or single-file .safetensors/.ckpt
     family: str = "auto"  # auto | sd1 | sdxl
     inpaint_source: str = ""  # optional dedicated inpainting model (9-channel UNet)
+    # For a single-file checkpoint: a diffusers folder or Hub id of the same family whose
+    # component configs describe it (diffusers fetches a default one; offline it can't).
+    single_file_config: str = ""
     vae_tiling_above: int = 1024 * 1024  # pixels; larger images decode in tiles
 
 
@@ -191,7 +194,7 @@ def _model(name: str, values: dict[str, Any], path: str, base_dir: Path | None) 
         raise ConfigError(f"{path} [models.{name}] family must be auto, sd1 or sdxl")
     # Relative local paths are relative to the config file, not the working directory.
     if base_dir is not None:
-        for key in ("source", "inpaint_source"):
+        for key in ("source", "inpaint_source", "single_file_config"):
             value = getattr(model, key)
             if value.startswith(("./", "../")):
                 model = dataclasses.replace(model, **{key: str((base_dir / value).resolve())})

@@ -190,7 +190,7 @@ def load_model(model: ModelConfig, *, device: str = "auto", dtype: str = "auto")
     device = choose_device(device)
     torch_dtype = choose_dtype(device, dtype)
     family = model.family if model.family != "auto" else detect_family(model.source)
-    pipe = _load_pipeline(model.source, family, torch_dtype)
+    pipe = _load_pipeline(model.source, family, torch_dtype, config=model.single_file_config)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     loaded = LoadedModel(
@@ -241,14 +241,14 @@ def _pipeline_class(family: str, inpaint: bool):
     return StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
 
 
-def _load_pipeline(source: str, family: str, torch_dtype: Any, *, inpaint: bool = False):
+def _load_pipeline(
+    source: str, family: str, torch_dtype: Any, *, inpaint: bool = False, config: str = ""
+):
     cls = _pipeline_class(family, inpaint)
     path = Path(source)
     try:
         if path.suffix in SINGLE_FILE_SUFFIXES:
-            if not path.exists():
-                raise ModelError(f"model file {source} does not exist")
-            return cls.from_single_file(str(path), torch_dtype=torch_dtype)
+            return _from_single_file(cls, path, torch_dtype, config)
         if path.is_dir() or source.startswith(("/", "./", "../")):
             if not path.is_dir():
                 raise ModelError(f"model folder {source} does not exist")
@@ -265,6 +265,25 @@ def _load_pipeline(source: str, family: str, torch_dtype: Any, *, inpaint: bool 
             f"model {source} could not be loaded as a {family} "
             f"{'inpainting ' if inpaint else ''}pipeline: {_short(exc)}"
         ) from None
+
+
+def _from_single_file(cls, path: Path, torch_dtype: Any, config: str):
+    if not path.exists():
+        raise ModelError(f"model file {path} does not exist")
+    _family_from_checkpoint(path)  # a clear error for a file that is no checkpoint
+    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
+    if config:
+        kwargs["config"] = config
+    try:
+        return cls.from_single_file(str(path), **kwargs)
+    except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds here
+        if not config and ("connect" in str(exc).lower() or os.environ.get("HF_HUB_OFFLINE")):
+            raise ModelError(
+                f"model file {path}: a single-file checkpoint needs its model's configuration, "
+                "which diffusers downloads from the Hub, and the Hub cannot be reached. Set "
+                "single_file_config to a local diffusers folder of the same family."
+            ) from None
+        raise
 
 
 def _from_pretrained(cls, source: str, torch_dtype: Any):

@@ -54,3 +54,33 @@ def test_unknown_model_name_lists_configured_ones(tiny_sd):
     config = config_from_dict({"models": {"a": {"source": str(tiny_sd)}}})
     with pytest.raises(ValueError, match="unknown model 'b'; configured models: a"):
         ModelCache(config, "cpu").get("b")
+
+
+def _fake_checkpoint(path):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file(
+        {
+            "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
+            "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight": (
+                torch.zeros(77, 768)
+            ),
+        },
+        str(path),
+    )
+    return path
+
+
+def test_single_file_offline_without_its_config_says_what_to_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    checkpoint = _fake_checkpoint(tmp_path / "model.safetensors")
+    with pytest.raises(ModelError, match="Set single_file_config to a local diffusers folder"):
+        load_model(ModelConfig("x", str(checkpoint)), device="cpu")
+
+
+def test_single_file_is_read_with_the_given_config_and_mismatches_are_named(tmp_path, tiny_sd):
+    checkpoint = _fake_checkpoint(tmp_path / "model.safetensors")
+    config = ModelConfig("x", str(checkpoint), single_file_config=str(tiny_sd))
+    with pytest.raises(ModelError, match=r"could not be loaded as a sd1 pipeline: .*shape"):
+        load_model(config, device="cpu")
