@@ -136,6 +136,10 @@ class SDBot(commands.Bot):
         if self.ready_event is not None:
             self.ready_event.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopped
+
     async def close(self) -> None:
         if not self._stopped:
             self._stopped = True

@@ -143,3 +143,13 @@ class SDCommandTree(app_commands.CommandTree):
         if interaction.extras.get(HANDLED):
             return
         await answer_error(interaction, error)
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        """While the bot shuts down its queue and database are closing: say so instead of
+        failing half-way through a command."""
+        if getattr(interaction.client, "stopping", False):
+            await interaction.response.send_message(
+                "sdbot is restarting; try again in a minute.", ephemeral=True
+            )
+            return False
+        return True

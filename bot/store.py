@@ -1019,3 +1019,26 @@ def server_lora_by_sha(db: sqlite_utils.Database, guild_id: str, sha: str) -> di
 def lora_of_job(db: sqlite_utils.Database, job_id: str) -> dict | None:
     """The LoRA a training job registered, if it did."""
     return _decode(_one(db, "SELECT * FROM loras WHERE job_id = ?", [job_id]))
+
+
+def job_stats(db: sqlite_utils.Database, since: float) -> dict[str, Any]:
+    """Counts for the admin's /admin stats: jobs by status (all time and since ``since``),
+    members with jobs, and LoRAs by kind."""
+    by_status = dict(db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall())
+    recent = dict(
+        db.execute(
+            "SELECT status, COUNT(*) FROM jobs WHERE created_at >= ? GROUP BY status", [since]
+        ).fetchall()
+    )
+    members = db.execute("SELECT COUNT(DISTINCT user_id) FROM jobs").fetchone()[0]
+    personal, library = db.execute(
+        "SELECT COALESCE(SUM(owner_id IS NOT NULL), 0), COALESCE(SUM(owner_id IS NULL), 0) "
+        "FROM loras"
+    ).fetchone()
+    return {
+        "by_status": by_status,
+        "recent": recent,
+        "members": int(members),
+        "personal_loras": int(personal),
+        "library_loras": int(library),
+    }

@@ -18,7 +18,13 @@ from bot.errors import answer_expected
 if TYPE_CHECKING:
     from bot.app import SDBot
 
-EXTENSIONS = ("bot.cogs.generate", "bot.cogs.member", "bot.cogs.train", "bot.cogs.loras")
+EXTENSIONS = (
+    "bot.cogs.generate",
+    "bot.cogs.member",
+    "bot.cogs.train",
+    "bot.cogs.loras",
+    "bot.cogs.admin",
+)
 
 
 class SDCog(commands.Cog):

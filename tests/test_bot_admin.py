@@ -1,0 +1,72 @@
+"""End to end: /admin through the emulator — priority, stats, reloading the LoRA library,
+and refusal for members without Manage Server."""
+
+from __future__ import annotations
+
+import pytest
+from diffusers import StableDiffusionPipeline
+
+from bot import store
+from tests.botkit import (
+    data_dir_for,
+    emu,  # noqa: F401 - fixture
+    error_reply,
+    imagine,
+    make_config,
+    queued_job,
+    reply,
+    running_sdbot,
+    shared_pool,  # noqa: F401 - fixture
+)
+from tests.lora_files import write_lora
+
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(600)]
+
+
+async def test_admin_commands_and_their_refusal(emu, shared_pool, tiny_sd, tmp_path):  # noqa: F811
+    library = tmp_path / "library"
+    library.mkdir()
+    config = make_config(
+        tiny_sd, data_dir_for(shared_pool, tmp_path), emu, loras={"dir": str(library)}
+    )
+    async with running_sdbot(config, shared_pool):
+        # A slow job holds the worker; alice queues two more, bob one after them.
+        await queued_job(await imagine(emu, "slow", steps=150, size="256x256"))
+        await queued_job(await imagine(emu, "a"))
+        await queued_job(await imagine(emu, "b", user=emu.bob))
+        last = await queued_job(await imagine(emu, "c"))  # fair order: after a and b
+        db = store.open_db(config.storage.database)
+        before = store.queue_position(db, last)
+
+        refused = await error_reply(
+            await emu.send_command(
+                "admin", {"job": last, "level": 5}, subcommand="priority", user=emu.bob
+            )
+        )
+        raised = await reply(
+            await emu.send_command(
+                "admin", {"job": last, "level": 5}, subcommand="priority", user=emu.admin
+            )
+        )
+        stats = await reply(await emu.send_command("admin", {}, subcommand="stats", user=emu.admin))
+        write_lora(
+            library / "newstyle.safetensors",
+            StableDiffusionPipeline.from_pretrained(tiny_sd),
+            "kohya",
+            seed=4,
+        )
+        reloaded = await reply(
+            await emu.send_command("admin", {}, subcommand="reload-loras", user=emu.admin)
+        )
+        usable = await queued_job(await imagine(emu, "a cat <lora:newstyle:0.5>", user=emu.bob))
+        # Leave the shared worker idle for the next test.
+        for job in store.user_jobs(db, emu.alice.id) + store.user_jobs(db, emu.bob.id):
+            if job["status"] in ("queued", "running"):
+                owner = emu.alice if job["user_id"] == emu.alice.id else emu.bob
+                await reply(await emu.send_command("cancel", {"job": job["id"]}, user=owner))
+    assert "Only server admins" in refused
+    assert before > 1 and "position 1" in raised["content"] and raised["flags"] & 64
+    assert "**Queue**" in stats["content"] and "waiting" in stats["content"]
+    assert "Added 1 LoRA(s)" in reloaded["content"] and usable
+    command = emu.get_command("admin", guild_only=True)
+    assert int(command["default_member_permissions"]) == 1 << 5  # Manage Server
