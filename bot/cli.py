@@ -106,6 +106,11 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir", type=Path)
     tiny.add_argument("--xl", action="store_true", help="SDXL layout")
     tiny.add_argument("--inpaint", action="store_true", help="9-channel inpainting UNet")
+    tiny.add_argument(
+        "--single-file",
+        action="store_true",
+        help="also write DIR/model.safetensors in the original (A1111) layout",
+    )
     tiny.set_defaults(handler=_cmd_tiny)
 
     doctor = commands.add_parser("doctor", help="check GPU, models, database and token")
@@ -326,6 +331,15 @@ def _cmd_tiny(args: argparse.Namespace) -> int:
     path = write_tiny_model(args.dir, xl=args.xl, inpaint=args.inpaint)
     kind = "SDXL" if args.xl else "SD 1.x"
     print(f"wrote a tiny {kind}{' inpainting' if args.inpaint else ''} model to {path}")
+    if args.single_file:
+        from diffusers import DiffusionPipeline
+
+        from pipeline.single_file import export_single_file
+
+        checkpoint = export_single_file(
+            DiffusionPipeline.from_pretrained(path), path / "model.safetensors"
+        )
+        print(f"and its single-file checkpoint to {checkpoint}")
     return 0
 
 

@@ -140,6 +140,46 @@ def test_tiny_model_command_writes_a_loadable_folder(tmp_path):
     assert (tmp_path / "m" / "tokenizer" / "vocab.json").exists()
 
 
+def test_tiny_model_single_file_checkpoint_generates(tmp_path):
+    folder = tmp_path / "m"
+    made = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "tiny-model", str(folder), "--single-file"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
+    assert made.returncode == 0, made.stderr
+    (tmp_path / "config.toml").write_text(
+        f'[models.ckpt]\nsource = "{folder / "model.safetensors"}"\n'
+        f'single_file_config = "{folder}"\n'
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bot.cli",
+            "generate",
+            "a cat",
+            "--steps",
+            "2",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--out",
+            "c.png",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**ENV, "PYTHONPATH": str(Path.cwd())},
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr
+    assert parse_infotext(read_infotext((tmp_path / "c.png").read_bytes()))["Model"] == "ckpt"
+
+
 def test_doctor_reports_models_database_and_token_without_showing_it(workdir):
     env = {**ENV, "DISCORD_TOKEN": "secret-token-value", "PYTHONPATH": str(Path.cwd())}
     result = subprocess.run(
