@@ -56,6 +56,12 @@ class _JobButton(discord.ui.DynamicItem[discord.ui.Button], template=r"sdbot:bas
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
         interaction.extras["job_id"] = self.job_id
+        if getattr(interaction.client, "stopping", False):
+            # The queue and database are closing: a click now would fail half-way.
+            await interaction.response.send_message(
+                "sdbot is restarting; try again in a minute.", ephemeral=True
+            )
+            return
         try:
             await self.act(interaction, interaction.client)
         except Exception as error:  # noqa: BLE001 - every failure gets an answer
