@@ -93,6 +93,11 @@ async def test_train_reports_the_dataset_trains_registers_and_deletes_photos(
         db = store.open_db(config.storage.database)
         row = store.get_job(db, job)
         lora = store.find_lora(db, "me", user_id=emu.alice.id, guild_id=emu.guild_id)
+        # The /imagine lora option offers it by autocomplete and adds the tag.
+        offered = await emu.send_autocomplete("imagine", {"prompt": "x", "lora": "m"}, "lora")
+        picked = await wait_result(
+            emu, await queued_job(await imagine(emu, "a portrait", lora="me", seed=5))
+        )
         # <lora:me:1> changes the image; the same seed without it does not.
         with_lora = await wait_result(
             emu,
@@ -115,6 +120,10 @@ async def test_train_reports_the_dataset_trains_registers_and_deletes_photos(
     [(a, info)] = result_images(emu, with_lora)
     [(b, _)] = result_images(emu, without)
     assert info["Lora hashes"].startswith("me: ")
+    assert [c["value"] for c in offered] == ["me"]
+    [(_, picked_info)] = result_images(emu, picked)
+    assert picked_info["Prompt"] == "a portrait <lora:me:0.8>"
+    assert picked_info["Lora hashes"].startswith("me: ")
     # 20 steps from a zero-initialised LoRA move the image a little, but they move it.
     assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() > 0
 

@@ -46,6 +46,7 @@ COMMON_OPTIONS = {
     "count": "How many images (default 1)",
     "face_fix": "Repaint faces afterwards, ADetailer style",
 }
+LORA_OPTION = "One of your LoRAs (or a shared/server one), added as <lora:NAME:0.8>"
 PROMPT = "What to draw; <lora:name:0.8> applies a LoRA"
 
 
@@ -69,6 +70,16 @@ async def size_choices(
     interaction: discord.Interaction, current: str
 ) -> list[app_commands.Choice[str]]:
     return _choices(allowed_sizes(interaction.client.config), current)
+
+
+async def lora_choices(
+    interaction: discord.Interaction, current: str
+) -> list[app_commands.Choice[str]]:
+    """The LoRAs this member may use: their own, shared ones, the server library."""
+    bot = interaction.client
+    guild = str(interaction.guild_id) if interaction.guild_id else None
+    rows = await bot.db_call(store.list_loras, str(interaction.user.id), guild)
+    return _choices([row["name"] for row in rows], current)
 
 
 def _choices(names: list[str], current: str) -> list[app_commands.Choice[str]]:
@@ -109,9 +120,14 @@ class Generate(SDCog):
 
     @app_commands.command()
     @app_commands.describe(
-        prompt=PROMPT, size="Width x height (default: your /settings)", **COMMON_OPTIONS
+        prompt=PROMPT,
+        size="Width x height (default: your /settings)",
+        lora=LORA_OPTION,
+        **COMMON_OPTIONS,
     )
-    @app_commands.autocomplete(model=model_choices, sampler=sampler_choices, size=size_choices)
+    @app_commands.autocomplete(
+        model=model_choices, sampler=sampler_choices, size=size_choices, lora=lora_choices
+    )
     async def imagine(
         self,
         interaction: discord.Interaction,
@@ -125,9 +141,12 @@ class Generate(SDCog):
         size: str | None = None,
         count: Range[int, 1, 4] = 1,
         face_fix: bool = False,
+        lora: str | None = None,
     ) -> None:
         """Draw images from a text prompt."""
         await interaction.response.defer(ephemeral=True, thinking=True)
+        if lora:
+            prompt = f"{prompt} <lora:{lora.strip()}:0.8>"
         values = await self.common(interaction, prompt, negative, model, sampler, steps, cfg)
         if size:
             values["width"], values["height"] = parse_size(size, self.bot.config.limits)
