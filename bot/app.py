@@ -63,6 +63,7 @@ log = logging.getLogger("sdbot")
 T = TypeVar("T")
 OnJobEvent = Callable[[dict, Event], Awaitable[None]]
 MISSED_RESULTS_WINDOW_S = 24 * 3600  # results finished while the bot was down get posted
+POSITIONS_SHOWN = 20  # waiting jobs further back keep their first "position N"
 LORA_TAG = ("<lora:", "<lyco:")
 
 
@@ -96,6 +97,8 @@ class SDBot(commands.Bot):
         self.dispatcher = Dispatcher(
             config.storage.database, pool, blobs, config, on_event=self.on_job_event
         )
+        self.message_boards: list[JobMessages] = []  # generation's, training's…
+        self._positions_task: asyncio.Task | None = None
         self.messages = JobMessages(self)
         # Other kinds of jobs (training) register their own handler here.
         self.job_event_handlers: dict[str, OnJobEvent] = {"generate": self.messages.on_event}
@@ -243,6 +246,23 @@ class SDBot(commands.Bot):
         handler = self.job_event_handlers.get(row["kind"])
         if handler is not None:
             await handler(row, event)
+        if isinstance(event, (Started, Cancelled)):
+            self._refresh_positions_soon()
+
+    def _refresh_positions_soon(self) -> None:
+        """A job left the queue: the others moved up. One refresh at a time, at most one
+        per progress interval, so a busy queue cannot flood Discord with edits."""
+        if self._positions_task is None or self._positions_task.done():
+            self._positions_task = asyncio.create_task(self._refresh_positions())
+
+    async def _refresh_positions(self) -> None:
+        await asyncio.sleep(self.config.discord.progress_interval)
+        try:
+            positions = await self.db_call(store.queue_positions)
+            for board in self.message_boards:
+                await board.refresh_positions(positions)
+        except Exception:  # noqa: BLE001 - a cosmetic update must never hurt the queue
+            log.exception("could not refresh queue positions")
 
 
 def report_heavy_modules() -> None:
@@ -338,7 +358,9 @@ class JobMessages:
 
     def __init__(self, bot: SDBot) -> None:
         self.bot = bot
+        bot.message_boards.append(self)
         self.jobs: dict[str, _Tracked] = {}
+        self.shown_positions: dict[str, int] = {}  # job id → position its message shows
         self.upload_limits: dict[str, int] = {}  # job id → the interaction's upload limit
         # Jobs whose outcome was handled, so a late `announce` posts nothing (bounded).
         self.finished: OrderedDict[str, None] = OrderedDict()
@@ -361,6 +383,8 @@ class JobMessages:
             if tracked.finished or row["id"] in self.finished or tracked.progress_id is not None:
                 return  # the job already ran (fast worker) or was announced
             text = render.queued_text(row["user_id"], row["spec"], position)
+            if position:
+                self.shown_positions[row["id"]] = position
             # No ping here: the member just asked; the result (or a failure) pings them.
             message = await self._channel(row).send(
                 text, view=progress_view(row["id"]), allowed_mentions=discord.AllowedMentions.none()
@@ -370,7 +394,25 @@ class JobMessages:
             store.set_job_messages, row["id"], progress_message_id=str(message.id)
         )
 
+    async def refresh_positions(self, positions: dict[str, int]) -> None:
+        """Edit the "Queued — position N" of waiting jobs whose place in line moved."""
+        for job_id, tracked in list(self.jobs.items()):
+            position = positions.get(job_id)
+            shown = self.shown_positions.get(job_id)
+            if position is None or shown is None or position == shown:
+                continue
+            if tracked.finished or tracked.started_at is not None or position > POSITIONS_SHOWN:
+                continue
+            row = await self.bot.db_call(store.get_job, job_id)
+            if row is None or row["status"] != store.JobStatus.QUEUED.value:
+                continue
+            self.shown_positions[job_id] = position
+            text = render.queued_text(row["user_id"], row["spec"], position)
+            self._schedule_edit(row, tracked, text)
+
     async def on_event(self, row: dict, event: Event) -> None:
+        if not isinstance(event, Progress):
+            self.shown_positions.pop(row["id"], None)  # it left the queue, for now at least
         tracked = self._tracked(row)
         if isinstance(event, Started):
             tracked.started_at = time.monotonic()

@@ -134,3 +134,22 @@ async def test_autocomplete_offers_at_most_25_matching_choices(emu, shared_pool,
     assert all(int(w) * int(h) <= 1536 * 1536 for w, h in (c["value"].split("x") for c in sizes))
     assert [c["value"] for c in models] == ["tiny"]
     assert jobs == []
+
+
+async def test_waiting_jobs_see_their_position_move_up(emu, shared_pool, config):  # noqa: F811
+    async with running_sdbot(config, shared_pool):
+        slow = await queued_job(await imagine(emu, "slow", steps=150, size="256x256"))
+        first = await queued_job(await imagine(emu, "first"))
+        second = await queued_job(await imagine(emu, "second"))
+
+        def progress_of(job: str) -> dict:
+            return next(m for m in emu.channel_messages() if f"sdbot:cancel:{job}" in custom_ids(m))
+
+        assert "position 2" in progress_of(second)["content"]
+        await reply(await emu.send_command("cancel", {"job": first}))
+        moved = await emu.wait_for(
+            lambda: "position 1" in emu.get_message(progress_of(second)["id"])["content"], 30
+        )
+        for job in (second, slow):
+            await reply(await emu.send_command("cancel", {"job": job}))
+    assert moved
