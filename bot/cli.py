@@ -332,13 +332,9 @@ def _cmd_tiny(args: argparse.Namespace) -> int:
     kind = "SDXL" if args.xl else "SD 1.x"
     print(f"wrote a tiny {kind}{' inpainting' if args.inpaint else ''} model to {path}")
     if args.single_file:
-        from diffusers import DiffusionPipeline
+        from pipeline.single_file import export_folder
 
-        from pipeline.single_file import export_single_file
-
-        checkpoint = export_single_file(
-            DiffusionPipeline.from_pretrained(path), path / "model.safetensors"
-        )
+        checkpoint = export_folder(path, path / "model.safetensors")
         print(f"and its single-file checkpoint to {checkpoint}")
     return 0
 

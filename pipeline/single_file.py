@@ -256,3 +256,10 @@ def _cat(tensors: list[Any]) -> Any:
     import torch
 
     return torch.cat(tensors, dim=0)
+
+
+def export_folder(folder: str | Path, path: str | Path) -> Path:
+    """Export a diffusers model folder as one original-layout `.safetensors`."""
+    from diffusers import DiffusionPipeline
+
+    return export_single_file(DiffusionPipeline.from_pretrained(folder), path)
