@@ -19,6 +19,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread; several oversubscribe a shared CPU (up to
+    100× slower), and one thread keeps CPU results bit-reproducible across processes."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _quiet_libraries() -> None:
     try:
         import diffusers.utils.logging as dlog

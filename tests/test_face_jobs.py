@@ -29,6 +29,15 @@ def astronaut() -> Image.Image:
     return Image.fromarray(photos.astronaut()).resize((256, 256), Image.LANCZOS)
 
 
+def outside_padded_face(image: Image.Image) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Pixels outside the face crop (32 px padding) that face fix may not touch."""
+    [box] = faces.detect_faces(image)
+    crop = faces.face_crop_box(box, image.size, 32)
+    outside = np.ones((image.height, image.width), dtype=bool)
+    outside[crop[1] : crop[3], crop[0] : crop[2]] = False
+    return outside, crop
+
+
 def spec(**changes) -> GenerateSpec:
     values = {"prompt": "photo of a woman", "width": 64, "height": 64, "steps": 3, "seed": 3}
     return GenerateSpec(**{**values, **changes})
@@ -67,10 +76,7 @@ def test_face_fix_changes_nothing_outside_the_padded_face_box(sd, astronaut):
     run = _Run(sd, None, None, 0)
     fixed = np.asarray(fix_faces(run, spec(), astronaut, None, None))
     original = np.asarray(astronaut)
-    [box] = faces.detect_faces(astronaut)
-    x0, y0, x1, y1 = faces.face_crop_box(box, astronaut.size, 32)
-    outside = np.ones(original.shape[:2], dtype=bool)
-    outside[y0:y1, x0:x1] = False
+    outside, (x0, y0, x1, y1) = outside_padded_face(astronaut)
     assert np.array_equal(fixed[outside], original[outside])
     assert not np.array_equal(fixed[y0:y1, x0:x1], original[y0:y1, x0:x1])
 
@@ -91,10 +97,7 @@ def test_fix_faces_mode_repaints_only_the_face_of_an_earlier_image(sd, astronaut
     [[image]] = run_generation(sd, [job], blobs=blobs)
     fixed = np.asarray(Image.open(io.BytesIO(image.png)))
     original = np.asarray(astronaut)
-    [box] = faces.detect_faces(astronaut)
-    x0, y0, x1, y1 = faces.face_crop_box(box, astronaut.size, 32)
-    outside = np.ones(original.shape[:2], dtype=bool)
-    outside[y0:y1, x0:x1] = False
+    outside, _ = outside_padded_face(astronaut)
     assert np.array_equal(fixed[outside], original[outside])
     assert not np.array_equal(fixed, original)
     assert "ADetailer model" in image.infotext

@@ -20,15 +20,6 @@ from pipeline.prompt import (
 from pipeline.tiny import write_tiny_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; several oversubscribe a shared CPU (100×)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sd1(tmp_path_factory):
     from diffusers import StableDiffusionPipeline

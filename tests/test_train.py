@@ -40,16 +40,6 @@ PROMPT = "photo of sks person"
 LIMITS = Limits()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny convolutions are ~50× slower when two threads fight other processes for
-    # two cores; one thread also makes CPU results bit-reproducible across processes.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def sd_dir(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("sd"))
