@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.conftest import BATCH_TOLERANCE_LEVELS, level_difference
+
 from pipeline.blobs import BlobStore
 from pipeline.config import Config, config_from_dict
 from pipeline.jobs import (
@@ -148,8 +150,11 @@ def test_compatible_jobs_share_a_batch_and_each_gets_its_images(runner) -> None:
     assert_streamed(events, "y")
     done = {e.job_id: e for e in events if isinstance(e, Done)}
     assert [i.seed for i in done["y"].images] == [12, 13]
-    # Seeded per image: a job draws the same picture alone or in a batch.
-    assert done["x"].images[0].png == alone.images[0].png
+    # Seeded per image: a job draws the same picture alone or in a batch (up to BLAS
+    # rounding on other batch shapes; see BATCH_TOLERANCE_LEVELS).
+    assert level_difference(done["x"].images[0].png, alone.images[0].png) <= (
+        BATCH_TOLERANCE_LEVELS
+    )
 
 
 def test_an_exception_inside_the_model_fails_the_job_and_the_next_one_runs(
