@@ -39,7 +39,7 @@ def write_arch_model(kind: str, directory: Path) -> Path:
         CLIPTokenizer,
     )
 
-    from pipeline.tiny import _SD_SCHEDULER, write_tokenizer
+    from pipeline.models.tiny import _SD_SCHEDULER, write_tokenizer
 
     torch.manual_seed(0)
     write_tokenizer(directory / "_tok")

@@ -30,9 +30,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.config import config_from_dict  # noqa: E402
-from pipeline.jobs import Done, GenerateSpec  # noqa: E402
-from pipeline.pool import LocalPool  # noqa: E402
+from pipeline.contract.config import config_from_dict  # noqa: E402
+from pipeline.contract.jobs import Done, GenerateSpec  # noqa: E402
+from pipeline.workers.local_pool import LocalPool  # noqa: E402
 from tests.emulator import DiscordEmulator, emulated_discord  # noqa: E402
 
 
@@ -159,7 +159,7 @@ def median_ms(values: list[float]) -> str:
 
 async def main() -> None:
     args = parse_args()
-    from pipeline.tiny import write_tiny_model
+    from pipeline.models.tiny import write_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

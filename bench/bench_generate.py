@@ -1,4 +1,4 @@
-"""Overhead of `pipeline.generate.run_generation` over a plain diffusers pipeline call.
+"""Overhead of `pipeline.generate.modes.run_generation` over a plain diffusers pipeline call.
 
 Same process, same tiny model, identical parameters, alternating runs; both sides
 produce PIL images from the same seed (ours also writes the PNG with infotext, which a
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.quiet import quiet_libraries
+from pipeline.contract.quiet import quiet_libraries
 
 
 def main() -> None:
@@ -32,11 +32,11 @@ def main() -> None:
     quiet_libraries()
     from diffusers import EulerAncestralDiscreteScheduler
 
-    from pipeline.config import config_from_dict
-    from pipeline.generate import run_generation
-    from pipeline.jobs import GenerateSpec
-    from pipeline.models import ModelCache
-    from pipeline.tiny import write_tiny_model
+    from pipeline.contract.config import config_from_dict
+    from pipeline.contract.jobs import GenerateSpec
+    from pipeline.generate.modes import run_generation
+    from pipeline.models.loading import ModelCache
+    from pipeline.models.tiny import write_tiny_model
 
     source = args.model or write_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
     config = config_from_dict(

@@ -40,13 +40,13 @@ def parse_args() -> argparse.Namespace:
 
 
 def spec(seed: int = 1):
-    from pipeline.jobs import GenerateSpec
+    from pipeline.contract.jobs import GenerateSpec
 
     return GenerateSpec(prompt="a photo of a cat", width=64, height=64, steps=4, seed=seed)
 
 
 def config_for(model: Path, data: Path, batch_size: int = 1, backend: str = "local"):
-    from pipeline.config import config_from_dict
+    from pipeline.contract.config import config_from_dict
 
     return config_from_dict(
         {
@@ -62,10 +62,10 @@ def median_ms(samples: list[float]) -> float:
 
 
 def bench_direct(config, repeats: int) -> float:
-    from pipeline.blobs import BlobStore
-    from pipeline.generate import run_generation
-    from pipeline.models import ModelCache
-    from pipeline.pool import detect_devices
+    from pipeline.contract.blobs import BlobStore
+    from pipeline.generate.modes import run_generation
+    from pipeline.models.loading import ModelCache
+    from pipeline.workers.local_pool import detect_devices
 
     model = ModelCache(config, detect_devices(("auto",))[0]).get("default")
     blobs = BlobStore(config.storage.blobs)
@@ -96,8 +96,8 @@ async def bench_pool(pool, repeats: int) -> float:
 async def bench_dispatcher(pool, config, root: Path, jobs: int) -> float:
     from bot import store
     from bot.dispatcher import Dispatcher
-    from pipeline.blobs import BlobStore
-    from pipeline.jobs import spec_to_dict
+    from pipeline.contract.blobs import BlobStore
+    from pipeline.contract.jobs import spec_to_dict
 
     async def ignore(row: dict, event: object) -> None:
         return None
@@ -126,7 +126,7 @@ async def bench_dispatcher(pool, config, root: Path, jobs: int) -> float:
 
 
 async def bench_batching(model: Path, root: Path, jobs: int, batch: int) -> dict[int, float]:
-    from pipeline.pool import LocalPool
+    from pipeline.workers.local_pool import LocalPool
 
     pool = LocalPool(config_for(model, root / "data"))
     await pool.start()
@@ -146,8 +146,8 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch, and for workers
-    from pipeline.pool import LocalPool
-    from pipeline.tiny import write_tiny_model
+    from pipeline.models.tiny import write_tiny_model
+    from pipeline.workers.local_pool import LocalPool
 
     root = Path(tempfile.mkdtemp(prefix="sdbot-bench-"))
     model = write_tiny_model(root / "tiny")
@@ -162,7 +162,7 @@ def main() -> None:
         except ImportError:
             ray = None
         if ray is not None:
-            from pipeline.ray_pool import RayPool
+            from pipeline.workers.ray_pool import RayPool
 
             ray.init(include_dashboard=False, log_to_driver=False)
             rows.append(

@@ -1,4 +1,4 @@
-"""Training steps/s: `pipeline.train.train_lora` vs the diffusers example's way.
+"""Training steps/s: `pipeline.training.loop.train_lora` vs the diffusers example's way.
 
 The diffusers DreamBooth-LoRA example runs the VAE and the text encoder on every
 step; we run them once per photo before the loop. Both sides here train the same
@@ -26,8 +26,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.jobs import Limits, TrainSpec  # noqa: E402
-from pipeline.train import UNET_TARGETS, train_lora  # noqa: E402
+from pipeline.contract.jobs import Limits, TrainSpec  # noqa: E402
+from pipeline.training.loop import UNET_TARGETS, train_lora  # noqa: E402
 
 
 def load(model: Path, device: str, xl: bool):
@@ -143,7 +143,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            from pipeline.tiny import write_tiny_model
+            from pipeline.models.tiny import write_tiny_model
 
             model = write_tiny_model(Path(tmp) / "tiny")
         rows = []

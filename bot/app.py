@@ -41,9 +41,9 @@ from bot.dispatcher import Dispatcher
 from bot.errors import SDCommandTree, UserError
 from bot.face_probe import FaceProbe
 from bot.views import DYNAMIC_ITEMS, progress_view, result_view
-from pipeline.blobs import BlobError, BlobStore, sha256_hex
-from pipeline.config import Config
-from pipeline.jobs import (
+from pipeline.contract.blobs import BlobError, BlobStore, sha256_hex
+from pipeline.contract.config import Config
+from pipeline.contract.jobs import (
     Cancelled,
     Done,
     Event,
@@ -55,8 +55,8 @@ from pipeline.jobs import (
     Started,
     spec_to_dict,
 )
-from pipeline.pool import WorkerPool
-from pipeline.prompt_syntax import extract_loras
+from pipeline.contract.prompt_syntax import extract_loras
+from pipeline.workers.local_pool import WorkerPool
 
 log = logging.getLogger("sdbot")
 

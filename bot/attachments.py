@@ -2,7 +2,7 @@
 
 Order matters, cheapest refusal first: the size Discord reports and the content
 type before downloading anything; after the download, the magic bytes and the
-pixel count from the header before decoding (`pipeline.images.open_image`, run in
+pixel count from the header before decoding (`pipeline.contract.images.open_image`, run in
 a thread so a big JPEG never blocks the heartbeat). What is stored is a fresh PNG
 of the decoded, upright, opaque image, so workers never see the member's file.
 """
@@ -18,9 +18,9 @@ import discord
 from PIL import Image
 
 from bot.errors import UserError
-from pipeline.blobs import BlobStore, sha256_hex
-from pipeline.config import Config
-from pipeline.images import ACCEPTED_TYPES, open_image
+from pipeline.contract.blobs import BlobStore, sha256_hex
+from pipeline.contract.config import Config
+from pipeline.contract.images import ACCEPTED_TYPES, open_image
 
 MiB = 1024 * 1024
 

@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, ConfigError, ModelConfig, config_from_dict, load_config
-from pipeline.jobs import GenerateSpec, JobError, LoraRef
+from pipeline.contract.config import Config, ConfigError, ModelConfig, config_from_dict, load_config
+from pipeline.contract.jobs import GenerateSpec, JobError, LoraRef
 
 EXIT_USAGE = 2
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if not args.verbose and args.command != "run":
-        from pipeline.quiet import quiet_libraries
+        from pipeline.contract.quiet import quiet_libraries
 
         quiet_libraries()
     try:
@@ -166,7 +166,7 @@ class _Blobs:
         self.data: dict[str, bytes] = {}
 
     def add_bytes(self, data: bytes) -> str:
-        from pipeline.blobs import sha256_hex
+        from pipeline.contract.blobs import sha256_hex
 
         sha = sha256_hex(data)
         self.data[sha] = data
@@ -183,7 +183,7 @@ class _Blobs:
 
 
 def _read_input(path: Path, name: str, limit: int):
-    from pipeline.images import open_image
+    from pipeline.contract.images import open_image
 
     try:
         data = path.read_bytes()
@@ -222,7 +222,7 @@ def build_generate_spec(args: argparse.Namespace, config: Config, blobs: _Blobs)
 
 
 def _image_inputs(args: argparse.Namespace, config: Config, blobs: _Blobs) -> dict[str, Any]:
-    from pipeline.images import working_size
+    from pipeline.contract.images import working_size
 
     limit = config.limits.max_input_pixels
     data, image = _read_input(args.image, "image", limit)
@@ -254,7 +254,7 @@ def _image_inputs(args: argparse.Namespace, config: Config, blobs: _Blobs) -> di
 
 
 def _require_face(image) -> None:
-    from pipeline.faces import NoFaceFound, detect_faces
+    from pipeline.faces.detection import NoFaceFound, detect_faces
 
     if not detect_faces(image):
         raise CliError(str(NoFaceFound()))
@@ -263,7 +263,7 @@ def _require_face(image) -> None:
 def _loras(args: argparse.Namespace, config: Config, blobs: _Blobs) -> tuple[LoraRef, ...]:
     if "<lora:" not in args.prompt and "<lyco:" not in args.prompt:
         return ()
-    from pipeline.loras import resolve_lora_names
+    from pipeline.loras.adapters import resolve_lora_names
 
     refs = []
     for ref, path in resolve_lora_names(args.prompt, args.lora_dir or config.lora_dir):
@@ -288,9 +288,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     config = _config(args, model=args.model)
     blobs = _Blobs()
     spec = build_generate_spec(args, config, blobs)
-    from pipeline.generate import run_generation
-    from pipeline.loras import LoraCache
-    from pipeline.models import ModelCache
+    from pipeline.generate.modes import run_generation
+    from pipeline.loras.adapters import LoraCache
+    from pipeline.models.loading import ModelCache
 
     models = ModelCache(config, args.device or _first_device(config))
     model = models.get(spec.model)
@@ -326,13 +326,13 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 
 def _cmd_tiny(args: argparse.Namespace) -> int:
-    from pipeline.tiny import write_tiny_model
+    from pipeline.models.tiny import write_tiny_model
 
     path = write_tiny_model(args.dir, xl=args.xl, inpaint=args.inpaint)
     kind = "SDXL" if args.xl else "SD 1.x"
     print(f"wrote a tiny {kind}{' inpainting' if args.inpaint else ''} model to {path}")
     if args.single_file:
-        from pipeline.single_file import export_folder
+        from pipeline.models.single_file import export_folder
 
         checkpoint = export_folder(path, path / "model.safetensors")
         print(f"and its single-file checkpoint to {checkpoint}")
@@ -346,7 +346,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    from pipeline.doctor import run_doctor
+    from pipeline.workers.doctor import run_doctor
 
     return run_doctor(_config(args))
 

@@ -24,9 +24,9 @@ from typing import Any, TypeVar
 import sqlite_utils
 
 from bot import store
-from pipeline.blobs import BlobError, BlobStore
-from pipeline.config import Config
-from pipeline.jobs import (
+from pipeline.contract.blobs import BlobError, BlobStore
+from pipeline.contract.config import Config
+from pipeline.contract.jobs import (
     Cancelled,
     Done,
     Event,
@@ -38,7 +38,7 @@ from pipeline.jobs import (
     Started,
     spec_from_dict,
 )
-from pipeline.pool import WORKER_DIED, WorkerPool
+from pipeline.workers.local_pool import WORKER_DIED, WorkerPool
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ import discord
 from discord import app_commands
 
 from bot.store import StoreError
-from pipeline.blobs import BlobError
-from pipeline.config import ConfigError
-from pipeline.images import ImageInputError
-from pipeline.jobs import JobError
+from pipeline.contract.blobs import BlobError
+from pipeline.contract.config import ConfigError
+from pipeline.contract.images import ImageInputError
+from pipeline.contract.jobs import JobError
 
 log = logging.getLogger("sdbot.errors")
 

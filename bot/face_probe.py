@@ -29,8 +29,8 @@ NO_FACE = "no face found in the photo; attach a mask instead"
 
 def count_faces_in(png: bytes, max_pixels: int) -> int:
     """Runs in the helper process: the only place the bot's side imports OpenCV."""
-    from pipeline.faces import detect_faces
-    from pipeline.images import open_image
+    from pipeline.contract.images import open_image
+    from pipeline.faces.detection import detect_faces
 
     return len(detect_faces(open_image(png, max_pixels=max_pixels, name="the image")))
 

@@ -20,9 +20,9 @@ import discord
 from bot import store
 from bot.app import SDBot, report_heavy_modules
 from bot.discord_endpoints import point_client_at
-from pipeline.blobs import BlobStore
-from pipeline.config import Config
-from pipeline.pool import WorkerPool, make_pool
+from pipeline.contract.blobs import BlobStore
+from pipeline.contract.config import Config
+from pipeline.workers.local_pool import WorkerPool, make_pool
 
 log = logging.getLogger("sdbot")
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from bot import store
 from bot.personal import check_name_free, check_quota, register_trained_lora, validation_summary
-from pipeline.blobs import BlobStore
-from pipeline.config import Config
-from pipeline.jobs import TrainSpec
+from pipeline.contract.blobs import BlobStore
+from pipeline.contract.config import Config
+from pipeline.contract.jobs import TrainSpec
 
 
 def _read_photos(paths: list[Path]) -> list[tuple[str, bytes]]:
@@ -40,10 +40,10 @@ def _progress(step: int, total: int, loss: float) -> None:
 
 
 def train_offline(args: argparse.Namespace, config: Config) -> int:
-    from pipeline.dataset import dataset_summary, prepare_dataset, rare_token
-    from pipeline.infotext import png_bytes
-    from pipeline.models import ModelCache
-    from pipeline.train import TrainResult, make_grid, train_lora
+    from pipeline.contract.infotext import png_bytes
+    from pipeline.models.loading import ModelCache
+    from pipeline.training.dataset import dataset_summary, prepare_dataset, rare_token
+    from pipeline.training.loop import TrainResult, make_grid, train_lora
 
     db = store.open_db(config.storage.database)
     blobs = BlobStore(config.storage.blobs)

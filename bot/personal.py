@@ -12,8 +12,8 @@ from typing import Any
 import sqlite_utils
 
 from bot import store
-from pipeline.blobs import BlobStore
-from pipeline.config import Config
+from pipeline.contract.blobs import BlobStore
+from pipeline.contract.config import Config
 
 
 class QuotaExceeded(store.StoreError):

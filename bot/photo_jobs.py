@@ -3,7 +3,7 @@
 These functions execute in the bot's single helper process (`bot.face_probe`), never
 in the bot itself: they import OpenCV. They return plain data (bytes, strings,
 dicts) and turn user-facing errors into `{"error": message}`, because unpickling a
-`pipeline.dataset` exception in the bot would import OpenCV there.
+`pipeline.training.dataset` exception in the bot would import OpenCV there.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ def prepare_photos(
     photos: list[tuple[str, bytes]], zip_data: bytes | None, settings: dict[str, Any]
 ) -> dict[str, Any]:
     """Dataset preparation for /train: square face crops, captions, held-out split."""
-    from pipeline.dataset import DatasetError, dataset_summary, prepare_dataset
+    from pipeline.training.dataset import DatasetError, dataset_summary, prepare_dataset
 
     try:
         dataset = prepare_dataset(photos, zip_data=zip_data, **settings)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from pipeline.infotext import parse_infotext
+from pipeline.contract.infotext import parse_infotext
 
 MiB = 1024 * 1024
 CONTENT_LIMIT = 2000

@@ -25,9 +25,9 @@ import pytest_asyncio
 from PIL import Image
 
 from bot.launcher import serve
-from pipeline.config import Config, config_from_dict
-from pipeline.infotext import parse_infotext, read_infotext
-from pipeline.pool import LocalPool
+from pipeline.contract.config import Config, config_from_dict
+from pipeline.contract.infotext import parse_infotext, read_infotext
+from pipeline.workers.local_pool import LocalPool
 from tests.emulator import DiscordEmulator, EmulatedUser, InteractionRecord, emulated_discord
 
 BOT_TOKEN = "botkit-token"

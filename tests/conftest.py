@@ -44,7 +44,7 @@ def _quiet_libraries() -> None:
 
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> Path:
-    from pipeline.tiny import write_tiny_model
+    from pipeline.models.tiny import write_tiny_model
 
     _quiet_libraries()
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "sd")
@@ -52,7 +52,7 @@ def tiny_sd(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_xl(tmp_path_factory) -> Path:
-    from pipeline.tiny import write_tiny_model
+    from pipeline.models.tiny import write_tiny_model
 
     _quiet_libraries()
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "xl", xl=True)
@@ -60,7 +60,7 @@ def tiny_xl(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_inpaint(tmp_path_factory) -> Path:
-    from pipeline.tiny import write_tiny_model
+    from pipeline.models.tiny import write_tiny_model
 
     _quiet_libraries()
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "inpaint", inpaint=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.blobs import BlobError, BlobNotFound, BlobStore, sha256_hex
+from pipeline.contract.blobs import BlobError, BlobNotFound, BlobStore, sha256_hex
 
 
 def _files(root: Path) -> list[Path]:
@@ -117,7 +117,7 @@ def test_file_size_limit_raises_blob_error(tmp_path: Path) -> None:
         f"""
         import os, resource, signal, sys
         sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
-        from pipeline.blobs import BlobError, BlobStore
+        from pipeline.contract.blobs import BlobError, BlobStore
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         store = BlobStore({str(tmp_path)!r})
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))

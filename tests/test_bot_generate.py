@@ -12,8 +12,8 @@ from PIL import Image
 from skimage import data as photos
 
 from bot import store
-from pipeline import faces
-from pipeline.blobs import BlobStore
+from pipeline.contract.blobs import BlobStore
+from pipeline.faces import detection as faces
 from tests.botkit import (
     attach,
     custom_ids,
@@ -264,7 +264,8 @@ async def test_a_failed_job_is_reported_in_a_new_message(
     async with running_sdbot(lowered, shared_pool):
         failure = await emu.wait_for(
             lambda: next(
-                m for m in emu.channel_messages(ephemeral=False) if "Failed:" in m["content"]
+                (m for m in emu.channel_messages(ephemeral=False) if "Failed:" in m["content"]),
+                None,
             ),
             60,
         )

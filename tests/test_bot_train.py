@@ -12,7 +12,7 @@ from PIL import Image
 from skimage import data as photos
 
 from bot import store
-from pipeline.blobs import BlobStore
+from pipeline.contract.blobs import BlobStore
 from tests.botkit import (
     data_dir_for,
     emu,  # noqa: F401 - fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.infotext import parse_infotext, read_infotext
+from pipeline.contract.infotext import parse_infotext, read_infotext
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 

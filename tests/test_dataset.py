@@ -13,7 +13,9 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from pipeline.dataset import (
+from pipeline.contract.images import ImageInputError, open_image, sniff_image_type
+from pipeline.faces.detection import detect_faces
+from pipeline.training.dataset import (
     DatasetError,
     PreparedDataset,
     dataset_summary,
@@ -21,8 +23,6 @@ from pipeline.dataset import (
     rare_token,
     read_zip_safely,
 )
-from pipeline.faces import detect_faces
-from pipeline.images import ImageInputError, open_image, sniff_image_type
 
 LIMIT = 4_200_000  # 4.2 MP, the bot's default photo limit
 

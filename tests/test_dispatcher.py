@@ -18,9 +18,17 @@ import pytest_asyncio
 
 from bot import store
 from bot.dispatcher import Dispatcher
-from pipeline.blobs import BlobStore
-from pipeline.jobs import Done, Event, Failed, GenerateSpec, Progress, Started, spec_to_dict
-from pipeline.pool import LocalPool
+from pipeline.contract.blobs import BlobStore
+from pipeline.contract.jobs import (
+    Done,
+    Event,
+    Failed,
+    GenerateSpec,
+    Progress,
+    Started,
+    spec_to_dict,
+)
+from pipeline.workers.local_pool import LocalPool
 from tests.test_runner import (
     make_config,
     one_cpu_thread_per_worker,

@@ -9,12 +9,12 @@ import pytest
 from PIL import Image
 from skimage import data as photos
 
-from pipeline import faces
-from pipeline.blobs import BlobStore
-from pipeline.config import config_from_dict
-from pipeline.generate import _Run, fix_faces, run_generation
-from pipeline.jobs import GenerateSpec
-from pipeline.models import ModelCache
+from pipeline.contract.blobs import BlobStore
+from pipeline.contract.config import config_from_dict
+from pipeline.contract.jobs import GenerateSpec
+from pipeline.faces import detection as faces
+from pipeline.generate.modes import _Run, fix_faces, run_generation
+from pipeline.models.loading import ModelCache
 from tests.conftest import png_of
 
 

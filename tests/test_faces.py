@@ -7,7 +7,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from pipeline.faces import (
+from pipeline.faces.detection import (
     FaceBox,
     NoFaceFound,
     background_mask,

@@ -8,12 +8,17 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from pipeline.blobs import BlobStore
-from pipeline.config import config_from_dict
-from pipeline.generate import GenerationCancelled, mask_crop_box, outpaint_canvas, run_generation
-from pipeline.infotext import parse_infotext, read_infotext
-from pipeline.jobs import GenerateSpec, JobError
-from pipeline.models import ModelCache
+from pipeline.contract.blobs import BlobStore
+from pipeline.contract.config import config_from_dict
+from pipeline.contract.infotext import parse_infotext, read_infotext
+from pipeline.contract.jobs import GenerateSpec, JobError
+from pipeline.generate.modes import (
+    GenerationCancelled,
+    mask_crop_box,
+    outpaint_canvas,
+    run_generation,
+)
+from pipeline.models.loading import ModelCache
 from tests.conftest import BATCH_TOLERANCE_LEVELS, level_difference, png_of
 
 
@@ -208,7 +213,7 @@ def test_sdxl_txt2img(xl):
 
 
 def test_every_sampler_runs_two_steps(sd):
-    from pipeline.samplers import sampler_names
+    from pipeline.contract.samplers import sampler_names
 
     for name in sampler_names():
         [images] = run_generation(sd, [spec(sampler=name, steps=2)])
@@ -216,8 +221,8 @@ def test_every_sampler_runs_two_steps(sd):
 
 
 def test_mixed_lora_batch_equals_each_job_alone_and_names_lora_hashes(sd, blobs, tmp_path):
-    from pipeline.jobs import LoraRef
-    from pipeline.loras import LoraCache
+    from pipeline.contract.jobs import LoraRef
+    from pipeline.loras.adapters import LoraCache
     from tests.lora_files import write_lora
 
     refs = []

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from pipeline.jobs import (
+from pipeline.contract.jobs import (
     Cancelled,
     Done,
     Failed,
@@ -128,7 +128,8 @@ def test_batch_key_groups_only_compatible_txt2img_jobs():
 
 def test_importing_jobs_pool_and_config_leaves_torch_unimported():
     code = (
-        "import sys, pipeline.jobs, pipeline.config, pipeline.samplers, pipeline.infotext;"
+        "import sys, pipeline.contract.jobs, pipeline.contract.config;"
+        "import pipeline.contract.samplers, pipeline.contract.infotext;"
         "bad = [m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules];"
         "print(bad); sys.exit(1 if bad else 0)"
     )

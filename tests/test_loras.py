@@ -11,16 +11,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.jobs import LoraRef
-from pipeline.loras import (
+from pipeline.contract.jobs import LoraRef
+from pipeline.loras.adapters import (
     LoraCache,
     LoraError,
     lora_hash,
     read_lora_file,
     resolve_lora_names,
 )
-from pipeline.prompt import encode_prompts
-from pipeline.tiny import write_tiny_model
+from pipeline.models.tiny import write_tiny_model
+from pipeline.prompts.encoding import encode_prompts
 from tests.lora_files import kohya_lora, write_lora
 
 KINDS = ("kohya", "locon", "peft", "loha", "lokr")

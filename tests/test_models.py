@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import ModelConfig, config_from_dict
-from pipeline.models import ModelCache, ModelError, detect_family, load_model
+from pipeline.contract.config import ModelConfig, config_from_dict
+from pipeline.models.loading import ModelCache, ModelError, detect_family, load_model
 
 
 def test_family_is_detected_from_the_folder(tiny_sd, tiny_xl):

@@ -17,9 +17,9 @@ import pytest
 import pytest_asyncio
 from PIL import Image
 
-from pipeline.blobs import BlobStore
-from pipeline.jobs import Done, Event, Failed, Progress, Started
-from pipeline.pool import LocalPool, WorkerPool
+from pipeline.contract.blobs import BlobStore
+from pipeline.contract.jobs import Done, Event, Failed, Progress, Started
+from pipeline.workers.local_pool import LocalPool, WorkerPool
 from tests.test_runner import (
     assert_streamed,
     kinds,
@@ -45,7 +45,7 @@ async def pool(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     else:
         ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'sdbot[ray]')")
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        from pipeline.ray_pool import RayPool
+        from pipeline.workers.ray_pool import RayPool
 
         pool = RayPool(config, cache_dir=tmp_path_factory.mktemp("ray-cache"))
     with one_cpu_thread_per_worker():
@@ -135,7 +135,10 @@ async def test_a_killed_worker_fails_its_job_retryably_and_comes_back(pool: Work
 
 
 def test_importing_the_pool_does_not_import_torch() -> None:
-    code = "import sys, pipeline.pool; assert 'torch' not in sys.modules, 'torch imported'"
+    code = (
+        "import sys, pipeline.workers.local_pool; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
@@ -143,8 +146,8 @@ def test_ray_backend_without_ray_installed_says_how_to_get_it(tmp_path: Path) ->
     # sys.modules["ray"] = None makes `import ray` fail exactly as if it were absent.
     code = (
         "import sys; sys.modules['ray'] = None\n"
-        "from pipeline.config import config_from_dict\n"
-        "from pipeline.pool import PoolError, make_pool\n"
+        "from pipeline.contract.config import config_from_dict\n"
+        "from pipeline.workers.local_pool import PoolError, make_pool\n"
         "config = config_from_dict({'models': {'m': {'source': 'x'}},"
         " 'workers': {'backend': 'ray'}})\n"
         "try:\n    make_pool(config)\nexcept PoolError as exc:\n    print(exc)\n"
@@ -156,7 +159,7 @@ def test_ray_backend_without_ray_installed_says_how_to_get_it(tmp_path: Path) ->
 
 
 def test_auto_devices_without_a_gpu_is_one_cpu_worker(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.pool import detect_devices
+    from pipeline.workers.local_pool import detect_devices
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU visible, whatever the machine
     assert detect_devices(("auto",)) == ["cpu"]

@@ -8,8 +8,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.jobs import JobError
-from pipeline.prompt import (
+from pipeline.contract.jobs import JobError
+from pipeline.models.tiny import write_tiny_model
+from pipeline.prompts.encoding import (
     chunk_count,
     encode_prompts,
     extract_loras,
@@ -17,7 +18,6 @@ from pipeline.prompt import (
     token_count,
     tokenize_chunks,
 )
-from pipeline.tiny import write_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +227,7 @@ def test_first_chunk_of_long_prompt_is_its_own_encoding(sd1):
 def test_comma_backtrack_moves_the_last_phrase():
     from transformers import CLIPTokenizer
 
-    from pipeline.tiny import write_tokenizer
+    from pipeline.models.tiny import write_tokenizer
 
     # 70 one-token words, a comma, then ten more: the chunk would end 4 tokens after
     # the comma, so those 4 move to the next chunk with the rest.

@@ -18,11 +18,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import BATCH_TOLERANCE_LEVELS, level_difference
-
-from pipeline.blobs import BlobStore
-from pipeline.config import Config, config_from_dict
-from pipeline.jobs import (
+from pipeline.contract.blobs import BlobStore
+from pipeline.contract.config import Config, config_from_dict
+from pipeline.contract.jobs import (
     Done,
     Event,
     Failed,
@@ -30,6 +28,7 @@ from pipeline.jobs import (
     Progress,
     Started,
 )
+from tests.conftest import BATCH_TOLERANCE_LEVELS, level_difference
 
 _MODELS: dict[str, Path] = {}
 
@@ -42,7 +41,7 @@ def tiny_models(root: Path) -> dict[str, Path]:
     transformers (IndexError), as a real corrupt download would.
     """
     if not _MODELS:
-        from pipeline.tiny import write_tiny_model
+        from pipeline.models.tiny import write_tiny_model
 
         tiny = write_tiny_model(root / "tiny")
         broken = root / "broken"
@@ -114,7 +113,7 @@ def png_size(png: bytes) -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory: pytest.TempPathFactory):
-    from pipeline.runner import Runner
+    from pipeline.workers.runner import Runner
 
     models = tiny_models(tmp_path_factory.getbasetemp() / "models")
     config = make_config(models, tmp_path_factory.mktemp("data"))
@@ -160,7 +159,7 @@ def test_compatible_jobs_share_a_batch_and_each_gets_its_images(runner) -> None:
 def test_an_exception_inside_the_model_fails_the_job_and_the_next_one_runs(
     runner, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.ERROR, logger="pipeline.runner"):
+    with caplog.at_level(logging.ERROR, logger="pipeline.workers.runner"):
         events = run(runner, [("bad-1", small(model="broken"))])
     assert kinds(events) == ["Started", "Failed"]
     failed = events[-1]
@@ -213,7 +212,7 @@ def test_progress_is_throttled_to_a_few_events_per_second(runner) -> None:
 def test_out_of_memory_gets_its_own_message() -> None:
     import torch
 
-    from pipeline.runner import failure_event
+    from pipeline.workers.runner import failure_event
 
     try:
         torch.empty(1 << 50, dtype=torch.uint8)  # a petabyte: the CPU allocator refuses
@@ -227,7 +226,7 @@ def test_out_of_memory_gets_its_own_message() -> None:
 
 
 def test_training_yields_at_a_checkpoint_and_keeps_it(runner) -> None:
-    from pipeline.jobs import Paused, TrainSpec
+    from pipeline.contract.jobs import Paused, TrainSpec
 
     photos = []
     for colour in ((200, 0, 0), (0, 200, 0)):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from pipeline.infotext import format_infotext, parse_infotext, png_bytes, read_infotext
-from pipeline.jobs import JobError
-from pipeline.samplers import SAMPLERS, build_scheduler, resolve, sampler_names
+from pipeline.contract.infotext import format_infotext, parse_infotext, png_bytes, read_infotext
+from pipeline.contract.jobs import JobError
+from pipeline.contract.samplers import SAMPLERS, build_scheduler, resolve, sampler_names
 
 
 def test_every_reference_sampler_is_known():

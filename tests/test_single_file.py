@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import ModelConfig
-from pipeline.generate import run_generation
-from pipeline.jobs import GenerateSpec
-from pipeline.models import LoadedModel, detect_family, load_model
-from pipeline.single_file import export_single_file, unet_to_ldm, vae_to_ldm
+from pipeline.contract.config import ModelConfig
+from pipeline.contract.jobs import GenerateSpec
+from pipeline.generate.modes import run_generation
+from pipeline.models.loading import LoadedModel, detect_family, load_model
+from pipeline.models.single_file import export_single_file, unet_to_ldm, vae_to_ldm
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 

@@ -24,9 +24,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
 
-from pipeline.jobs import JobError, Limits, TrainSpec
-from pipeline.tiny import write_tiny_model
-from pipeline.train import (
+from pipeline.contract.jobs import JobError, Limits, TrainSpec
+from pipeline.models.tiny import write_tiny_model
+from pipeline.training.loop import (
     CHECKPOINT_FILE,
     TrainingCancelled,
     TrainingPaused,

@@ -22,9 +22,9 @@ from bot.app import SDBot
 from bot.attachments import Photo, read_photo
 from bot.cogs import SDCog
 from bot.errors import UserError
-from pipeline.images import working_size
-from pipeline.jobs import MAX_SEED, GenerateSpec, check_size, spec_from_dict
-from pipeline.samplers import resolve, sampler_names
+from pipeline.contract.images import working_size
+from pipeline.contract.jobs import MAX_SEED, GenerateSpec, check_size, spec_from_dict
+from pipeline.contract.samplers import resolve, sampler_names
 
 Range = app_commands.Range
 VARIATION_STRENGTH = 0.6  # Midjourney-like "vary": same composition, new details

@@ -18,8 +18,8 @@ from bot.cogs import SDCog
 from bot.cogs.generate import parse_size, sampler_choices, size_choices
 from bot.errors import UserError
 from bot.views import forget_view
-from pipeline.jobs import GenerateSpec
-from pipeline.samplers import resolve
+from pipeline.contract.jobs import GenerateSpec
+from pipeline.contract.samplers import resolve
 
 Range = app_commands.Range
 ACTIVE = ("queued", "running")

@@ -26,7 +26,7 @@ from bot.cogs import SDCog
 from bot.errors import UserError
 from bot.personal import check_name_free, check_quota, register_trained_lora, validation_summary
 from bot.photo_jobs import prepare_photos
-from pipeline.jobs import Done, Event, Failed, TrainSpec, spec_to_dict
+from pipeline.contract.jobs import Done, Event, Failed, TrainSpec, spec_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ class TrainCog(SDCog):
 
 def training_resolution(model) -> int:
     """512 for SD 1.x, 1024 for SDXL (read from the model's files, without torch)."""
-    from pipeline.models import ModelError, detect_family
+    from pipeline.models.loading import ModelError, detect_family
 
     family = model.family
     if family == "auto":

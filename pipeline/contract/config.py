@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.jobs import Limits
+from pipeline.contract.jobs import Limits
 
 if sys.version_info >= (3, 11):
     import tomllib

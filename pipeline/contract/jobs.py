@@ -5,7 +5,7 @@ imports torch: the bot process builds, validates and stores specs, and a worker 
 another process, perhaps on another machine) runs them.
 
 Blob references: input images, masks and LoRA files travel as sha256 hex strings of
-blobs in the content-addressed blob store (`pipeline.blobs`), never as paths, so a
+blobs in the content-addressed blob store (`pipeline.contract.blobs`), never as paths, so a
 spec means the same thing on every machine. Keys that hold blob references in spec
 and result JSON are named `image`, `mask`, `sha256` or `images` (a list).
 """

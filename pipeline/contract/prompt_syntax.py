@@ -1,7 +1,7 @@
 """The AUTOMATIC1111 prompt syntax as text: attention weights, BREAK and LoRA tags.
 
 No torch here, so the bot can validate prompts and resolve `<lora:…>` tags before a job
-is queued; `pipeline.prompt` turns the parsed text into embeddings on a worker.
+is queued; `pipeline.prompts.encoding` turns the parsed text into embeddings on a worker.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import math
 import re
 from typing import Any
 
-from pipeline.jobs import JobError
+from pipeline.contract.jobs import JobError
 
 BREAK = "BREAK"
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from difflib import get_close_matches
 from typing import Any
 
-from pipeline.jobs import JobError
+from pipeline.contract.jobs import JobError
 
 
 @dataclass(frozen=True)

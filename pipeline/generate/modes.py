@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from pipeline import faces
-from pipeline.images import open_image
-from pipeline.infotext import VERSION, format_infotext, png_bytes
-from pipeline.jobs import GenerateSpec, JobError, OutputImage
-from pipeline.models import LoadedModel
-from pipeline.samplers import build_scheduler, resolve
+from pipeline.contract.images import open_image
+from pipeline.contract.infotext import VERSION, format_infotext, png_bytes
+from pipeline.contract.jobs import GenerateSpec, JobError, OutputImage
+from pipeline.contract.samplers import build_scheduler, resolve
+from pipeline.faces import detection as faces
+from pipeline.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def run_generation(
 
 @functools.lru_cache(maxsize=256)
 def _lora_hash_of(path: str, sha: str) -> str:
-    from pipeline.loras import lora_hash
+    from pipeline.loras.adapters import lora_hash
 
     return lora_hash(path)
 
@@ -184,7 +184,7 @@ def txt2img(run: _Run, specs: Sequence[GenerateSpec], blobs, loras) -> list[list
 
 
 def _chunk_counts(pipe, specs: Sequence[GenerateSpec]) -> dict[int, list[int]]:
-    from pipeline.prompt import chunk_count
+    from pipeline.prompts.encoding import chunk_count
 
     groups: dict[int, list[int]] = {}
     for i, spec in enumerate(specs):
@@ -427,7 +427,7 @@ def _loras(cache, samples: Sequence[GenerateSpec], blobs, spec: GenerateSpec) ->
 
 
 def _encode(pipe, samples: Sequence[GenerateSpec]) -> dict[str, Any]:
-    from pipeline.prompt import encode_prompts, extract_loras
+    from pipeline.prompts.encoding import encode_prompts, extract_loras
 
     prompts = [extract_loras(s.prompt)[0] for s in samples]
     negatives = [extract_loras(s.negative_prompt)[0] for s in samples]

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.jobs import JobError, LoraRef
-from pipeline.prompt import extract_loras
+from pipeline.contract.jobs import JobError, LoraRef
+from pipeline.prompts.encoding import extract_loras
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ class LoraCache:
 
         Inside, the UNet must see the batch as diffusers builds it (samples in order, and
         with `cfg` the negative half then the positive half), and prompts must be encoded
-        together with `pipeline.prompt.encode_prompts`, which feeds the text encoders
+        together with `pipeline.prompts.encoding.encode_prompts`, which feeds the text encoders
         sample by sample with equal rows per sample.
         """
         plan = _RowPlan(self._prepare(per_sample), cfg=cfg)

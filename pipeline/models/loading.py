@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, ModelConfig
+from pipeline.contract.config import Config, ModelConfig
 
 log = logging.getLogger(__name__)
 

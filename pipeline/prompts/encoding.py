@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from pipeline.prompt_syntax import (  # noqa: F401 - re-exported
+from pipeline.contract.prompt_syntax import (  # noqa: F401 - re-exported
     BREAK,
     extract_loras,
     parse_prompt_attention,
@@ -103,7 +103,7 @@ def encode_prompts(
     samples, positive and negative, are padded with empty chunks to one chunk count.
     The text encoders see rows sample by sample (sample 0's positive chunks, then its
     negative chunks, then sample 1's…), every sample the same number of rows: per-sample
-    text-encoder LoRAs (`pipeline.loras`) rely on that order.
+    text-encoder LoRAs (`pipeline.loras.adapters`) rely on that order.
     """
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from pipeline.faces import FaceBox, detect_faces
-from pipeline.images import ACCEPTED_TYPES, ImageInputError, open_image
+from pipeline.contract.images import ACCEPTED_TYPES, ImageInputError, open_image
+from pipeline.faces.detection import FaceBox, detect_faces
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".gif", ".bmp")
 FACE_SHARE_OF_CROP = 0.4  # face width / crop width: head, hair and a bit of shoulder

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save as save_safetensors
 
-from pipeline.jobs import JobError, Limits, TrainSpec, spec_to_json
+from pipeline.contract.jobs import JobError, Limits, TrainSpec, spec_to_json
 
 VERSION = "0.1.0"
 ADAPTER = "sdbot_train"

@@ -10,7 +10,7 @@ import os
 import sqlite3
 import time
 
-from pipeline.config import Config
+from pipeline.contract.config import Config
 
 OK, WARN, FAIL = "ok  ", "warn", "FAIL"
 
@@ -52,7 +52,7 @@ def _check_torch() -> int:
 
 
 def _check_model(config: Config, name: str) -> int:
-    from pipeline.models import ModelError, load_model
+    from pipeline.models.loading import ModelError, load_model
 
     model = config.model(name)
     start = time.perf_counter()

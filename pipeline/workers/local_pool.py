@@ -7,11 +7,11 @@
   process sentinel with `add_reader`, so no thread polls and a dead worker (SIGKILL,
   OOM killer, segfault) is noticed at once: its jobs are reported
   `Failed(retryable=True)` and a fresh process takes its place.
-- `RayPool` (`pipeline.ray_pool`): the same Runner inside Ray actors, for GPUs on
+- `RayPool` (`pipeline.workers.ray_pool`): the same Runner inside Ray actors, for GPUs on
   other machines. Ray is imported only when configured.
 
 The bot process imports this module, so it must not import torch or diffusers: the
-worker side (`pipeline.runner`) is imported only inside the worker process.
+worker side (`pipeline.workers.runner`) is imported only inside the worker process.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config
-from pipeline.jobs import TERMINAL_EVENTS, Event, Failed, JobSpec
+from pipeline.contract.config import Config
+from pipeline.contract.jobs import TERMINAL_EVENTS, Event, Failed, JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def make_pool(config: Config) -> WorkerPool:
             import ray  # noqa: F401
         except ImportError:
             raise PoolError(RAY_MISSING) from None
-        from pipeline.ray_pool import RayPool
+        from pipeline.workers.ray_pool import RayPool
 
         return RayPool(config)
     raise PoolError(f"workers.backend must be 'local' or 'ray', not {backend!r}")
@@ -476,8 +476,8 @@ def worker_main(
         logging.basicConfig(
             level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s"
         )
-    from pipeline.blobs import BlobStore
-    from pipeline.runner import Runner
+    from pipeline.contract.blobs import BlobStore
+    from pipeline.workers.runner import Runner
 
     control = _Control(events)
     threading.Thread(target=control.listen, args=(commands,), name="commands", daemon=True).start()

@@ -1,6 +1,6 @@
 """RayPool: the same Runner inside Ray actors, one per GPU, anywhere on a Ray cluster.
 
-Imported only when `workers.backend = "ray"` (see `pipeline.pool.make_pool`).
+Imported only when `workers.backend = "ray"` (see `pipeline.workers.local_pool.make_pool`).
 
 - Each actor is restarted by Ray when its process dies (`max_restarts=-1`); the batch
   it was running is reported `Failed(retryable=True)` and the dispatcher requeues it.
@@ -28,10 +28,10 @@ import ray
 from ray.exceptions import RayError, RayTaskError
 
 import pipeline
-from pipeline.blobs import BlobStore, sha256_hex
-from pipeline.config import Config
-from pipeline.jobs import TERMINAL_EVENTS, Event, Failed
-from pipeline.pool import WORKER_DIED, Batch, BatchStream, PoolError, WorkerPool
+from pipeline.contract.blobs import BlobStore, sha256_hex
+from pipeline.contract.config import Config
+from pipeline.contract.jobs import TERMINAL_EVENTS, Event, Failed
+from pipeline.workers.local_pool import WORKER_DIED, Batch, BatchStream, PoolError, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class RayWorker:
     """The actor: one Runner on one device. Wrapped with `ray.remote` by the pool."""
 
     def __init__(self, config: Config, device: str, cache_dir: str, name: str) -> None:
-        from pipeline.runner import Runner
+        from pipeline.workers.runner import Runner
 
         logging.basicConfig(level=logging.INFO)
         self.blobs = BlobStore(cache_dir)

@@ -3,7 +3,7 @@
 The Runner is the same object inside a LocalPool process and inside a Ray actor; the
 pool only moves batches in and events out. It never raises out of `run`: every
 failure becomes a `Failed` event for the jobs it touched, and the worker keeps
-serving (a worker that dies instead is the pool's problem, see `pipeline.pool`).
+serving (a worker that dies instead is the pool's problem, see `pipeline.workers.local_pool`).
 
 Which errors a member may read: exceptions whose class is defined in this package
 (`pipeline.*`) and derives from ValueError (JobError, ImageInputError, NoFaceFound,
@@ -23,9 +23,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.blobs import BlobError, BlobStore
-from pipeline.config import Config
-from pipeline.jobs import (
+from pipeline.contract.blobs import BlobError, BlobStore
+from pipeline.contract.config import Config
+from pipeline.contract.jobs import (
     Cancelled,
     Done,
     Event,
@@ -57,12 +57,12 @@ class Runner:
         self.device = device
         self.blobs = blobs
         self.name = name
-        self._models: Any = None  # pipeline.models.ModelCache, built on first use
+        self._models: Any = None  # pipeline.models.loading.ModelCache, built on first use
         self._loras: dict[str, Any] = {}  # model name → LoRA cache
 
     def warm_up(self) -> None:
         """Load the default model now, so the first job does not pay for it."""
-        from pipeline.quiet import quiet_libraries
+        from pipeline.contract.quiet import quiet_libraries
 
         quiet_libraries()
         threads = self.config.workers.cpu_threads
@@ -104,7 +104,7 @@ class Runner:
         emit: Emit,
         is_cancelled: Callable[[str], bool],
     ) -> None:
-        from pipeline.generate import GenerationCancelled, run_generation
+        from pipeline.generate.modes import GenerationCancelled, run_generation
 
         ids = [job_id for job_id, _ in jobs]
         progress = _ProgressThrottle(ids, emit)
@@ -163,7 +163,7 @@ class Runner:
         is_cancelled: Callable[[str], bool],
         should_yield: Callable[[], bool],
     ) -> None:
-        from pipeline import train
+        from pipeline.training import loop as train
 
         checkpoint_dir = self._checkpoint_dir(job_id)
         try:
@@ -187,8 +187,8 @@ class Runner:
         should_yield: Callable[[], bool],
         checkpoint_dir: Path,
     ) -> Event:
-        from pipeline import train
-        from pipeline.images import open_image
+        from pipeline.contract.images import open_image
+        from pipeline.training import loop as train
 
         def decode(shas: Sequence[str]) -> list[Any]:
             limit = self.config.limits.max_input_pixels
@@ -225,7 +225,7 @@ class Runner:
 
     def _model(self, name: str) -> Any:
         if self._models is None:
-            from pipeline.models import ModelCache
+            from pipeline.models.loading import ModelCache
 
             self._models = ModelCache(self.config, self.device)
         return self._models.get(name)
@@ -234,7 +234,7 @@ class Runner:
         """The worker's LoRA adapters for this model (its derived img2img/inpaint
         pipelines share the same modules, so one cache serves them all)."""
         if model.name not in self._loras:
-            from pipeline.loras import LoraCache
+            from pipeline.loras.adapters import LoraCache
 
             self._loras[model.name] = LoraCache(
                 model.pipe,
@@ -268,7 +268,7 @@ class _ProgressThrottle:
 
 def _training_done(job_id: str, spec: TrainSpec, result: Any) -> Done:
     """TrainResult → Done: the kohya .safetensors file, sample images, validation figures."""
-    from pipeline.infotext import png_bytes
+    from pipeline.contract.infotext import png_bytes
 
     samples = tuple(
         OutputImage(png=png_bytes(image, ""), seed=spec.seed) for image in result.samples

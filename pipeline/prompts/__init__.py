@@ -1,0 +1,2 @@
+"""Prompt *encoding* (A1111 weights, 75-token chunks, BREAK, SDXL pooled). The
+syntax it encodes is parsed by the torch-free `pipeline.contract.prompt_syntax`."""
