@@ -1,0 +1,3 @@
+"""The bot's durable state in SQLite (being split into sections; see queue.py)."""
+
+from bot.store.queue import *  # noqa: F403
