@@ -10,6 +10,7 @@ own ceiling on dispatch rate. Target: at least 1000 jobs/s.
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 import tempfile
 import time
@@ -93,7 +94,7 @@ def main() -> None:
     batched = throughput(args.jobs, max_batch=4)
     bob_at = fairness()
     print(f"command: python bench/bench_queue.py --jobs {args.jobs}")
-    print(f"SQLite {store.sqlite3.sqlite_version}, file-backed WAL db, {USERS} members\n")
+    print(f"SQLite {sqlite3.sqlite_version}, file-backed WAL db, {USERS} members\n")
     print("| measure | value |")
     print("|---|---|")
     print(f"| enqueue rate | {single['enqueue_per_s']:.0f} jobs/s |")

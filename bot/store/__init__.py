@@ -1,3 +1,119 @@
-"""The bot's durable state in SQLite (being split into sections; see queue.py)."""
+"""The bot's durable state in SQLite: jobs and the fair queue, member settings, LoRAs.
 
-from bot.store.queue import *  # noqa: F403
+Plain functions that take a ``sqlite_utils.Database`` and return dicts (JSON
+columns decoded). SQLite is the single source of truth: a restart loses
+nothing, and two processes may share one database file.
+
+This package is the one way in: callers write ``from bot import store`` and
+``store.enqueue(db, ...)``; the sections live in their own modules:
+
+- :mod:`bot.store.core`: job statuses, the errors shown to members, SQL helpers;
+- :mod:`bot.store.schema`: opening the file and the numbered migrations;
+- :mod:`bot.store.queue`: jobs and the fair queue (enqueue, claim, outcomes, positions);
+- :mod:`bot.store.settings`: each member's saved defaults;
+- :mod:`bot.store.loras`: the LoRA registry;
+- :mod:`bot.store.blobs`: which blob-store files are still referenced;
+- :mod:`bot.store.privacy`: /forget.
+"""
+
+from bot.store.blobs import BLOB_KEYS, blob_refs
+from bot.store.core import (
+    TERMINAL,
+    DuplicateName,
+    InvalidName,
+    JobNotFound,
+    JobStatus,
+    LoraNotFound,
+    NotYours,
+    QueueFull,
+    StoreError,
+)
+from bot.store.loras import (
+    add_lora,
+    delete_lora,
+    find_lora,
+    get_lora,
+    list_loras,
+    lora_of_job,
+    lora_usage,
+    rename_lora,
+    server_lora_by_sha,
+    set_lora_shared,
+)
+from bot.store.privacy import forget_user, posted_messages
+from bot.store.queue import (
+    busy_count,
+    cancel,
+    claim_next,
+    enqueue,
+    fail,
+    finish,
+    generation_waiting,
+    get_job,
+    job_stats,
+    mark_cancelled,
+    pause,
+    queue_position,
+    queue_positions,
+    queued_count,
+    requeue_interrupted,
+    require_job,
+    set_job_messages,
+    set_priority,
+    unposted_results,
+    user_jobs,
+)
+from bot.store.schema import MIGRATIONS, migrate, open_db
+from bot.store.settings import get_settings, reset_settings, update_settings
+
+__all__ = [
+    "BLOB_KEYS",
+    "MIGRATIONS",
+    "TERMINAL",
+    "DuplicateName",
+    "InvalidName",
+    "JobNotFound",
+    "JobStatus",
+    "LoraNotFound",
+    "NotYours",
+    "QueueFull",
+    "StoreError",
+    "add_lora",
+    "blob_refs",
+    "busy_count",
+    "cancel",
+    "claim_next",
+    "delete_lora",
+    "enqueue",
+    "fail",
+    "find_lora",
+    "finish",
+    "forget_user",
+    "generation_waiting",
+    "get_job",
+    "get_lora",
+    "get_settings",
+    "job_stats",
+    "list_loras",
+    "lora_of_job",
+    "lora_usage",
+    "mark_cancelled",
+    "migrate",
+    "open_db",
+    "pause",
+    "posted_messages",
+    "queue_position",
+    "queue_positions",
+    "queued_count",
+    "rename_lora",
+    "require_job",
+    "requeue_interrupted",
+    "reset_settings",
+    "server_lora_by_sha",
+    "set_job_messages",
+    "set_lora_shared",
+    "set_priority",
+    "unposted_results",
+    "update_settings",
+    "user_jobs",
+]
