@@ -1,5 +1,6 @@
-"""`sdbot run`: build the store, blob store, worker pool and dispatcher, inject them
-into the bot, and serve until stopped (discord.py's advanced_startup pattern).
+"""`sdbot run`: build the store, blob store, worker pool and the services (dispatcher,
+submitting, messages, …), hand them to the bot and its cogs, and serve until stopped
+(discord.py's advanced_startup pattern).
 
 The Discord token comes from the DISCORD_TOKEN environment variable only, and is
 never logged. The workers start in the background: the bot is online (and queues
@@ -20,6 +21,7 @@ import discord
 from bot import store
 from bot.app import SDBot, report_heavy_modules
 from bot.discord_endpoints import point_client_at
+from bot.services import build_services
 from pipeline.contract.blobs import BlobStore
 from pipeline.contract.config import Config
 from pipeline.workers.local_pool import WorkerPool, make_pool
@@ -93,7 +95,9 @@ async def serve(
     # 3. Workers: started in the background so the bot is online while models load.
     own_pool = pool is None
     pool = pool or make_pool(config)
-    bot = SDBot(config=config, db=db, blobs=blobs, pool=pool)
+    bot = SDBot(config=config)
+    services = build_services(bot, config=config, db=db, blobs=blobs, pool=pool)
+    bot.services = services  # the cogs take them from here at setup
     bot.ready_event = ready
     pool_start = asyncio.create_task(_start_pool(pool, bot)) if own_pool else None
     try:
@@ -109,7 +113,7 @@ async def serve(
             await bot.close()
         if own_pool:
             await pool.close()
-        bot.release()
+        services.release()
         db.close()
         log.info("sdbot stopped")
     if failed_start is not None:

@@ -4,8 +4,8 @@ Each button is a `discord.ui.DynamicItem` whose `custom_id` carries what it acts
 (`sdbot:reroll:<job>`, `sdbot:vary:<job>:<image>`…). They are registered once with
 `bot.add_dynamic_items(*DYNAMIC_ITEMS)`, so a click on a message posted last week,
 or before a restart, still reaches its handler; no view objects are kept around.
-The handlers themselves live on the bot (`bot.app.SDBot`), which owns the store
-and the queue; these classes only parse ids and route clicks.
+The handlers themselves live in the cogs and services (`bot.services`, reached through
+the bot the click came to); these classes only parse ids and route clicks.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class CancelButton(_JobButton, template=r"sdbot:cancel:" + JOB):
     action, label, style = "cancel", "Cancel", discord.ButtonStyle.danger
 
     async def act(self, interaction: discord.Interaction, bot: SDBot) -> None:
-        await bot.cancel_for(interaction, self.job_id)
+        await bot.services.jobs.cancel_for(interaction, self.job_id)
 
 
 class RerollButton(_JobButton, template=r"sdbot:reroll:" + JOB):

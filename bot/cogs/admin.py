@@ -2,7 +2,7 @@
 
 Discord hides the group from everyone without Manage Server (`default_permissions`),
 but a server can override that, so every command checks again on our side
-(`SDBot.is_admin`: Manage Server, Administrator, or `discord.admin_role`).
+(`Services.is_admin`: Manage Server, Administrator, or `discord.admin_role`).
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import discord
 from discord import app_commands
 
 from bot import store
-from bot.app import SDBot, register_server_loras
+from bot.app import SDBot
 from bot.cogs import SDCog
 from bot.errors import UserError
+from bot.services.loras import register_server_loras
 
 DAY_S = 24 * 3600
 
@@ -29,7 +30,7 @@ class Admin(SDCog):
     )
 
     def _require_admin(self, interaction: discord.Interaction) -> None:
-        if not self.bot.is_admin(interaction):
+        if not self.services.is_admin(interaction):
             raise UserError("only server admins (Manage Server) can use /admin")
 
     @admin.command(name="priority")
@@ -42,11 +43,11 @@ class Admin(SDCog):
     ) -> None:
         """Move a queued job ahead of (or behind) the fair order."""
         self._require_admin(interaction)
-        row = await self.bot.db_call(store.require_job, job)
+        row = await self.db.call(store.require_job, job)
         if row["status"] != store.JobStatus.QUEUED.value:
             raise UserError(f"job `{job}` is {row['status']}, not queued; only queued jobs move")
-        await self.bot.db_call(store.set_priority, job, level)
-        position = await self.bot.db_call(store.queue_position, job)
+        await self.db.call(store.set_priority, job, level)
+        position = await self.db.call(store.queue_position, job)
         await interaction.response.send_message(
             f"Job `{job}` now has priority {level}: position {position}.", ephemeral=True
         )
@@ -55,14 +56,14 @@ class Admin(SDCog):
     async def stats(self, interaction: discord.Interaction) -> None:
         """Queue, jobs of the last 24 hours, members, LoRAs and workers."""
         self._require_admin(interaction)
-        stats = await self.bot.db_call(store.job_stats, time.time() - DAY_S)
+        stats = await self.db.call(store.job_stats, time.time() - DAY_S)
         everything, recent = stats["by_status"], stats["recent"]
 
         def counts(by_status: dict) -> str:
             order = ("queued", "running", "done", "failed", "cancelled")
             return ", ".join(f"{by_status.get(s, 0)} {s}" for s in order)
 
-        pool = self.bot.pool
+        pool = self.services.pool
         lines = [
             f"**Queue**: {everything.get('queued', 0)} waiting, "
             f"{everything.get('running', 0)} running; "
@@ -80,15 +81,12 @@ class Admin(SDCog):
         self._require_admin(interaction)
         await interaction.response.defer(ephemeral=True, thinking=True)
         guild_ids = {interaction.guild_id} if interaction.guild_id else set()
-        added = await self.bot.db_call(
-            register_server_loras, self.bot.blobs, self.bot.config, guild_ids
-        )
+        added = await self.db.call(register_server_loras, self.blobs, self.config, guild_ids)
         await interaction.followup.send(
-            f"Added {added} LoRA(s) from `{self.bot.config.lora_dir}`; "
-            "/lora list shows the library.",
+            f"Added {added} LoRA(s) from `{self.config.lora_dir}`; /lora list shows the library.",
             ephemeral=True,
         )
 
 
 async def setup(bot: SDBot) -> None:
-    await bot.add_cog(Admin(bot))
+    await bot.add_cog(Admin(bot, bot.services))

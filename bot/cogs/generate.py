@@ -3,7 +3,7 @@
 Every handler defers first (Discord allows 3 s; downloads and the database come
 after), validates at the edge (`Range`, `Literal`, autocomplete) and again on the
 server with `GenerateSpec.check(config.limits)` — a client can send anything —
-then queues the job through `SDBot.submit`.
+then queues the job through `JobService.submit` (bot/services/jobs.py).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ PROMPT = "What to draw; <lora:name:0.8> applies a LoRA"
 async def model_choices(
     interaction: discord.Interaction, current: str
 ) -> list[app_commands.Choice[str]]:
-    names = [m.name for m in interaction.client.config.models]
+    names = [m.name for m in interaction.client.services.config.models]
     return _choices(names, current)
 
 
@@ -69,16 +69,16 @@ async def sampler_choices(
 async def size_choices(
     interaction: discord.Interaction, current: str
 ) -> list[app_commands.Choice[str]]:
-    return _choices(allowed_sizes(interaction.client.config), current)
+    return _choices(allowed_sizes(interaction.client.services.config), current)
 
 
 async def lora_choices(
     interaction: discord.Interaction, current: str
 ) -> list[app_commands.Choice[str]]:
     """The LoRAs this member may use: their own, shared ones, the server library."""
-    bot = interaction.client
+    db = interaction.client.services.db
     guild = str(interaction.guild_id) if interaction.guild_id else None
-    rows = await bot.db_call(store.list_loras, str(interaction.user.id), guild)
+    rows = await db.call(store.list_loras, str(interaction.user.id), guild)
     return _choices([row["name"] for row in rows], current)
 
 
@@ -149,11 +149,11 @@ class Generate(SDCog):
             prompt = f"{prompt} <lora:{lora.strip()}:0.8>"
         values = await self.common(interaction, prompt, negative, model, sampler, steps, cfg)
         if size:
-            values["width"], values["height"] = parse_size(size, self.bot.config.limits)
+            values["width"], values["height"] = parse_size(size, self.config.limits)
         spec = GenerateSpec(
             prompt=prompt, mode="txt2img", seed=seed, count=count, face_fix=face_fix, **values
         )
-        await self.bot.submit(interaction, spec)
+        await self.services.jobs.submit(interaction, spec)
 
     @app_commands.command()
     @app_commands.describe(
@@ -180,8 +180,8 @@ class Generate(SDCog):
     ) -> None:
         """Redraw a photo following a prompt."""
         await interaction.response.defer(ephemeral=True, thinking=True)
-        await self.bot.check_queue_room(interaction.user.id)
-        photo = await read_photo(image, self.bot.config, "image")
+        await self.services.jobs.check_queue_room(interaction.user.id)
+        photo = await read_photo(image, self.config, "image")
         values = await self.common(interaction, prompt, negative, model, sampler, steps, cfg)
         values["width"], values["height"] = self.work_size(photo, values)
         spec = GenerateSpec(
@@ -194,7 +194,7 @@ class Generate(SDCog):
             face_fix=face_fix,
             **values,
         )
-        await self.bot.submit(interaction, spec, photos=[photo])
+        await self.services.jobs.submit(interaction, spec, photos=[photo])
 
     @app_commands.command()
     @app_commands.describe(
@@ -227,11 +227,11 @@ class Generate(SDCog):
         await interaction.response.defer(ephemeral=True, thinking=True)
         if mask is None and keep is None:
             raise UserError("attach a mask (white = repaint) or choose keep: face or background")
-        await self.bot.check_queue_room(interaction.user.id)
-        photo = await read_photo(image, self.bot.config, "image")
+        await self.services.jobs.check_queue_room(interaction.user.id)
+        photo = await read_photo(image, self.config, "image")
         photos = [photo]
         if mask is not None:
-            mask_photo = await read_photo(mask, self.bot.config, "mask")
+            mask_photo = await read_photo(mask, self.config, "mask")
             if mask_photo.size != photo.size:
                 raise UserError(
                     f"the mask is {mask_photo.width}×{mask_photo.height} but the image is "
@@ -252,13 +252,13 @@ class Generate(SDCog):
             face_fix=face_fix,
             **values,
         )
-        spec.check(self.bot.config.limits)  # cheap checks before the slow face check
+        spec.check(self.config.limits)  # cheap checks before the slow face check
         if mask is None:
             # Without a face the worker could build no mask: say so now, queue nothing.
-            await self.bot.face_probe.require_face(
-                photo.png, self.bot.config.limits.max_input_pixels
+            await self.services.face_probe.require_face(
+                photo.png, self.config.limits.max_input_pixels
             )
-        await self.bot.submit(interaction, spec, photos=photos)
+        await self.services.jobs.submit(interaction, spec, photos=photos)
 
     @app_commands.command()
     @app_commands.describe(
@@ -285,8 +285,8 @@ class Generate(SDCog):
     ) -> None:
         """Extend a photo beyond its borders."""
         await interaction.response.defer(ephemeral=True, thinking=True)
-        await self.bot.check_queue_room(interaction.user.id)
-        photo = await read_photo(image, self.bot.config, "image")
+        await self.services.jobs.check_queue_room(interaction.user.id)
+        photo = await read_photo(image, self.config, "image")
         values = await self.common(interaction, prompt, negative, model, sampler, steps, cfg)
         values["width"], values["height"] = self.work_size(photo, values)
         spec = GenerateSpec(
@@ -298,7 +298,7 @@ class Generate(SDCog):
             seed=seed,
             **values,
         )
-        await self.bot.submit(interaction, spec, photos=[photo])
+        await self.services.jobs.submit(interaction, spec, photos=[photo])
 
     # -- shared option handling --------------------------------------------------------------
 
@@ -314,8 +314,8 @@ class Generate(SDCog):
     ) -> dict[str, Any]:
         """Options → spec fields: the command's value, else the member's /settings,
         else the server's defaults. Model and sampler are checked here."""
-        config = self.bot.config
-        mine = await self.bot.db_call(store.get_settings, str(interaction.user.id))
+        config = self.config
+        mine = await self.db.call(store.get_settings, str(interaction.user.id))
         d = config.defaults
         chosen_sampler = sampler or mine.get("sampler")
         values: dict[str, Any] = {
@@ -333,11 +333,11 @@ class Generate(SDCog):
             values["negative_prompt"] = mine["negative_prompt"]
         resolve(values["sampler"], values["schedule"])  # JobError names the valid ones
         guild_id = interaction.guild_id
-        values["loras"] = await self.bot.resolve_loras(prompt, interaction.user.id, guild_id)
+        values["loras"] = await self.services.loras.resolve(prompt, interaction.user.id, guild_id)
         return values
 
     def work_size(self, photo: Photo, values: dict[str, Any]) -> tuple[int, int]:
-        budget = min(values["width"] * values["height"], self.bot.config.limits.max_pixels)
+        budget = min(values["width"] * values["height"], self.config.limits.max_pixels)
         return working_size(photo.width, photo.height, budget)
 
     # -- result buttons -----------------------------------------------------------------------
@@ -346,14 +346,16 @@ class Generate(SDCog):
         await interaction.response.defer(ephemeral=True, thinking=True)
         job, spec = await self._job_spec(job_id)
         loras = await self._loras_for(interaction, job, spec)
-        await self.bot.submit(interaction, dataclasses.replace(spec, seed=None, loras=loras))
+        await self.services.jobs.submit(
+            interaction, dataclasses.replace(spec, seed=None, loras=loras)
+        )
 
     async def vary(self, interaction: discord.Interaction, job_id: str, index: int) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         job, spec = await self._job_spec(job_id)
         image = self._result_image(job, index)
         width, height = await self._image_size(image["sha256"])
-        width, height = working_size(width, height, self.bot.config.limits.max_pixels)
+        width, height = working_size(width, height, self.config.limits.max_pixels)
         spec = dataclasses.replace(
             _as_edit(spec, image["sha256"]),
             mode="img2img",
@@ -362,7 +364,7 @@ class Generate(SDCog):
             height=height,
             loras=await self._loras_for(interaction, job, spec),
         )
-        await self.bot.submit(interaction, spec)
+        await self.services.jobs.submit(interaction, spec)
 
     async def upscale(self, interaction: discord.Interaction, job_id: str, index: int) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
@@ -370,7 +372,7 @@ class Generate(SDCog):
         image = self._result_image(job, index)
         width, height = await self._image_size(image["sha256"])
         # The result is UPSCALE_FACTOR times larger: it must fit the limits too.
-        limits = self.bot.config.limits
+        limits = self.config.limits
         check_size(int(width * UPSCALE_FACTOR), int(height * UPSCALE_FACTOR), limits)
         spec = dataclasses.replace(
             _as_edit(spec, image["sha256"]),
@@ -384,16 +386,16 @@ class Generate(SDCog):
             seed=image.get("seed"),
             loras=await self._loras_for(interaction, job, spec),
         )
-        await self.bot.submit(interaction, spec)
+        await self.services.jobs.submit(interaction, spec)
 
     async def fix_faces(self, interaction: discord.Interaction, job_id: str, index: int) -> None:
         """Repaint the faces of one result (ADetailer); nothing is queued without a face."""
         await interaction.response.defer(ephemeral=True, thinking=True)
         job, spec = await self._job_spec(job_id)
         image = self._result_image(job, index)
-        png = await asyncio.to_thread(self.bot.blobs.get, image["sha256"])
-        limit = self.bot.config.limits.max_input_pixels
-        if await self.bot.face_probe.count_faces(png, limit) == 0:
+        png = await asyncio.to_thread(self.blobs.get, image["sha256"])
+        limit = self.config.limits.max_input_pixels
+        if await self.services.face_probe.count_faces(png, limit) == 0:
             raise UserError("no face found in this image, so there is no face to fix")
         width, height = await self._image_size(image["sha256"])
         spec = dataclasses.replace(
@@ -406,27 +408,27 @@ class Generate(SDCog):
             seed=image.get("seed"),
             loras=await self._loras_for(interaction, job, spec),
         )
-        await self.bot.submit(interaction, spec)
+        await self.services.jobs.submit(interaction, spec)
 
     async def show_info(
         self, interaction: discord.Interaction, job_id: str, index: int | None
     ) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        job = await self.bot.db_call(store.require_job, job_id)
+        job = await self.db.call(store.require_job, job_id)
         await interaction.followup.send(render.info_text(job, index), ephemeral=True)
 
     async def delete_result(self, interaction: discord.Interaction, job_id: str) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
-        job = await self.bot.db_call(store.get_job, job_id)
+        job = await self.db.call(store.get_job, job_id)
         owner = job["user_id"] if job else None
-        if str(interaction.user.id) != owner and not self.bot.is_admin(interaction):
+        if str(interaction.user.id) != owner and not self.services.is_admin(interaction):
             raise UserError("only the member who asked for this image (or an admin) can delete it")
         if interaction.message is not None:
             await interaction.message.delete()
         await interaction.followup.send("Deleted.", ephemeral=True)
 
     async def _job_spec(self, job_id: str) -> tuple[dict, GenerateSpec]:
-        job = await self.bot.db_call(store.require_job, job_id)
+        job = await self.db.call(store.require_job, job_id)
         spec = spec_from_dict(job["spec"])
         if not isinstance(spec, GenerateSpec):
             raise UserError("that button only works on generated images")
@@ -440,7 +442,7 @@ class Generate(SDCog):
 
     async def _image_size(self, sha: str) -> tuple[int, int]:
         def size() -> tuple[int, int]:
-            with Image.open(io.BytesIO(self.bot.blobs.get(sha))) as image:
+            with Image.open(io.BytesIO(self.blobs.get(sha))) as image:
                 return image.size  # header only: no decode
 
         return await asyncio.to_thread(size)
@@ -451,7 +453,9 @@ class Generate(SDCog):
         """Another member's click re-resolves the LoRAs: private ones stay private."""
         if job["user_id"] == str(interaction.user.id) or not spec.loras:
             return spec.loras
-        return await self.bot.resolve_loras(spec.prompt, interaction.user.id, interaction.guild_id)
+        return await self.services.loras.resolve(
+            spec.prompt, interaction.user.id, interaction.guild_id
+        )
 
 
 def _as_edit(spec: GenerateSpec, image_sha: str) -> GenerateSpec:
@@ -467,4 +471,4 @@ def _as_edit(spec: GenerateSpec, image_sha: str) -> GenerateSpec:
 
 
 async def setup(bot: SDBot) -> None:
-    await bot.add_cog(Generate(bot))
+    await bot.add_cog(Generate(bot, bot.services))

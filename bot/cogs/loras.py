@@ -30,11 +30,11 @@ class LoraCog(SDCog):
 
     async def _usable(self, interaction: discord.Interaction) -> list[dict]:
         guild = str(interaction.guild_id) if interaction.guild_id else None
-        return await self.bot.db_call(store.list_loras, str(interaction.user.id), guild)
+        return await self.db.call(store.list_loras, str(interaction.user.id), guild)
 
     async def _find(self, interaction: discord.Interaction, name: str) -> dict:
         guild = str(interaction.guild_id) if interaction.guild_id else None
-        return await self.bot.db_call(
+        return await self.db.call(
             store.find_lora, name, user_id=str(interaction.user.id), guild_id=guild
         )
 
@@ -46,7 +46,7 @@ class LoraCog(SDCog):
         return row
 
     def _admin(self, interaction: discord.Interaction) -> bool:
-        return self.bot.is_admin(interaction)
+        return self.services.is_admin(interaction)
 
     async def name_autocomplete(
         self, interaction: discord.Interaction, current: str
@@ -108,7 +108,7 @@ class LoraCog(SDCog):
     ) -> None:
         """Rename one of your LoRAs."""
         row = await self._own(interaction, name)
-        await self.bot.db_call(
+        await self.db.call(
             store.rename_lora,
             row["id"],
             new_name,
@@ -126,7 +126,7 @@ class LoraCog(SDCog):
     async def share(self, interaction: discord.Interaction, name: str, shared: bool) -> None:
         """Share one of your LoRAs with this server, or make it private again."""
         row = await self._own(interaction, name)
-        await self.bot.db_call(
+        await self.db.call(
             store.set_lora_shared,
             row["id"],
             shared,
@@ -142,7 +142,7 @@ class LoraCog(SDCog):
     async def delete(self, interaction: discord.Interaction, name: str) -> None:
         """Delete one of your LoRAs and its file."""
         row = await self._own(interaction, name)
-        deleted = await self.bot.db_call(
+        deleted = await self.db.call(
             store.delete_lora,
             row["id"],
             by_user=str(interaction.user.id),
@@ -153,7 +153,7 @@ class LoraCog(SDCog):
 
     def _delete_files(self, deleted: dict) -> None:
         for sha in deleted.get("unused_blobs", []):
-            self.bot.blobs.delete(sha)
+            self.blobs.delete(sha)
 
     @lora.command(name="export")
     @app_commands.describe(name="the LoRA to download")
@@ -170,7 +170,7 @@ class LoraCog(SDCog):
                 f"'{row['name']}' is {row['size_bytes'] / 2**20:.1f} MB; this server's upload "
                 f"limit is {limit / 2**20:.0f} MB, so it cannot be attached"
             )
-        data = await asyncio.to_thread(self.bot.blobs.get, row["sha256"])
+        data = await asyncio.to_thread(self.blobs.get, row["sha256"])
         await interaction.followup.send(
             f"`{row['name']}.safetensors` (kohya format; trigger word `{row.get('token') or '-'}`)",
             file=discord.File(io.BytesIO(data), f"{row['name']}.safetensors"),
@@ -179,4 +179,4 @@ class LoraCog(SDCog):
 
 
 async def setup(bot) -> None:
-    await bot.add_cog(LoraCog(bot))
+    await bot.add_cog(LoraCog(bot, bot.services))

@@ -18,6 +18,7 @@ from bot.cogs import SDCog
 from bot.cogs.generate import parse_size, sampler_choices, size_choices
 from bot.errors import UserError
 from bot.views import forget_view
+from pipeline.contract.blobs import BlobStore
 from pipeline.contract.jobs import GenerateSpec
 from pipeline.contract.samplers import resolve
 
@@ -52,11 +53,11 @@ class Member(SDCog):
         await interaction.response.defer(ephemeral=True, thinking=True)
         user_id = str(interaction.user.id)
         if reset:
-            await self.bot.db_call(store.reset_settings, user_id)
+            await self.db.call(store.reset_settings, user_id)
         changes = self._checked_changes(sampler, steps, cfg, size, negative)
         if changes:
-            await self.bot.db_call(store.update_settings, user_id, **changes)
-        mine = await self.bot.db_call(store.get_settings, user_id)
+            await self.db.call(store.update_settings, user_id, **changes)
+        mine = await self.db.call(store.get_settings, user_id)
         head = "Saved. " if changes or reset else ""
         await interaction.followup.send(head + self._describe(mine), ephemeral=True)
 
@@ -69,7 +70,7 @@ class Member(SDCog):
         negative: str | None,
     ) -> dict:
         """Only the given options, each validated against the server's limits."""
-        limits = self.bot.config.limits
+        limits = self.config.limits
         changes: dict = {}
         if sampler is not None:
             resolve(sampler)
@@ -88,7 +89,7 @@ class Member(SDCog):
         return changes
 
     def _describe(self, mine: dict) -> str:
-        d = self.bot.config.defaults
+        d = self.config.defaults
         rows = [
             ("Sampler", mine.get("sampler"), f"{d.sampler} {d.schedule}".strip()),
             ("Steps", mine.get("steps"), d.steps),
@@ -109,8 +110,8 @@ class Member(SDCog):
         """Your recent jobs, with their status and place in the queue."""
         await interaction.response.defer(ephemeral=True, thinking=True)
         user_id = str(interaction.user.id)
-        jobs = await self.bot.db_call(store.user_jobs, user_id, limit=10)
-        positions = await self.bot.db_call(store.queue_positions)
+        jobs = await self.db.call(store.user_jobs, user_id, limit=10)
+        positions = await self.db.call(store.queue_positions)
         if not jobs:
             await interaction.followup.send("You have no jobs yet: try /imagine.", ephemeral=True)
             return
@@ -125,19 +126,19 @@ class Member(SDCog):
         """Cancel one of your queued or running jobs."""
         if job is None:
             await interaction.response.defer(ephemeral=True, thinking=True)
-            active = await self.bot.db_call(
+            active = await self.db.call(
                 store.user_jobs, str(interaction.user.id), limit=1, statuses=ACTIVE
             )
             if not active:
                 raise UserError("you have no queued or running jobs")
             job = active[0]["id"]
-        await self.bot.cancel_for(interaction, job.strip())
+        await self.services.jobs.cancel_for(interaction, job.strip())
 
     @cancel.autocomplete("job")
     async def _cancel_choices(
         self, interaction: discord.Interaction, current: str
     ) -> list[app_commands.Choice[str]]:
-        jobs = await self.bot.db_call(
+        jobs = await self.db.call(
             store.user_jobs, str(interaction.user.id), limit=25, statuses=ACTIVE
         )
         typed = current.lower()
@@ -163,11 +164,11 @@ class Member(SDCog):
             raise UserError("this button is for the member who asked /forget")
         await interaction.response.defer(ephemeral=True, thinking=True)
         uid = str(user_id)
-        posted = await self.bot.db_call(store.posted_messages, uid)
-        removed = await self.bot.db_call(store.forget_user, uid)
+        posted = await self.db.call(store.posted_messages, uid)
+        removed = await self.db.call(store.forget_user, uid)
         for job_id in removed["running"]:
-            await self.bot.pool.cancel(job_id)  # rows are gone; just stop the work
-        await asyncio.to_thread(_delete_files, self.bot, removed["blobs"], removed["paths"])
+            await self.services.pool.cancel(job_id)  # rows are gone; just stop the work
+        await asyncio.to_thread(_delete_files, self.blobs, removed["blobs"], removed["paths"])
         deleted = await self._delete_messages(posted)
         await interaction.followup.send(
             f"Done: deleted {removed['jobs']} job(s), {removed['loras']} LoRA(s), "
@@ -207,13 +208,13 @@ def _choice_name(job: dict) -> str:
     return render.truncate(f"{job['id']} · {job['status']} · {prompt}", 100)
 
 
-def _delete_files(bot: SDBot, blobs: list[str], paths: list[str]) -> None:
+def _delete_files(store_: BlobStore, blobs: list[str], paths: list[str]) -> None:
     for sha in blobs:
-        bot.blobs.delete(sha)
+        store_.delete(sha)
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
             Path(path).unlink()
 
 
 async def setup(bot: SDBot) -> None:
-    await bot.add_cog(Member(bot))
+    await bot.add_cog(Member(bot, bot.services))

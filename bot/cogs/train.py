@@ -20,12 +20,12 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import render, store
-from bot.app import JobMessages, _Tracked
 from bot.attachments import MiB, download
 from bot.cogs import SDCog
 from bot.errors import UserError
 from bot.personal import check_name_free, check_quota, register_trained_lora, validation_summary
 from bot.photo_jobs import prepare_photos
+from bot.services.messages import JobMessages, _Tracked
 from pipeline.contract.jobs import Done, Event, Failed, TrainSpec, spec_to_dict
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class TrainingMessages(JobMessages):
         await super().on_event(row, event)
         over = isinstance(event, Done) or row["status"] in ("failed", "cancelled")
         if over and not (isinstance(event, Failed) and row["status"] == "queued"):
-            await asyncio.to_thread(delete_photos, self.bot.blobs, row["spec"])
+            await asyncio.to_thread(delete_photos, self.blobs, row["spec"])
 
     async def _post_result(self, row: dict, tracked: _Tracked) -> None:
         if row.get("message_id"):
@@ -51,22 +51,22 @@ class TrainingMessages(JobMessages):
         info = result.get("info") or {}
         spec = row["spec"]
         # Also here: a result delivered after a restart never went through on_event.
-        await asyncio.to_thread(delete_photos, self.bot.blobs, spec)
+        await asyncio.to_thread(delete_photos, self.blobs, spec)
         try:
-            record = await self.bot.db_call(_register_once, self.bot, row)
+            record = await self.db.call(_register_once, self, row)
         except store.StoreError as exc:
             await self._final_status(row, tracked, f"Trained, but not saved: {exc}")
             return
         files = []
         samples = result.get("images") or []
         if samples:
-            grid = await asyncio.to_thread(self.bot.blobs.get, samples[0]["sha256"])
+            grid = await asyncio.to_thread(self.blobs.get, samples[0]["sha256"])
             files.append(discord.File(io.BytesIO(grid), f"{spec['name']}-samples.png"))
         text = render.training_result_text(
             row["user_id"], spec, record, validation_summary(info), info
         )
         message = await self._channel(row).send(text, files=files)
-        await self.bot.db_call(store.set_job_messages, row["id"], message_id=str(message.id))
+        await self.db.call(store.set_job_messages, row["id"], message_id=str(message.id))
         if tracked.progress_id is not None:
             progress = self._channel(row).get_partial_message(tracked.progress_id)
             await self._quietly(progress.delete(), row["id"])
@@ -103,10 +103,11 @@ def delete_photos(blobs, spec: dict) -> None:
 
 
 class TrainCog(SDCog):
-    def __init__(self, bot) -> None:
-        super().__init__(bot)
-        self.messages = TrainingMessages(bot)
-        bot.job_event_handlers["train"] = self.messages.on_event
+    def __init__(self, bot, services) -> None:
+        super().__init__(bot, services)
+        self.messages = services.boards.add(
+            TrainingMessages(bot, config=self.config, db=self.db, blobs=self.blobs)
+        )
         self._delivered_missed = False
 
     @commands.Cog.listener()
@@ -155,35 +156,35 @@ class TrainCog(SDCog):
     ) -> None:
         """Train a personal model (LoRA) from 3–20 photos of one person, pet or object."""
         await interaction.response.defer(ephemeral=True, thinking=True)
-        bot, user = self.bot, str(interaction.user.id)
+        services, user = self.services, str(interaction.user.id)
         # 1. Cheap refusals first: name, quota, queue room.
-        await bot.db_call(check_name_free, user, name)
-        await bot.db_call(check_quota, bot.config, user)
-        await bot.check_queue_room(interaction.user.id)
+        await services.db.call(check_name_free, user, name)
+        await services.db.call(check_quota, services.config, user)
+        await services.jobs.check_queue_room(interaction.user.id)
         # 2. Download (size checked before), prepare in the helper process.
         attached = [photo1, photo2, photo3, photo4, photo5, photo6, photo7, photo8, photo9, photo10]
         photos = await self._download_photos([a for a in attached if a is not None])
         zip_data = await self._download_archive(archive) if archive else None
-        model = bot.config.model("default")
-        resolution = bot.config.training.resolution or await asyncio.to_thread(
+        model = services.config.model("default")
+        resolution = services.config.training.resolution or await asyncio.to_thread(
             training_resolution, model
         )
         settings = dict(
             resolution=resolution,
-            min_side=bot.config.training.min_side,
+            min_side=services.config.training.min_side,
             subject=subject,
-            max_photos=bot.config.training.max_photos,
-            min_photos=bot.config.training.min_photos,
+            max_photos=services.config.training.max_photos,
+            min_photos=services.config.training.min_photos,
             token=None,
         )
-        prepared = await bot.face_probe.run(prepare_photos, photos, zip_data, settings)
+        prepared = await services.face_probe.run(prepare_photos, photos, zip_data, settings)
         if "error" in prepared:
             raise UserError(prepared["error"])
         # 3. Queue the job with the prepared crops as blobs.
         spec = await asyncio.to_thread(
             self._spec, prepared, name, model.name, method, subject, steps, resolution
         )
-        row = await bot.db_call(
+        row = await services.db.call(
             store.enqueue,
             user_id=user,
             guild_id=_str(interaction.guild_id),
@@ -191,13 +192,13 @@ class TrainCog(SDCog):
             kind="train",
             spec=spec_to_dict(spec),
             batch_key="",
-            max_attempts=bot.config.workers.max_attempts,
-            max_queued_per_user=bot.config.queue.max_queued_per_user,
+            max_attempts=services.config.workers.max_attempts,
+            max_queued_per_user=services.config.queue.max_queued_per_user,
         )
-        position = await bot.db_call(store.queue_position, row["id"])
+        position = await services.db.call(store.queue_position, row["id"])
         await self.messages.announce(row, position)
-        bot.dispatcher.wake()
-        planned = spec.planned_steps(bot.config.limits)
+        services.dispatcher.wake()
+        planned = spec.planned_steps(services.config.limits)
         await interaction.followup.send(
             render.truncate(
                 f"{prepared['summary']}\n\nQueued training `{row['id']}` for '{name}' "
@@ -219,7 +220,7 @@ class TrainCog(SDCog):
         steps: int,
         resolution: int,
     ) -> TrainSpec:
-        blobs = self.bot.blobs
+        blobs = self.blobs
         spec = TrainSpec(
             name=name,
             photos=tuple(blobs.put(png, ".png") for png in prepared["train"]),
@@ -231,17 +232,17 @@ class TrainCog(SDCog):
             method=method,
             steps=steps,
             resolution=resolution,
-            checkpoint_every=self.bot.config.training.chunk_steps,
+            checkpoint_every=self.config.training.chunk_steps,
         )
         try:
-            spec.check(self.bot.config.limits)
+            spec.check(self.config.limits)
         except Exception:
             delete_photos(blobs, spec_to_dict(spec))
             raise
         return spec
 
     async def _download_photos(self, attachments: list[Attachment]) -> list[tuple[str, bytes]]:
-        limit_mb = self.bot.config.attachments.max_mb
+        limit_mb = self.config.attachments.max_mb
         for attachment in attachments:  # refuse big files before downloading any
             if attachment.size > limit_mb * MiB:
                 raise UserError(
@@ -249,12 +250,12 @@ class TrainCog(SDCog):
                     f"{limit_mb:g} MB per photo"
                 )
         # Non-images and corrupt files are not refused here: the dataset report names them.
-        return [(a.filename, await download(a, self.bot.config, a.filename)) for a in attachments]
+        return [(a.filename, await download(a, self.config, a.filename)) for a in attachments]
 
     async def _download_archive(self, archive: Attachment) -> bytes:
         if not archive.filename.lower().endswith(".zip"):
             raise UserError(f"the archive must be a .zip file, not {archive.filename}")
-        return await download(archive, self.bot.config, "archive")
+        return await download(archive, self.config, "archive")
 
 
 def training_resolution(model) -> int:
@@ -275,4 +276,4 @@ def _str(value: int | None) -> str | None:
 
 
 async def setup(bot) -> None:
-    await bot.add_cog(TrainCog(bot))
+    await bot.add_cog(TrainCog(bot, bot.services))

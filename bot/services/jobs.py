@@ -1,0 +1,94 @@
+"""The one path every generation job takes into the queue, and the way out (cancel)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import discord
+
+from bot import store
+from bot.attachments import Photo, store_photos
+from bot.dispatcher import Dispatcher
+from bot.services.access import is_admin
+from bot.services.database import DbThread, discord_id
+from bot.services.messages import JobMessages
+from pipeline.contract.blobs import BlobStore
+from pipeline.contract.config import Config
+from pipeline.contract.jobs import GenerateSpec, spec_to_dict
+
+
+class JobService:
+    """Submits and cancels members' jobs; generation's messages announce them."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        db: DbThread,
+        blobs: BlobStore,
+        dispatcher: Dispatcher,
+        messages: JobMessages,
+    ) -> None:
+        self.config = config
+        self.db = db
+        self.blobs = blobs
+        self.dispatcher = dispatcher
+        self.messages = messages
+
+    async def check_queue_room(self, user_id: int) -> None:
+        """Refuse early, before downloading photos, when the member's queue is full
+        (`store.enqueue` checks again, atomically)."""
+        cap = self.config.queue.max_queued_per_user
+        if await self.db.call(store.queued_count, str(user_id)) >= cap:
+            raise store.QueueFull(
+                f"you already have {cap} jobs queued (the limit is {cap}); "
+                "wait for one to finish or /cancel one"
+            )
+
+    async def submit(
+        self, interaction: discord.Interaction, spec: GenerateSpec, photos: Sequence[Photo] = ()
+    ) -> dict:
+        """Queue a job for the member (the interaction must be deferred) and tell them.
+
+        The spec is checked against the server's limits first; only then are the
+        photos stored, so a refused request leaves nothing behind.
+        """
+        spec = spec.with_seed()
+        spec.check(self.config.limits)
+        if photos:
+            await asyncio.to_thread(store_photos, self.blobs, list(photos))
+        row = await self.db.call(
+            store.enqueue,
+            user_id=str(interaction.user.id),
+            guild_id=discord_id(interaction.guild_id),
+            channel_id=discord_id(interaction.channel_id),
+            kind=spec.kind,
+            spec=spec_to_dict(spec),
+            batch_key=spec.batch_key(),
+            max_attempts=self.config.workers.max_attempts,
+            max_queued_per_user=self.config.queue.max_queued_per_user,
+        )
+        self.messages.upload_limits[row["id"]] = interaction.filesize_limit
+        position = await self.db.call(store.queue_position, row["id"])
+        await self.messages.announce(row, position)
+        self.dispatcher.wake()
+        where = f"position {position}" if position else "starting"
+        await interaction.followup.send(
+            f"Queued `{row['id']}` — {where}. The result will be posted in this channel.",
+            ephemeral=True,
+        )
+        return row
+
+    async def cancel_for(self, interaction: discord.Interaction, job_id: str) -> None:
+        """Cancel for the member (their own jobs; admins: any)."""
+        if not interaction.response.is_done():  # /cancel without a job deferred already
+            await interaction.response.defer(ephemeral=True, thinking=True)
+        previous = await self.dispatcher.cancel(
+            job_id, str(interaction.user.id), admin=is_admin(interaction, self.config)
+        )
+        text = {
+            store.JobStatus.QUEUED: f"Cancelled `{job_id}`.",
+            store.JobStatus.RUNNING: f"Stopping `{job_id}`…",
+        }.get(previous, f"`{job_id}` had already ended ({previous.value}).")
+        await interaction.followup.send(text, ephemeral=True)
