@@ -3,7 +3,8 @@
 Every handler defers first (Discord allows 3 s; downloads and the database come
 after), validates at the edge (`Range`, `Literal`, autocomplete) and again on the
 server with `GenerateSpec.check(config.limits)` — a client can send anything —
-then queues the job through `JobService.submit` (bot/services/jobs.py).
+then queues the job through `JobService.submit` (bot/services/jobs.py). The options
+the four commands share are declared once, in `bot.cogs.options`.
 """
 
 from __future__ import annotations
@@ -21,96 +22,17 @@ from bot import render, store
 from bot.app import SDBot
 from bot.attachments import Photo, read_photo
 from bot.cogs import SDCog
+from bot.cogs.options import BATCH, STYLE, generation_options, parse_size
 from bot.errors import UserError
 from pipeline.contract.images import working_size
-from pipeline.contract.jobs import MAX_SEED, GenerateSpec, check_size, spec_from_dict
-from pipeline.contract.samplers import resolve, sampler_names
+from pipeline.contract.jobs import GenerateSpec, check_size, spec_from_dict
+from pipeline.contract.samplers import resolve
 
 Range = app_commands.Range
 VARIATION_STRENGTH = 0.6  # Midjourney-like "vary": same composition, new details
 UPSCALE_STRENGTH = 0.35  # a hires pass: sharpen, don't repaint
 UPSCALE_FACTOR = 2.0
-SIZES = (
-    (512, 512), (768, 512), (512, 768), (640, 640), (768, 768), (912, 512), (512, 912),
-    (1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768),
-    (768, 1344), (1536, 640), (640, 1536), (256, 256), (384, 384), (128, 128), (64, 64),
-)  # fmt: skip
-
-COMMON_OPTIONS = {
-    "negative": "What to keep out of the image (negative prompt)",
-    "model": "Base model (default: the server's first)",
-    "sampler": "Sampler, e.g. Euler a or DPM++ 2M Karras (default: your /settings)",
-    "steps": "Denoising steps: more is slower and finer (default: your /settings)",
-    "cfg": "How closely to follow the prompt, the CFG scale (default: your /settings)",
-    "seed": "Seed, to draw the same image again (random when empty)",
-    "count": "How many images (default 1)",
-    "face_fix": "Repaint faces afterwards, ADetailer style",
-}
-LORA_OPTION = "One of your LoRAs (or a shared/server one), added as <lora:NAME:0.8>"
 PROMPT = "What to draw; <lora:name:0.8> applies a LoRA"
-
-
-# -- autocomplete: at most 25 choices, filtered by what is typed -------------------------------
-
-
-async def model_choices(
-    interaction: discord.Interaction, current: str
-) -> list[app_commands.Choice[str]]:
-    names = [m.name for m in interaction.client.services.config.models]
-    return _choices(names, current)
-
-
-async def sampler_choices(
-    interaction: discord.Interaction, current: str
-) -> list[app_commands.Choice[str]]:
-    return _choices(sampler_names(), current)
-
-
-async def size_choices(
-    interaction: discord.Interaction, current: str
-) -> list[app_commands.Choice[str]]:
-    return _choices(allowed_sizes(interaction.client.services.config), current)
-
-
-async def lora_choices(
-    interaction: discord.Interaction, current: str
-) -> list[app_commands.Choice[str]]:
-    """The LoRAs this member may use: their own, shared ones, the server library."""
-    db = interaction.client.services.db
-    guild = str(interaction.guild_id) if interaction.guild_id else None
-    rows = await db.call(store.list_loras, str(interaction.user.id), guild)
-    return _choices([row["name"] for row in rows], current)
-
-
-def _choices(names: list[str], current: str) -> list[app_commands.Choice[str]]:
-    typed = current.lower().strip()
-    found = [n for n in names if typed in n.lower()] if typed else list(names)
-    found.sort(key=lambda n: not n.lower().startswith(typed))  # prefix matches first
-    return [app_commands.Choice(name=n, value=n) for n in found[:25]]
-
-
-def allowed_sizes(config: Any) -> list[str]:
-    """The usual sizes that the server's limits allow, its default first."""
-    default = (config.defaults.width, config.defaults.height)
-    sizes = [default] + [s for s in SIZES if s != default]
-    ok = []
-    for width, height in sizes:
-        try:
-            check_size(width, height, config.limits)
-        except ValueError:
-            continue
-        ok.append(f"{width}x{height}")
-    return ok
-
-
-def parse_size(text: str, limits: Any) -> tuple[int, int]:
-    """ "768x512" (or 768×512) → (768, 512), checked against the limits."""
-    width, sep, height = text.lower().replace("×", "x").partition("x")
-    if not sep or not width.strip().isdigit() or not height.strip().isdigit():
-        raise UserError(f"size must look like 768x512, not {text!r}")
-    size = int(width), int(height)
-    check_size(*size, limits)
-    return size
 
 
 class Generate(SDCog):
@@ -119,40 +41,17 @@ class Generate(SDCog):
     # -- the commands ---------------------------------------------------------------------
 
     @app_commands.command()
-    @app_commands.describe(
-        prompt=PROMPT,
-        size="Width x height (default: your /settings)",
-        lora=LORA_OPTION,
-        **COMMON_OPTIONS,
-    )
-    @app_commands.autocomplete(
-        model=model_choices, sampler=sampler_choices, size=size_choices, lora=lora_choices
-    )
+    @app_commands.describe(prompt=PROMPT)
+    @generation_options(*STYLE, "size", *BATCH, "lora")
     async def imagine(
-        self,
-        interaction: discord.Interaction,
-        prompt: Range[str, 1, 6000],
-        negative: Range[str, 0, 6000] | None = None,
-        model: str | None = None,
-        sampler: str | None = None,
-        steps: Range[int, 1, 150] | None = None,
-        cfg: Range[float, 0.0, 30.0] | None = None,
-        seed: Range[int, 0, MAX_SEED] | None = None,
-        size: str | None = None,
-        count: Range[int, 1, 4] = 1,
-        face_fix: bool = False,
-        lora: str | None = None,
+        self, interaction: discord.Interaction, prompt: Range[str, 1, 6000], **options: Any
     ) -> None:
         """Draw images from a text prompt."""
         await interaction.response.defer(ephemeral=True, thinking=True)
-        if lora:
-            prompt = f"{prompt} <lora:{lora.strip()}:0.8>"
-        values = await self.common(interaction, prompt, negative, model, sampler, steps, cfg)
-        if size:
-            values["width"], values["height"] = parse_size(size, self.config.limits)
-        spec = GenerateSpec(
-            prompt=prompt, mode="txt2img", seed=seed, count=count, face_fix=face_fix, **values
-        )
+        if options["lora"]:
+            prompt = f"{prompt} <lora:{options['lora'].strip()}:0.8>"
+        values = await self.common(interaction, prompt, options)
+        spec = GenerateSpec(prompt=prompt, mode="txt2img", **values)
         await self.services.jobs.submit(interaction, spec)
 
     @app_commands.command()
@@ -160,39 +59,22 @@ class Generate(SDCog):
         image="The photo to start from",
         prompt=PROMPT,
         strength="How much to change: 0.05 keeps the photo, 1 ignores it (default 0.75)",
-        **COMMON_OPTIONS,
     )
-    @app_commands.autocomplete(model=model_choices, sampler=sampler_choices)
+    @generation_options(*STYLE, *BATCH)
     async def img2img(
         self,
         interaction: discord.Interaction,
         image: discord.Attachment,
         prompt: Range[str, 1, 6000],
         strength: Range[float, 0.05, 1.0] = 0.75,
-        negative: Range[str, 0, 6000] | None = None,
-        model: str | None = None,
-        sampler: str | None = None,
-        steps: Range[int, 1, 150] | None = None,
-        cfg: Range[float, 0.0, 30.0] | None = None,
-        seed: Range[int, 0, MAX_SEED] | None = None,
-        count: Range[int, 1, 4] = 1,
-        face_fix: bool = False,
+        **options: Any,
     ) -> None:
         """Redraw a photo following a prompt."""
         await interaction.response.defer(ephemeral=True, thinking=True)
-        await self.services.jobs.check_queue_room(interaction.user.id)
-        photo = await read_photo(image, self.config, "image")
-        values = await self.common(interaction, prompt, negative, model, sampler, steps, cfg)
-        values["width"], values["height"] = self.work_size(photo, values)
+        photo = await self.input_photo(interaction, image)
+        values = await self.common(interaction, prompt, options, photo)
         spec = GenerateSpec(
-            prompt=prompt,
-            mode="img2img",
-            image=photo.sha256,
-            strength=strength,
-            seed=seed,
-            count=count,
-            face_fix=face_fix,
-            **values,
+            prompt=prompt, mode="img2img", image=photo.sha256, strength=strength, **values
         )
         await self.services.jobs.submit(interaction, spec, photos=[photo])
 
@@ -203,9 +85,8 @@ class Generate(SDCog):
         mask="Same size as the photo: white = repaint, black = keep",
         keep="Without a mask: keep the face and repaint the rest, or keep the background",
         strength="How much to change the repainted part (default 0.75)",
-        **COMMON_OPTIONS,
     )
-    @app_commands.autocomplete(model=model_choices, sampler=sampler_choices)
+    @generation_options(*STYLE, *BATCH)
     async def inpaint(
         self,
         interaction: discord.Interaction,
@@ -214,21 +95,13 @@ class Generate(SDCog):
         mask: discord.Attachment | None = None,
         keep: Literal["face", "background"] | None = None,
         strength: Range[float, 0.05, 1.0] = 0.75,
-        negative: Range[str, 0, 6000] | None = None,
-        model: str | None = None,
-        sampler: str | None = None,
-        steps: Range[int, 1, 150] | None = None,
-        cfg: Range[float, 0.0, 30.0] | None = None,
-        seed: Range[int, 0, MAX_SEED] | None = None,
-        count: Range[int, 1, 4] = 1,
-        face_fix: bool = False,
+        **options: Any,
     ) -> None:
         """Repaint part of a photo: the white part of a mask, or all but the face."""
         await interaction.response.defer(ephemeral=True, thinking=True)
         if mask is None and keep is None:
             raise UserError("attach a mask (white = repaint) or choose keep: face or background")
-        await self.services.jobs.check_queue_room(interaction.user.id)
-        photo = await read_photo(image, self.config, "image")
+        photo = await self.input_photo(interaction, image)
         photos = [photo]
         if mask is not None:
             mask_photo = await read_photo(mask, self.config, "mask")
@@ -238,8 +111,7 @@ class Generate(SDCog):
                     f"{photo.width}×{photo.height}; they must be the same size"
                 )
             photos.append(mask_photo)
-        values = await self.common(interaction, prompt, negative, model, sampler, steps, cfg)
-        values["width"], values["height"] = self.work_size(photo, values)
+        values = await self.common(interaction, prompt, options, photo)
         spec = GenerateSpec(
             prompt=prompt,
             mode="inpaint",
@@ -247,9 +119,6 @@ class Generate(SDCog):
             mask=photos[1].sha256 if mask is not None else None,
             keep=None if mask is not None else keep,
             strength=strength,
-            seed=seed,
-            count=count,
-            face_fix=face_fix,
             **values,
         )
         spec.check(self.config.limits)  # cheap checks before the slow face check
@@ -266,9 +135,8 @@ class Generate(SDCog):
         prompt="What the new area shows (default: nothing in particular)",
         direction="Which side to extend (default: all around)",
         pixels="How far to extend, in pixels (multiple of 8)",
-        **{k: COMMON_OPTIONS[k] for k in ("negative", "model", "sampler", "steps", "cfg", "seed")},
     )
-    @app_commands.autocomplete(model=model_choices, sampler=sampler_choices)
+    @generation_options(*STYLE)
     async def outpaint(
         self,
         interaction: discord.Interaction,
@@ -276,44 +144,43 @@ class Generate(SDCog):
         prompt: Range[str, 0, 6000] = "",
         direction: Literal["left", "right", "up", "down", "all"] = "all",
         pixels: Range[int, 8, 512] = 128,
-        negative: Range[str, 0, 6000] | None = None,
-        model: str | None = None,
-        sampler: str | None = None,
-        steps: Range[int, 1, 150] | None = None,
-        cfg: Range[float, 0.0, 30.0] | None = None,
-        seed: Range[int, 0, MAX_SEED] | None = None,
+        **options: Any,
     ) -> None:
         """Extend a photo beyond its borders."""
         await interaction.response.defer(ephemeral=True, thinking=True)
-        await self.services.jobs.check_queue_room(interaction.user.id)
-        photo = await read_photo(image, self.config, "image")
-        values = await self.common(interaction, prompt, negative, model, sampler, steps, cfg)
-        values["width"], values["height"] = self.work_size(photo, values)
+        photo = await self.input_photo(interaction, image)
+        values = await self.common(interaction, prompt, options, photo)
         spec = GenerateSpec(
             prompt=prompt,
             mode="outpaint",
             image=photo.sha256,
             outpaint_direction=direction,
             outpaint_pixels=pixels,
-            seed=seed,
             **values,
         )
         await self.services.jobs.submit(interaction, spec, photos=[photo])
 
     # -- shared option handling --------------------------------------------------------------
 
+    async def input_photo(
+        self, interaction: discord.Interaction, image: discord.Attachment
+    ) -> Photo:
+        """The command's input image; refused before the download when the queue is full."""
+        await self.services.jobs.check_queue_room(interaction.user.id)
+        return await read_photo(image, self.config, "image")
+
     async def common(
         self,
         interaction: discord.Interaction,
         prompt: str,
-        negative: str | None,
-        model: str | None,
-        sampler: str | None,
-        steps: int | None,
-        cfg: float | None,
+        options: dict[str, Any],
+        photo: Photo | None = None,
     ) -> dict[str, Any]:
-        """Options → spec fields: the command's value, else the member's /settings,
-        else the server's defaults. Model and sampler are checked here."""
+        """The shared options → spec fields: the command's value, else the member's
+        /settings, else the server's defaults. Model and sampler are checked here; with
+        an input ``photo``, the size is the photo's, scaled to the pixel budget."""
+        negative, model, sampler = options["negative"], options["model"], options["sampler"]
+        steps, cfg = options["steps"], options["cfg"]
         config = self.config
         mine = await self.db.call(store.get_settings, str(interaction.user.id))
         d = config.defaults
@@ -334,6 +201,12 @@ class Generate(SDCog):
         resolve(values["sampler"], values["schedule"])  # JobError names the valid ones
         guild_id = interaction.guild_id
         values["loras"] = await self.services.loras.resolve(prompt, interaction.user.id, guild_id)
+        values["seed"] = options["seed"]
+        values.update({key: options[key] for key in ("count", "face_fix") if key in options})
+        if options.get("size"):
+            values["width"], values["height"] = parse_size(options["size"], config.limits)
+        if photo is not None:
+            values["width"], values["height"] = self.work_size(photo, values)
         return values
 
     def work_size(self, photo: Photo, values: dict[str, Any]) -> tuple[int, int]:

@@ -15,7 +15,7 @@ from discord import app_commands
 from bot import render, store
 from bot.app import SDBot
 from bot.cogs import SDCog
-from bot.cogs.generate import parse_size, sampler_choices, size_choices
+from bot.cogs.options import parse_size, sampler_choices, size_choices
 from bot.errors import UserError
 from bot.views import forget_view
 from pipeline.contract.blobs import BlobStore
