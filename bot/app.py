@@ -55,8 +55,8 @@ from pipeline.contract.jobs import (
     Started,
     spec_to_dict,
 )
+from pipeline.contract.pool import WorkerPool
 from pipeline.contract.prompt_syntax import extract_loras
-from pipeline.workers.local_pool import WorkerPool
 
 log = logging.getLogger("sdbot")
 
