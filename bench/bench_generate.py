@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.contract.quiet import quiet_libraries
+from pipeline.workers.quiet import quiet_libraries
 
 
 def main() -> None:

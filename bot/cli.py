@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if not args.verbose and args.command != "run":
-        from pipeline.contract.quiet import quiet_libraries
+        from pipeline.workers.quiet import quiet_libraries
 
         quiet_libraries()
     try:

@@ -38,7 +38,7 @@ from pipeline.contract.jobs import (
     Started,
     spec_from_dict,
 )
-from pipeline.workers.local_pool import WORKER_DIED, WorkerPool
+from pipeline.contract.pool import WORKER_DIED, WorkerPool
 
 log = logging.getLogger(__name__)
 

@@ -20,19 +20,12 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
 from bot.errors import UserError
+from bot.photo_jobs import count_faces_in
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 NO_FACE = "no face found in the photo; attach a mask instead"
-
-
-def count_faces_in(png: bytes, max_pixels: int) -> int:
-    """Runs in the helper process: the only place the bot's side imports OpenCV."""
-    from pipeline.contract.images import open_image
-    from pipeline.faces.detection import detect_faces
-
-    return len(detect_faces(open_image(png, max_pixels=max_pixels, name="the image")))
 
 
 class FaceProbe:

@@ -24,7 +24,8 @@ from bot.discord_endpoints import point_client_at
 from bot.services import build_services
 from pipeline.contract.blobs import BlobStore
 from pipeline.contract.config import Config
-from pipeline.workers.local_pool import WorkerPool, make_pool
+from pipeline.contract.pool import WorkerPool
+from pipeline.workers.local_pool import make_pool
 
 log = logging.getLogger("sdbot")
 

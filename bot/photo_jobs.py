@@ -35,3 +35,11 @@ def prepare_photos(
         "captions": [t.caption for t in dataset.train],
         "test": [png(t.image) for t in dataset.test],
     }
+
+
+def count_faces_in(png: bytes, max_pixels: int) -> int:
+    """Runs in the helper process: the only place the bot's side imports OpenCV."""
+    from pipeline.contract.images import open_image
+    from pipeline.faces.detection import detect_faces
+
+    return len(detect_faces(open_image(png, max_pixels=max_pixels, name="the image")))

@@ -19,7 +19,8 @@ from PIL import Image
 
 from pipeline.contract.blobs import BlobStore
 from pipeline.contract.jobs import Done, Event, Failed, Progress, Started
-from pipeline.workers.local_pool import LocalPool, WorkerPool
+from pipeline.contract.pool import WorkerPool
+from pipeline.workers.local_pool import LocalPool
 from tests.test_runner import (
     assert_streamed,
     kinds,

@@ -7,7 +7,8 @@ from PIL import Image
 
 from pipeline.contract.infotext import format_infotext, parse_infotext, png_bytes, read_infotext
 from pipeline.contract.jobs import JobError
-from pipeline.contract.samplers import SAMPLERS, build_scheduler, resolve, sampler_names
+from pipeline.contract.samplers import SAMPLERS, resolve, sampler_names
+from pipeline.models.schedulers import build_scheduler
 
 
 def test_every_reference_sampler_is_known():

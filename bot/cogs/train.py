@@ -27,6 +27,7 @@ from bot.personal import check_name_free, check_quota, register_trained_lora, va
 from bot.photo_jobs import prepare_photos
 from bot.services.messages import JobMessages, _Tracked
 from pipeline.contract.jobs import Done, Event, Failed, TrainSpec, spec_to_dict
+from pipeline.contract.model_family import ModelError, detect_family
 
 log = logging.getLogger(__name__)
 
@@ -260,8 +261,6 @@ class TrainCog(SDCog):
 
 def training_resolution(model) -> int:
     """512 for SD 1.x, 1024 for SDXL (read from the model's files, without torch)."""
-    from pipeline.models.loading import ModelError, detect_family
-
     family = model.family
     if family == "auto":
         try:

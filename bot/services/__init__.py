@@ -28,7 +28,7 @@ from bot.services.loras import LoraResolver
 from bot.services.messages import JobMessages, MessageBoards
 from pipeline.contract.blobs import BlobStore
 from pipeline.contract.config import Config
-from pipeline.workers.local_pool import WorkerPool
+from pipeline.contract.pool import WorkerPool
 
 
 @dataclass(frozen=True, eq=False)

@@ -3,8 +3,9 @@
 Names are the ones A1111 users type (and paste from infotext): "DPM++ 2M", and the
 older one-word spellings such as "DPM++ 2M Karras" that carry the schedule in the
 name. Schedulers are always built with `from_config(model's scheduler config, …)` so
-the model's betas, prediction type and offsets carry over. No torch import at module
-level: the bot uses the name lists for autocomplete.
+the model's betas, prediction type and offsets carry over (that happens in the worker:
+`pipeline.models.schedulers`). Torch-free: the bot uses the name lists for autocomplete
+and validates names before queueing.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ SCHEDULES: dict[str, dict[str, Any]] = {
     "SGM Uniform": {"timestep_spacing": "trailing"},
 }
 
-_SIGMA_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+SIGMA_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
 
 
 def sampler_names() -> list[str]:
@@ -102,20 +103,3 @@ def resolve(sampler: str, schedule: str = "Automatic") -> tuple[Sampler, str]:
     raise JobError(
         f"unknown sampler {sampler!r}.{hint} Valid samplers: {', '.join(sampler_names())}"
     )
-
-
-def build_scheduler(base_config: dict[str, Any], sampler: str, schedule: str = "Automatic"):
-    """A diffusers scheduler for this sampler, built from the model's scheduler config."""
-    import diffusers
-
-    spec, schedule = resolve(sampler, schedule)
-    cls = getattr(diffusers, spec.scheduler)
-    config = {k: v for k, v in dict(base_config).items() if k not in _SIGMA_FLAGS}
-    options = dict(spec.options)
-    if not spec.fixed_schedule:
-        options.update(SCHEDULES[schedule])
-    if spec.scheduler in ("DDIMScheduler", "PNDMScheduler") and schedule == "SGM Uniform":
-        options["timestep_spacing"] = "trailing"
-    if spec.name == "LCM" or spec.name == "TCD":
-        options.setdefault("timestep_spacing", "trailing")
-    return cls.from_config(config, **options)

@@ -25,9 +25,10 @@ from PIL import Image, ImageFilter
 from pipeline.contract.images import open_image
 from pipeline.contract.infotext import VERSION, format_infotext, png_bytes
 from pipeline.contract.jobs import GenerateSpec, JobError, OutputImage
-from pipeline.contract.samplers import build_scheduler, resolve
+from pipeline.contract.samplers import resolve
 from pipeline.faces import detection as faces
 from pipeline.models.loading import LoadedModel
+from pipeline.models.schedulers import build_scheduler
 
 log = logging.getLogger(__name__)
 

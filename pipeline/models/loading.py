@@ -10,7 +10,6 @@ tests' tiny model folder and for a real checkpoint.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -18,14 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.contract.config import Config, ModelConfig
+from pipeline.contract.model_family import (
+    SINGLE_FILE_SUFFIXES,
+    ModelError,
+    detect_family,
+    family_from_checkpoint,
+    hub_error,
+)
 
 log = logging.getLogger(__name__)
-
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-
-
-class ModelError(Exception):
-    """A model that cannot be loaded; the message names the source and what was tried."""
 
 
 @dataclass
@@ -98,68 +98,6 @@ def choose_dtype(device: str, requested: str = "auto"):
         # bf16 where the card supports it: same speed as fp16, no overflow in the VAE.
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
-
-
-def detect_family(source: str) -> str:
-    """sd1 or sdxl from a folder's model_index.json, a single file's keys, or a Hub id's
-    cached model_index.json. Raises ModelError when the source cannot be read."""
-    path = Path(source)
-    if path.is_dir():
-        index = path / "model_index.json"
-        if not index.exists():
-            raise ModelError(
-                f"model folder {source} has no model_index.json; it is not a diffusers model folder"
-            )
-        return _family_from_index(json.loads(index.read_text()))
-    if path.suffix in SINGLE_FILE_SUFFIXES:
-        if not path.exists():
-            raise ModelError(f"model file {source} does not exist")
-        return _family_from_checkpoint(path)
-    try:
-        from huggingface_hub import hf_hub_download
-
-        index = hf_hub_download(source, "model_index.json")
-    except Exception as exc:  # noqa: BLE001 - any failure means "can't tell"
-        raise _hub_error(source, exc) from None
-    return _family_from_index(json.loads(Path(index).read_text()))
-
-
-def _family_from_index(index: dict[str, Any]) -> str:
-    return "sdxl" if "text_encoder_2" in index or "XL" in index.get("_class_name", "") else "sd1"
-
-
-def _family_from_checkpoint(path: Path) -> str:
-    if path.suffix != ".safetensors":
-        return "sd1"  # .ckpt: pickles; don't open them just to guess
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-    except Exception as exc:  # noqa: BLE001 - safetensors raises several types
-        raise ModelError(f"model file {path} is not a valid .safetensors file ({exc})") from None
-    return "sdxl" if any(k.startswith("conditioner.embedders.1") for k in keys) else "sd1"
-
-
-def _hub_error(source: str, exc: Exception) -> ModelError:
-    name = type(exc).__name__
-    offline = (
-        os.environ.get("HF_HUB_OFFLINE") == "1"
-        or any(word in name for word in ("Connection", "Offline", "LocalEntryNotFound", "Timeout"))
-        or "connect" in str(exc).lower()
-    )
-    if offline:
-        return ModelError(
-            f"model {source!r} is not in the local Hugging Face cache and the Hub cannot be "
-            "reached (no network). Download it where there is network "
-            "(huggingface-cli download), or set source to a local folder or .safetensors file."
-        )
-    if "RepositoryNotFound" in name or "404" in str(exc):
-        return ModelError(f"model {source!r}: no such repository on the Hugging Face Hub")
-    return ModelError(
-        f"model {source!r} is neither a local folder, a .safetensors file, nor a loadable "
-        f"Hub id ({name})"
-    )
 
 
 def weights_hash(source: str) -> str:
@@ -259,7 +197,7 @@ def _load_pipeline(
     except OSError as exc:
         if path.exists():
             raise ModelError(f"model {source} could not be loaded: {_short(exc)}") from None
-        raise _hub_error(source, exc) from None
+        raise hub_error(source, exc) from None
     except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds for bad files
         raise ModelError(
             f"model {source} could not be loaded as a {family} "
@@ -270,7 +208,7 @@ def _load_pipeline(
 def _from_single_file(cls, path: Path, torch_dtype: Any, config: str):
     if not path.exists():
         raise ModelError(f"model file {path} does not exist")
-    _family_from_checkpoint(path)  # a clear error for a file that is no checkpoint
+    family_from_checkpoint(path)  # a clear error for a file that is no checkpoint
     kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
     if config:
         kwargs["config"] = config

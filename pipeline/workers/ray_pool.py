@@ -31,7 +31,7 @@ import pipeline
 from pipeline.contract.blobs import BlobStore, sha256_hex
 from pipeline.contract.config import Config
 from pipeline.contract.jobs import TERMINAL_EVENTS, Event, Failed
-from pipeline.workers.local_pool import WORKER_DIED, Batch, BatchStream, PoolError, WorkerPool
+from pipeline.contract.pool import WORKER_DIED, Batch, BatchStream, PoolError, WorkerPool
 
 log = logging.getLogger(__name__)
 

@@ -62,7 +62,7 @@ class Runner:
 
     def warm_up(self) -> None:
         """Load the default model now, so the first job does not pay for it."""
-        from pipeline.contract.quiet import quiet_libraries
+        from pipeline.workers.quiet import quiet_libraries
 
         quiet_libraries()
         threads = self.config.workers.cpu_threads

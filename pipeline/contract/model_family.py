@@ -1,0 +1,96 @@
+"""Which family (SD 1.x or SDXL) a model source is, read from its files without torch.
+
+Torch-free so the bot can ask it (training resolution, /train's defaults) and the
+workers share the answer and its errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+class ModelError(Exception):
+    """A model that cannot be loaded; the message names the source and what was tried."""
+
+
+def detect_family(source: str) -> str:
+    """sd1 or sdxl from a folder's model_index.json, a single file's keys, or a Hub id's
+    cached model_index.json. Raises ModelError when the source cannot be read."""
+    path = Path(source)
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.exists():
+            raise ModelError(
+                f"model folder {source} has no model_index.json; it is not a diffusers model folder"
+            )
+        return family_from_index(json.loads(index.read_text()))
+    if path.suffix in SINGLE_FILE_SUFFIXES:
+        if not path.exists():
+            raise ModelError(f"model file {source} does not exist")
+        return family_from_checkpoint(path)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        index = hf_hub_download(source, "model_index.json")
+    except Exception as exc:  # noqa: BLE001 - any failure means "can't tell"
+        raise hub_error(source, exc) from None
+    return family_from_index(json.loads(Path(index).read_text()))
+
+
+def family_from_index(index: dict[str, Any]) -> str:
+    return "sdxl" if "text_encoder_2" in index or "XL" in index.get("_class_name", "") else "sd1"
+
+
+def family_from_checkpoint(path: Path) -> str:
+    if path.suffix != ".safetensors":
+        return "sd1"  # .ckpt: pickles; don't open them just to guess
+    try:
+        keys = safetensors_keys(path)
+    except ValueError as exc:
+        raise ModelError(f"model file {path} is not a valid .safetensors file ({exc})") from None
+    return "sdxl" if any(k.startswith("conditioner.embedders.1") for k in keys) else "sd1"
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    """The tensor names in a .safetensors file's JSON header, read without torch: an
+    8-byte little-endian header length, then the header. Raises ValueError."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError("file too short")
+        size = int.from_bytes(raw, "little")
+        if size > min(100_000_000, path.stat().st_size - 8):
+            raise ValueError(f"header claims {size} bytes")
+        try:
+            header = json.loads(f.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    return [k for k in header if k != "__metadata__"]
+
+
+def hub_error(source: str, exc: Exception) -> ModelError:
+    name = type(exc).__name__
+    offline = (
+        os.environ.get("HF_HUB_OFFLINE") == "1"
+        or any(word in name for word in ("Connection", "Offline", "LocalEntryNotFound", "Timeout"))
+        or "connect" in str(exc).lower()
+    )
+    if offline:
+        return ModelError(
+            f"model {source!r} is not in the local Hugging Face cache and the Hub cannot be "
+            "reached (no network). Download it where there is network "
+            "(huggingface-cli download), or set source to a local folder or .safetensors file."
+        )
+    if "RepositoryNotFound" in name or "404" in str(exc):
+        return ModelError(f"model {source!r}: no such repository on the Hugging Face Hub")
+    return ModelError(
+        f"model {source!r} is neither a local folder, a .safetensors file, nor a loadable "
+        f"Hub id ({name})"
+    )

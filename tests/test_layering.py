@@ -1,0 +1,95 @@
+"""The one architectural rule, checked: the bot process never loads the GPU stack.
+
+`pipeline/contract/` is imported by the bot and the workers alike, and `bot/` is the
+bot process: importing any of their modules, each in a fresh interpreter, must leave
+torch, diffusers, transformers, peft, OpenCV and onnxruntime out of `sys.modules`.
+A static pass also catches imports hidden inside functions, which an import-time check
+cannot see (they would load the library the first time that function runs).
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+HEAVY = ("torch", "diffusers", "transformers", "peft", "cv2", "onnxruntime", "nudenet")
+
+# Code in bot/ that runs somewhere other than the bot process, and so may import the
+# worker side of pipeline/ (inside its functions): the CLI (`sdbot generate`, `train`,
+# `doctor`… run in the admin's shell), and the functions the bot's photo helper
+# process executes (bot/face_probe.py starts it; bot/photo_jobs.py is its work).
+OUTSIDE_THE_BOT_PROCESS = ("bot/cli", "bot/offline_train.py", "bot/photo_jobs.py")
+# What the bot process may import of pipeline/: the torch-free contract and the pools.
+BOT_MAY_IMPORT = ("pipeline.contract", "pipeline.workers.local_pool", "pipeline.workers.ray_pool")
+
+
+def _modules(folder: str) -> list[str]:
+    root = REPO / folder
+    names = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
+
+
+TORCH_FREE = _modules("pipeline/contract") + _modules("bot") + ["pipeline.workers.local_pool"]
+
+
+def _heavy_after_import(module: str) -> list[str]:
+    code = f"import sys, {module}; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, f"importing {module} failed:\n{result.stderr[-2000:]}"
+    return [m for m in result.stdout.strip().split(",") if m]
+
+
+def test_importing_any_torch_free_module_loads_no_gpu_library() -> None:
+    # One fresh interpreter per module (an earlier import would hide a later one's).
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        loaded = dict(zip(TORCH_FREE, pool.map(_heavy_after_import, TORCH_FREE)))
+    assert len(loaded) > 30  # the module lists really were found
+    offenders = {module: libs for module, libs in loaded.items() if libs}
+    assert not offenders, f"these modules load the GPU stack at import: {offenders}"
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.lineno, node.module))
+    return found
+
+
+@pytest.mark.parametrize("folder", ["pipeline/contract", "bot"])
+def test_no_gpu_library_is_imported_even_inside_a_function(folder: str) -> None:
+    bad = []
+    for path in sorted((REPO / folder).rglob("*.py")):
+        where = path.relative_to(REPO).as_posix()
+        if where.startswith(OUTSIDE_THE_BOT_PROCESS):
+            continue
+        for line, module in _imports(path):
+            top = module.split(".")[0]
+            if top in HEAVY:
+                bad.append(f"{where}:{line} imports {module}")
+            elif top == "pipeline" and not module.startswith(BOT_MAY_IMPORT):
+                bad.append(f"{where}:{line} imports worker-side {module}")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_pipeline_never_imports_the_bot() -> None:
+    bad = [
+        f"{path.relative_to(REPO)}:{line} imports {module}"
+        for path in sorted((REPO / "pipeline").rglob("*.py"))
+        for line, module in _imports(path)
+        if module.split(".")[0] == "bot"
+    ]
+    assert not bad, "\n".join(bad)
