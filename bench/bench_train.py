@@ -27,7 +27,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.contract.jobs import Limits, TrainSpec  # noqa: E402
-from pipeline.training.loop import UNET_TARGETS, train_lora  # noqa: E402
+from pipeline.training.adapters import UNET_TARGETS  # noqa: E402
+from pipeline.training.loop import train_lora  # noqa: E402
 
 
 def load(model: Path, device: str, xl: bool):

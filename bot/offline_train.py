@@ -43,7 +43,8 @@ def train_offline(args: argparse.Namespace, config: Config) -> int:
     from pipeline.contract.infotext import png_bytes
     from pipeline.models.loading import ModelCache
     from pipeline.training.dataset import dataset_summary, prepare_dataset, rare_token
-    from pipeline.training.loop import TrainResult, make_grid, train_lora
+    from pipeline.training.loop import TrainResult, train_lora
+    from pipeline.training.samples import make_grid
 
     db = store.open_db(config.storage.database)
     blobs = BlobStore(config.storage.blobs)

@@ -26,15 +26,10 @@ from safetensors.torch import load as load_safetensors
 
 from pipeline.contract.jobs import JobError, Limits, TrainSpec
 from pipeline.models.tiny import write_tiny_model
-from pipeline.training.loop import (
-    CHECKPOINT_FILE,
-    TrainingCancelled,
-    TrainingPaused,
-    TrainResult,
-    loss_on_images,
-    make_grid,
-    train_lora,
-)
+from pipeline.training.checkpoints import CHECKPOINT_FILE
+from pipeline.training.loop import TrainingCancelled, TrainingPaused, TrainResult, train_lora
+from pipeline.training.samples import make_grid
+from pipeline.training.validation import loss_on_images
 
 PROMPT = "photo of sks person"
 LIMITS = Limits()

@@ -1,0 +1,179 @@
+"""The denoising objective and what goes into it: VAE latents, text conditioning
+(SD 1.x and SDXL), the noise scheduler, the per-sample loss and its min-SNR weights."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline.contract.jobs import TrainSpec
+
+
+@dataclass
+class Cond:
+    """What the UNet is conditioned on, besides the noisy latents and timestep."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None = None  # SDXL
+    time_ids: torch.Tensor | None = None  # SDXL
+
+    def unet_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"encoder_hidden_states": self.embeds}
+        if self.pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        return kwargs
+
+
+@dataclass
+class Encoded:
+    """Training images, encoded once: VAE latents and (frozen encoder) embeddings."""
+
+    latents: torch.Tensor  # (n, 4, h, w) on the device, already × scaling factor
+    cond: Cond | None  # None when the text encoder trains: encoded every step
+    captions: list[str]
+
+
+@torch.no_grad()
+def encode_images(
+    pipe: Any, images: list[Image.Image], captions: list[str], spec: TrainSpec
+) -> Encoded | None:
+    if not images:
+        return None
+    if len(captions) == 1:
+        captions = captions * len(images)
+    latents = latents_of(pipe.vae, pixels(images, spec.resolution))
+    cond = None
+    if not spec.train_text_encoder:
+        embeds, pooled = encode_text(pipe, captions)
+        cond = Cond(embeds, pooled, sdxl_time_ids(pipe, spec.resolution, len(images)))
+    return Encoded(latents, cond, captions)
+
+
+def pixels(images: list[Image.Image], resolution: int) -> torch.Tensor:
+    """Centre-square, resize and scale to [-1, 1], as the VAE expects."""
+    arrays = []
+    for image in images:
+        image = image.convert("RGB")
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+        image = image.resize((resolution, resolution), Image.Resampling.LANCZOS)
+        arrays.append(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+def latents_of(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """VAE posterior means × scaling factor (no sampling: the same every step)."""
+    with _vae_in_float32_if_needed(vae):
+        chunks = [
+            vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist.mean
+            for chunk in pixels.split(4)
+        ]
+    return torch.cat(chunks).float() * vae.config.scaling_factor
+
+
+@contextmanager
+def _vae_in_float32_if_needed(vae: Any) -> Iterator[None]:
+    # The SDXL VAE overflows in fp16 (diffusers' `force_upcast`); fp16 → fp32 → fp16 is
+    # lossless, so the pipe gets its weights back bit for bit.
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        yield
+    finally:
+        if upcast:
+            vae.to(torch.float16)
+
+
+def is_xl(pipe: Any) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def encode_text(pipe: Any, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompt embeddings as the pipelines build them (SDXL: penultimate hidden states
+    of both encoders, concatenated, and encoder 2's pooled output). Not under
+    no_grad: when the text encoder trains, gradients flow through here."""
+    encoders = [(pipe.tokenizer, pipe.text_encoder)]
+    if is_xl(pipe):
+        encoders.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    embeds, pooled = [], None
+    for tokenizer, encoder in encoders:
+        ids = tokenizer(
+            captions,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(encoder.device)
+        if is_xl(pipe):
+            output = encoder(ids, output_hidden_states=True)
+            embeds.append(output.hidden_states[-2])
+            pooled = output[0]
+        else:
+            embeds.append(encoder(ids)[0])
+    return torch.cat(embeds, dim=-1), pooled
+
+
+def sdxl_time_ids(pipe: Any, resolution: int, count: int) -> torch.Tensor | None:
+    """SDXL micro-conditioning: original size, crop top-left, target size."""
+    if not is_xl(pipe):
+        return None
+    size = [resolution, resolution]
+    ids = torch.tensor([size + [0, 0] + size], dtype=torch.float32)
+    return ids.repeat(count, 1).to(pipe.unet.device)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda":
+        return None  # CPU trains in fp32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device) -> Any:
+    dtype = autocast_dtype(device)
+    return torch.autocast("cuda", dtype=dtype) if dtype is not None else nullcontext()
+
+
+def training_scheduler(pipe: Any) -> Any:
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def denoising_loss(
+    unet: Any,
+    scheduler: Any,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    cond: Cond,
+) -> torch.Tensor:
+    """Per-sample MSE between the UNet's prediction and its target (ε or v)."""
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    prediction = unet(noisy, timesteps, **cond.unet_kwargs()).sample
+    return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+
+def snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023), as in the diffusers examples."""
+    if gamma <= 0:
+        return torch.ones_like(timesteps, dtype=torch.float32)
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps)
+    weights = torch.clamp(snr, max=gamma)
+    if scheduler.config.prediction_type == "v_prediction":
+        return weights / (snr + 1)
+    return weights / snr

@@ -1,0 +1,122 @@
+"""Export the trained adapter in kohya/AUTOMATIC1111 key format (`lora_unet_…`,
+`lora_te_…`; LyCORIS names for LoHa/LoKr), with kohya-style metadata."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from pipeline.contract.jobs import TrainSpec
+from pipeline.training.adapters import ADAPTER, TEXT_LR_RATIO
+from pipeline.training.denoising import is_xl
+
+VERSION = "0.1.0"
+
+
+def kohya_state_dict(pipe: Any, method: str, alpha: float) -> dict[str, torch.Tensor]:
+    """The pipe's `ADAPTER` weights under kohya/LyCORIS key names, in fp16."""
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, model in _kohya_models(pipe):
+        for path, layer in _adapter_layers(model):
+            if prefix != "lora_unet_" and not path.startswith("text_model."):
+                # transformers 5 flattened CLIPTextModel; kohya names keep `text_model`.
+                path = f"text_model.{path}"
+            name = prefix + path.replace(".", "_")
+            for suffix, tensor in _layer_tensors(layer, method).items():
+                tensors[f"{name}.{suffix}"] = tensor.detach().to("cpu", torch.float16)
+            tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float16)
+    return tensors
+
+
+def _kohya_models(pipe: Any) -> list[tuple[str, torch.nn.Module]]:
+    models = [("lora_unet_", pipe.unet)]
+    if is_xl(pipe):
+        models += [("lora_te1_", pipe.text_encoder), ("lora_te2_", pipe.text_encoder_2)]
+    else:
+        models.append(("lora_te_", pipe.text_encoder))
+    return models
+
+
+def _adapter_layers(model: torch.nn.Module) -> Iterator[tuple[str, Any]]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for path, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer) and ADAPTER in _names(module):
+            yield path, module
+
+
+def _names(layer: Any) -> set[str]:
+    names: set[str] = set()
+    for attribute in layer.adapter_layer_names:
+        names.update(getattr(layer, attribute).keys())
+    return names
+
+
+def _layer_tensors(layer: Any, method: str) -> dict[str, torch.Tensor]:
+    """One layer's weights under LyCORIS/kohya names, scaled so that kohya's rule
+    (delta × alpha / dim) gives exactly peft's delta (× alpha / r)."""
+    if method == "lora":
+        return {
+            "lora_down.weight": layer.lora_A[ADAPTER].weight,
+            "lora_up.weight": layer.lora_B[ADAPTER].weight,
+        }
+    if method == "loha":
+        return {
+            name: getattr(layer, name)[ADAPTER]
+            for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+        }
+    tensors = {
+        name: getattr(layer, name)[ADAPTER]
+        for name in layer.adapter_layer_names
+        if ADAPTER in getattr(layer, name)
+    }
+    if "lokr_w1_b" not in tensors and "lokr_w2_b" not in tensors:
+        # Both Kronecker factors full: readers (A1111, ComfyUI, diffusers) then apply no
+        # alpha/dim scale, but peft trained with alpha/r — bake it into w1.
+        key = "lokr_w1" if "lokr_w1" in tensors else "lokr_w1_a"
+        tensors[key] = tensors[key] * layer.scaling[ADAPTER]
+    return tensors
+
+
+def metadata_of(
+    pipe: Any,
+    spec: TrainSpec,
+    steps: int,
+    model_name: str,
+    model_hash: str,
+    base_loss: float,
+    adapter_loss: float,
+    photos: int,
+) -> dict[str, str]:
+    lycoris = spec.method != "lora"
+    text_lr = spec.learning_rate * TEXT_LR_RATIO if spec.train_text_encoder else 0.0
+    metadata = {
+        "ss_base_model_version": "sdxl_base_v1-0" if is_xl(pipe) else "sd_v1",
+        "ss_sd_model_name": model_name,
+        "ss_output_name": spec.name,
+        "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora",
+        "ss_network_dim": str(spec.rank),
+        "ss_network_alpha": f"{spec.alpha:g}",
+        "ss_steps": str(steps),
+        "ss_resolution": f"({spec.resolution}, {spec.resolution})",
+        "ss_learning_rate": f"{spec.learning_rate:g}",
+        "ss_unet_lr": f"{spec.learning_rate:g}",
+        "ss_text_encoder_lr": f"{text_lr:g}",
+        "ss_num_train_images": str(photos),
+        "ss_min_snr_gamma": f"{spec.min_snr_gamma:g}",
+        "sdbot_version": VERSION,
+        "sdbot_base_model": model_name,
+        "sdbot_base_model_hash": model_hash,
+        "sdbot_method": spec.method,
+        "sdbot_steps": str(steps),
+        "sdbot_token": spec.token,
+        "sdbot_subject": spec.subject,
+        "sdbot_base_loss": f"{base_loss:.6g}",
+        "sdbot_adapter_loss": f"{adapter_loss:.6g}",
+    }
+    if lycoris:
+        metadata["ss_network_args"] = json.dumps({"algo": spec.method})
+    return metadata
