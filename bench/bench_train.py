@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.contract.jobs import Limits, TrainSpec  # noqa: E402
 from pipeline.training.adapters import UNET_TARGETS  # noqa: E402
-from pipeline.training.loop import train_lora  # noqa: E402
+from pipeline.training.loop import TrainOptions, TrainPhotos, train_lora  # noqa: E402
 
 
 def load(model: Path, device: str, xl: bool):
@@ -50,18 +50,14 @@ def photos(count: int, size: int) -> list[Image.Image]:
 
 def ours(pipe, spec: TrainSpec, images: list[Image.Image], workdir: Path) -> float:
     stamps: list[float] = []
-    train_lora(
-        pipe,
-        spec,
-        images,
-        [],
-        [],
+    options = TrainOptions(
         checkpoint_dir=workdir,
         limits=Limits(),
         on_progress=lambda step, total, loss: stamps.append(time.perf_counter()),
         sample_prompts=["x"],
         sample_steps=1,
     )
+    train_lora(pipe, spec, TrainPhotos(images), options)
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 

@@ -43,7 +43,7 @@ def train_offline(args: argparse.Namespace, config: Config) -> int:
     from pipeline.contract.infotext import png_bytes
     from pipeline.models.loading import ModelCache
     from pipeline.training.dataset import dataset_summary, prepare_dataset, rare_token
-    from pipeline.training.loop import TrainResult, train_lora
+    from pipeline.training.loop import TrainOptions, TrainPhotos, TrainResult, train_lora
     from pipeline.training.samples import make_grid
 
     db = store.open_db(config.storage.database)
@@ -84,14 +84,18 @@ def train_offline(args: argparse.Namespace, config: Config) -> int:
         result = train_lora(
             model.pipe,
             spec,
-            [t.image for t in dataset.train],
-            list(spec.captions),
-            [t.image for t in dataset.test],
-            checkpoint_dir=checkpoints,
-            limits=config.limits,
-            on_progress=_progress,
-            model_name=model.name,
-            model_hash=model.hash,
+            TrainPhotos(
+                [t.image for t in dataset.train],
+                list(spec.captions),
+                [t.image for t in dataset.test],
+            ),
+            TrainOptions(
+                checkpoint_dir=checkpoints,
+                limits=config.limits,
+                on_progress=_progress,
+                model_name=model.name,
+                model_hash=model.hash,
+            ),
         )
     finally:
         # Checkpoints hold what was learnt from the member's photos: never keep them.

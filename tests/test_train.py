@@ -27,7 +27,14 @@ from safetensors.torch import load as load_safetensors
 from pipeline.contract.jobs import JobError, Limits, TrainSpec
 from pipeline.models.tiny import write_tiny_model
 from pipeline.training.checkpoints import CHECKPOINT_FILE
-from pipeline.training.loop import TrainingCancelled, TrainingPaused, TrainResult, train_lora
+from pipeline.training.loop import (
+    TrainingCancelled,
+    TrainingPaused,
+    TrainOptions,
+    TrainPhotos,
+    TrainResult,
+    train_lora,
+)
 from pipeline.training.samples import make_grid
 from pipeline.training.validation import loss_on_images
 
@@ -84,12 +91,8 @@ def run(
     return train_lora(
         pipe,
         train_spec,
-        photos(2),
-        [],
-        photos(1, seed=1),
-        checkpoint_dir=checkpoint_dir,
-        limits=LIMITS,
-        **kwargs,
+        TrainPhotos(photos(2), [], photos(1, seed=1)),
+        TrainOptions(checkpoint_dir=checkpoint_dir, limits=LIMITS, **kwargs),
     )
 
 
@@ -428,12 +431,8 @@ def test_without_test_photos_the_losses_are_nan(sd_dir, tmp_path):
     result = train_lora(
         load(sd_dir),
         spec(steps=1),
-        photos(2),
-        [],
-        [],
-        checkpoint_dir=tmp_path / "job",
-        limits=LIMITS,
-        sample_steps=1,
+        TrainPhotos(photos(2)),
+        TrainOptions(checkpoint_dir=tmp_path / "job", limits=LIMITS, sample_steps=1),
     )
     assert math.isnan(result.base_loss) and math.isnan(result.adapter_loss)
     assert not result.got_worse
@@ -465,12 +464,11 @@ def test_v_prediction_model_trains(sd_dir, tmp_path):
 
 def test_bad_inputs_are_refused(sd_dir, tmp_path):
     pipe = load(sd_dir)
+    options = TrainOptions(checkpoint_dir=tmp_path, limits=LIMITS)
     with pytest.raises(JobError, match="2 photos but 1 captions"):
-        train_lora(pipe, spec(), photos(2), ["one"], [], checkpoint_dir=tmp_path, limits=LIMITS)
+        train_lora(pipe, spec(), TrainPhotos(photos(2), ["one"]), options)
     with pytest.raises(JobError, match="resolution"):
-        train_lora(
-            pipe, spec(resolution=60), photos(2), [], [], checkpoint_dir=tmp_path, limits=LIMITS
-        )
+        train_lora(pipe, spec(resolution=60), TrainPhotos(photos(2)), options)
 
 
 def test_make_grid():

@@ -18,7 +18,8 @@ The output is a `.safetensors` file in kohya/AUTOMATIC1111 key format
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,46 +96,107 @@ class TrainResult:
     seconds: float = 0.0  # training time over all chunks of this job
 
 
-# --- public entry points ----------------------------------------------------------
+@dataclass(frozen=True)
+class TrainPhotos:
+    """The prepared photos: what the adapter learns from, and what it is judged on."""
+
+    train: list[Image.Image]
+    captions: list[str] = field(default_factory=list)  # one per train photo; [] = the token
+    test: list[Image.Image] = field(default_factory=list)  # held out, for validation
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Where the job keeps its checkpoint, what it may ask of the caller, and how the
+    class images and samples are drawn."""
+
+    checkpoint_dir: Path
+    limits: Limits
+    on_progress: Callable[[int, int, float], None] | None = None
+    should_cancel: Callable[[], bool] | None = None
+    should_yield: Callable[[], bool] | None = None
+    model_name: str = ""
+    model_hash: str = ""
+    sample_prompts: list[str] | None = None
+    sample_steps: int = 20
+    sample_size: int | None = None
+    num_class_images: int = 50
+
+
+# --- the entry point ------------------------------------------------------------------
 
 
 def train_lora(
-    pipe: Any,
-    spec: TrainSpec,
-    train_images: list[Image.Image],
-    captions: list[str],
-    test_images: list[Image.Image],
-    *,
-    checkpoint_dir: Path,
-    limits: Limits,
-    on_progress: Callable[[int, int, float], None] | None = None,
-    should_cancel: Callable[[], bool] | None = None,
-    should_yield: Callable[[], bool] | None = None,
-    model_name: str = "",
-    model_hash: str = "",
-    sample_prompts: list[str] | None = None,
-    sample_steps: int = 20,
-    sample_size: int | None = None,
-    num_class_images: int = 50,
+    pipe: Any, spec: TrainSpec, photos: TrainPhotos, options: TrainOptions
 ) -> TrainResult | TrainingPaused:
-    """Train `spec.method` on `train_images` and return the kohya file, or pause.
+    """Train `spec.method` on `photos.train` and return the kohya file, or pause.
 
     Resumes from `checkpoint_dir/checkpoint.pt` when it holds a checkpoint of this same
     job (spec and base model). The caller owns `checkpoint_dir` and deletes it when the
     job is over: it holds weights learnt from the member's photos.
     """
-    # 1. Check inputs
-    total = spec.planned_steps(limits)
-    _check_inputs(pipe, spec, train_images, captions, total)
-    instance_prompt = f"photo of {spec.token} {spec.subject}"
-    captions = list(captions) or [instance_prompt] * len(train_images)
-    checkpoint_dir = Path(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = checkpoint_dir / CHECKPOINT_FILE
-    job_key = checkpoint_key(spec, model_hash)
-    every = spec.checkpoint_every if spec.checkpoint_every > 0 else DEFAULT_CHUNK
-    started = time.monotonic()
-    device = pipe.unet.device
+    job = _Job.start(pipe, spec, photos, options)  # 1. check inputs
+    with _borrowed(pipe) as tuners:
+        data = _base_model_work(job)  # 2. before any adapter exists
+        trainer = _add_trainer(job, tuners)  # 3. adapters, optimizer
+        step = _resume(job, trainer)  # 4. this job's checkpoint, if any
+        paused = _train_steps(job, trainer, data, step)  # 5. in chunks
+        if paused is not None:
+            return paused
+        adapter_loss = _validate(job)  # 6. the held-out loss again, with the adapter
+        samples = _samples(job)  # 7. with the adapter
+        return _export(job, data.base_loss, adapter_loss, samples)  # 8. kohya file
+
+
+# --- the stages ------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    pipe: Any
+    spec: TrainSpec
+    photos: TrainPhotos
+    options: TrainOptions
+    total: int  # planned steps
+    captions: list[str]
+    checkpoint_path: Path
+    key: str  # which job a checkpoint belongs to
+    started: float = field(default_factory=time.monotonic)
+    seconds_before: float = 0.0  # training time in earlier chunks
+
+    @classmethod
+    def start(cls, pipe: Any, spec: TrainSpec, photos: TrainPhotos, options: TrainOptions) -> _Job:
+        total = spec.planned_steps(options.limits)
+        _check_inputs(pipe, spec, photos.train, photos.captions, total)
+        checkpoint_dir = Path(options.checkpoint_dir)
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        return cls(
+            pipe=pipe,
+            spec=spec,
+            photos=photos,
+            options=options,
+            total=total,
+            captions=list(photos.captions) or [_instance_prompt(spec)] * len(photos.train),
+            checkpoint_path=checkpoint_dir / CHECKPOINT_FILE,
+            key=checkpoint_key(spec, options.model_hash),
+        )
+
+    @property
+    def test_prompts(self) -> list[str]:
+        return [_instance_prompt(self.spec)] * len(self.photos.test)
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.monotonic() - self.started
+
+
+def _instance_prompt(spec: TrainSpec) -> str:
+    return f"photo of {spec.token} {spec.subject}"
+
+
+@contextmanager
+def _borrowed(pipe: Any) -> Iterator[list[Any]]:
+    """The pipe for training; whatever happens, it is given back exactly as it was.
+    Yields the list the adapters' peft tuners go in, to be unloaded after."""
     saved = PipeState.capture(pipe)
     set_aside: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
     tuners: list[Any] = []
@@ -143,104 +205,146 @@ def train_lora(
             # A worker's LoRA cache keeps adapters in the pipe (most switched off); they
             # step out while we train, so the base model is really the base model.
             set_aside = set_aside_adapters(pipe)
-
-            # 2. Base-model work, before any adapter exists
-            class_images: list[Image.Image] = []
-            if spec.prior_preservation:
-                cache = class_image_dir(checkpoint_dir, model_hash or model_name, spec)
-                class_images = draw_class_images(pipe, spec, cache, num_class_images, sample_steps)
-            test_prompts = [instance_prompt] * len(test_images)
-            base_loss = held_out_loss(pipe, test_images, test_prompts, spec.resolution)
-            instance = encode_images(pipe, train_images, captions, spec)
-            prior = encode_images(pipe, class_images, [class_prompt(spec)], spec)
-
-            # 3. Adapters and optimizer
-            freeze(pipe)
-            tuners = add_adapters(pipe, spec)
-            groups = param_groups(pipe, spec)
-            optimizer = torch.optim.AdamW(
-                groups,
-                betas=(0.9, 0.999),
-                weight_decay=1e-2,
-                eps=1e-8,
-                fused=device.type == "cuda",
-            )
-            amp_dtype = autocast_dtype(device)
-            scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-            if device.type == "cuda":
-                pipe.unet.enable_gradient_checkpointing()  # memory for batch and resolution
-            noise_scheduler = training_scheduler(pipe)
-            generator = torch.Generator().manual_seed(spec.seed)
-
-            # 4. Resume from this job's checkpoint, if any
-            step, seconds_before = 0, 0.0
-            checkpoint = load_checkpoint(checkpoint_path, job_key)
-            if checkpoint is not None:
-                restore_checkpoint(pipe, checkpoint, optimizer, scaler, generator)
-                step, seconds_before = checkpoint["step"], checkpoint["seconds"]
-            set_training(pipe, spec, True)
-
-            # 5. Training loop, in chunks of `every` steps
-            while step < total:
-                if should_cancel is not None and should_cancel():
-                    raise TrainingCancelled(f"training cancelled at step {step} of {total}")
-                batch = _batch_indices(step, spec, len(instance.latents))
-                loss = _train_step(
-                    pipe,
-                    spec,
-                    instance,
-                    prior,
-                    batch,
-                    noise_scheduler,
-                    generator,
-                    optimizer,
-                    scaler,
-                )
-                step += 1
-                if on_progress is not None:
-                    on_progress(step, total, loss)
-                if step % every == 0 or step == total:
-                    seconds = seconds_before + time.monotonic() - started
-                    state = checkpoint_state(
-                        pipe, job_key, step, seconds, optimizer, scaler, generator
-                    )
-                    save_atomically(state, checkpoint_path)
-                    if step < total and should_yield is not None and should_yield():
-                        return TrainingPaused(step=step)
-            set_training(pipe, spec, False)
-
-            # 6. Validation: the same held-out loss, now with the adapter
-            adapter_loss = held_out_loss(pipe, test_images, test_prompts, spec.resolution)
-            got_worse = bool(adapter_loss > base_loss)
-
-            # 7. Samples with the adapter
-            prompts = sample_prompts or default_sample_prompts(spec)
-            size = sample_size or spec.resolution
-            samples = [sample(pipe, p, spec.seed, sample_steps, size) for p in prompts]
-
-            # 8. Export in kohya format
-            seconds = seconds_before + time.monotonic() - started
-            metadata = metadata_of(
-                pipe, spec, total, model_name, model_hash, base_loss, adapter_loss, len(captions)
-            )
-            tensors = kohya_state_dict(pipe, spec.method, spec.alpha)
-            data = save_safetensors(tensors, metadata=metadata)
-            return TrainResult(
-                safetensors=data,
-                metadata=metadata,
-                base_loss=base_loss,
-                adapter_loss=adapter_loss,
-                got_worse=got_worse,
-                samples=samples,
-                steps=total,
-                seconds=seconds,
-            )
+            yield tuners
     finally:
         for tuner in tuners:
             tuner.unload()  # swaps every adapter layer back for its base layer
         for parent, name, layer in reversed(set_aside):
             setattr(parent, name, layer)
         saved.restore(pipe)
+
+
+@dataclass
+class _Data:
+    """What the base model made of the photos, before training."""
+
+    base_loss: float
+    instance: Encoded
+    prior: Encoded | None  # class images' latents, with prior preservation
+
+
+def _base_model_work(job: _Job) -> _Data:
+    pipe, spec, options = job.pipe, job.spec, job.options
+    class_images: list[Image.Image] = []
+    if spec.prior_preservation:
+        cache = class_image_dir(
+            Path(options.checkpoint_dir), options.model_hash or options.model_name, spec
+        )
+        class_images = draw_class_images(
+            pipe, spec, cache, options.num_class_images, options.sample_steps
+        )
+    base_loss = held_out_loss(pipe, job.photos.test, job.test_prompts, spec.resolution)
+    instance = encode_images(pipe, job.photos.train, job.captions, spec)
+    assert instance is not None  # _check_inputs: at least one photo
+    prior = encode_images(pipe, class_images, [class_prompt(spec)], spec)
+    return _Data(base_loss, instance, prior)
+
+
+@dataclass
+class _Trainer:
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    noise_scheduler: Any
+    generator: torch.Generator
+
+
+def _add_trainer(job: _Job, tuners: list[Any]) -> _Trainer:
+    pipe, spec = job.pipe, job.spec
+    device = pipe.unet.device
+    freeze(pipe)
+    tuners.extend(add_adapters(pipe, spec))
+    optimizer = torch.optim.AdamW(
+        param_groups(pipe, spec),
+        betas=(0.9, 0.999),
+        weight_decay=1e-2,
+        eps=1e-8,
+        fused=device.type == "cuda",
+    )
+    amp_dtype = autocast_dtype(device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    if device.type == "cuda":
+        pipe.unet.enable_gradient_checkpointing()  # memory for batch and resolution
+    generator = torch.Generator().manual_seed(spec.seed)
+    return _Trainer(optimizer, scaler, training_scheduler(pipe), generator)
+
+
+def _resume(job: _Job, trainer: _Trainer) -> int:
+    """The step to start from: 0, or where this job's checkpoint left off."""
+    checkpoint = load_checkpoint(job.checkpoint_path, job.key)
+    if checkpoint is None:
+        return 0
+    restore_checkpoint(job.pipe, checkpoint, trainer.optimizer, trainer.scaler, trainer.generator)
+    job.seconds_before = checkpoint["seconds"]
+    return checkpoint["step"]
+
+
+def _train_steps(job: _Job, trainer: _Trainer, data: _Data, step: int) -> TrainingPaused | None:
+    """Steps until the planned total, a checkpoint every `checkpoint_every` steps; after
+    one, the caller may take the worker back (a pause)."""
+    pipe, spec, options, total = job.pipe, job.spec, job.options, job.total
+    every = spec.checkpoint_every if spec.checkpoint_every > 0 else DEFAULT_CHUNK
+    set_training(pipe, spec, True)
+    while step < total:
+        if options.should_cancel is not None and options.should_cancel():
+            raise TrainingCancelled(f"training cancelled at step {step} of {total}")
+        batch = _batch_indices(step, spec, len(data.instance.latents))
+        loss = _train_step(pipe, spec, data.instance, data.prior, batch, trainer)
+        step += 1
+        if options.on_progress is not None:
+            options.on_progress(step, total, loss)
+        if step % every == 0 or step == total:
+            state = checkpoint_state(
+                pipe,
+                job.key,
+                step,
+                job.seconds(),
+                trainer.optimizer,
+                trainer.scaler,
+                trainer.generator,
+            )
+            save_atomically(state, job.checkpoint_path)
+            if step < total and options.should_yield is not None and options.should_yield():
+                return TrainingPaused(step=step)
+    set_training(pipe, spec, False)
+    return None
+
+
+def _validate(job: _Job) -> float:
+    return held_out_loss(job.pipe, job.photos.test, job.test_prompts, job.spec.resolution)
+
+
+def _samples(job: _Job) -> list[Image.Image]:
+    spec, options = job.spec, job.options
+    prompts = options.sample_prompts or default_sample_prompts(spec)
+    size = options.sample_size or spec.resolution
+    return [sample(job.pipe, p, spec.seed, options.sample_steps, size) for p in prompts]
+
+
+def _export(
+    job: _Job, base_loss: float, adapter_loss: float, samples: list[Image.Image]
+) -> TrainResult:
+    pipe, spec, options = job.pipe, job.spec, job.options
+    metadata = metadata_of(
+        pipe,
+        spec,
+        job.total,
+        options.model_name,
+        options.model_hash,
+        base_loss,
+        adapter_loss,
+        len(job.captions),
+    )
+    tensors = kohya_state_dict(pipe, spec.method, spec.alpha)
+    return TrainResult(
+        safetensors=save_safetensors(tensors, metadata=metadata),
+        metadata=metadata,
+        base_loss=base_loss,
+        adapter_loss=adapter_loss,
+        got_worse=bool(adapter_loss > base_loss),
+        samples=samples,
+        steps=job.total,
+        seconds=job.seconds(),
+    )
 
 
 # --- 1. checks --------------------------------------------------------------------
@@ -304,12 +408,11 @@ def _train_step(
     instance: Encoded,
     prior: Encoded | None,
     batch: list[int],
-    noise_scheduler: Any,
-    generator: torch.Generator,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
+    trainer: _Trainer,
 ) -> float:
     device = pipe.unet.device
+    noise_scheduler, generator = trainer.noise_scheduler, trainer.generator
+    optimizer, scaler = trainer.optimizer, trainer.scaler
     latents = instance.latents[batch]
     with autocast(device):
         cond = _step_cond(pipe, spec, instance, batch)

@@ -202,16 +202,16 @@ class Runner:
         outcome = train.train_lora(
             model.pipe,
             spec,
-            decode(spec.photos),
-            list(spec.captions),
-            decode(spec.test_photos),
-            checkpoint_dir=checkpoint_dir,
-            limits=self.config.limits,
-            on_progress=on_progress,
-            should_cancel=lambda: is_cancelled(job_id),
-            should_yield=should_yield,
-            model_name=model.name,
-            model_hash=model.hash,
+            train.TrainPhotos(decode(spec.photos), list(spec.captions), decode(spec.test_photos)),
+            train.TrainOptions(
+                checkpoint_dir=checkpoint_dir,
+                limits=self.config.limits,
+                on_progress=on_progress,
+                should_cancel=lambda: is_cancelled(job_id),
+                should_yield=should_yield,
+                model_name=model.name,
+                model_hash=model.hash,
+            ),
         )
         if isinstance(outcome, train.TrainingPaused):
             return Paused(job_id, step=outcome.step)
