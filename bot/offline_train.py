@@ -8,16 +8,15 @@ is fine: this is a command of its own, never the bot process.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
 
 from bot import store
 from bot.personal import check_name_free, check_quota, register_trained_lora, validation_summary
+from bot.training import train_spec, training_metrics, training_resolution
 from pipeline.contract.blobs import BlobStore
 from pipeline.contract.config import Config
-from pipeline.contract.jobs import TrainSpec
 
 
 def _read_photos(paths: list[Path]) -> list[tuple[str, bytes]]:
@@ -43,7 +42,8 @@ def train_offline(args: argparse.Namespace, config: Config) -> int:
     from pipeline.contract.infotext import png_bytes
     from pipeline.models.loading import ModelCache
     from pipeline.training.dataset import dataset_summary, prepare_dataset, rare_token
-    from pipeline.training.loop import TrainOptions, TrainPhotos, TrainResult, train_lora
+    from pipeline.training.job import discard_checkpoints, run_training, training_info
+    from pipeline.training.loop import TrainPhotos, TrainResult
     from pipeline.training.samples import make_grid
 
     db = store.open_db(config.storage.database)
@@ -53,7 +53,7 @@ def train_offline(args: argparse.Namespace, config: Config) -> int:
     # 1. The photos
     zip_data = args.zip.read_bytes() if args.zip else None
     model = ModelCache(config, config.workers.devices[0]).get(args.model)
-    resolution = args.resolution or (1024 if model.is_xl else 512)
+    resolution = args.resolution or training_resolution(config, model.config)
     dataset = prepare_dataset(
         _read_photos(args.photos),
         zip_data=zip_data,
@@ -66,10 +66,11 @@ def train_offline(args: argparse.Namespace, config: Config) -> int:
     )
     print(dataset_summary(dataset.report))
     # 2. Train
-    spec = TrainSpec(
+    spec = train_spec(
+        config,
         name=args.name,
-        photos=tuple(f"{i:064x}" for i in range(len(dataset.train))),
-        captions=tuple(t.caption for t in dataset.train),
+        photos=[f"{i:064x}" for i in range(len(dataset.train))],
+        captions=[t.caption for t in dataset.train],
         token=dataset.token,
         subject=args.subject,
         model=model.name,
@@ -77,37 +78,20 @@ def train_offline(args: argparse.Namespace, config: Config) -> int:
         steps=args.steps,
         resolution=resolution,
     )
-    spec.check(config.limits)
     started = time.monotonic()
-    checkpoints = Path(config.storage.data_dir) / "training" / f"cli-{args.user}-{args.name}"
+    job_id = f"cli-{args.user}-{args.name}"
+    photos = TrainPhotos(
+        [t.image for t in dataset.train], list(spec.captions), [t.image for t in dataset.test]
+    )
     try:
-        result = train_lora(
-            model.pipe,
-            spec,
-            TrainPhotos(
-                [t.image for t in dataset.train],
-                list(spec.captions),
-                [t.image for t in dataset.test],
-            ),
-            TrainOptions(
-                checkpoint_dir=checkpoints,
-                limits=config.limits,
-                on_progress=_progress,
-                model_name=model.name,
-                model_hash=model.hash,
-            ),
+        result = run_training(
+            model, spec, photos, config=config, job_id=job_id, on_progress=_progress
         )
     finally:
-        # Checkpoints hold what was learnt from the member's photos: never keep them.
-        shutil.rmtree(checkpoints, ignore_errors=True)
+        discard_checkpoints(config, job_id)  # never kept: no pause here
     assert isinstance(result, TrainResult)  # no should_yield: it never pauses
     # 3. Register and report
-    metrics = {
-        "base_loss": result.base_loss,
-        "adapter_loss": result.adapter_loss,
-        "got_worse": result.got_worse,
-        "steps": result.steps,
-    }
+    metrics = training_metrics(training_info(result))
     record = register_trained_lora(
         db,
         blobs,

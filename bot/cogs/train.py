@@ -26,8 +26,8 @@ from bot.errors import UserError
 from bot.personal import check_name_free, check_quota, register_trained_lora, validation_summary
 from bot.photo_jobs import prepare_photos
 from bot.services.messages import JobMessages, _Tracked
+from bot.training import train_spec, training_metrics, training_resolution
 from pipeline.contract.jobs import Done, Event, Failed, TrainSpec, spec_to_dict
-from pipeline.contract.model_family import ModelError, detect_family
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _register_once(db, bot, row: dict) -> dict:
     spec, result = row["spec"], row.get("result") or {}
     [file] = result["files"]
     info = result.get("info") or {}
-    metrics = {k: info.get(k) for k in ("base_loss", "adapter_loss", "got_worse", "steps")}
+    metrics = training_metrics(info)
     return register_trained_lora(
         db,
         bot.blobs,
@@ -167,9 +167,7 @@ class TrainCog(SDCog):
         photos = await self._download_photos([a for a in attached if a is not None])
         zip_data = await self._download_archive(archive) if archive else None
         model = services.config.model("default")
-        resolution = services.config.training.resolution or await asyncio.to_thread(
-            training_resolution, model
-        )
+        resolution = await asyncio.to_thread(training_resolution, services.config, model)
         settings = dict(
             resolution=resolution,
             min_side=services.config.training.min_side,
@@ -222,25 +220,25 @@ class TrainCog(SDCog):
         resolution: int,
     ) -> TrainSpec:
         blobs = self.blobs
-        spec = TrainSpec(
-            name=name,
-            photos=tuple(blobs.put(png, ".png") for png in prepared["train"]),
-            test_photos=tuple(blobs.put(png, ".png") for png in prepared["test"]),
-            captions=tuple(prepared["captions"]),
-            token=prepared["token"],
-            subject=subject,
-            model=model,
-            method=method,
-            steps=steps,
-            resolution=resolution,
-            checkpoint_every=self.config.training.chunk_steps,
-        )
+        photos = [blobs.put(png, ".png") for png in prepared["train"]]
+        test_photos = [blobs.put(png, ".png") for png in prepared["test"]]
         try:
-            spec.check(self.config.limits)
+            return train_spec(
+                self.config,
+                name=name,
+                photos=photos,
+                test_photos=test_photos,
+                captions=prepared["captions"],
+                token=prepared["token"],
+                subject=subject,
+                model=model,
+                method=method,
+                steps=steps,
+                resolution=resolution,
+            )
         except Exception:
-            delete_photos(blobs, spec_to_dict(spec))
+            delete_photos(blobs, {"photos": photos, "test_photos": test_photos})
             raise
-        return spec
 
     async def _download_photos(self, attachments: list[Attachment]) -> list[tuple[str, bytes]]:
         limit_mb = self.config.attachments.max_mb
@@ -257,17 +255,6 @@ class TrainCog(SDCog):
         if not archive.filename.lower().endswith(".zip"):
             raise UserError(f"the archive must be a .zip file, not {archive.filename}")
         return await download(archive, self.config, "archive")
-
-
-def training_resolution(model) -> int:
-    """512 for SD 1.x, 1024 for SDXL (read from the model's files, without torch)."""
-    family = model.family
-    if family == "auto":
-        try:
-            family = detect_family(model.source)
-        except ModelError:
-            family = "sd1"
-    return 1024 if family == "sdxl" else 512
 
 
 def _str(value: int | None) -> str | None:

@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
-import shutil
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from pipeline.contract.blobs import BlobError, BlobStore
@@ -163,19 +160,17 @@ class Runner:
         is_cancelled: Callable[[str], bool],
         should_yield: Callable[[], bool],
     ) -> None:
-        from pipeline.training import loop as train
+        from pipeline.training.job import discard_checkpoints
+        from pipeline.training.loop import TrainingCancelled
 
-        checkpoint_dir = self._checkpoint_dir(job_id)
         try:
-            event = self._train_once(job_id, spec, emit, is_cancelled, should_yield, checkpoint_dir)
-        except train.TrainingCancelled:
+            event = self._train_once(job_id, spec, emit, is_cancelled, should_yield)
+        except TrainingCancelled:
             event = Cancelled(job_id)
         except Exception as exc:  # noqa: BLE001 - every failure must become an event
             event = failure_event(job_id, spec, exc, self.device)
         if not isinstance(event, Paused):
-            # The checkpoint holds weights learnt from the member's photos: it goes as
-            # soon as the job is over. (A worker that dies keeps it, to resume.)
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            discard_checkpoints(self.config, job_id)  # a worker that dies keeps it, to resume
         emit(event)
 
     def _train_once(
@@ -185,10 +180,10 @@ class Runner:
         emit: Emit,
         is_cancelled: Callable[[str], bool],
         should_yield: Callable[[], bool],
-        checkpoint_dir: Path,
     ) -> Event:
         from pipeline.contract.images import open_image
-        from pipeline.training import loop as train
+        from pipeline.training.job import run_training
+        from pipeline.training.loop import TrainingPaused, TrainPhotos
 
         def decode(shas: Sequence[str]) -> list[Any]:
             limit = self.config.limits.max_input_pixels
@@ -199,27 +194,19 @@ class Runner:
 
         progress = _ProgressThrottle([job_id], emit)
         model = self._model(spec.model)
-        outcome = train.train_lora(
-            model.pipe,
+        outcome = run_training(
+            model,
             spec,
-            train.TrainPhotos(decode(spec.photos), list(spec.captions), decode(spec.test_photos)),
-            train.TrainOptions(
-                checkpoint_dir=checkpoint_dir,
-                limits=self.config.limits,
-                on_progress=on_progress,
-                should_cancel=lambda: is_cancelled(job_id),
-                should_yield=should_yield,
-                model_name=model.name,
-                model_hash=model.hash,
-            ),
+            TrainPhotos(decode(spec.photos), list(spec.captions), decode(spec.test_photos)),
+            config=self.config,
+            job_id=job_id,
+            on_progress=on_progress,
+            should_cancel=lambda: is_cancelled(job_id),
+            should_yield=should_yield,
         )
-        if isinstance(outcome, train.TrainingPaused):
+        if isinstance(outcome, TrainingPaused):
             return Paused(job_id, step=outcome.step)
         return _training_done(job_id, spec, outcome)
-
-    def _checkpoint_dir(self, job_id: str) -> Path:
-        # Under the data folder, so a restarted worker on this machine finds it again.
-        return Path(self.config.storage.data_dir) / "checkpoints" / job_id
 
     # -- models -------------------------------------------------------------------------
 
@@ -269,24 +256,13 @@ class _ProgressThrottle:
 def _training_done(job_id: str, spec: TrainSpec, result: Any) -> Done:
     """TrainResult → Done: the kohya .safetensors file, sample images, validation figures."""
     from pipeline.contract.infotext import png_bytes
+    from pipeline.training.job import training_info
 
     samples = tuple(
         OutputImage(png=png_bytes(image, ""), seed=spec.seed) for image in result.samples
     )
-    info = {
-        "base_loss": _finite_or_none(result.base_loss),
-        "adapter_loss": _finite_or_none(result.adapter_loss),
-        "got_worse": bool(result.got_worse),
-        "steps": result.steps,
-        "seconds": round(result.seconds, 1),
-        "metadata": dict(result.metadata),
-    }
     files = ((f"{spec.name}.safetensors", result.safetensors),)
-    return Done(job_id, images=samples, files=files, info=info)
-
-
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None  # no test photos: NaN, not JSON
+    return Done(job_id, images=samples, files=files, info=training_info(result))
 
 
 def is_user_error(exc: BaseException) -> bool:

@@ -1,0 +1,68 @@
+"""The bot side of the one training flow, shared by `/train` and `sdbot train`: the
+job's spec (with the configured checkpoint interval), its resolution and the figures
+registered with the trained file. No torch here (the worker side is
+`pipeline.training.job`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pipeline.contract.config import Config, ModelConfig
+from pipeline.contract.jobs import TrainSpec
+from pipeline.contract.model_family import ModelError, detect_family
+
+METRICS = ("base_loss", "adapter_loss", "got_worse", "steps")
+
+
+def training_resolution(config: Config, model: ModelConfig) -> int:
+    """`[training] resolution`, else 512 for SD 1.x and 1024 for SDXL (read from the
+    model's files, without torch)."""
+    if config.training.resolution:
+        return config.training.resolution
+    family = model.family
+    if family == "auto":
+        try:
+            family = detect_family(model.source)
+        except ModelError:
+            family = "sd1"
+    return 1024 if family == "sdxl" else 512
+
+
+def train_spec(
+    config: Config,
+    *,
+    name: str,
+    photos: Sequence[str],
+    captions: Sequence[str],
+    token: str,
+    subject: str,
+    model: str,
+    method: str,
+    steps: int,
+    resolution: int,
+    test_photos: Sequence[str] = (),
+) -> TrainSpec:
+    """The job's spec, checked against the limits; it yields the worker (and saves a
+    checkpoint) every `[training] chunk_steps` steps."""
+    spec = TrainSpec(
+        name=name,
+        photos=tuple(photos),
+        test_photos=tuple(test_photos),
+        captions=tuple(captions),
+        token=token,
+        subject=subject,
+        model=model,
+        method=method,  # type: ignore[arg-type] - checked below
+        steps=steps,
+        resolution=resolution,
+        checkpoint_every=config.training.chunk_steps,
+    )
+    spec.check(config.limits)
+    return spec
+
+
+def training_metrics(info: dict[str, Any]) -> dict[str, Any]:
+    """The figures stored with a registered model, from a finished job's info."""
+    return {key: info.get(key) for key in METRICS}
