@@ -241,3 +241,28 @@ def test_training_yields_at_a_checkpoint_and_keeps_it(runner) -> None:
     assert any(isinstance(e, Progress) and e.loss is not None for e in events)
     checkpoints = Path(runner.config.storage.data_dir) / "checkpoints" / "train"
     assert any(checkpoints.iterdir())  # resumed from here when the job comes back
+
+
+def test_training_in_bfloat16_runs_to_a_kohya_file(tmp_path) -> None:
+    # `[workers] dtype = "bfloat16"` on the CPU: the whole job, validation and samples too.
+    from pipeline.contract.jobs import TrainSpec
+    from pipeline.workers.runner import Runner
+
+    models = tiny_models(tmp_path / "models")
+    config = make_config(models, tmp_path / "data", dtype="bfloat16")
+    runner = Runner(config, device="cpu", blobs=BlobStore(config.storage.blobs), name="test")
+    photos = []
+    for colour in ((200, 0, 0), (0, 200, 0), (0, 0, 200)):
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 64), colour).save(buffer, format="PNG")
+        photos.append(runner.blobs.put(buffer.getvalue(), ".png"))
+    spec = TrainSpec(
+        name="me", photos=tuple(photos[:2]), test_photos=(photos[2],), steps=2, resolution=64
+    )
+    events = run(runner, [("train", spec)])
+    done = events[-1]
+    assert isinstance(done, Done), events[-1]
+    [(name, data)] = done.files
+    assert name == "me.safetensors" and data
+    assert done.info["base_loss"] is not None and done.info["adapter_loss"] is not None
+    assert len(done.images) == 4  # the sample grid's images

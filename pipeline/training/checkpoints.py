@@ -12,6 +12,7 @@ import torch
 
 from pipeline.contract.jobs import TrainSpec, spec_to_json
 from pipeline.training.adapters import trainable, trainable_models
+from pipeline.training.precision import load_scaler_state
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -75,5 +76,5 @@ def restore_checkpoint(
             for name, param in trainable(model):
                 param.copy_(state["adapters"][f"{i}:{name}"])
     optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
+    load_scaler_state(scaler, state["scaler"])
     generator.set_state(state["generator"])

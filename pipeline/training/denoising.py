@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,10 +24,14 @@ class Cond:
     pooled: torch.Tensor | None = None  # SDXL
     time_ids: torch.Tensor | None = None  # SDXL
 
-    def unet_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"encoder_hidden_states": self.embeds}
-        if self.pooled is not None:
-            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
+    def unet_kwargs(self, dtype: torch.dtype) -> dict[str, Any]:
+        """The UNet's keyword arguments, cast to its dtype."""
+        kwargs: dict[str, Any] = {"encoder_hidden_states": self.embeds.to(dtype)}
+        if self.pooled is not None and self.time_ids is not None:
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": self.pooled.to(dtype),
+                "time_ids": self.time_ids.to(dtype),
+            }
         return kwargs
 
 
@@ -131,17 +135,6 @@ def sdxl_time_ids(pipe: Any, resolution: int, count: int) -> torch.Tensor | None
     return ids.repeat(count, 1).to(pipe.unet.device)
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda":
-        return None  # CPU trains in fp32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def autocast(device: torch.device) -> Any:
-    dtype = autocast_dtype(device)
-    return torch.autocast("cuda", dtype=dtype) if dtype is not None else nullcontext()
-
-
 def training_scheduler(pipe: Any) -> Any:
     from diffusers import DDPMScheduler
 
@@ -156,13 +149,14 @@ def denoising_loss(
     timesteps: torch.Tensor,
     cond: Cond,
 ) -> torch.Tensor:
-    """Per-sample MSE between the UNet's prediction and its target (ε or v)."""
-    noisy = scheduler.add_noise(latents, noise, timesteps)
+    """Per-sample MSE between the UNet's prediction and its target (ε or v). The noise
+    is added in fp32; the UNet gets its inputs in its own dtype; the loss is fp32."""
+    noisy = scheduler.add_noise(latents.float(), noise.float(), timesteps)
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    prediction = unet(noisy, timesteps, **cond.unet_kwargs()).sample
+    prediction = unet(noisy.to(unet.dtype), timesteps, **cond.unet_kwargs(unet.dtype)).sample
     return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
 

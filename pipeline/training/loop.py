@@ -49,8 +49,6 @@ from pipeline.training.checkpoints import (
 from pipeline.training.denoising import (
     Cond,
     Encoded,
-    autocast,
-    autocast_dtype,
     denoising_loss,
     encode_images,
     encode_text,
@@ -59,6 +57,7 @@ from pipeline.training.denoising import (
     training_scheduler,
 )
 from pipeline.training.export import kohya_state_dict, metadata_of
+from pipeline.training.precision import Precision
 from pipeline.training.samples import (
     class_image_dir,
     class_prompt,
@@ -243,6 +242,7 @@ def _base_model_work(job: _Job) -> _Data:
 @dataclass
 class _Trainer:
     optimizer: torch.optim.Optimizer
+    precision: Precision
     scaler: torch.amp.GradScaler
     noise_scheduler: Any
     generator: torch.Generator
@@ -260,12 +260,13 @@ def _add_trainer(job: _Job, tuners: list[Any]) -> _Trainer:
         eps=1e-8,
         fused=device.type == "cuda",
     )
-    amp_dtype = autocast_dtype(device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    precision = Precision.of(pipe)
     if device.type == "cuda":
         pipe.unet.enable_gradient_checkpointing()  # memory for batch and resolution
     generator = torch.Generator().manual_seed(spec.seed)
-    return _Trainer(optimizer, scaler, training_scheduler(pipe), generator)
+    return _Trainer(
+        optimizer, precision, precision.grad_scaler(), training_scheduler(pipe), generator
+    )
 
 
 def _resume(job: _Job, trainer: _Trainer) -> int:
@@ -414,7 +415,7 @@ def _train_step(
     noise_scheduler, generator = trainer.noise_scheduler, trainer.generator
     optimizer, scaler = trainer.optimizer, trainer.scaler
     latents = instance.latents[batch]
-    with autocast(device):
+    with trainer.precision.autocast():
         cond = _step_cond(pipe, spec, instance, batch)
         if prior is not None:
             # Class images ride in the same forward pass (as in the diffusers example).

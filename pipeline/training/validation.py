@@ -10,7 +10,6 @@ from PIL import Image
 
 from pipeline.training.denoising import (
     Cond,
-    autocast,
     denoising_loss,
     encode_text,
     latents_of,
@@ -18,6 +17,7 @@ from pipeline.training.denoising import (
     sdxl_time_ids,
     training_scheduler,
 )
+from pipeline.training.precision import Precision
 
 
 @torch.no_grad()
@@ -49,7 +49,7 @@ def loss_on_images(
     embeds, pooled = encode_text(pipe, captions)
     time_ids = sdxl_time_ids(pipe, resolution, len(images))
     losses = []
-    with autocast(device):
+    with Precision.of(pipe).autocast():
         for i in range(len(images)):
             generator = torch.Generator().manual_seed(seed + i)
             noise = torch.randn((n_timesteps, *latents.shape[1:]), generator=generator)
