@@ -20,8 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.contract.config import Config, ConfigError, ModelConfig, config_from_dict, load_config
+from pipeline.contract.config import Config, ConfigError, config_from_dict, load_config
 from pipeline.contract.jobs import GenerateSpec, JobError, LoraRef
+from pipeline.contract.model_names import is_model_path, resolve_model
 
 EXIT_USAGE = 2
 
@@ -139,20 +140,17 @@ def _config(args: argparse.Namespace, *, model: str | None = None) -> Config:
     path = args.config or os.environ.get("SDBOT_CONFIG") or "config.toml"
     if Path(path).exists() or args.config:
         config = load_config(path)
-    elif model and Path(model).exists():
+    elif model and is_model_path(model):
         config = config_from_dict({"models": {Path(model).stem: {"source": str(model)}}})
     else:
         raise CliError(f"config file {path} not found; pass --config PATH or --model PATH")
-    if model and model != "default" and Path(model).exists():
-        extra = ModelConfig(name=Path(model).stem, source=str(Path(model).resolve()))
-        config = Config(**{**config.__dict__, "models": (extra, *config.models)})
+    if model and is_model_path(model):
+        config, _ = resolve_model(config, model)  # a model path joins the config
     return config
 
 
 def _model_name(config: Config, requested: str) -> str:
-    if requested == "default" or Path(requested).exists():
-        return config.models[0].name if requested == "default" else Path(requested).stem
-    return config.model(requested).name  # raises with the list of names
+    return resolve_model(config, requested)[1].name  # raises with the list of names
 
 
 # --- generate ------------------------------------------------------------------------

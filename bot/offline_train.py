@@ -17,6 +17,7 @@ from bot.personal import check_name_free, check_quota, register_trained_lora, va
 from bot.training import train_spec, training_metrics, training_resolution
 from pipeline.contract.blobs import BlobStore
 from pipeline.contract.config import Config
+from pipeline.contract.model_names import resolve_model
 
 
 def _read_photos(paths: list[Path]) -> list[tuple[str, bytes]]:
@@ -52,8 +53,9 @@ def train_offline(args: argparse.Namespace, config: Config) -> int:
     check_quota(db, config, args.user)
     # 1. The photos
     zip_data = args.zip.read_bytes() if args.zip else None
-    model = ModelCache(config, config.workers.devices[0]).get(args.model)
-    resolution = args.resolution or training_resolution(config, model.config)
+    config, model_config = resolve_model(config, args.model)
+    model = ModelCache(config, config.workers.devices[0]).get(model_config.name)
+    resolution = args.resolution or training_resolution(config, model_config)
     dataset = prepare_dataset(
         _read_photos(args.photos),
         zip_data=zip_data,

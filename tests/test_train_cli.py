@@ -73,3 +73,49 @@ def test_train_command_prepares_trains_registers_and_reports(tmp_path, tiny_sd):
     )
     assert again.returncode == 2
     assert "you already have a LoRA named 'me'" in again.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "train", "other", *names, "--model", "nope"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr == "error: unknown model 'nope'; configured models: tiny\n"
+
+
+def test_train_and_generate_take_a_model_path_without_a_config(tmp_path, tiny_sd):
+    # The case that failed: no config.toml, the model given by its folder.
+    names = []
+    for name in ("astronaut", "coffee", "chelsea"):
+        Image.fromarray(getattr(photos, name)()).save(tmp_path / f"{name}.jpg")
+        names.append(f"{name}.jpg")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path.cwd())}
+    model = ["--model", str(tiny_sd)]
+    trained = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "train", "me", *names, *model, "--steps", "1"]
+        + ["--resolution", "64", "--user", "u1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert trained.returncode == 0, trained.stderr
+    assert "trained lora 'me'" in trained.stdout
+    record = store.find_lora(
+        store.open_db(tmp_path / "data" / "sdbot.sqlite"), "me", user_id="u1", guild_id=None
+    )
+    assert record["base_model"] == tiny_sd.name
+    generated = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "generate", "a cat", *model, "--steps", "2"]
+        + ["--width", "64", "--height", "64", "--out", "cat.png"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert generated.returncode == 0, generated.stderr
+    assert Image.open(tmp_path / "cat.png").size == (64, 64)

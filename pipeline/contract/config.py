@@ -136,7 +136,7 @@ class Config:
         for model in self.models:
             if model.name == name:
                 return model
-        names = ", ".join(m.name for m in self.models)
+        names = ", ".join(dict.fromkeys(m.name for m in self.models))
         raise ConfigError(f"unknown model {name!r}; configured models: {names}")
 
     @property
