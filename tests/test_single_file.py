@@ -52,7 +52,7 @@ def test_checkpoint_has_the_original_key_names(checkpoint):
     assert "model.diffusion_model.output_blocks.1.2.conv.weight" in keys  # upsampler after attn
     assert "first_stage_model.decoder.up.3.upsample.conv.weight" in keys  # reversed up blocks
     assert "cond_stage_model.transformer.text_model.final_layer_norm.weight" in keys
-    assert vae_q.shape == (16, 16, 1, 1)  # LDM's 1×1 conv attention, not diffusers' Linear
+    assert vae_q.shape == (64, 64, 1, 1)  # LDM's 1×1 conv attention, not diffusers' Linear
     assert not any(k.startswith(("unet.", "vae.", "text_encoder.")) for k in keys)
 
 

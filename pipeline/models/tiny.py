@@ -175,6 +175,10 @@ _SD_SCHEDULER = {
 }
 
 
+# The mean the tiny text encoders' outputs have (see _text_encoder).
+OUTPUT_MEAN = 0.1
+
+
 def _text_encoder(vocab_size: int, *, projection: bool, hidden: int = 32):
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -195,15 +199,29 @@ def _text_encoder(vocab_size: int, *, projection: bool, hidden: int = 32):
     )
     torch.manual_seed(1 if projection else 0)
     model_class = CLIPTextModelWithProjection if projection else CLIPTextModel
-    return model_class(config)
+    model = model_class(config)
+    # Real CLIP's outputs do not average zero, and A1111's renormalisation of weighted
+    # prompts (z *= old_mean / new_mean) divides by that mean: a freshly initialised
+    # encoder averages ~1e-9 there, so weighted prompts would measure float noise. Give
+    # the residual stream (SDXL reads the penultimate layer) and the final layer norm
+    # (SD 1.x reads the last one) an offset of the same order as real CLIP's.
+    generator = torch.Generator().manual_seed(2 if projection else 3)
+    text_model = getattr(model, "text_model", model)  # transformers 5 flattens CLIPTextModel
+    with torch.no_grad():
+        text_model.embeddings.token_embedding.weight.add_(OUTPUT_MEAN)
+        bias = text_model.final_layer_norm.bias
+        bias.copy_(OUTPUT_MEAN + 0.2 * torch.randn(bias.shape, generator=generator))
+    return model
 
 
-def _vae(scaling_factor: float):
+def tiny_vae(scaling_factor: float):
+    """The tiny VAE architecture: four blocks (downsamples by 8, like SD's), 4 latent
+    channels. Its trained weights come from `pipeline.models.train_tiny_vae`."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        block_out_channels=(8, 8, 16, 16),  # four blocks: downsamples by 8, like SD
-        norm_num_groups=4,
+        block_out_channels=(16, 32, 64, 64),
+        norm_num_groups=8,
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -213,6 +231,25 @@ def _vae(scaling_factor: float):
         sample_size=64,
         scaling_factor=scaling_factor,
     )
+
+
+TINY_VAE_WEIGHTS = Path(__file__).resolve().parent / "data" / "tiny_vae.safetensors"
+
+
+def trained_tiny_vae():
+    """The tiny VAE with the weights `pipeline.models.train_tiny_vae` trained on real
+    photos (committed), so photos survive the encode/decode round trip."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(TINY_VAE_WEIGHTS), framework="pt") as f:
+        scaling_factor = json.loads(f.metadata()["scaling_factor"])
+    torch.manual_seed(0)
+    vae = tiny_vae(scaling_factor)
+    state = {k: v.float() for k, v in load_file(str(TINY_VAE_WEIGHTS)).items()}
+    vae.load_state_dict(state)
+    return vae
 
 
 def _unet(*, xl: bool, in_channels: int):
@@ -265,8 +302,7 @@ def write_tiny_model(directory: str | Path, *, xl: bool = False, inpaint: bool =
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     unet = _unet(xl=xl, in_channels=9 if inpaint else 4)
-    torch.manual_seed(0)
-    vae = _vae(0.13025 if xl else 0.18215)
+    vae = trained_tiny_vae()
     text_encoder = _text_encoder(vocab_size, projection=False)
     if xl:
         scheduler = EulerDiscreteScheduler.from_config(

@@ -1,0 +1,118 @@
+"""What each mode does to a real photo (scikit-image's astronaut), on the tiny model.
+
+The tiny model's VAE is trained on photos (`pipeline/models/train_tiny_vae.py`; the
+astronaut is held out), so a photo survives the encode/decode round trip and these
+tests can check more than sizes: low strength stays close to the input and higher
+strength moves away from it, inpainting changes the masked part and nothing else,
+outpainting keeps the original and upscaling keeps the picture. The UNet is random,
+so whatever it draws is noise: the checks are about what is kept, never about what
+is drawn (which is also why face fix, at denoise 0.4, is checked only for what it
+leaves alone: tests/test_face_jobs.py).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+from skimage import data as photos
+
+from pipeline.contract.blobs import BlobStore
+from pipeline.contract.config import config_from_dict
+from pipeline.contract.jobs import GenerateSpec
+from pipeline.generate.modes import run_generation
+from pipeline.models.loading import ModelCache
+from tests.conftest import png_of
+
+# The tiny VAE's round trip of the astronaut at 128² is 17.0 levels on average
+# (train_tiny_vae prints it); a margin for other CPUs. A real SD VAE does better, but
+# a 1M-parameter one keeps the picture, not its fine detail.
+ROUND_TRIP_LEVELS = 20
+
+
+@pytest.fixture(scope="module")
+def sd(tiny_sd):
+    config = config_from_dict({"models": {"tiny": {"source": str(tiny_sd)}}})
+    return ModelCache(config, "cpu").get()
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> Image.Image:
+    return Image.fromarray(photos.astronaut()).resize((128, 128), Image.LANCZOS)
+
+
+@pytest.fixture
+def blobs(tmp_path):
+    return BlobStore(tmp_path / "blobs")
+
+
+def spec(**changes) -> GenerateSpec:
+    values = {"prompt": "photo of a woman", "width": 128, "height": 128, "steps": 20, "seed": 5}
+    return GenerateSpec(**{**values, **changes})
+
+
+def pixels(output) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(output.png)).convert("RGB")).astype(int)
+
+
+def mean_levels(a: np.ndarray, b) -> float:
+    return float(np.abs(a - np.asarray(b).astype(int)).mean())
+
+
+def test_img2img_at_low_strength_returns_the_photo(sd, astronaut, blobs):
+    source = blobs.put(png_of(astronaut))
+    errors = {
+        strength: mean_levels(
+            pixels(
+                run_generation(
+                    sd, [spec(mode="img2img", image=source, strength=strength)], blobs=blobs
+                )[0][0]
+            ),
+            astronaut,
+        )
+        for strength in (0.05, 0.5, 0.95)
+    }
+    assert errors[0.05] <= ROUND_TRIP_LEVELS, errors
+    assert errors[0.05] < errors[0.5] < errors[0.95], errors  # more strength, further away
+
+
+def test_inpaint_changes_the_masked_part_and_nothing_else(sd, astronaut, blobs):
+    mask = Image.new("L", astronaut.size, 0)
+    mask.paste(255, (80, 70, 120, 120))
+    job = spec(
+        mode="inpaint",
+        image=blobs.put(png_of(astronaut)),
+        mask=blobs.put(png_of(mask)),
+        strength=1.0,
+    )
+    out = pixels(run_generation(sd, [job], blobs=blobs)[0][0])
+    blurred = np.asarray(mask.filter(ImageFilter.GaussianBlur(job.mask_blur)))
+    original = np.asarray(astronaut).astype(int)
+    untouched, repainted = blurred == 0, blurred == 255
+    assert np.array_equal(out[untouched], original[untouched])
+    assert mean_levels(out[repainted], original[repainted]) > 2 * ROUND_TRIP_LEVELS
+
+
+def test_outpaint_keeps_the_photo_and_fills_the_new_side(sd, astronaut, blobs):
+    job = spec(
+        mode="outpaint",
+        image=blobs.put(png_of(astronaut)),
+        outpaint_direction="right",
+        outpaint_pixels=64,
+        prompt="",
+    )
+    out = pixels(run_generation(sd, [job], blobs=blobs)[0][0])
+    assert out.shape == (128, 192, 3)
+    original = np.asarray(astronaut).astype(int)
+    assert np.array_equal(out[:, :96], original[:, :96])  # far from the seam: kept as is
+    assert out[:, 128:].std() > 5  # the new side is drawn, not left blank
+
+
+def test_upscale_keeps_the_picture(sd, astronaut, blobs):
+    small = astronaut.resize((64, 64), Image.LANCZOS)
+    job = spec(mode="upscale", image=blobs.put(png_of(small)), strength=0.05, width=64, height=64)
+    out = pixels(run_generation(sd, [job], blobs=blobs)[0][0])
+    assert out.shape == (128, 128, 3)
+    assert mean_levels(out, astronaut) <= ROUND_TRIP_LEVELS + 4  # plus the 64² detail lost
