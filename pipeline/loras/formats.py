@@ -1,31 +1,32 @@
-"""Apply members' LoRAs to one job, then leave the pipeline exactly as it was.
+"""LoRA and LyCORIS files: read, check, map their keys onto the model, and compute each
+layer's weight change ΔW ourselves, for every format AUTOMATIC1111 loads.
 
-Files come from kohya/A1111/Civitai (`lora_unet_…` keys, LoRA and LoCon), from
-diffusers/peft (`lora_A`/`lora_B`), and from LyCORIS (LoHa `hada_*`, LoKr `lokr_*`).
-Each file becomes a named peft adapter in the UNet and text encoders (kohya and diffusers
-files through diffusers' own loader, LoHa/LoKr as peft `LoHaConfig`/`LoKrConfig`
-adapters), and stays loaded, LRU-evicted by bytes, so a popular LoRA costs nothing the
-second time.
+Formats (per layer, by the tensor names LyCORIS and kohya write):
+  lora / locon / dylora  `lora_up`, `lora_down` (+ `lora_mid`: Tucker), `alpha`
+  diffusers / peft       `lora_A`/`lora_B`, `lora.up`/`lora.down`, `lora_linear_layer.*`
+  loha                   `hada_w1_a` … `hada_w2_b` (+ `hada_t1`, `hada_t2`: Tucker)
+  lokr                   `lokr_w1` | `lokr_w1_a`/`_b`, `lokr_w2` | `lokr_w2_a`/`_b` (+ `lokr_t2`)
+  full                   `diff` (+ `diff_b`)
+  ia3                    `weight`, `on_input`
+  glora                  `a1.weight`, `a2.weight`, `b1.weight`, `b2.weight` (+ `bm.weight`)
+  oft (diag-OFT), boft   `oft_blocks` (3-D / 4-D), `alpha` (the constraint), `rescale`
+  + DoRA                 `dora_scale` on lora, loha and lokr layers
 
-Between jobs every adapter is disabled, so peft's layers return their base layer's
-output unchanged: a job without LoRAs draws exactly the image it drew before any LoRA
-was loaded. `activate` turns a job's adapters on at its weights with peft's own
-machinery. `activate_per_sample` runs one batch where every sample has its own LoRAs:
-a forward hook on each adapted layer adds each sample's adapter outputs, at that
-sample's weights, to that sample's rows only. That composes any number of LoRAs and
-weights per sample without building a merged adapter per combination.
+The forms of ΔW follow LyCORIS's published functions (lycoris/functional/*.py, Apache-2.0:
+LoCon `up @ down`, Tucker `einsum(mid, up, down)`, LoHa `(w1a@w1b) ⊙ (w2a@w2b)`, LoKr
+`kron(w1, w2)`, GLoRA `W@a1@a2 + b1@b2`, OFT `(R − I)·W` with the Cayley `R`, BOFT's
+butterfly stages, IA3 `W·w`, DoRA's `m·(W+ΔW)/‖W+ΔW‖`), each checked against LyCORIS
+itself by tests/test_lora_formats.py. A member's weight `w` scales the file's ΔW
+(`W + w·ΔW`), as A1111 applies every format, DoRA and BOFT included.
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
-import logging
+import math
 import re
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +36,47 @@ from torch import nn
 from pipeline.contract.jobs import JobError, LoraRef
 from pipeline.prompts.encoding import extract_loras
 
-log = logging.getLogger(__name__)
-
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 # Cross-attention width of each family's UNet (the text embedding width it reads).
 _CROSS_DIMS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+_DIFFUSERS_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder"}
+_DIFFUSERS_PREFIXES["text_encoder_2."] = "text_encoder_2"
+
+# Parameter names a layer may carry, per algorithm; the first names identify it.
+_PARAMS = {
+    "lora": ("lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha", "dora_scale"),
+    "loha": (
+        "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha",
+        "dora_scale",
+    ),
+    "lokr": (
+        "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+        "alpha", "dora_scale",
+    ),
+    "full": ("diff", "diff_b"),
+    "ia3": ("weight", "on_input"),
+    "glora": ("a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight", "alpha"),
+    "oft": ("oft_blocks", "rescale", "alpha"),
+}  # fmt: skip
+# diffusers/peft spellings of LoRA's two factors → kohya's.
+_DIFFUSERS_SUFFIXES = {
+    "lora_A.weight": "lora_down.weight",
+    "lora_B.weight": "lora_up.weight",
+    "lora.down.weight": "lora_down.weight",
+    "lora.up.weight": "lora_up.weight",
+    "lora_linear_layer.down.weight": "lora_down.weight",
+    "lora_linear_layer.up.weight": "lora_up.weight",
+    "lora_magnitude_vector": "dora_scale",
+    "alpha": "alpha",
+}
+_ALL_SUFFIXES = sorted(
+    {p for params in _PARAMS.values() for p in params} | set(_DIFFUSERS_SUFFIXES),
+    key=len,
+    reverse=True,
+)
+# Algorithms A1111 knows that this bot does not apply, by a tensor name they carry.
+_UNSUPPORTED_MARKS = {"w_norm": "norm (LyCORIS train_norm)", "b_norm": "norm (LyCORIS train_norm)"}
 
 
 class LoraError(JobError):
@@ -54,7 +90,7 @@ class LoraFile:
     name: str
     path: Path
     sha256: str
-    format: str  # "diffusers" | "kohya" | "loha" | "lokr"
+    format: str  # the algorithms it uses, e.g. "lora", "loha+dora", "lokr"
     family: str | None  # what the keys say it was made for; None when they don't tell
     state_dict: dict[str, torch.Tensor]
     nbytes: int
@@ -62,8 +98,6 @@ class LoraFile:
 
 def read_lora_file(path: str | Path, *, name: str, family: str, max_bytes: int) -> LoraFile:
     """Read a .safetensors LoRA, detect its format and family; raise LoraError if unusable."""
-    from safetensors.torch import load
-
     path = Path(path)
     nbytes = path.stat().st_size
     if nbytes > max_bytes:
@@ -71,13 +105,19 @@ def read_lora_file(path: str | Path, *, name: str, family: str, max_bytes: int) 
             f"LoRA '{name}' is {nbytes / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.1f} MB"
         )
     data = path.read_bytes()
-    try:
-        state_dict = load(data)
-    except Exception:  # safetensors raises its own error types for any bad header
-        raise LoraError(f"'{name}' is not a LoRA file (not a readable .safetensors)") from None
+    state_dict = _load_safetensors(data, name)
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise LoraError(
+            f"LoRA '{name}' is damaged: {len(bad)} tensor(s) hold NaN or infinite values "
+            f"(first: {bad[0]})"
+        )
     fmt = detect_format(state_dict)
     if fmt is None:
-        raise LoraError(f"'{name}' is not a LoRA file (it has no LoRA weights)")
+        unsupported = _unsupported_algorithm(state_dict)
+        if unsupported:
+            raise LoraError(f"LoRA '{name}' uses {unsupported}, which this bot cannot apply")
+        raise LoraError(f"'{name}' is not a LoRA file (it has no LoRA or LyCORIS weights)")
     made_for = detect_family(state_dict)
     if made_for is not None and made_for != family:
         raise LoraError(
@@ -88,18 +128,56 @@ def read_lora_file(path: str | Path, *, name: str, family: str, max_bytes: int) 
     return LoraFile(name, path, sha, fmt, made_for, state_dict, nbytes)
 
 
-def detect_format(state_dict: dict[str, torch.Tensor]) -> str | None:
-    keys = list(state_dict)
-    if any(".hada_w1_a" in k for k in keys):
-        return "loha"
-    if any(".lokr_w1" in k for k in keys):
-        return "lokr"
-    if any(k.startswith(_KOHYA_PREFIXES) and ".lora_down." in k for k in keys):
-        return "kohya"
-    diffusers_marks = (".lora_A.", ".lora.down.", ".lora_linear_layer.down.")
-    if any(mark in k for k in keys for mark in diffusers_marks):
-        return "diffusers"
+def _load_safetensors(data: bytes, name: str) -> dict[str, torch.Tensor]:
+    """Parse the header ourselves first: safetensors trusts the header's sizes."""
+    import json
+
+    from safetensors.torch import load
+
+    not_file = f"'{name}' is not a LoRA file (not a readable .safetensors file)"
+    if len(data) < 8:
+        raise LoraError(not_file)
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len > len(data) - 8 or header_len > 100 * 2**20:
+        raise LoraError(not_file)
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
+        raise LoraError(not_file) from None
+    body = len(data) - 8 - header_len
+    if ends and max(ends) > body:
+        raise LoraError(
+            f"LoRA '{name}' is truncated: its header needs {max(ends) / 2**20:.1f} MB of "
+            f"tensor data and the file holds {body / 2**20:.1f} MB; upload it again"
+        )
+    try:
+        return load(data)
+    except Exception:  # safetensors raises its own error types for any bad content
+        raise LoraError(not_file) from None
+
+
+def _unsupported_algorithm(state_dict: dict[str, torch.Tensor]) -> str | None:
+    for key in state_dict:
+        suffix = key.rpartition(".")[2]
+        if suffix in _UNSUPPORTED_MARKS:
+            return _UNSUPPORTED_MARKS[suffix]
     return None
+
+
+def detect_format(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The algorithms a file uses ("lora", "loha+dora", …), or None if it is no LoRA."""
+    algos: set[str] = set()
+    for params in _split_modules(state_dict).values():
+        algo = _algorithm(params)
+        if algo:
+            algos.add(algo)
+            if "dora_scale" in params:
+                algos.add("dora")
+    if not algos:
+        return None
+    order = ("lora", "loha", "lokr", "full", "ia3", "glora", "oft", "boft", "dora")
+    return "+".join(a for a in order if a in algos)
 
 
 def detect_family(state_dict: dict[str, torch.Tensor]) -> str | None:
@@ -124,8 +202,8 @@ def _cross_attention_in_dim(key: str, tensor: torch.Tensor) -> int | None:
     flat = key.replace(".", "_")
     if "attn2_to_k" not in flat:
         return None
-    for down in ("lora_down_weight", "lora_A_weight", "lora_down.weight", "hada_w1_b"):
-        if flat.endswith(down.replace(".", "_")):
+    for down in ("lora_down_weight", "lora_A_weight", "hada_w1_b"):
+        if flat.endswith(down):
             return int(tensor.shape[1])
     return None
 
@@ -144,6 +222,8 @@ def resolve_lora_names(text: str, lora_dir: str | Path) -> list[tuple[LoraRef, P
     files = {p.stem.lower(): p for p in Path(lora_dir).glob("*.safetensors")}
     resolved = []
     for name, weight in extract_loras(text)[1]:
+        if not math.isfinite(weight):
+            raise LoraError(f"LoRA '{name}' has weight {weight}; use a number such as 0.8")
         path = files.get(name.lower())
         if path is None:
             closest = difflib.get_close_matches(name.lower(), sorted(files), n=3, cutoff=0.4)
@@ -158,244 +238,294 @@ def pipe_family(pipe: Any) -> str:
     return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd1"
 
 
-def adapter_name(sha256: str) -> str:
-    return f"lora_{sha256[:16]}"
+# --- keys → layers ----------------------------------------------------------------------
 
 
-class LoraCache:
-    """LoRA adapters kept loaded in one pipeline, least recently used evicted by bytes."""
-
-    def __init__(self, pipe: Any, *, max_bytes: int, max_file_bytes: int | None = None) -> None:
-        self.pipe = pipe
-        self.max_bytes = max_bytes
-        self.max_file_bytes = max_file_bytes or max_bytes
-        self._loaded: OrderedDict[str, int] = OrderedDict()  # adapter name → bytes
-        self.hits = 0
-        self.misses = 0
-
-    def stats(self) -> dict[str, int]:
-        return {
-            "hits": self.hits,
-            "misses": self.misses,
-            "bytes": sum(self._loaded.values()),
-            "loaded": len(self._loaded),
-        }
-
-    def loaded(self) -> list[str]:
-        """Adapter names, least recently used first."""
-        return list(self._loaded)
-
-    @contextmanager
-    def activate(self, loras: Sequence[tuple[LoraRef, Path]]) -> Iterator[None]:
-        """Run the pipeline (prompt encoding included) with these LoRAs at their weights."""
-        weights = self._prepare([loras])[0]
-        if not weights:
-            yield
-            return
-        layers = list(self._tuner_layers())
-        names = list(weights)
-        try:
-            for layer in layers:
-                layer.enable_adapters(True)
-                layer.set_adapter(names, inference_mode=True)
-                for name, weight in weights.items():
-                    layer.set_scale(name, weight)
-            yield
-        finally:
-            for layer in layers:
-                for name in names:
-                    layer.set_scale(name, 1.0)
-                layer.enable_adapters(False)
-
-    @contextmanager
-    def activate_per_sample(
-        self, per_sample: Sequence[Sequence[tuple[LoraRef, Path]]], *, cfg: bool
-    ) -> Iterator[None]:
-        """One pipeline call where sample i runs with its own LoRAs and weights.
-
-        Inside, the UNet must see the batch as diffusers builds it (samples in order, and
-        with `cfg` the negative half then the positive half), and prompts must be encoded
-        together with `pipeline.prompts.encoding.encode_prompts`, which feeds the text encoders
-        sample by sample with equal rows per sample.
-        """
-        plan = _RowPlan(self._prepare(per_sample), cfg=cfg)
-        handles = []
-        try:
-            for model_name, model in self._models():
-                layout = "tile" if model_name == "unet" else "interleave"
-                hook = _mixed_batch_hook(plan, layout)
-                for layer in _tuner_layers(model):
-                    handles.append(layer.register_forward_hook(hook, with_kwargs=True))
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def _prepare(
-        self, per_sample: Sequence[Sequence[tuple[LoraRef, Path]]]
-    ) -> list[dict[str, float]]:
-        """Load every adapter the samples need; return each sample's {adapter: weight}."""
-        needed = {adapter_name(ref.sha256) for sample in per_sample for ref, _ in sample}
-        weights = []
-        for sample in per_sample:
-            sample_weights: dict[str, float] = {}
-            for ref, path in sample:
-                name = self._ensure(ref, path, keep=needed)
-                sample_weights[name] = sample_weights.get(name, 0.0) + ref.weight
-            weights.append(sample_weights)
-        return weights
-
-    def _ensure(self, ref: LoraRef, path: Path, *, keep: set[str]) -> str:
-        name = adapter_name(ref.sha256)
-        if name in self._loaded:
-            self._loaded.move_to_end(name)
-            self.hits += 1
-            return name
-        self.misses += 1
-        lora = read_lora_file(
-            path, name=ref.name, family=pipe_family(self.pipe), max_bytes=self.max_file_bytes
-        )
-        self._evict_for(lora.nbytes, keep)
-        self._load(lora, name)
-        self._loaded[name] = lora.nbytes
-        return name
-
-    def _evict_for(self, nbytes: int, keep: set[str]) -> None:
-        for name in list(self._loaded):
-            if sum(self._loaded.values()) + nbytes <= self.max_bytes:
-                return
-            if name not in keep:
-                self._delete(name)
-                del self._loaded[name]
-
-    def _load(self, lora: LoraFile, name: str) -> None:
-        try:
-            with _quiet_loading():
-                self._load_adapter(lora, name)
-            if not any(_has_adapter(layer, name) for layer in self._tuner_layers()):
-                raise LoraError(f"LoRA '{lora.name}' matches no layer of this model")
-            _check_plain_lora(lora.name, name, self._tuner_layers())
-        except Exception as exc:
-            self._delete(name)
-            if isinstance(exc, LoraError):
-                raise
-            log.warning("LoRA %s (%s) failed to load: %r", lora.name, lora.path, exc)
-            family = FAMILY_NAMES[pipe_family(self.pipe)]
-            raise LoraError(
-                f"LoRA '{lora.name}' does not fit this {family} model "
-                "(it was made for a different base model, or the file is damaged)"
-            ) from None
-        finally:
-            for layer in self._tuner_layers():
-                layer.enable_adapters(False)  # loaded adapters stay off until a job asks
-
-    def _load_adapter(self, lora: LoraFile, name: str) -> None:
-        if lora.format in ("loha", "lokr"):
-            _load_lycoris(self.pipe, lora, name, list(self._models()))
-        else:  # diffusers converts kohya keys (and SDXL's SGM block names) itself
-            self.pipe.load_lora_weights(dict(lora.state_dict), adapter_name=name)
-
-    def _delete(self, name: str) -> None:
-        for _, model in self._models():
-            for layer in _tuner_layers(model):
-                if _has_adapter(layer, name):
-                    layer.delete_adapter(name)
-            config = getattr(model, "peft_config", None)
-            if isinstance(config, dict):
-                config.pop(name, None)
-
-    def _models(self) -> Iterator[tuple[str, nn.Module]]:
-        for attr in ("unet", "text_encoder", "text_encoder_2"):
-            model = getattr(self.pipe, attr, None)
-            if model is not None:
-                yield attr, model
-
-    def _tuner_layers(self) -> Iterator[Any]:
-        for _, model in self._models():
-            yield from _tuner_layers(model)
+def _split_key(key: str) -> tuple[str, str] | None:
+    """`module.param` with a known parameter suffix → (module key, kohya parameter name)."""
+    for suffix in _ALL_SUFFIXES:
+        if key.endswith("." + suffix):
+            module = key[: -len(suffix) - 1]
+            return module, _DIFFUSERS_SUFFIXES.get(suffix, suffix)
+    return None
 
 
-@contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """Loading an adapter makes transformers print a load report listing every other
-    adapter's weights as "missing", and peft warn; neither says anything useful here."""
-    import warnings
-
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    levels = transformers_logging.get_verbosity(), diffusers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    diffusers_logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        transformers_logging.set_verbosity(levels[0])
-        diffusers_logging.set_verbosity(levels[1])
-
-
-def _tuner_layers(model: nn.Module) -> Iterator[Any]:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            yield module
-
-
-def _has_adapter(layer: Any, name: str) -> bool:
-    return name in getattr(layer, "scaling", {})
-
-
-def _check_plain_lora(lora_name: str, name: str, layers: Iterator[Any]) -> None:
-    """Weight scaling and per-sample batches assume plain LoRA math: no DoRA etc."""
-    for layer in layers:
-        if name in getattr(layer, "lora_variant", {}):
-            raise LoraError(f"LoRA '{lora_name}' uses DoRA, which is not supported")
-
-
-# --- LyCORIS (LoHa, LoKr) --------------------------------------------------------------
-
-_LYCORIS_PARAMS = (
-    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
-    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
-    "alpha",
-)  # fmt: skip
-
-
-def _load_lycoris(pipe: Any, lora: LoraFile, name: str, models: list[tuple[str, nn.Module]]):
-    """Build peft LoHa/LoKr adapters from LyCORIS's kohya-named keys and load the weights."""
-    from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
-
-    state_dict = dict(lora.state_dict)
-    if pipe_family(pipe) == "sdxl":  # kohya writes SDXL UNet keys with SGM block names
-        state_dict = _maybe_map_sgm_blocks_to_diffusers(state_dict, pipe.unet.config)
-    modules = _group_by_module(state_dict)
-    prefixes = _kohya_prefixes(pipe)
-    matched = 0
-    for model_name, model in models:
-        lookup = _kohya_lookup(model, prefixes[model_name])
-        targets = {lookup[k]: params for k, params in modules.items() if k in lookup}
-        if targets:
-            _inject_lycoris(model, lora, name, targets)
-            matched += len(targets)
-    if matched < len(modules):
-        log.warning(
-            "LoRA %s: %d of %d layers match no module",
-            lora.name,
-            len(modules) - matched,
-            len(modules),
-        )
-
-
-def _group_by_module(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+def _split_modules(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
-        module, _, param = key.rpartition(".")
-        if param in _LYCORIS_PARAMS:
-            modules.setdefault(module, {})[param] = tensor
-    return {m: p for m, p in modules.items() if set(p) - {"alpha"}}
+        split = _split_key(key)
+        if split is not None:
+            modules.setdefault(split[0], {})[split[1]] = tensor
+    return modules
+
+
+def _algorithm(params: dict[str, torch.Tensor]) -> str | None:
+    if "lora_up.weight" in params and "lora_down.weight" in params:
+        return "lora"
+    if {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= set(params):
+        return "loha"
+    if ("lokr_w1" in params or "lokr_w1_a" in params) and (
+        "lokr_w2" in params or "lokr_w2_a" in params
+    ):
+        return "lokr"
+    if "diff" in params:
+        return "full"
+    if "weight" in params and "on_input" in params:
+        return "ia3"
+    if {"a1.weight", "a2.weight", "b1.weight", "b2.weight"} <= set(params):
+        return "glora"
+    if "oft_blocks" in params:
+        return "boft" if params["oft_blocks"].ndim == 4 else "oft"
+    return None
+
+
+@dataclass
+class LayerDelta:
+    """One adapted layer of one file: its algorithm and tensors; `delta` gives ΔW."""
+
+    algo: str
+    params: dict[str, torch.Tensor]
+    scalars: dict[str, float] = field(default_factory=dict)  # alpha, on_input
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "on_input"):
+            if name in self.params:
+                self.scalars[name] = float(self.params.pop(name))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.params.values())
+
+    def to(self, device: torch.device | str) -> LayerDelta:
+        params = {k: v.to(device) for k, v in self.params.items()}
+        return LayerDelta(self.algo, params, dict(self.scalars))
+
+    def delta(
+        self, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(ΔW, Δbias) at weight 1, in float32, for a layer whose weight is `weight`."""
+        p: dict[str, Any] = {k: v.float() for k, v in self.params.items()}
+        p.update(self.scalars)
+        w = weight.float()
+        diff_b = None
+        if self.algo == "lora":
+            diff = _lora_delta(p, w.shape)
+        elif self.algo == "loha":
+            diff = _loha_delta(p, w.shape)
+        elif self.algo == "lokr":
+            diff = _lokr_delta(p, w.shape)
+        elif self.algo == "full":
+            diff = p["diff"].reshape(w.shape)
+            diff_b = p.get("diff_b")
+        elif self.algo == "ia3":
+            diff = _ia3_delta(p, w)
+        elif self.algo == "glora":
+            diff = _glora_delta(p, w)
+        elif self.algo == "oft":
+            diff = _oft_delta(p, w)
+        elif self.algo == "boft":
+            diff = _boft_delta(p, w)
+        else:  # pragma: no cover - _algorithm names only the above
+            raise AssertionError(self.algo)
+        if "dora_scale" in p:
+            diff = _dora(w, diff, p["dora_scale"])
+        return diff, diff_b
+
+
+def _scale(p: dict[str, Any], rank: int) -> float:
+    """LyCORIS and kohya: alpha / rank; no alpha (or 0) means scale 1."""
+    alpha = float(p["alpha"]) if "alpha" in p else 0.0
+    return alpha / rank if alpha else 1.0
+
+
+def _lora_delta(p: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    up, down = p["lora_up.weight"], p["lora_down.weight"]
+    rank = down.shape[0]
+    if "lora_mid.weight" in p:  # Tucker: mid carries the kernel, up/down are 1×1
+        mid = p["lora_mid.weight"]
+        diff = torch.einsum("i j ..., o i, j p -> o p ...", mid, up.flatten(1), down.flatten(1))
+    else:
+        diff = up.flatten(1) @ down.flatten(1)
+    return diff.reshape(shape) * _scale(p, rank)
+
+
+def _rebuild_tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("i j ..., i p, j r -> p r ...", t, wa, wb)
+
+
+def _loha_delta(p: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    rank = p["hada_w1_b"].shape[0]
+    if "hada_t1" in p:
+        w1 = torch.einsum(
+            "i j ..., j r, i p -> p r ...", p["hada_t1"], p["hada_w1_b"], p["hada_w1_a"]
+        )
+        w2 = torch.einsum(
+            "i j ..., j r, i p -> p r ...", p["hada_t2"], p["hada_w2_b"], p["hada_w2_a"]
+        )
+    else:
+        w1 = p["hada_w1_a"] @ p["hada_w1_b"]
+        w2 = p["hada_w2_a"] @ p["hada_w2_b"]
+    return (w1 * w2).reshape(shape) * _scale(p, rank)
+
+
+def _lokr_delta(p: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    w1 = p["lokr_w1"] if "lokr_w1" in p else p["lokr_w1_a"] @ p["lokr_w1_b"]
+    if "lokr_w2" in p:
+        w2 = p["lokr_w2"]
+    elif "lokr_t2" in p:
+        w2 = _rebuild_tucker(p["lokr_t2"], p["lokr_w2_a"], p["lokr_w2_b"])
+    else:
+        r, o, *k = p["lokr_w2_b"].shape
+        w2 = (p["lokr_w2_a"] @ p["lokr_w2_b"].reshape(r, -1)).reshape(-1, o, *k)
+    if "lokr_t2" in p:  # Tucker: w2_a is (rank, out); the core is (rank, rank, k…)
+        rank = p["lokr_t2"].shape[0]
+    elif "lokr_w1_a" in p:
+        rank = p["lokr_w1_a"].shape[1]
+    elif "lokr_w2_a" in p:
+        rank = p["lokr_w2_a"].shape[1]
+    else:
+        rank = 0  # both factors whole: LyCORIS uses scale 1, whatever alpha says
+    for _ in range(w2.dim() - w1.dim()):
+        w1 = w1.unsqueeze(-1)
+    diff = torch.kron(w1, w2.contiguous()).reshape(shape)
+    return diff * (_scale(p, rank) if rank else 1.0)
+
+
+def _ia3_delta(p: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    scale = p["weight"]
+    if int(p["on_input"]):
+        return w * scale
+    return (w.transpose(0, 1) * scale).transpose(0, 1)
+
+
+def _glora_delta(p: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    a1, a2, b1, b2 = (p[f"{n}.weight"] for n in ("a1", "a2", "b1", "b2"))
+    rank = a2.shape[0]
+    if "bm.weight" in p:
+        wb = torch.einsum(
+            "m n ..., i m, n j -> i j ...", p["bm.weight"], b1.flatten(1), b2.flatten(1)
+        )
+    else:
+        wb = (b1.reshape(b1.size(0), -1) @ b2.reshape(b2.size(0), -1)).reshape(w.shape)
+    wa1, wa2 = a1.reshape(a1.size(0), -1), a2.reshape(a2.size(0), -1)
+    if w.dim() > 2:
+        w_a = torch.einsum("o i ..., i j -> o j ...", w, wa1)
+        w_a = torch.einsum("o i ..., i j -> o j ...", w_a, wa2)
+    else:
+        w_a = (w @ wa1) @ wa2
+    return (wb + w_a) * _scale(p, rank)
+
+
+def _cayley(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
+    """R = (I + Q)(I − Q)⁻¹ with Q = B − Bᵀ, Q's norm capped at `constraint` (> 0)."""
+    eye = torch.eye(blocks.shape[-1], device=blocks.device)
+    q = blocks - blocks.transpose(-1, -2)
+    if constraint > 0:
+        norm = torch.norm(q) + 1e-8
+        if norm > constraint:
+            q = q * constraint / norm
+    return (eye + q) @ (eye - q).inverse()
+
+
+def _oft_delta(p: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    blocks = p["oft_blocks"]
+    r = _cayley(blocks, float(p["alpha"]) if "alpha" in p else 0.0)
+    num, size, _ = blocks.shape
+    _, *rest = w.shape
+    eye = torch.eye(size, device=blocks.device)
+    org = w.reshape(num, size, *rest)
+    diff = torch.einsum("k n m, k n ... -> k m ...", r - eye, org).reshape(w.shape)
+    if "rescale" in p:
+        rescale = p["rescale"]
+        diff = rescale * diff + (rescale - 1) * w
+    return diff
+
+
+def _boft_delta(p: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    blocks = p["oft_blocks"]
+    m, _, b, _ = blocks.shape
+    r = _cayley(blocks, float(p["alpha"]) if "alpha" in p else 0.0)
+    half = b // 2
+    x = w
+    for i in range(m):
+        k = 2**i * half
+        x = x.unflatten(0, (-1, 2, k)).transpose(1, 2).flatten(0, 2).unflatten(0, (-1, b))
+        x = torch.einsum("b i j, b j ... -> b i ...", r[i], x)
+        x = x.flatten(0, 1).unflatten(0, (-1, k, 2)).transpose(1, 2).flatten(0, 2)
+    if "rescale" in p:
+        x = x * p["rescale"]
+    return x - w
+
+
+def _dora(w: torch.Tensor, diff: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA: W' = m · (W + ΔW) / ‖W + ΔW‖ (norm per output row, or per input column when
+    the magnitude has the input's shape); returns W' − W."""
+    merged = w + diff
+    dims = merged.dim() - 1
+    if magnitude.shape[0] == merged.shape[0] and (merged.shape[0] != 1 or dims == 0):
+        norm = merged.reshape(merged.shape[0], -1).norm(dim=1)
+        norm = norm.reshape(merged.shape[0], *[1] * dims)
+    else:
+        norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True)
+        norm = norm.reshape(merged.shape[1], *[1] * dims).transpose(0, 1)
+    norm = norm + torch.finfo(merged.dtype).eps
+    return merged * (magnitude.reshape(norm.shape) / norm) - w
+
+
+# --- file → layers of a pipeline ------------------------------------------------------
+
+
+@dataclass
+class MappedLora:
+    """A file's layers mapped onto a pipeline: (model attr, module path) → LayerDelta."""
+
+    layers: dict[tuple[str, str], LayerDelta]
+    unmatched: list[str]  # the file's module keys that fit no layer of this model
+    total: int  # layers in the file
+
+
+def map_lora(lora: LoraFile, pipe: Any) -> MappedLora:
+    """Map every layer of the file onto the pipeline's modules; check shapes."""
+    state_dict = _to_diffusers_unet_names(lora.state_dict, pipe)
+    modules = _split_modules(state_dict)
+    lookup = _module_lookup(pipe)
+    layers: dict[tuple[str, str], LayerDelta] = {}
+    # Tensors no known format names: each unknown module counts as a layer left out.
+    unknown = sorted({k.partition(".")[0] for k in state_dict if _split_key(k) is None})
+    unknown = [m for m in unknown if m not in modules]
+    unmatched = list(unknown)
+    for key, params in modules.items():
+        algo = _algorithm(params)
+        target = lookup.get(key)
+        if algo is None or target is None:
+            unmatched.append(key)
+            continue
+        model_name, path, module = target
+        delta = LayerDelta(algo, dict(params))
+        if not _fits(delta, module):
+            unmatched.append(key)
+            continue
+        layers[(model_name, path)] = delta
+    return MappedLora(layers, unmatched, len(modules) + len(unknown))
+
+
+def _fits(delta: LayerDelta, module: nn.Module) -> bool:
+    """Shapes only: ΔW computed on the meta device (no memory, no arithmetic)."""
+    weight = module.weight
+    try:
+        meta = delta.to(torch.device("meta"))
+        diff, diff_b = meta.delta(torch.empty(weight.shape, device="meta"), None)
+    except (RuntimeError, ValueError, IndexError, KeyError, NotImplementedError):
+        return False
+    if diff.shape != weight.shape:
+        return False
+    bias = getattr(module, "bias", None)
+    return diff_b is None or (bias is not None and diff_b.shape == bias.shape)
+
+
+def _models(pipe: Any) -> list[tuple[str, nn.Module]]:
+    names = ("unet", "text_encoder", "text_encoder_2")
+    return [(n, getattr(pipe, n)) for n in names if getattr(pipe, n, None) is not None]
 
 
 def _kohya_prefixes(pipe: Any) -> dict[str, str]:
@@ -404,208 +534,94 @@ def _kohya_prefixes(pipe: Any) -> dict[str, str]:
     return {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 
 
-def _kohya_lookup(model: nn.Module, prefix: str) -> dict[str, str]:
-    """kohya module name (dots → underscores) → module path, for adaptable layers."""
-    lookup = {}
-    for path, module in model.named_modules():
-        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-        if isinstance(base, nn.Linear | nn.Conv2d) and not _inside_tuner(path):
-            lookup[prefix + path.replace(".", "_")] = path
+def _module_lookup(pipe: Any) -> dict[str, tuple[str, str, nn.Module]]:
+    """Every name a file may use for a Linear/Conv2d → (model attr, module path, module).
+
+    kohya/A1111 names (dots → underscores; text encoders under `text_model`, as
+    transformers 4 named them and every A1111-era file has them) and diffusers names
+    (`unet.<path>`, `text_encoder.<path>`), with and without `text_model`.
+    """
+    prefixes = _kohya_prefixes(pipe)
+    lookup: dict[str, tuple[str, str, nn.Module]] = {}
+    for model_name, model in _models(pipe):
+        for path, module in model.named_modules():
+            if not isinstance(module, nn.Linear | nn.Conv2d):
+                continue
+            target = (model_name, path, module)
+            paths = [path]
+            if model_name != "unet":
+                paths.append(
+                    path[len("text_model.") :]
+                    if path.startswith("text_model.")
+                    else f"text_model.{path}"
+                )
+            for name in paths:
+                lookup[prefixes[model_name] + name.replace(".", "_")] = target
+                lookup[f"{model_name}.{name}"] = target
     return lookup
 
 
-def _inside_tuner(path: str) -> bool:
-    # A peft wrapper keeps the original layer as `base_layer` and adds its own; the
-    # wrapper's own path is what a new adapter targets.
-    parts = path.split(".")
-    return "base_layer" in parts or any(p.startswith(("lora_", "hada_", "lokr_")) for p in parts)
+# SGM (original Stability) names inside a UNet block → diffusers', as in diffusers' own
+# kohya converter (`_convert_unet_lora_key`) and kohya's `sdxl_model_util`.
+_SGM_INNER = (
+    ("in_layers_2", "conv1"),
+    ("out_layers_3", "conv2"),
+    ("emb_layers_1", "time_emb_proj"),
+    ("skip_connection", "conv_shortcut"),
+)
+_SGM_BLOCKS = (
+    ("lora_unet_input_blocks_", "lora_unet_down_blocks_"),
+    ("lora_unet_middle_block_", "lora_unet_mid_block_"),
+    ("lora_unet_output_blocks_", "lora_unet_up_blocks_"),
+)
+_SGM_OUTER = (
+    ("lora_unet_input_blocks_0_0", "lora_unet_conv_in"),
+    ("lora_unet_out_2", "lora_unet_conv_out"),
+    ("lora_unet_time_embed_0", "lora_unet_time_embedding_linear_1"),
+    ("lora_unet_time_embed_2", "lora_unet_time_embedding_linear_2"),
+    ("lora_unet_label_emb_0_0", "lora_unet_add_embedding_linear_1"),
+    ("lora_unet_label_emb_0_2", "lora_unet_add_embedding_linear_2"),
+)
 
 
-def _inject_lycoris(
-    model: nn.Module, lora: LoraFile, name: str, targets: dict[str, dict[str, torch.Tensor]]
-) -> None:
-    from peft import inject_adapter_in_model, set_peft_model_state_dict
-
-    config = _loha_config(targets) if lora.format == "loha" else _lokr_config(lora.name, targets)
-    inject_adapter_in_model(config, model, adapter_name=name)
-    weights = {
-        f"{path}.{param}": tensor
-        for path, params in targets.items()
-        for param, tensor in params.items()
-        if param != "alpha"
-    }
-    result = set_peft_model_state_dict(model, weights, adapter_name=name)
-    ours = [k for k in result.missing_keys if f".{name}" in k]
-    if ours or result.unexpected_keys:
-        raise ValueError(f"LyCORIS keys left unloaded: {(ours + result.unexpected_keys)[:3]}")
+_SGM_STARTS = tuple(
+    "lora_unet_" + p
+    for p in ("input_blocks", "middle_block", "output_blocks", "out_", "time_embed_", "label_emb")
+)
 
 
-def _target_regex(paths: Sequence[str]) -> str:
-    return "|".join(re.escape(p) for p in paths)
+def _to_diffusers_unet_names(state_dict: dict[str, torch.Tensor], pipe: Any) -> dict:
+    """kohya writes SDXL UNet keys with SGM block names (`lora_unet_input_blocks_4_1_…`):
+    rename the blocks with diffusers' own converter, then the layers inside them."""
+    if not any(k.startswith(_SGM_STARTS) for k in state_dict):
+        return state_dict
+    from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
 
-
-def _loha_config(targets: dict[str, dict[str, torch.Tensor]]) -> Any:
-    from peft import LoHaConfig
-
-    ranks = {path: int(p["hada_w1_b"].shape[0]) for path, p in targets.items()}
-    alphas = {path: _alpha(p, ranks[path]) for path, p in targets.items()}
-    return LoHaConfig(
-        r=next(iter(ranks.values())),
-        alpha=next(iter(alphas.values())),
-        target_modules=_target_regex(list(targets)),
-        rank_pattern={re.escape(k): v for k, v in ranks.items()},
-        alpha_pattern={re.escape(k): v for k, v in alphas.items()},
-        use_effective_conv2d=any("hada_t1" in p for p in targets.values()),
-        init_weights=True,
-    )
-
-
-def _alpha(params: dict[str, torch.Tensor], rank: int) -> float:
-    # LyCORIS: scale = alpha / rank; a file without alpha means scale 1.
-    return float(params["alpha"]) if "alpha" in params else float(rank)
-
-
-def _lokr_config(lora_name: str, targets: dict[str, dict[str, torch.Tensor]]) -> Any:
-    """peft derives LoKr factor shapes from (decompose_factor, r): choose both so they
-    reproduce the file's shapes, layer by layer (r and alpha per layer)."""
-    from peft import LoKrConfig
-
-    factor = _lokr_factor(lora_name, targets)
-    ranks, alphas = {}, {}
-    for path, p in targets.items():
-        ranks[path], alphas[path] = _lokr_rank_alpha(p)
-    return LoKrConfig(
-        r=next(iter(ranks.values())),
-        alpha=next(iter(alphas.values())),
-        target_modules=_target_regex(list(targets)),
-        rank_pattern={re.escape(k): v for k, v in ranks.items()},
-        alpha_pattern={re.escape(k): v for k, v in alphas.items()},
-        decompose_both=any("lokr_w1_a" in p for p in targets.values()),
-        decompose_factor=factor,
-        use_effective_conv2d=any("lokr_t2" in p for p in targets.values()),
-        init_weights=True,
-    )
-
-
-def _lokr_w1_shape(p: dict[str, torch.Tensor]) -> tuple[int, int]:
-    if "lokr_w1" in p:
-        return int(p["lokr_w1"].shape[0]), int(p["lokr_w1"].shape[1])
-    return int(p["lokr_w1_a"].shape[0]), int(p["lokr_w1_b"].shape[1])
-
-
-def _lokr_w2_shape(p: dict[str, torch.Tensor]) -> tuple[int, int]:
-    if "lokr_w2" in p:
-        return int(p["lokr_w2"].shape[0]), int(p["lokr_w2"].shape[1])
-    if "lokr_t2" in p:
-        return int(p["lokr_w2_a"].shape[1]), int(p["lokr_w2_b"].shape[1])
-    return int(p["lokr_w2_a"].shape[0]), -1  # in-width is flattened with the kernel
-
-
-def _lokr_factor(lora_name: str, targets: dict[str, dict[str, torch.Tensor]]) -> int:
-    from peft.tuners.lokr.layer import factorization
-
-    shapes = [_lokr_w1_shape(p) + _lokr_w2_shape(p) for p in targets.values()]
-    candidates = [-1] + sorted({s[0] for s in shapes})
-    for factor in candidates:
-        if all(_factor_fits(factorization, factor, s) for s in shapes):
-            return factor
-    raise LoraError(f"LoRA '{lora_name}' uses a LoKr layout this bot cannot load")
-
-
-def _factor_fits(factorization: Callable[..., tuple[int, int]], factor: int, shape: tuple) -> bool:
-    out_l, in_m, out_k, in_n = shape
-    out_dim = out_l * out_k
-    if factorization(out_dim, factor) != (out_l, out_k):
-        return False
-    return in_n == -1 or factorization(in_m * in_n, factor) == (in_m, in_n)
-
-
-def _lokr_rank_alpha(p: dict[str, torch.Tensor]) -> tuple[int, float]:
-    if "lokr_t2" in p:
-        rank = int(p["lokr_t2"].shape[0])
-    elif "lokr_w2_a" in p:
-        rank = int(p["lokr_w2_a"].shape[1])
-    elif "lokr_w1_a" in p:
-        rank = int(p["lokr_w1_a"].shape[1])
-    else:  # both factors full: peft keeps w2 whole when r ≥ half its larger side
-        out_k, in_n = _lokr_w2_shape(p)
-        rank = max(out_k, in_n)
-    full = "lokr_w1" in p and "lokr_w2" in p
-    # LyCORIS uses scale 1 when neither factor is decomposed, whatever alpha says.
-    return rank, float(rank) if full else _alpha(p, rank)
-
-
-# --- mixed-LoRA batches ------------------------------------------------------------------
-
-
-class _RowPlan:
-    """Which adapter rows of a batch get, at which weight, for a given batch layout."""
-
-    def __init__(self, per_sample: list[dict[str, float]], *, cfg: bool) -> None:
-        self.per_sample = per_sample
-        self.cfg = cfg
-        self.adapters = list(dict.fromkeys(a for sample in per_sample for a in sample))
-        self._cache: dict[tuple[str, int, str], list[tuple[str, torch.Tensor, list[float]]]] = {}
-
-    def groups(
-        self, layout: str, rows: int, device: torch.device
-    ) -> list[tuple[str, torch.Tensor, list[float]]]:
-        key = (layout, rows, str(device))
-        if key not in self._cache:
-            self._cache[key] = self._build(self._row_samples(layout, rows), device)
-        return self._cache[key]
-
-    def _row_samples(self, layout: str, rows: int) -> list[int]:
-        n = len(self.per_sample)
-        if layout == "tile":  # UNet: [samples] or, with CFG, [negatives…, positives…]
-            expected = n * (2 if self.cfg else 1)
-            if rows != expected:
-                raise RuntimeError(f"mixed-LoRA batch of {n} samples got {rows} UNet rows")
-            return list(range(n)) * (rows // n)
-        if rows % n:  # text encoders: each sample's chunk rows together
-            raise RuntimeError(f"mixed-LoRA batch of {n} samples got {rows} text-encoder rows")
-        return [i for i in range(n) for _ in range(rows // n)]
-
-    def _build(self, samples: list[int], device: torch.device):
-        groups = []
-        for adapter in self.adapters:
-            rows = [r for r, s in enumerate(samples) if adapter in self.per_sample[s]]
-            weights = [self.per_sample[samples[r]][adapter] for r in rows]
-            groups.append((adapter, torch.tensor(rows, device=device), weights))
-        return groups
-
-
-def _mixed_batch_hook(plan: _RowPlan, layout: str) -> Callable[..., torch.Tensor]:
-    """Forward hook for a peft layer whose adapters are disabled (output = base layer):
-    adds each row's own adapters' outputs at that row's weights."""
-
-    def hook(layer: Any, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
-        x = args[0] if args else next(iter(kwargs.values()))
-        rows = output.shape[0]
-        for adapter, index, weights in plan.groups(layout, rows, output.device):
-            if not _has_adapter(layer, adapter):
-                continue
-            whole = len(weights) == rows
-            delta = _adapter_delta(layer, adapter, x if whole else x.index_select(0, index))
-            scale = torch.tensor(weights, dtype=delta.dtype, device=delta.device)
-            delta = delta * scale.view(-1, *[1] * (delta.ndim - 1))
-            output = (
-                output + delta.to(output.dtype)
-                if whole
-                else output.index_add(0, index, delta.to(output.dtype))
+    renamed = {}
+    for key, tensor in state_dict.items():
+        for old, new in _SGM_OUTER:
+            if key.startswith(old + "."):
+                key = new + key[len(old) :]
+        renamed[key] = tensor
+    blocks = [
+        k for k in renamed if re.match(r"lora_unet_(input_blocks|middle_block|output_blocks)_", k)
+    ]
+    if blocks:
+        try:
+            mapped = _maybe_map_sgm_blocks_to_diffusers(
+                {k: renamed.pop(k) for k in blocks}, pipe.unet.config
             )
-        return output
-
-    return hook
-
-
-def _adapter_delta(layer: Any, adapter: str, x: torch.Tensor) -> torch.Tensor:
-    """One adapter's contribution at weight 1 (what peft adds to the base output)."""
-    from peft.tuners.lora import LoraLayer
-
-    if isinstance(layer, LoraLayer):
-        lora_a = layer.lora_A[adapter]
-        x = layer._cast_input_dtype(x, lora_a.weight.dtype)
-        lora_b, dropout = layer.lora_B[adapter], layer.lora_dropout[adapter]
-        return lora_b(lora_a(dropout(x))) * layer.scaling[adapter]
-    return layer._get_delta_activations(adapter, x)
+        except (ValueError, IndexError, KeyError):
+            mapped = {}
+        renamed.update(mapped)
+    out = {}
+    for key, tensor in renamed.items():
+        module, _, param = key.partition(".")
+        if module.startswith("lora_unet_"):
+            for old, new in _SGM_BLOCKS:
+                module = module.replace(old, new)
+            for old, new in _SGM_INNER:
+                module = re.sub(rf"_(resnets_\d+)_{old}$", rf"_\1_{new}", module)
+            module = re.sub(r"_downsamplers_0_op$", "_downsamplers_0_conv", module)
+        out[f"{module}.{param}"] = tensor
+    return out

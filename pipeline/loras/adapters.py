@@ -1,0 +1,29 @@
+"""The LoRA API the rest of the engine uses, gathered from `formats` (files, key mapping,
+ΔW per algorithm), `cache` (LoraCache) and `batch` (per-sample application)."""
+
+from pipeline.loras.cache import LoraCache, adapter_name
+from pipeline.loras.formats import (
+    FAMILY_NAMES,
+    LoraError,
+    LoraFile,
+    detect_family,
+    detect_format,
+    lora_hash,
+    pipe_family,
+    read_lora_file,
+    resolve_lora_names,
+)
+
+__all__ = [
+    "FAMILY_NAMES",
+    "LoraCache",
+    "LoraError",
+    "LoraFile",
+    "adapter_name",
+    "detect_family",
+    "detect_format",
+    "lora_hash",
+    "pipe_family",
+    "read_lora_file",
+    "resolve_lora_names",
+]
