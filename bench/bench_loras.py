@@ -28,7 +28,7 @@ from pipeline.contract.jobs import LoraRef  # noqa: E402
 from pipeline.loras.adapters import LoraCache  # noqa: E402
 from pipeline.models.tiny import write_tiny_model  # noqa: E402
 from pipeline.prompts.encoding import encode_prompts  # noqa: E402
-from tests.lora_files import write_lora  # noqa: E402
+from tests.lycoris_files import write_lora  # noqa: E402
 
 PROMPTS = ["a photo of a cat", "a dog", "a portrait of a woman", "a city at night"]
 

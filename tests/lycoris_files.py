@@ -209,3 +209,39 @@ def _sgm_names(unet: Any) -> dict[str, str]:
                 break
         names["lora_unet_" + path.replace(".", "_")] = "lora_unet_" + new.replace(".", "_")
     return names
+
+
+def write_diffusers_lora(path: Path, pipe: Any, *, seed: int = 0, rank: int = 2) -> Any:
+    """A diffusers/peft LoRA as diffusers' training scripts write one: peft adapters
+    (`LoraConfig`, random A and B) on a copy of the UNet and text encoder, saved under
+    their pipeline-prefixed diffusers names. Returns the adapted copies: the oracle."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(seed)
+    unet, encoder = copy.deepcopy(pipe.unet), copy.deepcopy(pipe.text_encoder)
+    targets = {"unet": ["to_q", "to_k", "to_v", "to_out.0"], "te": ["q_proj", "v_proj"]}
+    for model, names in ((unet, targets["unet"]), (encoder, targets["te"])):
+        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=names, init_lora_weights=False)
+        inject_adapter_in_model(config, model)  # what `add_adapter` does (it needs peft ≥ 0.22)
+    # What `save_lora_weights` writes (it needs a newer peft): each model's peft state
+    # dict in diffusers naming, under the pipeline's component name.
+    layers = {
+        f"{prefix}.{key}": tensor.contiguous()
+        for prefix, model in (("unet", unet), ("text_encoder", encoder))
+        for key, tensor in convert_state_dict_to_diffusers(_peft_weights(model)).items()
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(layers, str(path))
+    return unet, encoder
+
+
+def _peft_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            out[f"{path}.lora_A.weight"] = module.lora_A["default"].weight.detach()
+            out[f"{path}.lora_B.weight"] = module.lora_B["default"].weight.detach()
+    return out

@@ -18,7 +18,7 @@ from tests.botkit import (
     running_sdbot,
     shared_pool,  # noqa: F401 - fixture
 )
-from tests.lora_files import write_lora
+from tests.lycoris_files import write_lora
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(600)]
 

@@ -312,7 +312,7 @@ async def test_loras_from_the_server_library_and_private_ones(
 ):
     from diffusers import StableDiffusionPipeline
 
-    from tests.lora_files import write_lora
+    from tests.lycoris_files import write_lora
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
     library = tmp_path / "library"

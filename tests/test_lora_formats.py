@@ -18,7 +18,7 @@ from pipeline.loras.cache import LoraCache
 from pipeline.loras.formats import LoraError, read_lora_file
 from pipeline.prompts.encoding import encode_prompts
 from tests.conftest import level_difference
-from tests.lycoris_files import KINDS, make_lora
+from tests.lycoris_files import KINDS, make_lora, write_diffusers_lora
 
 # LyCORIS's DoRA and BOFT scale non-linearly with the multiplier; A1111 (and sdbot)
 # scale their ΔW linearly, so the two agree at weight 1.
@@ -92,6 +92,20 @@ def test_activations_equal_lycoris_applying_the_file(made, tiny_sd, tiny_xl, fam
         assert (mine - theirs).abs().max().item() <= 1e-3 * effect
     after = _activations(pipe.unet, encoders, xl)
     assert all(torch.equal(a, b) for a, b in zip(after, base))  # nothing left behind
+
+
+def test_diffusers_format_equals_peft_applying_it(tiny_sd, tmp_path):
+    pipe = _pipe(tiny_sd, False)
+    path = tmp_path / "diffusers_lora.safetensors"
+    unet, encoder = write_diffusers_lora(path, pipe, seed=2)
+    base = _activations(pipe.unet, [pipe.text_encoder], False)
+    peft = _activations(unet, [encoder], False)
+    with LoraCache(pipe, max_bytes=1 << 30).activate([ref(path, 1.0)]):
+        ours = _activations(pipe.unet, [pipe.text_encoder], False)
+    for b, theirs, mine in zip(base, peft, ours):
+        effect = (theirs - b).abs().max().item()
+        assert effect > 1e-3
+        assert (mine - theirs).abs().max().item() <= 1e-3 * effect
 
 
 def _dylora_as_lycoris_loads_it(m, tiny_sd, weight: float):
