@@ -4,7 +4,8 @@ for a single job and for mixed-LoRA batches alike.
 While a job runs, each adapted Linear/Conv2d has its `forward` replaced: rows whose
 sample uses a set of adapters run the layer's own op with the weight
 `W + Σ wᵢ·ΔWᵢ`, summed in float32 in a fixed order (by adapter name) and cast once to
-the layer's dtype; rows without adapters run the original forward. A sample therefore
+the layer's dtype (kept for the call's later steps within a memory budget); rows
+without adapters run the original forward. A sample therefore
 gets the same arithmetic alone and in any batch (only the matrix shapes differ), in
 fp32, fp16 and bf16 alike. Nothing is merged into the model: leaving the context puts
 the original `forward` back, and the weights were never touched.
@@ -23,6 +24,8 @@ from torch import nn
 from pipeline.loras.formats import LayerDelta
 
 Combo = tuple[tuple[str, float], ...]  # ((adapter name, weight), …) sorted by name
+# Merged weights one pipeline call may keep between its steps (beyond: rebuilt per call).
+MERGED_BUDGET_BYTES = 1 << 30
 
 
 class RowPlan:
@@ -35,12 +38,36 @@ class RowPlan:
     """
 
     def __init__(
-        self, per_sample: Sequence[dict[str, float]], *, cfg: bool = False, uniform: bool = False
+        self,
+        per_sample: Sequence[dict[str, float]],
+        *,
+        cfg: bool = False,
+        uniform: bool = False,
+        merged_budget: int = MERGED_BUDGET_BYTES,
     ) -> None:
         self.per_sample = list(per_sample)
         self.cfg = cfg
         self.uniform = uniform
         self._cache: dict[tuple, list[tuple[Combo, torch.Tensor | None]]] = {}
+        # Merged weights kept for the rest of this pipeline call (every step reuses them),
+        # up to `merged_budget` bytes; past it they are rebuilt at each call.
+        self._merged: dict[tuple[int, Combo], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._merged_bytes = 0
+        self.merged_budget = merged_budget
+
+    def weights(
+        self, module: nn.Module, entries: dict[str, LayerDelta], combo: Combo
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        key = (id(module), combo)
+        found = self._merged.get(key)
+        if found is not None:
+            return found
+        merged = merged_weight(module, entries, combo)
+        size = merged[0].numel() * merged[0].element_size()
+        if self._merged_bytes + size <= self.merged_budget:
+            self._merged[key] = merged
+            self._merged_bytes += size
+        return merged
 
     def groups(
         self, layout: str, rows: int, device: torch.device, adapters: frozenset[str]
@@ -106,11 +133,11 @@ def _forward(module: nn.Module, original: Callable, entries, plan: RowPlan, layo
         groups = plan.groups(layout, x.shape[0], x.device, names)
         if len(groups) == 1:
             combo = groups[0][0]
-            return op(x, *merged_weight(module, entries, combo)) if combo else original(x)
+            return op(x, *plan.weights(module, entries, combo)) if combo else original(x)
         out = None
         for combo, index in groups:
             part = x.index_select(0, index)
-            y = op(part, *merged_weight(module, entries, combo)) if combo else original(part)
+            y = op(part, *plan.weights(module, entries, combo)) if combo else original(part)
             if out is None:
                 out = y.new_empty((x.shape[0], *y.shape[1:]))
             out.index_copy_(0, index, y)
