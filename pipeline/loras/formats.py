@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from pipeline.contract.jobs import JobError, LoraRef
+from pipeline.contract.safetensors_check import safetensors_problem
 from pipeline.prompts.encoding import extract_loras
 
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
@@ -129,32 +130,16 @@ def read_lora_file(path: str | Path, *, name: str, family: str, max_bytes: int) 
 
 
 def _load_safetensors(data: bytes, name: str) -> dict[str, torch.Tensor]:
-    """Parse the header ourselves first: safetensors trusts the header's sizes."""
-    import json
-
+    """Check the framing first (safetensors trusts the header's sizes), then load."""
     from safetensors.torch import load
 
-    not_file = f"'{name}' is not a LoRA file (not a readable .safetensors file)"
-    if len(data) < 8:
-        raise LoraError(not_file)
-    header_len = int.from_bytes(data[:8], "little")
-    if header_len > len(data) - 8 or header_len > 100 * 2**20:
-        raise LoraError(not_file)
-    try:
-        header = json.loads(data[8 : 8 + header_len])
-        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
-    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
-        raise LoraError(not_file) from None
-    body = len(data) - 8 - header_len
-    if ends and max(ends) > body:
-        raise LoraError(
-            f"LoRA '{name}' is truncated: its header needs {max(ends) / 2**20:.1f} MB of "
-            f"tensor data and the file holds {body / 2**20:.1f} MB; upload it again"
-        )
+    problem = safetensors_problem(data, name)
+    if problem:
+        raise LoraError(problem)
     try:
         return load(data)
     except Exception:  # safetensors raises its own error types for any bad content
-        raise LoraError(not_file) from None
+        raise LoraError(f"'{name}' is not a LoRA file (not a readable .safetensors file)") from None
 
 
 def _unsupported_algorithm(state_dict: dict[str, torch.Tensor]) -> str | None:
