@@ -321,3 +321,10 @@ def test_nan_weight_in_a_tag_is_one_line():
     with pytest.raises(JobError, match=r"^LoRA 'x' weight") as info:
         extract_loras("a cat <lora:x:nan>")
     assert "\n" not in str(info.value)
+
+
+def test_notices_travel_with_the_result_event():
+    from pipeline.contract.jobs import Done, OutputImage, event_from_json, event_to_json
+
+    done = Done("j1", images=(OutputImage(b"png", 1, "info", ("LoRA 'x': 1 of 3 layers…",)),))
+    assert event_from_json(event_to_json(done)) == done
