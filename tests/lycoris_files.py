@@ -42,6 +42,12 @@ unet_target_name = ["conv_in", "conv_out", "time_embedding.linear_1", "time_embe
 text_encoder_target_module = ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"]
 text_encoder_target_name = []
 """,
+    "norm": """enable_conv = true
+unet_target_module = ["Transformer2DModel", "ResnetBlock2D"]
+unet_target_name = []
+text_encoder_target_module = ["CLIPEncoderLayer"]
+text_encoder_target_name = []
+""",
     "attn": """enable_conv = false
 unet_target_module = ["Transformer2DModel"]
 unet_target_name = []
@@ -70,6 +76,7 @@ KINDS: dict[str, tuple[dict[str, Any], str]] = {
     "diag-oft": ({"algo": "diag-oft"}, "full"),
     "boft": ({"algo": "boft"}, "attn"),
     "ia3": ({"algo": "ia3"}, "full"),
+    "locon-norm": ({"algo": "locon", "train_norm": True}, "norm"),
 }
 
 

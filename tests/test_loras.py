@@ -171,10 +171,6 @@ def test_not_a_lora(tmp_path):
     save_file({"model.diffusion_model.conv.weight": torch.zeros(4, 4)}, str(weights))
     with pytest.raises(LoraError, match="'model' is not a LoRA file"):
         read_lora_file(weights, name="model", family="sd1", max_bytes=1 << 20)
-    norms = tmp_path / "norms.safetensors"
-    save_file({"lora_unet_conv_norm_out.w_norm": torch.zeros(4)}, str(norms))
-    with pytest.raises(LoraError, match=r"^LoRA 'norms' uses norm \(LyCORIS train_norm\)"):
-        read_lora_file(norms, name="norms", family="sd1", max_bytes=1 << 20)
 
 
 def test_size_limit(lora_dir):

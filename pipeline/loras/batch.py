@@ -122,6 +122,10 @@ def merged_weight(
 def _op(module: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]:
     if isinstance(module, nn.Conv2d):
         return module._conv_forward
+    if isinstance(module, nn.LayerNorm):
+        return lambda x, w, b: F.layer_norm(x, module.normalized_shape, w, b, module.eps)
+    if isinstance(module, nn.GroupNorm):
+        return lambda x, w, b: F.group_norm(x, module.num_groups, w, b, module.eps)
     return F.linear
 
 

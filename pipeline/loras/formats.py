@@ -10,6 +10,7 @@ Formats (per layer, by the tensor names LyCORIS and kohya write):
   ia3                    `weight`, `on_input`
   glora                  `a1.weight`, `a2.weight`, `b1.weight`, `b2.weight` (+ `bm.weight`)
   oft (diag-OFT), boft   `oft_blocks` (3-D / 4-D), `alpha` (the constraint), `rescale`
+  norm (train_norm)      `w_norm`, `b_norm` on LayerNorm / GroupNorm
   + DoRA                 `dora_scale` on lora, loha and lokr layers
 
 The forms of ΔW follow LyCORIS's published functions (lycoris/functional/*.py, Apache-2.0:
@@ -59,6 +60,7 @@ _PARAMS = {
     "ia3": ("weight", "on_input"),
     "glora": ("a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight", "alpha"),
     "oft": ("oft_blocks", "rescale", "alpha"),
+    "norm": ("w_norm", "b_norm"),
 }  # fmt: skip
 # diffusers/peft spellings of LoRA's two factors → kohya's.
 _DIFFUSERS_SUFFIXES = {
@@ -77,7 +79,7 @@ _ALL_SUFFIXES = sorted(
     reverse=True,
 )
 # Algorithms A1111 knows that this bot does not apply, by a tensor name they carry.
-_UNSUPPORTED_MARKS = {"w_norm": "norm (LyCORIS train_norm)", "b_norm": "norm (LyCORIS train_norm)"}
+_UNSUPPORTED_MARKS: dict[str, str] = {}
 
 
 class LoraError(JobError):
@@ -161,7 +163,7 @@ def detect_format(state_dict: dict[str, torch.Tensor]) -> str | None:
                 algos.add("dora")
     if not algos:
         return None
-    order = ("lora", "loha", "lokr", "full", "ia3", "glora", "oft", "boft", "dora")
+    order = ("lora", "loha", "lokr", "full", "ia3", "glora", "oft", "boft", "norm", "dora")
     return "+".join(a for a in order if a in algos)
 
 
@@ -261,6 +263,8 @@ def _algorithm(params: dict[str, torch.Tensor]) -> str | None:
         return "glora"
     if "oft_blocks" in params:
         return "boft" if params["oft_blocks"].ndim == 4 else "oft"
+    if "w_norm" in params:
+        return "norm"
     return None
 
 
@@ -310,6 +314,9 @@ class LayerDelta:
             diff = _oft_delta(p, w)
         elif self.algo == "boft":
             diff = _boft_delta(p, w)
+        elif self.algo == "norm":  # LyCORIS train_norm: the norm's weight and bias shift
+            diff = p["w_norm"].reshape(w.shape)
+            diff_b = p.get("b_norm")
         else:  # pragma: no cover - _algorithm names only the above
             raise AssertionError(self.algo)
         if "dora_scale" in p:
@@ -508,6 +515,9 @@ def _fits(delta: LayerDelta, module: nn.Module) -> bool:
     return diff_b is None or (bias is not None and diff_b.shape == bias.shape)
 
 
+ADAPTABLE = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm)
+
+
 def _models(pipe: Any) -> list[tuple[str, nn.Module]]:
     names = ("unet", "text_encoder", "text_encoder_2")
     return [(n, getattr(pipe, n)) for n in names if getattr(pipe, n, None) is not None]
@@ -530,7 +540,7 @@ def _module_lookup(pipe: Any) -> dict[str, tuple[str, str, nn.Module]]:
     lookup: dict[str, tuple[str, str, nn.Module]] = {}
     for model_name, model in _models(pipe):
         for path, module in model.named_modules():
-            if not isinstance(module, nn.Linear | nn.Conv2d):
+            if not isinstance(module, ADAPTABLE):
                 continue
             target = (model_name, path, module)
             paths = [path]
