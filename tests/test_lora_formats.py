@@ -57,11 +57,14 @@ def _activations(unet, encoders, xl: bool):
     with torch.no_grad():
         states = [enc(ids, output_hidden_states=True).hidden_states[-2] for enc in encoders]
         context = torch.cat(states, dim=-1)
-        latents = torch.randn(2, 4, 8, 8, generator=generator)
+        latents = torch.randn(2, 4, 8, 8, generator=generator).to(unet.dtype)
         extra = {}
         if xl:
             pooled = encoders[1](ids).text_embeds
-            extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": torch.ones(2, 6)}
+            extra["added_cond_kwargs"] = {
+                "text_embeds": pooled,
+                "time_ids": torch.ones(2, 6, dtype=unet.dtype),
+            }
         out = unet(latents, torch.tensor([500, 500]), encoder_hidden_states=context, **extra)
     return [*states, out.sample]
 
@@ -321,6 +324,38 @@ def test_nan_weight_in_a_tag_is_one_line():
     with pytest.raises(JobError, match=r"^LoRA 'x' weight") as info:
         extract_loras("a cat <lora:x:nan>")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.filterwarnings("ignore:There are modules")
+def test_every_format_in_half_precision(made, tiny_sd):
+    """fp16 and bf16 activations with each format stay close to the fp32 ones."""
+    full = _pipe(tiny_sd, False)
+    base32 = _activations(full.unet, [full.text_encoder], False)
+    cache32 = LoraCache(full, max_bytes=1 << 30)
+    loras = {kind: ref(made[("sd1", kind)].path, 0.8) for kind in KINDS}
+    ours32 = {}
+    for kind, lora in loras.items():
+        with cache32.activate([lora]):
+            ours32[kind] = _activations(full.unet, [full.text_encoder], False)
+    for dtype in (torch.float16, torch.bfloat16):
+        pipe = _pipe(tiny_sd, False).to(dtype)
+        cache = LoraCache(pipe, max_bytes=1 << 30)
+        base = _activations(pipe.unet, [pipe.text_encoder], False)
+        floor = [(b.float() - b32).abs().max().item() for b, b32 in zip(base, base32)]
+        for kind, lora in loras.items():
+            with cache.activate([lora]):
+                ours = _activations(pipe.unet, [pipe.text_encoder], False)
+            for o, o32, b32, f in zip(ours, ours32[kind], base32, floor):
+                effect = (o32 - b32).abs().max().item()
+                error = (o.float() - o32).abs().max().item()
+                assert error <= 4 * f + 0.05 * effect, f"{kind} in {dtype}: {error} vs {effect}"
+
+
+def test_unloadable_algorithm_is_named(tmp_path):
+    path = tmp_path / "tlora.safetensors"
+    save_file({"lora_unet_conv_in.lambda_layer": torch.ones(1, 2)}, str(path))
+    with pytest.raises(LoraError, match=r"^LoRA 't' uses T-LoRA \(LyCORIS tlora\), which"):
+        read_lora_file(path, name="t", family="sd1", max_bytes=1 << 20)
 
 
 def test_notices_travel_with_the_result_event():

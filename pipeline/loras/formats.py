@@ -79,7 +79,8 @@ _ALL_SUFFIXES = sorted(
     reverse=True,
 )
 # Algorithms A1111 knows that this bot does not apply, by a tensor name they carry.
-_UNSUPPORTED_MARKS: dict[str, str] = {}
+# (T-LoRA is LyCORIS's timestep-dependent LoRA: A1111 does not load it either.)
+_UNSUPPORTED_MARKS = {"lambda_layer": "T-LoRA (LyCORIS tlora)"}
 
 
 class LoraError(JobError):
