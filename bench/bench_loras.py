@@ -6,7 +6,10 @@ On the tiny random-weight model (CPU unless CUDA is present) it prints a markdow
 applying a cached LoRA vs loading an uncached one, and four jobs with four different
 LoRAs run (a) the plain diffusers way, one by one with `load_lora_weights` + generate +
 `unload_lora_weights`, (b) one by one through `LoraCache.activate` with the adapters
-cached, and (c) as one mixed batch with `activate_per_sample`.
+cached, and (c) as one mixed batch with `activate_per_sample`. Then, per LyCORIS format
+(files written by lycoris-lora, see tests/lycoris_files.py): the time to load a file
+cold (read, check, map every layer, move to the device) and to apply it once cached, and
+the time of one generation with it beside the plain model's.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pipeline.contract.jobs import LoraRef  # noqa: E402
 from pipeline.loras.adapters import LoraCache  # noqa: E402
 from pipeline.models.tiny import write_tiny_model  # noqa: E402
 from pipeline.prompts.encoding import encode_prompts  # noqa: E402
-from tests.lora_files import write_lora  # noqa: E402
+from tests.lycoris_files import KINDS, write_lora  # noqa: E402
 
 PROMPTS = ["a photo of a cat", "a dog", "a portrait of a woman", "a city at night"]
 
@@ -133,12 +136,47 @@ def bench_jobs(pipe, paths: list[Path], args: argparse.Namespace) -> dict[str, f
     }
 
 
+def bench_formats(pipe, folder: Path, args: argparse.Namespace) -> list[tuple[str, ...]]:
+    """Per format: cold load, cached apply, and one generation with it."""
+    rows = []
+    plain = timed(lambda: generate(pipe, PROMPTS[:1], args), args.repeats)
+    rows.append(("(no LoRA)", "", "", f"{plain:.3f} s"))
+    for kind in KINDS:
+        [lora] = refs([write_lora(folder / f"{kind}.safetensors", pipe, kind, seed=5)])
+
+        def cold(lora=lora) -> None:
+            with LoraCache(pipe, max_bytes=1 << 30).activate([lora]):
+                pass
+
+        warm = LoraCache(pipe, max_bytes=1 << 30)
+
+        def cached(lora=lora, cache=warm) -> None:
+            with cache.activate([lora]):
+                pass
+
+        def with_lora(lora=lora, cache=warm) -> None:
+            with cache.activate([lora]):
+                generate(pipe, PROMPTS[:1], args)
+
+        seconds = timed(with_lora, args.repeats)
+        rows.append(
+            (
+                kind,
+                f"{timed(cold, args.repeats) * 1e3:.1f} ms",
+                f"{timed(cached, args.repeats) * 1e3:.2f} ms",
+                f"{seconds:.3f} s ({seconds / plain:.2f}×)",
+            )
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-formats", dest="formats", action="store_false")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -150,6 +188,7 @@ def main() -> None:
         ]
         hot, cold = bench_apply(load_pipe(model, device), refs(paths), args.repeats)
         jobs = bench_jobs(pipe, paths, args)
+        formats = bench_formats(load_pipe(model, device), Path(tmp), args) if args.formats else []
     cpu = f"CPU, {args.threads} thread(s)"
     device_name = torch.cuda.get_device_name() if device == "cuda" else cpu
     size = f"{args.size}×{args.size}"
@@ -160,6 +199,10 @@ def main() -> None:
     plain = next(iter(jobs.values()))
     for name, seconds in jobs.items():
         print(f"| {name} | {seconds:.3f} s | {4 / seconds:.1f} | {plain / seconds:.2f}× |")
+    if formats:
+        print("\n| format | load cold | apply cached | one image with it |\n|---|---|---|---|")
+        for row in formats:
+            print("| " + " | ".join(row) + " |")
     print("\nReproduce: python bench/bench_loras.py " + " ".join(sys.argv[1:]))
 
 

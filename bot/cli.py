@@ -299,6 +299,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     for path, image in zip(output_paths(args.out, spec.count), results[0]):
         write_atomically(path, image.png)
         print(f"{path}  seed {image.seed}")
+    for notice in dict.fromkeys(n for image in results[0] for n in image.notices):
+        print(f"note: {notice}")
     return 0
 
 

@@ -260,6 +260,7 @@ class Dispatcher:
                 "sha256": self.blobs.put(image.png, ".png"),
                 "seed": image.seed,
                 "infotext": image.infotext,
+                "notices": list(image.notices),
             }
             for image in done.images
         ]

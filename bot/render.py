@@ -123,6 +123,8 @@ def result_text(user_id: str, job_id: str, spec: dict, images: list[dict], note:
     ]
     if note:
         lines.append(note)
+    notices = dict.fromkeys(n for image in images for n in image.get("notices") or ())
+    lines.extend(f"⚠️ {notice}" for notice in notices)
     return truncate("\n".join(lines), CONTENT_LIMIT)
 
 

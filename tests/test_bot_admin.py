@@ -18,7 +18,7 @@ from tests.botkit import (
     running_sdbot,
     shared_pool,  # noqa: F401 - fixture
 )
-from tests.lora_files import write_lora
+from tests.lycoris_files import write_lora
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(600)]
 
@@ -55,10 +55,13 @@ async def test_admin_commands_and_their_refusal(emu, shared_pool, tiny_sd, tmp_p
             "kohya",
             seed=4,
         )
+        good = (library / "newstyle.safetensors").read_bytes()
+        (library / "broken.safetensors").write_bytes(good[: len(good) // 2])  # cut mid-tensor
         reloaded = await reply(
             await emu.send_command("admin", {}, subcommand="reload-loras", user=emu.admin)
         )
         usable = await queued_job(await imagine(emu, "a cat <lora:newstyle:0.5>", user=emu.bob))
+        broken = await error_reply(await imagine(emu, "a cat <lora:broken>", user=emu.bob))
         # Leave the shared worker idle for the next test.
         for job in store.user_jobs(db, emu.alice.id) + store.user_jobs(db, emu.bob.id):
             if job["status"] in ("queued", "running"):
@@ -67,6 +70,7 @@ async def test_admin_commands_and_their_refusal(emu, shared_pool, tiny_sd, tmp_p
     assert "Only server admins" in refused
     assert before > 1 and "position 1" in raised["content"] and raised["flags"] & 64
     assert "**Queue**" in stats["content"] and "waiting" in stats["content"]
-    assert "Added 1 LoRA(s)" in reloaded["content"] and usable
+    assert "Added 1 LoRA(s)" in reloaded["content"] and usable  # the broken file is not
+    assert broken.startswith("LoRA 'broken' not found")  # registered: nothing is queued
     command = emu.get_command("admin", guild_only=True)
     assert int(command["default_member_permissions"]) == 1 << 5  # Manage Server

@@ -310,14 +310,22 @@ async def test_loras_from_the_server_library_and_private_ones(
     tiny_sd,
     tmp_path,
 ):
+    import torch
     from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file, save_file
 
-    from tests.lora_files import write_lora
+    from tests.lycoris_files import write_lora
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
     library = tmp_path / "library"
     library.mkdir()
     write_lora(library / "paint.safetensors", pipe, "kohya", seed=1)
+    # A file with one layer this model does not have: applied, and the member is told.
+    halfway = load_file(str(write_lora(tmp_path / "half.safetensors", pipe, "loha", seed=3)))
+    halfway["lora_unet_no_such_block_to_q.lora_down.weight"] = torch.zeros(2, 8)
+    halfway["lora_unet_no_such_block_to_q.lora_up.weight"] = torch.zeros(8, 2)
+    save_file(halfway, str(library / "halfway.safetensors"))
+    layers = len({key.split(".")[0] for key in halfway})
     private = write_lora(tmp_path / "bobs.safetensors", pipe, "kohya", seed=2).read_bytes()
     config = make_config(
         tiny_sd, data_dir_for(shared_pool, tmp_path), emu, loras={"dir": str(library)}
@@ -329,6 +337,9 @@ async def test_loras_from_the_server_library_and_private_ones(
         painted = await wait_result(
             emu, await queued_job(await imagine(emu, "a cat <lora:paint:0.8>"))
         )
+        partly = await wait_result(
+            emu, await queued_job(await imagine(emu, "a cat <lora:halfway>"))
+        )
         refused = await error_reply(await imagine(emu, "a cat <lora:bobs>"))
         his = await wait_result(
             emu, await queued_job(await imagine(emu, "a cat <lora:bobs>", user=emu.bob))
@@ -336,6 +347,10 @@ async def test_loras_from_the_server_library_and_private_ones(
     [(_, info)] = result_images(emu, painted)
     assert info["Prompt"] == "a cat <lora:paint:0.8>"
     assert info["Lora hashes"].startswith("paint: ")
+    assert (
+        f"LoRA 'halfway': 1 of {layers} layers do not fit this model and were left out"
+        in partly["content"]
+    )
     assert refused.startswith("LoRA 'bobs' not found.")
     [(_, bob_info)] = result_images(emu, his)
     assert bob_info["Lora hashes"].startswith("bobs: ")  # A1111's own hash of the file

@@ -199,7 +199,7 @@ def test_doctor_reports_models_database_and_token_without_showing_it(workdir):
 def test_generate_resolves_loras_from_the_lora_folder(workdir, tiny_sd):
     from diffusers import StableDiffusionPipeline
 
-    from tests.lora_files import write_lora
+    from tests.lycoris_files import write_lora
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
     (workdir / "loras").mkdir(exist_ok=True)

@@ -223,7 +223,7 @@ def test_every_sampler_runs_two_steps(sd):
 def test_mixed_lora_batch_equals_each_job_alone_and_names_lora_hashes(sd, blobs, tmp_path):
     from pipeline.contract.jobs import LoraRef
     from pipeline.loras.adapters import LoraCache
-    from tests.lora_files import write_lora
+    from tests.lycoris_files import write_lora
 
     refs = []
     for i, kind in enumerate(("kohya", "loha")):

@@ -15,6 +15,7 @@ from pipeline.contract.blobs import BlobStore, sha256_hex
 from pipeline.contract.config import Config
 from pipeline.contract.jobs import LoraRef
 from pipeline.contract.prompt_syntax import extract_loras
+from pipeline.contract.safetensors_check import safetensors_problem
 
 log = logging.getLogger("sdbot")
 
@@ -73,6 +74,10 @@ def register_server_loras(
             log.warning("skipping %s: over loras.max_file_mb", path.name)
             continue
         data = path.read_bytes()
+        problem = safetensors_problem(data, path.stem)
+        if problem:  # never registered, so no member can queue a job with it
+            log.warning("skipping %s: %s", path.name, problem)
+            continue
         sha = sha256_hex(data)
         blobs.put(data, ".safetensors")
         del data  # LoRA files are large; don't keep one alive through the loop

@@ -326,6 +326,9 @@ class OutputImage:
     png: bytes
     seed: int
     infotext: str = ""
+    # What the member must be told with this image, e.g. "LoRA 'x': 12 of 95 layers do
+    # not fit this model and were left out". Shown with the result, never only logged.
+    notices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

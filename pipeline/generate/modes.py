@@ -134,9 +134,19 @@ def run_generation(
         ]
     hashes = {ref.sha256: lora_file_hash(blobs, ref.sha256) for s in specs for ref in s.loras}
     return [
-        [_output(model, s, img, seed, hashes) for img, seed in zip(images, s.seeds())]
+        [
+            _output(model, s, img, seed, hashes, _lora_notices(loras, s))
+            for img, seed in zip(images, s.seeds())
+        ]
         for s, images in zip(specs, results)
     ]
+
+
+def _lora_notices(loras: Any, spec: GenerateSpec) -> tuple[str, ...]:
+    """What the LoRA cache says the member must know about this job's LoRAs."""
+    if loras is None or not spec.loras:
+        return ()
+    return tuple(loras.notices(spec.loras))
 
 
 @functools.lru_cache(maxsize=256)
@@ -549,6 +559,7 @@ def _output(
     image: Image.Image,
     seed: int,
     lora_hashes: dict[str, str],
+    notices: tuple[str, ...] = (),
 ) -> OutputImage:
     text = infotext_for(model, spec, seed, image.size, lora_hashes)
-    return OutputImage(png=png_bytes(image, text), seed=seed, infotext=text)
+    return OutputImage(png=png_bytes(image, text), seed=seed, infotext=text, notices=notices)
