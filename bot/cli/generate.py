@@ -1,159 +1,57 @@
-"""`sdbot`: run the bot, or do one job offline.
-
-    sdbot run                     the Discord bot (reads config.toml and DISCORD_TOKEN)
-    sdbot generate PROMPT …       one image job, written as PNGs with infotext
-    sdbot train NAME PHOTO …      one personal model, registered in the database
-    sdbot tiny-model DIR          a tiny random-weight model for tests and demos
-    sdbot doctor                  what works and what doesn't on this machine
-
-This module lives in bot/ because `run` and `train` need the bot's store; everything
-that touches torch is imported inside the command that needs it, so `sdbot run`
-keeps the bot process free of torch.
-"""
+"""`sdbot generate PROMPT …`: one image job in this process, written as PNGs with infotext."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.contract.config import Config, ConfigError, config_from_dict, load_config
-from pipeline.contract.jobs import GenerateSpec, JobError, LoraRef
-from pipeline.contract.model_names import is_model_path, resolve_model
-
-EXIT_USAGE = 2
-
-
-class CliError(Exception):
-    """A one-line message for the terminal; the command exits non-zero."""
+from bot.cli.common import CliError, command_config
+from pipeline.contract.config import Config
+from pipeline.contract.jobs import GenerateSpec, LoraRef
+from pipeline.contract.model_names import resolve_model
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if not args.verbose and args.command != "run":
-        from pipeline.workers.quiet import quiet_libraries
-
-        quiet_libraries()
-    try:
-        return args.handler(args) or 0
-    except (CliError, ConfigError, JobError, ValueError, OSError) as exc:
-        # ValueError covers every user-safe error class of the pipeline (JobError,
-        # ImageInputError, LoraError, DatasetError…): one line, no traceback.
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - last line of defence for ModelError etc.
-        user_safe = {"ModelError", "BlobError", "StoreError", "PoolError"}
-        if user_safe & {cls.__name__ for cls in type(exc).__mro__}:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        raise
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdbot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="config file (default: $SDBOT_CONFIG or ./config.toml)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    run = commands.add_parser("run", help="run the Discord bot")
-    run.set_defaults(handler=_cmd_run)
-
-    gen = commands.add_parser("generate", help="generate images offline")
-    gen.add_argument("prompt")
-    gen.add_argument("--negative", default=None, help="negative prompt")
-    gen.add_argument("--model", default="default", help="config model name, folder or file")
-    gen.add_argument("--sampler", default=None, help='e.g. "Euler a", "DPM++ 2M Karras"')
-    gen.add_argument("--schedule", default=None, help="Automatic, Karras, Exponential, …")
-    gen.add_argument("--steps", type=int, default=None)
-    gen.add_argument("--cfg", type=float, default=None, help="CFG scale")
-    gen.add_argument("--seed", type=int, default=None, help="random when absent")
-    gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--count", type=int, default=1)
-    gen.add_argument("--image", type=Path, help="input image: img2img, inpaint or outpaint")
-    gen.add_argument("--strength", type=float, default=None, help="denoising strength 0..1")
-    gen.add_argument("--mask", type=Path, help="inpaint mask, white = repaint")
-    gen.add_argument(
+def add_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("generate", help="generate images offline")
+    parser.add_argument("prompt")
+    parser.add_argument("--negative", default=None, help="negative prompt")
+    parser.add_argument("--model", default="default", help="config model name, folder or file")
+    parser.add_argument("--sampler", default=None, help='e.g. "Euler a", "DPM++ 2M Karras"')
+    parser.add_argument("--schedule", default=None, help="Automatic, Karras, Exponential, …")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--cfg", type=float, default=None, help="CFG scale")
+    parser.add_argument("--seed", type=int, default=None, help="random when absent")
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--count", type=int, default=1)
+    parser.add_argument("--image", type=Path, help="input image: img2img, inpaint or outpaint")
+    parser.add_argument("--strength", type=float, default=None, help="denoising strength 0..1")
+    parser.add_argument("--mask", type=Path, help="inpaint mask, white = repaint")
+    parser.add_argument(
         "--outpaint", metavar="DIRECTION:PIXELS", help="left|right|up|down|all, e.g. right:128"
     )
-    gen.add_argument(
+    parser.add_argument(
         "--keep",
         choices=["face", "background"],
         help="inpaint everything but the face, or the person but not the background",
     )
-    gen.add_argument("--face-fix", action="store_true", help="repaint faces afterwards")
-    gen.add_argument(
+    parser.add_argument("--face-fix", action="store_true", help="repaint faces afterwards")
+    parser.add_argument(
         "--lora-dir",
         type=Path,
         default=None,
         help="folder where <lora:NAME:w> finds NAME.safetensors",
     )
-    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: config)")
-    gen.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG")
-    gen.set_defaults(handler=_cmd_generate)
-
-    tiny = commands.add_parser("tiny-model", help="write a tiny random-weight model")
-    tiny.add_argument("dir", type=Path)
-    tiny.add_argument("--xl", action="store_true", help="SDXL layout")
-    tiny.add_argument("--inpaint", action="store_true", help="9-channel inpainting UNet")
-    tiny.add_argument(
-        "--single-file",
-        action="store_true",
-        help="also write DIR/model.safetensors in the original (A1111) layout",
-    )
-    tiny.set_defaults(handler=_cmd_tiny)
-
-    doctor = commands.add_parser("doctor", help="check GPU, models, database and token")
-    doctor.set_defaults(handler=_cmd_doctor)
-
-    train = commands.add_parser("train", help="train a personal model offline")
-    train.add_argument("name")
-    train.add_argument("photos", nargs="*", type=Path)
-    train.add_argument("--zip", type=Path, help="a .zip of photos")
-    train.add_argument("--method", choices=["lora", "loha", "lokr"], default="lora")
-    train.add_argument("--steps", type=int, default=0, help="0: about 100 per photo")
-    train.add_argument("--subject", default="person", help="what the photos show")
-    train.add_argument("--user", default="cli", help="member id that owns the model")
-    train.add_argument("--model", default="default")
-    train.add_argument("--resolution", type=int, default=None)
-    train.set_defaults(handler=_cmd_train)
-    return parser
-
-
-# --- config and models ---------------------------------------------------------------
-
-
-def _config(args: argparse.Namespace, *, model: str | None = None) -> Config:
-    """The config file, or — for offline use with a model path and no config — a
-    config holding just that model."""
-    path = args.config or os.environ.get("SDBOT_CONFIG") or "config.toml"
-    if Path(path).exists() or args.config:
-        config = load_config(path)
-    elif model and is_model_path(model):
-        config = config_from_dict({"models": {Path(model).stem: {"source": str(model)}}})
-    else:
-        raise CliError(f"config file {path} not found; pass --config PATH or --model PATH")
-    if model and is_model_path(model):
-        config, _ = resolve_model(config, model)  # a model path joins the config
-    return config
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: config)")
+    parser.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG")
+    parser.set_defaults(handler=generate)
 
 
 def _model_name(config: Config, requested: str) -> str:
     return resolve_model(config, requested)[1].name  # raises with the list of names
-
-
-# --- generate ------------------------------------------------------------------------
 
 
 class _Blobs:
@@ -282,8 +180,8 @@ def _progress_bar(total_images: int):
     return on_step
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
-    config = _config(args, model=args.model)
+def generate(args: argparse.Namespace) -> int:
+    config = command_config(args, model=args.model)
     blobs = _Blobs()
     spec = build_generate_spec(args, config, blobs)
     from pipeline.generate.modes import run_generation
@@ -318,42 +216,3 @@ def write_atomically(path: Path, data: bytes) -> None:
     temp = path.with_name(f".{path.name}.tmp")
     temp.write_bytes(data)
     os.replace(temp, path)
-
-
-# --- the other commands --------------------------------------------------------------
-
-
-def _cmd_tiny(args: argparse.Namespace) -> int:
-    from pipeline.models.tiny import write_tiny_model
-
-    path = write_tiny_model(args.dir, xl=args.xl, inpaint=args.inpaint)
-    kind = "SDXL" if args.xl else "SD 1.x"
-    print(f"wrote a tiny {kind}{' inpainting' if args.inpaint else ''} model to {path}")
-    if args.single_file:
-        from pipeline.models.single_file import export_folder
-
-        checkpoint = export_folder(path, path / "model.safetensors")
-        print(f"and its single-file checkpoint to {checkpoint}")
-    return 0
-
-
-def _cmd_run(args: argparse.Namespace) -> int:
-    from bot.launcher import run_bot
-
-    return run_bot(_config(args))
-
-
-def _cmd_doctor(args: argparse.Namespace) -> int:
-    from pipeline.workers.doctor import run_doctor
-
-    return run_doctor(_config(args))
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from bot.offline_train import train_offline
-
-    return train_offline(args, _config(args, model=args.model))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
