@@ -32,8 +32,3 @@ def restore_default_endpoints() -> None:
     """Point discord.py back at discord.com (what it used before ``point_client_at``)."""
     discord.http.Route.BASE = DEFAULT_API_URL
     discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = DEFAULT_GATEWAY_URL
-
-
-def current_endpoints() -> tuple[str, str]:
-    """The REST base and gateway URL discord.py will use now, for logs and `sdbot doctor`."""
-    return discord.http.Route.BASE, str(discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY)

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from pipeline.contract.infotext import parse_infotext
-
 MiB = 1024 * 1024
 CONTENT_LIMIT = 2000
 DESCRIPTION_LIMIT = 4096
@@ -162,10 +160,6 @@ def info_text(job: dict, index: int | None = None) -> str:
 def _spec_summary(spec: dict) -> str:
     keys = ("prompt", "negative_prompt", "mode", "steps", "sampler", "cfg_scale", "seed")
     return "\n".join(f"{key}: {spec.get(key)}" for key in keys if spec.get(key) not in (None, ""))
-
-
-def infotext_seed(infotext: str) -> str | None:
-    return parse_infotext(infotext).get("Seed")
 
 
 # -- files within the upload limits ------------------------------------------------------------

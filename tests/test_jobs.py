@@ -110,14 +110,6 @@ def test_check_names_the_bad_value_and_the_limit(changes, message):
     assert message in str(error.value)
 
 
-def test_limits_come_from_config_values():
-    limits = Limits.from_dict({"max_steps": 10})
-    with pytest.raises(JobError, match="between 1 and 10"):
-        GenerateSpec("x", steps=11).check(limits)
-    with pytest.raises(ValueError, match="unknown"):
-        Limits.from_dict({"max_stepz": 10})
-
-
 def test_batch_key_groups_only_compatible_txt2img_jobs():
     a = GenerateSpec("a cat", seed=1)
     b = GenerateSpec("a dog", seed=2, loras=(LoraRef("me", "a" * 64),))

@@ -93,3 +93,23 @@ def test_the_pipeline_never_imports_the_bot() -> None:
         if module.split(".")[0] == "bot"
     ]
     assert not bad, "\n".join(bad)
+
+
+def test_nothing_but_the_cli_imports_the_cli() -> None:
+    # The CLI may import both layers; the bot and the engine never import it.
+    bad = []
+    for folder in ("bot", "pipeline"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            where = path.relative_to(REPO).as_posix()
+            if where.startswith("bot/cli/"):
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                if any(n == "bot.cli" or n.startswith("bot.cli.") for n in names):
+                    bad.append(f"{where}:{node.lineno} imports the CLI")
+    assert len(list((REPO / "bot" / "cli").glob("*.py"))) > 3  # the CLI package is there
+    assert not bad, "\n".join(bad)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
-from typing import Any, Literal
+from typing import Any
 
 import discord
 from discord import app_commands
@@ -32,7 +32,6 @@ Range = app_commands.Range
 VARIATION_STRENGTH = 0.6  # Midjourney-like "vary": same composition, new details
 UPSCALE_STRENGTH = 0.35  # a hires pass: sharpen, don't repaint
 UPSCALE_FACTOR = 2.0
-PROMPT = "What to draw; <lora:name:0.8> applies a LoRA"
 
 
 class Generate(SDCog):
@@ -41,67 +40,39 @@ class Generate(SDCog):
     # -- the commands ---------------------------------------------------------------------
 
     @app_commands.command()
-    @app_commands.describe(prompt=PROMPT)
-    @generation_options(*STYLE, "size", *BATCH, "lora")
-    async def imagine(
-        self, interaction: discord.Interaction, prompt: Range[str, 1, 6000], **options: Any
-    ) -> None:
+    @generation_options("prompt", *STYLE, "size", *BATCH, "lora")
+    async def imagine(self, interaction: discord.Interaction, **options: Any) -> None:
         """Draw images from a text prompt."""
         await interaction.response.defer(ephemeral=True, thinking=True)
+        prompt = options["prompt"]
         if options["lora"]:
             prompt = f"{prompt} <lora:{options['lora'].strip()}:0.8>"
         values = await self.common(interaction, prompt, options)
-        spec = GenerateSpec(prompt=prompt, mode="txt2img", **values)
-        await self.services.jobs.submit(interaction, spec)
+        await self.services.jobs.submit(interaction, GenerateSpec(mode="txt2img", **values))
 
     @app_commands.command()
-    @app_commands.describe(
-        image="The photo to start from",
-        prompt=PROMPT,
-        strength="How much to change: 0.05 keeps the photo, 1 ignores it (default 0.75)",
-    )
-    @generation_options(*STYLE, *BATCH)
-    async def img2img(
-        self,
-        interaction: discord.Interaction,
-        image: discord.Attachment,
-        prompt: Range[str, 1, 6000],
-        strength: Range[float, 0.05, 1.0] = 0.75,
-        **options: Any,
-    ) -> None:
+    @generation_options("image", "prompt", "strength", *STYLE, *BATCH)
+    async def img2img(self, interaction: discord.Interaction, **options: Any) -> None:
         """Redraw a photo following a prompt."""
         await interaction.response.defer(ephemeral=True, thinking=True)
-        photo = await self.input_photo(interaction, image)
-        values = await self.common(interaction, prompt, options, photo)
-        spec = GenerateSpec(
-            prompt=prompt, mode="img2img", image=photo.sha256, strength=strength, **values
-        )
+        photo = await self.input_photo(interaction, options["image"])
+        values = await self.common(interaction, options["prompt"], options, photo)
+        spec = GenerateSpec(mode="img2img", image=photo.sha256, **values)
         await self.services.jobs.submit(interaction, spec, photos=[photo])
 
     @app_commands.command()
     @app_commands.describe(
         image="The photo to repaint part of",
-        prompt=PROMPT,
-        mask="Same size as the photo: white = repaint, black = keep",
-        keep="Without a mask: keep the face and repaint the rest, or keep the background",
         strength="How much to change the repainted part (default 0.75)",
     )
-    @generation_options(*STYLE, *BATCH)
-    async def inpaint(
-        self,
-        interaction: discord.Interaction,
-        image: discord.Attachment,
-        prompt: Range[str, 1, 6000],
-        mask: discord.Attachment | None = None,
-        keep: Literal["face", "background"] | None = None,
-        strength: Range[float, 0.05, 1.0] = 0.75,
-        **options: Any,
-    ) -> None:
+    @generation_options("image", "prompt", "mask", "keep", "strength", *STYLE, *BATCH)
+    async def inpaint(self, interaction: discord.Interaction, **options: Any) -> None:
         """Repaint part of a photo: the white part of a mask, or all but the face."""
         await interaction.response.defer(ephemeral=True, thinking=True)
+        mask, keep = options["mask"], options["keep"]
         if mask is None and keep is None:
             raise UserError("attach a mask (white = repaint) or choose keep: face or background")
-        photo = await self.input_photo(interaction, image)
+        photo = await self.input_photo(interaction, options["image"])
         photos = [photo]
         if mask is not None:
             mask_photo = await read_photo(mask, self.config, "mask")
@@ -111,14 +82,12 @@ class Generate(SDCog):
                     f"{photo.width}×{photo.height}; they must be the same size"
                 )
             photos.append(mask_photo)
-        values = await self.common(interaction, prompt, options, photo)
+        values = await self.common(interaction, options["prompt"], options, photo)
         spec = GenerateSpec(
-            prompt=prompt,
             mode="inpaint",
             image=photo.sha256,
             mask=photos[1].sha256 if mask is not None else None,
             keep=None if mask is not None else keep,
-            strength=strength,
             **values,
         )
         spec.check(self.config.limits)  # cheap checks before the slow face check
@@ -133,29 +102,24 @@ class Generate(SDCog):
     @app_commands.describe(
         image="The photo to extend",
         prompt="What the new area shows (default: nothing in particular)",
-        direction="Which side to extend (default: all around)",
-        pixels="How far to extend, in pixels (multiple of 8)",
     )
-    @generation_options(*STYLE)
+    @generation_options("image", "prompt", "direction", "pixels", *STYLE)
     async def outpaint(
         self,
         interaction: discord.Interaction,
-        image: discord.Attachment,
+        *,
         prompt: Range[str, 0, 6000] = "",
-        direction: Literal["left", "right", "up", "down", "all"] = "all",
-        pixels: Range[int, 8, 512] = 128,
         **options: Any,
     ) -> None:
         """Extend a photo beyond its borders."""
         await interaction.response.defer(ephemeral=True, thinking=True)
-        photo = await self.input_photo(interaction, image)
+        photo = await self.input_photo(interaction, options["image"])
         values = await self.common(interaction, prompt, options, photo)
         spec = GenerateSpec(
-            prompt=prompt,
             mode="outpaint",
             image=photo.sha256,
-            outpaint_direction=direction,
-            outpaint_pixels=pixels,
+            outpaint_direction=options["direction"],
+            outpaint_pixels=options["pixels"],
             **values,
         )
         await self.services.jobs.submit(interaction, spec, photos=[photo])
@@ -201,8 +165,8 @@ class Generate(SDCog):
         resolve(values["sampler"], values["schedule"])  # JobError names the valid ones
         guild_id = interaction.guild_id
         values["loras"] = await self.services.loras.resolve(prompt, interaction.user.id, guild_id)
-        values["seed"] = options["seed"]
-        values.update({key: options[key] for key in ("count", "face_fix") if key in options})
+        values["prompt"], values["seed"] = prompt, options["seed"]
+        values.update({k: options[k] for k in ("strength", "count", "face_fix") if k in options})
         if options.get("size"):
             values["width"], values["height"] = parse_size(options["size"], config.limits)
         if photo is not None:
@@ -224,64 +188,70 @@ class Generate(SDCog):
         )
 
     async def vary(self, interaction: discord.Interaction, job_id: str, index: int) -> None:
-        await interaction.response.defer(ephemeral=True, thinking=True)
-        job, spec = await self._job_spec(job_id)
-        image = self._result_image(job, index)
+        job, spec, image = await self._clicked_image(interaction, job_id, index)
         width, height = await self._image_size(image["sha256"])
-        width, height = working_size(width, height, self.config.limits.max_pixels)
-        spec = dataclasses.replace(
-            _as_edit(spec, image["sha256"]),
-            mode="img2img",
-            strength=VARIATION_STRENGTH,
-            width=width,
-            height=height,
-            loras=await self._loras_for(interaction, job, spec),
+        size = working_size(width, height, self.config.limits.max_pixels)
+        await self._submit_edit(
+            interaction, job, spec, image, size, mode="img2img", strength=VARIATION_STRENGTH
         )
-        await self.services.jobs.submit(interaction, spec)
 
     async def upscale(self, interaction: discord.Interaction, job_id: str, index: int) -> None:
-        await interaction.response.defer(ephemeral=True, thinking=True)
-        job, spec = await self._job_spec(job_id)
-        image = self._result_image(job, index)
+        job, spec, image = await self._clicked_image(interaction, job_id, index)
         width, height = await self._image_size(image["sha256"])
         # The result is UPSCALE_FACTOR times larger: it must fit the limits too.
         limits = self.config.limits
         check_size(int(width * UPSCALE_FACTOR), int(height * UPSCALE_FACTOR), limits)
-        spec = dataclasses.replace(
-            _as_edit(spec, image["sha256"]),
+        await self._submit_edit(
+            interaction,
+            job,
+            spec,
+            image,
+            (width, height),
             mode="upscale",
             strength=UPSCALE_STRENGTH,
             upscale_factor=UPSCALE_FACTOR,
-            width=width,
-            height=height,
-            count=1,
-            face_fix=False,
-            seed=image.get("seed"),
-            loras=await self._loras_for(interaction, job, spec),
+            **_same_image(image),
         )
-        await self.services.jobs.submit(interaction, spec)
 
     async def fix_faces(self, interaction: discord.Interaction, job_id: str, index: int) -> None:
         """Repaint the faces of one result (ADetailer); nothing is queued without a face."""
-        await interaction.response.defer(ephemeral=True, thinking=True)
-        job, spec = await self._job_spec(job_id)
-        image = self._result_image(job, index)
+        job, spec, image = await self._clicked_image(interaction, job_id, index)
         png = await asyncio.to_thread(self.blobs.get, image["sha256"])
         limit = self.config.limits.max_input_pixels
         if await self.services.face_probe.count_faces(png, limit) == 0:
             raise UserError("no face found in this image, so there is no face to fix")
-        width, height = await self._image_size(image["sha256"])
-        spec = dataclasses.replace(
+        size = await self._image_size(image["sha256"])
+        await self._submit_edit(
+            interaction, job, spec, image, size, mode="facefix", **_same_image(image)
+        )
+
+    async def _clicked_image(
+        self, interaction: discord.Interaction, job_id: str, index: int
+    ) -> tuple[dict, GenerateSpec, dict]:
+        """A button under one result image: the job, its spec and that image."""
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        job, spec = await self._job_spec(job_id)
+        return job, spec, self._result_image(job, index)
+
+    async def _submit_edit(
+        self,
+        interaction: discord.Interaction,
+        job: dict,
+        spec: GenerateSpec,
+        image: dict,
+        size: tuple[int, int],
+        **changes: Any,
+    ) -> None:
+        """Queue the job's settings applied to one of its results, at ``size``."""
+        width, height = size
+        edit = dataclasses.replace(
             _as_edit(spec, image["sha256"]),
-            mode="facefix",
             width=width,
             height=height,
-            count=1,
-            face_fix=False,
-            seed=image.get("seed"),
             loras=await self._loras_for(interaction, job, spec),
+            **changes,
         )
-        await self.services.jobs.submit(interaction, spec)
+        await self.services.jobs.submit(interaction, edit)
 
     async def show_info(
         self, interaction: discord.Interaction, job_id: str, index: int | None
@@ -329,6 +299,11 @@ class Generate(SDCog):
         return await self.services.loras.resolve(
             spec.prompt, interaction.user.id, interaction.guild_id
         )
+
+
+def _same_image(image: dict) -> dict[str, Any]:
+    """Redo one result image as it was: one image, its seed, no second face pass."""
+    return {"count": 1, "face_fix": False, "seed": image.get("seed")}
 
 
 def _as_edit(spec: GenerateSpec, image_sha: str) -> GenerateSpec:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 from datetime import datetime, timezone
+from typing import Any
 
 import discord
 from discord import app_commands
@@ -47,6 +48,13 @@ class LoraCog(SDCog):
 
     def _admin(self, interaction: discord.Interaction) -> bool:
         return self.services.is_admin(interaction)
+
+    async def _change(
+        self, interaction: discord.Interaction, fn: Any, row: dict, *args: Any
+    ) -> Any:
+        """``fn(db, row id, *args)`` on the member's LoRA; the store checks the owner again."""
+        by_user, admin = str(interaction.user.id), self._admin(interaction)
+        return await self.db.call(fn, row["id"], *args, by_user=by_user, admin=admin)
 
     async def name_autocomplete(
         self, interaction: discord.Interaction, current: str
@@ -108,13 +116,7 @@ class LoraCog(SDCog):
     ) -> None:
         """Rename one of your LoRAs."""
         row = await self._own(interaction, name)
-        await self.db.call(
-            store.rename_lora,
-            row["id"],
-            new_name,
-            by_user=str(interaction.user.id),
-            admin=self._admin(interaction),
-        )
+        await self._change(interaction, store.rename_lora, row, new_name)
         await interaction.response.send_message(
             f"Renamed '{row['name']}' to '{new_name}': use `<lora:{new_name}:0.8>`.",
             ephemeral=True,
@@ -126,13 +128,7 @@ class LoraCog(SDCog):
     async def share(self, interaction: discord.Interaction, name: str, shared: bool) -> None:
         """Share one of your LoRAs with this server, or make it private again."""
         row = await self._own(interaction, name)
-        await self.db.call(
-            store.set_lora_shared,
-            row["id"],
-            shared,
-            by_user=str(interaction.user.id),
-            admin=self._admin(interaction),
-        )
+        await self._change(interaction, store.set_lora_shared, row, shared)
         state = "shared with this server" if shared else "private again"
         await interaction.response.send_message(f"'{row['name']}' is {state}.", ephemeral=True)
 
@@ -142,12 +138,7 @@ class LoraCog(SDCog):
     async def delete(self, interaction: discord.Interaction, name: str) -> None:
         """Delete one of your LoRAs and its file."""
         row = await self._own(interaction, name)
-        deleted = await self.db.call(
-            store.delete_lora,
-            row["id"],
-            by_user=str(interaction.user.id),
-            admin=self._admin(interaction),
-        )
+        deleted = await self._change(interaction, store.delete_lora, row)
         await asyncio.to_thread(self._delete_files, deleted)
         await interaction.response.send_message(f"Deleted '{row['name']}'.", ephemeral=True)
 

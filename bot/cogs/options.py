@@ -1,11 +1,14 @@
 """The options /imagine, /img2img, /inpaint and /outpaint share, declared once.
 
-A command names the shared options it takes with `@generation_options(...)` and
-receives them in ``**options``. discord.py reads a command's options from its
-signature, so the decorator writes the shared ones into ``__signature__`` after the
-command's own parameters, in the order given, with their descriptions and their
-autocomplete; what Discord shows (names, types, limits, descriptions, order) is
-exactly what explicit parameters would give.
+A command lists its options, in order, with `@generation_options(...)`: shared ones
+from `OPTIONS` and its own keyword-only parameters (an own parameter of the same name
+replaces the shared one); it receives them all as keywords. An `app_commands.describe`
+above it gives the command's own wording, for its own options or shared ones.
+
+discord.py reads a command's options from its signature, so the decorator writes
+them into ``__signature__`` with their descriptions and autocomplete: what Discord
+shows (names, types, limits, descriptions, order) is exactly what explicit
+parameters would give.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import discord
 from discord import app_commands
@@ -107,6 +110,15 @@ class Option:
 
 
 OPTIONS: dict[str, Option] = {
+    "image": Option(discord.Attachment, inspect.Parameter.empty, "The photo to start from"),
+    "prompt": Option(
+        Range[str, 1, 6000], inspect.Parameter.empty, "What to draw; <lora:name:0.8> applies a LoRA"
+    ),
+    "strength": Option(
+        Range[float, 0.05, 1.0],
+        0.75,
+        "How much to change: 0.05 keeps the photo, 1 ignores it (default 0.75)",
+    ),
     "negative": Option(
         Range[str, 0, 6000] | None, None, "What to keep out of the image (negative prompt)"
     ),
@@ -142,30 +154,56 @@ OPTIONS: dict[str, Option] = {
         lora_choices,
     ),
 }
+# Options only one command has, declared here too so that each command's list reads whole.
+OPTIONS |= {
+    "mask": Option(
+        discord.Attachment | None, None, "Same size as the photo: white = repaint, black = keep"
+    ),
+    "keep": Option(
+        Literal["face", "background"] | None,
+        None,
+        "Without a mask: keep the face and repaint the rest, or keep the background",
+    ),
+    "direction": Option(
+        Literal["left", "right", "up", "down", "all"],
+        "all",
+        "Which side to extend (default: all around)",
+    ),
+    "pixels": Option(Range[int, 8, 512], 128, "How far to extend, in pixels (multiple of 8)"),
+}
 STYLE = ("negative", "model", "sampler", "steps", "cfg", "seed")  # every generation command
 BATCH = ("count", "face_fix")  # the commands that may draw several images
 
 
 def generation_options(*names: str) -> Callable[[F], F]:
-    """Give the command (whose last parameter is ``**options``) these shared options."""
+    """Give the command these options, in this order (shared ones and its own)."""
 
     def decorate(fn: F) -> F:
         signature = inspect.signature(fn)
-        own = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
-        shared = [
-            inspect.Parameter(
-                name,
-                inspect.Parameter.KEYWORD_ONLY,
-                default=OPTIONS[name].default,
-                annotation=OPTIONS[name].annotation,
-            )
-            for name in names
-        ]
-        fn.__signature__ = signature.replace(parameters=[*own, *shared])  # type: ignore[attr-defined]
-        app_commands.describe(**{name: OPTIONS[name].description for name in names})(fn)
-        completes = {n: OPTIONS[n].autocomplete for n in names if OPTIONS[n].autocomplete}
+        params = list(signature.parameters.values())
+        fixed = [p for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]  # self, interaction
+        own = {p.name: p for p in params if p.kind is p.KEYWORD_ONLY}
+        unlisted = set(own) - set(names)
+        if unlisted:
+            raise TypeError(f"{fn.__qualname__}: options {sorted(unlisted)} are not listed")
+        options = [own.get(name) or _parameter(name) for name in names]
+        fn.__signature__ = signature.replace(parameters=[*fixed, *options])  # type: ignore[attr-defined]
+        shared = {n: OPTIONS[n].description for n in names if n in OPTIONS and n not in own}
+        app_commands.describe(**shared)(fn)
+        completes = {
+            n: OPTIONS[n].autocomplete
+            for n in names
+            if n in OPTIONS and n not in own and OPTIONS[n].autocomplete
+        }
         if completes:
             app_commands.autocomplete(**completes)(fn)
         return fn
 
     return decorate
+
+
+def _parameter(name: str) -> inspect.Parameter:
+    option = OPTIONS[name]
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=option.default, annotation=option.annotation
+    )

@@ -7,7 +7,8 @@ nothing, and two processes may share one database file.
 This package is the one way in: callers write ``from bot import store`` and
 ``store.enqueue(db, ...)``; the sections live in their own modules:
 
-- :mod:`bot.store.core`: job statuses, the errors shown to members, SQL helpers;
+- :mod:`bot.store.core`: job statuses and the SQL helpers every section uses;
+- :mod:`bot.store.errors`: the errors, each message written for the member;
 - :mod:`bot.store.schema`: opening the file and the numbered migrations;
 - :mod:`bot.store.queue`: jobs and the fair queue (enqueue, claim, outcomes, positions);
 - :mod:`bot.store.settings`: each member's saved defaults;
@@ -17,12 +18,11 @@ This package is the one way in: callers write ``from bot import store`` and
 """
 
 from bot.store.blobs import BLOB_KEYS, blob_refs
-from bot.store.core import (
-    TERMINAL,
+from bot.store.core import TERMINAL, JobStatus
+from bot.store.errors import (
     DuplicateName,
     InvalidName,
     JobNotFound,
-    JobStatus,
     LoraNotFound,
     NotYours,
     QueueFull,

@@ -1,5 +1,5 @@
-"""What every section of the store shares: job statuses, the errors shown to members,
-and the small SQL helpers (one write transaction, rows as dicts, JSON columns decoded).
+"""What every section of the store shares: job statuses and the small SQL helpers
+(one write transaction, rows as dicts, JSON columns decoded).
 
 Transactions: every write runs in ``BEGIN IMMEDIATE`` (see :func:`_write`), so a
 writer takes the lock before it reads and two processes can never both claim
@@ -28,37 +28,6 @@ class JobStatus(str, Enum):
 
 
 TERMINAL = frozenset({JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED})
-
-
-# -- errors: every message is written to be shown to the member as is ----------
-
-
-class StoreError(Exception):
-    """A problem with a member's request; the message will be displayed to the user."""
-
-
-class QueueFull(StoreError):
-    pass
-
-
-class JobNotFound(StoreError):
-    pass
-
-
-class NotYours(StoreError):
-    pass
-
-
-class DuplicateName(StoreError):
-    pass
-
-
-class InvalidName(StoreError):
-    pass
-
-
-class LoraNotFound(StoreError):
-    pass
 
 
 @contextmanager

@@ -9,18 +9,8 @@ import time
 import sqlite_utils
 
 from bot.store.blobs import _unreferenced
-from bot.store.core import (
-    DuplicateName,
-    InvalidName,
-    LoraNotFound,
-    NotYours,
-    _decode,
-    _new_id,
-    _one,
-    _rows,
-    _update,
-    _write,
-)
+from bot.store.core import _decode, _new_id, _one, _rows, _update, _write
+from bot.store.errors import DuplicateName, InvalidName, LoraNotFound, NotYours
 
 _LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")
 

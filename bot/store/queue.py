@@ -20,19 +20,8 @@ from typing import Any
 import sqlite_utils
 
 from bot.store.blobs import _index_blobs
-from bot.store.core import (
-    TERMINAL,
-    JobNotFound,
-    JobStatus,
-    NotYours,
-    QueueFull,
-    _decode,
-    _new_id,
-    _one,
-    _rows,
-    _update,
-    _write,
-)
+from bot.store.core import TERMINAL, JobStatus, _decode, _new_id, _one, _rows, _update, _write
+from bot.store.errors import JobNotFound, NotYours, QueueFull
 
 # -- jobs: enqueue and lookups ---------------------------------------------------
 

@@ -18,7 +18,9 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-VERSION = "sdbot 0.1"
+from pipeline.contract.version import sdbot_version
+
+VERSION = f"sdbot {sdbot_version()}"  # the infotext's `Version:` field
 
 # A1111's own regex for one `key: value` pair, quoted values allowed.
 _PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')

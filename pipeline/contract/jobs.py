@@ -50,14 +50,6 @@ class Limits:
     max_lora_weight: float = 4.0
     max_train_steps: int = 3000
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Limits:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown [limits] keys: {', '.join(sorted(unknown))}")
-        return cls(**values)
-
 
 @dataclass(frozen=True)
 class LoraRef:

@@ -261,11 +261,6 @@ def person_mask(size: tuple[int, int], boxes: list[FaceBox], blur: int = 8) -> I
     return _feather(mask, blur)
 
 
-def background_mask(size: tuple[int, int], boxes: list[FaceBox], blur: int = 8) -> Image.Image:
-    """255 everywhere except each person's head and shoulders (repaint the background)."""
-    return ImageChops.invert(person_mask(size, boxes, blur=blur))
-
-
 def _head_ellipse(box: FaceBox) -> tuple[float, float, float, float]:
     # Hair reaches about half a face above the box and a third to each side.
     cx, cy = box.center

@@ -76,10 +76,6 @@ class LoadedModel:
             self._derived[kind] = derived
         return self._derived[kind]
 
-    def pipelines(self) -> list[Any]:
-        """Every pipeline object sharing this model's modules (for scheduler swaps)."""
-        return [self.pipe, *self._derived.values()]
-
 
 def choose_device(requested: str = "auto") -> str:
     import torch
@@ -251,6 +247,3 @@ class ModelCache:
                 model_config, device=self.device, dtype=self.config.workers.dtype
             )
         return self._models[model_config.name]
-
-    def loaded(self) -> list[LoadedModel]:
-        return list(self._models.values())

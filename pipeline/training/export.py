@@ -10,10 +10,11 @@ from typing import Any
 import torch
 
 from pipeline.contract.jobs import TrainSpec
+from pipeline.contract.version import sdbot_version
 from pipeline.training.adapters import ADAPTER, TEXT_LR_RATIO
 from pipeline.training.denoising import is_xl
 
-VERSION = "0.1.0"
+VERSION = sdbot_version()
 
 
 def kohya_state_dict(pipe: Any, method: str, alpha: float) -> dict[str, torch.Tensor]:
