@@ -1,6 +1,6 @@
 """Personal models on the bot side: quotas and registering a trained LoRA.
 
-Shared by `/train` (bot/cogs/train.py) and `sdbot train` (bot/offline_train.py), so
+Shared by `/train` (bot/cogs/train.py) and `sdbot train` (bot/cli/offline_train.py), so
 the rules are the same wherever a model is trained. No torch here: the file arrives
 as bytes from a worker (or from the offline trainer) and goes into the blob store.
 """

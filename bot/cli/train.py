@@ -23,6 +23,6 @@ def add_command(commands: argparse._SubParsersAction) -> None:
 
 
 def train(args: argparse.Namespace) -> int:
-    from bot.offline_train import train_offline
+    from bot.cli.offline_train import train_offline
 
     return train_offline(args, command_config(args, model=args.model))
