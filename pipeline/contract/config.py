@@ -116,6 +116,34 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class ControlNetConfig:
+    """`[controlnets.NAME]`: one ControlNet unit members can pick."""
+
+    name: str
+    source: str  # Hub id, diffusers folder, or single-file .safetensors as Civitai ships
+    family: str = "sd1"  # sd1 | sdxl: the base models it fits
+    preprocessor: str = "none"  # what turns a photo into this unit's map
+    # keep: pose / keep: depth on /img2img use the first unit of that kind
+    kind: str = ""  # "" | pose | depth | edges (what the unit keeps)
+
+
+@dataclass(frozen=True)
+class IPAdapterConfig:
+    """`[ip_adapters.NAME]`: an IP-Adapter and its CLIP image encoder."""
+
+    name: str
+    source: str  # folder holding ip_adapter.safetensors, or the .safetensors/.bin file
+    image_encoder: str = ""  # CLIP vision folder/Hub id; "" = SOURCE's image_encoder folder
+    family: str = "sd1"
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    cache_mb: int = 4096  # ControlNets kept loaded on a worker, by size (LRU)
+    depth_model: str = ""  # transformers depth-estimation Hub id or folder; "" = no depth
+
+
+@dataclass(frozen=True)
 class Config:
     models: tuple[ModelConfig, ...]
     discord: DiscordConfig = field(default_factory=DiscordConfig)
@@ -127,6 +155,9 @@ class Config:
     loras: LorasConfig = field(default_factory=LorasConfig)
     attachments: AttachmentsConfig = field(default_factory=AttachmentsConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    controlnets: dict[str, ControlNetConfig] = field(default_factory=dict)
+    ip_adapters: dict[str, IPAdapterConfig] = field(default_factory=dict)
     path: str = ""
 
     def model(self, name: str) -> ModelConfig:
@@ -154,6 +185,7 @@ _SECTIONS: dict[str, type] = {
     "loras": LorasConfig,
     "attachments": AttachmentsConfig,
     "training": TrainingConfig,
+    "control": ControlConfig,
 }
 
 
@@ -176,6 +208,14 @@ def config_from_dict(
             f"{path or 'config'}: no [models.NAME] table; configure at least one model"
         )
     models = tuple(_model(name, values, path, base_dir) for name, values in models_table.items())
+    controlnets = {
+        name: _named(ControlNetConfig, "controlnets", name, values, path, base_dir)
+        for name, values in data.pop("controlnets", {}).items()
+    }
+    ip_adapters = {
+        name: _named(IPAdapterConfig, "ip_adapters", name, values, path, base_dir)
+        for name, values in data.pop("ip_adapters", {}).items()
+    }
     sections = {}
     for key, values in data.items():
         if key not in _SECTIONS:
@@ -185,7 +225,42 @@ def config_from_dict(
         data_dir = Path(sections["storage"].data_dir)
         if not data_dir.is_absolute():
             sections["storage"] = StorageConfig(data_dir=str(base_dir / data_dir))
-    return Config(models=models, path=path, **sections)
+    if "control" in sections and base_dir is not None:
+        sections["control"] = _relative(sections["control"], ("depth_model",), base_dir)
+    return Config(
+        models=models, path=path, controlnets=controlnets, ip_adapters=ip_adapters, **sections
+    )
+
+
+def _named(cls: type, table: str, name: str, values: Any, path: str, base_dir: Path | None):
+    where = f"{path} [{table}.{name}]"
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a table")
+    entry = _section(cls, {"name": name, **values}, where)
+    if not entry.source:
+        raise ConfigError(f"{where}: source is empty; set a Hub id, folder or file")
+    if entry.family not in ("sd1", "sdxl"):
+        raise ConfigError(f"{where} family must be sd1 or sdxl, not {entry.family!r}")
+    if cls is ControlNetConfig:
+        from pipeline.contract.control import PREPROCESSORS, canonical_preprocessor
+
+        if canonical_preprocessor(entry.preprocessor) not in PREPROCESSORS:
+            raise ConfigError(
+                f"{where}: unknown preprocessor {entry.preprocessor!r}; "
+                f"known: {', '.join(PREPROCESSORS)}"
+            )
+        if entry.kind not in ("", "pose", "depth", "edges"):
+            raise ConfigError(f"{where}: kind must be pose, depth, edges or empty")
+    keys = ("source", "image_encoder") if cls is IPAdapterConfig else ("source",)
+    return _relative(entry, keys, base_dir) if base_dir is not None else entry
+
+
+def _relative(entry: Any, keys: tuple[str, ...], base_dir: Path) -> Any:
+    for key in keys:
+        value = getattr(entry, key)
+        if value.startswith(("./", "../")):
+            entry = dataclasses.replace(entry, **{key: str((base_dir / value).resolve())})
+    return entry
 
 
 def _model(name: str, values: dict[str, Any], path: str, base_dir: Path | None) -> ModelConfig:

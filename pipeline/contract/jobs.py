@@ -19,6 +19,14 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from pipeline.contract.control import (
+    ControlUnit,
+    Reference,
+    check_units,
+    reference_from_dict,
+    unit_from_dict,
+)
+
 MODES = ("txt2img", "img2img", "inpaint", "outpaint", "upscale", "facefix")
 OUTPAINT_DIRECTIONS = ("left", "right", "up", "down", "all")
 KEEP_CHOICES = ("face", "background")
@@ -49,6 +57,7 @@ class Limits:
     max_loras: int = 8
     max_lora_weight: float = 4.0
     max_train_steps: int = 3000
+    max_controlnets: int = 3
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,8 @@ class GenerateSpec:
     face_fix: bool = False
     upscale_factor: float = 2.0
     loras: tuple[LoraRef, ...] = ()
+    control: tuple[ControlUnit, ...] = ()  # ControlNet units, applied in order
+    reference: Reference | None = None  # IP-Adapter reference images
 
     def with_seed(self, seed: int | None = None) -> GenerateSpec:
         """A copy with a concrete seed (a random one when neither is given)."""
@@ -117,6 +128,12 @@ class GenerateSpec:
         """
         if self.mode != "txt2img" or self.face_fix:
             return ""  # empty key: never batched
+        if any(unit.image is None for unit in self.control):
+            return ""  # a unit on the job's own input image: no txt2img batch
+        # Same units and adapter settings share a batch; their images may differ.
+        control = [unit.settings_key() for unit in self.control]
+        if self.reference is not None:
+            control.append(self.reference.settings_key())
         parts = (
             self.model,
             self.width,
@@ -126,10 +143,13 @@ class GenerateSpec:
             self.schedule,
             self.cfg_scale,
         )
-        return "gen|" + "|".join(str(p) for p in parts)
+        key = "gen|" + "|".join(str(p) for p in parts)
+        return key + ("|control|" + "|".join(control) if control else "")
 
     def blob_refs(self) -> list[str]:
         refs = [r for r in (self.image, self.mask) if r]
+        refs += [unit.image for unit in self.control if unit.image]
+        refs += list(self.reference.images) if self.reference else []
         return refs + [lora.sha256 for lora in self.loras]
 
     def check(self, limits: Limits) -> None:
@@ -170,6 +190,14 @@ class GenerateSpec:
         if self.mode == "upscale":
             _check_number("upscale factor", self.upscale_factor, 1.0, 4.0)
         _check_loras(self.loras, limits)
+        check_units(self.control, self.reference, limits.max_controlnets)
+        if self.mode in ("outpaint", "upscale", "facefix") and (self.control or self.reference):
+            raise JobError(
+                "ControlNet and reference images work with txt2img, img2img and inpaint, "
+                f"not {self.mode}"
+            )
+        if self.mode == "txt2img" and any(unit.image is None for unit in self.control):
+            raise JobError("a ControlNet unit needs a control image (txt2img has no input image)")
 
 
 @dataclass(frozen=True)
@@ -294,6 +322,10 @@ def spec_from_dict(data: dict[str, Any]) -> JobSpec:
         raise JobError(f"unknown {kind} fields: {', '.join(sorted(unknown))}")
     if cls is GenerateSpec and "loras" in data:
         data["loras"] = tuple(LoraRef(**lora) for lora in data["loras"])
+    if cls is GenerateSpec and "control" in data:
+        data["control"] = tuple(unit_from_dict(unit) for unit in data["control"])
+    if cls is GenerateSpec and "reference" in data:
+        data["reference"] = reference_from_dict(data["reference"])
     for name in ("photos", "test_photos", "captions"):
         if name in data:
             data[name] = tuple(data[name])
