@@ -71,7 +71,9 @@ class Reference:
     weight: float = 1.0
 
     def settings_key(self) -> str:
-        return f"{self.name}|{self.weight}"
+        # diffusers repeats one set of image embeddings over the whole batch, so only
+        # jobs with the same reference images can share one.
+        return f"{self.name}|{self.weight}|{','.join(self.images)}"
 
 
 def unit_from_dict(data: dict[str, Any]) -> ControlUnit:

@@ -78,6 +78,7 @@ class _Run:
     on_step: StepCallback | None
     should_cancel: Callable[[], bool] | None
     preview_every: int
+    control: Any = None  # pipeline.control.apply.ControlCache: ControlNets, IP-Adapters
 
     def callback(self, pipe, step: int, timestep, kwargs: dict) -> dict:
         if self.should_cancel is not None and self.should_cancel():
@@ -100,6 +101,7 @@ def run_generation(
     on_step: StepCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
     preview_every: int = 4,
+    control: Any = None,
 ) -> list[list[OutputImage]]:
     """Run the specs (one, or several txt2img jobs sharing a batch key) as one call.
 
@@ -109,7 +111,7 @@ def run_generation(
     specs = [spec if spec.seed is not None else spec.with_seed() for spec in specs]
     if not specs:
         return []
-    run = _Run(model, on_step, should_cancel, preview_every)
+    run = _Run(model, on_step, should_cancel, preview_every, control)
     if len(specs) > 1:
         keys = {spec.batch_key() for spec in specs}
         if len(keys) != 1 or "" in keys:
@@ -135,7 +137,15 @@ def run_generation(
     hashes = {ref.sha256: lora_file_hash(blobs, ref.sha256) for s in specs for ref in s.loras}
     return [
         [
-            _output(model, s, img, seed, hashes, _lora_notices(loras, s))
+            _output(
+                model,
+                s,
+                img,
+                seed,
+                hashes,
+                _lora_notices(loras, s),
+                _control_infotext(control, s, model),
+            )
             for img, seed in zip(images, s.seeds())
         ]
         for s, images in zip(specs, results)
@@ -147,6 +157,27 @@ def _lora_notices(loras: Any, spec: GenerateSpec) -> tuple[str, ...]:
     if loras is None or not spec.loras:
         return ()
     return tuple(loras.notices(spec.loras))
+
+
+def _control_infotext(control, spec: GenerateSpec, model: LoadedModel) -> dict[str, str]:
+    if not spec.control and spec.reference is None:
+        return {}
+    from pipeline.control.apply import control_infotext
+
+    return control_infotext(control, spec, model.is_xl)
+
+
+@contextmanager
+def _control(run: _Run, pipe, kind: str, samples, blobs, width: int, height: int, **where):
+    """The job's ControlNet units / IP-Adapter reference: the pipeline to call and its
+    extra arguments (unchanged pipeline, no arguments, for jobs with neither)."""
+    if not any(s.control or s.reference is not None for s in samples):
+        yield pipe, {}
+        return
+    from pipeline.control.apply import applied
+
+    with applied(run.control, run.model, pipe, kind, samples, blobs, width, height, **where) as got:
+        yield got
 
 
 @functools.lru_cache(maxsize=256)
@@ -178,10 +209,17 @@ def txt2img(run: _Run, specs: Sequence[GenerateSpec], blobs, loras) -> list[list
                 results[i] = images
         return results
     samples = [(s, seed) for s in specs for seed in s.seeds()]
-    pipe = run.model.pipe
-    # 2. Sampler, LoRAs, prompt embeddings; 3. denoise and decode.
-    with _sampler(run.model, pipe, spec), _loras(loras, [s for s, _ in samples], blobs, spec):
-        conditioning = _encode(pipe, [s for s, _ in samples])
+    per_sample = [s for s, _ in samples]
+    # 2. ControlNet/IP-Adapter, sampler, LoRAs, prompt embeddings; 3. denoise and decode.
+    with (
+        _control(run, run.model.pipe, "txt2img", per_sample, blobs, spec.width, spec.height) as (
+            pipe,
+            extra,
+        ),
+        _sampler(run.model, pipe, spec),
+        _loras(loras, per_sample, blobs, spec),
+    ):
+        conditioning = _encode(pipe, per_sample)
         images = _call(
             run,
             pipe,
@@ -190,6 +228,7 @@ def txt2img(run: _Run, specs: Sequence[GenerateSpec], blobs, loras) -> list[list
             [seed for _, seed in samples],
             width=spec.width,
             height=spec.height,
+            **extra,
         )
     return _split(images, [s.count for s in specs])
 
@@ -204,12 +243,32 @@ def _chunk_counts(pipe, specs: Sequence[GenerateSpec]) -> dict[int, list[int]]:
 
 
 def img2img(run: _Run, spec: GenerateSpec, image: Image.Image, blobs, loras) -> list[Image.Image]:
-    pipe = run.model.img2img()
     source = image.resize((spec.width, spec.height), Image.LANCZOS)
-    with _sampler(run.model, pipe, spec), _loras(loras, [spec] * spec.count, blobs, spec):
-        conditioning = _encode(pipe, [spec] * spec.count)
+    samples = [spec] * spec.count
+    with (
+        _control(
+            run,
+            run.model.img2img(),
+            "img2img",
+            samples,
+            blobs,
+            spec.width,
+            spec.height,
+            source=image,
+        ) as (pipe, extra),
+        _sampler(run.model, pipe, spec),
+        _loras(loras, samples, blobs, spec),
+    ):
+        conditioning = _encode(pipe, samples)
         return _call(
-            run, pipe, spec, conditioning, spec.seeds(), image=source, strength=spec.strength
+            run,
+            pipe,
+            spec,
+            conditioning,
+            spec.seeds(),
+            image=source,
+            strength=spec.strength,
+            **extra,
         )
 
 
@@ -246,9 +305,23 @@ def inpaint(
     region = image.crop(crop).resize((spec.width, spec.height), Image.LANCZOS)
     region_mask = blurred.crop(crop).resize((spec.width, spec.height), Image.LANCZOS)
     # 3. Inpaint the region at the processing size.
-    pipe = run.model.inpaint()
-    with _sampler(run.model, pipe, spec), _loras(loras, [spec] * spec.count, blobs, spec):
-        conditioning = _encode(pipe, [spec] * spec.count)
+    samples = [spec] * spec.count
+    with (
+        _control(
+            run,
+            run.model.inpaint(),
+            "inpaint",
+            samples,
+            blobs,
+            spec.width,
+            spec.height,
+            source=image,
+            crop=crop,
+        ) as (pipe, extra),
+        _sampler(run.model, pipe, spec),
+        _loras(loras, samples, blobs, spec),
+    ):
+        conditioning = _encode(pipe, samples)
         painted = _call(
             run,
             pipe,
@@ -258,6 +331,7 @@ def inpaint(
             image=region,
             mask_image=region_mask,
             strength=strength or spec.strength,
+            **extra,
         )
     # 4. Paste back through the blurred mask: where it is 0 the original stays.
     return [paste_back(image, p, crop, blurred) for p in painted]
@@ -296,6 +370,7 @@ def fix_faces(run: _Run, spec: GenerateSpec, image: Image.Image, blobs, loras) -
                 "only_masked": True,
                 "only_masked_padding": FACE_FIX_PADDING,
                 "mask_blur": 0,
+                "control": (),  # the units' maps describe the whole image, not a face crop
             }
         )
         image = inpaint(run, face_spec, image, blobs, loras, mask=mask, strength=FACE_FIX_STRENGTH)[
@@ -484,6 +559,7 @@ def _fields(spec: GenerateSpec) -> dict[str, Any]:
 
     values = asdict(spec)
     values["loras"] = spec.loras  # keep LoraRef objects, not dicts
+    values["control"], values["reference"] = spec.control, spec.reference
     return {f.name: values[f.name] for f in fields(spec)}
 
 
@@ -524,6 +600,7 @@ def infotext_for(
     seed: int,
     size: tuple[int, int],
     lora_hashes: dict[str, str] | None = None,
+    extra: dict[str, str] | None = None,
 ) -> str:
     sampler, schedule = resolve(spec.sampler, spec.schedule)
     params: dict[str, Any] = {
@@ -546,6 +623,7 @@ def infotext_for(
             f"{r.name}: {(lora_hashes or {}).get(r.sha256, r.sha256[:12])}" for r in spec.loras
         )
         or None,
+        **(extra or {}),
         "Version": VERSION,
     }
     if spec.mode == "upscale":
@@ -560,6 +638,7 @@ def _output(
     seed: int,
     lora_hashes: dict[str, str],
     notices: tuple[str, ...] = (),
+    extra: dict[str, str] | None = None,
 ) -> OutputImage:
-    text = infotext_for(model, spec, seed, image.size, lora_hashes)
+    text = infotext_for(model, spec, seed, image.size, lora_hashes, extra)
     return OutputImage(png=png_bytes(image, text), seed=seed, infotext=text, notices=notices)

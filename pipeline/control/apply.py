@@ -1,0 +1,222 @@
+"""The hook generation modes call: a job's ControlNet units and IP-Adapter reference
+turned into the pipeline to call and the extra call arguments.
+
+    with applied(run.control, model, pipe, "img2img", samples, blobs, w, h, source=image) \\
+            as (pipe, extra):
+        ... pipe(..., **extra)
+
+Without units or a reference it yields the pipeline unchanged and no arguments, so
+jobs that use neither run exactly as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+from PIL import Image
+
+from pipeline.contract.control import (
+    ControlUnit,
+    canonical_preprocessor,
+    thresholds,
+    unit_infotext,
+)
+from pipeline.contract.images import open_image
+from pipeline.contract.jobs import GenerateSpec, JobError
+from pipeline.control.ip_adapter import IPAdapters, weights_file
+from pipeline.control.preprocessors import fit, run_preprocessor
+from pipeline.control.units import ControlNetCache, control_pipeline, file_hash, make_stack
+
+MAX_CONTROL_PIXELS = 4096 * 4096
+
+
+class ControlCache:
+    """One worker's ControlNets (LRU by size) and the IP-Adapters of each model."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self._nets: ControlNetCache | None = None
+        self._adapters: dict[int, IPAdapters] = {}
+        self._ip_hashes: dict[str, str] = {}
+
+    def nets(self, model: Any) -> ControlNetCache:
+        if self._nets is None:
+            self._nets = ControlNetCache(self.config, model.device, model.dtype)
+        return self._nets
+
+    def ip_adapters(self, model: Any, pipe: Any) -> IPAdapters:
+        key = id(pipe.unet)
+        if key not in self._adapters:
+            self._adapters[key] = IPAdapters(self.config, model, pipe)
+        return self._adapters[key]
+
+    def ip_label(self, name: str) -> str:
+        if name not in self._ip_hashes:
+            entry = self.config.ip_adapters[name]
+            self._ip_hashes[name] = file_hash(str(weights_file(entry.source)))
+        return f"{name} [{self._ip_hashes[name]}]"
+
+
+def uses_control(specs: Sequence[GenerateSpec]) -> bool:
+    return any(s.control or s.reference is not None for s in specs)
+
+
+@contextmanager
+def applied(
+    cache: ControlCache | None,
+    model: Any,
+    pipe: Any,
+    kind: str,
+    samples: Sequence[GenerateSpec],
+    blobs: Any,
+    width: int,
+    height: int,
+    *,
+    source: Image.Image | None = None,
+    crop: tuple[int, int, int, int] | None = None,
+) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """`kind`: txt2img | img2img | inpaint. `source`: the job's input image (units
+    without an image of their own use it). `crop`: inpaint's "only masked" box in
+    `source` coordinates; control maps are fitted to the source, then cropped the same way."""
+    if not uses_control(samples):
+        yield pipe, {}
+        return
+    if cache is None:
+        raise JobError("ControlNet and IP-Adapter are not available on this worker")
+    spec = samples[0]
+    cfg = spec.cfg_scale > 1
+    extra: dict[str, Any] = {}
+    # A unit whose guidance window is empty does nothing: leave it out of the call
+    # (diffusers refuses start == end); the infotext still records it.
+    live = [u for u in spec.control if u.guidance_end > u.guidance_start]
+    if live:
+        nets = [cache.nets(model).get(u.name, pipe.unet, model.family) for u in live]
+        stack = make_stack(nets, [u.control_mode for u in live], cfg)
+        index = {id(u): j for j, u in enumerate(spec.control)}
+        maps: dict[tuple, Image.Image] = {}
+        images = [
+            [
+                _control_map(
+                    cache, s.control[index[id(u)]], blobs, source, width, height, crop, maps
+                )
+                for s in samples
+            ]
+            for u in live
+        ]
+        pipe = control_pipeline(pipe, kind, model.is_xl, stack)
+        extra["image" if kind == "txt2img" else "control_image"] = [_batch(i) for i in images]
+        extra["controlnet_conditioning_scale"] = [float(u.weight) for u in live]
+        extra["control_guidance_start"] = [float(u.guidance_start) for u in live]
+        extra["control_guidance_end"] = [float(u.guidance_end) for u in live]
+    with ExitStack() as stack_cm:
+        if spec.reference is not None:
+            adapters = cache.ip_adapters(model, pipe)
+            if any(s.reference != spec.reference for s in samples):
+                raise JobError("only jobs with the same reference images can share a batch")
+            images = [_open(blobs, sha, "reference image") for sha in spec.reference.images]
+            extra["ip_adapter_image_embeds"] = adapters.embeddings(spec.reference.name, images, cfg)
+            stack_cm.enter_context(adapters.activate(spec.reference.name, spec.reference.weight))
+        yield pipe, extra
+
+
+def _batch(images: list[Image.Image]) -> Any:
+    """One unit's maps for the batch: the image itself when every sample shares it, else
+    a (B, 3, H, W) tensor in [0, 1] (diffusers' multi-ControlNet takes no nested lists)."""
+    if all(image is images[0] for image in images):
+        return images[0]
+    import numpy as np
+    import torch
+
+    arrays = np.stack([np.asarray(image.convert("RGB")) for image in images])
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255.0
+
+
+def _open(blobs: Any, sha: str, name: str) -> Image.Image:
+    if blobs is None:
+        raise JobError(f"this job needs a {name} but no blob store was given")
+    return open_image(blobs.get(sha), max_pixels=MAX_CONTROL_PIXELS, name=name)
+
+
+def preprocessor_of(cache: ControlCache, unit: ControlUnit) -> str:
+    entry = cache.config.controlnets.get(unit.name)
+    default = entry.preprocessor if entry is not None else "none"
+    return canonical_preprocessor(unit.preprocessor or default)
+
+
+def _control_map(
+    cache: ControlCache,
+    unit: ControlUnit,
+    blobs: Any,
+    source: Image.Image | None,
+    width: int,
+    height: int,
+    crop: tuple[int, int, int, int] | None,
+    memo: dict[tuple, Image.Image],
+) -> Image.Image:
+    key = (unit.image, unit.settings_key(), width, height, crop)
+    if key in memo:
+        return memo[key]
+    if unit.image is None:
+        if source is None:
+            raise JobError(f"ControlNet unit '{unit.name}' has no control image")
+        raw = source
+    else:
+        raw = _open(blobs, unit.image, "control image")
+    name = preprocessor_of(cache, unit)
+    a, b = thresholds(unit, name)
+    device = cache._nets.device if cache._nets is not None else "cpu"
+    mapped = run_preprocessor(
+        name,
+        raw,
+        res=unit.processor_res,
+        threshold_a=a,
+        threshold_b=b,
+        depth_model=cache.config.control.depth_model,
+        device=device,
+    )
+    if crop is not None and source is not None:
+        mapped = fit(mapped, source.width, source.height, unit.resize_mode)
+        mapped = mapped.crop(crop).resize((width, height), Image.LANCZOS)
+    else:
+        mapped = fit(mapped, width, height, unit.resize_mode)
+    memo[key] = mapped
+    return mapped
+
+
+def control_infotext(cache: ControlCache | None, spec: GenerateSpec, xl: bool) -> dict[str, str]:
+    """`ControlNet N` infotext entries as sd-webui-controlnet writes them; the IP-Adapter
+    comes last, as the extension's ip-adapter unit."""
+    if cache is None or not uses_control([spec]):
+        return {}
+    params: dict[str, str] = {}
+    for i, unit in enumerate(spec.control):
+        name = preprocessor_of(cache, unit)
+        a, b = thresholds(unit, name)
+        params[f"ControlNet {i}"] = unit_infotext(
+            name,
+            _net_label(cache, unit),
+            unit.weight,
+            resize_mode=unit.resize_mode,
+            processor_res=unit.processor_res,
+            threshold_a=a,
+            threshold_b=b,
+            guidance_start=unit.guidance_start,
+            guidance_end=unit.guidance_end,
+            control_mode=unit.control_mode,
+        )
+    if spec.reference is not None:
+        params[f"ControlNet {len(spec.control)}"] = unit_infotext(
+            "ip-adapter_clip_sdxl" if xl else "ip-adapter_clip_sd15",
+            cache.ip_label(spec.reference.name),
+            spec.reference.weight,
+        )
+    return params
+
+
+def _net_label(cache: ControlCache, unit: ControlUnit) -> str:
+    if cache._nets is not None:
+        return cache._nets.model_label(unit.name)
+    entry = cache.config.controlnets[unit.name]
+    return f"{unit.name} [{file_hash(entry.source)}]"
