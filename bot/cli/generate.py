@@ -40,6 +40,23 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--face-fix", action="store_true", help="repaint faces afterwards")
     parser.add_argument(
+        "--control",
+        action="append",
+        default=[],
+        metavar="NAME[:IMAGE[:WEIGHT[:START:END]]]",
+        help="a ControlNet unit from [controlnets.NAME] (repeatable); no IMAGE: the --image",
+    )
+    parser.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        metavar="IMAGE[:WEIGHT]",
+        help="IP-Adapter reference image (repeatable: several are averaged)",
+    )
+    parser.add_argument(
+        "--ip-adapter", default=None, help="[ip_adapters.NAME] (default: the first)"
+    )
+    parser.add_argument(
         "--lora-dir",
         type=Path,
         default=None,
@@ -112,8 +129,17 @@ def build_generate_spec(args: argparse.Namespace, config: Config, blobs: _Blobs)
     elif args.mask or args.outpaint or args.keep:
         raise CliError("--mask, --keep and --outpaint need an --image")
     values["loras"] = _loras(args, config, blobs)
+    if args.control or args.reference:
+        from bot.control_options import cli_control
+
+        values.update(cli_control(args, config, blobs, _read_input))
     spec = GenerateSpec(**values).with_seed()
     spec.check(config.limits)
+    if spec.control or spec.reference:
+        from pipeline.contract.control import check_against_config
+
+        family = config.model(spec.model).family
+        check_against_config(spec.control, spec.reference, config, family)
     return spec
 
 
@@ -184,6 +210,7 @@ def generate(args: argparse.Namespace) -> int:
     config = command_config(args, model=args.model)
     blobs = _Blobs()
     spec = build_generate_spec(args, config, blobs)
+    from pipeline.control.apply import ControlCache
     from pipeline.generate.modes import run_generation
     from pipeline.loras.adapters import LoraCache
     from pipeline.models.loading import ModelCache
@@ -192,7 +219,13 @@ def generate(args: argparse.Namespace) -> int:
     model = models.get(spec.model)
     loras = LoraCache(model.pipe, max_bytes=config.loras.cache_mb * 2**20)
     results = run_generation(
-        model, [spec], blobs=blobs, loras=loras, on_step=_progress_bar(spec.count), preview_every=0
+        model,
+        [spec],
+        blobs=blobs,
+        loras=loras,
+        on_step=_progress_bar(spec.count),
+        preview_every=0,
+        control=ControlCache(config),
     )
     for path, image in zip(output_paths(args.out, spec.count), results[0]):
         write_atomically(path, image.png)

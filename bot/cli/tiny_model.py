@@ -16,6 +16,9 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also write DIR/model.safetensors in the original (A1111) layout",
     )
+    parser.add_argument("--controlnet", action="store_true", help="also a tiny ControlNet")
+    parser.add_argument("--ip-adapter", action="store_true", help="also a tiny IP-Adapter")
+    parser.add_argument("--depth", action="store_true", help="also a tiny depth model")
     parser.set_defaults(handler=tiny_model)
 
 
@@ -30,4 +33,26 @@ def tiny_model(args: argparse.Namespace) -> int:
 
         checkpoint = export_folder(path, path / "model.safetensors")
         print(f"and its single-file checkpoint to {checkpoint}")
+    if args.controlnet or args.ip_adapter or args.depth:
+        write_control_files(args, path)
     return 0
+
+
+def write_control_files(args: argparse.Namespace, path: Path) -> None:
+    """The tiny ControlNet / IP-Adapter / depth model beside the model, and
+    DIR/config.toml naming them all."""
+    from bot.cli.common import CliError
+    from pipeline.models import tiny_control
+
+    if args.inpaint and args.controlnet:
+        raise CliError("--controlnet needs a 4-channel model: leave out --inpaint")
+    if args.controlnet:
+        tiny_control.write_tiny_controlnet(path, path / "controlnet")
+    if args.ip_adapter:
+        tiny_control.write_tiny_ip_adapter(path, path / "ip_adapter")
+    if args.depth:
+        tiny_control.write_tiny_depth(path / "depth")
+    config = tiny_control.write_tiny_config(
+        path, xl=args.xl, controlnet=args.controlnet, ip_adapter=args.ip_adapter, depth=args.depth
+    )
+    print(f"and its ControlNet/IP-Adapter files, and {config}")

@@ -56,6 +56,7 @@ class Runner:
         self.name = name
         self._models: Any = None  # pipeline.models.loading.ModelCache, built on first use
         self._loras: dict[str, Any] = {}  # model name → LoRA cache
+        self._control: Any = None  # pipeline.control.apply.ControlCache, on first use
 
     def warm_up(self) -> None:
         """Load the default model now, so the first job does not pay for it."""
@@ -112,6 +113,7 @@ class Runner:
                 [spec for _, spec in jobs],
                 blobs=self.blobs,
                 loras=self._lora_cache(model),
+                control=self._control_cache(jobs),
                 on_step=progress.step,
                 # A batch stops only when all its members cancelled; a single member's
                 # cancel discards its images at the end instead.
@@ -216,6 +218,14 @@ class Runner:
 
             self._models = ModelCache(self.config, self.device)
         return self._models.get(name)
+
+    def _control_cache(self, jobs: list[tuple[str, GenerateSpec]]) -> Any:
+        """ControlNets and IP-Adapters, loaded when a job first asks for one."""
+        if self._control is None and any(s.control or s.reference for _, s in jobs):
+            from pipeline.control.apply import ControlCache
+
+            self._control = ControlCache(self.config)
+        return self._control
 
     def _lora_cache(self, model: Any) -> Any:
         """The worker's LoRA adapters for this model (its derived img2img/inpaint
