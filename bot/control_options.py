@@ -95,3 +95,67 @@ def keep_unit(config: Any, keep: str, family: str) -> str:
         f'keep: {keep} needs a {keep} ControlNet unit ([controlnets.NAME] kind = "{keep}") '
         "and none is configured for this model"
     )
+
+
+def default_unit(config: Any, family: str) -> str:
+    for name, entry in config.controlnets.items():
+        if family in ("auto", entry.family):
+            return name
+    raise JobError("no ControlNet unit is configured for this model ([controlnets.NAME])")
+
+
+def ip_adapter_for(config: Any, family: str) -> str:
+    for name, entry in config.ip_adapters.items():
+        if family in ("auto", entry.family):
+            return name
+    raise JobError("no IP-Adapter is configured for this model, so reference images can't be used")
+
+
+async def discord_control(
+    config: Any,
+    model: str,
+    *,
+    control: str | None = None,
+    control_image: Any = None,
+    control_weight: float | None = None,
+    reference: Any = None,
+    reference_weight: float | None = None,
+    keep: str | None = None,
+    has_input: bool = False,
+) -> tuple[dict[str, Any], list[Any]]:
+    """The Discord options → GenerateSpec fields (control, reference) and the attached
+    photos to store. Attachments are downloaded and checked to be images; every option
+    given is used or refused, never silently dropped."""
+    from bot.attachments import read_photo
+    from pipeline.contract.control import check_against_config
+
+    family = config.model(model).family
+    photos: list[Any] = []
+    units: list[ControlUnit] = []
+    weight = 1.0 if control_weight is None else control_weight
+    if keep in ("pose", "depth"):
+        units.append(ControlUnit(keep_unit(config, keep, family), None, weight=weight))
+    if control or control_image is not None:
+        name = control.strip() if control else default_unit(config, family)
+        sha = None
+        if control_image is not None:
+            photo = await read_photo(control_image, config, "control image")
+            photos.append(photo)
+            sha = photo.sha256
+        elif not has_input:
+            raise JobError(
+                f"control: {name} needs a control_image (attach the pose, edges or photo)"
+            )
+        units.append(ControlUnit(name, sha, weight=weight))
+    elif control_weight is not None and not units:
+        raise JobError("control_weight needs a control unit or a control_image")
+    values: dict[str, Any] = {"control": tuple(units)}
+    if reference is not None:
+        photo = await read_photo(reference, config, "reference")
+        photos.append(photo)
+        strength = 1.0 if reference_weight is None else reference_weight
+        values["reference"] = Reference(ip_adapter_for(config, family), (photo.sha256,), strength)
+    elif reference_weight is not None:
+        raise JobError("reference_weight needs a reference image")
+    check_against_config(values["control"], values.get("reference"), config, family)
+    return values, photos

@@ -24,7 +24,7 @@ from pipeline.contract.control import (
     check_against_config,
     units_from_infotext,
 )
-from pipeline.contract.infotext import parse_infotext
+from pipeline.contract.infotext import controlnet_units, parse_infotext
 from pipeline.contract.jobs import GenerateSpec, JobError, Limits, spec_from_json, spec_to_json
 from pipeline.control.apply import ControlCache
 from pipeline.control.preprocessors import fit, run_preprocessor
@@ -243,7 +243,8 @@ def test_infotext_round_trip(setup):
     [[image]] = run(setup, spec(control=(unit,), reference=Reference("tiny", (sha,), 0.5)))
     params = parse_infotext(image.infotext)
     assert params["ControlNet 0"].startswith("Module: canny, Model: canny [")
-    cn, ip = units_from_infotext(params)
+    cn, ip = controlnet_units(image.infotext)
+    assert [cn, ip] == units_from_infotext(params)
     assert cn["Weight"] == "0.8" and cn["Threshold A"] == "100.0" and cn["Threshold B"] == "200.0"
     assert cn["Guidance Start"] == "0.1" and cn["Guidance End"] == "0.9"
     assert cn["Control Mode"] == "ControlNet is more important"

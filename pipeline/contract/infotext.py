@@ -88,3 +88,11 @@ def read_infotext(png: bytes) -> str:
     """The `parameters` chunk of a PNG, or "" when it has none."""
     with Image.open(io.BytesIO(png)) as image:
         return str(image.info.get("parameters", ""))
+
+
+def controlnet_units(text: str) -> list[dict[str, str]]:
+    """The `ControlNet N` entries of an image's infotext (sd-webui-controlnet's format,
+    the IP-Adapter one included), each parsed into {"Module", "Model", "Weight", …}."""
+    from pipeline.contract.control import units_from_infotext
+
+    return units_from_infotext(parse_infotext(text))

@@ -51,7 +51,11 @@ def write_tiny_controlnet(model_dir: str | Path, directory: str | Path) -> Path:
     return directory
 
 
-def write_tiny_ip_adapter(model_dir: str | Path, directory: str | Path) -> Path:
+def write_tiny_ip_adapter(
+    model_dir: str | Path, directory: str | Path, *, projection_dim: int = CLIP_PROJECTION
+) -> Path:
+    """`projection_dim`: the CLIP image embedding's width (1024 for the real SD 1.5
+    IP-Adapter's ViT-H; the benchmark uses it, the tests keep it tiny)."""
     import torch
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -65,7 +69,7 @@ def write_tiny_ip_adapter(model_dir: str | Path, directory: str | Path) -> Path:
         CLIPVisionConfig(
             hidden_size=32,
             intermediate_size=37,
-            projection_dim=CLIP_PROJECTION,
+            projection_dim=projection_dim,
             num_hidden_layers=2,
             num_attention_heads=4,
             image_size=CLIP_IMAGE_SIZE,
@@ -79,7 +83,7 @@ def write_tiny_ip_adapter(model_dir: str | Path, directory: str | Path) -> Path:
         return (torch.randn(shape, generator=generator) * scale).contiguous()
 
     tensors = {
-        "image_proj.proj.weight": rand(IP_TOKENS * cross, CLIP_PROJECTION),
+        "image_proj.proj.weight": rand(IP_TOKENS * cross, projection_dim),
         "image_proj.proj.bias": rand(IP_TOKENS * cross),
         "image_proj.norm.weight": torch.ones(cross),
         "image_proj.norm.bias": torch.zeros(cross),
