@@ -369,3 +369,20 @@ def test_cli_tiny_model_config_generates_with_control_and_reference(tmp_path, ca
         assert main([*args, *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err, err
+
+
+def test_controlnets_load_once_and_the_least_recently_used_is_evicted(setup):
+    from pipeline.control.units import ControlNetCache
+
+    config, model = setup[0], setup[1]
+    unet = model.pipe.unet
+    cache = ControlNetCache(config, "cpu", model.dtype)
+    first = cache.get("canny", unet, "sd1")
+    assert cache.get("canny", unet, "sd1") is first and cache.loads == 1
+    size = sum(p.numel() * p.element_size() for p in first.parameters())
+    cache.max_bytes = int(size * 1.5)  # room for one
+    cache.get("lines", unet, "sd1")
+    assert cache.loads == 2
+    cache.get("lines", unet, "sd1")
+    assert cache.loads == 2
+    assert cache.get("canny", unet, "sd1") is not first and cache.loads == 3  # was evicted
