@@ -76,8 +76,9 @@ def make_config(
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def shared_pool(tiny_sd: Path, tmp_path_factory) -> AsyncIterator[LocalPool]:
-    config = make_config(tiny_sd, tmp_path_factory.mktemp("pool") / "data")
+async def shared_pool(tiny_sd: Path, tmp_path_factory, tiny_control) -> AsyncIterator[LocalPool]:
+    # The worker also knows the tiny ControlNet units and IP-Adapter (tests/test_bot_control.py).
+    config = make_config(tiny_sd, tmp_path_factory.mktemp("pool") / "data", **tiny_control)
     pool = LocalPool(config)
     await pool.start()
     yield pool

@@ -66,6 +66,23 @@ def tiny_inpaint(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "inpaint", inpaint=True)
 
 
+@pytest.fixture(scope="session")
+def tiny_control(tiny_sd, tmp_path_factory) -> dict:
+    """A tiny ControlNet and IP-Adapter for the tiny SD model, as config tables (two units:
+    canny, and a pose unit that takes its map as it is)."""
+    from pipeline.models.tiny_control import write_tiny_controlnet, write_tiny_ip_adapter
+
+    root = tmp_path_factory.mktemp("tiny-control")
+    net = str(write_tiny_controlnet(tiny_sd, root / "controlnet"))
+    return {
+        "controlnets": {
+            "canny": {"source": net, "preprocessor": "canny", "kind": "edges"},
+            "pose": {"source": net, "preprocessor": "none", "kind": "pose"},
+        },
+        "ip_adapters": {"tiny": {"source": str(write_tiny_ip_adapter(tiny_sd, root / "ip"))}},
+    }
+
+
 # The same job alone and in a batch runs the same math on other matrix shapes, for which
 # BLAS may pick other kernels (seen: AVX2-only EPYC vs AVX-512 Xeon): the images may
 # differ by rounding, never by content. Bit-exact equality holds only for the same call

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
-from typing import Any
+from typing import Any, Literal
 
 import discord
 from discord import app_commands
@@ -22,7 +22,8 @@ from bot import render, store
 from bot.app import SDBot
 from bot.attachments import Photo, read_photo
 from bot.cogs import SDCog
-from bot.cogs.options import BATCH, STYLE, generation_options, parse_size
+from bot.cogs.options import BATCH, CONTROL, STYLE, generation_options, parse_size
+from bot.control_options import discord_control
 from bot.errors import UserError
 from pipeline.contract.images import working_size
 from pipeline.contract.jobs import GenerateSpec, check_size, spec_from_dict
@@ -40,7 +41,7 @@ class Generate(SDCog):
     # -- the commands ---------------------------------------------------------------------
 
     @app_commands.command()
-    @generation_options("prompt", *STYLE, "size", *BATCH, "lora")
+    @generation_options("prompt", *STYLE, "size", *BATCH, "lora", *CONTROL)
     async def imagine(self, interaction: discord.Interaction, **options: Any) -> None:
         """Draw images from a text prompt."""
         await interaction.response.defer(ephemeral=True, thinking=True)
@@ -48,24 +49,36 @@ class Generate(SDCog):
         if options["lora"]:
             prompt = f"{prompt} <lora:{options['lora'].strip()}:0.8>"
         values = await self.common(interaction, prompt, options)
-        await self.services.jobs.submit(interaction, GenerateSpec(mode="txt2img", **values))
+        extra, attached = await self.control(values, options)
+        spec = GenerateSpec(mode="txt2img", **values, **extra)
+        await self.services.jobs.submit(interaction, spec, photos=attached)
 
     @app_commands.command()
-    @generation_options("image", "prompt", "strength", *STYLE, *BATCH)
-    async def img2img(self, interaction: discord.Interaction, **options: Any) -> None:
+    @app_commands.describe(
+        keep="Keep the photo's pose (or depth) while the prompt changes the rest (ControlNet)"
+    )
+    @generation_options("image", "prompt", "strength", *STYLE, *BATCH, "keep", *CONTROL)
+    async def img2img(
+        self,
+        interaction: discord.Interaction,
+        *,
+        keep: Literal["pose", "depth"] | None = None,
+        **options: Any,
+    ) -> None:
         """Redraw a photo following a prompt."""
         await interaction.response.defer(ephemeral=True, thinking=True)
         photo = await self.input_photo(interaction, options["image"])
         values = await self.common(interaction, options["prompt"], options, photo)
-        spec = GenerateSpec(mode="img2img", image=photo.sha256, **values)
-        await self.services.jobs.submit(interaction, spec, photos=[photo])
+        extra, attached = await self.control(values, options, keep=keep, has_input=True)
+        spec = GenerateSpec(mode="img2img", image=photo.sha256, **values, **extra)
+        await self.services.jobs.submit(interaction, spec, photos=[photo, *attached])
 
     @app_commands.command()
     @app_commands.describe(
         image="The photo to repaint part of",
         strength="How much to change the repainted part (default 0.75)",
     )
-    @generation_options("image", "prompt", "mask", "keep", "strength", *STYLE, *BATCH)
+    @generation_options("image", "prompt", "mask", "keep", "strength", *STYLE, *BATCH, *CONTROL)
     async def inpaint(self, interaction: discord.Interaction, **options: Any) -> None:
         """Repaint part of a photo: the white part of a mask, or all but the face."""
         await interaction.response.defer(ephemeral=True, thinking=True)
@@ -83,13 +96,16 @@ class Generate(SDCog):
                 )
             photos.append(mask_photo)
         values = await self.common(interaction, options["prompt"], options, photo)
+        extra, attached = await self.control(values, options, has_input=True)
         spec = GenerateSpec(
             mode="inpaint",
             image=photo.sha256,
             mask=photos[1].sha256 if mask is not None else None,
             keep=None if mask is not None else keep,
             **values,
+            **extra,
         )
+        photos += attached
         spec.check(self.config.limits)  # cheap checks before the slow face check
         if mask is None:
             # Without a face the worker could build no mask: say so now, queue nothing.
@@ -173,6 +189,14 @@ class Generate(SDCog):
             values["width"], values["height"] = self.work_size(photo, values)
         return values
 
+    async def control(
+        self, values: dict[str, Any], options: dict[str, Any], **where: Any
+    ) -> tuple[dict[str, Any], list[Photo]]:
+        """The ControlNet / IP-Adapter options → spec fields, and their attachments."""
+        return await discord_control(
+            self.config, values["model"], **{k: options[k] for k in CONTROL}, **where
+        )
+
     def work_size(self, photo: Photo, values: dict[str, Any]) -> tuple[int, int]:
         budget = min(values["width"] * values["height"], self.config.limits.max_pixels)
         return working_size(photo.width, photo.height, budget)
@@ -208,6 +232,8 @@ class Generate(SDCog):
             image,
             (width, height),
             mode="upscale",
+            control=(),  # a hires pass of the result: no ControlNet, no reference
+            reference=None,
             strength=UPSCALE_STRENGTH,
             upscale_factor=UPSCALE_FACTOR,
             **_same_image(image),
@@ -222,7 +248,15 @@ class Generate(SDCog):
             raise UserError("no face found in this image, so there is no face to fix")
         size = await self._image_size(image["sha256"])
         await self._submit_edit(
-            interaction, job, spec, image, size, mode="facefix", **_same_image(image)
+            interaction,
+            job,
+            spec,
+            image,
+            size,
+            mode="facefix",
+            control=(),
+            reference=None,
+            **_same_image(image),
         )
 
     async def _clicked_image(

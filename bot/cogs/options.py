@@ -67,6 +67,22 @@ async def lora_choices(
     return _choices([row["name"] for row in rows], current)
 
 
+async def control_choices(
+    interaction: discord.Interaction, current: str
+) -> list[app_commands.Choice[str]]:
+    """The configured ControlNet units whose preprocessor is available."""
+    from pipeline.contract.control import available_preprocessors, canonical_preprocessor
+
+    config = interaction.client.services.config
+    usable = set(available_preprocessors(config))
+    names = [
+        name
+        for name, entry in config.controlnets.items()
+        if canonical_preprocessor(entry.preprocessor) in usable
+    ]
+    return _choices(names, current)
+
+
 def _choices(names: list[str], current: str) -> list[app_commands.Choice[str]]:
     typed = current.lower().strip()
     found = [n for n in names if typed in n.lower()] if typed else list(names)
@@ -153,6 +169,24 @@ OPTIONS: dict[str, Option] = {
         "One of your LoRAs (or a shared/server one), added as <lora:NAME:0.8>",
         lora_choices,
     ),
+    # ControlNet and IP-Adapter (bot/control_options.py turns them into spec fields)
+    "control_image": Option(
+        discord.Attachment | None,
+        None,
+        "ControlNet: the pose, edges or photo to follow (default: the input photo)",
+    ),
+    "control": Option(
+        str | None, None, "ControlNet unit (default: the server's first)", control_choices
+    ),
+    "control_weight": Option(
+        Range[float, 0.0, 2.0] | None, None, "How strongly the control steers, 0-2 (default 1)"
+    ),
+    "reference": Option(
+        discord.Attachment | None, None, "IP-Adapter: an image whose subject or style to follow"
+    ),
+    "reference_weight": Option(
+        Range[float, 0.0, 2.0] | None, None, "How strongly the reference steers, 0-2 (default 1)"
+    ),
 }
 # Options only one command has, declared here too so that each command's list reads whole.
 OPTIONS |= {
@@ -173,6 +207,7 @@ OPTIONS |= {
 }
 STYLE = ("negative", "model", "sampler", "steps", "cfg", "seed")  # every generation command
 BATCH = ("count", "face_fix")  # the commands that may draw several images
+CONTROL = ("control_image", "control", "control_weight", "reference", "reference_weight")
 
 
 def generation_options(*names: str) -> Callable[[F], F]:
