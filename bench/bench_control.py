@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -99,7 +100,9 @@ def main() -> None:
     def timed(spec: GenerateSpec) -> float:
         start = time.perf_counter()
         run_generation(model, [spec], blobs=blobs, control=cache, preview_every=0)
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        print(f"  {spec.steps} steps: {seconds:.2f} s", file=sys.stderr, flush=True)
+        return seconds
 
     for extra in variants.values():  # warm-up: loads, first-call allocations
         timed(job(args.short, extra))
