@@ -208,7 +208,7 @@ def test_ip_adapter_changes_the_image_and_weight_0_equals_none(setup):
 def test_controlnet_and_ip_adapter_with_a_lora_in_a_batch(setup, tmp_path):
     from pipeline.contract.jobs import LoraRef
     from pipeline.loras.adapters import LoraCache
-    from tests.lora_files import write_lora
+    from tests.lycoris_files import write_lora
 
     _, model, _, blobs, shas = setup
     path = write_lora(tmp_path / "style.safetensors", model.pipe, "kohya", seed=0)
