@@ -49,6 +49,7 @@ class Limits:
     max_loras: int = 8
     max_lora_weight: float = 4.0
     max_train_steps: int = 3000
+    commands_per_minute: int = 20  # a member's slash commands; faster ones are refused
 
 
 @dataclass(frozen=True)
@@ -313,7 +314,10 @@ def spec_from_json(text: str) -> JobSpec:
 
 @dataclass(frozen=True)
 class OutputImage:
-    """One finished image: PNG bytes (with infotext) and the seed that drew it."""
+    """One finished image: PNG bytes (with infotext) and the seed that drew it.
+
+    `nsfw`: the NSFW detector's best score per label (`pipeline.safety`), or None when
+    the image was not checked."""
 
     png: bytes
     seed: int
@@ -321,6 +325,7 @@ class OutputImage:
     # What the member must be told with this image, e.g. "LoRA 'x': 12 of 95 layers do
     # not fit this model and were left out". Shown with the result, never only logged.
     notices: tuple[str, ...] = ()
+    nsfw: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
