@@ -160,6 +160,7 @@ class TrainCog(SDCog):
         services, user = self.services, str(interaction.user.id)
         # 1. Cheap refusals first: name, quota, queue room.
         await services.db.call(check_name_free, user, name)
+        await services.safety.before_train(interaction, name, subject)  # filters, quota, DMs
         await services.db.call(check_quota, services.config, user)
         await services.jobs.check_queue_room(interaction.user.id)
         # 2. Download (size checked before), prepare in the helper process.
@@ -179,6 +180,7 @@ class TrainCog(SDCog):
         prepared = await services.face_probe.run(prepare_photos, photos, zip_data, settings)
         if "error" in prepared:
             raise UserError(prepared["error"])
+        await services.safety.check_training_set(interaction, prepared)  # captions, NSFW
         # 3. Queue the job with the prepared crops as blobs.
         spec = await asyncio.to_thread(
             self._spec, prepared, name, model.name, method, subject, steps, resolution

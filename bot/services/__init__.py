@@ -21,6 +21,7 @@ import sqlite_utils
 
 from bot.dispatcher import Dispatcher
 from bot.face_probe import FaceProbe
+from bot.safety import SafetyGate
 from bot.services.access import is_admin
 from bot.services.database import DbThread
 from bot.services.jobs import JobService
@@ -43,6 +44,7 @@ class Services:
     messages: JobMessages  # generation's
     jobs: JobService
     loras: LoraResolver
+    safety: SafetyGate  # NSFW policy, filters, role gates, quotas, rate limits
 
     def is_admin(self, interaction: discord.Interaction) -> bool:
         """Manage Server (or Administrator), or the configured admin role."""
@@ -73,18 +75,28 @@ def build_services(
     dispatcher = Dispatcher(
         config.storage.database, pool, blobs, config, on_event=boards.on_job_event
     )
-    messages = boards.add(JobMessages(client, config=config, db=db_thread, blobs=blobs))
+    face_probe = face_probe or FaceProbe()
+    safety = SafetyGate(config, db_thread, face_probe)
+    messages = boards.add(
+        JobMessages(client, config=config, db=db_thread, blobs=blobs, safety=safety)
+    )
     return Services(
         config=config,
         db=db_thread,
         blobs=blobs,
         pool=pool,
-        face_probe=face_probe or FaceProbe(),
+        face_probe=face_probe,
         dispatcher=dispatcher,
         boards=boards,
         messages=messages,
         jobs=JobService(
-            config=config, db=db_thread, blobs=blobs, dispatcher=dispatcher, messages=messages
+            config=config,
+            db=db_thread,
+            blobs=blobs,
+            dispatcher=dispatcher,
+            messages=messages,
+            safety=safety,
         ),
         loras=LoraResolver(config, db_thread),
+        safety=safety,
     )

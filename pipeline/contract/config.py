@@ -245,7 +245,7 @@ def _check_safety(safety: SafetyConfig, where: str) -> None:
 
 def _listen_address(text: str, where: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:  # 0: any free port
         raise ConfigError(f"{where} must be HOST:PORT, e.g. 127.0.0.1:9108, not {text!r}")
     return host, int(port)
 
