@@ -644,8 +644,14 @@ class DiscordEmulator:
         self.extra_guilds.append(guild_id)
         return guild_id, self.add_channel("general", guild_id=guild_id)
 
+    def add_member(self, name: str, role_ids: tuple[str, ...] = ()) -> EmulatedUser:
+        """Another member of every guild (before the bot connects), with these roles."""
+        member = EmulatedUser(self._ids.next(), name, role_ids=role_ids)
+        self.members.append(member)
+        return member
+
     def add_role(self, name: str, guild_id: str | None = None) -> str:
-        """A role without permissions; give it to a member with ``with_roles``."""
+        """A role without permissions; give it to a member with ``add_member``."""
         role_id = self._ids.next()
         self.extra_roles.setdefault(guild_id or self.guild_id, []).append(
             {**self._roles()[0], "id": role_id, "name": name, "permissions": "0", "position": 1}

@@ -214,11 +214,9 @@ class _LocalWorker:
         """idle | busy | starting (loading its model) | dead (waiting to be restarted)."""
         if self.process is None or self._events is None:
             return "dead"
-        if self.stream is not None:
-            return "busy"
         if self._ready is None or not self._ready.done():
-            return "starting"
-        return "idle"
+            return "starting"  # even with a batch waiting in its pipe
+        return "busy" if self.stream is not None else "idle"
 
     def spawn(self) -> None:
         context = multiprocessing.get_context("spawn")
