@@ -1,7 +1,7 @@
 """NudeNet on an image: the highest score of each label it found.
 
 NudeNet ships its ONNX model (320n) inside the wheel and runs it on onnxruntime's
-CPU provider, so nothing is downloaded and no GPU is needed (~15-30 ms per image on
+CPU provider, so nothing is downloaded and no GPU is needed (~60 ms per 512² image on
 one core). It imports OpenCV: this module runs in a worker or in the bot's photo
 helper process, never in the bot process. What to do with the labels (the policy
 and thresholds) is torch-free and lives in `pipeline.contract.safety`.
