@@ -26,8 +26,8 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -37,6 +37,7 @@ from skimage import data  # noqa: E402
 
 from bot import store  # noqa: E402
 from bot.metrics import Metrics  # noqa: E402
+from bot.services.database import DbThread  # noqa: E402
 from pipeline.contract.blobs import BlobStore  # noqa: E402
 from pipeline.contract.config import config_from_dict  # noqa: E402
 from pipeline.contract.jobs import GenerateSpec  # noqa: E402
@@ -115,15 +116,9 @@ def bench_scrape(jobs: int, repeats: int) -> float:
     config = config_from_dict(
         {"models": {"tiny": {"source": "x"}}, "storage": {"data_dir": str(folder)}}
     )
-    thread = ThreadPoolExecutor(max_workers=1)
-
-    class Bot:  # what Metrics needs of SDBot: its db thread and its pool
-        pool = LocalPool(config, devices=["cpu"])
-
-        async def db_call(self, fn, *args):
-            return await asyncio.get_running_loop().run_in_executor(thread, fn, db, *args)
-
-    metrics = Metrics(Bot())  # type: ignore[arg-type]
+    # What a scrape uses of the services: the bot's database thread and the pool.
+    services = SimpleNamespace(db=DbThread(db), pool=LocalPool(config, devices=["cpu"]))
+    metrics = Metrics(None, services)  # type: ignore[arg-type]
 
     async def scrape_all() -> float:
         times = []
