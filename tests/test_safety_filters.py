@@ -10,7 +10,7 @@ import pytest
 from bot import guild_store, store
 from bot.guild_settings import effective, parse_setting
 from bot.prompt_filter import FilterError, Filters, check_pattern, normalise_word
-from bot.safety import RateLimiter, quota_for
+from bot.services.safety import RateLimiter, quota_for
 from pipeline.contract.config import config_from_dict
 
 WORDS = Filters(words=(normalise_word("Nude"), normalise_word("bad  WORD")))

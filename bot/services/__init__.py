@@ -21,12 +21,12 @@ import sqlite_utils
 
 from bot.dispatcher import Dispatcher
 from bot.face_probe import FaceProbe
-from bot.safety import SafetyGate
 from bot.services.access import is_admin
 from bot.services.database import DbThread
 from bot.services.jobs import JobService
 from bot.services.loras import LoraResolver
 from bot.services.messages import JobMessages, MessageBoards
+from bot.services.safety import SafetyGate
 from pipeline.contract.blobs import BlobStore
 from pipeline.contract.config import Config
 from pipeline.contract.pool import WorkerPool

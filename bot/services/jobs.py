@@ -10,10 +10,10 @@ import discord
 from bot import store
 from bot.attachments import Photo, store_photos
 from bot.dispatcher import Dispatcher
-from bot.safety import SafetyGate
 from bot.services.access import is_admin
 from bot.services.database import DbThread, discord_id
 from bot.services.messages import JobMessages
+from bot.services.safety import SafetyGate
 from pipeline.contract.blobs import BlobStore
 from pipeline.contract.config import Config
 from pipeline.contract.jobs import GenerateSpec, spec_to_dict
@@ -58,7 +58,7 @@ class JobService:
         photos stored, so a refused request leaves nothing behind.
         """
         spec = spec.with_seed()
-        spec = await self.safety.before_generate(interaction, spec, photos)  # bot.safety
+        spec = await self.safety.before_generate(interaction, spec, photos)  # bot.services.safety
         spec.check(self.config.limits)
         if photos:
             await asyncio.to_thread(store_photos, self.blobs, list(photos))
