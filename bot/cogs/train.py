@@ -40,10 +40,12 @@ class TrainingMessages(JobMessages):
     kind = "train"
 
     async def on_event(self, row: dict, event: Event) -> None:
-        await super().on_event(row, event)
         over = isinstance(event, Done) or row["status"] in ("failed", "cancelled")
         if over and not (isinstance(event, Failed) and row["status"] == "queued"):
+            # First: the member's photos go as soon as the job is over, before the
+            # (slower, Discord-bound) message updates.
             await asyncio.to_thread(delete_photos, self.blobs, row["spec"])
+        await super().on_event(row, event)
 
     async def _post_result(self, row: dict, tracked: _Tracked) -> None:
         if row.get("message_id"):

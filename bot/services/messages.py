@@ -107,7 +107,7 @@ class JobMessages:
         self.config = config
         self.db = db
         self.blobs = blobs
-        self.safety = safety  # bot.services.safety.SafetyGate: the NSFW policy when posting results
+        self.safety = safety  # bot.services.safety.SafetyGate: the NSFW policy of results
         self.jobs: dict[str, _Tracked] = {}
         self.shown_positions: dict[str, int] = {}  # job id → position its message shows
         self.upload_limits: dict[str, int] = {}  # job id → the interaction's upload limit
