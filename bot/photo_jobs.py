@@ -58,10 +58,7 @@ def inspect_lora(data: bytes, name: str) -> dict[str, Any]:
     ``{"error": message}`` (reading the tensors needs torch, so it runs here)."""
     from safetensors.torch import load
 
-    try:
-        from pipeline.loras.formats import detect_family, detect_format  # after the LoRA split
-    except ImportError:
-        from pipeline.loras.adapters import detect_family, detect_format
+    from pipeline.loras.formats import detect_family, detect_format
     try:
         state_dict = load(data)
     except Exception:  # noqa: BLE001 - safetensors raises its own types for any bad header
