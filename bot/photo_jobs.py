@@ -59,6 +59,7 @@ def inspect_lora(data: bytes, name: str) -> dict[str, Any]:
     from safetensors.torch import load
 
     from pipeline.loras.formats import detect_family, detect_format
+
     try:
         state_dict = load(data)
     except Exception:  # noqa: BLE001 - safetensors raises its own types for any bad header

@@ -30,7 +30,7 @@ from tests.botkit import (
     shared_pool,  # noqa: F401 - fixture
     wait_result,
 )
-from tests.lora_files import write_lora
+from tests.lycoris_files import write_lora
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(600)]
 
@@ -117,7 +117,7 @@ async def test_filters_roles_quotas_burst_library_and_audit(emu, shared_pool, ti
     assert still_spent == spent
     assert "0 of 1 images per day" in left["content"]
     assert "turned off in DMs" in in_dm
-    assert "Added **style**" in library["content"] and "kohya, sd1" in library["content"]
+    assert "Added **style**" in library["content"] and "(lora, sd1," in library["content"]
     assert "not a LoRA file" in not_a_lora["content"]
     assert "**house** is now in the server library" in promoted["content"]
     assert "**style**" in listed["content"] and "**house**" in listed["content"]
