@@ -13,7 +13,8 @@ from typing import Any
 
 import sqlite_utils
 
-from bot.store.core import StoreError, _one, _rows, _write
+from bot.store.core import _one, _rows, _write
+from bot.store.errors import StoreError
 
 DAY_S = 24 * 3600
 WEEK_S = 7 * DAY_S
