@@ -261,6 +261,7 @@ class Dispatcher:
                 "seed": image.seed,
                 "infotext": image.infotext,
                 "notices": list(image.notices),
+                "nsfw": image.nsfw,
             }
             for image in done.images
         ]

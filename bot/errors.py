@@ -152,4 +152,12 @@ class SDCommandTree(app_commands.CommandTree):
                 "sdbot is restarting; try again in a minute.", ephemeral=True
             )
             return False
+        if interaction.type is discord.InteractionType.autocomplete:
+            return True  # typing is not a command: no rate limit, no answer but choices
+        services = getattr(interaction.client, "services", None)
+        safety = getattr(services, "safety", None)  # rate limits and role gates
+        refusal = await safety.check_command(interaction) if safety is not None else None
+        if refusal:
+            await interaction.response.send_message(refusal, ephemeral=True)
+            return False
         return True

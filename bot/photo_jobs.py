@@ -43,3 +43,28 @@ def count_faces_in(png: bytes, max_pixels: int) -> int:
     from pipeline.faces.detection import detect_faces
 
     return len(detect_faces(open_image(png, max_pixels=max_pixels, name="the image")))
+
+
+def detect_nsfw(images: list[bytes]) -> list[dict[str, float]]:
+    """NudeNet's best score per label for each image (`pipeline.safety.detector`: it
+    imports OpenCV and onnxruntime, so it runs here, not in the bot)."""
+    from pipeline.safety.detector import detect_many
+
+    return detect_many(images)
+
+
+def inspect_lora(data: bytes, name: str) -> dict[str, Any]:
+    """For `/admin lora add`: ``{"format", "family"}`` of a LoRA file, or
+    ``{"error": message}`` (reading the tensors needs torch, so it runs here)."""
+    from safetensors.torch import load
+
+    from pipeline.loras.formats import detect_family, detect_format
+
+    try:
+        state_dict = load(data)
+    except Exception:  # noqa: BLE001 - safetensors raises its own types for any bad header
+        return {"error": f"'{name}' is not a LoRA file (not a readable .safetensors)"}
+    fmt = detect_format(state_dict)
+    if fmt is None:
+        return {"error": f"'{name}' is not a LoRA file (it has no LoRA weights)"}
+    return {"format": fmt, "family": detect_family(state_dict)}

@@ -545,6 +545,8 @@ class DiscordEmulator:
         self.deleted_messages: list[Json] = []
 
         self._channels: dict[str, Json] = {self.channel_id: self._text_channel("general")}
+        self.extra_guilds: list[str] = []  # add_guild(): more servers the bot is in
+        self.extra_roles: dict[str, list[Json]] = {}  # add_role(): guild id → roles
         self._messages: dict[str, dict[str, Json]] = {self.channel_id: {}}
         self._files: dict[str, tuple[bytes, str | None]] = {}
         self._interactions_by_token: dict[str, InteractionRecord] = {}
@@ -605,15 +607,21 @@ class DiscordEmulator:
 
     # ------------------------------------------------------------ world payloads
 
-    def _text_channel(self, name: str) -> Json:
+    def _text_channel(
+        self,
+        name: str,
+        channel_id: str | None = None,
+        guild_id: str | None = None,
+        nsfw: bool = False,
+    ) -> Json:
         return {
-            "id": self.channel_id,
+            "id": channel_id or self.channel_id,
             "type": 0,
-            "guild_id": self.guild_id,
+            "guild_id": guild_id or self.guild_id,
             "name": name,
             "position": 0,
             "permission_overwrites": [],
-            "nsfw": False,
+            "nsfw": nsfw,
             "parent_id": None,
             "topic": None,
             "last_message_id": None,
@@ -621,7 +629,38 @@ class DiscordEmulator:
             "flags": 0,
         }
 
-    def _roles(self) -> list[Json]:
+    def add_channel(self, name: str, *, nsfw: bool = False, guild_id: str | None = None) -> str:
+        """Another text channel (``nsfw``: age-restricted); returns its id. Add channels
+        before the bot connects: they arrive with GUILD_CREATE."""
+        channel_id = self._ids.next()
+        self._channels[channel_id] = self._text_channel(name, channel_id, guild_id, nsfw)
+        self._messages[channel_id] = {}
+        return channel_id
+
+    def add_guild(self) -> tuple[str, str]:
+        """A second (third…) server with the same members and a #general; returns
+        (guild id, channel id). Add it before the bot connects."""
+        guild_id = self._ids.next()
+        self.extra_guilds.append(guild_id)
+        return guild_id, self.add_channel("general", guild_id=guild_id)
+
+    def add_member(self, name: str, role_ids: tuple[str, ...] = ()) -> EmulatedUser:
+        """Another member of every guild (before the bot connects), with these roles."""
+        member = EmulatedUser(self._ids.next(), name, role_ids=role_ids)
+        self.members.append(member)
+        return member
+
+    def add_role(self, name: str, guild_id: str | None = None) -> str:
+        """A role without permissions; give it to a member with ``add_member``."""
+        role_id = self._ids.next()
+        self.extra_roles.setdefault(guild_id or self.guild_id, []).append(
+            {**self._roles()[0], "id": role_id, "name": name, "permissions": "0", "position": 1}
+        )
+        return role_id
+
+    def _roles(self, guild_id: str | None = None) -> list[Json]:
+        guild_id = guild_id or self.guild_id
+
         def role(role_id: str, name: str, permissions: int, position: int) -> Json:
             return {
                 "id": role_id,
@@ -639,8 +678,9 @@ class DiscordEmulator:
             }
 
         return [
-            role(self.guild_id, "@everyone", EVERYONE_PERMISSIONS, 0),
+            role(guild_id, "@everyone", EVERYONE_PERMISSIONS, 0),
             role(self.admin_role_id, "Admin", ADMINISTRATOR, 1),
+            *self.extra_roles.get(guild_id, []),
         ]
 
     def permissions_of(self, user: EmulatedUser) -> int:
@@ -669,10 +709,11 @@ class DiscordEmulator:
     def user(self, user_id: str) -> EmulatedUser | None:
         return next((u for u in [*self.members, self.bot_user] if u.id == str(user_id)), None)
 
-    def _guild_create(self) -> Json:
+    def _guild_create(self, guild_id: str | None = None) -> Json:
+        guild_id = guild_id or self.guild_id
         members = [self.member_payload(u) for u in [*self.members, self.bot_user]]
         return {
-            "id": self.guild_id,
+            "id": guild_id,
             "name": "Emulated Guild",
             "icon": None,
             "owner_id": self.admin.id,
@@ -682,8 +723,8 @@ class DiscordEmulator:
             "joined_at": "2024-01-01T00:00:00+00:00",
             "preferred_locale": "en-US",
             "features": [],
-            "roles": self._roles(),
-            "channels": [c for c in self._channels.values() if c.get("guild_id")],
+            "roles": self._roles(guild_id),
+            "channels": [c for c in self._channels.values() if c.get("guild_id") == guild_id],
             "members": members,
             "emojis": [],
             "stickers": [],
@@ -693,7 +734,9 @@ class DiscordEmulator:
             "stage_instances": [],
             "guild_scheduled_events": [],
             "soundboard_sounds": [],
-            "system_channel_id": self.channel_id,
+            "system_channel_id": next(
+                c["id"] for c in self._channels.values() if c.get("guild_id") == guild_id
+            ),
             "rules_channel_id": None,
             "afk_channel_id": None,
             "afk_timeout": 300,
@@ -710,7 +753,7 @@ class DiscordEmulator:
         ready: Json = {
             "v": 10,
             "user": {**self.bot_user.payload(), "verified": True, "mfa_enabled": False},
-            "guilds": [{"id": self.guild_id, "unavailable": True}],
+            "guilds": [{"id": g, "unavailable": True} for g in [self.guild_id, *self.extra_guilds]],
             "session_id": session.session_id,
             "resume_gateway_url": self.gateway_url,
             "application": {"id": self.application_id, "flags": 0},
@@ -871,6 +914,8 @@ class DiscordEmulator:
         self._known_sessions.add(session.session_id)
         await session.send(0, self._ready(session, identify), "READY")
         await session.send(0, self._guild_create(), "GUILD_CREATE")
+        for guild_id in self.extra_guilds:
+            await session.send(0, self._guild_create(guild_id), "GUILD_CREATE")
         self._notify()
 
     async def _resume(self, session: GatewaySession, resume: Json) -> None:
@@ -954,7 +999,7 @@ class DiscordEmulator:
         if request.match_info["app_id"] != self.application_id:
             raise unknown("Application", 10002)
         guild_id = request.match_info.get("guild_id")
-        if guild_id is not None and guild_id != self.guild_id:
+        if guild_id is not None and guild_id not in (self.guild_id, *self.extra_guilds):
             raise DiscordError(403, 50001, "Missing Access")
         return guild_id
 
@@ -996,9 +1041,12 @@ class DiscordEmulator:
             stored["guild_id"] = guild_id
         return stored
 
-    def get_command(self, name: str, guild_only: bool = False) -> Json | None:
+    def get_command(
+        self, name: str, guild_only: bool = False, guild_id: str | None = None
+    ) -> Json | None:
         """A synced command by name: this guild's first, then global ones."""
-        found = [c for c in self.guild_commands.get(self.guild_id, []) if c["name"] == name]
+        commands = self.guild_commands.get(guild_id or self.guild_id, [])
+        found = [c for c in commands if c["name"] == name]
         if not found and not guild_only:
             found = [c for c in self.global_commands if c["name"] == name]
         return copy.deepcopy(found[0]) if found else None
@@ -1448,19 +1496,34 @@ class DiscordEmulator:
         attachment_size_limit: int = 10 * MiB,
         wait: bool = True,
         timeout: float = 5.0,
+        channel_id: str | None = None,
+        dm: bool = False,
     ) -> InteractionRecord:
         """A member runs ``/name``; by default waits for the bot's first answer.
+
+        ``channel_id``: in another channel (``add_channel``, ``add_guild``); ``dm``: in the
+        member's DM with the bot (no guild, no member object, as Discord sends it).
 
         ``options`` maps option names to values (types come from the synced command;
         attachment values are dicts from ``add_attachment``) or is a raw option list.
         ``attachments`` is a shorthand for attachment options. ``subcommand`` is
         ``"list"`` or ``"group sub"``.
         """
-        command = self._synced_command(name)
+        guild_id = self._channels[channel_id].get("guild_id") if channel_id else None
+        command = self._synced_command(name, guild_id)
         values = {**(options or {}), **(attachments or {})} if not isinstance(options, list) else {}
         data = self._command_data(command, options, values, subcommand, focused=None)
+        if dm:
+            data.pop("guild_id", None)
         return await self._send_interaction(
-            2, user, data, size_limit=attachment_size_limit, wait=wait, timeout=timeout
+            2,
+            user,
+            data,
+            size_limit=attachment_size_limit,
+            wait=wait,
+            timeout=timeout,
+            channel_id=channel_id,
+            dm=dm,
         )
 
     async def send_autocomplete(
@@ -1541,8 +1604,8 @@ class DiscordEmulator:
 
     # ------------------------------------------------------------ interaction building
 
-    def _synced_command(self, name: str) -> Json:
-        command = self.get_command(name)
+    def _synced_command(self, name: str, guild_id: str | None = None) -> Json:
+        command = self.get_command(name, guild_id=guild_id)
         if command is None:
             synced = [
                 c["name"]
@@ -1642,17 +1705,29 @@ class DiscordEmulator:
         return found[0]
 
     def _interaction_payload(
-        self, kind: int, user: EmulatedUser, data: Json, message: Json | None, size_limit: int
+        self,
+        kind: int,
+        user: EmulatedUser,
+        data: Json,
+        message: Json | None,
+        size_limit: int,
+        channel_id: str | None = None,
+        dm: bool = False,
     ) -> Json:
-        channel = self._channels[message["channel_id"] if message else self.channel_id]
+        if dm:
+            return self._dm_interaction_payload(kind, user, data, message, size_limit)
+        channel = self._channels[
+            message["channel_id"] if message else channel_id or self.channel_id
+        ]
+        guild_id = channel.get("guild_id") or self.guild_id
         permissions = self.permissions_of(user)
         payload: Json = {
             "id": self._ids.next(),
             "application_id": self.application_id,
             "type": kind,
             "data": data,
-            "guild_id": self.guild_id,
-            "guild": {"id": self.guild_id, "locale": "en-US", "features": []},
+            "guild_id": guild_id,
+            "guild": {"id": guild_id, "locale": "en-US", "features": []},
             "channel_id": channel["id"],
             "channel": {**channel, "permissions": str(permissions)},
             "member": self.member_payload(user, with_permissions=True),
@@ -1662,8 +1737,34 @@ class DiscordEmulator:
             "locale": "en-US",
             "guild_locale": "en-US",
             "entitlements": [],
-            "authorizing_integration_owners": {"0": self.guild_id},
+            "authorizing_integration_owners": {"0": guild_id},
             "context": 0,
+            "attachment_size_limit": size_limit,
+        }
+        if message is not None:
+            payload["message"] = copy.deepcopy(message)
+        return payload
+
+    def _dm_interaction_payload(
+        self, kind: int, user: EmulatedUser, data: Json, message: Json | None, size_limit: int
+    ) -> Json:
+        """In the bot's DM with the member: ``user`` instead of ``member``, context 1."""
+        channel = self.dm_channel(user)
+        payload: Json = {
+            "id": self._ids.next(),
+            "application_id": self.application_id,
+            "type": kind,
+            "data": data,
+            "channel_id": channel["id"],
+            "channel": channel,
+            "user": user.payload(),
+            "token": "itok_" + secrets.token_urlsafe(32),
+            "version": 1,
+            "app_permissions": str(EVERYONE_PERMISSIONS),
+            "locale": "en-US",
+            "entitlements": [],
+            "authorizing_integration_owners": {"0": self.guild_id},
+            "context": 1,
             "attachment_size_limit": size_limit,
         }
         if message is not None:
@@ -1680,10 +1781,14 @@ class DiscordEmulator:
         size_limit: int = 10 * MiB,
         wait: bool = True,
         timeout: float = 5.0,
+        channel_id: str | None = None,
+        dm: bool = False,
     ) -> InteractionRecord:
         session = self._active_session()
         user = user or self.alice
-        payload = self._interaction_payload(kind, user, data, message, size_limit)
+        payload = self._interaction_payload(
+            kind, user, data, message, size_limit, channel_id=channel_id, dm=dm
+        )
         record = InteractionRecord(
             id=payload["id"],
             token=payload["token"],

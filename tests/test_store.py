@@ -57,12 +57,12 @@ def assert_queued_counters_match(db: sqlite_utils.Database) -> None:
 def test_migrations_recorded_and_idempotent(tmp_path: Path) -> None:
     path = tmp_path / "bot.db"
     first = store.open_db(path)
-    assert [r["name"] for r in first["_migrations"].rows] == ["m001_initial"]
+    assert [r["name"] for r in first["_migrations"].rows] == ["m001_initial", "m002_guilds"]
     job = add(first, "alice")
     first.close()
     again = store.open_db(path)
     assert store.migrate(again) == []
-    assert [r["name"] for r in again["_migrations"].rows] == ["m001_initial"]
+    assert [r["name"] for r in again["_migrations"].rows] == ["m001_initial", "m002_guilds"]
     assert store.get_job(again, job["id"])["spec"] == {"prompt": "alice"}
     assert again.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert again.execute("PRAGMA foreign_keys").fetchone()[0] == 1

@@ -27,6 +27,7 @@ EXTENSIONS = (
     "bot.cogs.train",
     "bot.cogs.loras",
     "bot.cogs.admin",
+    "bot.cogs.observability",
 )
 
 

@@ -15,19 +15,16 @@ from discord import app_commands
 from bot import store
 from bot.app import SDBot
 from bot.cogs import SDCog
+from bot.cogs.admin_safety import build
 from bot.errors import UserError
 from bot.services.loras import register_server_loras
 
 DAY_S = 24 * 3600
+ADMIN, SafetyAdmin = build()  # /admin and its settings, filters, roles, quotas, library
 
 
-class Admin(SDCog):
-    admin = app_commands.Group(
-        name="admin",
-        description="Server admin: queue priority, statistics, the LoRA library",
-        default_permissions=discord.Permissions(manage_guild=True),
-        guild_only=True,
-    )
+class Admin(SafetyAdmin, SDCog):
+    admin = ADMIN  # one /admin group; settings, filters, roles, quotas… in admin_safety
 
     def _require_admin(self, interaction: discord.Interaction) -> None:
         if not self.services.is_admin(interaction):
@@ -47,6 +44,7 @@ class Admin(SDCog):
         if row["status"] != store.JobStatus.QUEUED.value:
             raise UserError(f"job `{job}` is {row['status']}, not queued; only queued jobs move")
         await self.db.call(store.set_priority, job, level)
+        await self._audit(interaction, "priority", f"job {job} → {level}")
         position = await self.db.call(store.queue_position, job)
         await interaction.response.send_message(
             f"Job `{job}` now has priority {level}: position {position}.", ephemeral=True

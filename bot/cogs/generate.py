@@ -163,7 +163,7 @@ class Generate(SDCog):
         steps, cfg = options["steps"], options["cfg"]
         config = self.config
         mine = await self.db.call(store.get_settings, str(interaction.user.id))
-        d = config.defaults
+        d = (await self.services.safety.settings(interaction.guild_id)).defaults  # the server's
         chosen_sampler = sampler or mine.get("sampler")
         values: dict[str, Any] = {
             "negative_prompt": d.negative_prompt if negative is None else negative,

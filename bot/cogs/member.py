@@ -112,12 +112,17 @@ class Member(SDCog):
         user_id = str(interaction.user.id)
         jobs = await self.db.call(store.user_jobs, user_id, limit=10)
         positions = await self.db.call(store.queue_positions)
+        quota = await self.services.safety.quota_line(interaction)  # what is left of quotas
+        quota = f"\n{quota}" if quota else ""
         if not jobs:
-            await interaction.followup.send("You have no jobs yet: try /imagine.", ephemeral=True)
+            await interaction.followup.send(
+                "You have no jobs yet: try /imagine." + quota, ephemeral=True
+            )
             return
         lines = [_job_line(job, positions.get(job["id"])) for job in jobs]
         await interaction.followup.send(
-            render.truncate("Your jobs, newest first:\n" + "\n".join(lines), 2000), ephemeral=True
+            render.truncate("Your jobs, newest first:\n" + "\n".join(lines) + quota, 2000),
+            ephemeral=True,
         )
 
     @app_commands.command()

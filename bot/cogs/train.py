@@ -40,10 +40,12 @@ class TrainingMessages(JobMessages):
     kind = "train"
 
     async def on_event(self, row: dict, event: Event) -> None:
-        await super().on_event(row, event)
         over = isinstance(event, Done) or row["status"] in ("failed", "cancelled")
         if over and not (isinstance(event, Failed) and row["status"] == "queued"):
+            # First: the member's photos go as soon as the job is over, before the
+            # (slower, Discord-bound) message updates.
             await asyncio.to_thread(delete_photos, self.blobs, row["spec"])
+        await super().on_event(row, event)
 
     async def _post_result(self, row: dict, tracked: _Tracked) -> None:
         if row.get("message_id"):
@@ -160,6 +162,7 @@ class TrainCog(SDCog):
         services, user = self.services, str(interaction.user.id)
         # 1. Cheap refusals first: name, quota, queue room.
         await services.db.call(check_name_free, user, name)
+        await services.safety.before_train(interaction, name, subject)  # filters, quota, DMs
         await services.db.call(check_quota, services.config, user)
         await services.jobs.check_queue_room(interaction.user.id)
         # 2. Download (size checked before), prepare in the helper process.
@@ -179,6 +182,7 @@ class TrainCog(SDCog):
         prepared = await services.face_probe.run(prepare_photos, photos, zip_data, settings)
         if "error" in prepared:
             raise UserError(prepared["error"])
+        await services.safety.check_training_set(interaction, prepared)  # captions, NSFW
         # 3. Queue the job with the prepared crops as blobs.
         spec = await asyncio.to_thread(
             self._spec, prepared, name, model.name, method, subject, steps, resolution

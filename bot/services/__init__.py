@@ -26,6 +26,7 @@ from bot.services.database import DbThread
 from bot.services.jobs import JobService
 from bot.services.loras import LoraResolver
 from bot.services.messages import JobMessages, MessageBoards
+from bot.services.safety import SafetyGate
 from pipeline.contract.blobs import BlobStore
 from pipeline.contract.config import Config
 from pipeline.contract.pool import WorkerPool
@@ -43,6 +44,7 @@ class Services:
     messages: JobMessages  # generation's
     jobs: JobService
     loras: LoraResolver
+    safety: SafetyGate  # NSFW policy, filters, role gates, quotas, rate limits
 
     def is_admin(self, interaction: discord.Interaction) -> bool:
         """Manage Server (or Administrator), or the configured admin role."""
@@ -73,18 +75,28 @@ def build_services(
     dispatcher = Dispatcher(
         config.storage.database, pool, blobs, config, on_event=boards.on_job_event
     )
-    messages = boards.add(JobMessages(client, config=config, db=db_thread, blobs=blobs))
+    face_probe = face_probe or FaceProbe()
+    safety = SafetyGate(config, db_thread, face_probe)
+    messages = boards.add(
+        JobMessages(client, config=config, db=db_thread, blobs=blobs, safety=safety)
+    )
     return Services(
         config=config,
         db=db_thread,
         blobs=blobs,
         pool=pool,
-        face_probe=face_probe or FaceProbe(),
+        face_probe=face_probe,
         dispatcher=dispatcher,
         boards=boards,
         messages=messages,
         jobs=JobService(
-            config=config, db=db_thread, blobs=blobs, dispatcher=dispatcher, messages=messages
+            config=config,
+            db=db_thread,
+            blobs=blobs,
+            dispatcher=dispatcher,
+            messages=messages,
+            safety=safety,
         ),
         loras=LoraResolver(config, db_thread),
+        safety=safety,
     )

@@ -13,6 +13,7 @@ from bot.dispatcher import Dispatcher
 from bot.services.access import is_admin
 from bot.services.database import DbThread, discord_id
 from bot.services.messages import JobMessages
+from bot.services.safety import SafetyGate
 from pipeline.contract.blobs import BlobStore
 from pipeline.contract.config import Config
 from pipeline.contract.jobs import GenerateSpec, spec_to_dict
@@ -29,12 +30,14 @@ class JobService:
         blobs: BlobStore,
         dispatcher: Dispatcher,
         messages: JobMessages,
+        safety: SafetyGate,
     ) -> None:
         self.config = config
         self.db = db
         self.blobs = blobs
         self.dispatcher = dispatcher
         self.messages = messages
+        self.safety = safety
 
     async def check_queue_room(self, user_id: int) -> None:
         """Refuse early, before downloading photos, when the member's queue is full
@@ -55,6 +58,7 @@ class JobService:
         photos stored, so a refused request leaves nothing behind.
         """
         spec = spec.with_seed()
+        spec = await self.safety.before_generate(interaction, spec, photos)  # bot.services.safety
         spec.check(self.config.limits)
         if photos:
             await asyncio.to_thread(store_photos, self.blobs, list(photos))
@@ -70,6 +74,7 @@ class JobService:
             max_queued_per_user=self.config.queue.max_queued_per_user,
         )
         self.messages.upload_limits[row["id"]] = interaction.filesize_limit
+        await self.safety.after_queue(interaction, row)
         position = await self.db.call(store.queue_position, row["id"])
         await self.messages.announce(row, position)
         self.dispatcher.wake()

@@ -95,12 +95,19 @@ class JobMessages:
     kind = "generate"  # the jobs whose messages this posts
 
     def __init__(
-        self, client: discord.Client, *, config: Config, db: DbThread, blobs: BlobStore
+        self,
+        client: discord.Client,
+        *,
+        config: Config,
+        db: DbThread,
+        blobs: BlobStore,
+        safety: Any = None,
     ) -> None:
         self.client = client  # posts and edits in channels known by id alone
         self.config = config
         self.db = db
         self.blobs = blobs
+        self.safety = safety  # bot.services.safety.SafetyGate: the NSFW policy of results
         self.jobs: dict[str, _Tracked] = {}
         self.shown_positions: dict[str, int] = {}  # job id → position its message shows
         self.upload_limits: dict[str, int] = {}  # job id → the interaction's upload limit
@@ -268,8 +275,21 @@ class JobMessages:
         except BlobError as exc:
             await self._final_status(row, tracked, f"Failed: {exc}")
             return
+        verdict = await self.safety.verdict(row, images) if self.safety else None
+        if verdict is not None and verdict.blocked:  # the server's NSFW policy
+            withheld = [png for i, png in enumerate(pngs) if i in verdict.blocked]
+            sent = await self.safety.send_blocked(row, verdict, withheld)
+            pngs = [png for i, png in enumerate(pngs) if i not in verdict.blocked]
+            if not pngs:
+                await self._post_withheld(row, tracked, verdict, len(images), sent)
+                return
+        if verdict is not None:
+            names = verdict.filenames([name for name, _ in pngs])
+            pngs = [(name, data) for name, (_, data) in zip(names, pngs)]
         limit = self.upload_limits.get(row["id"]) or self._guild_limit(row)
         uploads, note = await asyncio.to_thread(render.fit_uploads, pngs, limit)
+        if verdict is not None:
+            note = " ".join(n for n in (verdict.note(len(images)), note) if n)
         try:
             message = await self._channel(row).send(
                 render.result_text(row["user_id"], row["id"], row["spec"], images, note),
@@ -282,6 +302,23 @@ class JobMessages:
             log.warning("could not post the result of job %s: %s", row["id"], exc)
             status = f"Done, but Discord refused the images ({exc.status}: {exc.text or exc})."
             await self._final_status(row, tracked, render.truncate(status, 500))
+            return
+        await self.db.call(store.set_job_messages, row["id"], message_id=str(message.id))
+        if tracked.progress_id is not None:
+            progress = self._channel(row).get_partial_message(tracked.progress_id)
+            await self._quietly(progress.delete(), row["id"])
+
+    async def _post_withheld(
+        self, row: dict, tracked: _Tracked, verdict: Any, total: int, sent: bool
+    ) -> None:
+        """Every image was blocked: a notice in the channel takes the result's place."""
+        text = render.status_text(row["user_id"], row["spec"], verdict.note(total))
+        if sent:
+            text += "\nThe member received them privately."
+        try:
+            message = await self._channel(row).send(text)
+        except discord.HTTPException as exc:
+            log.warning("could not post the notice of job %s: %s", row["id"], exc)
             return
         await self.db.call(store.set_job_messages, row["id"], message_id=str(message.id))
         if tracked.progress_id is not None:

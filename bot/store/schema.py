@@ -14,6 +14,7 @@ from pathlib import Path
 
 import sqlite_utils
 
+from bot.guild_schema import m002_guilds
 from bot.store.core import _write
 
 
@@ -162,4 +163,4 @@ CREATE INDEX loras_guild ON loras (guild_id, shared)
 """
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [m001_initial]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [m001_initial, m002_guilds]

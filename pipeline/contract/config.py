@@ -144,6 +144,33 @@ class ControlConfig:
 
 
 @dataclass(frozen=True)
+class SafetyConfig:
+    """Server defaults of the NSFW policy (per-server settings override them)."""
+
+    policy: str = "block"  # block | spoiler | allow, outside age-restricted channels
+    threshold: float = 0.6  # an explicit NudeNet label at or above this flags an image
+    labels: dict[str, float] = field(default_factory=dict)  # label → its own threshold
+    negative_prompt: str = ""  # added outside age-restricted channels
+    blocked_ephemeral: bool = False  # block: the member still gets the image, ephemerally
+    dms: str = "default"  # default: DMs follow `policy` | refuse: no generation in DMs
+    detect: bool = True  # run the detector on every result and input photo
+
+
+@dataclass(frozen=True)
+class QuotasConfig:
+    """Every member's quota until a server sets its own (0 = unlimited)."""
+
+    images_per_day: int = 0
+    gpu_seconds_per_day: int = 0
+    trainings_per_week: int = 0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = ""  # "127.0.0.1:9108" serves /metrics and /healthz; "" = off
+
+
+@dataclass(frozen=True)
 class Config:
     models: tuple[ModelConfig, ...]
     discord: DiscordConfig = field(default_factory=DiscordConfig)
@@ -158,6 +185,9 @@ class Config:
     control: ControlConfig = field(default_factory=ControlConfig)
     controlnets: dict[str, ControlNetConfig] = field(default_factory=dict)
     ip_adapters: dict[str, IPAdapterConfig] = field(default_factory=dict)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+    quotas: QuotasConfig = field(default_factory=QuotasConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     path: str = ""
 
     def model(self, name: str) -> ModelConfig:
@@ -186,6 +216,9 @@ _SECTIONS: dict[str, type] = {
     "attachments": AttachmentsConfig,
     "training": TrainingConfig,
     "control": ControlConfig,
+    "safety": SafetyConfig,
+    "quotas": QuotasConfig,
+    "metrics": MetricsConfig,
 }
 
 
@@ -221,6 +254,10 @@ def config_from_dict(
         if key not in _SECTIONS:
             raise ConfigError(f"{path or 'config'}: unknown section [{key}]")
         sections[key] = _section(_SECTIONS[key], values, f"{path} [{key}]")
+    if "safety" in sections:
+        _check_safety(sections["safety"], f"{path} [safety]")
+    if "metrics" in sections and sections["metrics"].listen:
+        _listen_address(sections["metrics"].listen, f"{path} [metrics] listen")
     if "storage" in sections and base_dir is not None:
         data_dir = Path(sections["storage"].data_dir)
         if not data_dir.is_absolute():
@@ -261,6 +298,37 @@ def _relative(entry: Any, keys: tuple[str, ...], base_dir: Path) -> Any:
         if value.startswith(("./", "../")):
             entry = dataclasses.replace(entry, **{key: str((base_dir / value).resolve())})
     return entry
+
+
+def _check_safety(safety: SafetyConfig, where: str) -> None:
+    from pipeline.contract.safety import NUDENET_LABELS, POLICIES
+
+    if safety.policy not in POLICIES:
+        raise ConfigError(f"{where} policy must be one of {', '.join(POLICIES)}")
+    if safety.dms not in ("default", "refuse"):
+        raise ConfigError(f"{where} dms must be default or refuse")
+    for label, value in {"threshold": safety.threshold, **safety.labels}.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ConfigError(f"{where} {label} must be a number from 0 to 1")
+    unknown = sorted(set(safety.labels) - NUDENET_LABELS)
+    if unknown:
+        raise ConfigError(
+            f"{where}.labels: unknown NudeNet label(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(NUDENET_LABELS))}"
+        )
+
+
+def _listen_address(text: str, where: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:  # 0: any free port
+        raise ConfigError(f"{where} must be HOST:PORT, e.g. 127.0.0.1:9108, not {text!r}")
+    return host, int(port)
+
+
+def listen_address(config: Config) -> tuple[str, int] | None:
+    """`[metrics] listen` as (host, port), or None when the listener is off."""
+    text = config.metrics.listen
+    return _listen_address(text, "[metrics] listen") if text else None
 
 
 def _model(name: str, values: dict[str, Any], path: str, base_dir: Path | None) -> ModelConfig:

@@ -58,6 +58,7 @@ class Limits:
     max_lora_weight: float = 4.0
     max_train_steps: int = 3000
     max_controlnets: int = 3
+    commands_per_minute: int = 20  # a member's slash commands; faster ones are refused
 
 
 @dataclass(frozen=True)
@@ -345,7 +346,10 @@ def spec_from_json(text: str) -> JobSpec:
 
 @dataclass(frozen=True)
 class OutputImage:
-    """One finished image: PNG bytes (with infotext) and the seed that drew it."""
+    """One finished image: PNG bytes (with infotext) and the seed that drew it.
+
+    `nsfw`: the NSFW detector's best score per label (`pipeline.safety`), or None when
+    the image was not checked."""
 
     png: bytes
     seed: int
@@ -353,6 +357,7 @@ class OutputImage:
     # What the member must be told with this image, e.g. "LoRA 'x': 12 of 95 layers do
     # not fit this model and were left out". Shown with the result, never only logged.
     notices: tuple[str, ...] = ()
+    nsfw: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,12 @@ class WorkerPool(ABC):
     async def worker_pid(self, job_id: str) -> int | None:
         """The OS process id running the job (diagnostics and tests), or None."""
 
+    def worker_states(self) -> list[tuple[str, str]]:
+        """(worker name, state) for /metrics and /healthz: idle | busy | starting | dead.
+        Pools that cannot tell more report their free workers as idle, the rest busy."""
+        free, capacity = self.free_workers(), getattr(self, "capacity", 0)
+        return [(f"worker-{i}", "idle" if i < free else "busy") for i in range(capacity)]
+
 
 # -- one batch's event stream, shared by both backends --------------------------------------
 

@@ -161,6 +161,9 @@ class LocalPool(WorkerPool):
         worker = self._worker_of(job_id)
         return worker.pid if worker is not None else None
 
+    def worker_states(self) -> list[tuple[str, str]]:
+        return [(worker.name, worker.state) for worker in self._workers]
+
     def worker_changed(self) -> None:
         if self._changed is not None:
             self._changed.set()
@@ -205,6 +208,15 @@ class _LocalWorker:
         # A worker still loading its model counts as free: the batch waits in its pipe.
         alive = self.process is not None and self._events is not None
         return alive and self.stream is None and not self.pool.closing
+
+    @property
+    def state(self) -> str:
+        """idle | busy | starting (loading its model) | dead (waiting to be restarted)."""
+        if self.process is None or self._events is None:
+            return "dead"
+        if self._ready is None or not self._ready.done():
+            return "starting"  # even with a batch waiting in its pipe
+        return "busy" if self.stream is not None else "idle"
 
     def spawn(self) -> None:
         context = multiprocessing.get_context("spawn")

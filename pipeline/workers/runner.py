@@ -14,6 +14,7 @@ carry internals, so the member gets a generic line and the traceback goes to the
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import time
@@ -128,7 +129,26 @@ class Runner:
             self._generation_failed(jobs, exc, emit, is_cancelled)
             return
         for (job_id, _), images in zip(jobs, results):
-            emit(Cancelled(job_id) if is_cancelled(job_id) else Done(job_id, tuple(images)))
+            if is_cancelled(job_id):
+                emit(Cancelled(job_id))
+            else:
+                emit(Done(job_id, tuple(self._checked_images(images)), info=self._device_info()))
+
+    def _checked_images(self, images: list[OutputImage]) -> list[OutputImage]:
+        """Each image with its NSFW labels and scores (`[safety] detect`)."""
+        if not self.config.safety.detect:
+            return images
+        from pipeline.safety.detector import detect_png
+
+        return [dataclasses.replace(image, nsfw=detect_png(image.png)) for image in images]
+
+    def _device_info(self) -> dict[str, Any]:
+        """GPU memory the worker holds (for /metrics); nothing on a CPU worker."""
+        if not self.device.startswith("cuda"):
+            return {}
+        import torch
+
+        return {"worker": self.name, "gpu_memory_bytes": int(torch.cuda.memory_reserved())}
 
     def _generation_failed(
         self,
