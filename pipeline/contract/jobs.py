@@ -48,6 +48,7 @@ class Limits:
     max_input_pixels: int = 4096 * 4096
     max_loras: int = 8
     max_lora_weight: float = 4.0
+    max_and_subprompts: int = 8
     max_train_steps: int = 3000
 
     @classmethod
@@ -178,6 +179,7 @@ class GenerateSpec:
         if self.mode == "upscale":
             _check_number("upscale factor", self.upscale_factor, 1.0, 4.0)
         _check_loras(self.loras, limits)
+        _check_prompt_schedule(self, limits)
 
 
 @dataclass(frozen=True)
@@ -267,6 +269,19 @@ def _check_number(name: str, value: Any, low: float, high: float) -> None:
         raise JobError(f"{name} must be a number, not {value!r}")
     if not low <= value <= high:
         raise JobError(f"{name} must be between {low:g} and {high:g}, but is {value:g}")
+
+
+def _check_prompt_schedule(spec: GenerateSpec, limits: Limits) -> None:
+    # Here, not at import: prompt_schedule raises this module's JobError.
+    from pipeline.contract.prompt_schedule import check_prompt_schedule
+    from pipeline.contract.prompt_syntax import strip_loras
+
+    check_prompt_schedule(
+        strip_loras(spec.prompt),
+        strip_loras(spec.negative_prompt),
+        spec.steps,
+        limits.max_and_subprompts,
+    )
 
 
 def _check_loras(loras: tuple[LoraRef, ...], limits: Limits) -> None:
