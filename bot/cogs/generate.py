@@ -24,6 +24,7 @@ from bot.attachments import Photo, read_photo
 from bot.cogs import SDCog
 from bot.cogs.options import BATCH, STYLE, generation_options, parse_size
 from bot.errors import UserError
+from bot.pasted import apply_pasted
 from pipeline.contract.images import working_size
 from pipeline.contract.jobs import GenerateSpec, check_size, spec_from_dict
 from pipeline.contract.samplers import resolve
@@ -48,11 +49,19 @@ class Generate(SDCog):
     ) -> None:
         """Draw images from a text prompt."""
         await interaction.response.defer(ephemeral=True, thinking=True)
+        # Parameters pasted from Info or A1111 fill the options left unset (bot.pasted).
+        names = [m.name for m in self.config.models]
+        prompt, options, notice = apply_pasted(prompt, options, names)
         if options["lora"]:
             prompt = f"{prompt} <lora:{options['lora'].strip()}:0.8>"
         values = await self.common(interaction, prompt, options)
+        if options.get("schedule"):  # a pasted sampler's schedule
+            values["schedule"] = options["schedule"]
+            resolve(values["sampler"], values["schedule"])
         spec = GenerateSpec(prompt=prompt, mode="txt2img", **values)
         await self.services.jobs.submit(interaction, spec)
+        if notice:
+            await interaction.followup.send(notice, ephemeral=True)
 
     @app_commands.command()
     @app_commands.describe(
