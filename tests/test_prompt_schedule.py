@@ -143,4 +143,4 @@ def test_negative_prompt_is_checked_and_the_and_limit_comes_from_limits():
     ["a [unbalanced", "((masterpiece), best", "[a:b]", "a [b:c:0] <lora:x:0.5>", "(a:1.2"],
 )
 def test_what_a1111_takes_as_text_is_not_refused(prompt):
-    check_prompt_schedule(prompt, "", 20, 8)
+    check_prompt_schedule(prompt, "", 8)

@@ -276,12 +276,8 @@ def _check_prompt_schedule(spec: GenerateSpec, limits: Limits) -> None:
     from pipeline.contract.prompt_schedule import check_prompt_schedule
     from pipeline.contract.prompt_syntax import strip_loras
 
-    check_prompt_schedule(
-        strip_loras(spec.prompt),
-        strip_loras(spec.negative_prompt),
-        spec.steps,
-        limits.max_and_subprompts,
-    )
+    prompt, negative = strip_loras(spec.prompt), strip_loras(spec.negative_prompt)
+    check_prompt_schedule(prompt, negative, limits.max_and_subprompts)
 
 
 def _check_loras(loras: tuple[LoraRef, ...], limits: Limits) -> None:

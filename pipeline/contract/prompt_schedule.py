@@ -263,7 +263,7 @@ def plan_prompt(prompt: str, negative: str, steps: int) -> PromptPlan:
 # --- validation (the bot, before queueing) --------------------------------------------
 
 
-def check_prompt_schedule(prompt: str, negative: str, steps: int, max_parts: int) -> None:
+def check_prompt_schedule(prompt: str, negative: str, max_parts: int) -> None:
     """Raise JobError with one line when the prompt's editing syntax would not do what
     it says, or it has more AND parts than `max_parts`."""
     from pipeline.contract.jobs import JobError
