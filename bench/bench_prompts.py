@@ -8,7 +8,10 @@ Prints a markdown table. Run:
 
     python bench/bench_prompts.py                       # tiny model, 64²
     python bench/arch_model.py sd15 /tmp/sd15-arch
-    python bench/bench_prompts.py --model /tmp/sd15-arch --size 256 --steps 2 4 --runs 2
+    python bench/bench_prompts.py --model /tmp/sd15-arch --size 256 --unet --runs 3
+
+`--unet` times one denoising step's UNet call alone (through the same conditioning
+code, CFG-shaped rows), for models too slow on a shared CPU to time whole images.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave)")
+    parser.add_argument("--unet", action="store_true", help="time one step's UNet call only")
     args = parser.parse_args()
     quiet_libraries()
     if args.threads:
@@ -69,6 +73,9 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
+    if args.unet:
+        unet_steps(model, args)
+        return
     short, long = args.steps
     run(VARIANTS["plain"], short)  # warm-up
     times: dict[tuple[str, int], list[float]] = {}
@@ -93,6 +100,45 @@ def main() -> None:
         shown = name.replace("|", "\\|")
         print(
             f"| {shown} | {per_step[name] * 1000:.1f} | {per_step[name] / base:.2f} | {whole:.2f} |"
+        )
+
+
+def unet_steps(model, args) -> None:
+    """One step's UNet call per variant, alternating, fastest of `runs`."""
+    from pipeline.contract.jobs import GenerateSpec
+    from pipeline.generate.conditioning import prompt_conditioning
+
+    pipe = model.pipe
+    side = args.size // 8
+    latents = torch.randn(
+        2, pipe.unet.config.in_channels, side, side, generator=torch.Generator().manual_seed(0)
+    )
+    timestep = torch.tensor(500)
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for run in range(args.runs + 1):  # the first round warms up
+        for name, prompt in VARIANTS.items():
+            spec = GenerateSpec(prompt, negative_prompt="blurry", steps=20, seed=1)
+            with torch.inference_mode(), prompt_conditioning(pipe, [spec], 20) as kwargs:
+                embeds = torch.cat([kwargs["negative_prompt_embeds"], kwargs["prompt_embeds"]])
+                start = time.perf_counter()
+                pipe.unet(latents, timestep, encoder_hidden_states=embeds, return_dict=False)
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                if run:
+                    times[name].append(time.perf_counter() - start)
+    base = min(times["plain"])
+    print(
+        f"model {args.model.name if args.model else 'tiny'}, {args.size}², {args.device}, "
+        f"one step's UNet call, fastest of {args.runs}"
+    )
+    print()
+    print("| prompt | UNet rows | per step (ms) | × plain |")
+    print("|---|---:|---:|---:|")
+    for name in VARIANTS:
+        rows = 3 if name.startswith("AND") else 2
+        shown = name.replace("|", "\\|")
+        print(
+            f"| {shown} | {rows} | {min(times[name]) * 1000:.1f} | {min(times[name]) / base:.2f} |"
         )
 
 
