@@ -13,9 +13,9 @@ import torch
 
 from pipeline.contract.config import config_from_dict
 from pipeline.contract.jobs import GenerateSpec
-from pipeline.contract.samplers import build_scheduler
 from pipeline.generate.modes import run_generation
 from pipeline.models.loading import ModelCache
+from pipeline.models.schedulers import build_scheduler
 from tests.conftest import BATCH_TOLERANCE_LEVELS, level_difference
 
 A = "a photo of a cat"
