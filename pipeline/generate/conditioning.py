@@ -17,6 +17,9 @@ prompts (every sample: one part at weight 1, no text changing over the steps) it
    u + Σ wᵢ(cᵢ − u). The pipeline's own CFG step then gives A1111's composable result
    u + cfg · Σ wᵢ(cᵢ − u). A plain sample in such a batch gets its own prediction back.
 
+Anything else the pipeline passes with one row per batch row (SDXL time ids, ControlNet
+residuals, IP-Adapter image embeds) is re-indexed to each UNet row's sample.
+
 With per-sample LoRAs the UNet rows must keep the batch layout the LoRA hooks expect
 (row r belongs to sample r mod n, n or 2n rows): the rows are then run in as many such
 calls as the sample with the most parts needs, unused slots repeating a row of the
@@ -185,7 +188,6 @@ class _ScheduledForward:
         n = len(encoded.samples)
         halves = sample.shape[0] // n  # 2 with classifier-free guidance
         latents = sample[-n:]
-        time_ids = (added_cond_kwargs or {}).get("time_ids")
         if torch.is_tensor(timestep) and timestep.ndim == 1 and timestep.numel() > 1:
             timestep = timestep[0]
         # Per sample: [negative?] + parts, as (table row, is the negative).
@@ -198,7 +200,9 @@ class _ScheduledForward:
         calls = self._layout(wanted, halves)
         results: dict[tuple[int, int], torch.Tensor] = {}
         for layout in calls:
-            out = self._run(layout, wanted, latents, timestep, time_ids, kwargs)
+            out = self._run(
+                layout, wanted, latents, timestep, added_cond_kwargs, kwargs, sample.shape[0]
+            )
             for (i, j, real), row in zip(layout, out):
                 if real:
                     results[i, j] = row
@@ -239,24 +243,34 @@ class _ScheduledForward:
             out.append(layout)
         return out
 
-    def _run(self, layout, wanted, latents, timestep, time_ids, kwargs) -> torch.Tensor:
+    def _run(self, layout, wanted, latents, timestep, added, kwargs, total) -> torch.Tensor:
         encoded = self.encoded
         n = len(wanted)
         samples = [i for i, _, _ in layout]
         rows = [wanted[i][j][0] for i, j, _ in layout]
-        added = None
+        # Each row's own row of whatever else the pipeline passes per row (SDXL time ids,
+        # ControlNet residuals, IP-Adapter image embeds): with CFG the negatives' half
+        # first, the positives' last; a part takes its sample's positive row.
+        source = [i if wanted[i][j][1] and total == 2 * n else total - n + i for i, j, _ in layout]
+        added = _rows_of(added, source, total)
         if encoded.pooled is not None:
-            # The pipeline's time ids: negatives' first (with CFG), positives' last.
-            ids = [
-                i if wanted[i][j][1] and time_ids.shape[0] == 2 * n else time_ids.shape[0] - n + i
-                for i, j, _ in layout
-            ]
-            added = {"text_embeds": encoded.pooled[rows], "time_ids": time_ids[ids]}
+            added = {**(added or {}), "text_embeds": encoded.pooled[rows]}
         return self.forward(
             latents[samples],
             timestep,
             encoder_hidden_states=encoded.embeds[rows],
             added_cond_kwargs=added,
             return_dict=False,
-            **kwargs,
+            **_rows_of(kwargs, source, total),
         )[0]
+
+
+def _rows_of(value: Any, index: list[int], total: int) -> Any:
+    """`value` with every tensor that has one row per batch row re-indexed."""
+    if torch.is_tensor(value):
+        return value[index] if value.ndim and value.shape[0] == total else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_rows_of(v, index, total) for v in value)
+    if isinstance(value, dict):
+        return {k: _rows_of(v, index, total) for k, v in value.items()}
+    return value
