@@ -16,7 +16,13 @@ from pipeline.contract.model_names import resolve_model
 
 def add_command(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("generate", help="generate images offline")
-    parser.add_argument("prompt")
+    parser.add_argument("prompt", nargs="?", help="the prompt (or --from-png)")
+    parser.add_argument(
+        "--from-png",
+        type=Path,
+        metavar="FILE",
+        help="re-run the parameters of a PNG made by sdbot or A1111; other options override",
+    )
     parser.add_argument("--negative", default=None, help="negative prompt")
     parser.add_argument("--model", default="default", help="config model name, folder or file")
     parser.add_argument("--sampler", default=None, help='e.g. "Euler a", "DPM++ 2M Karras"')
@@ -209,7 +215,12 @@ def _progress_bar(total_images: int):
 def generate(args: argparse.Namespace) -> int:
     config = command_config(args, model=args.model)
     blobs = _Blobs()
+    pasted = _from_png(args, config) if args.from_png else None
+    if not args.prompt:
+        raise CliError("generate needs a prompt, or --from-png FILE")
     spec = build_generate_spec(args, config, blobs)
+    if pasted is not None:
+        _check_lora_hashes(spec, pasted, blobs)
     from pipeline.control.apply import ControlCache
     from pipeline.generate.modes import run_generation
     from pipeline.loras.adapters import LoraCache
@@ -233,6 +244,62 @@ def generate(args: argparse.Namespace) -> int:
     for notice in dict.fromkeys(n for image in results[0] for n in image.notices):
         print(f"note: {notice}")
     return 0
+
+
+def _from_png(args: argparse.Namespace, config: Config):
+    """Fill the options the command line leaves unset from the PNG's parameters; say on
+    stderr, one line each, what of them is not re-run here."""
+    from pipeline.contract.infotext import generation_settings, read_infotext
+
+    try:
+        text = read_infotext(args.from_png.read_bytes())
+    except FileNotFoundError:
+        raise CliError(f"{args.from_png} does not exist") from None
+    except Exception:  # noqa: BLE001 - PIL's many decode errors
+        raise CliError(f"{args.from_png} is not a PNG image that can be read") from None
+    if not text:
+        raise CliError(f"{args.from_png} carries no generation parameters")
+    pasted = generation_settings(text)
+    fields = pasted.fields
+    args.prompt = args.prompt or pasted.prompt
+    args.negative = pasted.negative_prompt if args.negative is None else args.negative
+    for option, key in (("steps", "steps"), ("cfg", "cfg_scale"), ("seed", "seed")):
+        if getattr(args, option) is None and key in fields:
+            setattr(args, option, fields[key])
+    for option in ("width", "height"):
+        if getattr(args, option) is None and option in fields:
+            setattr(args, option, fields[option])
+    if args.sampler is None and "sampler" in fields:
+        args.sampler = fields["sampler"]
+        args.schedule = args.schedule or fields.get("schedule", "Automatic")
+    args.face_fix = args.face_fix or fields.get("face_fix", False)
+    names = [m.name for m in config.models]
+    if args.model == "default" and pasted.model in names:
+        args.model = pasted.model
+    elif pasted.model and args.model == "default":
+        hashed = f" (hash {pasted.model_hash})" if pasted.model_hash else ""
+        print(
+            f"note: the image was made with model {pasted.model}{hashed}, which this config "
+            f"does not have; using {names[0]}",
+            file=sys.stderr,
+        )
+    if pasted.not_applied:
+        print(f"note: not re-run here: {'; '.join(pasted.not_applied)}", file=sys.stderr)
+    return pasted
+
+
+def _check_lora_hashes(spec: GenerateSpec, pasted, blobs: _Blobs) -> None:
+    from pipeline.loras.adapters import lora_hash
+
+    for ref in spec.loras:
+        wanted = pasted.lora_hashes.get(ref.name)
+        found = lora_hash(blobs.path(ref.sha256))
+        if wanted and not (found.startswith(wanted) or wanted.startswith(found)):
+            print(
+                f"note: LoRA {ref.name} is not the file the image was made with "
+                f"(hash {found}, the image names {wanted})",
+                file=sys.stderr,
+            )
 
 
 def _first_device(config: Config) -> str:

@@ -25,6 +25,7 @@ from bot.cogs import SDCog
 from bot.cogs.options import BATCH, CONTROL, STYLE, generation_options, parse_size
 from bot.control_options import discord_control
 from bot.errors import UserError
+from bot.pasted import apply_pasted
 from pipeline.contract.images import working_size
 from pipeline.contract.jobs import GenerateSpec, check_size, spec_from_dict
 from pipeline.contract.samplers import resolve
@@ -46,12 +47,20 @@ class Generate(SDCog):
         """Draw images from a text prompt."""
         await interaction.response.defer(ephemeral=True, thinking=True)
         prompt = options["prompt"]
+        # Parameters pasted from Info or A1111 fill the options left unset (bot.pasted).
+        names = [m.name for m in self.config.models]
+        prompt, options, notice = apply_pasted(prompt, options, names)
         if options["lora"]:
             prompt = f"{prompt} <lora:{options['lora'].strip()}:0.8>"
         values = await self.common(interaction, prompt, options)
+        if options.get("schedule"):  # a pasted sampler's schedule
+            values["schedule"] = options["schedule"]
+            resolve(values["sampler"], values["schedule"])
         extra, attached = await self.control(values, options)
         spec = GenerateSpec(mode="txt2img", **values, **extra)
         await self.services.jobs.submit(interaction, spec, photos=attached)
+        if notice:
+            await interaction.followup.send(notice, ephemeral=True)
 
     @app_commands.command()
     @app_commands.describe(

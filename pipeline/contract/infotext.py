@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image, PngImagePlugin
@@ -30,7 +31,8 @@ def _format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     text = str(value)
-    if any(c in text for c in ',"\n') or (":" in text and " " in text):
+    # A1111's quote(): a comma, newline or colon; a quote mark too, so it reads back.
+    if any(c in text for c in ',"\n:'):
         return json.dumps(text, ensure_ascii=False)
     return text
 
@@ -55,6 +57,7 @@ def parse_infotext(text: str) -> dict[str, Any]:
         lines = lines[:-1]
     prompt_lines, negative_lines, in_negative = [], [], False
     for line in lines:
+        line = line.strip()  # as A1111's parse_generation_parameters
         if line.startswith("Negative prompt:"):
             in_negative = True
             line = line[len("Negative prompt:") :].strip()
@@ -96,3 +99,103 @@ def controlnet_units(text: str) -> list[dict[str, str]]:
     from pipeline.contract.control import units_from_infotext
 
     return units_from_infotext(parse_infotext(text))
+
+
+# --- re-running an image's parameters ----------------------------------------------------
+
+# A1111 starts its parameter line with Steps; pasted into Discord the newlines are gone.
+_STEPS = re.compile(r"(?:^|\s)(Steps: *\d+ *,)")
+_NEGATIVE = re.compile(r"\s*\bNegative prompt: *")
+# Keys that change nothing here when they have these values (A1111's defaults, ours).
+_HARMLESS = {"Version": None, "Clip skip": "1", "RNG": "CPU", "Emphasis": "Original"}
+
+
+@dataclass
+class InfotextSettings:
+    """What an image's parameters ask for, as GenerateSpec fields, and what they ask for
+    that sdbot does not re-run (each "key: value", for a notice)."""
+
+    prompt: str
+    negative_prompt: str
+    fields: dict[str, Any]  # steps, sampler, schedule, cfg_scale, seed, width, height, …
+    model: str | None = None
+    model_hash: str | None = None
+    lora_hashes: dict[str, str] = field(default_factory=dict)
+    not_applied: list[str] = field(default_factory=list)
+
+
+def looks_like_parameters(text: str) -> bool:
+    """Whether text is an image's parameters (A1111's or ours): a `Steps: N,` and at
+    least three `key: value` pairs after it."""
+    match = _STEPS.search(text)
+    return bool(match) and len(_PAIR.findall(text[match.start(1) :])) >= 3
+
+
+def generation_settings(text: str) -> InfotextSettings:
+    """The settings in an image's parameters text: a PNG's `parameters` chunk, or the
+    same text pasted on one line (Discord drops the newlines).
+
+    Raises JobError naming a value that is not a number where one is needed.
+    """
+    from pipeline.contract.jobs import JobError
+
+    text = _one_per_line(text)
+    info = parse_infotext(text)
+    fields: dict[str, Any] = {}
+    settings = InfotextSettings(info.pop("Prompt"), info.pop("Negative prompt"), fields)
+    for key, value in info.items():
+        try:
+            if key == "Steps":
+                fields["steps"] = int(value)
+            elif key == "Sampler":
+                fields["sampler"] = value
+            elif key == "Schedule type":
+                fields["schedule"] = value
+            elif key == "CFG scale":
+                fields["cfg_scale"] = float(value)
+            elif key == "Seed":
+                fields["seed"] = int(value)
+            elif key == "Size":
+                width, _, height = value.partition("x")
+                fields["width"], fields["height"] = int(width), int(height)
+            elif key == "ADetailer model":
+                fields["face_fix"] = True
+            elif key == "Model":
+                settings.model = value
+            elif key == "Model hash":
+                settings.model_hash = value
+            elif key == "Lora hashes":
+                settings.lora_hashes = _hash_list(value)
+            elif key in _HARMLESS and _HARMLESS[key] in (None, value):
+                continue
+            else:
+                settings.not_applied.append(f"{key}: {value}")
+        except ValueError:
+            raise JobError(f"the parameters say {key}: {value!r}, which is not a number") from None
+    return settings
+
+
+def _one_per_line(text: str) -> str:
+    """Put back the newlines before "Negative prompt:" and the parameter line."""
+    text = text.strip()
+    found = list(_STEPS.finditer(text))
+    if not found or "\n" in text[found[-1].start() : found[-1].start(1)]:
+        return text  # no parameters, or already on their own line
+    match = found[-1]
+    head, params = text[: match.start(1)].rstrip(), text[match.start(1) :]
+    if "\n" not in head:
+        found = list(_NEGATIVE.finditer(head))
+        if found:
+            last = found[-1]
+            head = f"{head[: last.start()]}\nNegative prompt: {head[last.end() :]}"
+    return f"{head}\n{params}"
+
+
+def _hash_list(value: str) -> dict[str, str]:
+    """A1111's `Lora hashes` / `TI hashes` value: "name: hash, name: hash"."""
+    pairs = {}
+    for item in value.split(","):
+        name, _, digest = item.rpartition(":")
+        if name.strip():
+            pairs[name.strip()] = digest.strip()
+    return pairs

@@ -56,6 +56,7 @@ class Limits:
     max_input_pixels: int = 4096 * 4096
     max_loras: int = 8
     max_lora_weight: float = 4.0
+    max_and_subprompts: int = 8
     max_train_steps: int = 3000
     max_controlnets: int = 3
     commands_per_minute: int = 20  # a member's slash commands; faster ones are refused
@@ -199,6 +200,7 @@ class GenerateSpec:
             )
         if self.mode == "txt2img" and any(unit.image is None for unit in self.control):
             raise JobError("a ControlNet unit needs a control image (txt2img has no input image)")
+        _check_prompt_schedule(self, limits)
 
 
 @dataclass(frozen=True)
@@ -288,6 +290,15 @@ def _check_number(name: str, value: Any, low: float, high: float) -> None:
         raise JobError(f"{name} must be a number, not {value!r}")
     if not low <= value <= high:
         raise JobError(f"{name} must be between {low:g} and {high:g}, but is {value:g}")
+
+
+def _check_prompt_schedule(spec: GenerateSpec, limits: Limits) -> None:
+    # Here, not at import: prompt_schedule raises this module's JobError.
+    from pipeline.contract.prompt_schedule import check_prompt_schedule
+    from pipeline.contract.prompt_syntax import strip_loras
+
+    prompt, negative = strip_loras(spec.prompt), strip_loras(spec.negative_prompt)
+    check_prompt_schedule(prompt, negative, limits.max_and_subprompts)
 
 
 def _check_loras(loras: tuple[LoraRef, ...], limits: Limits) -> None:

@@ -199,7 +199,7 @@ def txt2img(run: _Run, specs: Sequence[GenerateSpec], blobs, loras) -> list[list
     # 1. One sample per image: spec × count, each with its own seeded generator, so
     #    an image is the same whether it ran alone or in a batch.
     spec = specs[0]
-    if len(specs) > 1 and len(counts := _chunk_counts(run.model.pipe, specs)) > 1:
+    if len(specs) > 1 and len(counts := _chunk_counts(run.model, specs)) > 1:
         # Padding a shorter prompt with empty chunks would change its image: each chunk
         # count runs as its own batch, so every image equals the same job run alone.
         results: list[list[Image.Image]] = [[] for _ in specs]
@@ -233,12 +233,15 @@ def txt2img(run: _Run, specs: Sequence[GenerateSpec], blobs, loras) -> list[list
     return _split(images, [s.count for s in specs])
 
 
-def _chunk_counts(pipe, specs: Sequence[GenerateSpec]) -> dict[int, list[int]]:
-    from pipeline.prompts.encoding import chunk_count
+def _chunk_counts(model: LoadedModel, specs: Sequence[GenerateSpec]) -> dict[int, list[int]]:
+    from pipeline.generate.conditioning import denoising_evaluations, plan_chunk_count
 
+    spec = specs[0]  # batched specs share sampler, schedule and steps
+    scheduler = build_scheduler(model.scheduler_config, spec.sampler, spec.schedule)
+    evaluations = denoising_evaluations(scheduler, spec.steps)
     groups: dict[int, list[int]] = {}
     for i, spec in enumerate(specs):
-        groups.setdefault(chunk_count(pipe, spec.prompt, spec.negative_prompt), []).append(i)
+        groups.setdefault(plan_chunk_count(model.pipe, spec, evaluations), []).append(i)
     return groups
 
 
@@ -513,11 +516,9 @@ def _loras(cache, samples: Sequence[GenerateSpec], blobs, spec: GenerateSpec) ->
 
 
 def _encode(pipe, samples: Sequence[GenerateSpec]) -> dict[str, Any]:
-    from pipeline.prompts.encoding import encode_prompts, extract_loras
-
-    prompts = [extract_loras(s.prompt)[0] for s in samples]
-    negatives = [extract_loras(s.negative_prompt)[0] for s in samples]
-    return encode_prompts(pipe, prompts, negatives)
+    # Encoded in _call, once the number of denoising evaluations (which prompt editing
+    # and alternation count in) is known: pipeline.generate.conditioning.
+    return {"samples": list(samples)}
 
 
 def _call(
@@ -528,14 +529,20 @@ def _call(
     seeds: list[int],
     **inputs: Any,
 ) -> list[Image.Image]:
+    from pipeline.generate.conditioning import denoising_evaluations, prompt_conditioning
+
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     steps = spec.steps
     if inputs.get("strength"):
         # diffusers runs int(steps × strength) steps; at low strength that can be 0.
         steps = max(steps, math.ceil(1 / inputs["strength"]))
-    with torch.inference_mode():
+    evaluations = denoising_evaluations(pipe.scheduler, steps, inputs.get("strength"))
+    with (
+        torch.inference_mode(),
+        prompt_conditioning(pipe, conditioning["samples"], evaluations) as embeds,
+    ):
         result = pipe(
-            **conditioning,
+            **embeds,
             num_inference_steps=steps,
             guidance_scale=spec.cfg_scale,
             generator=generators,

@@ -126,6 +126,33 @@ def encode_prompts(
     return {"prompt_embeds": pos_embeds, "negative_prompt_embeds": neg_embeds}
 
 
+def encode_texts(
+    pipe: Any, texts: Sequence[str], chunks: int, *, clip_skip: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each text's embeddings, padded with empty chunks to `chunks`: [texts, chunks*77, dim],
+    and for SDXL the pooled output of each text's first chunk ([texts, dim]; None for SD 1.x).
+
+    One encoder call, rows in the order given: per-sample text-encoder LoRAs need each
+    sample's texts together and the same number of texts per sample. For one text of
+    one chunk the result equals `encode_prompts` (no zeroing of empty negatives here).
+    """
+    tokenizer = pipe.tokenizer
+    rows: list[Chunk] = []
+    for text in texts:
+        rows += _pad_chunks(tokenize_chunks(tokenizer, text), chunks)
+    if getattr(pipe, "text_encoder_2", None) is None:
+        hidden = _encode_rows(pipe, pipe.text_encoder, tokenizer, rows, clip_skip, xl=False)[0]
+        return hidden.reshape(len(texts), chunks * hidden.shape[1], hidden.shape[2]), None
+    tokenizer_2 = getattr(pipe, "tokenizer_2", None) or tokenizer
+    hidden_1, _ = _encode_rows(pipe, pipe.text_encoder, tokenizer, rows, clip_skip, xl=True)
+    hidden_2, pooled = _encode_rows(
+        pipe, pipe.text_encoder_2, tokenizer_2, rows, clip_skip, xl=True
+    )
+    hidden = torch.cat([hidden_1, hidden_2], dim=-1)
+    embeds = hidden.reshape(len(texts), chunks * hidden.shape[1], hidden.shape[2])
+    return embeds, pooled.reshape(len(texts), chunks, -1)[:, 0].contiguous()
+
+
 def _pad_chunks(chunks: list[Chunk], count: int) -> list[Chunk]:
     # A1111 pads the shorter side with the encoding of an empty prompt.
     return chunks + [Chunk() for _ in range(count - len(chunks))]
