@@ -1343,7 +1343,7 @@ class DiscordEmulator:
         expect, no request sent into a rate limit the headers announced."""
         assert self.unknown_routes == [], [f"{r.method} {r.path}" for r in self.unknown_routes]
         unexpected = self.unexpected_errors()
-        assert not unexpected, "the bot got errors the test did not expect: " + "; ".join(unexpected)
+        assert not unexpected, "errors the test did not expect: " + "; ".join(unexpected)
         if self.rate_limiter is not None:
             violations = self.rate_limiter.violations
             assert not violations, f"requests sent into an announced rate limit: {violations}"
