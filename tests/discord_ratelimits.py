@@ -43,6 +43,7 @@ DEFAULT_LIMIT = (50, 1.0)
 GLOBAL_PER_SECOND = 50
 MAJOR_PARAMETERS = ("channel_id", "guild_id", "token")
 EXEMPT_PREFIXES = ("/interactions/",)  # callbacks: no global limit, per the docs
+GRACE_S = 0.02  # clocks and sleeps are not exact: a retry this early still counts as on time
 
 
 @dataclass
@@ -66,7 +67,7 @@ class RateLimited(Exception):
     def body(self) -> dict:
         return {
             "message": "You are being rate limited.",
-            "retry_after": round(self.retry_after, 3),
+            "retry_after": math.ceil(self.retry_after * 1000) / 1000,
             "global": self.is_global,
             "code": 0,
         }
@@ -122,9 +123,9 @@ class RateLimiter:
         limit, window = self.limit_for(method, route)
         key = (self.bucket_hash(method, route), major)
         bucket = self.buckets.get(key)
-        if bucket is None or now >= bucket.reset_at:
+        if bucket is None or now >= bucket.reset_at - GRACE_S:
             bucket = self.buckets[key] = Bucket(limit, window, limit, now + window)
-        if now < bucket.blocked_until:
+        if now < bucket.blocked_until - GRACE_S:
             self._violation(method, route, major, "user", bucket.blocked_until - now, now)
         if bucket.remaining <= 0:
             # The headers said 0 remaining and when it resets: a client honouring them
@@ -148,9 +149,9 @@ class RateLimiter:
         }
 
     def _check_global(self, now: float, method: str, route: str, major: str) -> None:
-        if now < self.global_blocked_until:
+        if now < self.global_blocked_until - GRACE_S:
             self._violation(method, route, major, "global", self.global_blocked_until - now, now)
-        self.global_window = [t for t in self.global_window if now - t < 1.0]
+        self.global_window = [t for t in self.global_window if now - t < 1.0 - GRACE_S]
         if len(self.global_window) >= self.global_per_second:
             retry = 1.0 - (now - self.global_window[0])
             self.global_blocked_until = now + retry
