@@ -370,8 +370,8 @@ class Probe:
                     await interaction._state.http.request(route, json=probe.callback)
             except discord.HTTPException as exc:
                 error = exc
-            assert probe.outcome is not None
-            probe.outcome.set_result(error)
+            if probe.outcome is not None:  # no assert: discord.py would swallow it
+                probe.outcome.set_result(error)
 
         @self.bot.tree.command(name="probe", description="Answers as the test says")
         @app_commands.describe(what="anything")
