@@ -172,6 +172,7 @@ class RecordedRequest:
     json: Any
     files: list[UploadedFile] = field(default_factory=list)
     status: int = 0  # filled in once answered
+    at: float = field(default_factory=time.monotonic)  # when it arrived
 
 
 @dataclass(eq=False)
@@ -1483,6 +1484,7 @@ class DiscordEmulator:
         wait: bool = True,
         timeout: float = 5.0,
         channel_id: str | None = None,
+        force_dm: bool = False,
     ) -> InteractionRecord:
         """A member runs ``/name``; by default waits for the bot's first answer.
 
@@ -1491,9 +1493,11 @@ class DiscordEmulator:
         ``attachments`` is a shorthand for attachment options. ``subcommand`` is
         ``"list"`` or ``"group sub"``. ``channel_id``: where (a channel, thread or the
         member's DM with the bot, see ``dm_channel``); the guild's text channel by default.
+        A DM gets only commands whose contexts allow it, unless ``force_dm`` (a stale
+        global command, synced before its contexts changed, is offered for up to an hour).
         """
         command = self._synced_command(name)
-        if channel_id is not None and self._channels[channel_id]["type"] == 1:
+        if channel_id is not None and self._channels[channel_id]["type"] == 1 and not force_dm:
             self._check_offered_in_dms(command)
         values = {**(options or {}), **(attachments or {})} if not isinstance(options, list) else {}
         data = self._command_data(command, options, values, subcommand, focused=None)
