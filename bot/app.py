@@ -36,6 +36,11 @@ class SDBot(commands.Bot):
             # Slash commands and buttons need no privileged intents, nor member lists.
             intents=discord.Intents(guilds=True),
             tree_cls=SDCommandTree,
+            # Server channels only (docs/DECISIONS.md, "Commands in DMs"): Discord then
+            # offers no command in DMs; a stale one gets bot.channel_checks.DM_ANSWER.
+            allowed_contexts=discord.app_commands.AppCommandContext(
+                guild=True, dm_channel=False, private_channel=False
+            ),
             chunk_guilds_at_startup=False,
             member_cache_flags=discord.MemberCacheFlags.none(),
             max_messages=None,

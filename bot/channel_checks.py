@@ -13,17 +13,12 @@ from __future__ import annotations
 
 import discord
 
-from bot.errors import UserError
+from bot.errors import DM_ANSWER, UserError
 
 THREAD_TYPES = (
     discord.ChannelType.public_thread,
     discord.ChannelType.private_thread,
     discord.ChannelType.news_thread,
-)
-
-DM_ANSWER = (
-    "sdbot works in server channels, threads and forum posts, not in DMs: "
-    "run the command in a channel of a server that has the bot."
 )
 
 

@@ -30,6 +30,13 @@ log = logging.getLogger("sdbot.errors")
 HANDLED = "sdbot_error_handled"  # key in interaction.extras once a reply was sent
 
 
+# What a command run in a DM gets (docs/DECISIONS.md, "Commands in DMs").
+DM_ANSWER = (
+    "sdbot works in server channels, threads and forum posts, not in DMs: "
+    "run the command in a channel of a server that has the bot."
+)
+
+
 class UserError(Exception):
     """A request the bot refuses; the message is shown to the member as is."""
 
@@ -151,5 +158,11 @@ class SDCommandTree(app_commands.CommandTree):
             await interaction.response.send_message(
                 "sdbot is restarting; try again in a minute.", ephemeral=True
             )
+            return False
+        if interaction.guild_id is None and interaction.type is not discord.InteractionType.ping:
+            if interaction.type is discord.InteractionType.autocomplete:
+                await interaction.response.autocomplete([])
+            else:
+                await interaction.response.send_message(DM_ANSWER, ephemeral=True)
             return False
         return True

@@ -64,7 +64,6 @@ class MessageEditor:
                 if self._closed or self._pending is None:
                     return
             call, self._pending = self._pending, None
-            self._last_sent = self.clock()
             self.sent += 1
             self._in_call = True
             try:
@@ -73,6 +72,9 @@ class MessageEditor:
                 log.exception("a message edit failed")
             finally:
                 self._in_call = False
+                # Counted from when Discord took it (a 429's retry included): accepted edits
+                # are at least ``interval`` apart.
+                self._last_sent = self.clock()
 
     async def close(self) -> None:
         """Drop what is not sent yet and wait for the edit in flight: afterwards nothing

@@ -21,6 +21,7 @@ from discord.ext import commands
 
 from bot import render, store
 from bot.attachments import MiB, download
+from bot.channel_checks import check_can_deliver
 from bot.cogs import SDCog
 from bot.errors import UserError
 from bot.personal import check_name_free, check_quota, register_trained_lora, validation_summary
@@ -158,7 +159,8 @@ class TrainCog(SDCog):
         """Train a personal model (LoRA) from 3–20 photos of one person, pet or object."""
         await interaction.response.defer(ephemeral=True, thinking=True)
         services, user = self.services, str(interaction.user.id)
-        # 1. Cheap refusals first: name, quota, queue room.
+        # 1. Cheap refusals first: where the result goes, name, quota, queue room.
+        check_can_deliver(interaction)
         await services.db.call(check_name_free, user, name)
         await services.db.call(check_quota, services.config, user)
         await services.jobs.check_queue_room(interaction.user.id)

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import discord
 
 from bot import render, store
+from bot.message_edits import MessageEditor, http_error_text
 from bot.services.database import DbThread
 from bot.views import progress_view, result_view
 from pipeline.contract.blobs import BlobError, BlobStore
@@ -36,7 +37,9 @@ from pipeline.contract.jobs import Cancelled, Done, Event, Failed, Paused, Progr
 log = logging.getLogger("sdbot")
 
 MISSED_RESULTS_WINDOW_S = 24 * 3600  # results finished while the bot was down get posted
-POSITIONS_SHOWN = 20  # waiting jobs further back keep their first "position N"
+# message_id of a job whose result the channel refused for good (403): never retried.
+UNDELIVERABLE = "refused"
+POSITIONS_SHOWN = 5  # only the first few waiting jobs get "position N" updates
 Board = TypeVar("Board", bound="JobMessages")
 
 
@@ -83,8 +86,9 @@ class _Tracked:
 
     progress_id: int | None = None
     started_at: float | None = None
-    last_edit: float = 0.0
-    edit: asyncio.Task | None = None
+    # Edits of the progress message, one at a time, in order, newest state winning.
+    editor: MessageEditor | None = None
+    waiting: bool = True  # in the queue (again, after a pause or retry): positions apply
     finished: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -141,11 +145,13 @@ class JobMessages:
             shown = self.shown_positions.get(job_id)
             if position is None or shown is None or position == shown:
                 continue
-            if tracked.finished or tracked.started_at is not None or position > POSITIONS_SHOWN:
+            if tracked.finished or not tracked.waiting or position > POSITIONS_SHOWN:
                 continue
             row = await self.db.call(store.get_job, job_id)
             if row is None or row["status"] != store.JobStatus.QUEUED.value:
                 continue
+            if tracked.finished or not tracked.waiting:
+                continue  # it started while we read the row: "Starting…" is newer
             self.shown_positions[job_id] = position
             text = render.queued_text(row["user_id"], row["spec"], position)
             self._schedule_edit(row, tracked, text)
@@ -154,6 +160,10 @@ class JobMessages:
         if not isinstance(event, Progress):
             self.shown_positions.pop(row["id"], None)  # it left the queue, for now at least
         tracked = self._tracked(row)
+        if isinstance(event, (Started, Progress)):
+            tracked.waiting = False
+        elif isinstance(event, (Paused, Failed)):
+            tracked.waiting = row["status"] == store.JobStatus.QUEUED.value
         if isinstance(event, Started):
             tracked.started_at = time.monotonic()
             self._schedule_edit(
@@ -181,12 +191,8 @@ class JobMessages:
             )
 
     def _on_progress(self, row: dict, tracked: _Tracked, event: Progress) -> None:
+        # No throttle here: the message's editor sends the newest state once per interval.
         now = time.monotonic()
-        # Rate limits: one edit per message per interval, and never two in flight.
-        if now - tracked.last_edit < self.config.discord.progress_interval:
-            return
-        if tracked.edit is not None and not tracked.edit.done():
-            return
         elapsed = now - (tracked.started_at or now)
         eta = render.eta_seconds(elapsed, event.step, event.total)
         note = f"loss {event.loss:.4f}" if event.loss is not None else ""
@@ -209,27 +215,37 @@ class JobMessages:
         Discord for a progress update."""
         if tracked.progress_id is None or tracked.finished:
             return
-        tracked.last_edit = time.monotonic()
-        files = [discord.File(io.BytesIO(preview), "preview.jpg")] if preview else []
+        if tracked.editor is None:
+            tracked.editor = MessageEditor(self.config.discord.progress_interval)
         message = self._channel(row).get_partial_message(tracked.progress_id)
-        edit = message.edit(content=text, attachments=files, view=progress_view(row["id"]))
-        tracked.edit = asyncio.create_task(self._quietly(edit, row["id"]))
+        job_id = row["id"]
+
+        async def edit() -> None:
+            # Built when sent, not when scheduled: a replaced state costs nothing.
+            files = [discord.File(io.BytesIO(preview), "preview.jpg")] if preview else []
+            call = message.edit(content=text, attachments=files, view=progress_view(job_id))
+            await self._quietly(call, job_id)
+
+        tracked.editor.submit(edit)
 
     async def _quietly(self, call: Awaitable[Any], job_id: str) -> None:
+        """Await a progress edit or delete; an HTTP error is logged (with its route) and
+        swallowed: a cosmetic update must not stop the job's result."""
         try:
             await call
-        except discord.NotFound:
+        except discord.NotFound as exc:
+            log.warning("progress message of job %s is gone: %s", job_id, http_error_text(exc))
             self.jobs.get(job_id, _Tracked()).progress_id = None  # someone deleted it
         except discord.HTTPException as exc:
-            log.warning("could not update the progress of job %s: %s", job_id, exc)
+            log.warning("could not update the progress of job %s: %s", job_id, http_error_text(exc))
 
     async def _finish(
         self, row: dict, tracked: _Tracked, then: Callable[[dict, _Tracked], Awaitable[None]]
     ) -> None:
         async with tracked.lock:
             tracked.finished = True
-            if tracked.edit is not None:
-                await tracked.edit  # the last progress edit must not land after the result
+            if tracked.editor is not None:
+                await tracked.editor.close()  # no progress edit may land after the result
             try:
                 await then(row, tracked)
             finally:
@@ -252,7 +268,9 @@ class JobMessages:
         try:
             await self._channel(row).send(text)
         except discord.HTTPException as exc:
-            log.warning("could not report the failure of job %s: %s", row["id"], exc)
+            log.warning(
+                "could not report the failure of job %s: %s", row["id"], http_error_text(exc)
+            )
             await self._final_status(row, tracked, f"Failed: {render.truncate(message, 1500)}")
             return
         if tracked.progress_id is not None:
@@ -279,9 +297,13 @@ class JobMessages:
         except discord.HTTPException as exc:
             # Never silently: the member sees why; the next start tries again (message_id
             # stays empty, see deliver_missed).
-            log.warning("could not post the result of job %s: %s", row["id"], exc)
+            log.warning("could not post the result of job %s: %s", row["id"], http_error_text(exc))
             status = f"Done, but Discord refused the images ({exc.status}: {exc.text or exc})."
             await self._final_status(row, tracked, render.truncate(status, 500))
+            if isinstance(exc, discord.Forbidden):
+                # The bot lost its permissions here since the job was queued: a restart
+                # would be refused the same way, so deliver_missed must not try again.
+                await self.db.call(store.set_job_messages, row["id"], message_id=UNDELIVERABLE)
             return
         await self.db.call(store.set_job_messages, row["id"], message_id=str(message.id))
         if tracked.progress_id is not None:
@@ -307,4 +329,8 @@ class JobMessages:
             try:
                 await self._finish(row, tracked, self._post_result)
             except discord.HTTPException as exc:
-                log.warning("could not post the missed result of job %s: %s", row["id"], exc)
+                log.warning(
+                    "could not post the missed result of job %s: %s",
+                    row["id"],
+                    http_error_text(exc),
+                )
