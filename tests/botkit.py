@@ -170,7 +170,7 @@ def custom_ids(message: dict) -> list[str]:
 def result_messages(emulator: DiscordEmulator, job_id: str) -> list[dict]:
     return [
         m
-        for m in emulator.channel_messages(ephemeral=False)
+        for m in emulator.all_messages(ephemeral=False)  # threads and forum posts too
         if f"sdbot:info:{job_id}" in custom_ids(m)
     ]
 

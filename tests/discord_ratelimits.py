@@ -52,7 +52,6 @@ class Bucket:
     window: float
     remaining: int
     reset_at: float  # time.monotonic() when it refills
-    blocked_until: float = 0.0  # after a 429: retry_after told to the client
 
 
 @dataclass
@@ -101,6 +100,7 @@ class RateLimiter:
         self.buckets: dict[tuple[str, str], Bucket] = {}
         self.global_window: list[float] = []
         self.global_blocked_until = 0.0
+        self.blocked_paths: dict[tuple[str, str], float] = {}  # after a shared 429
         self.chaos = 0.0  # probability of a random shared 429 on a limited route
         self.chaos_routes: tuple[str, ...] = ("PATCH",)  # methods chaos applies to
         self.rng = random.Random(1234)
@@ -114,8 +114,13 @@ class RateLimiter:
     def limit_for(self, method: str, route: str) -> tuple[int, float]:
         return self.route_limits.get((method, route), self.default)
 
-    def check(self, method: str, route: str, params: dict[str, str]) -> dict[str, str]:
-        """Count one request; return the headers for its answer, or raise RateLimited."""
+    def check(
+        self, method: str, route: str, params: dict[str, str], path: str = ""
+    ) -> dict[str, str]:
+        """Count one request; return the headers for its answer, or raise RateLimited.
+
+        ``path`` (the concrete one) tells a retry after a shared 429 from other requests
+        of the bucket: a shared limit holds back that request only."""
         now = self.clock()
         major = ":".join(params.get(k, "") for k in MAJOR_PARAMETERS)
         if not route.startswith(EXEMPT_PREFIXES):
@@ -125,15 +130,16 @@ class RateLimiter:
         bucket = self.buckets.get(key)
         if bucket is None or now >= bucket.reset_at - GRACE_S:
             bucket = self.buckets[key] = Bucket(limit, window, limit, now + window)
-        if now < bucket.blocked_until - GRACE_S:
-            self._violation(method, route, major, "user", bucket.blocked_until - now, now)
+        blocked_until = self.blocked_paths.get((method, path), 0.0)
+        if now < blocked_until - GRACE_S:
+            self._violation(method, route, major, "shared", blocked_until - now, now)
         if bucket.remaining <= 0:
             # The headers said 0 remaining and when it resets: a client honouring them
             # never gets here, so this is a violation as well as a 429.
             self._violation(method, route, major, "user", bucket.reset_at - now, now)
         if self.chaos and method in self.chaos_routes and self.rng.random() < self.chaos:
             retry = self.rng.uniform(0.05, 0.3)
-            bucket.blocked_until = now + retry
+            self.blocked_paths[(method, path)] = now + retry
             self._limited(method, route, major, "shared", retry, now, bucket, key)
         bucket.remaining -= 1
         return self.headers(bucket, key[0], now)

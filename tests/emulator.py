@@ -716,7 +716,9 @@ class DiscordEmulator:
             return {}
         route = request.match_info.route.resource
         template = route.canonical.removeprefix(API_PREFIX) if route is not None else ""
-        return self.rate_limiter.check(request.method, template, dict(request.match_info))
+        return self.rate_limiter.check(
+            request.method, template, dict(request.match_info), request.path
+        )
 
     def _check_auth(self, request: web.Request, path: str) -> None:
         # Webhook, callback and CDN routes are authorised by their token or URL instead.
@@ -1412,6 +1414,13 @@ class DiscordEmulator:
         with contextlib.suppress(DiscordError):
             return copy.deepcopy(self._stored(str(message_id)))
         return None
+
+    def all_messages(self, *, ephemeral: bool | None = None) -> list[Json]:
+        """Copies of every channel's, thread's and DM's messages, oldest first."""
+        found = [
+            m for cid in self._messages for m in self.channel_messages(cid, ephemeral=ephemeral)
+        ]
+        return sorted(found, key=lambda m: int(m["id"]))
 
     def channel_messages(
         self, channel_id: str | int | None = None, *, ephemeral: bool | None = None

@@ -84,6 +84,7 @@ async def test_results_land_in_a_thread_and_in_a_forum_post(emu, shared_pool, co
             record = await emu.send_command("imagine", {"prompt": "a fox"}, channel_id=place)
             jobs[place] = await queued_job(record)
         results = {place: await wait_result(emu, job) for place, job in jobs.items()}
+        await progress_removed(emu, list(jobs.values()))
     for place, message in results.items():
         # The result is in the thread the member used, mentioning them, with the picture.
         assert message["channel_id"] == place and f"<@{emu.alice.id}>" in message["content"]
@@ -122,6 +123,7 @@ async def test_gateway_drops_mid_job_lose_and_duplicate_nothing(emu, shared_pool
         await emu.wait_for(lambda: len(emu.identify_payloads) == 2 and emu.connected)
         after = await queued_job(await imagine(emu, "a boat", seed=3))
         results = [await wait_result(emu, job) for job in (first, during, after)]
+        await progress_removed(emu, [first, during, after])
     assert emu.replayed and len(emu.resumes) == 2
     for job, message in zip((first, during, after), results):
         assert len(result_messages(emu, job)) == 1  # exactly once
@@ -135,6 +137,16 @@ async def imagine_while_away(emulator, prompt: str) -> str:
     return await queued_job(record)
 
 
+async def progress_removed(emulator, jobs: list[str]) -> None:
+    """Wait until each job's progress message is deleted (after its result is up)."""
+
+    def gone() -> bool:
+        deleted = {i for m in emulator.deleted_messages for i in custom_ids(m)}
+        return all(f"sdbot:cancel:{job}" in deleted for job in jobs)
+
+    await emulator.wait_for(gone, 30)
+
+
 POSITION = re.compile(r"Queued — (position \d+|waiting)")
 
 
@@ -146,6 +158,7 @@ async def test_progress_edits_stay_in_order_and_spaced_under_429s(emu, shared_po
             for user in (emu.alice, emu.bob):
                 jobs.append(await queued_job(await imagine(emu, f"a cat {i}", user=user, seed=i)))
         results = [await wait_result(emu, job) for job in jobs]
+        await progress_removed(emu, jobs)
     assert any(r.scope == "shared" for r in emu.rate_limiter.limited), "no 429 was tried"
     for job, message in zip(jobs, results):
         assert len(result_messages(emu, job)) == 1

@@ -51,6 +51,7 @@ class MessageBoards:
         self.db = db
         self.boards: list[JobMessages] = []  # generation's, training's…
         self._positions_task: asyncio.Task | None = None
+        self._stopped = False
 
     def add(self, board: Board) -> Board:
         """Route the events of ``board.kind`` jobs to ``board``."""
@@ -64,9 +65,19 @@ class MessageBoards:
         if isinstance(event, (Started, Cancelled)):
             self._refresh_positions_soon()
 
+    async def stop(self) -> None:
+        """The bot is closing: no position refresh may start on a closed database."""
+        task, self._positions_task = self._positions_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self._stopped = True
+
     def _refresh_positions_soon(self) -> None:
         """A job left the queue: the others moved up. One refresh at a time, at most one
         per progress interval, so a busy queue cannot flood Discord with edits."""
+        if self._stopped:
+            return
         if self._positions_task is None or self._positions_task.done():
             self._positions_task = asyncio.create_task(self._refresh_positions())
 
