@@ -198,6 +198,7 @@ class InteractionRecord:
     followup_ids: list[str] = field(default_factory=list)
     errors: list[Json] = field(default_factory=list)  # error bodies the bot received
     expired: bool = False
+    responded_at: float | None = None  # loop time the bot's callback arrived
     responded: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @property
@@ -956,6 +957,7 @@ class DiscordEmulator:
         await self._apply_callback(record, kind, data, files)
         record.callback_type = CallbackType(kind)
         record.callback_body = body
+        record.responded_at = asyncio.get_running_loop().time()
         record.responded.set()
         return json_response(self._callback_answer(record, kind))
 
