@@ -19,6 +19,7 @@ import secrets
 import discord
 from discord import app_commands
 
+from bot.message_edits import http_error_text
 from bot.store import StoreError
 from pipeline.contract.blobs import BlobError
 from pipeline.contract.config import ConfigError
@@ -88,9 +89,13 @@ async def tell(interaction: discord.Interaction, text: str) -> None:
             await interaction.followup.send(text, ephemeral=True)
         else:
             await interaction.response.send_message(text, ephemeral=True)
-    except discord.HTTPException:
+    except discord.HTTPException as exc:
         # The token expired or Discord is down: nothing left to tell the member through.
-        log.warning("could not deliver an error message for interaction %s", interaction.id)
+        log.warning(
+            "could not deliver an error message for interaction %s: %s",
+            interaction.id,
+            http_error_text(exc),
+        )
 
 
 async def answer_expected(interaction: discord.Interaction, error: BaseException) -> bool:
