@@ -221,6 +221,8 @@ async def test_restart_between_queueing_and_completion(emu, shared_pool, config)
     async with running_sdbot(config, shared_pool):
         message = await wait_result(emu, job)
         await emu.wait_for(lambda: store.get_job(db, job)["message_id"], 30)
+        deleted = lambda: {m["id"] for m in emu.deleted_messages}  # noqa: E731
+        await emu.wait_for(lambda: row["progress_message_id"] in deleted(), 30)
     assert len(result_messages(emu, job)) == 1
     assert store.get_job(db, job)["message_id"] == message["id"]
     # The progress message posted before the restart was the one cleaned up after it.
@@ -237,6 +239,8 @@ async def test_a_result_recorded_but_not_posted_is_posted_after_a_restart(
         await wait_result(emu, job)
         db = store.open_db(config.storage.database)
         await emu.wait_for(lambda: store.get_job(db, job)["message_id"], 30)
+        # Its progress message is deleted and forgotten: a restart won't delete it again.
+        await emu.wait_for(lambda: store.get_job(db, job)["progress_message_id"] == "", 30)
     # As if the bot had died between recording the result and posting it.
     with db.conn:
         db.execute("UPDATE jobs SET message_id = NULL WHERE id = ?", [job])

@@ -69,9 +69,7 @@ class TrainingMessages(JobMessages):
         )
         message = await self._channel(row).send(text, files=files)
         await self.db.call(store.set_job_messages, row["id"], message_id=str(message.id))
-        if tracked.progress_id is not None:
-            progress = self._channel(row).get_partial_message(tracked.progress_id)
-            await self._quietly(progress.delete(), row["id"])
+        await self._delete_progress(row, tracked)
 
 
 def _register_once(db, bot, row: dict) -> dict:

@@ -239,16 +239,28 @@ class JobMessages:
 
         tracked.editor.submit(edit)
 
-    async def _quietly(self, call: Awaitable[Any], job_id: str) -> None:
+    async def _delete_progress(self, row: dict, tracked: _Tracked) -> None:
+        """Delete the progress message (the result or failure is up) and forget its id, so
+        neither a restart nor /forget asks Discord to delete it again (a 404 each)."""
+        if tracked.progress_id is None:
+            return
+        progress = self._channel(row).get_partial_message(tracked.progress_id)
+        if await self._quietly(progress.delete(), row["id"]):
+            tracked.progress_id = None
+            await self.db.call(store.set_job_messages, row["id"], progress_message_id="")
+
+    async def _quietly(self, call: Awaitable[Any], job_id: str) -> bool:
         """Await a progress edit or delete; an HTTP error is logged (with its route) and
-        swallowed: a cosmetic update must not stop the job's result."""
+        swallowed: a cosmetic update must not stop the job's result. True if it worked."""
         try:
             await call
+            return True
         except discord.NotFound as exc:
             log.warning("progress message of job %s is gone: %s", job_id, http_error_text(exc))
             self.jobs.get(job_id, _Tracked()).progress_id = None  # someone deleted it
         except discord.HTTPException as exc:
             log.warning("could not update the progress of job %s: %s", job_id, http_error_text(exc))
+        return False
 
     async def _finish(
         self, row: dict, tracked: _Tracked, then: Callable[[dict, _Tracked], Awaitable[None]]
@@ -284,9 +296,7 @@ class JobMessages:
             )
             await self._final_status(row, tracked, f"Failed: {render.truncate(message, 1500)}")
             return
-        if tracked.progress_id is not None:
-            progress = self._channel(row).get_partial_message(tracked.progress_id)
-            await self._quietly(progress.delete(), row["id"])
+        await self._delete_progress(row, tracked)
 
     async def _post_result(self, row: dict, tracked: _Tracked) -> None:
         if row.get("message_id"):
@@ -317,9 +327,7 @@ class JobMessages:
                 await self.db.call(store.set_job_messages, row["id"], message_id=UNDELIVERABLE)
             return
         await self.db.call(store.set_job_messages, row["id"], message_id=str(message.id))
-        if tracked.progress_id is not None:
-            progress = self._channel(row).get_partial_message(tracked.progress_id)
-            await self._quietly(progress.delete(), row["id"])
+        await self._delete_progress(row, tracked)
 
     def _pngs(self, row: dict, images: list[dict]) -> list[tuple[str, bytes]]:
         return [
