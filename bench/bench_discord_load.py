@@ -1,6 +1,7 @@
 """Load and faults through the strict Discord emulator: is every job delivered exactly once?
 
-    python bench/bench_discord_load.py [--members 20] [--jobs 10] [--channels 10] [--chaos 0.05]
+    OMP_NUM_THREADS=1 python bench/bench_discord_load.py [--members 20] [--jobs 10]
+        [--channels 10] [--chaos 0.05]
 
 `sdbot run` runs as a real subprocess (LocalPool, tiny random-weight model, CPU)
 against the loopback emulator in this process, with Discord's rate limits
@@ -100,8 +101,10 @@ class BotProcess:
         self.config, self.log = config, log
         self.process: subprocess.Popen | None = None
         self.starts = 0
+        self.identified_before = 0
 
-    def start(self) -> None:
+    def start(self, emulator: DiscordEmulator) -> None:
+        self.identified_before = len(emulator.identify_payloads)
         env = {**os.environ, "DISCORD_TOKEN": "load-bench", "SDBOT_DEBUG_MODULES": "1"}
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
@@ -121,7 +124,12 @@ class BotProcess:
             return text.count("heavy modules in the bot process") >= self.starts
 
         await emulator.wait_for(up, 300)
-        await emulator.wait_for(lambda: emulator.connected, 60)
+        # This process's own session (a killed bot's may linger until its socket closes).
+        await emulator.wait_for(
+            lambda: len(emulator.identify_payloads) > self.identified_before and emulator.connected,
+            60,
+        )
+        await asyncio.sleep(1.0)  # on_ready: commands synced, missed results posted
 
     def workers(self) -> list[int]:
         assert self.process is not None
@@ -200,7 +208,7 @@ class Run:
         await asyncio.sleep(3)  # let the commands in flight be answered
         self.bot.kill()
         print(f"  bot SIGKILLed after {self.sent} commands; restarting", flush=True)
-        self.bot.start()
+        self.bot.start(self.emulator)
         await self.bot.ready(self.emulator)
         self.bot_up.set()
 
@@ -236,7 +244,7 @@ async def main() -> None:
         config = root / "bot.toml"
         config.write_text(config_text(model, root / "data", emulator, args.members))
         bot = BotProcess(config, root / "bot.log")
-        bot.start()
+        bot.start(emulator)
         try:
             await bot.ready(emulator)
             run = Run(args, emulator, bot)
