@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -282,6 +283,8 @@ async def main() -> None:
             f"retried into a second 429: {len(limiter.violations)}"
         )
         print(f"invalid requests (Discord's count): {limiter.invalid_requests}")
+        print("429s by route:", Counter((r.method, r.route, r.scope) for r in limiter.limited))
+        print("violations:", Counter((r.method, r.route, r.scope) for r in limiter.violations))
         print(
             f"gateway: {len(emulator.identify_payloads)} identifies, "
             f"{len(emulator.resumes)} resumes, {len(emulator.replayed)} events replayed"

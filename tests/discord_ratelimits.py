@@ -44,6 +44,9 @@ GLOBAL_PER_SECOND = 50
 MAJOR_PARAMETERS = ("channel_id", "guild_id", "token")
 EXEMPT_PREFIXES = ("/interactions/",)  # callbacks: no global limit, per the docs
 GRACE_S = 0.02  # clocks and sleeps are not exact: a retry this early still counts as on time
+# A request arriving this soon after a 429 was sent may have left before the client read
+# it (concurrent requests): Discord 429s it too, but it is not a client ignoring a 429.
+IN_FLIGHT_S = 0.1
 
 
 @dataclass
@@ -100,7 +103,8 @@ class RateLimiter:
         self.buckets: dict[tuple[str, str], Bucket] = {}
         self.global_window: list[float] = []
         self.global_blocked_until = 0.0
-        self.blocked_paths: dict[tuple[str, str], float] = {}  # after a shared 429
+        self.global_blocked_at = 0.0
+        self.blocked_paths: dict[tuple[str, str], tuple[float, float]] = {}  # shared 429s
         self.chaos = 0.0  # probability of a random shared 429 on a limited route
         self.chaos_routes: tuple[str, ...] = ("PATCH",)  # methods chaos applies to
         self.rng = random.Random(1234)
@@ -130,16 +134,18 @@ class RateLimiter:
         bucket = self.buckets.get(key)
         if bucket is None or now >= bucket.reset_at - GRACE_S:
             bucket = self.buckets[key] = Bucket(limit, window, limit, now + window)
-        blocked_until = self.blocked_paths.get((method, path), 0.0)
+        blocked_at, blocked_until = self.blocked_paths.get((method, path), (0.0, 0.0))
         if now < blocked_until - GRACE_S:
-            self._violation(method, route, major, "shared", blocked_until - now, now)
+            told = now - blocked_at > IN_FLIGHT_S
+            self._refuse(method, route, major, "shared", blocked_until - now, now, told)
         if bucket.remaining <= 0:
             # The headers said 0 remaining and when it resets: a client honouring them
             # never gets here, so this is a violation as well as a 429.
             self._violation(method, route, major, "user", bucket.reset_at - now, now)
-        if self.chaos and method in self.chaos_routes and self.rng.random() < self.chaos:
+        chaos = self.chaos and method in self.chaos_routes and not route.startswith(EXEMPT_PREFIXES)
+        if chaos and self.rng.random() < self.chaos:
             retry = self.rng.uniform(0.05, 0.3)
-            self.blocked_paths[(method, path)] = now + retry
+            self.blocked_paths[(method, path)] = (now, now + retry)
             self._limited(method, route, major, "shared", retry, now, bucket, key)
         bucket.remaining -= 1
         return self.headers(bucket, key[0], now)
@@ -156,18 +162,33 @@ class RateLimiter:
 
     def _check_global(self, now: float, method: str, route: str, major: str) -> None:
         if now < self.global_blocked_until - GRACE_S:
-            self._violation(method, route, major, "global", self.global_blocked_until - now, now)
+            told = now - self.global_blocked_at > IN_FLIGHT_S
+            self._refuse(method, route, major, "global", self.global_blocked_until - now, now, told)
         self.global_window = [t for t in self.global_window if now - t < 1.0 - GRACE_S]
         if len(self.global_window) >= self.global_per_second:
             retry = 1.0 - (now - self.global_window[0])
-            self.global_blocked_until = now + retry
+            self.global_blocked_until, self.global_blocked_at = now + retry, now
             self._limited(method, route, major, "global", retry, now)
         self.global_window.append(now)
 
     def _violation(
         self, method: str, route: str, major: str, scope: str, retry: float, now: float
     ) -> None:
-        self.violations.append(RateLimitRecord(method, route, major, scope, retry, now))
+        self._refuse(method, route, major, scope, retry, now, told=True)
+
+    def _refuse(
+        self,
+        method: str,
+        route: str,
+        major: str,
+        scope: str,
+        retry: float,
+        now: float,
+        told: bool,
+    ) -> None:
+        """429 a request sent into a block; a violation if the client knew of the block."""
+        if told:
+            self.violations.append(RateLimitRecord(method, route, major, scope, retry, now))
         self._limited(method, route, major, scope, retry, now)
 
     def _limited(
