@@ -1327,6 +1327,10 @@ class DiscordEmulator:
             self._detached[session.session_id] = session  # before the close handshake ends
         await session.ws.close(code=code, message=b"emulator: connection dropped")
 
+    async def delete_message(self, message_id: str) -> None:
+        """A moderator deletes a message (MESSAGE_DELETE goes out as usual)."""
+        await self._delete_message(self._stored(str(message_id)))
+
     def expect_errors(self, *codes: int) -> None:
         """Declare error codes (Discord's JSON code, or the HTTP status) this test expects
         the bot to receive; any other error fails the test at teardown."""

@@ -339,6 +339,32 @@ class JobMessages:
         guild = self.client.get_guild(int(row["guild_id"])) if row.get("guild_id") else None
         return guild.filesize_limit if guild is not None else render.DEFAULT_FILE_LIMIT
 
+    async def _post_missed_result(self, row: dict, tracked: _Tracked) -> None:
+        """The bot may have died between posting the result and saving its id: look in the
+        channel first, so a restart never posts a result twice."""
+        posted = await self._posted_before(row)
+        if posted is None:
+            await self._post_result(row, tracked)
+            return
+        await self.db.call(store.set_job_messages, row["id"], message_id=str(posted))
+        await self._delete_progress(row, tracked)
+
+    async def _posted_before(self, row: dict) -> int | None:
+        """The id of this job's result among the channel's recent messages, if there."""
+        me = getattr(self.client.user, "id", None)
+        wanted = f"sdbot:info:{row['id']}"
+        try:
+            async for message in self._channel(row).history(limit=50):
+                if message.author.id != me:
+                    continue
+                for action_row in message.components:
+                    for child in getattr(action_row, "children", []):
+                        if (getattr(child, "custom_id", None) or "").startswith(wanted):
+                            return message.id
+        except discord.HTTPException as exc:  # no history access: post, at worst twice
+            log.warning("could not read the channel of job %s: %s", row["id"], http_error_text(exc))
+        return None
+
     async def deliver_missed(self) -> None:
         """Post results of jobs that finished while the bot was not there to post them."""
         since = time.time() - MISSED_RESULTS_WINDOW_S
@@ -346,7 +372,7 @@ class JobMessages:
         for row in rows:
             tracked = self._tracked(row)
             try:
-                await self._finish(row, tracked, self._post_result)
+                await self._finish(row, tracked, self._post_missed_result)
             except discord.HTTPException as exc:
                 log.warning(
                     "could not post the missed result of job %s: %s",
