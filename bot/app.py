@@ -36,6 +36,12 @@ class SDBot(commands.Bot):
             # Slash commands and buttons need no privileged intents, nor member lists.
             intents=discord.Intents(guilds=True),
             tree_cls=SDCommandTree,
+            # Where Discord offers the commands (docs/DECISIONS.md, "Commands in DMs"):
+            # server channels, and the bot's DMs unless [safety] dms = "refuse"; a stale
+            # command arriving from a DM then gets bot.errors.DM_ANSWER.
+            allowed_contexts=discord.app_commands.AppCommandContext(
+                guild=True, dm_channel=config.safety.dms != "refuse", private_channel=False
+            ),
             chunk_guilds_at_startup=False,
             member_cache_flags=discord.MemberCacheFlags.none(),
             max_messages=None,

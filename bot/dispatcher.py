@@ -137,10 +137,13 @@ class Dispatcher:
                 await self._fill()
             except Exception:  # noqa: BLE001 - a locked db or a bug must not stop the queue
                 log.exception("dispatcher: could not hand out jobs; trying again")
+            # Not asyncio.wait_for: before Python 3.12 it swallows a cancel that arrives as
+            # the event is set, and stop() then waits on a loop that never ends.
+            waiter = asyncio.ensure_future(self._wakeup.wait())
             try:
-                await asyncio.wait_for(self._wakeup.wait(), SAFETY_POLL_S)
-            except asyncio.TimeoutError:  # not the builtin one before Python 3.11
-                pass
+                await asyncio.wait({waiter}, timeout=SAFETY_POLL_S)
+            finally:
+                waiter.cancel()
             self._wakeup.clear()
 
     async def _fill(self) -> None:

@@ -19,6 +19,7 @@ import secrets
 import discord
 from discord import app_commands
 
+from bot.message_edits import http_error_text
 from bot.store import StoreError
 from pipeline.contract.blobs import BlobError
 from pipeline.contract.config import ConfigError
@@ -28,6 +29,13 @@ from pipeline.contract.jobs import JobError
 log = logging.getLogger("sdbot.errors")
 
 HANDLED = "sdbot_error_handled"  # key in interaction.extras once a reply was sent
+
+
+# What a command run in a DM gets (docs/DECISIONS.md, "Commands in DMs").
+DM_ANSWER = (
+    "sdbot's commands are turned off in DMs here: run them in a channel, thread or "
+    "forum post of a server that has the bot."
+)
 
 
 class UserError(Exception):
@@ -81,9 +89,13 @@ async def tell(interaction: discord.Interaction, text: str) -> None:
             await interaction.followup.send(text, ephemeral=True)
         else:
             await interaction.response.send_message(text, ephemeral=True)
-    except discord.HTTPException:
+    except discord.HTTPException as exc:
         # The token expired or Discord is down: nothing left to tell the member through.
-        log.warning("could not deliver an error message for interaction %s", interaction.id)
+        log.warning(
+            "could not deliver an error message for interaction %s: %s",
+            interaction.id,
+            http_error_text(exc),
+        )
 
 
 async def answer_expected(interaction: discord.Interaction, error: BaseException) -> bool:
@@ -152,6 +164,16 @@ class SDCommandTree(app_commands.CommandTree):
                 "sdbot is restarting; try again in a minute.", ephemeral=True
             )
             return False
+        if interaction.guild_id is None and interaction.type is not discord.InteractionType.ping:
+            # DMs follow config.toml's policy unless [safety] dms = "refuse" (then Discord is
+            # not offered the commands there, and a stale one gets this line).
+            config = getattr(interaction.client, "config", None)
+            if config is None or config.safety.dms == "refuse":
+                if interaction.type is discord.InteractionType.autocomplete:
+                    await interaction.response.autocomplete([])
+                else:
+                    await interaction.response.send_message(DM_ANSWER, ephemeral=True)
+                return False
         if interaction.type is discord.InteractionType.autocomplete:
             return True  # typing is not a command: no rate limit, no answer but choices
         services = getattr(interaction.client, "services", None)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from bot.text_fit import fit_infotext, shortened_note
+
 MiB = 1024 * 1024
 CONTENT_LIMIT = 2000
 DESCRIPTION_LIMIT = 4096
@@ -151,10 +153,21 @@ def info_text(job: dict, index: int | None = None) -> str:
     if not blocks:
         blocks = [_spec_summary(job.get("spec") or {})]
     header = f"Job `{job['id']}`"
-    # Each infotext in its own code block, cut to fit: members paste them into A1111.
-    room = (CONTENT_LIMIT - len(header)) // len(blocks) - 2 * len(FENCE) - 3
-    cut = [truncate(block.replace(FENCE, "'''"), room) for block in blocks]
-    return header + "".join(f"\n{FENCE}\n{block}\n{FENCE}" for block in cut)
+    # Each infotext in its own code block: members paste them into A1111. Too long, the
+    # prompt gives way and every parameter stays (bot/text_fit.py), and the text says so.
+    blocks = [block.replace(FENCE, "'''") for block in blocks]
+    per_block = 2 * len(FENCE) + 3
+
+    def fit(room: int) -> list[tuple[str, int]]:
+        return [fit_infotext(block, room) for block in blocks]
+
+    fitted = fit((CONTENT_LIMIT - len(header)) // len(blocks) - per_block)
+    note = ""
+    if any(cut for _, cut in fitted):
+        note_room = len(shortened_note(10**6)) + 1
+        fitted = fit((CONTENT_LIMIT - len(header) - note_room) // len(blocks) - per_block)
+        note = "\n" + shortened_note(sum(cut for _, cut in fitted))
+    return header + "".join(f"\n{FENCE}\n{block}\n{FENCE}" for block, _ in fitted) + note
 
 
 def _spec_summary(spec: dict) -> str:

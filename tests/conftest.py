@@ -118,3 +118,4 @@ async def emulator():
 
     async with emulated_discord() as emu:
         yield emu
+    emu.check_clean()

@@ -38,6 +38,9 @@ from urllib.parse import quote
 from aiohttp import WSMsgType, web
 
 from bot.discord_endpoints import point_client_at, restore_default_endpoints
+from tests import discord_rules as rules
+from tests.discord_ratelimits import RateLimited, RateLimiter
+from tests.discord_rules import DiscordError, invalid_form
 
 if TYPE_CHECKING:
     import discord
@@ -66,9 +69,11 @@ ADMINISTRATOR = 1 << 3
 # View channel, send, embed links, attach files, read history, reactions, app commands.
 EVERYONE_PERMISSIONS = (1 << 10) | (1 << 11) | (1 << 14) | (1 << 15) | (1 << 16) | (1 << 6)
 EVERYONE_PERMISSIONS |= 1 << 31
+# What Discord puts in app_permissions for a DM with the bot.
+DM_APP_PERMISSIONS = (1 << 10) | (1 << 11) | (1 << 14) | (1 << 15) | (1 << 16) | (1 << 6)
+THREAD_TYPES = (10, 11, 12)
 ALL_PERMISSIONS = (1 << 51) - 1  # what Discord reports for an administrator
 
-COMMAND_NAME = re.compile(r"^[-_\w]{1,32}$")
 SUBCOMMAND_TYPES = (1, 2)
 SELECT_TYPES = (3, 5, 6, 7, 8)
 
@@ -92,28 +97,6 @@ class CallbackType(IntEnum):
     UPDATE_MESSAGE = 7
     AUTOCOMPLETE_RESULT = 8
     MODAL = 9
-
-
-class DiscordError(Exception):
-    """An error answer, shaped like Discord's: HTTP status, JSON code and message."""
-
-    def __init__(self, status: int, code: int, message: str, errors: Json | None = None) -> None:
-        super().__init__(f"{status} {code} {message}")
-        self.status, self.code, self.message, self.errors = status, code, message, errors
-
-    def body(self) -> Json:
-        body: Json = {"message": self.message, "code": self.code}
-        if self.errors:
-            body["errors"] = self.errors
-        return body
-
-
-def invalid_form(path: str, message: str) -> DiscordError:
-    """A 400 "Invalid Form Body" naming the field, as discord.py shows it in the exception."""
-    errors: Json = {"_errors": [{"code": "BASE_TYPE_INVALID", "message": message}]}
-    for part in reversed(path.split(".")):
-        errors = {part: errors}
-    return DiscordError(400, 50035, "Invalid Form Body", errors)
 
 
 def unknown(what: str, code: int, status: int = 404) -> DiscordError:
@@ -189,6 +172,7 @@ class RecordedRequest:
     json: Any
     files: list[UploadedFile] = field(default_factory=list)
     status: int = 0  # filled in once answered
+    at: float = field(default_factory=time.monotonic)  # when it arrived
 
 
 @dataclass(eq=False)
@@ -214,6 +198,7 @@ class InteractionRecord:
     followup_ids: list[str] = field(default_factory=list)
     errors: list[Json] = field(default_factory=list)  # error bodies the bot received
     expired: bool = False
+    responded_at: float | None = None  # loop time the bot's callback arrived
     responded: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @property
@@ -310,6 +295,9 @@ class GatewaySession:
     session_id: str | None = None
     intents: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Every dispatch sent (or meant for it while it was away), for RESUME to replay.
+    events: list[Json] = field(default_factory=list)
+    dropped: bool = False  # the emulator cut this connection (drop_gateway)
 
     async def send(self, op: int, d: Any, event: str | None = None) -> None:
         async with self.lock:
@@ -317,6 +305,8 @@ class GatewaySession:
             if op == 0:
                 self.seq += 1
                 frame["s"] = self.seq
+                self.events.append(frame)
+                del self.events[:-1000]  # Discord keeps a bounded backlog too
             if self.ws.closed:
                 return
             with contextlib.suppress(ConnectionError):
@@ -325,130 +315,22 @@ class GatewaySession:
 
 
 # ---------------------------------------------------------------- validation
-
-
-def embed_chars(embed: Json) -> int:
-    fields = embed.get("fields") or []
-    parts = [
-        embed.get("title") or "",
-        embed.get("description") or "",
-        (embed.get("footer") or {}).get("text") or "",
-        (embed.get("author") or {}).get("name") or "",
-    ]
-    parts += [(f.get("name") or "") + (f.get("value") or "") for f in fields]
-    return sum(len(p) for p in parts)
+# The rules themselves, each citing Discord's docs, live in tests/discord_rules.py.
 
 
 def walk_components(components: list[Json]) -> list[Json]:
     """Every component, nested ones included (rows, containers, sections, labels)."""
-    found: list[Json] = []
-    for component in components:
-        found.append(component)
-        found += walk_components(component.get("components") or [])
-        for key in ("accessory", "component"):
-            if isinstance(component.get(key), dict):
-                found += walk_components([component[key]])
-    return found
-
-
-def check_components(components: list[Json], v2: bool) -> None:
-    if not v2 and len(components) > 5:
-        raise invalid_form("components", "Must be 5 or fewer in length.")
-    for i, row in enumerate(components):
-        if row.get("type") == 1 and len(row.get("components") or []) > 5:
-            raise invalid_form(f"components.{i}.components", "Must be 5 or fewer in length.")
-    seen: set[str] = set()
-    for component in walk_components(components):
-        custom_id = component.get("custom_id")
-        if custom_id is not None:
-            if not 1 <= len(custom_id) <= 100:
-                raise invalid_form("components.custom_id", "Must be between 1 and 100 in length.")
-            if custom_id in seen:
-                raise invalid_form(
-                    "components.custom_id", "Component custom id cannot be duplicated"
-                )
-            seen.add(custom_id)
-        if len(component.get("options") or []) > 25:
-            raise invalid_form("components.options", "Must be 25 or fewer in length.")
-
-
-def check_embeds(embeds: list[Json]) -> None:
-    if len(embeds) > 10:
-        raise invalid_form("embeds", "Must be 10 or fewer in length.")
-    for i, embed in enumerate(embeds):
-        if len(embed.get("title") or "") > 256:
-            raise invalid_form(f"embeds.{i}.title", "Must be 256 or fewer in length.")
-        if len(embed.get("description") or "") > 4096:
-            raise invalid_form(f"embeds.{i}.description", "Must be 4096 or fewer in length.")
-        if len(embed.get("fields") or []) > 25:
-            raise invalid_form(f"embeds.{i}.fields", "Must be 25 or fewer in length.")
-    if sum(embed_chars(e) for e in embeds) > 6000:
-        raise invalid_form("embeds", "Embed size exceeds maximum size of 6000")
+    return [component for _, component in rules.walk(components, ())]
 
 
 def check_message(body: Json, files: list[UploadedFile], upload_limit: int) -> None:
     """Reject what Discord rejects; ``upload_limit`` is the per-file size cap."""
-    if len(body.get("content") or "") > 2000:
-        raise invalid_form("content", "Must be 2000 or fewer in length.")
-    check_embeds(body.get("embeds") or [])
-    check_components(
-        body.get("components") or [], bool((body.get("flags") or 0) & IS_COMPONENTS_V2)
-    )
-    if len(files) > 10:
-        raise invalid_form("files", "Must be 10 or fewer in length.")
-    too_big = any(len(f.data) > upload_limit for f in files)
-    if too_big or sum(len(f.data) for f in files) > 25 * MiB:
-        raise DiscordError(413, 40005, "Request entity too large")
+    rules.check_message_body(body)
+    rules.check_files([len(f.data) for f in files], upload_limit)
 
 
 def check_not_empty(body: Json, files: list[UploadedFile]) -> None:
-    keys = ("content", "embeds", "components", "sticker_ids", "poll", "attachments")
-    if not files and not any(body.get(k) for k in keys):
-        raise DiscordError(400, 50006, "Cannot send an empty message")
-
-
-def check_options(options: list[Json], path: str) -> None:
-    if len(options) > 25:
-        raise invalid_form(f"{path}.options", "Must be 25 or fewer in length.")
-    optional_seen = False
-    for i, option in enumerate(options):
-        where = f"{path}.options.{i}"
-        if option.get("type") in SUBCOMMAND_TYPES:
-            check_options(option.get("options") or [], where)
-            continue
-        if option.get("required"):
-            if optional_seen:
-                raise invalid_form(where, "Required options must be placed before optional options")
-        else:
-            optional_seen = True
-        if len(option.get("choices") or []) > 25:
-            raise invalid_form(f"{where}.choices", "Must be 25 or fewer in length.")
-        if option.get("choices") and option.get("autocomplete"):
-            raise invalid_form(where, "Autocomplete cannot be set with choices")
-
-
-def check_commands(commands: list[Json]) -> None:
-    if len(commands) > 100:
-        raise invalid_form("commands", "Must be 100 or fewer in length.")
-    names: set[tuple[int, str]] = set()
-    for i, command in enumerate(commands):
-        name, kind = command.get("name", ""), command.get("type", 1)
-        if (kind, name) in names:
-            raise invalid_form(f"{i}.name", "Application command names must be unique")
-        names.add((kind, name))
-        if kind == 1 and (not COMMAND_NAME.match(name) or name != name.lower()):
-            raise invalid_form(f"{i}.name", f"Command name {name!r} is invalid")
-        if kind == 1 and not 1 <= len(command.get("description") or "") <= 100:
-            raise invalid_form(f"{i}.description", "Must be between 1 and 100 in length.")
-        check_options(command.get("options") or [], str(i))
-
-
-def check_choices(choices: list[Json]) -> None:
-    if len(choices) > 25:
-        raise invalid_form("data.choices", "Must be 25 or fewer in length.")
-    for i, choice in enumerate(choices):
-        if not 1 <= len(str(choice.get("name", ""))) <= 100:
-            raise invalid_form(f"data.choices.{i}.name", "Must be between 1 and 100 in length.")
+    rules.check_not_empty(body, len(files))
 
 
 # ---------------------------------------------------------------- files
@@ -534,6 +416,9 @@ class DiscordEmulator:
         self.members: list[EmulatedUser] = [self.alice, self.bob, self.admin]
         self.response_deadline = 3.0  # seconds to answer an interaction, as on Discord
         self.upload_limit = 10 * MiB  # per file, for bot uploads (no boosts)
+        # Discord's per-route buckets and global limit (tests/discord_ratelimits.py);
+        # None switches them off.
+        self.rate_limiter: RateLimiter | None = RateLimiter()
 
         self.global_commands: list[Json] = []
         self.guild_commands: dict[str, list[Json]] = {}
@@ -552,6 +437,12 @@ class DiscordEmulator:
         self._interactions_by_token: dict[str, InteractionRecord] = {}
         self._sessions: list[GatewaySession] = []
         self._known_sessions: set[str] = set()
+        # Sessions whose connection dropped, by id: RESUME continues them (see drop_gateway).
+        self._detached: dict[str, GatewaySession] = {}
+        self.resumes: list[Json] = []  # RESUME payloads received
+        self.replayed: list[Json] = []  # frames replayed on RESUME
+        self.expected_errors: set[int] = set()  # error codes a test expects the bot to get
+        self._bot_permissions: dict[str, int] = {}  # channel id → the bot's permissions there
         self._changed = asyncio.Event()
         self._runner: web.AppRunner | None = None
 
@@ -724,11 +615,15 @@ class DiscordEmulator:
             "preferred_locale": "en-US",
             "features": [],
             "roles": self._roles(guild_id),
-            "channels": [c for c in self._channels.values() if c.get("guild_id") == guild_id],
+            "channels": [
+                c
+                for c in self._channels.values()
+                if c.get("guild_id") == guild_id and c["type"] not in THREAD_TYPES
+            ],
             "members": members,
             "emojis": [],
             "stickers": [],
-            "threads": [],
+            "threads": [c for c in self._channels.values() if c["type"] in THREAD_TYPES],
             "presences": [],
             "voice_states": [],
             "stage_instances": [],
@@ -832,14 +727,22 @@ class DiscordEmulator:
         self.requests.append(recorded)
         context = RequestContext(recorded)
         reset = current_request.set(context)
+        limit_headers: dict[str, str] = {}
         try:
             self._check_auth(request, path)
+            limit_headers = self._rate_limit(request)
             response = await handler(request)
         except DiscordError as error:
             response = self._error_response(context, error)
+        except RateLimited as limited:
+            response = json_response(limited.body(), 429)
+            limit_headers = limited.headers
         finally:
             current_request.reset(reset)
+        response.headers.update(limit_headers)
         recorded.status = response.status
+        if response.status in (401, 403):
+            self.rate_limiter.invalid_requests += 1
         self._notify()
         return response
 
@@ -850,6 +753,16 @@ class DiscordEmulator:
         if context.interaction is not None:
             context.interaction.errors.append(error.body())
         return json_response(error.body(), error.status)
+
+    def _rate_limit(self, request: web.Request) -> dict[str, str]:
+        """The X-RateLimit-* headers for this request's bucket, or RateLimited (a 429)."""
+        if not request.path.startswith(API_PREFIX) or self.rate_limiter is None:
+            return {}
+        route = request.match_info.route.resource
+        template = route.canonical.removeprefix(API_PREFIX) if route is not None else ""
+        return self.rate_limiter.check(
+            request.method, template, dict(request.match_info), request.path
+        )
 
     def _check_auth(self, request: web.Request, path: str) -> None:
         # Webhook, callback and CDN routes are authorised by their token or URL instead.
@@ -892,6 +805,11 @@ class DiscordEmulator:
                     break
         finally:
             self._sessions.remove(session)
+            clean = ws.close_code in (1000, 1001) and not session.dropped
+            if clean:  # a client closing cleanly ends its session, as on Discord
+                self._known_sessions.discard(session.session_id or "")
+            elif session.session_id in self._known_sessions:
+                self._detached[session.session_id] = session  # RESUME may continue it
             self._notify()
         return ws
 
@@ -919,11 +837,22 @@ class DiscordEmulator:
         self._notify()
 
     async def _resume(self, session: GatewaySession, resume: Json) -> None:
-        if resume.get("session_id") not in self._known_sessions:
+        self.resumes.append(resume)
+        session_id = resume.get("session_id")
+        old = self._detached.pop(session_id, None) if session_id in self._known_sessions else None
+        if old is None:
             await session.send(9, False)  # invalid session: the client identifies afresh
             return
-        session.session_id = resume["session_id"]
-        session.seq = int(resume.get("seq") or 0)
+        # Continue the old session: same sequence, and every dispatch the client missed
+        # (sent after the seq it last saw, or meant for it while it was away) replayed.
+        session.session_id, session.intents = old.session_id, old.intents
+        session.seq, session.events = old.seq, old.events
+        missed = [f for f in old.events if f["s"] > int(resume.get("seq") or 0)]
+        async with session.lock:
+            for frame in missed:
+                self.replayed.append(frame)
+                with contextlib.suppress(ConnectionError):
+                    await session.ws.send_str(json.dumps(frame))
         await session.send(0, {"_trace": ["emulator"]}, "RESUMED")
         self._notify()
 
@@ -941,6 +870,9 @@ class DiscordEmulator:
 
     def _active_session(self) -> GatewaySession:
         sessions = [s for s in self._sessions if s.session_id and not s.ws.closed]
+        if not sessions and self._detached:
+            # Disconnected but resumable: Discord queues the events for the RESUME.
+            return list(self._detached.values())[-1]
         if not sessions:
             raise RuntimeError("no bot is connected to the emulator's gateway")
         return sessions[-1]  # the newest client gets interactions, as after a restart
@@ -1014,7 +946,7 @@ class DiscordEmulator:
         body = current_request.get().recorded.json
         if not isinstance(body, list):
             raise invalid_form("commands", "Must be an array.")
-        check_commands(body)
+        rules.check_commands(body)
         previous = self.guild_commands.get(guild_id, []) if guild_id else self.global_commands
         stored = [self._stored_command(c, previous, guild_id) for c in body]
         if guild_id is None:
@@ -1073,6 +1005,7 @@ class DiscordEmulator:
         await self._apply_callback(record, kind, data, files)
         record.callback_type = CallbackType(kind)
         record.callback_body = body
+        record.responded_at = asyncio.get_running_loop().time()
         record.responded.set()
         return json_response(self._callback_answer(record, kind))
 
@@ -1089,10 +1022,9 @@ class DiscordEmulator:
                 await self._edit_message(message, data, files)
             record.original_id = message["id"]
         elif kind == 8 and record.type == 4:
-            check_choices(data.get("choices") or [])
+            rules.check_autocomplete(data)
         elif kind == 9 and record.type in (2, 3):
-            if not data.get("custom_id") or not data.get("components"):
-                raise invalid_form("data", "A modal needs a custom_id and components")
+            rules.check_modal(data)
         elif kind != 1:
             raise invalid_form("type", f"Callback type {kind} is not valid for this interaction")
 
@@ -1116,6 +1048,8 @@ class DiscordEmulator:
         if loading:
             # A defer only decides "thinking" and ephemeral; the content comes later.
             data, files = {"flags": (data.get("flags") or 0) & EPHEMERAL}, []
+        else:
+            check_not_empty(data, files)  # RESPONSES_DOC: type 4 needs something to show
         message_type = 20 if record.type == 2 else 0
         return await self._create_message(
             record.channel_id,
@@ -1244,6 +1178,7 @@ class DiscordEmulator:
     async def _post_channel_message(self, request: web.Request) -> web.Response:
         channel = self._channel(request)
         body, files = self._body(request)
+        self._check_bot_can_post(channel, body, files)
         check_not_empty(body, files)
         message = await self._create_message(channel["id"], body, files, author=self.bot_user)
         return json_response(message)
@@ -1398,6 +1333,11 @@ class DiscordEmulator:
         merged = {k: message[k] for k in ("content", "embeds", "components", "flags")}
         merged.update({k: body[k] for k in merged if body.get(k) is not None})
         check_message(merged, files, self.upload_limit)
+        final = {k: body[k] if k in body else message.get(k) for k in ("content", "embeds")}
+        final["components"] = body["components"] if "components" in body else message["components"]
+        final["attachments"] = body.get("attachments", message["attachments"])
+        if not message["flags"] & LOADING:
+            check_not_empty(final, files)  # an edit may not leave the message empty either
         for key in ("content", "embeds", "components"):
             if key in body:
                 message[key] = body[key] if body[key] is not None else type(message[key])()
@@ -1418,6 +1358,109 @@ class DiscordEmulator:
         self.deleted_messages.append(message)
         await self._broadcast_message_event("MESSAGE_DELETE", message)
 
+    # ------------------------------------------------------------ test helpers: faults
+
+    async def drop_gateway(self, *, resumable: bool = True, code: int = 4000) -> None:
+        """Cut the bot's websocket, as Discord does now and then.
+
+        ``resumable``: the client's RESUME continues the session and gets every event it
+        missed (interactions sent meanwhile included); otherwise the session is gone,
+        RESUME is answered INVALID_SESSION (op 9, false) and the client identifies anew.
+        """
+        session = self._active_session()
+        session.dropped = True
+        if not resumable:
+            self._known_sessions.discard(session.session_id or "")
+        elif session.session_id:
+            self._detached[session.session_id] = session  # before the close handshake ends
+        await session.ws.close(code=code, message=b"emulator: connection dropped")
+
+    async def delete_message(self, message_id: str) -> None:
+        """A moderator deletes a message (MESSAGE_DELETE goes out as usual)."""
+        await self._delete_message(self._stored(str(message_id)))
+
+    def expect_errors(self, *codes: int) -> None:
+        """Declare error codes (Discord's JSON code, or the HTTP status) this test expects
+        the bot to receive; any other error fails the test at teardown."""
+        self.expected_errors.update(codes)
+
+    def unexpected_errors(self) -> list[str]:
+        """Error answers the bot got that no test declared: "METHOD path -> status code"."""
+        found = []
+        for recorded, body in self.error_responses:
+            if body.get("code") in self.expected_errors or recorded.status in self.expected_errors:
+                continue
+            if body.get("message") == "Unknown route":
+                continue  # unknown_routes reports these
+            found.append(f"{recorded.method} {recorded.path} -> {recorded.status} {body}")
+        return found
+
+    def check_clean(self) -> None:
+        """What every test's teardown asserts: known routes only, no error the test did not
+        expect, no request sent into a rate limit the headers announced."""
+        assert self.unknown_routes == [], [f"{r.method} {r.path}" for r in self.unknown_routes]
+        unexpected = self.unexpected_errors()
+        assert not unexpected, "errors the test did not expect: " + "; ".join(unexpected)
+        if self.rate_limiter is not None:
+            violations = self.rate_limiter.violations
+            assert not violations, f"requests sent into an announced rate limit: {violations}"
+
+    # ------------------------------------------------------------ test helpers: places
+
+    def add_channel(
+        self,
+        name: str,
+        *,
+        kind: int = 0,
+        parent_id: str | None = None,
+        bot_permissions: int | None = None,
+    ) -> str:
+        """A guild channel (0 text, 15 forum) or thread (11 public, in ``parent_id``; a
+        thread of a forum is a forum post); ``bot_permissions`` the bot's there."""
+        channel_id = self._ids.next()
+        channel = {**self._text_channel(name), "id": channel_id, "type": kind}
+        if kind in THREAD_TYPES:
+            parent = parent_id or self.channel_id
+            channel.update(
+                parent_id=parent,
+                owner_id=self.alice.id,
+                member_count=1,
+                message_count=0,
+                thread_metadata={
+                    "archived": False,
+                    "auto_archive_duration": 1440,
+                    "archive_timestamp": now_iso(),
+                    "locked": False,
+                },
+            )
+        self._channels[channel_id] = channel
+        self._messages[channel_id] = {}
+        if bot_permissions is not None:
+            self._bot_permissions[channel_id] = bot_permissions
+        return channel_id
+
+    def bot_permissions_in(self, channel_id: str) -> int:
+        """The bot's permissions in a channel: what ``app_permissions`` carries."""
+        channel = self._channels.get(channel_id, {})
+        if channel_id in self._bot_permissions:
+            return self._bot_permissions[channel_id]
+        if channel.get("parent_id") in self._bot_permissions:
+            return self._bot_permissions[channel["parent_id"]]  # threads inherit
+        if channel.get("type") == 1:
+            return DM_APP_PERMISSIONS
+        return EVERYONE_PERMISSIONS | rules.SEND_MESSAGES_IN_THREADS
+
+    def _check_bot_can_post(self, channel: Json, body: Json, files: list[UploadedFile]) -> None:
+        if channel.get("type") == 15:
+            # A forum holds only posts (threads): 400 / 50008.
+            raise DiscordError(400, 50008, "Cannot send messages in a non-text channel")
+        rules.check_can_post(
+            self.bot_permissions_in(channel["id"]),
+            thread=channel.get("type") in THREAD_TYPES,
+            has_files=bool(files),
+            has_embeds=bool(body.get("embeds")),
+        )
+
     # ------------------------------------------------------------ test helpers: state
 
     def get_message(self, message_id: str | int) -> Json | None:
@@ -1425,6 +1468,13 @@ class DiscordEmulator:
         with contextlib.suppress(DiscordError):
             return copy.deepcopy(self._stored(str(message_id)))
         return None
+
+    def all_messages(self, *, ephemeral: bool | None = None) -> list[Json]:
+        """Copies of every channel's, thread's and DM's messages, oldest first."""
+        found = [
+            m for cid in self._messages for m in self.channel_messages(cid, ephemeral=ephemeral)
+        ]
+        return sorted(found, key=lambda m: int(m["id"]))
 
     def channel_messages(
         self, channel_id: str | int | None = None, *, ephemeral: bool | None = None
@@ -1498,6 +1548,7 @@ class DiscordEmulator:
         timeout: float = 5.0,
         channel_id: str | None = None,
         dm: bool = False,
+        force_dm: bool = False,
     ) -> InteractionRecord:
         """A member runs ``/name``; by default waits for the bot's first answer.
 
@@ -1507,14 +1558,21 @@ class DiscordEmulator:
         ``options`` maps option names to values (types come from the synced command;
         attachment values are dicts from ``add_attachment``) or is a raw option list.
         ``attachments`` is a shorthand for attachment options. ``subcommand`` is
-        ``"list"`` or ``"group sub"``.
+        ``"list"`` or ``"group sub"``. ``channel_id``: where (a channel, thread or the
+        member's DM with the bot, see ``dm_channel``); the guild's text channel by default.
+        A DM gets only commands whose contexts allow it, unless ``force_dm`` (a stale
+        global command, synced before its contexts changed, is offered for up to an hour).
         """
+        if dm:  # from the member's DM with the bot, as a stale command would arrive
+            channel_id, force_dm = self.dm_channel(user or self.alice)["id"], True
         guild_id = self._channels[channel_id].get("guild_id") if channel_id else None
         command = self._synced_command(name, guild_id)
+        if channel_id is not None and self._channels[channel_id]["type"] == 1 and not force_dm:
+            self._check_offered_in_dms(command)
         values = {**(options or {}), **(attachments or {})} if not isinstance(options, list) else {}
         data = self._command_data(command, options, values, subcommand, focused=None)
-        if dm:
-            data.pop("guild_id", None)
+        if channel_id is not None and self._channels[channel_id]["type"] == 1:
+            data.pop("guild_id", None)  # a DM's interaction data names no guild
         return await self._send_interaction(
             2,
             user,
@@ -1523,8 +1581,15 @@ class DiscordEmulator:
             wait=wait,
             timeout=timeout,
             channel_id=channel_id,
-            dm=dm,
         )
+
+    def _check_offered_in_dms(self, command: Json) -> None:
+        """Discord's client offers a command in the bot's DMs only if it is global and its
+        ``contexts`` include BOT_DM (1); None means every context (application-commands
+        #contexts)."""
+        contexts = command.get("contexts")
+        if command.get("guild_id") or (contexts is not None and 1 not in contexts):
+            raise LookupError(f"Discord offers no /{command['name']} in DMs (contexts {contexts})")
 
     async def send_autocomplete(
         self,
@@ -1712,13 +1777,11 @@ class DiscordEmulator:
         message: Json | None,
         size_limit: int,
         channel_id: str | None = None,
-        dm: bool = False,
     ) -> Json:
-        if dm:
-            return self._dm_interaction_payload(kind, user, data, message, size_limit)
-        channel = self._channels[
-            message["channel_id"] if message else channel_id or self.channel_id
-        ]
+        channel_id = channel_id or (message["channel_id"] if message else self.channel_id)
+        channel = self._channels[channel_id]
+        if channel["type"] == 1:
+            return self._dm_interaction_payload(kind, user, data, message, size_limit, channel)
         guild_id = channel.get("guild_id") or self.guild_id
         permissions = self.permissions_of(user)
         payload: Json = {
@@ -1733,7 +1796,7 @@ class DiscordEmulator:
             "member": self.member_payload(user, with_permissions=True),
             "token": "itok_" + secrets.token_urlsafe(32),
             "version": 1,
-            "app_permissions": str(EVERYONE_PERMISSIONS),
+            "app_permissions": str(self.bot_permissions_in(channel["id"])),
             "locale": "en-US",
             "guild_locale": "en-US",
             "entitlements": [],
@@ -1746,10 +1809,16 @@ class DiscordEmulator:
         return payload
 
     def _dm_interaction_payload(
-        self, kind: int, user: EmulatedUser, data: Json, message: Json | None, size_limit: int
+        self,
+        kind: int,
+        user: EmulatedUser,
+        data: Json,
+        message: Json | None,
+        size_limit: int,
+        channel: Json,
     ) -> Json:
-        """In the bot's DM with the member: ``user`` instead of ``member``, context 1."""
-        channel = self.dm_channel(user)
+        """An interaction from the member's DM with the bot: ``user`` instead of ``member``,
+        no guild, context 1 (BOT_DM)."""
         payload: Json = {
             "id": self._ids.next(),
             "application_id": self.application_id,
@@ -1760,7 +1829,7 @@ class DiscordEmulator:
             "user": user.payload(),
             "token": "itok_" + secrets.token_urlsafe(32),
             "version": 1,
-            "app_permissions": str(EVERYONE_PERMISSIONS),
+            "app_permissions": str(DM_APP_PERMISSIONS),
             "locale": "en-US",
             "entitlements": [],
             "authorizing_integration_owners": {"0": self.guild_id},
@@ -1782,13 +1851,10 @@ class DiscordEmulator:
         wait: bool = True,
         timeout: float = 5.0,
         channel_id: str | None = None,
-        dm: bool = False,
     ) -> InteractionRecord:
         session = self._active_session()
         user = user or self.alice
-        payload = self._interaction_payload(
-            kind, user, data, message, size_limit, channel_id=channel_id, dm=dm
-        )
+        payload = self._interaction_payload(kind, user, data, message, size_limit, channel_id)
         record = InteractionRecord(
             id=payload["id"],
             token=payload["token"],

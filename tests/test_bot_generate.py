@@ -221,6 +221,8 @@ async def test_restart_between_queueing_and_completion(emu, shared_pool, config)
     async with running_sdbot(config, shared_pool):
         message = await wait_result(emu, job)
         await emu.wait_for(lambda: store.get_job(db, job)["message_id"], 30)
+        deleted = lambda: {m["id"] for m in emu.deleted_messages}  # noqa: E731
+        await emu.wait_for(lambda: row["progress_message_id"] in deleted(), 30)
     assert len(result_messages(emu, job)) == 1
     assert store.get_job(db, job)["message_id"] == message["id"]
     # The progress message posted before the restart was the one cleaned up after it.
@@ -237,15 +239,28 @@ async def test_a_result_recorded_but_not_posted_is_posted_after_a_restart(
         await wait_result(emu, job)
         db = store.open_db(config.storage.database)
         await emu.wait_for(lambda: store.get_job(db, job)["message_id"], 30)
-    # As if the bot had died between recording the result and posting it.
+        # Its progress message is deleted and forgotten: a restart won't delete it again.
+        await emu.wait_for(lambda: store.get_job(db, job)["progress_message_id"] == "", 30)
+    posted = store.get_job(db, job)["message_id"]
+    # As if the bot had died after posting the result, before saving its id: the restart
+    # finds it in the channel and posts nothing twice.
     with db.conn:
         db.execute("UPDATE jobs SET message_id = NULL WHERE id = ?", [job])
     async with running_sdbot(config, shared_pool):
-        await emu.wait_for(lambda: len(result_messages(emu, job)) == 2, 30)
+        await emu.wait_for(lambda: store.get_job(db, job)["message_id"], 30)
+    assert store.get_job(db, job)["message_id"] == posted
+    assert len(result_messages(emu, job)) == 1
+    # As if it had died before posting: the result is not in the channel, so it is posted.
+    await emu.delete_message(posted)
+    with db.conn:
+        db.execute("UPDATE jobs SET message_id = NULL WHERE id = ?", [job])
+    async with running_sdbot(config, shared_pool):
+        await emu.wait_for(lambda: len(result_messages(emu, job)) == 1, 30)
         await emu.wait_for(lambda: store.get_job(db, job)["message_id"], 30)
     async with running_sdbot(config, shared_pool):
         await asyncio.sleep(1.0)  # a third start finds nothing left to post
-    assert len(result_messages(emu, job)) == 2
+    [again] = result_messages(emu, job)
+    assert store.get_job(db, job)["message_id"] == again["id"] != posted
 
 
 async def test_a_failed_job_is_reported_in_a_new_message(

@@ -21,6 +21,7 @@ from PIL import Image
 from bot import render, store
 from bot.app import SDBot
 from bot.attachments import Photo, read_photo
+from bot.channel_checks import check_can_deliver
 from bot.cogs import SDCog
 from bot.cogs.options import BATCH, CONTROL, STYLE, generation_options, parse_size
 from bot.control_options import discord_control
@@ -154,7 +155,9 @@ class Generate(SDCog):
     async def input_photo(
         self, interaction: discord.Interaction, image: discord.Attachment
     ) -> Photo:
-        """The command's input image; refused before the download when the queue is full."""
+        """The command's input image; refused before the download when the queue is full
+        or the result could not be posted here."""
+        check_can_deliver(interaction)
         await self.services.jobs.check_queue_room(interaction.user.id)
         return await read_photo(image, self.config, "image")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from pathlib import Path
 
 import discord
@@ -17,10 +18,13 @@ from bot.app import SDBot
 from bot.cogs import SDCog
 from bot.cogs.options import parse_size, sampler_choices, size_choices
 from bot.errors import UserError
+from bot.message_edits import http_error_text
 from bot.views import forget_view
 from pipeline.contract.blobs import BlobStore
 from pipeline.contract.jobs import GenerateSpec
 from pipeline.contract.samplers import resolve
+
+log = logging.getLogger("sdbot")
 
 Range = app_commands.Range
 ACTIVE = ("queued", "running")
@@ -186,9 +190,11 @@ class Member(SDCog):
         deleted = 0
         for channel_id, message_id in posted:
             channel = self.bot.get_partial_messageable(int(channel_id))
-            with contextlib.suppress(discord.NotFound, discord.Forbidden):
+            try:
                 await channel.get_partial_message(int(message_id)).delete()
                 deleted += 1
+            except (discord.NotFound, discord.Forbidden) as exc:  # gone already, or no access
+                log.warning("/forget could not delete a message: %s", http_error_text(exc))
         return deleted
 
 

@@ -21,6 +21,7 @@ from discord.ext import commands
 
 from bot import render, store
 from bot.attachments import MiB, download
+from bot.channel_checks import check_can_deliver
 from bot.cogs import SDCog
 from bot.errors import UserError
 from bot.personal import check_name_free, check_quota, register_trained_lora, validation_summary
@@ -70,9 +71,7 @@ class TrainingMessages(JobMessages):
         )
         message = await self._channel(row).send(text, files=files)
         await self.db.call(store.set_job_messages, row["id"], message_id=str(message.id))
-        if tracked.progress_id is not None:
-            progress = self._channel(row).get_partial_message(tracked.progress_id)
-            await self._quietly(progress.delete(), row["id"])
+        await self._delete_progress(row, tracked)
 
 
 def _register_once(db, bot, row: dict) -> dict:
@@ -160,7 +159,8 @@ class TrainCog(SDCog):
         """Train a personal model (LoRA) from 3–20 photos of one person, pet or object."""
         await interaction.response.defer(ephemeral=True, thinking=True)
         services, user = self.services, str(interaction.user.id)
-        # 1. Cheap refusals first: name, quota, queue room.
+        # 1. Cheap refusals first: where the result goes, name, quota, queue room.
+        check_can_deliver(interaction)
         await services.db.call(check_name_free, user, name)
         await services.safety.before_train(interaction, name, subject)  # filters, quota, DMs
         await services.db.call(check_quota, services.config, user)

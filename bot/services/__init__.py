@@ -52,6 +52,7 @@ class Services:
 
     async def stop(self) -> None:
         """Stop the dispatcher and the face probe (the bot is closing)."""
+        await self.boards.stop()
         await self.dispatcher.stop()
         self.face_probe.close()
 

@@ -9,6 +9,7 @@ import discord
 
 from bot import store
 from bot.attachments import Photo, store_photos
+from bot.channel_checks import check_can_deliver
 from bot.dispatcher import Dispatcher
 from bot.services.access import is_admin
 from bot.services.database import DbThread, discord_id
@@ -57,6 +58,7 @@ class JobService:
         The spec is checked against the server's limits first; only then are the
         photos stored, so a refused request leaves nothing behind.
         """
+        check_can_deliver(interaction)  # before anything is stored or queued
         spec = spec.with_seed()
         spec = await self.safety.before_generate(interaction, spec, photos)  # bot.services.safety
         spec.check(self.config.limits)

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import discord
 
 from bot import render, store
+from bot.message_edits import MessageEditor, http_error_text
 from bot.services.database import DbThread
 from bot.views import progress_view, result_view
 from pipeline.contract.blobs import BlobError, BlobStore
@@ -36,7 +37,9 @@ from pipeline.contract.jobs import Cancelled, Done, Event, Failed, Paused, Progr
 log = logging.getLogger("sdbot")
 
 MISSED_RESULTS_WINDOW_S = 24 * 3600  # results finished while the bot was down get posted
-POSITIONS_SHOWN = 20  # waiting jobs further back keep their first "position N"
+# message_id of a job whose result the channel refused for good (403): never retried.
+UNDELIVERABLE = "refused"
+POSITIONS_SHOWN = 5  # only the first few waiting jobs get "position N" updates
 Board = TypeVar("Board", bound="JobMessages")
 
 
@@ -48,6 +51,7 @@ class MessageBoards:
         self.db = db
         self.boards: list[JobMessages] = []  # generation's, training's…
         self._positions_task: asyncio.Task | None = None
+        self._stopped = False
 
     def add(self, board: Board) -> Board:
         """Route the events of ``board.kind`` jobs to ``board``."""
@@ -61,9 +65,19 @@ class MessageBoards:
         if isinstance(event, (Started, Cancelled)):
             self._refresh_positions_soon()
 
+    async def stop(self) -> None:
+        """The bot is closing: no position refresh may start on a closed database."""
+        task, self._positions_task = self._positions_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self._stopped = True
+
     def _refresh_positions_soon(self) -> None:
         """A job left the queue: the others moved up. One refresh at a time, at most one
         per progress interval, so a busy queue cannot flood Discord with edits."""
+        if self._stopped:
+            return
         if self._positions_task is None or self._positions_task.done():
             self._positions_task = asyncio.create_task(self._refresh_positions())
 
@@ -83,8 +97,9 @@ class _Tracked:
 
     progress_id: int | None = None
     started_at: float | None = None
-    last_edit: float = 0.0
-    edit: asyncio.Task | None = None
+    # Edits of the progress message, one at a time, in order, newest state winning.
+    editor: MessageEditor | None = None
+    waiting: bool = True  # in the queue (again, after a pause or retry): positions apply
     finished: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -148,11 +163,13 @@ class JobMessages:
             shown = self.shown_positions.get(job_id)
             if position is None or shown is None or position == shown:
                 continue
-            if tracked.finished or tracked.started_at is not None or position > POSITIONS_SHOWN:
+            if tracked.finished or not tracked.waiting or position > POSITIONS_SHOWN:
                 continue
             row = await self.db.call(store.get_job, job_id)
             if row is None or row["status"] != store.JobStatus.QUEUED.value:
                 continue
+            if tracked.finished or not tracked.waiting:
+                continue  # it started while we read the row: "Starting…" is newer
             self.shown_positions[job_id] = position
             text = render.queued_text(row["user_id"], row["spec"], position)
             self._schedule_edit(row, tracked, text)
@@ -161,6 +178,10 @@ class JobMessages:
         if not isinstance(event, Progress):
             self.shown_positions.pop(row["id"], None)  # it left the queue, for now at least
         tracked = self._tracked(row)
+        if isinstance(event, (Started, Progress)):
+            tracked.waiting = False
+        elif isinstance(event, (Paused, Failed)):
+            tracked.waiting = row["status"] == store.JobStatus.QUEUED.value
         if isinstance(event, Started):
             tracked.started_at = time.monotonic()
             self._schedule_edit(
@@ -188,12 +209,8 @@ class JobMessages:
             )
 
     def _on_progress(self, row: dict, tracked: _Tracked, event: Progress) -> None:
+        # No throttle here: the message's editor sends the newest state once per interval.
         now = time.monotonic()
-        # Rate limits: one edit per message per interval, and never two in flight.
-        if now - tracked.last_edit < self.config.discord.progress_interval:
-            return
-        if tracked.edit is not None and not tracked.edit.done():
-            return
         elapsed = now - (tracked.started_at or now)
         eta = render.eta_seconds(elapsed, event.step, event.total)
         note = f"loss {event.loss:.4f}" if event.loss is not None else ""
@@ -216,27 +233,49 @@ class JobMessages:
         Discord for a progress update."""
         if tracked.progress_id is None or tracked.finished:
             return
-        tracked.last_edit = time.monotonic()
-        files = [discord.File(io.BytesIO(preview), "preview.jpg")] if preview else []
+        if tracked.editor is None:
+            tracked.editor = MessageEditor(self.config.discord.progress_interval)
         message = self._channel(row).get_partial_message(tracked.progress_id)
-        edit = message.edit(content=text, attachments=files, view=progress_view(row["id"]))
-        tracked.edit = asyncio.create_task(self._quietly(edit, row["id"]))
+        job_id = row["id"]
 
-    async def _quietly(self, call: Awaitable[Any], job_id: str) -> None:
+        async def edit() -> None:
+            # Built when sent, not when scheduled: a replaced state costs nothing.
+            files = [discord.File(io.BytesIO(preview), "preview.jpg")] if preview else []
+            call = message.edit(content=text, attachments=files, view=progress_view(job_id))
+            await self._quietly(call, job_id)
+
+        tracked.editor.submit(edit)
+
+    async def _delete_progress(self, row: dict, tracked: _Tracked) -> None:
+        """Delete the progress message (the result or failure is up) and forget its id, so
+        neither a restart nor /forget asks Discord to delete it again (a 404 each)."""
+        if tracked.progress_id is None:
+            return
+        progress = self._channel(row).get_partial_message(tracked.progress_id)
+        if await self._quietly(progress.delete(), row["id"]):
+            tracked.progress_id = None
+            await self.db.call(store.set_job_messages, row["id"], progress_message_id="")
+
+    async def _quietly(self, call: Awaitable[Any], job_id: str) -> bool:
+        """Await a progress edit or delete; an HTTP error is logged (with its route) and
+        swallowed: a cosmetic update must not stop the job's result. True if it worked."""
         try:
             await call
-        except discord.NotFound:
+            return True
+        except discord.NotFound as exc:
+            log.warning("progress message of job %s is gone: %s", job_id, http_error_text(exc))
             self.jobs.get(job_id, _Tracked()).progress_id = None  # someone deleted it
         except discord.HTTPException as exc:
-            log.warning("could not update the progress of job %s: %s", job_id, exc)
+            log.warning("could not update the progress of job %s: %s", job_id, http_error_text(exc))
+        return False
 
     async def _finish(
         self, row: dict, tracked: _Tracked, then: Callable[[dict, _Tracked], Awaitable[None]]
     ) -> None:
         async with tracked.lock:
             tracked.finished = True
-            if tracked.edit is not None:
-                await tracked.edit  # the last progress edit must not land after the result
+            if tracked.editor is not None:
+                await tracked.editor.close()  # no progress edit may land after the result
             try:
                 await then(row, tracked)
             finally:
@@ -259,12 +298,12 @@ class JobMessages:
         try:
             await self._channel(row).send(text)
         except discord.HTTPException as exc:
-            log.warning("could not report the failure of job %s: %s", row["id"], exc)
+            log.warning(
+                "could not report the failure of job %s: %s", row["id"], http_error_text(exc)
+            )
             await self._final_status(row, tracked, f"Failed: {render.truncate(message, 1500)}")
             return
-        if tracked.progress_id is not None:
-            progress = self._channel(row).get_partial_message(tracked.progress_id)
-            await self._quietly(progress.delete(), row["id"])
+        await self._delete_progress(row, tracked)
 
     async def _post_result(self, row: dict, tracked: _Tracked) -> None:
         if row.get("message_id"):
@@ -299,14 +338,16 @@ class JobMessages:
         except discord.HTTPException as exc:
             # Never silently: the member sees why; the next start tries again (message_id
             # stays empty, see deliver_missed).
-            log.warning("could not post the result of job %s: %s", row["id"], exc)
+            log.warning("could not post the result of job %s: %s", row["id"], http_error_text(exc))
             status = f"Done, but Discord refused the images ({exc.status}: {exc.text or exc})."
             await self._final_status(row, tracked, render.truncate(status, 500))
+            if isinstance(exc, discord.Forbidden):
+                # The bot lost its permissions here since the job was queued: a restart
+                # would be refused the same way, so deliver_missed must not try again.
+                await self.db.call(store.set_job_messages, row["id"], message_id=UNDELIVERABLE)
             return
         await self.db.call(store.set_job_messages, row["id"], message_id=str(message.id))
-        if tracked.progress_id is not None:
-            progress = self._channel(row).get_partial_message(tracked.progress_id)
-            await self._quietly(progress.delete(), row["id"])
+        await self._delete_progress(row, tracked)
 
     async def _post_withheld(
         self, row: dict, tracked: _Tracked, verdict: Any, total: int, sent: bool
@@ -335,6 +376,32 @@ class JobMessages:
         guild = self.client.get_guild(int(row["guild_id"])) if row.get("guild_id") else None
         return guild.filesize_limit if guild is not None else render.DEFAULT_FILE_LIMIT
 
+    async def _post_missed_result(self, row: dict, tracked: _Tracked) -> None:
+        """The bot may have died between posting the result and saving its id: look in the
+        channel first, so a restart never posts a result twice."""
+        posted = await self._posted_before(row)
+        if posted is None:
+            await self._post_result(row, tracked)
+            return
+        await self.db.call(store.set_job_messages, row["id"], message_id=str(posted))
+        await self._delete_progress(row, tracked)
+
+    async def _posted_before(self, row: dict) -> int | None:
+        """The id of this job's result among the channel's recent messages, if there."""
+        me = getattr(self.client.user, "id", None)
+        wanted = f"sdbot:info:{row['id']}"
+        try:
+            async for message in self._channel(row).history(limit=50):
+                if message.author.id != me:
+                    continue
+                for action_row in message.components:
+                    for child in getattr(action_row, "children", []):
+                        if (getattr(child, "custom_id", None) or "").startswith(wanted):
+                            return message.id
+        except discord.HTTPException as exc:  # no history access: post, at worst twice
+            log.warning("could not read the channel of job %s: %s", row["id"], http_error_text(exc))
+        return None
+
     async def deliver_missed(self) -> None:
         """Post results of jobs that finished while the bot was not there to post them."""
         since = time.time() - MISSED_RESULTS_WINDOW_S
@@ -342,6 +409,10 @@ class JobMessages:
         for row in rows:
             tracked = self._tracked(row)
             try:
-                await self._finish(row, tracked, self._post_result)
+                await self._finish(row, tracked, self._post_missed_result)
             except discord.HTTPException as exc:
-                log.warning("could not post the missed result of job %s: %s", row["id"], exc)
+                log.warning(
+                    "could not post the missed result of job %s: %s",
+                    row["id"],
+                    http_error_text(exc),
+                )

@@ -55,4 +55,5 @@ def posted_messages(db: sqlite_utils.Database, user_id: str) -> list[tuple[str, 
         "WHERE user_id = ? AND channel_id IS NOT NULL",
         [str(user_id)],
     ).fetchall()
-    return [(c, m) for c, *ids in rows for m in ids if m]
+    # Only real ids: "" is a progress message already deleted, "refused" a result never posted.
+    return [(c, m) for c, *ids in rows for m in ids if m and m.isdigit()]
