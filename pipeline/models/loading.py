@@ -71,7 +71,9 @@ class LoadedModel:
                 ("inpaint", False): StableDiffusionInpaintPipeline,
                 ("inpaint", True): StableDiffusionXLInpaintPipeline,
             }
-            derived = classes[kind, self.is_xl].from_pipe(self.pipe)
+            # from_pipe casts every (shared) module to float32 unless told the dtype:
+            # without it the first img2img job would turn an fp16 model into fp32.
+            derived = classes[kind, self.is_xl].from_pipe(self.pipe, torch_dtype=self.dtype)
             derived.set_progress_bar_config(disable=True)
             self._derived[kind] = derived
         return self._derived[kind]
