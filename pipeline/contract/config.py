@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.contract.devices import DTYPES, bad_dtype_message, device_syntax_error
 from pipeline.contract.jobs import Limits
 
 if sys.version_info >= (3, 11):
@@ -83,7 +84,7 @@ class WorkersConfig:
     batch_size: int = 4
     max_attempts: int = 3
     preview_every: int = 4  # steps between preview images
-    dtype: str = "auto"  # auto | float16 | bfloat16 | float32
+    dtype: str = "auto"  # auto | float16 | bfloat16 | float32 (see pipeline.contract.devices)
     cpu_threads: int = 0  # torch threads of a CPU worker; 0 = torch's default
 
 
@@ -185,7 +186,18 @@ def config_from_dict(
         data_dir = Path(sections["storage"].data_dir)
         if not data_dir.is_absolute():
             sections["storage"] = StorageConfig(data_dir=str(base_dir / data_dir))
+    if "workers" in sections:
+        _check_workers(sections["workers"], path)
     return Config(models=models, path=path, **sections)
+
+
+def _check_workers(workers: WorkersConfig, path: str) -> None:
+    where = path or "config"
+    if workers.dtype not in DTYPES:
+        raise ConfigError(f"{where}: {bad_dtype_message(workers.dtype)}")
+    for device in workers.devices:
+        if error := device_syntax_error(str(device)):
+            raise ConfigError(f"{where}: {error}")
 
 
 def _model(name: str, values: dict[str, Any], path: str, base_dir: Path | None) -> ModelConfig:

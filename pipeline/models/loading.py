@@ -91,15 +91,44 @@ def choose_device(requested: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def choose_dtype(device: str, requested: str = "auto"):
+def device_capability(device: str) -> tuple[int, int] | None:
+    """The CUDA compute capability of this very device (cuda:N, not the current one)."""
     import torch
 
-    if requested != "auto":
-        return getattr(torch, requested)
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability(torch.device(device)))  # type: ignore[return-value]
+
+
+def choose_dtype(device: str, requested: str = "auto"):
+    """The torch dtype for a worker on `device`: see `pipeline.contract.devices.dtype_for`."""
+    import torch
+
+    from pipeline.contract.devices import dtype_for
+
+    kind = device.partition(":")[0]
+    return getattr(torch, dtype_for(kind, device_capability(device), requested))
+
+
+def prepare_device(device: str) -> str:
+    """Check that this process can use `device` and make it the current CUDA device (so
+    that every allocation and query without an index lands on the worker's own GPU).
+    Raises DeviceError naming the device and what this machine has."""
+    import torch
+
+    from pipeline.contract.devices import DeviceError, check_devices
+
+    device = choose_device(device)
     if device.startswith("cuda"):
-        # bf16 where the card supports it: same speed as fp16, no overflow in the VAE.
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        how = f"torch {torch.__version__} sees {count}"
+        if torch.version.cuda is None:
+            how = f"torch {torch.__version__} is built without CUDA"
+        check_devices([device], count, how=how)
+        torch.cuda.set_device(torch.device(device))
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError("workers.devices: mps is not available on this machine; use cpu")
+    return device
 
 
 def detect_family(source: str) -> str:

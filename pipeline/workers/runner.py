@@ -63,8 +63,12 @@ class Runner:
     def warm_up(self) -> None:
         """Load the default model now, so the first job does not pay for it."""
         from pipeline.contract.quiet import quiet_libraries
+        from pipeline.models.loading import prepare_device
 
         quiet_libraries()
+        # Before any model: a device this machine lacks is a DeviceError (fatal for the
+        # worker), and cuda:N becomes the current device of this process.
+        self.device = prepare_device(self.device)
         threads = self.config.workers.cpu_threads
         if threads and not self.device.startswith("cuda"):
             import torch
