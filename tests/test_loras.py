@@ -214,7 +214,17 @@ def test_size_limit(lora_dir):
 def test_lru_eviction_by_bytes(models, lora_dir):
     pipe = _load(models["sd1"], xl=False)
     loras = [ref(lora_dir, f"sd1-{kind}-0") for kind in ("kohya", "loha", "peft")]
-    sizes = [path.stat().st_size for _, path in loras]
+    # The budget counts the bytes each adapter occupies in the model, measured on a
+    # model of each dtype: half precision takes half the bytes of the same file.
+    sizes, half_sizes = [], []
+    for dtype, found in ((torch.float32, sizes), (torch.float16, half_sizes)):
+        measure = LoraCache(_load(models["sd1"], xl=False).to(dtype=dtype), max_bytes=1 << 30)
+        for lora in loras:
+            before_bytes = measure.stats()["bytes"]
+            with measure.activate([lora]):
+                pass
+            found.append(measure.stats()["bytes"] - before_bytes)
+    assert half_sizes == [size // 2 for size in sizes] and min(half_sizes) > 0
     cache = LoraCache(pipe, max_bytes=sizes[0] + sizes[1] + sizes[2] - 1)
     before = generate(pipe, [PROMPT], [4])
     for lora in loras[:2]:

@@ -86,6 +86,9 @@ class WorkersConfig:
     preview_every: int = 4  # steps between preview images
     dtype: str = "auto"  # auto | float16 | bfloat16 | float32 (see pipeline.contract.devices)
     cpu_threads: int = 0  # torch threads of a CPU worker; 0 = torch's default
+    # One pipeline call's budget: jobs × images × pixels; a larger claimed batch is split.
+    max_batch_pixels: int = 4 * 1024 * 1024
+    max_models: int = 2  # base models kept loaded per worker; least recently used go first
 
 
 @dataclass(frozen=True)
@@ -193,6 +196,9 @@ def config_from_dict(
 
 def _check_workers(workers: WorkersConfig, path: str) -> None:
     where = path or "config"
+    for key in ("max_batch_pixels", "max_models"):
+        if not isinstance(getattr(workers, key), int) or getattr(workers, key) < 1:
+            raise ConfigError(f"{where}: workers.{key} must be a whole number of at least 1")
     if workers.dtype not in DTYPES:
         raise ConfigError(f"{where}: {bad_dtype_message(workers.dtype)}")
     for device in workers.devices:

@@ -255,10 +255,23 @@ class LoraCache:
         lora = read_lora_file(
             path, name=ref.name, family=pipe_family(self.pipe), max_bytes=self.max_file_bytes
         )
-        self._evict_for(lora.nbytes, keep)
+        self._evict_for(lora.nbytes, keep)  # the file's size: an estimate until loaded
         self._load(lora, name)
-        self._loaded[name] = lora.nbytes
+        # What counts is what the adapter occupies on the device, in the model's dtype
+        # (an fp16 file in an fp32 model takes twice its size), not the file.
+        nbytes = self._device_bytes(name)
+        self._evict_for(nbytes, keep | {name})
+        self._loaded[name] = nbytes
         return name
+
+    def _device_bytes(self, name: str) -> int:
+        """Bytes of the adapter's tensors in the models (parameters named …<name>…)."""
+        total = 0
+        for _, model in self._models():
+            for path, tensor in [*model.named_parameters(), *model.named_buffers()]:
+                if f".{name}." in path or path.endswith(f".{name}"):
+                    total += tensor.numel() * tensor.element_size()
+        return total
 
     def _evict_for(self, nbytes: int, keep: set[str]) -> None:
         for name in list(self._loaded):

@@ -42,6 +42,7 @@ WORKER_DIED = "the worker stopped unexpectedly"
 POOL_CLOSED = "the worker pool was shut down"
 RAY_MISSING = "workers.backend is 'ray' but ray is not installed: pip install 'sdbot[ray]'"
 Batch = list[tuple[str, JobSpec]]
+EXIT_DEVICE_FAULT = 70  # a worker's exit code after a CUDA device-side error
 
 
 class PoolError(Exception):
@@ -517,6 +518,11 @@ def worker_main(
     while (batch := control.batches.get()) is not None:
         ids = [job_id for job_id, _ in batch]
         runner.run(batch, control.emit, control.is_cancelled, control.should_yield(ids))
+        if runner.broken:
+            # A CUDA device-side error leaves this process's CUDA context unusable: end it
+            # (its jobs were reported retryable); the pool starts a fresh worker.
+            log.error("worker %s exits after a device error (%s)", name, runner.broken)
+            os._exit(EXIT_DEVICE_FAULT)
         control.forget(ids)
         control.send("idle")
     with contextlib.suppress(OSError):
