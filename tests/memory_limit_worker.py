@@ -1,10 +1,13 @@
 """A worker under a real memory limit, for tests/test_memory.py (run as a subprocess).
 
 `python -m tests.memory_limit_worker MODEL_DIR DATA_DIR` loads the tiny model in a
-Runner, measures what one 384² image costs, then caps the process's address space
-(RLIMIT_AS) at 1.7× that above what it uses now: one image fits, four in one call do
-not. It runs a batch of four, then loads a second model with almost no room left, and
-prints each job's events as one JSON line. Linux only (RLIMIT_AS, /proc/self/status).
+Runner, measures how much address space one 384² image takes, then caps the process's
+address space (RLIMIT_AS) at that much above what it uses now: four images in
+one call (below VAE slicing's size) cannot fit. Run it with MALLOC_MMAP_THRESHOLD_=131072,
+so that glibc maps every large tensor on its own and unmaps it when freed (else its
+arenas keep freed memory and the room a call needs depends on what ran before). It
+runs a batch of four, then loads a second model with almost no room left, and prints
+each job's events as one JSON line. Linux only (RLIMIT_AS, /proc/self/status).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import logging
 import resource
 import sys
+import threading
 
 
 def vm(field: str) -> int:
@@ -54,11 +58,23 @@ def main(model_dir: str, data_dir: str) -> None:
         return out
 
     run([("warm", job(0, 64))])
-    before = vm("VmSize")
-    run([("one", job(0))])
-    one_image = vm("VmPeak") - before
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    resource.setrlimit(resource.RLIMIT_AS, (before + int(1.7 * one_image), hard))
+    # Measure: the largest address space seen while one 384² image is made (sampled by
+    # a thread); then exactly that above the current size: four images in one call cannot fit.
+    before, peak, running = vm("VmSize"), [0], [True]
+
+    def sample() -> None:
+        while running[0]:
+            peak[0] = max(peak[0], vm("VmSize"))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    run([("one", job(0))])
+    running[0] = False
+    sampler.join()
+    room = peak[0] - before
+    print(f"one 384² image took {(peak[0] - before) >> 20} MB", file=sys.stderr)
+    resource.setrlimit(resource.RLIMIT_AS, (vm("VmSize") + room, hard))
     print(json.dumps({"batch": run([(f"j{i}", job(i)) for i in range(4)])}), flush=True)
     resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
     # Loading with (almost) no room: the message must say it was the loading.

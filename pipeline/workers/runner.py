@@ -121,6 +121,7 @@ class Runner:
         ids = [job_id for job_id, _ in jobs]
         progress = _ProgressThrottle(ids, emit)
         failed_batch = ""
+        results: list | None = None
         try:
             model = self._model(jobs[0][1].model)
             results = run_generation(
@@ -146,9 +147,11 @@ class Runner:
             else:
                 failed_batch = type(exc).__name__
             # The traceback's frames hold the failed call's activations: let them go
-            # before memory is freed and before anything runs again.
+            # before memory is freed and before anything runs again (which happens
+            # below, outside this handler, once the exception itself is gone).
             traceback.clear_frames(exc.__traceback__)
-            del exc
+            results = None
+        if results is None:
             _free_memory(self.device)
             if failed_batch:
                 self._one_by_one(jobs, failed_batch, emit, is_cancelled)
