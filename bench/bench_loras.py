@@ -36,13 +36,14 @@ from tests.lycoris_files import KINDS, write_lora  # noqa: E402
 PROMPTS = ["a photo of a cat", "a dog", "a portrait of a woman", "a city at night"]
 
 
-def load_pipe(path: Path, device: str):
+def load_pipe(path: Path, device: str, dtype: str = "float32"):
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging
 
     logging.disable_progress_bar()
     logging.set_verbosity_error()
-    pipe = StableDiffusionPipeline.from_pretrained(path).to(device)
+    pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=getattr(torch, dtype))
+    pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -177,22 +178,30 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-formats", dest="formats", action="store_false")
+    parser.add_argument("--model", type=Path, help="SD 1.x diffusers folder (default: tiny)")
+    parser.add_argument("--device", default="", help="default: cuda when there is one, else cpu")
+    parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        model = write_tiny_model(Path(tmp) / "sd1")
-        pipe = load_pipe(model, device)
+        model = args.model or write_tiny_model(Path(tmp) / "sd1")
+        pipe = load_pipe(model, device, args.dtype)
         paths = [
             write_lora(Path(tmp) / f"lora{i}.safetensors", pipe, "kohya", seed=i) for i in range(4)
         ]
-        hot, cold = bench_apply(load_pipe(model, device), refs(paths), args.repeats)
+        hot, cold = bench_apply(load_pipe(model, device, args.dtype), refs(paths), args.repeats)
         jobs = bench_jobs(pipe, paths, args)
-        formats = bench_formats(load_pipe(model, device), Path(tmp), args) if args.formats else []
+        formats = (
+            bench_formats(load_pipe(model, device, args.dtype), Path(tmp), args)
+            if args.formats
+            else []
+        )
     cpu = f"CPU, {args.threads} thread(s)"
-    device_name = torch.cuda.get_device_name() if device == "cuda" else cpu
+    device_name = torch.cuda.get_device_name() if device.startswith("cuda") else cpu
     size = f"{args.size}×{args.size}"
-    print(f"Tiny SD 1.x model, {size}, {args.steps} steps, CFG on, {device_name}\n")
+    name = f"SD 1.x model {args.model}" if args.model else "Tiny SD 1.x model"
+    print(f"{name}, {size}, {args.steps} steps, CFG on, {args.dtype}, {device_name}\n")
     print("| what | time | images/s | vs plain diffusers |\n|---|---|---|---|")
     print(f"| apply a cached LoRA | {hot * 1e3:.2f} ms | | |")
     print(f"| load an uncached LoRA | {cold * 1e3:.2f} ms | | |")

@@ -191,6 +191,7 @@ def test_doctor_reports_models_database_and_token_without_showing_it(workdir):
         timeout=120,
     )
     assert "[ok  ] model tiny: sd1" in result.stdout
+    assert "[ok  ] cpu: a CPU worker uses float32" in result.stdout
     assert "[ok  ] DISCORD_TOKEN: set" in result.stdout
     assert "secret-token-value" not in result.stdout + result.stderr
     assert "database" in result.stdout

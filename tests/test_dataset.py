@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import struct
-import time
 import zipfile
 import zlib
 
@@ -69,11 +68,14 @@ def bomb_png(side: int) -> bytes:
 def test_decompression_bomb_is_refused_before_decoding() -> None:
     bomb = bomb_png(20000)
     assert len(bomb) < 200_000
-    started = time.perf_counter()
     with pytest.raises(ImageInputError) as refused:
         open_image(bomb, max_pixels=LIMIT)
-    assert time.perf_counter() - started < 1.0
     assert str(refused.value) == "image is 20000×20000 (400.0 MP); the limit is 4.2 MP"
+    # Refused from the header alone (not by timing it, which depends on the CPU): the
+    # same header over pixel data that cannot be decoded gets the same message.
+    header_only = bomb[: bomb.index(b"IDAT") + 4] + b"\xff" * 64
+    with pytest.raises(ImageInputError, match=r"^image is 20000×20000 \(400.0 MP\)"):
+        open_image(header_only, max_pixels=LIMIT)
     # PIL's own guard stands behind ours for code that opens images directly.
     with pytest.raises(Image.DecompressionBombError):
         Image.open(io.BytesIO(bomb))

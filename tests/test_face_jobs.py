@@ -15,7 +15,7 @@ from pipeline.contract.jobs import GenerateSpec
 from pipeline.faces import detection as faces
 from pipeline.generate.modes import _Run, fix_faces, run_generation
 from pipeline.models.loading import ModelCache
-from tests.conftest import png_of
+from tests.conftest import HALF_DTYPES, png_of
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +101,23 @@ def test_fix_faces_mode_repaints_only_the_face_of_an_earlier_image(sd, astronaut
     assert np.array_equal(fixed[outside], original[outside])
     assert not np.array_equal(fixed, original)
     assert "ADetailer model" in image.infotext
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_keep_face_and_face_fix_in_half_precision(tiny_sd, astronaut, tmp_path, dtype):
+    config = config_from_dict(
+        {"models": {"tiny": {"source": str(tiny_sd)}}, "workers": {"dtype": dtype}}
+    )
+    half = ModelCache(config, "cpu").get()
+    blobs = BlobStore(tmp_path)
+    photo = blobs.put(png_of(astronaut))
+    keep = spec(mode="inpaint", image=photo, keep="face", strength=1.0, steps=2)
+    out = np.asarray(Image.open(io.BytesIO(run_generation(half, [keep], blobs=blobs)[0][0].png)))
+    kept = np.asarray(faces.keep_face_mask(astronaut.size, faces.detect_faces(astronaut))) == 0
+    original = np.asarray(astronaut)
+    assert np.array_equal(out[kept], original[kept])
+    assert np.abs(out[~kept].astype(int) - original[~kept]).mean() > 10
+    fixed = np.asarray(fix_faces(_Run(half, None, None, 0), spec(steps=2), astronaut, None, None))
+    outside, (x0, y0, x1, y1) = outside_padded_face(astronaut)
+    assert np.array_equal(fixed[outside], original[outside])
+    assert not np.array_equal(fixed[y0:y1, x0:x1], original[y0:y1, x0:x1])

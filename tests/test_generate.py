@@ -19,7 +19,13 @@ from pipeline.generate.modes import (
     run_generation,
 )
 from pipeline.models.loading import ModelCache
-from tests.conftest import BATCH_TOLERANCE_LEVELS, level_difference, png_of
+from tests.conftest import (
+    BATCH_TOLERANCE_LEVELS,
+    HALF_DTYPES,
+    HALF_TOLERANCE_LEVELS,
+    level_difference,
+    png_of,
+)
 
 
 @pytest.fixture(scope="module")
@@ -239,3 +245,57 @@ def test_mixed_lora_batch_equals_each_job_alone_and_names_lora_hashes(sd, blobs,
     assert np.abs(pixels(together[0][0]) - pixels(plain)).mean() > 1  # the LoRA did something
     info = parse_infotext(together[0][0].infotext)
     assert info["Lora hashes"].startswith("style0: ") and len(info["Lora hashes"]) == 20
+
+
+@pytest.fixture(scope="module", params=HALF_DTYPES)
+def half(request, tiny_sd):
+    config = config_from_dict(
+        {"models": {"tiny": {"source": str(tiny_sd)}}, "workers": {"dtype": request.param}}
+    )
+    return ModelCache(config, "cpu").get()
+
+
+@pytest.fixture(scope="module")
+def sd_loras(sd):
+    from pipeline.loras.adapters import LoraCache
+
+    return LoraCache(sd.pipe, max_bytes=2**30)
+
+
+def test_every_mode_runs_in_half_precision_close_to_float32(sd, sd_loras, half, blobs, tmp_path):
+    from pipeline.contract.jobs import LoraRef
+    from pipeline.loras.adapters import LoraCache
+    from tests.lora_files import write_lora
+
+    dtype = str(half.dtype).removeprefix("torch.")
+    image, mask = photo((80, 64)), Image.new("L", (80, 64), 0)
+    mask.paste(255, (20, 16, 50, 40))
+    source, mask_sha = blobs.put(png_of(image)), blobs.put(png_of(mask))
+    lora = write_lora(tmp_path / "style.safetensors", sd.pipe, "kohya", seed=5)
+    ref = LoraRef("style", blobs.put(lora.read_bytes(), ".safetensors"), 0.8)
+    jobs = {
+        "txt2img": spec(steps=2),
+        "img2img": spec(steps=2, mode="img2img", image=source, strength=0.5),
+        "inpaint": spec(steps=2, mode="inpaint", image=source, mask=mask_sha, strength=1.0),
+        "outpaint": spec(steps=2, mode="outpaint", image=source, outpaint_pixels=16),
+        "upscale": spec(steps=2, mode="upscale", image=source, strength=0.3),
+        "lora": spec(steps=2, loras=(ref,)),
+    }
+    worst, mean = HALF_TOLERANCE_LEVELS[dtype]
+    caches = {id(sd): sd_loras, id(half): LoraCache(half.pipe, max_bytes=2**30)}
+    for mode, job in jobs.items():
+        [[reference]] = run_generation(sd, [job], blobs=blobs, loras=caches[id(sd)])
+        [[out]] = run_generation(half, [job], blobs=blobs, loras=caches[id(half)])
+        a, b = pixels(out), pixels(reference)
+        assert a.shape == b.shape, mode
+        assert np.abs(a - b).max() <= worst and np.abs(a - b).mean() <= mean, (mode, dtype)
+        if mode == "inpaint":  # unmasked pixels are the input's, exactly, in any dtype
+            untouched = np.asarray(mask.filter(ImageFilter.GaussianBlur(job.mask_blur))) == 0
+            assert np.array_equal(a[untouched], np.asarray(image).astype(int)[untouched])
+    plain = pixels(run_generation(half, [jobs["txt2img"]])[0][0])
+    with_lora = pixels(
+        run_generation(half, [jobs["lora"]], blobs=blobs, loras=caches[id(half)])[0][0]
+    )
+    assert np.abs(with_lora - plain).mean() > 1  # the LoRA applied in half precision
+    # Deriving the img2img/inpaint pipelines must not have cast the shared modules to fp32.
+    assert {half.pipe.unet.dtype, half.pipe.vae.dtype, half.inpaint().unet.dtype} == {half.dtype}

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.contract.devices import DTYPES, bad_dtype_message, device_syntax_error
 from pipeline.contract.jobs import Limits
 
 if sys.version_info >= (3, 11):
@@ -83,8 +84,11 @@ class WorkersConfig:
     batch_size: int = 4
     max_attempts: int = 3
     preview_every: int = 4  # steps between preview images
-    dtype: str = "auto"  # auto | float16 | bfloat16 | float32
+    dtype: str = "auto"  # auto | float16 | bfloat16 | float32 (see pipeline.contract.devices)
     cpu_threads: int = 0  # torch threads of a CPU worker; 0 = torch's default
+    # One pipeline call's budget: jobs × images × pixels; a larger claimed batch is split.
+    max_batch_pixels: int = 4 * 1024 * 1024
+    max_models: int = 2  # base models kept loaded per worker; least recently used go first
 
 
 @dataclass(frozen=True)
@@ -264,6 +268,8 @@ def config_from_dict(
             sections["storage"] = StorageConfig(data_dir=str(base_dir / data_dir))
     if "control" in sections and base_dir is not None:
         sections["control"] = _relative(sections["control"], ("depth_model",), base_dir)
+    if "workers" in sections:
+        _check_workers(sections["workers"], path)
     return Config(
         models=models, path=path, controlnets=controlnets, ip_adapters=ip_adapters, **sections
     )
@@ -329,6 +335,18 @@ def listen_address(config: Config) -> tuple[str, int] | None:
     """`[metrics] listen` as (host, port), or None when the listener is off."""
     text = config.metrics.listen
     return _listen_address(text, "[metrics] listen") if text else None
+
+
+def _check_workers(workers: WorkersConfig, path: str) -> None:
+    where = path or "config"
+    for key in ("max_batch_pixels", "max_models"):
+        if not isinstance(getattr(workers, key), int) or getattr(workers, key) < 1:
+            raise ConfigError(f"{where}: workers.{key} must be a whole number of at least 1")
+    if workers.dtype not in DTYPES:
+        raise ConfigError(f"{where}: {bad_dtype_message(workers.dtype)}")
+    for device in workers.devices:
+        if error := device_syntax_error(str(device)):
+            raise ConfigError(f"{where}: {error}")
 
 
 def _model(name: str, values: dict[str, Any], path: str, base_dir: Path | None) -> ModelConfig:

@@ -216,7 +216,7 @@ def txt2img(run: _Run, specs: Sequence[GenerateSpec], blobs, loras) -> list[list
             pipe,
             extra,
         ),
-        _sampler(run.model, pipe, spec),
+        _sampler(run.model, pipe, spec, len(samples)),
         _loras(loras, per_sample, blobs, spec),
     ):
         conditioning = _encode(pipe, per_sample)
@@ -481,22 +481,34 @@ def _multiple_of_8(value: float) -> int:
 
 
 @contextmanager
-def _sampler(model: LoadedModel, pipe, spec: GenerateSpec) -> Iterator[None]:
+def _sampler(
+    model: LoadedModel, pipe, spec: GenerateSpec, images: int | None = None
+) -> Iterator[None]:
     scheduler = build_scheduler(model.scheduler_config, spec.sampler, spec.schedule)
     if hasattr(scheduler.config, "noise_sampler_seed"):
         # DPM++ SDE draws its Brownian noise from its own seed: tie it to the job's.
         scheduler = scheduler.from_config(scheduler.config, noise_sampler_seed=spec.seed)
     original = pipe.scheduler
     pipe.scheduler = scheduler
-    tiling = spec.width * spec.height > model.config.vae_tiling_above
+    # Memory by size: a large image decodes in tiles; a batch whose images add up to
+    # more than that decodes one image at a time (slicing), so the VAE's activations
+    # stay those of one image.
+    pixels = spec.width * spec.height
+    tiling = pixels > model.config.vae_tiling_above
+    count = spec.count if images is None else images
+    slicing = count > 1 and count * pixels > model.config.vae_tiling_above
     if tiling:
         pipe.vae.enable_tiling()
+    if slicing:
+        pipe.vae.enable_slicing()
     try:
         yield
     finally:
         pipe.scheduler = original
         if tiling:
             pipe.vae.disable_tiling()
+        if slicing:
+            pipe.vae.disable_slicing()
 
 
 @contextmanager

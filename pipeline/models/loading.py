@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,7 +73,9 @@ class LoadedModel:
                 ("inpaint", False): StableDiffusionInpaintPipeline,
                 ("inpaint", True): StableDiffusionXLInpaintPipeline,
             }
-            derived = classes[kind, self.is_xl].from_pipe(self.pipe)
+            # from_pipe casts every (shared) module to float32 unless told the dtype:
+            # without it the first img2img job would turn an fp16 model into fp32.
+            derived = classes[kind, self.is_xl].from_pipe(self.pipe, torch_dtype=self.dtype)
             derived.set_progress_bar_config(disable=True)
             self._derived[kind] = derived
         return self._derived[kind]
@@ -85,15 +89,44 @@ def choose_device(requested: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def choose_dtype(device: str, requested: str = "auto"):
+def device_capability(device: str) -> tuple[int, int] | None:
+    """The CUDA compute capability of this very device (cuda:N, not the current one)."""
     import torch
 
-    if requested != "auto":
-        return getattr(torch, requested)
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability(torch.device(device)))  # type: ignore[return-value]
+
+
+def choose_dtype(device: str, requested: str = "auto"):
+    """The torch dtype for a worker on `device`: see `pipeline.contract.devices.dtype_for`."""
+    import torch
+
+    from pipeline.contract.devices import dtype_for
+
+    kind = device.partition(":")[0]
+    return getattr(torch, dtype_for(kind, device_capability(device), requested))
+
+
+def prepare_device(device: str) -> str:
+    """Check that this process can use `device` and make it the current CUDA device (so
+    that every allocation and query without an index lands on the worker's own GPU).
+    Raises DeviceError naming the device and what this machine has."""
+    import torch
+
+    from pipeline.contract.devices import DeviceError, check_devices
+
+    device = choose_device(device)
     if device.startswith("cuda"):
-        # bf16 where the card supports it: same speed as fp16, no overflow in the VAE.
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        how = f"torch {torch.__version__} sees {count}"
+        if torch.version.cuda is None:
+            how = f"torch {torch.__version__} is built without CUDA"
+        check_devices([device], count, how=how)
+        torch.cuda.set_device(torch.device(device))
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError("workers.devices: mps is not available on this machine; use cpu")
+    return device
 
 
 def weights_hash(source: str) -> str:
@@ -124,8 +157,14 @@ def load_model(model: ModelConfig, *, device: str = "auto", dtype: str = "auto")
     device = choose_device(device)
     torch_dtype = choose_dtype(device, dtype)
     family = model.family if model.family != "auto" else detect_family(model.source)
-    pipe = _load_pipeline(model.source, family, torch_dtype, config=model.single_file_config)
-    pipe.to(device)
+    try:
+        pipe = _load_pipeline(model.source, family, torch_dtype, config=model.single_file_config)
+        pipe.to(device)
+    except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
+        if not is_out_of_memory(exc):
+            raise
+        pipe = None
+        raise _loading_oom(model, device, exc) from None
     pipe.set_progress_bar_config(disable=True)
     loaded = LoadedModel(
         name=model.name,
@@ -139,8 +178,14 @@ def load_model(model: ModelConfig, *, device: str = "auto", dtype: str = "auto")
         scheduler_config=dict(pipe.scheduler.config),
     )
     if model.inpaint_source:
-        inpaint = _load_pipeline(model.inpaint_source, family, torch_dtype, inpaint=True)
-        inpaint.to(device)
+        try:
+            inpaint = _load_pipeline(model.inpaint_source, family, torch_dtype, inpaint=True)
+            inpaint.to(device)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
+            if not is_out_of_memory(exc):
+                raise
+            pipe = loaded = inpaint = None
+            raise _loading_oom(model, device, exc) from None
         inpaint.set_progress_bar_config(disable=True)
         loaded._inpaint_model = LoadedModel(
             name=f"{model.name}-inpaint",
@@ -190,11 +235,13 @@ def _load_pipeline(
         return _from_pretrained(cls, source, torch_dtype)
     except ModelError:
         raise
-    except OSError as exc:
-        if path.exists():
-            raise ModelError(f"model {source} could not be loaded: {_short(exc)}") from None
-        raise hub_error(source, exc) from None
-    except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds for bad files
+    except Exception as exc:  # noqa: BLE001 - out of memory is the caller's to word
+        if is_out_of_memory(exc):
+            raise
+        if isinstance(exc, OSError):
+            if path.exists():
+                raise ModelError(f"model {source} could not be loaded: {_short(exc)}") from None
+            raise hub_error(source, exc) from None
         raise ModelError(
             f"model {source} could not be loaded as a {family} "
             f"{'inpainting ' if inpaint else ''}pipeline: {_short(exc)}"
@@ -233,17 +280,101 @@ def _short(exc: Exception) -> str:
 
 
 class ModelCache:
-    """The models of one worker, each loaded on first use and then kept."""
+    """The models of one worker, each loaded on first use and kept, at most
+    `workers.max_models` of them: loading one more unloads the least recently used."""
 
-    def __init__(self, config: Config, device: str = "auto"):
+    def __init__(
+        self,
+        config: Config,
+        device: str = "auto",
+        *,
+        on_evict: Callable[[str], None] | None = None,
+    ):
         self.config = config
         self.device = device
-        self._models: dict[str, LoadedModel] = {}
+        self.on_evict = on_evict  # told the name of each model unloaded (drop its LoRAs)
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()  # least recent first
 
     def get(self, name: str = "default") -> LoadedModel:
         model_config = self.config.model(name)
-        if model_config.name not in self._models:
-            self._models[model_config.name] = load_model(
-                model_config, device=self.device, dtype=self.config.workers.dtype
+        key = model_config.name
+        if key in self._models:
+            self._models.move_to_end(key)
+            return self._models[key]
+        self._make_room(self.config.workers.max_models - 1)
+        try:
+            loaded = load_model(model_config, device=self.device, dtype=self.config.workers.dtype)
+        except ModelError as exc:
+            if not getattr(exc, "out_of_memory", False) or not self._models:
+                raise
+            # Out of memory with other models loaded: unload them all and try once more.
+            self._make_room(0)
+            loaded = load_model(model_config, device=self.device, dtype=self.config.workers.dtype)
+        self._models[key] = loaded
+        return loaded
+
+    def loaded(self) -> list[LoadedModel]:
+        """The loaded models, least recently used first."""
+        return list(self._models.values())
+
+    def _make_room(self, keep: int) -> None:
+        while len(self._models) > max(keep, 0):
+            name, _ = self._models.popitem(last=False)
+            log.info(
+                "unloading model %s (workers.max_models = %d)", name, self.config.workers.max_models
             )
-        return self._models[model_config.name]
+            if self.on_evict is not None:
+                self.on_evict(name)
+            free_device_memory(self.device)
+
+
+def free_device_memory(device: str) -> None:
+    """Collect garbage (cycles keep tensors alive) and give cached CUDA blocks back."""
+    import gc
+
+    gc.collect()
+    if str(device).startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True when the exception, or one it was raised from (diffusers wraps a safetensors
+    MemoryError in an OSError), is running out of memory."""
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 8:
+        if isinstance(current, MemoryError) or type(current).__name__ == "OutOfMemoryError":
+            return True  # torch.cuda.OutOfMemoryError is a RuntimeError subclass by that name
+        text = str(current).lower()
+        # MPS and the CPU allocator word it differently from CUDA.
+        if isinstance(current, RuntimeError) and (
+            "out of memory" in text or "can't allocate memory" in text
+        ):
+            return True
+        current, seen = current.__cause__ or current.__context__, seen + 1
+    return False
+
+
+def _loading_oom(model: ModelConfig, device: str, exc: BaseException) -> ModelError:
+    """The ModelError for running out of memory while loading (not "try a smaller size":
+    no image was being made)."""
+    import traceback
+
+    traceback.clear_frames(exc.__traceback__)
+    free_device_memory(device)
+    where, detail = "worker", ""
+    if device.startswith("cuda"):
+        import torch
+
+        where = "GPU"
+        free, total = torch.cuda.mem_get_info(torch.device(device))
+        detail = f" ({free / 2**30:.1f} of {total / 2**30:.1f} GiB free on {device})"
+    error = ModelError(
+        f"the {where} ran out of memory while loading model {model.name!r}{detail}; lower "
+        "workers.max_models, use float16, or a smaller model"
+    )
+    error.out_of_memory = True  # type: ignore[attr-defined]
+    return error

@@ -22,7 +22,7 @@ def _line(status: str, what: str, detail: str) -> None:
 def run_doctor(config: Config) -> int:
     failures = 0
     _line(OK, "config", config.path or "(defaults)")
-    failures += _check_torch()
+    failures += _check_torch(config)
     for model in config.models:
         failures += _check_model(config, model.name)
     failures += _check_database(config)
@@ -35,20 +35,49 @@ def run_doctor(config: Config) -> int:
     return 0 if not failures else 1
 
 
-def _check_torch() -> int:
+def _check_torch(config: Config) -> int:
     try:
         import torch
     except ImportError as exc:
         _line(FAIL, "torch", f"not importable ({exc})")
         return 1
+    from pipeline.contract.devices import DeviceError, check_devices, dtype_for, dtype_warning
+    from pipeline.workers.local_pool import detect_devices
+
     _line(OK, "torch", torch.__version__)
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            props = torch.cuda.get_device_properties(i)
-            _line(OK, f"cuda:{i}", f"{props.name}, {props.total_memory / 2**30:.0f} GiB")
-    else:
+    configured = config.workers.dtype
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for i in range(count):
+        props = torch.cuda.get_device_properties(i)
+        capability = (props.major, props.minor)
+        dtype = dtype_for("cuda", capability, configured)
+        warning = dtype_warning("cuda", capability, dtype)
+        _line(
+            WARN if warning else OK,
+            f"cuda:{i}",
+            f"{props.name}, {props.total_memory / 2**30:.1f} GiB, compute capability "
+            f"{props.major}.{props.minor}, workers use {dtype}"
+            + (f" ({warning})" if warning else ""),
+        )
+    if not count:
         _line(WARN, "CUDA", "no GPU visible; workers will run on the CPU (slow)")
-    return 0
+    failures = 0
+    for device in detect_devices(config.workers.devices):
+        if device.startswith("cuda"):
+            try:
+                check_devices([device], count, how=f"torch sees {count}")
+            except DeviceError as exc:
+                _line(FAIL, "workers.devices", str(exc))
+                failures += 1
+        elif device == "cpu":
+            dtype = dtype_for("cpu", None, configured)
+            warning = dtype_warning("cpu", None, dtype)
+            _line(
+                WARN if warning else OK,
+                "cpu",
+                f"a CPU worker uses {dtype}" + (f" ({warning})" if warning else ""),
+            )
+    return failures
 
 
 def _check_model(config: Config, name: str) -> int:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.contract.config import Config
+from pipeline.contract.devices import DeviceError, check_devices
 from pipeline.contract.jobs import Event
 from pipeline.contract.pool import (
     POOL_CLOSED,
@@ -44,6 +45,8 @@ from pipeline.contract.pool import (
 )
 
 log = logging.getLogger(__name__)
+
+EXIT_DEVICE_FAULT = 70  # a worker's exit code after a CUDA device-side error
 
 
 def make_pool(config: Config) -> WorkerPool:
@@ -102,6 +105,22 @@ def count_cuda_gpus() -> int:
     return count if allowed is None else min(count, allowed)
 
 
+def check_gpus(devices: Sequence[str]) -> None:
+    """PoolError naming a configured cuda:N that nvidia-smi does not list."""
+    if not any(device.startswith("cuda") for device in devices):
+        return
+    if shutil.which("nvidia-smi") is None:
+        how = "nvidia-smi not found"
+    elif (visible := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:
+        how = f"CUDA_VISIBLE_DEVICES={visible!r}"
+    else:
+        how = "nvidia-smi -L"
+    try:
+        check_devices(devices, count_cuda_gpus(), how=how)
+    except DeviceError as exc:
+        raise PoolError(str(exc)) from None
+
+
 # -- LocalPool ------------------------------------------------------------------------------
 
 
@@ -110,9 +129,10 @@ class LocalPool(WorkerPool):
 
     def __init__(self, config: Config, *, devices: Sequence[str] | None = None) -> None:
         self.config = config
-        self.devices = (
-            list(devices) if devices is not None else detect_devices(config.workers.devices)
-        )
+        if devices is None:
+            devices = detect_devices(config.workers.devices)
+            check_gpus(devices)  # before a worker starts or a job is claimed
+        self.devices = list(devices)
         self.capacity = len(self.devices)
         self._workers = [_LocalWorker(self, i, d) for i, d in enumerate(self.devices)]
         self._changed: asyncio.Event | None = None  # set whenever a worker may be free
@@ -202,12 +222,13 @@ class _LocalWorker:
         self._events: Connection | None = None
         self._ready: asyncio.Future[None] | None = None
         self._early_deaths = 0  # deaths before "ready", in a row: a crash loop backs off
+        self._fatal = ""  # the worker cannot run on this machine: no restart
 
     @property
     def is_free(self) -> bool:
         # A worker still loading its model counts as free: the batch waits in its pipe.
         alive = self.process is not None and self._events is not None
-        return alive and self.stream is None and not self.pool.closing
+        return alive and self.stream is None and not self.pool.closing and not self._fatal
 
     @property
     def state(self) -> str:
@@ -275,6 +296,10 @@ class _LocalWorker:
             stream.fail_pending(WORKER_DIED, retryable=True)  # never expected: a runner bug
             stream.end()
             self.pool.worker_changed()
+        elif kind == "fatal":
+            self._fatal = str(payload)
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_exception(PoolError(self._fatal))
         elif kind == "ready":
             self._early_deaths = 0
             if self._ready is not None and not self._ready.done():
@@ -287,7 +312,7 @@ class _LocalWorker:
             stream, self.stream = self.stream, None
             stream.fail_pending(POOL_CLOSED if self.pool.closing else WORKER_DIED, retryable=True)
             stream.end()
-        if self.pool.closing:
+        if self.pool.closing or self._fatal:
             return
         log.warning(
             "worker %s (pid %s) stopped with exit code %s; restarting it", self.name, self.pid, code
@@ -424,12 +449,21 @@ def worker_main(
     runner = Runner(config, device=device, blobs=BlobStore(blobs_root), name=name)
     try:
         runner.warm_up()
+    except DeviceError as exc:  # this worker can never run here: say so and stop
+        log.error("worker %s: %s", name, exc)
+        control.send("fatal", str(exc))
+        return
     except Exception:  # noqa: BLE001 - keep serving: each job will report why it can't run
         log.exception("worker %s could not load the default model", name)
     control.send("ready", os.getpid())
     while (batch := control.batches.get()) is not None:
         ids = [job_id for job_id, _ in batch]
         runner.run(batch, control.emit, control.is_cancelled, control.should_yield(ids))
+        if runner.broken:
+            # A CUDA device-side error leaves this process's CUDA context unusable: end it
+            # (its jobs were reported retryable); the pool starts a fresh worker.
+            log.error("worker %s exits after a device error (%s)", name, runner.broken)
+            os._exit(EXIT_DEVICE_FAULT)
         control.forget(ids)
         control.send("idle")
     with contextlib.suppress(OSError):

@@ -102,6 +102,9 @@ class RayWorker:
         threading.Thread(target=work, name="runner", daemon=True).start()
         while (event := events.get()) is not None:
             yield event
+        if self.runner.broken:  # a CUDA device-side error: Ray restarts the actor afresh
+            log.error("actor exits after a device error (%s)", self.runner.broken)
+            os._exit(70)
         self.cancelled.difference_update(ids)
         self.yielding.difference_update(ids)
 

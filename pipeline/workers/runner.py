@@ -15,9 +15,9 @@ carry internals, so the member gets a generic line and the traceback goes to the
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,6 +45,7 @@ PROGRESS_INTERVAL_S = 0.25  # at most ~4 progress events per second per batch
 # Exception class names (from modules we may not import here) whose messages are
 # written for members.
 USER_SAFE_NAMES = frozenset({"ModelError", "LoraError"})
+DEVICE_FAULT = "the GPU reported an error; its worker restarts and the job is retried"
 
 
 class Runner:
@@ -58,12 +59,19 @@ class Runner:
         self._models: Any = None  # pipeline.models.loading.ModelCache, built on first use
         self._loras: dict[str, Any] = {}  # model name → LoRA cache
         self._control: Any = None  # pipeline.control.apply.ControlCache, on first use
+        # Set after a CUDA device-side error: the CUDA context is unusable, so the worker
+        # process must end (its pool starts a fresh one) instead of failing every job.
+        self.broken = ""
 
     def warm_up(self) -> None:
         """Load the default model now, so the first job does not pay for it."""
+        from pipeline.models.loading import prepare_device
         from pipeline.workers.quiet import quiet_libraries
 
         quiet_libraries()
+        # Before any model: a device this machine lacks is a DeviceError (fatal for the
+        # worker), and cuda:N becomes the current device of this process.
+        self.device = prepare_device(self.device)
         threads = self.config.workers.cpu_threads
         if threads and not self.device.startswith("cuda"):
             import torch
@@ -81,7 +89,11 @@ class Runner:
         should_yield: Callable[[], bool] = lambda: False,
     ) -> None:
         """Run every job of the batch; each gets Started, then exactly one terminal event."""
-        for group in _groups(batch):
+        for group in _groups(batch, self.config.workers.max_batch_pixels):
+            if self.broken:
+                for job_id, _ in group:
+                    emit(Failed(job_id, DEVICE_FAULT, retryable=True))
+                continue
             live = [(job_id, spec) for job_id, spec in group if not is_cancelled(job_id)]
             for job_id, _ in group:
                 if is_cancelled(job_id):
@@ -107,6 +119,8 @@ class Runner:
 
         ids = [job_id for job_id, _ in jobs]
         progress = _ProgressThrottle(ids, emit)
+        failed_batch = ""
+        results: list | None = None
         try:
             model = self._model(jobs[0][1].model)
             results = run_generation(
@@ -126,7 +140,21 @@ class Runner:
                 emit(Cancelled(job_id))
             return
         except Exception as exc:  # noqa: BLE001 - every failure must become an event
-            self._generation_failed(jobs, exc, emit, is_cancelled)
+            if is_device_fault(exc):
+                self._device_fault(jobs, exc, emit)
+            elif len(jobs) == 1:
+                emit(failure_event(jobs[0][0], jobs[0][1], exc, self.device))
+            else:
+                failed_batch = type(exc).__name__
+            # The traceback's frames hold the failed call's activations: let them go
+            # before memory is freed and before anything runs again (which happens
+            # below, outside this handler, once the exception itself is gone).
+            traceback.clear_frames(exc.__traceback__)
+            results = None
+        if results is None:
+            _free_memory(self.device)
+            if failed_batch:
+                self._one_by_one(jobs, failed_batch, emit, is_cancelled)
             return
         for (job_id, _), images in zip(jobs, results):
             if is_cancelled(job_id):
@@ -150,27 +178,29 @@ class Runner:
 
         return {"worker": self.name, "gpu_memory_bytes": int(torch.cuda.memory_reserved())}
 
-    def _generation_failed(
+    def _one_by_one(
         self,
         jobs: list[tuple[str, GenerateSpec]],
-        exc: Exception,
+        error: str,
         emit: Emit,
         is_cancelled: Callable[[str], bool],
     ) -> None:
-        if len(jobs) > 1:
-            # One bad member (a broken LoRA, too big for memory together) must not sink
-            # the others: run each alone to find out which one fails.
-            log.info(
-                "batch of %d failed (%s); running its jobs one by one",
-                len(jobs),
-                type(exc).__name__,
-            )
-            _free_memory(self.device)
-            for job in jobs:
+        """One bad member (a broken LoRA, too big for memory together) must not sink the
+        others: run each alone to find out which one fails."""
+        log.info("batch of %d failed (%s); running its jobs one by one", len(jobs), error)
+        for job in jobs:
+            if self.broken:
+                emit(Failed(job[0], DEVICE_FAULT, retryable=True))
+            else:
                 self._generate([job], emit, is_cancelled)
-            return
-        job_id, spec = jobs[0]
-        emit(failure_event(job_id, spec, exc, self.device))
+
+    def _device_fault(
+        self, jobs: Sequence[tuple[str, JobSpec]], exc: Exception, emit: Emit
+    ) -> None:
+        log.error("device error on %s; this worker will restart", self.device, exc_info=exc)
+        self.broken = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        for job_id, _ in jobs:
+            emit(Failed(job_id, DEVICE_FAULT, retryable=True))
 
     # -- training -----------------------------------------------------------------------
 
@@ -190,7 +220,14 @@ class Runner:
         except TrainingCancelled:
             event = Cancelled(job_id)
         except Exception as exc:  # noqa: BLE001 - every failure must become an event
-            event = failure_event(job_id, spec, exc, self.device)
+            if is_device_fault(exc):
+                self._device_fault([(job_id, spec)], exc, lambda e: None)
+                event = Failed(job_id, DEVICE_FAULT, retryable=True)
+            else:
+                event = failure_event(job_id, spec, exc, self.device)
+            traceback.clear_frames(exc.__traceback__)
+            del exc
+            _free_memory(self.device)
         if not isinstance(event, Paused):
             discard_checkpoints(self.config, job_id)  # a worker that dies keeps it, to resume
         emit(event)
@@ -236,7 +273,7 @@ class Runner:
         if self._models is None:
             from pipeline.models.loading import ModelCache
 
-            self._models = ModelCache(self.config, self.device)
+            self._models = ModelCache(self.config, self.device, on_evict=self._forget_model)
         return self._models.get(name)
 
     def _control_cache(self, jobs: list[tuple[str, GenerateSpec]]) -> Any:
@@ -246,6 +283,9 @@ class Runner:
 
             self._control = ControlCache(self.config)
         return self._control
+
+    def _forget_model(self, name: str) -> None:
+        self._loras.pop(name, None)  # its adapters live in the evicted pipeline
 
     def _lora_cache(self, model: Any) -> Any:
         """The worker's LoRA adapters for this model (its derived img2img/inpaint
@@ -304,21 +344,39 @@ def is_user_error(exc: BaseException) -> bool:
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return True  # torch.cuda.OutOfMemoryError is a RuntimeError subclass by that name
+    from pipeline.models.loading import is_out_of_memory as oom
+
+    return oom(exc)
+
+
+_DEVICE_FAULT_TEXT = (
+    "device-side assert",
+    "illegal memory access",
+    "unspecified launch failure",
+    "cuda error",
+    "cudnn_status",
+    "cublas_status",
+    "misaligned address",
+)
+
+
+def is_device_fault(exc: BaseException) -> bool:
+    """A CUDA error after which the process's CUDA context is unusable (every later call
+    fails the same way): only a new process recovers. Out of memory is not one."""
+    if is_out_of_memory(exc):
+        return False
+    if type(exc).__name__ == "AcceleratorError":  # torch ≥ 2.8 raises this for CUDA errors
+        return True
     text = str(exc).lower()
-    # MPS and the CPU allocator word it differently from CUDA.
-    return isinstance(exc, RuntimeError) and (
-        "out of memory" in text or "can't allocate memory" in text
-    )
+    return isinstance(exc, RuntimeError) and any(part in text for part in _DEVICE_FAULT_TEXT)
 
 
 def failure_event(job_id: str, spec: JobSpec, exc: BaseException, device: str) -> Failed:
-    """The Failed event for an exception, with a message a member may read."""
+    """The Failed event for an exception, with a message a member may read. (The caller
+    frees memory once the exception and its traceback are gone.)"""
     if is_user_error(exc):
         return Failed(job_id, str(exc) or type(exc).__name__, retryable=False)
     if is_out_of_memory(exc):
-        _free_memory(device)
         where = "GPU" if device.startswith("cuda") else "worker"
         return Failed(
             job_id,
@@ -340,15 +398,14 @@ def _job_size(spec: JobSpec) -> str:
 
 
 def _free_memory(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        import torch
+    from pipeline.models.loading import free_device_memory
 
-        torch.cuda.empty_cache()
+    free_device_memory(device)
 
 
-def _groups(batch: Batch) -> list[list[tuple[str, JobSpec]]]:
-    """Jobs that can share one pipeline call: equal non-empty batch keys; else alone."""
+def _groups(batch: Batch, max_pixels: int = 0) -> list[list[tuple[str, JobSpec]]]:
+    """Jobs that can share one pipeline call: equal non-empty batch keys, at most
+    `max_pixels` (jobs × images × width × height) per call; else alone."""
     groups: dict[str, list[tuple[str, JobSpec]]] = {}
     singles: list[list[tuple[str, JobSpec]]] = []
     for job_id, spec in batch:
@@ -357,4 +414,29 @@ def _groups(batch: Batch) -> list[list[tuple[str, JobSpec]]]:
             groups.setdefault(key, []).append((job_id, spec))
         else:
             singles.append([(job_id, spec)])
-    return list(groups.values()) + singles
+    calls = [call for group in groups.values() for call in split_by_pixels(group, max_pixels)]
+    return calls + singles
+
+
+def call_pixels(spec: JobSpec) -> int:
+    """The pixels one job puts through a pipeline call (all its images)."""
+    if isinstance(spec, GenerateSpec):
+        return spec.count * spec.width * spec.height
+    return 0
+
+
+def split_by_pixels(
+    jobs: list[tuple[str, JobSpec]], max_pixels: int
+) -> list[list[tuple[str, JobSpec]]]:
+    """Consecutive runs of jobs whose pixels add up to at most max_pixels (0: no limit).
+    A job larger than the budget on its own still runs, alone."""
+    calls: list[list[tuple[str, JobSpec]]] = []
+    used = 0
+    for job in jobs:
+        pixels = call_pixels(job[1])
+        if not calls or (max_pixels and used + pixels > max_pixels):
+            calls.append([])
+            used = 0
+        calls[-1].append(job)
+        used += pixels
+    return calls
