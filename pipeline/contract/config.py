@@ -85,6 +85,7 @@ class WorkersConfig:
     preview_every: int = 4  # steps between preview images
     dtype: str = "auto"  # auto | float16 | bfloat16 | float32
     cpu_threads: int = 0  # torch threads of a CPU worker; 0 = torch's default
+    compile: bool = False  # torch.compile the UNet and VAE decoder, warmed at start
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,9 @@ def _section(cls: type, values: dict[str, Any], where: str) -> Any:
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
     converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    for key, value in converted.items():
+        if isinstance(fields[key].default, bool) and not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be true or false, not {value!r}")
     return cls(**converted)
 
 
