@@ -95,17 +95,24 @@ def warm(model: Any, defaults: Any = None, *, steps: int = 2) -> float:
         values = {key: getattr(defaults, key) for key in keys}
     spec = GenerateSpec(prompt="warm-up", steps=steps, seed=0, **values)
     start = time.perf_counter()
-    token = _STANCE.set("default")
-    try:
+    with compiling():
         run_generation(model, [spec], preview_every=0)
-    finally:
-        _STANCE.reset(token)
     compiled.compile_s = time.perf_counter() - start
     compiled.warmed.add((spec.width, spec.height, 1))
     log.info(
         "compiled %s at %dx%d in %.1f s", model.name, spec.width, spec.height, compiled.compile_s
     )
     return compiled.compile_s
+
+
+@contextmanager
+def compiling() -> Iterator[None]:
+    """Pipeline calls within may compile graphs for new shapes (warm-ups, benchmarks)."""
+    token = _STANCE.set("default")
+    try:
+        yield
+    finally:
+        _STANCE.reset(token)
 
 
 def carries_loras(unet: torch.nn.Module) -> bool:
