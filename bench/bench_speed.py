@@ -41,6 +41,8 @@ def main() -> None:
         help="eager and compiled on one loaded model (half the memory; eager then runs "
         "with the prepared model's channels_last weights)",
     )
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (for bench/gpu.sh)")
+    parser.add_argument("--dtype", default="auto", help="auto | float16 | bfloat16 | float32")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
     quiet_libraries()
@@ -57,13 +59,17 @@ def main() -> None:
 
     folder = args.model or write_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
     entry = ModelConfig(name="bench", source=str(folder))
-    plain = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    from pipeline.models.loading import choose_dtype
+
+    plain = StableDiffusionPipeline.from_pretrained(
+        folder, safety_checker=None, torch_dtype=choose_dtype(args.device, args.dtype)
+    ).to(args.device)
     plain.set_progress_bar_config(disable=True)
     wanted = [v for v in ("eager", "compiled") if v in args.variants]
     if args.shared and wanted:
-        ours = dict.fromkeys(wanted, load_model(entry, device="cpu"))
+        ours = dict.fromkeys(wanted, load_model(entry, device=args.device, dtype=args.dtype))
     else:
-        ours = {v: load_model(entry, device="cpu") for v in wanted}
+        ours = {v: load_model(entry, device=args.device, dtype=args.dtype) for v in wanted}
     if "compiled" in ours:
         compiled.prepare(ours["compiled"])
 
