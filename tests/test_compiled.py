@@ -109,3 +109,21 @@ def test_a_job_with_a_lora_runs_eager_and_equals_the_eager_worker(runners, tmp_p
     assert level_difference(pngs[0], pngs[1]) <= COMPILED_TOLERANCE_LEVELS
     assert _compiled(fast_runner).runs == runs
     assert level_difference(pngs[1], _png(fast_runner, _spec())) > 0  # the LoRA did something
+
+
+def test_any_lora_mechanism_on_the_unet_means_eager():
+    """peft adapters (main), a patched `forward` (the per-layer LoRA patching), a hook."""
+    from torch import nn
+
+    from pipeline.generate.compiled import carries_loras
+
+    def fresh():
+        return nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+
+    assert not carries_loras(fresh())
+    patched = fresh()
+    patched[1].forward = lambda x: x
+    assert carries_loras(patched)
+    hooked = fresh()
+    hooked[0].register_forward_hook(lambda module, args, output: output)
+    assert carries_loras(hooked)
