@@ -43,6 +43,9 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu", help="cpu | cuda (for bench/gpu.sh)")
     parser.add_argument("--dtype", default="auto", help="auto | float16 | bfloat16 | float32")
+    parser.add_argument(
+        "--no-untimed", action="store_true", help="skip the untimed first call (slow models)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
     quiet_libraries()
@@ -125,8 +128,8 @@ def main() -> None:
             with compiled.compiling():
                 calls["compiled"]()
             compile_s = time.perf_counter() - start
-        for name in calls:  # one untimed call each: caches, allocator
-            if name != "compiled":
+        for name in args.variants:  # one untimed call each: caches, allocator
+            if name != "compiled" and not args.no_untimed:
                 calls[name]()
         times: dict[str, list[float]] = {name: [] for name in args.variants}
         for _ in range(args.rounds):
