@@ -93,11 +93,11 @@ def test_unwarmed_size_and_batch_run_eager_without_compiling(runners):
 def test_a_job_with_a_lora_runs_eager_and_equals_the_eager_worker(runners, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from tests.lora_files import write_lora
+    from tests.lycoris_files import write_lora
 
     fast_runner = runners[True]
     pipe = StableDiffusionPipeline.from_pretrained(fast_runner.config.model("default").source)
-    path = write_lora(tmp_path / "style.safetensors", pipe, "kohya", seed=0)
+    path = write_lora(tmp_path / "style.safetensors", pipe, "lora", seed=0)
     data = path.read_bytes()
     ref = LoraRef("style", hashlib.sha256(data).hexdigest(), 1.0)
     runs = _compiled(fast_runner).runs
