@@ -89,6 +89,7 @@ class WorkersConfig:
     # One pipeline call's budget: jobs × images × pixels; a larger claimed batch is split.
     max_batch_pixels: int = 4 * 1024 * 1024
     max_models: int = 2  # base models kept loaded per worker; least recently used go first
+    compile: bool = False  # torch.compile the UNet and VAE decoder, warmed at start
 
 
 @dataclass(frozen=True)
@@ -232,6 +233,9 @@ def _section(cls: type, values: dict[str, Any], where: str) -> Any:
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
     converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    for key, value in converted.items():
+        if isinstance(fields[key].default, bool) and not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be true or false, not {value!r}")
     return cls(**converted)
 
 

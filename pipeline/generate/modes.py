@@ -27,6 +27,7 @@ from pipeline.contract.infotext import VERSION, format_infotext, png_bytes
 from pipeline.contract.jobs import GenerateSpec, JobError, OutputImage
 from pipeline.contract.samplers import resolve
 from pipeline.faces import detection as faces
+from pipeline.generate import compiled
 from pipeline.models.loading import LoadedModel
 from pipeline.models.schedulers import build_scheduler
 
@@ -552,6 +553,7 @@ def _call(
     with (
         torch.inference_mode(),
         prompt_conditioning(pipe, conditioning["samples"], evaluations) as embeds,
+        compiled.active(run.model, pipe),
     ):
         result = pipe(
             **embeds,

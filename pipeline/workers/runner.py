@@ -79,7 +79,11 @@ class Runner:
             # Several CPU workers (or a worker beside the bot) oversubscribe the cores
             # with torch's default thread count; a small model then runs many times slower.
             torch.set_num_threads(threads)
-        self._model("default")
+        model = self._model("default")
+        if self.config.workers.compile:
+            from pipeline.generate import compiled
+
+            compiled.warm(model, self.config.defaults)
 
     def run(
         self,

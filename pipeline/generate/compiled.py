@@ -1,0 +1,151 @@
+"""The compiled generation path (`[workers] compile = true`).
+
+`prepare(model)` (once per loaded model, at worker start for the default model) puts
+the UNet and the VAE decoder in channels_last, fuses the attention's QKV projections
+(diffusers `fuse_qkv_projections`, SDPA kernels), and wraps both in `torch.compile`
+(`max-autotune` on CUDA, inductor's default mode on the CPU, `dynamic=False`). `warm`
+then runs one short generation at the default size and one image per job, so that
+graph is compiled before the first member's job.
+
+`active(model, pipe)` is the hook `pipeline.generate.modes._call` wraps every pipeline
+call in. Inside it the pipeline's UNet and VAE decoder are the compiled ones and
+torch runs under the stance "eager_on_recompile": a shape that was compiled (warmed)
+runs compiled, any other (another size, batch, prompt length, timestep dtype) runs
+eager instead of compiling for minutes in a member's job (see docs/DECISIONS.md).
+
+A UNet that carries LoRAs — a forward hook, a patched `forward`, or a peft layer with
+its adapters enabled — runs eager, with the original attention processors, so LoRAs
+on to_q/to_k/to_v are applied exactly as on the eager path.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CUDA_MODE = "max-autotune"
+CPU_MODE = "default"  # measured in bench/bench_speed.py; see BENCHMARKS.md
+# The stance pipeline calls run under: only `warm` compiles new graphs.
+_STANCE = contextvars.ContextVar("sdbot_compile_stance", default="eager_on_recompile")
+
+
+@dataclass
+class Compiled:
+    """One model's compiled modules and the attention processors to switch between."""
+
+    unet: Any
+    decoder: Any
+    fused: dict[str, Any] | None
+    original: dict[str, Any]
+    warmed: set[tuple] = field(default_factory=set)
+    compile_s: float = 0.0
+    runs: int = 0  # pipeline calls that ran compiled
+
+
+def prepare(model: Any) -> Compiled:
+    """Compile the model's UNet and VAE decoder (lazily: the first call compiles)."""
+    found = getattr(model, "_compiled", None)
+    if found is not None:
+        return found
+    pipe = model.pipe
+    unet, vae = pipe.unet, pipe.vae
+    unet.to(memory_format=torch.channels_last)
+    vae.to(memory_format=torch.channels_last)
+    original = dict(unet.attn_processors)
+    fused = None
+    try:
+        unet.fuse_qkv_projections()
+        fused = dict(unet.attn_processors)
+        unet.set_attn_processor(dict(original))  # it pops from the dict it is given
+    except ValueError as exc:  # added-KV attention (not in SD 1.x / SDXL): keep unfused
+        log.info("QKV projections not fused: %s", exc)
+    mode = CUDA_MODE if str(model.device).startswith("cuda") else CPU_MODE
+    options = {"dynamic": False}
+    if mode != "default":
+        options["mode"] = mode
+    compiled = Compiled(
+        unet=torch.compile(unet, **options),
+        decoder=torch.compile(vae.decoder, **options),
+        fused=fused,
+        original=original,
+    )
+    model._compiled = compiled
+    return compiled
+
+
+def warm(model: Any, defaults: Any = None, *, steps: int = 2) -> float:
+    """Compile the graphs for one image at the default size, sampler and CFG (those of
+    `defaults`, a DefaultsConfig); returns the seconds it took."""
+    from pipeline.contract.jobs import GenerateSpec
+    from pipeline.generate.modes import run_generation
+
+    compiled = prepare(model)
+    values: dict[str, Any] = {}
+    if defaults is not None:
+        keys = ("sampler", "schedule", "cfg_scale", "width", "height", "negative_prompt")
+        values = {key: getattr(defaults, key) for key in keys}
+    spec = GenerateSpec(prompt="warm-up", steps=steps, seed=0, **values)
+    start = time.perf_counter()
+    with compiling():
+        run_generation(model, [spec], preview_every=0)
+    compiled.compile_s = time.perf_counter() - start
+    compiled.warmed.add((spec.width, spec.height, 1))
+    log.info(
+        "compiled %s at %dx%d in %.1f s", model.name, spec.width, spec.height, compiled.compile_s
+    )
+    return compiled.compile_s
+
+
+@contextmanager
+def compiling() -> Iterator[None]:
+    """Pipeline calls within may compile graphs for new shapes (warm-ups, benchmarks)."""
+    token = _STANCE.set("default")
+    try:
+        yield
+    finally:
+        _STANCE.reset(token)
+
+
+def carries_loras(unet: torch.nn.Module) -> bool:
+    """Whether any layer of the UNet is hooked, patched or has peft adapters enabled."""
+    for module in unet.modules():
+        if module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__:
+            return True
+        peft = hasattr(module, "disable_adapters") and hasattr(module, "active_adapters")
+        if peft and not module.disable_adapters and module.active_adapters:
+            return True
+    return False
+
+
+@contextmanager
+def active(model: Any, pipe: Any) -> Iterator[bool]:
+    """Within the context the pipe runs the compiled UNet and decoder; yields whether it
+    does (False: compile off, or LoRAs on the UNet)."""
+    compiled = getattr(model, "_compiled", None)
+    if compiled is None or carries_loras(pipe.unet):
+        yield False
+        return
+    unet, vae = pipe.unet, pipe.vae
+    decoder = vae.decoder
+    if compiled.fused is not None:
+        unet.set_attn_processor(dict(compiled.fused))
+    object.__setattr__(pipe, "unet", compiled.unet)  # not a config change: no register
+    vae.decoder = compiled.decoder
+    compiled.runs += 1
+    try:
+        with torch.compiler.set_stance(_STANCE.get()):
+            yield True
+    finally:
+        vae.decoder = decoder
+        object.__setattr__(pipe, "unet", unet)
+        if compiled.fused is not None:
+            unet.set_attn_processor(dict(compiled.original))
