@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pipeline.models.tiny import write_tiny_model  # noqa: E402
+from tests.botkit import config_toml  # noqa: E402
 from tests.emulator import DiscordEmulator, EmulatedUser, emulated_discord  # noqa: E402
 
 JOB_ID = re.compile(r"Queued `([0-9a-f]+)`")
@@ -59,33 +60,10 @@ def parse_args() -> argparse.Namespace:
 
 
 def config_text(model: Path, data: Path, emulator: DiscordEmulator, members: int) -> str:
-    return f"""
-[models.tiny]
-source = "{model}"
-
-[discord]
-guild_ids = [{emulator.guild_id}]
-api_url = "{emulator.api_url}"
-gateway_url = "{emulator.gateway_url}"
-progress_interval = 2.0
-
-[storage]
-data_dir = "{data}"
-
-[defaults]
-sampler = "Euler a"
-schedule = "Automatic"
-steps = 2
-width = 64
-height = 64
-
-[workers]
-devices = ["cpu"]
-batch_size = 4
-
-[queue]
-max_queued_per_user = {members * 10}
-"""
+    return config_toml(model, data, emulator, progress_interval=2.0) + (
+        f'\n[workers]\ndevices = ["cpu"]\nbatch_size = 4\n\n'
+        f"[queue]\nmax_queued_per_user = {members * 10}\n"
+    )
 
 
 def _cmdline(pid: int) -> bytes:

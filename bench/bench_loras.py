@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import timed  # noqa: E402
 from pipeline.contract.jobs import LoraRef  # noqa: E402
 from pipeline.loras.adapters import LoraCache  # noqa: E402
 from pipeline.models.tiny import write_tiny_model  # noqa: E402
@@ -66,17 +64,6 @@ def generate(pipe, prompts: list[str], args: argparse.Namespace) -> None:
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    """Median seconds of `repeats` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def refs(paths: list[Path]) -> list[tuple[LoraRef, Path]]:

@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 from PIL import Image  # noqa: E402
 from skimage import data  # noqa: E402
 
+from bench.timing import timed  # noqa: E402
 from bot import store  # noqa: E402
 from bot.metrics import Metrics  # noqa: E402
 from bot.services.database import DbThread  # noqa: E402
@@ -45,16 +46,6 @@ from pipeline.models.tiny import write_tiny_model  # noqa: E402
 from pipeline.safety.detector import detect_png  # noqa: E402
 from pipeline.workers.local_pool import LocalPool  # noqa: E402
 from pipeline.workers.runner import Runner  # noqa: E402
-
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def png(size: int) -> bytes:

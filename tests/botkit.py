@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_asyncio
 from PIL import Image
 
@@ -29,6 +30,29 @@ from pipeline.contract.config import Config, config_from_dict
 from pipeline.contract.infotext import parse_infotext, read_infotext
 from pipeline.workers.local_pool import LocalPool
 from tests.emulator import DiscordEmulator, EmulatedUser, InteractionRecord, emulated_discord
+
+# What `from tests.botkit import *` gives an end-to-end test: its fixtures and helpers.
+__all__ = [
+    "RESULT_TIMEOUT",
+    "attach",
+    "config",
+    "config_toml",
+    "custom_ids",
+    "data_dir_for",
+    "emu",
+    "error_reply",
+    "imagine",
+    "make_config",
+    "photo",
+    "png_bytes",
+    "queued_job",
+    "reply",
+    "result_images",
+    "result_messages",
+    "running_sdbot",
+    "shared_pool",
+    "wait_result",
+]
 
 BOT_TOKEN = "botkit-token"
 RESULT_TIMEOUT = 240.0  # a tiny job takes 1-20 s on a busy 2-core machine
@@ -94,6 +118,31 @@ async def emu() -> AsyncIterator[DiscordEmulator]:
     emulator.check_clean()
 
 
+def config_toml(model: Path, data_dir: Path, emulator, *, progress_interval: float = 0.5) -> str:
+    """The config.toml of a bot process (`sdbot run`) on the tiny model that talks to the
+    emulator, with one CPU worker; callers append their own tables."""
+    return f"""
+[models.tiny]
+source = "{model}"
+
+[discord]
+guild_ids = [{emulator.guild_id}]
+api_url = "{emulator.api_url}"
+gateway_url = "{emulator.gateway_url}"
+progress_interval = {progress_interval}
+
+[storage]
+data_dir = "{data_dir}"
+
+[defaults]
+sampler = "Euler a"
+schedule = "Automatic"
+steps = 2
+width = 64
+height = 64
+"""
+
+
 def data_dir_for(pool: LocalPool, tmp_path: Path) -> Path:
     """A fresh data dir whose blobs/ is the shared pool's blob folder."""
     data_dir = tmp_path / "data"
@@ -104,6 +153,12 @@ def data_dir_for(pool: LocalPool, tmp_path: Path) -> Path:
         shared.mkdir(parents=True, exist_ok=True)
         link.symlink_to(shared.resolve(), target_is_directory=True)
     return data_dir
+
+
+@pytest.fixture
+def config(emu, shared_pool, tiny_sd, tmp_path):  # noqa: F811
+    """The test config of a bot that talks to this test's emulator and the shared pool."""
+    return make_config(tiny_sd, data_dir_for(shared_pool, tmp_path), emu)
 
 
 @contextlib.asynccontextmanager

@@ -115,6 +115,35 @@ def level_difference(a, b) -> int:
     return int(np.abs(pa - pb).max())
 
 
+@pytest.fixture(scope="module")
+def sd(tiny_sd):
+    """The tiny SD 1.x model loaded on the CPU, once per test module (modules may adapt
+    it, e.g. with LoRA layers, so it is not shared across modules)."""
+    from pipeline.contract.config import config_from_dict
+    from pipeline.models.loading import ModelCache
+
+    config = config_from_dict({"models": {"tiny": {"source": str(tiny_sd)}}})
+    return ModelCache(config, "cpu").get()
+
+
+@pytest.fixture(scope="module")
+def xl(tiny_xl):
+    """The tiny SDXL model loaded on the CPU, once per test module."""
+    from pipeline.contract.config import config_from_dict
+    from pipeline.models.loading import ModelCache
+
+    config = config_from_dict({"models": {"tinyxl": {"source": str(tiny_xl)}}})
+    return ModelCache(config, "cpu").get()
+
+
+@pytest.fixture
+def blobs(tmp_path):
+    """An empty blob store for one test."""
+    from pipeline.contract.blobs import BlobStore
+
+    return BlobStore(tmp_path / "blobs")
+
+
 def png_of(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

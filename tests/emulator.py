@@ -520,14 +520,6 @@ class DiscordEmulator:
             "flags": 0,
         }
 
-    def add_channel(self, name: str, *, nsfw: bool = False, guild_id: str | None = None) -> str:
-        """Another text channel (``nsfw``: age-restricted); returns its id. Add channels
-        before the bot connects: they arrive with GUILD_CREATE."""
-        channel_id = self._ids.next()
-        self._channels[channel_id] = self._text_channel(name, channel_id, guild_id, nsfw)
-        self._messages[channel_id] = {}
-        return channel_id
-
     def add_guild(self) -> tuple[str, str]:
         """A second (third…) server with the same members and a #general; returns
         (guild id, channel id). Add it before the bot connects."""
@@ -1414,11 +1406,15 @@ class DiscordEmulator:
         kind: int = 0,
         parent_id: str | None = None,
         bot_permissions: int | None = None,
+        nsfw: bool = False,
+        guild_id: str | None = None,
     ) -> str:
         """A guild channel (0 text, 15 forum) or thread (11 public, in ``parent_id``; a
-        thread of a forum is a forum post); ``bot_permissions`` the bot's there."""
+        thread of a forum is a forum post); ``bot_permissions`` the bot's there; ``nsfw``:
+        age-restricted; ``guild_id``: in another server (``add_guild``). Returns its id.
+        Add channels before the bot connects: they arrive with GUILD_CREATE."""
         channel_id = self._ids.next()
-        channel = {**self._text_channel(name), "id": channel_id, "type": kind}
+        channel = {**self._text_channel(name, channel_id, guild_id, nsfw), "type": kind}
         if kind in THREAD_TYPES:
             parent = parent_id or self.channel_id
             channel.update(

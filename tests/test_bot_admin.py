@@ -7,17 +7,7 @@ import pytest
 from diffusers import StableDiffusionPipeline
 
 from bot import store
-from tests.botkit import (
-    data_dir_for,
-    emu,  # noqa: F401 - fixture
-    error_reply,
-    imagine,
-    make_config,
-    queued_job,
-    reply,
-    running_sdbot,
-    shared_pool,  # noqa: F401 - fixture
-)
+from tests.botkit import *  # noqa: F403 - the end-to-end kit (botkit.__all__)
 from tests.lycoris_files import write_lora
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(600)]

@@ -17,19 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bot import store
 from pipeline.contract.blobs import BlobStore
-from tests.botkit import (
-    attach,
-    data_dir_for,
-    emu,  # noqa: F401 - fixture
-    error_reply,
-    imagine,
-    make_config,
-    queued_job,
-    reply,
-    running_sdbot,
-    shared_pool,  # noqa: F401 - fixture
-    wait_result,
-)
+from tests.botkit import *  # noqa: F403 - the end-to-end kit (botkit.__all__)
 from tests.lycoris_files import write_lora
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(600)]

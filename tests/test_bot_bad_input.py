@@ -9,19 +9,7 @@ import zlib
 import pytest
 
 from bot import store
-from tests.botkit import (
-    attach,
-    data_dir_for,
-    emu,  # noqa: F401 - fixture
-    error_reply,
-    imagine,
-    make_config,
-    photo,
-    queued_job,
-    running_sdbot,
-    shared_pool,  # noqa: F401 - fixture
-    wait_result,
-)
+from tests.botkit import *  # noqa: F403 - the end-to-end kit (botkit.__all__)
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(600)]
 MB = 1024 * 1024
@@ -41,11 +29,6 @@ def bomb_png(width: int = 20000, height: int = 20000) -> bytes:
         + png_chunk(b"IDAT", pixels)
         + png_chunk(b"IEND", b"")
     )
-
-
-@pytest.fixture
-def config(emu, shared_pool, tiny_sd, tmp_path):  # noqa: F811
-    return make_config(tiny_sd, data_dir_for(shared_pool, tmp_path), emu)
 
 
 def stored_files(config) -> set[str]:

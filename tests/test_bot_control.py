@@ -7,19 +7,7 @@ import pytest
 from PIL import Image
 from skimage import data as photos
 
-from tests.botkit import (
-    attach,
-    data_dir_for,
-    emu,  # noqa: F401 - fixture
-    error_reply,
-    make_config,
-    png_bytes,
-    queued_job,
-    result_images,
-    running_sdbot,
-    shared_pool,  # noqa: F401 - fixture
-    wait_result,
-)
+from tests.botkit import *  # noqa: F403 - the end-to-end kit (botkit.__all__)
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(600)]
 

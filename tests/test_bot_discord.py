@@ -15,27 +15,9 @@ import pytest
 from bot import store
 from bot.errors import DM_ANSWER
 from tests import discord_rules as rules
-from tests.botkit import (
-    custom_ids,
-    data_dir_for,
-    emu,  # noqa: F401 - fixture
-    error_reply,
-    imagine,
-    make_config,
-    queued_job,
-    result_images,
-    result_messages,
-    running_sdbot,
-    shared_pool,  # noqa: F401 - fixture
-    wait_result,
-)
+from tests.botkit import *  # noqa: F403 - the end-to-end kit (botkit.__all__)
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(600)]
-
-
-@pytest.fixture
-def config(emu, shared_pool, tiny_sd, tmp_path):  # noqa: F811
-    return make_config(tiny_sd, data_dir_for(shared_pool, tmp_path), emu)
 
 
 def assert_a_real_image(emulator, message: dict) -> None:

@@ -14,30 +14,9 @@ from skimage import data as photos
 from bot import store
 from pipeline.contract.blobs import BlobStore
 from pipeline.faces import detection as faces
-from tests.botkit import (
-    attach,
-    custom_ids,
-    data_dir_for,
-    emu,  # noqa: F401 - fixture
-    error_reply,
-    imagine,
-    make_config,
-    png_bytes,
-    queued_job,
-    reply,
-    result_images,
-    result_messages,
-    running_sdbot,
-    shared_pool,  # noqa: F401 - fixture
-    wait_result,
-)
+from tests.botkit import *  # noqa: F403 - the end-to-end kit (botkit.__all__)
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(600)]
-
-
-@pytest.fixture
-def config(emu, shared_pool, tiny_sd, tmp_path):  # noqa: F811
-    return make_config(tiny_sd, data_dir_for(shared_pool, tmp_path), emu)
 
 
 def astronaut(size: int = 160) -> Image.Image:

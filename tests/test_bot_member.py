@@ -5,29 +5,9 @@ from __future__ import annotations
 import pytest
 
 from bot import store
-from tests.botkit import (
-    attach,
-    custom_ids,
-    data_dir_for,
-    emu,  # noqa: F401 - fixture
-    error_reply,
-    imagine,
-    make_config,
-    photo,
-    queued_job,
-    reply,
-    result_images,
-    running_sdbot,
-    shared_pool,  # noqa: F401 - fixture
-    wait_result,
-)
+from tests.botkit import *  # noqa: F403 - the end-to-end kit (botkit.__all__)
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(600)]
-
-
-@pytest.fixture
-def config(emu, shared_pool, tiny_sd, tmp_path):  # noqa: F811
-    return make_config(tiny_sd, data_dir_for(shared_pool, tmp_path), emu)
 
 
 async def test_settings_apply_to_the_next_imagine(emu, shared_pool, config):  # noqa: F811

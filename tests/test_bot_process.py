@@ -15,13 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.botkit import (
-    emu,  # noqa: F401 - fixture
-    imagine,
-    queued_job,
-    result_images,
-    wait_result,
-)
+from tests.botkit import *  # noqa: F403 - the end-to-end kit (botkit.__all__)
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(600)]
 REPO = Path(__file__).resolve().parent.parent
@@ -30,32 +24,8 @@ RSS_TARGET_MB = 150
 
 
 def write_config(path: Path, tiny_sd: Path, emulator) -> Path:
-    path.write_text(
-        f"""
-[models.tiny]
-source = "{tiny_sd}"
-
-[discord]
-guild_ids = [{emulator.guild_id}]
-api_url = "{emulator.api_url}"
-gateway_url = "{emulator.gateway_url}"
-progress_interval = 0.5
-
-[storage]
-data_dir = "{path.parent / "data"}"
-
-[defaults]
-sampler = "Euler a"
-schedule = "Automatic"
-steps = 2
-width = 64
-height = 64
-
-[workers]
-devices = ["cpu"]
-""",
-        encoding="utf-8",
-    )
+    text = config_toml(tiny_sd, path.parent / "data", emulator) + '\n[workers]\ndevices = ["cpu"]\n'
+    path.write_text(text, encoding="utf-8")
     return path
 
 

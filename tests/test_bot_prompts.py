@@ -5,18 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.botkit import (
-    data_dir_for,
-    emu,  # noqa: F401 - fixture
-    error_reply,
-    imagine,
-    make_config,
-    queued_job,
-    result_images,
-    running_sdbot,
-    shared_pool,  # noqa: F401 - fixture
-    wait_result,
-)
+from tests.botkit import *  # noqa: F403 - the end-to-end kit (botkit.__all__)
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(600)]
 

@@ -14,22 +14,7 @@ from PIL import Image
 from skimage import data as photos
 
 from bot import store
-from tests.botkit import (
-    RESULT_TIMEOUT,
-    attach,
-    custom_ids,
-    data_dir_for,
-    emu,  # noqa: F401 - fixture
-    error_reply,
-    imagine,
-    make_config,
-    png_bytes,
-    queued_job,
-    reply,
-    result_images,
-    running_sdbot,
-    shared_pool,  # noqa: F401 - fixture
-)
+from tests.botkit import *  # noqa: F403 - the end-to-end kit (botkit.__all__)
 
 
 async def wait_result(emulator, job_id, channel_id=None, timeout=RESULT_TIMEOUT):

@@ -13,19 +13,7 @@ from skimage import data as photos
 
 from bot import store
 from pipeline.contract.blobs import BlobStore
-from tests.botkit import (
-    data_dir_for,
-    emu,  # noqa: F401 - fixture
-    error_reply,
-    imagine,
-    make_config,
-    queued_job,
-    reply,
-    result_images,
-    running_sdbot,
-    shared_pool,  # noqa: F401 - fixture
-    wait_result,
-)
+from tests.botkit import *  # noqa: F403 - the end-to-end kit (botkit.__all__)
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(900)]
 TRAIN_ID = re.compile(r"Queued training `([0-9a-f]+)`")

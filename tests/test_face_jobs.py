@@ -19,12 +19,6 @@ from tests.conftest import HALF_DTYPES, png_of
 
 
 @pytest.fixture(scope="module")
-def sd(tiny_sd):
-    config = config_from_dict({"models": {"tiny": {"source": str(tiny_sd)}}})
-    return ModelCache(config, "cpu").get()
-
-
-@pytest.fixture(scope="module")
 def astronaut() -> Image.Image:
     return Image.fromarray(photos.astronaut()).resize((256, 256), Image.LANCZOS)
 

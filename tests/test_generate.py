@@ -6,9 +6,9 @@ import io
 
 import numpy as np
 import pytest
+import skimage.data
 from PIL import Image, ImageFilter
 
-from pipeline.contract.blobs import BlobStore
 from pipeline.contract.config import config_from_dict
 from pipeline.contract.infotext import parse_infotext, read_infotext
 from pipeline.contract.jobs import GenerateSpec, JobError
@@ -26,23 +26,6 @@ from tests.conftest import (
     level_difference,
     png_of,
 )
-
-
-@pytest.fixture(scope="module")
-def sd(tiny_sd):
-    config = config_from_dict({"models": {"tiny": {"source": str(tiny_sd)}}})
-    return ModelCache(config, "cpu").get()
-
-
-@pytest.fixture(scope="module")
-def xl(tiny_xl):
-    config = config_from_dict({"models": {"tinyxl": {"source": str(tiny_xl)}}})
-    return ModelCache(config, "cpu").get()
-
-
-@pytest.fixture
-def blobs(tmp_path):
-    return BlobStore(tmp_path / "blobs")
 
 
 def spec(**changes) -> GenerateSpec:
@@ -135,7 +118,8 @@ def test_img2img_uses_the_input_and_strength(sd, blobs):
 
 @pytest.mark.parametrize("only_masked", [True, False])
 def test_inpaint_keeps_every_unmasked_pixel(sd, blobs, only_masked):
-    image = photo((96, 80))
+    # A real photo: the tiny VAE keeps photos, so the masked part changing is the inpaint.
+    image = Image.fromarray(skimage.data.astronaut()).resize((96, 80), Image.LANCZOS)
     mask = Image.new("L", image.size, 0)
     mask.paste(255, (30, 20, 60, 50))
     job = spec(
@@ -151,7 +135,7 @@ def test_inpaint_keeps_every_unmasked_pixel(sd, blobs, only_masked):
     untouched = blurred == 0
     original = np.asarray(image).astype(int)
     assert np.array_equal(out[untouched], original[untouched])
-    assert np.abs(out[35:45, 40:50] - original[35:45, 40:50]).mean() > 5
+    assert np.abs(out[35:45, 40:50] - original[35:45, 40:50]).mean() > 20  # repainted
 
 
 def test_inpaint_with_an_inpainting_unet(tiny_inpaint, blobs):
@@ -265,7 +249,7 @@ def sd_loras(sd):
 def test_every_mode_runs_in_half_precision_close_to_float32(sd, sd_loras, half, blobs, tmp_path):
     from pipeline.contract.jobs import LoraRef
     from pipeline.loras.adapters import LoraCache
-    from tests.lora_files import write_lora
+    from tests.lycoris_files import write_lora
 
     dtype = str(half.dtype).removeprefix("torch.")
     image, mask = photo((80, 64)), Image.new("L", (80, 64), 0)

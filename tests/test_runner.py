@@ -20,14 +20,7 @@ from PIL import Image
 
 from pipeline.contract.blobs import BlobStore
 from pipeline.contract.config import Config, config_from_dict
-from pipeline.contract.jobs import (
-    Done,
-    Event,
-    Failed,
-    GenerateSpec,
-    Progress,
-    Started,
-)
+from pipeline.contract.jobs import Done, Event, Failed, GenerateSpec, Progress, Started
 from tests.conftest import BATCH_TOLERANCE_LEVELS, level_difference
 
 _MODELS: dict[str, Path] = {}
