@@ -291,6 +291,7 @@ def ensure_lora(model_dir: str, work: Path) -> str:
     path = work / "rank16.safetensors"
     if not path.exists():
         from diffusers import DiffusionPipeline
+
         from tests.lycoris_files import write_lora
 
         pipe = DiffusionPipeline.from_pretrained(model_dir)

@@ -5,15 +5,15 @@ it came from (Discord's interactions docs, "Interaction Object"). A job whose
 result could never be posted is refused at once, with the permission named,
 instead of running and failing at the end (and again at every restart).
 
-Commands are for server channels, threads and forum posts; in a DM they get one
-clear line (see docs/DECISIONS.md, "Commands in DMs").
+Commands work in server channels, threads and forum posts, and in the bot's DMs
+unless `[safety] dms = "refuse"` (see docs/DECISIONS.md, "Commands in DMs").
 """
 
 from __future__ import annotations
 
 import discord
 
-from bot.errors import DM_ANSWER, UserError
+from bot.errors import UserError
 
 THREAD_TYPES = (
     discord.ChannelType.public_thread,
@@ -46,8 +46,8 @@ def missing_post_permissions(interaction: discord.Interaction) -> list[str]:
 
 def check_can_deliver(interaction: discord.Interaction) -> None:
     """Raise a UserError naming what is missing when the result could not be posted here."""
-    if interaction.guild_id is None:
-        raise UserError(DM_ANSWER)
+    # A DM reaches here only when [safety] dms allows DMs (bot.errors answers the rest);
+    # Discord's app_permissions there are the bot's in its DM channel.
     missing = missing_post_permissions(interaction)
     if missing:
         names = " and ".join(f"**{name}**" for name in missing)
