@@ -199,7 +199,8 @@ def test_sdxl_txt2img(xl):
     [images] = run_generation(xl, [spec(width=64, height=64)])
     assert Image.open(io.BytesIO(images[0].png)).size == (64, 64)
     again = run_generation(xl, [spec(width=64, height=64)])[0][0]
-    assert images[0].png == again.png
+    # The same call twice in one process: the only place equality is exact.
+    assert level_difference(images[0].png, again.png) == 0
 
 
 def test_every_sampler_runs_two_steps(sd):
