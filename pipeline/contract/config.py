@@ -102,6 +102,10 @@ class LorasConfig:
     dir: str = ""  # server LoRA library; empty = <data_dir>/loras
     cache_mb: int = 2048  # adapters kept loaded on a worker, by size
     max_file_mb: int = 512
+    # With [workers] compile: UNet LoRAs per call held in the compiled graph's slots
+    # (0 = none: every LoRA job runs eager), each up to this rank (pipeline.loras.slots).
+    slots: int = 4
+    max_rank: int = 32
 
 
 @dataclass(frozen=True)
@@ -274,6 +278,8 @@ def config_from_dict(
         sections["control"] = _relative(sections["control"], ("depth_model",), base_dir)
     if "workers" in sections:
         _check_workers(sections["workers"], path)
+    if "loras" in sections:
+        _check_loras(sections["loras"], path)
     return Config(
         models=models, path=path, controlnets=controlnets, ip_adapters=ip_adapters, **sections
     )
@@ -351,6 +357,14 @@ def _check_workers(workers: WorkersConfig, path: str) -> None:
     for device in workers.devices:
         if error := device_syntax_error(str(device)):
             raise ConfigError(f"{where}: {error}")
+
+
+def _check_loras(loras: LorasConfig, path: str) -> None:
+    where = path or "config"
+    for key, low in (("slots", 0), ("max_rank", 1)):
+        value = getattr(loras, key)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 64:
+            raise ConfigError(f"{where}: loras.{key} must be a whole number from {low} to 64")
 
 
 def _model(name: str, values: dict[str, Any], path: str, base_dir: Path | None) -> ModelConfig:

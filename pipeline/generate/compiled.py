@@ -13,9 +13,13 @@ torch runs under the stance "eager_on_recompile": a shape that was compiled (war
 runs compiled, any other (another size, batch, prompt length, timestep dtype) runs
 eager instead of compiling for minutes in a member's job (see docs/DECISIONS.md).
 
-A UNet that carries LoRAs — a forward hook, a patched `forward`, or a peft layer with
-its adapters enabled — runs eager, with the original attention processors, so LoRAs
-on to_q/to_k/to_v are applied exactly as on the eager path.
+With `slots` (`[loras] slots`, `pipeline.loras.slots`) every UNet Linear/Conv2d gets
+its LoRA slot buffers before compiling, so jobs whose UNet LoRAs fit the slots run this
+same compiled graph; QKV projections are then left unfused (the slots sit on
+to_q/to_k/to_v; measured in BENCHMARKS.md, issue 13). A UNet that carries LoRAs
+otherwise — a forward hook, a patched `forward`, or a peft layer with its adapters
+enabled — runs eager, with the original attention processors, so LoRAs on
+to_q/to_k/to_v are applied exactly as on the eager path.
 """
 
 from __future__ import annotations
@@ -51,23 +55,31 @@ class Compiled:
     runs: int = 0  # pipeline calls that ran compiled
 
 
-def prepare(model: Any) -> Compiled:
-    """Compile the model's UNet and VAE decoder (lazily: the first call compiles)."""
+def prepare(model: Any, *, slots: int = 0, max_rank: int = 32, rows: int = 32) -> Compiled:
+    """Compile the model's UNet and VAE decoder (lazily: the first call compiles); with
+    `slots` > 0, first give the UNet LoRA slots (`pipeline.loras.slots.install`)."""
     found = getattr(model, "_compiled", None)
     if found is not None:
         return found
     pipe = model.pipe
     unet, vae = pipe.unet, pipe.vae
+    if slots > 0:
+        from pipeline.loras import slots as lora_slots
+
+        lora_slots.install(unet, slots=slots, max_rank=max_rank, rows=rows)
     unet.to(memory_format=torch.channels_last)
     vae.to(memory_format=torch.channels_last)
     original = dict(unet.attn_processors)
     fused = None
-    try:
-        unet.fuse_qkv_projections()
-        fused = dict(unet.attn_processors)
-        unet.set_attn_processor(dict(original))  # it pops from the dict it is given
-    except ValueError as exc:  # added-KV attention (not in SD 1.x / SDXL): keep unfused
-        log.info("QKV projections not fused: %s", exc)
+    if slots > 0:  # a fused to_qkv would bypass the slots on to_q/to_k/to_v
+        log.info("QKV projections not fused: the UNet has LoRA slots")
+    else:
+        try:
+            unet.fuse_qkv_projections()
+            fused = dict(unet.attn_processors)
+            unet.set_attn_processor(dict(original))  # it pops from the dict it is given
+        except ValueError as exc:  # added-KV attention (not in SD 1.x / SDXL): unfused
+            log.info("QKV projections not fused: %s", exc)
     mode = CUDA_MODE if str(model.device).startswith("cuda") else CPU_MODE
     options = {"dynamic": False}
     if mode != "default":
@@ -82,13 +94,13 @@ def prepare(model: Any) -> Compiled:
     return compiled
 
 
-def warm(model: Any, defaults: Any = None, *, steps: int = 2) -> float:
+def warm(model: Any, defaults: Any = None, *, steps: int = 2, **slots: int) -> float:
     """Compile the graphs for one image at the default size, sampler and CFG (those of
-    `defaults`, a DefaultsConfig); returns the seconds it took."""
+    `defaults`, a DefaultsConfig); returns the seconds it took. `slots`: see prepare."""
     from pipeline.contract.jobs import GenerateSpec
     from pipeline.generate.modes import run_generation
 
-    compiled = prepare(model)
+    compiled = prepare(model, **slots)
     values: dict[str, Any] = {}
     if defaults is not None:
         keys = ("sampler", "schedule", "cfg_scale", "width", "height", "negative_prompt")
@@ -103,6 +115,17 @@ def warm(model: Any, defaults: Any = None, *, steps: int = 2) -> float:
         "compiled %s at %dx%d in %.1f s", model.name, spec.width, spec.height, compiled.compile_s
     )
     return compiled.compile_s
+
+
+@contextmanager
+def no_recompiling() -> Iterator[None]:
+    """Pipeline calls within raise instead of recompiling a warmed function (a guard that
+    fails, e.g. on a LoRA switch): how tests prove the slots keep the graph."""
+    token = _STANCE.set("fail_on_recompile")
+    try:
+        yield
+    finally:
+        _STANCE.reset(token)
 
 
 @contextmanager

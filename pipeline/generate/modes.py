@@ -521,7 +521,7 @@ def _loras(cache, samples: Sequence[GenerateSpec], blobs, spec: GenerateSpec) ->
     if cache is None:
         raise JobError("LoRAs are not available on this worker")
     if all(lst == per_sample[0] for lst in per_sample):
-        with cache.activate(per_sample[0]):
+        with cache.activate(per_sample[0], images=len(samples)):
             yield
     else:
         with cache.activate_per_sample(per_sample, cfg=spec.cfg_scale > 1):

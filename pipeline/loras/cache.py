@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.contract.jobs import LoraRef
-from pipeline.loras import batch
+from pipeline.loras import batch, slots
 from pipeline.loras.formats import (
     FAMILY_NAMES,
     LayerDelta,
@@ -53,6 +53,7 @@ class LoraCache:
         self._loaded: OrderedDict[str, _Loaded] = OrderedDict()
         self.hits = 0
         self.misses = 0
+        self._unfit: dict[str, str | None] = {}  # adapter → why it cannot go in a slot
 
     def stats(self) -> dict[str, int]:
         return {
@@ -76,15 +77,14 @@ class LoraCache:
         return seen
 
     @contextmanager
-    def activate(self, loras: Sequence[tuple[LoraRef, Path]]) -> Iterator[None]:
-        """Run the pipeline (prompt encoding included) with these LoRAs at their weights."""
+    def activate(self, loras: Sequence[tuple[LoraRef, Path]], *, images: int = 1) -> Iterator[None]:
+        """Run the pipeline (prompt encoding included) with these LoRAs at their weights
+        (`images`: how many the call makes, for the UNet's LoRA slots)."""
         weights = self._prepare([loras])
         if not weights[0]:
             yield
             return
-        with batch.patched(
-            self._modules(), self._layers(weights), batch.RowPlan(weights, uniform=True)
-        ):
+        with self._apply(weights, batch.RowPlan(weights, uniform=True), images):
             yield
 
     @contextmanager
@@ -99,8 +99,60 @@ class LoraCache:
         encoders sample by sample with equal rows per sample.
         """
         weights = self._prepare(per_sample)
-        with batch.patched(self._modules(), self._layers(weights), batch.RowPlan(weights, cfg=cfg)):
+        with self._apply(weights, batch.RowPlan(weights, cfg=cfg), len(weights)):
             yield
+
+    @contextmanager
+    def _apply(
+        self, weights: list[dict[str, float]], plan: batch.RowPlan, images: int
+    ) -> Iterator[None]:
+        """UNet LoRAs in the UNet's slots when they all fit (`pipeline.loras.slots`),
+        text-encoder layers (and UNet LoRAs that do not fit) on the eager path."""
+        layers = self._layers(weights)
+        bank = slots.bank_of(getattr(self.pipe, "unet", None))
+        if bank is None or not self._into_slots(bank, weights, images):
+            with batch.patched(self._modules(), layers, plan):
+                yield
+            return
+        encoders = {key: entries for key, entries in layers.items() if key[0] != "unet"}
+        bank.set_rows(weights)
+        bank.stats.calls += 1
+        try:
+            with batch.patched(self._modules(), encoders, plan):
+                yield
+        finally:
+            bank.clear_rows()
+
+    def _into_slots(self, bank: Any, weights: list[dict[str, float]], images: int) -> bool:
+        """Copy the UNet LoRAs into slots if they all fit; else say why (eager path)."""
+        names = sorted({a for sample in weights for a in sample})
+        unet_layers = {}
+        for name in names:
+            found = {p: d for (m, p), d in self._loaded[name].layers.items() if m == "unet"}
+            if found:
+                unet_layers[name] = found
+        reason = None
+        if not unet_layers:
+            return True  # text-encoder LoRAs only: the UNet runs its (compiled) graph
+        if len(unet_layers) > bank.slots:
+            reason = f"{len(unet_layers)} UNet LoRAs > {bank.slots} slots"
+        elif 2 * images > bank.rows:
+            reason = f"{images} images > {bank.rows // 2} slot rows"
+        else:
+            for name, found in unet_layers.items():
+                if name not in self._unfit:
+                    self._unfit[name] = bank.unfit(found)
+                if self._unfit[name]:
+                    reason = self._unfit[name]
+                    break
+        if reason is not None:
+            bank.stats.eager += 1
+            bank.stats.reasons[reason] = bank.stats.reasons.get(reason, 0) + 1
+            log.info("LoRAs run on the eager path (not in slots): %s", reason)
+            return False
+        for name, found in unet_layers.items():
+            bank.ensure(name, found, keep=set(unet_layers))
+        return True
 
     def _layers(
         self, weights: list[dict[str, float]]

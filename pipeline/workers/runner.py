@@ -83,7 +83,12 @@ class Runner:
         if self.config.workers.compile:
             from pipeline.generate import compiled
 
-            compiled.warm(model, self.config.defaults)
+            loras, workers = self.config.loras, self.config.workers
+            # One UNet row per image, two with CFG: the largest call a batch makes.
+            rows = 2 * workers.batch_size * self.config.limits.max_count
+            compiled.warm(
+                model, self.config.defaults, slots=loras.slots, max_rank=loras.max_rank, rows=rows
+            )
 
     def run(
         self,
