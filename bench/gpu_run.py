@@ -105,6 +105,16 @@ def steps(dry: bool, out: Path, work: Path) -> list[Step]:
             + ["--repeats", "1", *threads],
             70 if not dry else DRY_BUDGET_S,
         ),
+        Step(
+            "bench_lora_slots SD 1.5, 512², 20 steps, fp16",
+            "13",
+            [*py, "bench/bench_lora_slots.py", "--model", sd15, "--device", device]
+            + ["--dtype", dtypes[0], "--size", "64" if dry else "512"]
+            + ["--steps", "1" if dry else "20", "--rounds", "1" if dry else "2", *threads]
+            # inductor's default mode on CUDA: max-autotune's kernel search would not fit
+            + ([] if dry else ["--cuda-mode", "default"]),
+            120 if not dry else DRY_BUDGET_S,
+        ),
         # HOOK: later figures go here, e.g.
         # Step("bench_pool on cuda", "4", [*py, "bench/bench_pool.py", ...], 40),
     ]

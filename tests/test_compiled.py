@@ -1,8 +1,10 @@
 """`[workers] compile = true`: the worker compiles the default size at start, a job at
-that size runs the compiled graph and gives the eager images (within a tolerance), and
-another size or a job with LoRAs runs eager without compiling.
+that size runs the compiled graph and gives the eager images (within a tolerance),
+another size runs eager without compiling, and LoRA jobs run in the graph's LoRA slots
+(`[loras] slots`) without recompiling it, or eager when their LoRAs do not fit.
 
-One compile in the whole file (the runner fixture's warm-up, ~20 s on a loaded CPU).
+Two compiles in the whole file: the runner fixture's warm-up at batch 1, and batch 4
+in the no-recompile test (~20-40 s each on a loaded CPU).
 """
 
 from __future__ import annotations
@@ -90,25 +92,76 @@ def test_unwarmed_size_and_batch_run_eager_without_compiling(runners):
     assert counters["stats"]["unique_graphs"] == graphs
 
 
-def test_a_job_with_a_lora_runs_eager_and_equals_the_eager_worker(runners, tmp_path):
+def _lora(runners, tmp_path, kind: str, seed: int) -> LoraRef:
+    """A LyCORIS-made file of `kind`, stored in both workers' blob stores."""
     from diffusers import StableDiffusionPipeline
 
     from tests.lycoris_files import write_lora
 
-    fast_runner = runners[True]
-    pipe = StableDiffusionPipeline.from_pretrained(fast_runner.config.model("default").source)
-    path = write_lora(tmp_path / "style.safetensors", pipe, "lora", seed=0)
+    pipe = StableDiffusionPipeline.from_pretrained(runners[True].config.model("default").source)
+    path = write_lora(tmp_path / f"{kind}-{seed}.safetensors", pipe, kind, seed=seed)
     data = path.read_bytes()
-    ref = LoraRef("style", hashlib.sha256(data).hexdigest(), 1.0)
-    runs = _compiled(fast_runner).runs
-    pngs = []
-    for runner in (runners[False], fast_runner):
-        assert runner.blobs.put(data, ".safetensors") == ref.sha256
-        pngs.append(_png(runner, _spec(loras=(ref,))))
-    # Eager on both; the compile worker's weights are channels_last (other conv kernels).
+    for runner in runners.values():
+        runner.blobs.put(data, ".safetensors")
+    return LoraRef(f"{kind}{seed}", hashlib.sha256(data).hexdigest(), 0.8)
+
+
+def _bank(runner):
+    from pipeline.loras.slots import bank_of
+
+    return bank_of(runner._model("default").pipe.unet)
+
+
+@pytest.mark.parametrize("kind,in_slots", [("locon", True), ("loha", False)])
+def test_a_lora_job_runs_compiled_in_slots_or_eager_and_equals_the_eager_worker(
+    runners, tmp_path, kind, in_slots
+):
+    """LoRA/LoCon go in the compiled graph's slots; a LoHa runs the eager path."""
+    fast_runner = runners[True]
+    ref = _lora(runners, tmp_path, kind, 0)
+    runs, calls = _compiled(fast_runner).runs, _bank(fast_runner).stats.calls
+    pngs = [_png(runner, _spec(loras=(ref,))) for runner in (runners[False], fast_runner)]
+    # The compile worker's weights are channels_last, its kernels inductor's.
     assert level_difference(pngs[0], pngs[1]) <= COMPILED_TOLERANCE_LEVELS
-    assert _compiled(fast_runner).runs == runs
+    assert _compiled(fast_runner).runs == runs + in_slots
+    assert _bank(fast_runner).stats.calls == calls + in_slots
     assert level_difference(pngs[1], _png(fast_runner, _spec())) > 0  # the LoRA did something
+
+
+def test_lora_switches_and_a_mixed_batch_of_4_never_recompile(runners, tmp_path):
+    """After warming batch 1 (the fixture) and batch 4 (here, without LoRAs): a job with
+    LoRA A, then B, then four jobs with four different LoRAs in one call all run the
+    compiled graphs, under the stance that raises on any recompile."""
+    from torch._dynamo.utils import counters
+
+    from pipeline.generate import compiled
+
+    fast_runner = runners[True]
+    refs = [_lora(runners, tmp_path, "lora", seed) for seed in range(3)]
+    refs.append(_lora(runners, tmp_path, "locon", 1))
+    batch = [(f"job{i}", _spec(seed=10 + i)) for i in range(4)]
+    with compiled.compiling():
+        events = []
+        fast_runner.run(batch, events.append, lambda job_id: False)
+        assert len([e for e in events if isinstance(e, Done)]) == 4
+    graphs, runs = counters["stats"]["unique_graphs"], _compiled(fast_runner).runs
+    calls, eager = _bank(fast_runner).stats.calls, _bank(fast_runner).stats.eager
+    with compiled.no_recompiling():
+        solo = [_png(fast_runner, _spec(seed=10 + i, loras=(refs[i],))) for i in range(2)]
+        events = []
+        mixed_jobs = [(f"m{i}", _spec(seed=10 + i, loras=(r,))) for i, r in enumerate(refs)]
+        fast_runner.run(mixed_jobs, events.append, lambda job_id: False)
+    done = {e.job_id: e.images[0].png for e in events if isinstance(e, Done)}
+    assert len(done) == 4, events
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert _compiled(fast_runner).runs == runs + 3  # A, B and the batch: all compiled
+    assert _bank(fast_runner).stats.calls == calls + 3
+    assert _bank(fast_runner).stats.eager == eager
+    # In the batch, A's and B's images are their solo images (within the tolerance of a
+    # batch against a solo call) and the LoRAs did differ.
+    for i in range(2):
+        assert level_difference(done[f"m{i}"], solo[i]) <= COMPILED_TOLERANCE_LEVELS
+    assert level_difference(done["m0"], _png(fast_runner, _spec(seed=10))) > 0
 
 
 def test_any_lora_mechanism_on_the_unet_means_eager():
