@@ -1,8 +1,9 @@
 """bench/gpu.sh --dry-run: every step of the GPU script runs on the CPU with the tiny
 models and writes the same outputs, so a typo cannot waste a lent GPU's minutes.
 
-About 35 s of CPU (five benchmark processes): not in the default run; `pytest -m
-gpu_dry_run tests/test_gpu_script.py` before lending the script a GPU."""
+About a minute of CPU (one benchmark process per step). It is in the default run: a
+benchmark that broke with a refactoring (it did, twice, while this test was opt-in)
+is found before a lent GPU's minutes are spent on it."""
 
 from __future__ import annotations
 
