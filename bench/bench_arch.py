@@ -229,7 +229,7 @@ def _train_case(args: argparse.Namespace, model, plain: bool):
     from dataclasses import replace
 
     from pipeline.contract.jobs import Limits, TrainSpec
-    from pipeline.training.loop import train_lora
+    from pipeline.training.loop import TrainOptions, TrainPhotos, train_lora
 
     photos = [_photo(args.size)] * 2
     spec = TrainSpec(
@@ -253,14 +253,14 @@ def _train_case(args: argparse.Namespace, model, plain: bool):
         train_lora(
             model.pipe,
             replace(spec, steps=1 if warmup else 2),
-            photos,
-            [],
-            [],
-            checkpoint_dir=Path(args.work) / f"ck{next(runs)}",
-            limits=Limits(),
-            sample_prompts=["x"],
-            sample_steps=1,
-            sample_size=min(args.size, 256),
+            TrainPhotos(photos),
+            TrainOptions(
+                checkpoint_dir=Path(args.work) / f"ck{next(runs)}",
+                limits=Limits(),
+                sample_prompts=["x"],
+                sample_steps=1,
+                sample_size=min(args.size, 256),
+            ),
         )
 
     return ours
@@ -290,12 +290,15 @@ def ensure_model(args: argparse.Namespace) -> str:
 def ensure_lora(model_dir: str, work: Path) -> str:
     path = work / "rank16.safetensors"
     if not path.exists():
+        import torch
         from diffusers import DiffusionPipeline
 
-        from tests.lycoris_files import write_lora
+        from tests.lycoris_files import make_lora
 
-        pipe = DiffusionPipeline.from_pretrained(model_dir)
-        write_lora(path, pipe, "kohya", rank=16, alpha=8.0)
+        # Half precision for making it: the LyCORIS library works on copies of the
+        # UNet and text encoders, and two fp32 SDXL UNets are 20 GB. The file is fp32.
+        pipe = DiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch.float16)
+        make_lora(path, pipe, "lora", rank=16, std=0.01)  # kohya LoRA, made by LyCORIS
         del pipe
     return str(path)
 

@@ -15,6 +15,7 @@ Prints a markdown table of seconds per image (median of the rounds). Run:
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -47,6 +48,12 @@ def main() -> None:
         "--no-untimed", action="store_true", help="skip the untimed first call (slow models)"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--out", type=Path, default=None, help="write bench_speed.json here")
+    parser.add_argument(
+        "--compile-mode",
+        default="",
+        help="torch.compile mode for this run (default: the worker's, max-autotune on CUDA)",
+    )
     args = parser.parse_args()
     quiet_libraries()
     if args.threads:
@@ -73,8 +80,12 @@ def main() -> None:
         ours = dict.fromkeys(wanted, load_model(entry, device=args.device, dtype=args.dtype))
     else:
         ours = {v: load_model(entry, device=args.device, dtype=args.dtype) for v in wanted}
+    if args.compile_mode:
+        compiled.CUDA_MODE = compiled.CPU_MODE = args.compile_mode
     if "compiled" in ours:
         compiled.prepare(ours["compiled"])
+    step_flops = unet_step_flops(plain, args.size, args.cfg)
+    peak = peak_tflops(args.device)
 
     def eager_call(model, spec) -> None:
         saved = model.__dict__.pop("_compiled", None)  # the hook then runs eager
@@ -84,12 +95,19 @@ def main() -> None:
             if saved is not None:
                 model._compiled = saved
 
+    card = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
     print(
         f"model {folder.name}, {args.size}², {args.steps} steps, CFG {args.cfg}, "
-        f"{args.sampler}, {torch.get_num_threads()} threads"
+        f"{args.sampler}, {torch.get_num_threads()} threads, {card}; one UNet step "
+        f"(all CFG rows of one image) {step_flops / 1e12:.3g} TFLOP"
+        + (f", card peak {peak:g} TFLOP/s dense" if peak else "")
     )
-    print("\n| batch | variant | s/image | images/s | vs plain | compile s |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(
+        "\n| batch | variant | s/image | images/s | vs plain | compile s | UNet TFLOP/s "
+        "| % of peak | peak memory |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    results: list[dict] = []
     for batch in args.batches:
         spec = GenerateSpec(
             prompt="a photo of a cat",
@@ -132,19 +150,79 @@ def main() -> None:
             if name != "compiled" and not args.no_untimed:
                 calls[name]()
         times: dict[str, list[float]] = {name: [] for name in args.variants}
+        memory: dict[str, float] = {}
         for _ in range(args.rounds):
             for name in args.variants:
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize(args.device)
+                    torch.cuda.reset_peak_memory_stats(args.device)
                 start = time.perf_counter()
                 calls[name]()
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize(args.device)
+                    memory[name] = torch.cuda.max_memory_allocated(args.device) / 2**30
                 times[name].append(time.perf_counter() - start)
         base = statistics.median(times["plain"]) if "plain" in times else None
         for name in args.variants:
             per_image = statistics.median(times[name]) / batch
             ratio = f"{base / batch / per_image:.2f}×" if base else "-"
             extra = f"{compile_s:.0f}" if name == "compiled" else ""
-            print(
-                f"| {batch} | {name} | {per_image:.3f} | {1 / per_image:.2f} | {ratio} | {extra} |"
+            # The whole call's time, not the UNet's alone: a lower bound of the UNet's rate.
+            achieved = step_flops * args.steps / per_image / 1e12
+            share = f"{100 * achieved / peak:.0f}%" if peak else "-"
+            mem = f"{memory[name]:.1f} GiB" if name in memory else "-"
+            row = [batch, name, f"{per_image:.3f}", f"{1 / per_image:.2f}", ratio, extra]
+            row += [f"{achieved:.3g}", share, mem]
+            print("| " + " | ".join(str(c) for c in row) + " |")
+            results.append(
+                {
+                    "batch": batch,
+                    "variant": name,
+                    "s_per_image": per_image,
+                    "vs_plain": base / batch / per_image if base else None,
+                    "compile_s": compile_s if name == "compiled" else None,
+                    "unet_tflops": achieved,
+                    "peak_share": achieved / peak if peak else None,
+                    "peak_memory_gib": memory.get(name),
+                }
             )
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        summary = {"card": card, "size": args.size, "steps": args.steps, "results": results}
+        (args.out / "bench_speed.json").write_text(json.dumps(summary, indent=1))
+
+
+# Dense fp16/bf16 tensor-core peaks (TFLOP/s, no sparsity) by card name, from NVIDIA's
+# data sheets: what "% of peak" is measured against.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
+
+
+def peak_tflops(device: str) -> float:
+    if not device.startswith("cuda"):
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    if "H100" in name and "PCIe" in name:
+        return 756.0
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
+
+
+def unet_step_flops(pipe, size: int, cfg: float) -> float:
+    """FLOPs of one denoising step of one image (both CFG rows), counted by torch's
+    FlopCounterMode on one UNet call at this size (matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = pipe.unet
+    rows = 2 if cfg > 1 else 1
+    latent = size // pipe.vae_scale_factor
+    sample = torch.zeros(rows, unet.config.in_channels, latent, latent)
+    context = torch.zeros(rows, 77, unet.config.cross_attention_dim)
+    parameter = next(unet.parameters())
+    sample = sample.to(parameter.device, parameter.dtype)
+    context = context.to(parameter.device, parameter.dtype)
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        unet(sample, torch.tensor(500, device=parameter.device), encoder_hidden_states=context)
+    return float(counter.get_total_flops())
 
 
 if __name__ == "__main__":

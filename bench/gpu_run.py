@@ -106,6 +106,19 @@ def steps(dry: bool, out: Path, work: Path) -> list[Step]:
             70 if not dry else DRY_BUDGET_S,
         ),
         Step(
+            "bench_speed SD 1.5, 512², 30 steps, fp16: plain / eager / compiled",
+            "13",
+            [*py, "bench/bench_speed.py", "--model", sd15, "--device", device]
+            + ["--dtype", dtypes[0], "--size", "64" if dry else "512"]
+            + ["--steps", "2" if dry else "30", "--batches", "1", "4"]
+            + ["--rounds", "1" if dry else "3", "--shared", "--out", str(out)]
+            # max-autotune tunes every kernel for minutes; the default mode compiles in
+            # about a minute and is what fits the device call.
+            + ["--compile-mode", "default", *threads],
+            120 if not dry else DRY_BUDGET_S,
+            writes="bench_speed.json",
+        ),
+        Step(
             "bench_lora_slots SD 1.5, 512², 20 steps, fp16",
             "13",
             [*py, "bench/bench_lora_slots.py", "--model", sd15, "--device", device]

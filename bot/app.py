@@ -17,6 +17,7 @@ from discord.ext import commands
 
 from bot.cogs import EXTENSIONS
 from bot.errors import SDCommandTree
+from bot.pacing import pace
 from bot.services import Services
 from bot.services.loras import register_server_loras
 from bot.views import DYNAMIC_ITEMS
@@ -58,6 +59,8 @@ class SDBot(commands.Bot):
     # -- start-up and shutdown ------------------------------------------------------------
 
     async def setup_hook(self) -> None:
+        # Below Discord's global 50 requests/s, which discord.py only reacts to.
+        self.pacer = pace(self.http)
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         self.add_dynamic_items(*DYNAMIC_ITEMS)

@@ -19,16 +19,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
-def pytest_collection_modifyitems(config, items):
-    """The GPU script's dry run (~35 s of CPU) runs only when asked: -m gpu_dry_run."""
-    if "gpu_dry_run" in (config.getoption("markexpr") or ""):
-        return
-    skip = pytest.mark.skip(reason="the GPU script's dry run: pytest -m gpu_dry_run")
-    for item in items:
-        if "gpu_dry_run" in item.keywords:
-            item.add_marker(skip)
-
-
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     """Tiny models run fastest on one thread; several oversubscribe a shared CPU (up to

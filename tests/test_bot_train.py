@@ -98,8 +98,10 @@ async def test_train_reports_the_dataset_trains_registers_and_deletes_photos(
         )
     assert "Held-out loss: base" in message["content"]
     assert "<lora:me:0.8>" in message["content"]
-    [grid] = message["attachments"]
-    assert Image.open(io.BytesIO(emu.attachment_data(grid))).size[0] >= 64
+    # Every sample image is posted (Discord shows up to 4 attachments as a mosaic).
+    samples = message["attachments"]
+    assert [a["filename"] for a in samples] == [f"me-sample-{i}.png" for i in (1, 2, 3, 4)]
+    assert all(Image.open(io.BytesIO(emu.attachment_data(a))).size[0] >= 64 for a in samples)
     assert lora["method"] == "lora" and lora["job_id"] == job and lora["size_bytes"] > 0
     blobs = BlobStore(config.storage.blobs)
     assert lora["sha256"] and blobs.exists(lora["sha256"])

@@ -258,4 +258,6 @@ def test_training_in_bfloat16_runs_to_a_kohya_file(tmp_path) -> None:
     [(name, data)] = done.files
     assert name == "me.safetensors" and data
     assert done.info["base_loss"] is not None and done.info["adapter_loss"] is not None
-    assert len(done.images) == 4  # the sample grid's images
+    assert len(done.images) == 4  # the sample images
+    # Scanned like any result (`[safety] detect`, on by default): the policy applies.
+    assert all(isinstance(image.nsfw, dict) for image in done.images)

@@ -2,7 +2,7 @@
 
 The command answers at once with the dataset report (which photos were used, which
 were not and why) and the queue position; a public progress message shows step,
-loss, ETA and a Cancel button; the result is a channel message with the sample grid,
+loss, ETA and a Cancel button; the result is a channel message with the sample images,
 the validation figures and how to use the model. Training photos are deleted when
 the job ends, whatever the outcome: only the prepared crops are ever stored, and
 only until then.
@@ -61,17 +61,38 @@ class TrainingMessages(JobMessages):
         except store.StoreError as exc:
             await self._final_status(row, tracked, f"Trained, but not saved: {exc}")
             return
-        files = []
-        samples = result.get("images") or []
-        if samples:
-            grid = await asyncio.to_thread(self.blobs.get, samples[0]["sha256"])
-            files.append(discord.File(io.BytesIO(grid), f"{spec['name']}-samples.png"))
+        files, note = await self._sample_files(row, result.get("images") or [])
         text = render.training_result_text(
             row["user_id"], spec, record, validation_summary(info), info
         )
+        if note:
+            text = render.truncate(f"{text}\n{note}", 2000)
         message = await self._channel(row).send(text, files=files)
         await self.db.call(store.set_job_messages, row["id"], message_id=str(message.id))
         await self._delete_progress(row, tracked)
+
+    async def _sample_files(self, row: dict, samples: list[dict]) -> tuple[list, str]:
+        """The sample images as attachments, and a note: they are results like any other,
+        so the server's NSFW policy applies (withheld, or spoilers, in a channel that is not
+        age-restricted) and Discord's upload limits are kept."""
+        if not samples:
+            return [], ""
+        base = row["spec"]["name"]
+        names = [f"{base}-sample-{i + 1}.png" for i in range(len(samples))]
+        stored = await asyncio.to_thread(self._pngs, row, samples)
+        pngs = [(name, data) for name, (_, data) in zip(names, stored)]
+        verdict = await self.safety.verdict(row, samples) if self.safety else None
+        if verdict is not None and verdict.blocked:
+            withheld = [png for i, png in enumerate(pngs) if i in verdict.blocked]
+            await self.safety.send_blocked(row, verdict, withheld)
+            pngs = [png for i, png in enumerate(pngs) if i not in verdict.blocked]
+        elif verdict is not None:
+            pngs = list(zip(verdict.filenames([name for name, _ in pngs]), (d for _, d in pngs)))
+        limit = self.upload_limits.get(row["id"]) or self._guild_limit(row)
+        uploads, note = await asyncio.to_thread(render.fit_uploads, pngs, limit)
+        if verdict is not None:
+            note = " ".join(n for n in (verdict.note(len(samples)), note) if n)
+        return [discord.File(io.BytesIO(u.data), u.filename) for u in uploads], note
 
 
 def _register_once(db, bot, row: dict) -> dict:

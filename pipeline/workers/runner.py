@@ -274,7 +274,9 @@ class Runner:
         )
         if isinstance(outcome, TrainingPaused):
             return Paused(job_id, step=outcome.step)
-        return _training_done(job_id, spec, outcome)
+        done = _training_done(job_id, spec, outcome)
+        # The sample grid is posted like any result: the server's NSFW policy applies.
+        return dataclasses.replace(done, images=tuple(self._checked_images(list(done.images))))
 
     # -- models -------------------------------------------------------------------------
 
