@@ -119,6 +119,9 @@ def main() -> None:
     parser.add_argument("--device", default="", help="default: cuda when there is one, else cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--cuda-mode", default="", help="torch.compile mode on CUDA")
+    parser.add_argument(
+        "--backend", default="inductor", help="torch.compile backend (aot_eager: dry runs)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--flops", action="store_true", help="only the SD 1.5 FLOP count")
     args = parser.parse_args()
@@ -143,6 +146,7 @@ def main() -> None:
 
     if args.cuda_mode:
         compiled.CUDA_MODE = args.cuda_mode
+    compiled.BACKEND = args.backend
     tmp = Path(tempfile.mkdtemp())
     folder = str(args.model or write_tiny_model(tmp / "tiny"))
     entry = ModelConfig(name="bench", source=str(folder))

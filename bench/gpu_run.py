@@ -124,8 +124,9 @@ def steps(dry: bool, out: Path, work: Path) -> list[Step]:
             [*py, "bench/bench_lora_slots.py", "--model", sd15, "--device", device]
             + ["--dtype", dtypes[0], "--size", "64" if dry else "512"]
             + ["--steps", "1" if dry else "20", "--rounds", "1" if dry else "2", *threads]
-            # inductor's default mode on CUDA: max-autotune's kernel search would not fit
-            + ([] if dry else ["--cuda-mode", "default"]),
+            # inductor's default mode on CUDA: max-autotune's kernel search would not fit;
+            # the dry run checks the commands on dynamo's aot_eager (no C++ codegen)
+            + (["--backend", "aot_eager"] if dry else ["--cuda-mode", "default"]),
             120 if not dry else DRY_BUDGET_S,
         ),
         # HOOK: later figures go here, e.g.

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 CUDA_MODE = "max-autotune"
 CPU_MODE = "default"  # measured in bench/bench_speed.py; see BENCHMARKS.md
+# torch.compile's backend. Tests and the GPU script's dry run that check dynamo's graphs
+# and guards (not inductor's kernels) set "aot_eager": the same capture, no codegen.
+BACKEND = "inductor"
 # The stance pipeline calls run under: only `warm` compiles new graphs.
 _STANCE = contextvars.ContextVar("sdbot_compile_stance", default="eager_on_recompile")
 
@@ -81,8 +84,8 @@ def prepare(model: Any, *, slots: int = 0, max_rank: int = 32, rows: int = 32) -
         except ValueError as exc:  # added-KV attention (not in SD 1.x / SDXL): unfused
             log.info("QKV projections not fused: %s", exc)
     mode = CUDA_MODE if str(model.device).startswith("cuda") else CPU_MODE
-    options = {"dynamic": False}
-    if mode != "default":
+    options: dict[str, Any] = {"dynamic": False, "backend": BACKEND}
+    if mode != "default" and BACKEND == "inductor":
         options["mode"] = mode
     compiled = Compiled(
         unet=torch.compile(unet, **options),
