@@ -206,3 +206,28 @@ def test_slot_keys_are_parsed_and_checked():
     for bad in ({"slots": -1}, {"max_rank": 0}, {"slots": True}, {"max_rank": 65}):
         with pytest.raises(ConfigError, match="loras.(slots|max_rank) must be a whole number"):
             config_from_dict({**base, "loras": bad})
+
+
+def test_sdxl_mixed_batch_in_slots_equals_the_eager_path(tiny_xl, tmp_path):
+    """SDXL: kohya's SGM-named files, the added-embedding layers, two text encoders."""
+    from diffusers import StableDiffusionXLPipeline
+
+    def pipe():
+        loaded = StableDiffusionXLPipeline.from_pretrained(tiny_xl)
+        loaded.set_progress_bar_config(disable=True)
+        return loaded
+
+    eager_pipe, slot_pipe = pipe(), pipe()
+    bank = slots.install(slot_pipe.unet, slots=4, max_rank=MAX_RANK, rows=8)
+    files = {
+        kind: make_lora(tmp_path / f"{kind}.safetensors", eager_pipe, kind, seed=seed).path
+        for kind, seed in (("lora", 0), ("locon", 1))
+    }
+    per_sample = [[ref(files, "lora", 0.8)], [ref(files, "locon", 1.0)], []]
+    images = []
+    for p in (eager_pipe, slot_pipe):
+        with LoraCache(p, max_bytes=1 << 30).activate_per_sample(per_sample, cfg=True):
+            images.append(run(p, ["a cat"] * 3, [1, 2, 3]))
+    assert bank.stats.calls == 1 and bank.stats.eager == 0
+    assert max(diff(s, e) for s, e in zip(images[1], images[0])) <= BOUND["float32"]
+    assert diff(images[1][1], run(slot_pipe, ["a cat"], [2])[0]) > 5  # the LoCon acted
