@@ -20,7 +20,7 @@ deterministic. Options:
     --out PATH      where to write (default: the committed file); written every
                     1000 steps too, so a run stopped early leaves its weights
 
-The committed weights (8,824 steps in all) were made by two runs, the second
+The committed weights (9,395 steps in all) were made by two runs, the second
 resumed from the first's output:
 
     python -m pipeline.models.train_tiny_vae --minutes 25
