@@ -21,7 +21,7 @@ deterministic. Options:
                     1000 steps too, so a run stopped early leaves its weights
 
 The committed weights (9,395 steps in all) were made by two runs, the first with
-this script as of commit a3d583a (3,661 steps, 2 threads), the second resumed from
+this script as of commit a3d583a (3,661 steps), the second resumed from
 its output (5,734 steps, 1 thread; runs are timed, so step counts vary by machine):
 
     python -m pipeline.models.train_tiny_vae --minutes 25
