@@ -54,6 +54,11 @@ def main() -> None:
         default="",
         help="torch.compile mode for this run (default: the worker's, max-autotune on CUDA)",
     )
+    parser.add_argument(
+        "--backend",
+        default="",
+        help="torch.compile backend (default inductor; aot_eager: the GPU script's dry run)",
+    )
     args = parser.parse_args()
     quiet_libraries()
     if args.threads:
@@ -82,6 +87,8 @@ def main() -> None:
         ours = {v: load_model(entry, device=args.device, dtype=args.dtype) for v in wanted}
     if args.compile_mode:
         compiled.CUDA_MODE = compiled.CPU_MODE = args.compile_mode
+    if args.backend:
+        compiled.BACKEND = args.backend
     if "compiled" in ours:
         compiled.prepare(ours["compiled"])
     step_flops = unet_step_flops(plain, args.size, args.cfg)
