@@ -152,7 +152,7 @@ class ControlNetCache:
             self._nets.move_to_end(name)
             net = self._nets[name][0]
         else:
-            net = self._load(entry)
+            net = self._load(entry, unet)
             size = sum(p.numel() * p.element_size() for p in net.parameters())
             self._nets[name] = (net, size)
             self._evict()
@@ -171,17 +171,22 @@ class ControlNetCache:
             evicted, _ = self._nets.popitem(last=False)
             log.info("ControlNet %s evicted from the cache", evicted)
 
-    def _load(self, entry: Any) -> Any:
+    def _load(self, entry: Any, unet: Any) -> Any:
         from diffusers import ControlNetModel
+
+        from pipeline.control.controlnet_file import load_controlnet_file
 
         source = entry.source
         path = Path(source)
         self.loads += 1
         try:
             if path.suffix in (".safetensors", ".ckpt", ".pth", ".bin") and path.is_file():
-                net = ControlNetModel.from_single_file(str(path), torch_dtype=self.dtype)
+                # Offline: the configuration is derived from the file and the base model.
+                net = load_controlnet_file(path, self.dtype, unet.config, entry.name)
             else:
                 net = ControlNetModel.from_pretrained(source, torch_dtype=self.dtype)
+        except JobError:
+            raise
         except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds for bad files
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
             raise JobError(

@@ -253,8 +253,10 @@ def write_tiny_config(
         'devices = ["cpu"]',
         "",
     ]
-    models = {"depth_model": depth, "pose_model": pose, "segmentation_model": segmentation}
-    control = [f'{key} = "./{key[: -len("_model")]}"' for key, wanted in models.items() if wanted]
+    folders = {"depth_model": depth, "pose_model": pose, "segmentation_model": segmentation}
+    control = [f'{key} = "./{key[: -len("_model")]}"' for key, on in folders.items() if on]
+    if pose:
+        control.append('pose_detector = "./pose_detector"')
     if control:
         lines += ["[control]", *control, ""]
     if controlnet:
