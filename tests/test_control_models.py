@@ -323,3 +323,17 @@ def test_prompt_editing_and_and_with_a_controlnet_alone_and_in_a_batch(setup):
         image = Image.open(io.BytesIO(alone.png))
         assert image.size == (64, 64)
         assert parse_infotext(alone.infotext)["ControlNet 0"].startswith("Module: canny")
+
+
+def test_each_and_part_gets_the_controlnet_residuals_of_its_own_text(setup):
+    # u + 0·(c_cat − u) + 1·(c_dog − u) = c_dog: the same as "a dog" alone, if the
+    # ControlNet ran on the dog part's own text (as sd-webui-controlnet runs it inside the
+    # UNet), not on the first part's; in every control mode.
+    sha = setup[4]["astronaut"]
+    for mode in ("Balanced", "ControlNet is more important"):
+        unit = ControlUnit("folder", sha, control_mode=mode)
+        [[both]] = run(setup, spec(prompt="a cat :0 AND a red dog", control=(unit,)))
+        [[dog]] = run(setup, spec(prompt="a red dog", control=(unit,)))
+        assert level_difference(both.png, dog.png) <= BATCH_TOLERANCE_LEVELS, mode
+        [[cat]] = run(setup, spec(prompt="a cat", control=(unit,)))
+        assert level_difference(both.png, cat.png) > 10, mode

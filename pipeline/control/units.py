@@ -74,9 +74,14 @@ class ControlStack(MultiControlNetModel):
                 n = len(down) + 1
                 down = [d * SOFT_INJECTION ** (n - 1 - i) for i, d in enumerate(down)]
             if mode == "ControlNet is more important" and getattr(self, "cfg", False):
-                # diffusers orders the CFG batch [unconditional, conditional].
+                # diffusers orders the CFG batch [unconditional, conditional]; under prompt
+                # editing / AND the rows are the scheduled UNet's (pipeline.control.scheduled).
                 mark = torch.ones(sample.shape[0], 1, 1, 1, dtype=mid.dtype, device=mid.device)
-                mark[: sample.shape[0] // 2] = 0
+                uncond = getattr(self, "uncond_rows", None)
+                if uncond is None:
+                    mark[: sample.shape[0] // 2] = 0
+                else:
+                    mark[uncond.to(mark.device)] = 0
                 down = [d * mark for d in down]
                 mid = mid * mark
             if down_total is None:
