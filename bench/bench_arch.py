@@ -229,7 +229,7 @@ def _train_case(args: argparse.Namespace, model, plain: bool):
     from dataclasses import replace
 
     from pipeline.contract.jobs import Limits, TrainSpec
-    from pipeline.training.loop import train_lora
+    from pipeline.training.loop import TrainOptions, TrainPhotos, train_lora
 
     photos = [_photo(args.size)] * 2
     spec = TrainSpec(
@@ -250,17 +250,15 @@ def _train_case(args: argparse.Namespace, model, plain: bool):
     runs = iter(range(10))
 
     def ours(warmup: bool) -> None:
-        train_lora(
-            model.pipe,
-            replace(spec, steps=1 if warmup else 2),
-            photos,
-            [],
-            [],
+        options = TrainOptions(
             checkpoint_dir=Path(args.work) / f"ck{next(runs)}",
             limits=Limits(),
             sample_prompts=["x"],
             sample_steps=1,
             sample_size=min(args.size, 256),
+        )
+        train_lora(
+            model.pipe, replace(spec, steps=1 if warmup else 2), TrainPhotos(photos), options
         )
 
     return ours
@@ -292,10 +290,10 @@ def ensure_lora(model_dir: str, work: Path) -> str:
     if not path.exists():
         from diffusers import DiffusionPipeline
 
-        from tests.lycoris_files import write_lora
+        from tests.lycoris_files import make_lora
 
         pipe = DiffusionPipeline.from_pretrained(model_dir)
-        write_lora(path, pipe, "kohya", rank=16, alpha=8.0)
+        make_lora(path, pipe, "lora", rank=16)  # (write_lora no longer takes a rank)
         del pipe
     return str(path)
 
