@@ -153,8 +153,16 @@ def openpose(array: np.ndarray, source: str, detector: str = "", device: str = "
         return canvas  # nobody found: an empty map, as the extension gives
     processor, model = _pose_model(source, device)
     inputs = processor(image, boxes=[boxes], return_tensors="pt").to(device)
+    if getattr(model.config.backbone_config, "num_experts", 1) > 1:
+        # ViTPose++ (mixture of experts): expert 0 is COCO's.
+        inputs["dataset_index"] = torch.zeros(len(boxes), dtype=torch.long, device=device)
     with torch.no_grad():
         outputs = model(**inputs)
+    if outputs.heatmaps.shape[1] < 17:
+        raise JobError(
+            f"the pose model {source!r} predicts {outputs.heatmaps.shape[1]} keypoints; "
+            "openpose needs COCO's 17 body keypoints (a ViTPose COCO model)"
+        )
     people = processor.post_process_pose_estimation(outputs, boxes=[boxes])[0]
     skeletons = [
         openpose_keypoints(

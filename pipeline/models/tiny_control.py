@@ -140,7 +140,8 @@ def _image_processor(name: str):
     return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
 
 
-def write_tiny_pose(directory: str | Path) -> Path:
+def write_tiny_pose(directory: str | Path, *, experts: int = 1) -> Path:
+    """`experts` > 1: a ViTPose++ (mixture-of-experts backbone, one expert per dataset)."""
     import torch
     from transformers import VitPoseBackboneConfig, VitPoseConfig, VitPoseForPoseEstimation
 
@@ -154,6 +155,7 @@ def write_tiny_pose(directory: str | Path) -> Path:
         num_attention_heads=4,
         mlp_ratio=2,
         part_features=8,
+        num_experts=experts,
     )
     config = VitPoseConfig(backbone_config=backbone, num_labels=17)  # COCO's 17 keypoints
     VitPoseForPoseEstimation(config).save_pretrained(directory, safe_serialization=True)
