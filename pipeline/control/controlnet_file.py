@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -134,7 +135,10 @@ def config_folder(config: dict) -> Path:
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     folder = Path(tempfile.gettempdir()) / "sdbot-controlnet-configs" / digest
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(text, encoding="utf-8")
+    if not (folder / "config.json").exists():  # written whole, then renamed: workers race
+        part = folder / f"config.json.{os.getpid()}"
+        part.write_text(text, encoding="utf-8")
+        os.replace(part, folder / "config.json")
     return folder
 
 
