@@ -340,3 +340,64 @@ def test_each_and_part_gets_the_controlnet_residuals_of_its_own_text(setup):
         assert level_difference(both.png, dog.png) <= BATCH_TOLERANCE_LEVELS, mode
         [[cat]] = run(setup, spec(prompt="a cat", control=(unit,)))
         assert level_difference(both.png, cat.png) > 10, mode
+
+
+def test_the_derived_config_of_an_sd15_controlnet_is_what_diffusers_makes_of_its_yaml():
+    """A real SD 1.5 ControlNet's shapes (ControlNet's cldm.py: `input_hint_block` is
+    conv(3→16), conv(16→16), conv(16→32, /2), conv(32→32), conv(32→96, /2), conv(96→96),
+    conv(96→256, /2), zero conv(256→320), SiLU between) with the SD 1.5 UNet's config
+    give the configuration diffusers derives from the original `cldm_v15.yaml`."""
+    import json
+    from pathlib import Path
+
+    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
+
+    from pipeline.control.controlnet_file import controlnet_config
+
+    widths = [(16, 3), (16, 16), (32, 16), (32, 32), (96, 32), (96, 96), (256, 96), (320, 256)]
+    shapes = {
+        f"control_model.input_hint_block.{2 * i}.weight": (o, c, 3, 3)
+        for i, (o, c) in enumerate(widths)
+    }
+    shapes["control_model.input_blocks.0.0.weight"] = (320, 4, 3, 3)
+    shapes["control_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"] = (320, 768)
+    root = Path(__file__).resolve().parent.parent
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    with init_empty_weights():  # the SD 1.5 UNet's whole config, without its weights
+        sd15 = json.loads((root / "bench/configs/sd15_unet.json").read_text())
+        unet = UNet2DConditionModel.from_config(sd15).config
+    ours = controlnet_config(shapes, unet, "canny")
+    stage = {  # cldm_v15.yaml's control_stage_config (lllyasviel/ControlNet, models/)
+        "in_channels": 4, "hint_channels": 3, "model_channels": 320,
+        "attention_resolutions": [4, 2, 1], "num_res_blocks": 2, "channel_mult": [1, 2, 4, 4],
+        "num_heads": 8, "use_spatial_transformer": True, "transformer_depth": 1,
+        "context_dim": 768, "use_checkpoint": True, "legacy": False, "image_size": 32,
+    }  # fmt: skip
+    original = {
+        "model": {
+            "params": {
+                "control_stage_config": {"params": stage},
+                "unet_config": {"params": {**stage, "out_channels": 4}},
+                "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2, 4, 4]}}},
+            }
+        }
+    }
+    # diffusers' create_controlnet_diffusers_config_from_ldm (0.42.1 calls its UNet helper
+    # without the checkpoint, so it cannot run): these keys of the UNet's, and the hint's.
+    unet_keys = [
+        "in_channels", "down_block_types", "block_out_channels", "layers_per_block",
+        "cross_attention_dim", "attention_head_dim", "use_linear_projection",
+        "class_embed_type", "addition_embed_type", "addition_time_embed_dim",
+        "projection_class_embeddings_input_dim", "transformer_layers_per_block",
+    ]  # fmt: skip
+    derived = create_unet_diffusers_config_from_ldm(original, {}, image_size=512)
+    theirs = {key: derived[key] for key in unet_keys}
+    theirs["conditioning_channels"] = stage["hint_channels"]
+    for key, value in theirs.items():
+        mine = ours.get(key)
+        assert (list(mine) if isinstance(mine, tuple) else mine) == (
+            list(value) if isinstance(value, tuple) else value
+        ), key
+    assert ours["conditioning_embedding_out_channels"] == [16, 32, 96, 256]

@@ -107,11 +107,11 @@ def controlnet_config(shapes: dict[str, tuple[int, ...]], unet_config: Any, name
             "controlnet_cond_embedding weights); give a ControlNet .safetensors"
         )
     cross = next((v[1] for k, v in shapes.items() if k.endswith("attn2.to_k.weight")), None)
-    mine = unet_config
+    mine = dict(unet_config)  # the UNet's config (a FrozenDict, or a plain dict)
     if (
-        first_width != mine.block_out_channels[0]
-        or (cross is not None and cross != mine.cross_attention_dim)
-        or xl != (mine.addition_embed_type == "text_time")
+        first_width != mine["block_out_channels"][0]
+        or (cross is not None and cross != mine.get("cross_attention_dim"))
+        or xl != (mine.get("addition_embed_type") == "text_time")
     ):
         raise JobError(
             f"ControlNet '{name}' does not fit this model (it was made for another base "
