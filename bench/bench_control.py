@@ -8,11 +8,19 @@ preprocessing, the image encoder, VAE decode). Prints a markdown table.
     python bench/bench_control.py                       # tiny model, 64²
     python bench/arch_model.py sd15 /tmp/sd15-arch
     python bench/bench_control.py --model /tmp/sd15-arch --size 256 --runs 2
+    python bench/bench_control.py --preprocessors       # and each preprocessor's time
+    python bench/bench_control.py --and-prompt          # and `a AND b` with and without a unit
 
 With --model, the ControlNet is built at that model's size (`ControlNetModel.from_unet`:
 the published SD 1.5 ControlNet architecture, random weights) and the IP-Adapter at the
 real SD 1.5 IP-Adapter's shapes (4 image tokens from a 1024-d CLIP embedding); its
 image encoder stays tiny, since it runs once per job, not per step.
+
+--preprocessors adds a table of each preprocessor's time on the 512² astronaut (processor
+resolution 512, on --device). depth, openpose and seg_ofade20k run tiny random-weight
+transformers models there (no real weights are available offline): their figure is the
+work around the model (resizing, drawing, painting) plus a tiny net, and checks that
+they run on the device, not what a real model costs.
 """
 
 from __future__ import annotations
@@ -38,6 +46,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--preprocessors", action="store_true", help="also time preprocessors")
+    parser.add_argument("--and-prompt", action="store_true", help="also `a AND b` prompts")
     args = parser.parse_args()
     quiet_libraries()
     if args.threads:
@@ -83,10 +93,16 @@ def main() -> None:
         "2 ControlNets": {"control": (ControlUnit("canny", photo), ControlUnit("lines", photo))},
         "IP-Adapter": {"reference": Reference("ref", (photo,))},
     }
+    if args.and_prompt:
+        # AND: 3 UNet rows per step; with a unit the ControlNet runs on each row's text.
+        both = {"prompt": "a photo of an astronaut AND a red planet, high quality"}
+        variants["none, a AND b"] = both
+        variants["1 ControlNet, a AND b"] = {**both, "control": variants["1 ControlNet"]["control"]}
 
     def job(steps: int, extra: dict) -> GenerateSpec:
+        extra = dict(extra)
         return GenerateSpec(
-            "a photo of an astronaut, high quality",
+            extra.pop("prompt", "a photo of an astronaut, high quality"),
             negative_prompt="blurry",
             sampler="Euler a",
             steps=steps,
@@ -122,6 +138,47 @@ def main() -> None:
     for name, values in per_step.items():
         median = statistics.median(values)
         print(f"| {name} | {median * 1000:.1f} | {median / base:.2f} |")
+    if args.preprocessors:
+        preprocessor_table(work, args.device, max(args.runs, 3))
+
+
+def preprocessor_table(work: Path, device: str, runs: int) -> None:
+    from PIL import Image
+    from skimage import data
+
+    from pipeline.control.preprocessors import run_preprocessor
+    from pipeline.models import tiny_control
+
+    models = {
+        "depth_model": str(tiny_control.write_tiny_depth(work / "depth")),
+        "pose_model": str(tiny_control.write_tiny_pose(work / "pose")),
+        "segmentation_model": str(tiny_control.write_tiny_segmentation(work / "seg")),
+    }
+    detector = str(tiny_control.write_tiny_person_detector(work / "detector"))
+    photo = Image.fromarray(data.astronaut())
+    cases = {
+        "canny": {"threshold_a": 100, "threshold_b": 200},
+        "lineart_standard": {},
+        "scribble_xdog": {"threshold_a": 32},
+        "depth (tiny DPT)": {"name": "depth"},
+        "openpose (tiny ViTPose, whole image)": {"name": "openpose"},
+        "openpose (tiny ViTPose + tiny RT-DETR)": {"name": "openpose", "pose_detector": detector},
+        "seg_ofade20k (tiny SegFormer)": {"name": "seg_ofade20k"},
+    }
+    print(f"\npreprocessors, 512² photo, processor res 512, {device}, median of {runs}\n")
+    print("| preprocessor | ms |")
+    print("|---|---:|")
+    for label, extra in cases.items():
+        extra = dict(extra)
+        name = extra.pop("name", label)
+
+        def once(name: str = name, extra: dict = extra) -> float:
+            start = time.perf_counter()
+            run_preprocessor(name, photo, res=512, device=device, **models, **extra)
+            return time.perf_counter() - start
+
+        once()  # loads the model
+        print(f"| {label} | {statistics.median(once() for _ in range(runs)) * 1000:.1f} |")
 
 
 if __name__ == "__main__":

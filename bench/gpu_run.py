@@ -104,6 +104,15 @@ def steps(dry: bool, out: Path, work: Path) -> list[Step]:
             70 if not dry else DRY_BUDGET_S,
         ),
         Step(
+            "bench_control SD 1.5, 512², ControlNet units and IP-Adapter, preprocessors",
+            "14",
+            [*py, "bench/bench_control.py", "--model", sd15, "--device", device]
+            + ["--size", "64" if dry else "512", "--runs", "1" if dry else "3"]
+            + ["--short", "1" if dry else "2", "--long", "2" if dry else "10"]
+            + ["--preprocessors", "--and-prompt", *threads],
+            50 if not dry else DRY_BUDGET_S,
+        ),
+        Step(
             "bench_arch SDXL, 1024², fp16 and bf16",
             "11",
             [*py, "bench/bench_arch.py", "--arch", "tiny-xl" if dry else "sdxl"]

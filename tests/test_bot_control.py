@@ -14,7 +14,12 @@ pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(600
 
 @pytest.fixture
 def config(emu, shared_pool, tiny_sd, tmp_path, tiny_control):  # noqa: F811
-    return make_config(tiny_sd, data_dir_for(shared_pool, tmp_path), emu, **tiny_control)
+    # Two more units whose preprocessor needs a model nobody configured: hidden, refused.
+    net = tiny_control["controlnets"]["pose"]["source"]
+    hidden = {"openpose": "openpose", "seg": "seg_ofade20k"}
+    units = {name: {"source": net, "preprocessor": pre} for name, pre in hidden.items()}
+    sections = {**tiny_control, "controlnets": {**tiny_control["controlnets"], **units}}
+    return make_config(tiny_sd, data_dir_for(shared_pool, tmp_path), emu, **sections)
 
 
 def picture(name: str, size: int = 96) -> bytes:
@@ -58,7 +63,7 @@ async def test_img2img_with_a_photo_and_a_control_image(emu, shared_pool, config
         assert posed["ControlNet 1"].startswith("Module: ip-adapter_clip_sd15, Model: tiny [")
 
         choices = await emu.send_autocomplete("imagine", {"prompt": "x", "control": "p"}, "control")
-        assert [c["value"] for c in choices] == ["pose"]
+        assert [c["value"] for c in choices] == ["pose"]  # not openpose: no pose_model
 
         # Bad input: one ephemeral line each, nothing queued.
         text = attach(emu, b"just words", "notes.txt", content_type="text/plain")
@@ -67,6 +72,12 @@ async def test_img2img_with_a_photo_and_a_control_image(emu, shared_pool, config
             ("imagine", {"control": "canny"}, "needs a control_image"),
             ("imagine", {"reference": text}, "not an image"),
             ("imagine", {"control_weight": 1.5}, "control_weight needs a control"),
+            (
+                "imagine",
+                {"control": "openpose", "control_image": edges},
+                "preprocessor 'openpose' needs a model and none is configured ([control] "
+                "pose_model)",
+            ),
         ]
         for command, extra, expected in cases:
             record = await emu.send_command(command, {"prompt": "a cat", **extra})

@@ -19,6 +19,12 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--controlnet", action="store_true", help="also a tiny ControlNet")
     parser.add_argument("--ip-adapter", action="store_true", help="also a tiny IP-Adapter")
     parser.add_argument("--depth", action="store_true", help="also a tiny depth model")
+    parser.add_argument(
+        "--pose", action="store_true", help="also a tiny pose model and person detector (openpose)"
+    )
+    parser.add_argument(
+        "--segmentation", action="store_true", help="also a tiny ADE20K segmentation model"
+    )
     parser.set_defaults(handler=tiny_model)
 
 
@@ -33,13 +39,13 @@ def tiny_model(args: argparse.Namespace) -> int:
 
         checkpoint = export_folder(path, path / "model.safetensors")
         print(f"and its single-file checkpoint to {checkpoint}")
-    if args.controlnet or args.ip_adapter or args.depth:
+    if args.controlnet or args.ip_adapter or args.depth or args.pose or args.segmentation:
         write_control_files(args, path)
     return 0
 
 
 def write_control_files(args: argparse.Namespace, path: Path) -> None:
-    """The tiny ControlNet / IP-Adapter / depth model beside the model, and
+    """The tiny ControlNet / IP-Adapter / depth, pose, segmentation models beside the model, and
     DIR/config.toml naming them all."""
     from bot.cli.common import CliError
     from pipeline.models import tiny_control
@@ -52,7 +58,18 @@ def write_control_files(args: argparse.Namespace, path: Path) -> None:
         tiny_control.write_tiny_ip_adapter(path, path / "ip_adapter")
     if args.depth:
         tiny_control.write_tiny_depth(path / "depth")
+    if args.pose:
+        tiny_control.write_tiny_pose(path / "pose")
+        tiny_control.write_tiny_person_detector(path / "pose_detector")
+    if args.segmentation:
+        tiny_control.write_tiny_segmentation(path / "segmentation")
     config = tiny_control.write_tiny_config(
-        path, xl=args.xl, controlnet=args.controlnet, ip_adapter=args.ip_adapter, depth=args.depth
+        path,
+        xl=args.xl,
+        controlnet=args.controlnet,
+        ip_adapter=args.ip_adapter,
+        depth=args.depth,
+        pose=args.pose,
+        segmentation=args.segmentation,
     )
     print(f"and its ControlNet/IP-Adapter files, and {config}")

@@ -150,6 +150,9 @@ class IPAdapterConfig:
 class ControlConfig:
     cache_mb: int = 4096  # ControlNets kept loaded on a worker, by size (LRU)
     depth_model: str = ""  # transformers depth-estimation Hub id or folder; "" = no depth
+    pose_model: str = ""  # ViTPose (VitPoseForPoseEstimation) Hub id or folder; "" = no openpose
+    pose_detector: str = ""  # object-detection model for the person boxes; "" = whole image
+    segmentation_model: str = ""  # ADE20K image-segmentation Hub id or folder; "" = no seg
 
 
 @dataclass(frozen=True)
@@ -275,7 +278,14 @@ def config_from_dict(
         if not data_dir.is_absolute():
             sections["storage"] = StorageConfig(data_dir=str(base_dir / data_dir))
     if "control" in sections and base_dir is not None:
-        sections["control"] = _relative(sections["control"], ("depth_model",), base_dir)
+        sections["control"] = _relative(
+            sections["control"],
+            ("depth_model", "pose_model", "pose_detector", "segmentation_model"),
+            base_dir,
+        )
+    control = sections.get("control")
+    if control is not None and control.pose_detector and not control.pose_model:
+        raise ConfigError(f"{path} [control]: pose_detector is set but pose_model is not")
     if "workers" in sections:
         _check_workers(sections["workers"], path)
     if "loras" in sections:

@@ -31,8 +31,22 @@ PREPROCESSORS: dict[str, tuple[bool, float, float]] = {
     "scribble_xdog": (False, 32.0, -1),  # Threshold A: XDoG threshold
     "lineart_standard": (False, -1, -1),
     "depth": (True, -1, -1),  # transformers depth-estimation model, [control] depth_model
+    "openpose": (True, -1, -1),  # ViTPose body keypoints drawn as OpenPose, [control] pose_model
+    "seg_ofade20k": (True, -1, -1),  # ADE20K segmentation, [control] segmentation_model
 }
-PREPROCESSOR_ALIASES = {"scribble": "scribble_xdog", "depth_midas": "depth", "": ""}
+PREPROCESSOR_ALIASES = {
+    "scribble": "scribble_xdog",
+    "depth_midas": "depth",
+    "seg_ufade20k": "seg_ofade20k",
+    "segmentation": "seg_ofade20k",
+    "": "",
+}
+# The [control] key naming the model of each preprocessor that needs one.
+MODEL_KEYS = {
+    "depth": "depth_model",
+    "openpose": "pose_model",
+    "seg_ofade20k": "segmentation_model",
+}
 
 
 def canonical_preprocessor(name: str) -> str:
@@ -151,7 +165,8 @@ def check_against_config(
         if pre not in available_preprocessors(config):
             raise JobError(
                 f"preprocessor '{pre}' needs a model and none is configured "
-                "([control] depth_model); use another preprocessor or 'none'"
+                f"([control] {MODEL_KEYS.get(pre, 'depth_model')}); use another preprocessor "
+                "or 'none'"
             )
     if reference is not None:
         entry = config.ip_adapters.get(reference.name)
@@ -173,8 +188,7 @@ def available_preprocessors(config: Any) -> list[str]:
     """The preprocessors a member may pick: model-free ones, plus those whose model the
     admin configured."""
     names = [name for name, (needs_model, _, _) in PREPROCESSORS.items() if not needs_model]
-    if getattr(config.control, "depth_model", ""):
-        names.append("depth")
+    names += [name for name, key in MODEL_KEYS.items() if getattr(config.control, key, "")]
     return names
 
 

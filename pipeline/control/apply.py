@@ -174,6 +174,9 @@ def _control_map(
         threshold_a=a,
         threshold_b=b,
         depth_model=cache.config.control.depth_model,
+        pose_model=cache.config.control.pose_model,
+        pose_detector=cache.config.control.pose_detector,
+        segmentation_model=cache.config.control.segmentation_model,
         device=device,
     )
     if crop is not None and source is not None:

@@ -5,8 +5,9 @@ processor resolution (padded to a multiple of 64 while it works, like the extens
 `resize_image_with_pad`), and returns the control map. The map is then fitted to the
 generation size by the unit's resize mode: Crop and Resize (cover, centre crop),
 Resize and Fill (fit, pad with the border's median colour), Just Resize (stretch).
-`depth` needs a model (transformers' depth-estimation pipeline) that the admin
-configures; the others are OpenCV/numpy only.
+`depth`, `openpose` and `seg_ofade20k` need a model that the admin configures
+(transformers' depth-estimation pipeline; ViTPose, see `pose`; an ADE20K segmentation
+model, see `segmentation`); the others are OpenCV/numpy only.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from pipeline.contract.control import canonical_preprocessor
+from pipeline.contract.control import MODEL_KEYS, canonical_preprocessor
 from pipeline.contract.jobs import JobError
 
 
@@ -113,6 +114,20 @@ def depth(image: np.ndarray, res: int, source: str, device: str = "cpu") -> np.n
     return remove_pad((scaled * 255.0).clip(0, 255).astype(np.uint8))
 
 
+def openpose(array: np.ndarray, res: int, source: str, detector: str, device: str) -> np.ndarray:
+    from pipeline.control.pose import openpose as draw
+
+    padded, remove_pad = _resize_with_pad(array, res)
+    return remove_pad(draw(padded, source, detector, device))
+
+
+def seg_ofade20k(array: np.ndarray, res: int, source: str, device: str) -> np.ndarray:
+    from pipeline.control.segmentation import segmentation
+
+    padded, remove_pad = _resize_with_pad(array, res)
+    return remove_pad(segmentation(padded, source, device))
+
+
 def run_preprocessor(
     name: str,
     image: Image.Image,
@@ -121,9 +136,13 @@ def run_preprocessor(
     threshold_a: float = -1,
     threshold_b: float = -1,
     depth_model: str = "",
+    pose_model: str = "",
+    pose_detector: str = "",
+    segmentation_model: str = "",
     device: str = "cpu",
 ) -> Image.Image:
-    """The control map of `image` (RGB) for preprocessor `name`."""
+    """The control map of `image` (RGB) for preprocessor `name`; the `*_model` arguments
+    are the [control] models of the preprocessors that need one ("" = none)."""
     name = canonical_preprocessor(name)
     array = np.asarray(image.convert("RGB"))
     steps: dict[str, Callable[[], np.ndarray]] = {
@@ -134,12 +153,15 @@ def run_preprocessor(
         "invert": lambda: invert(array),
         "lineart_standard": lambda: lineart_standard(array, res),
     }
-    if name == "depth":
-        if not depth_model:
-            raise JobError(
-                "preprocessor 'depth' needs a model and none is configured ([control] depth_model)"
-            )
-        steps["depth"] = lambda: depth(array, res, depth_model, device)
+    models = {"depth": depth_model, "openpose": pose_model, "seg_ofade20k": segmentation_model}
+    if name in models and not models[name]:
+        raise JobError(
+            f"preprocessor '{name}' needs a model and none is configured "
+            f"([control] {MODEL_KEYS[name]})"
+        )
+    steps["depth"] = lambda: depth(array, res, depth_model, device)
+    steps["openpose"] = lambda: openpose(array, res, pose_model, pose_detector, device)
+    steps["seg_ofade20k"] = lambda: seg_ofade20k(array, res, segmentation_model, device)
     if name not in steps:
         raise JobError(f"unknown preprocessor {name!r}")
     return Image.fromarray(_hwc3(steps[name]()))

@@ -74,9 +74,14 @@ class ControlStack(MultiControlNetModel):
                 n = len(down) + 1
                 down = [d * SOFT_INJECTION ** (n - 1 - i) for i, d in enumerate(down)]
             if mode == "ControlNet is more important" and getattr(self, "cfg", False):
-                # diffusers orders the CFG batch [unconditional, conditional].
+                # diffusers orders the CFG batch [unconditional, conditional]; under prompt
+                # editing / AND the rows are the scheduled UNet's (pipeline.control.scheduled).
                 mark = torch.ones(sample.shape[0], 1, 1, 1, dtype=mid.dtype, device=mid.device)
-                mark[: sample.shape[0] // 2] = 0
+                uncond = getattr(self, "uncond_rows", None)
+                if uncond is None:
+                    mark[: sample.shape[0] // 2] = 0
+                else:
+                    mark[uncond.to(mark.device)] = 0
                 down = [d * mark for d in down]
                 mid = mid * mark
             if down_total is None:
@@ -152,7 +157,7 @@ class ControlNetCache:
             self._nets.move_to_end(name)
             net = self._nets[name][0]
         else:
-            net = self._load(entry)
+            net = self._load(entry, unet)
             size = sum(p.numel() * p.element_size() for p in net.parameters())
             self._nets[name] = (net, size)
             self._evict()
@@ -171,17 +176,22 @@ class ControlNetCache:
             evicted, _ = self._nets.popitem(last=False)
             log.info("ControlNet %s evicted from the cache", evicted)
 
-    def _load(self, entry: Any) -> Any:
+    def _load(self, entry: Any, unet: Any) -> Any:
         from diffusers import ControlNetModel
+
+        from pipeline.control.controlnet_file import load_controlnet_file
 
         source = entry.source
         path = Path(source)
         self.loads += 1
         try:
             if path.suffix in (".safetensors", ".ckpt", ".pth", ".bin") and path.is_file():
-                net = ControlNetModel.from_single_file(str(path), torch_dtype=self.dtype)
+                # Offline: the configuration is derived from the file and the base model.
+                net = load_controlnet_file(path, self.dtype, unet.config, entry.name)
             else:
                 net = ControlNetModel.from_pretrained(source, torch_dtype=self.dtype)
+        except JobError:
+            raise
         except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds for bad files
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
             raise JobError(

@@ -17,8 +17,10 @@ prompts (every sample: one part at weight 1, no text changing over the steps) it
    u + Σ wᵢ(cᵢ − u). The pipeline's own CFG step then gives A1111's composable result
    u + cfg · Σ wᵢ(cᵢ − u). A plain sample in such a batch gets its own prediction back.
 
-Anything else the pipeline passes with one row per batch row (SDXL time ids, ControlNet
-residuals, IP-Adapter image embeds) is re-indexed to each UNet row's sample.
+Anything else the pipeline passes with one row per batch row (SDXL time ids, IP-Adapter
+image embeds) is re-indexed to each UNet row's sample. A ControlNet runs inside the
+wrapped forward on each UNet row's own text, as sd-webui-controlnet runs it
+(`pipeline.control.scheduled`).
 
 With per-sample LoRAs the UNet rows must keep the batch layout the LoRA hooks expect
 (row r belongs to sample r mod n, n or 2n rows): the rows are then run in as many such
@@ -40,6 +42,7 @@ import torch
 from pipeline.contract.jobs import GenerateSpec, JobError
 from pipeline.contract.prompt_schedule import PromptPlan, plan_prompt, text_at_step
 from pipeline.contract.prompt_syntax import extract_loras
+from pipeline.control.scheduled import defer_controlnet, deferred_of
 
 
 def denoising_evaluations(scheduler: Any, steps: int, strength: float | None = None) -> int:
@@ -103,7 +106,9 @@ def prompt_conditioning(
     own = unet.__dict__.get("forward")
     unet.forward = _ScheduledForward(unet.forward, encoded, paired=per_sample)
     try:
-        yield _first_step_kwargs(encoded)
+        # A ControlNet runs inside the scheduled UNet, on each row's own text.
+        with defer_controlnet(pipe):
+            yield _first_step_kwargs(encoded)
     finally:
         if own is None:
             del unet.forward
@@ -253,15 +258,21 @@ class _ScheduledForward:
         # first, the positives' last; a part takes its sample's positive row.
         source = [i if wanted[i][j][1] and total == 2 * n else total - n + i for i, j, _ in layout]
         added = _rows_of(added, source, total)
-        if encoded.pooled is not None:
-            added = {**(added or {}), "text_embeds": encoded.pooled[rows]}
+        pooled = encoded.pooled[rows] if encoded.pooled is not None else None
+        if pooled is not None:
+            added = {**(added or {}), "text_embeds": pooled}
+        extra = _rows_of(kwargs, source, total)
+        if (deferred := deferred_of(kwargs)) is not None:  # the ControlNet, on these rows
+            negatives = [wanted[i][j][1] for i, j, _ in layout]
+            recorded = _rows_of(deferred.kwargs, source, total)
+            extra.update(deferred.run(recorded, encoded.embeds[rows], pooled, negatives))
         return self.forward(
             latents[samples],
             timestep,
             encoder_hidden_states=encoded.embeds[rows],
             added_cond_kwargs=added,
             return_dict=False,
-            **_rows_of(kwargs, source, total),
+            **extra,
         )[0]
 
 

@@ -12,6 +12,11 @@ where nothing can be downloaded. Each is saved in the layout its loader reads:
   `image_encoder/` folder holding a tiny `CLIPVisionModelWithProjection`.
 - Depth: a tiny DPT (`DPTForDepthEstimation`) with its image processor, loadable by
   transformers' `pipeline("depth-estimation")`.
+- Pose: a tiny ViTPose (`VitPoseForPoseEstimation`, 17 COCO keypoints) with its image
+  processor, and a tiny person detector (RT-DETR, one class "person") for
+  `pipeline("object-detection")`.
+- Segmentation: a tiny SegFormer with ADE20K's 150 classes and its image processor, for
+  `pipeline("image-segmentation")`.
 
 `write_tiny_config` writes the config.toml naming all of them.
 """
@@ -128,8 +133,103 @@ def write_tiny_depth(directory: str | Path) -> Path:
     return directory
 
 
+def _image_processor(name: str):
+    """transformers' PIL image processor `name` (the default class needs torchvision)."""
+    import transformers
+
+    return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
+
+
+def write_tiny_pose(directory: str | Path, *, experts: int = 1) -> Path:
+    """`experts` > 1: a ViTPose++ (mixture-of-experts backbone, one expert per dataset)."""
+    import torch
+    from transformers import VitPoseBackboneConfig, VitPoseConfig, VitPoseForPoseEstimation
+
+    directory = Path(directory)
+    torch.manual_seed(0)
+    backbone = VitPoseBackboneConfig(
+        image_size=[32, 24],
+        patch_size=[8, 8],
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        mlp_ratio=2,
+        part_features=8,
+        num_experts=experts,
+    )
+    config = VitPoseConfig(backbone_config=backbone, num_labels=17)  # COCO's 17 keypoints
+    VitPoseForPoseEstimation(config).save_pretrained(directory, safe_serialization=True)
+    _image_processor("VitPoseImageProcessor")(size={"height": 32, "width": 24}).save_pretrained(
+        directory
+    )
+    return directory
+
+
+def write_tiny_person_detector(directory: str | Path) -> Path:
+    import torch
+    from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrResNetConfig
+
+    directory = Path(directory)
+    torch.manual_seed(0)
+    config = RTDetrConfig(
+        backbone_config=RTDetrResNetConfig(
+            embedding_size=8,
+            hidden_sizes=[8, 8, 16, 16],
+            depths=[1, 1, 1, 1],
+            out_features=["stage2", "stage3", "stage4"],
+        ),
+        encoder_hidden_dim=16,
+        encoder_in_channels=[8, 16, 16],
+        feat_strides=[8, 16, 32],
+        encoder_ffn_dim=16,
+        encoder_attention_heads=2,
+        d_model=16,
+        decoder_in_channels=[16, 16, 16],
+        decoder_ffn_dim=16,
+        decoder_attention_heads=2,
+        decoder_layers=1,
+        encoder_layers=1,
+        num_queries=10,
+        num_labels=1,
+        id2label={0: "person"},
+        label2id={"person": 0},
+    )
+    RTDetrForObjectDetection(config).save_pretrained(directory, safe_serialization=True)
+    _image_processor("RTDetrImageProcessor")(size={"height": 64, "width": 64}).save_pretrained(
+        directory
+    )
+    return directory
+
+
+def write_tiny_segmentation(directory: str | Path) -> Path:
+    import torch
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    directory = Path(directory)
+    torch.manual_seed(0)
+    config = SegformerConfig(
+        num_labels=150,  # ADE20K's classes, as the ControlNet seg models' palette has
+        hidden_sizes=[8, 16, 16, 16],
+        depths=[1, 1, 1, 1],
+        num_attention_heads=[1, 1, 1, 1],
+        decoder_hidden_size=16,
+    )
+    SegformerForSemanticSegmentation(config).save_pretrained(directory, safe_serialization=True)
+    _image_processor("SegformerImageProcessor")(size={"height": 32, "width": 32}).save_pretrained(
+        directory
+    )
+    return directory
+
+
 def write_tiny_config(
-    directory: str | Path, *, xl: bool, controlnet: bool, ip_adapter: bool, depth: bool
+    directory: str | Path,
+    *,
+    xl: bool,
+    controlnet: bool,
+    ip_adapter: bool,
+    depth: bool,
+    pose: bool = False,
+    segmentation: bool = False,
 ) -> Path:
     """DIR/config.toml: the tiny model in DIR, a CPU worker, small defaults, and the
     ControlNet units / IP-Adapter written beside it."""
@@ -155,10 +255,17 @@ def write_tiny_config(
         'devices = ["cpu"]',
         "",
     ]
-    if depth:
-        lines += ["[control]", 'depth_model = "./depth"', ""]
+    folders = {"depth_model": depth, "pose_model": pose, "segmentation_model": segmentation}
+    control = [f'{key} = "./{key[: -len("_model")]}"' for key, on in folders.items() if on]
+    if pose:
+        control.append('pose_detector = "./pose_detector"')
+    if control:
+        lines += ["[control]", *control, ""]
     if controlnet:
-        for name, pre, kind in (("canny", "canny", "edges"), ("pose", "none", "pose")):
+        units = [("canny", "canny", "edges"), ("pose", "openpose" if pose else "none", "pose")]
+        if segmentation:
+            units.append(("seg", "seg_ofade20k", ""))
+        for name, pre, kind in units:
             lines += [
                 f"[controlnets.{name}]",
                 'source = "./controlnet"',
