@@ -145,7 +145,14 @@ async def test_metrics_and_healthz(emu, shared_pool, tiny_sd, tmp_path):  # noqa
         slow = await queued_job(await imagine(emu, "slow", steps=150, size="256x256"))
         db = store.open_db(config.storage.database)
         await emu.wait_for(lambda: store.get_job(db, slow)["status"] == "running", 60)
-        os.kill(await shared_pool.worker_pid(slow), signal.SIGKILL)
+        # "running" is written when the job is claimed, a moment before a worker holds it.
+        pid = None
+        for _ in range(600):
+            if (pid := await shared_pool.worker_pid(slow)) is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert pid is not None, "the slow job never reached a worker"
+        os.kill(pid, signal.SIGKILL)
         unhealthy = None
         for _ in range(200):
             unhealthy = await get("/healthz")
