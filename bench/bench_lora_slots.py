@@ -79,20 +79,16 @@ def count_flops() -> None:
     import json
 
     from diffusers import UNet2DConditionModel
-    from torch.utils.flop_counter import FlopCounterMode
 
+    from bench.timing import unet_flops
     from pipeline.loras import slots
 
     config = json.loads((Path(__file__).parent / "configs" / "sd15_unet.json").read_text())
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
-        latents, t = torch.randn(2, 4, 64, 64), torch.tensor([500, 500])
-        context = torch.randn(2, 77, 768)
 
     def flops() -> int:
-        with FlopCounterMode(display=False) as counter:
-            unet(latents, t, encoder_hidden_states=context)
-        return counter.get_total_flops()
+        return unet_flops(unet, rows=2, latent=64)
 
     base = flops()
     print("SD 1.5 UNet, 512², CFG (2 rows), one evaluation\n")

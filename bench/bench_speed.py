@@ -17,13 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from pipeline.workers.quiet import quiet_libraries
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.timing import unet_flops  # noqa: E402
+from pipeline.workers.quiet import quiet_libraries  # noqa: E402
 
 
 def main() -> None:
@@ -214,22 +218,8 @@ def peak_tflops(device: str) -> float:
 
 
 def unet_step_flops(pipe, size: int, cfg: float) -> float:
-    """FLOPs of one denoising step of one image (both CFG rows), counted by torch's
-    FlopCounterMode on one UNet call at this size (matmuls and convolutions)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    unet = pipe.unet
-    rows = 2 if cfg > 1 else 1
-    latent = size // pipe.vae_scale_factor
-    sample = torch.zeros(rows, unet.config.in_channels, latent, latent)
-    context = torch.zeros(rows, 77, unet.config.cross_attention_dim)
-    parameter = next(unet.parameters())
-    sample = sample.to(parameter.device, parameter.dtype)
-    context = context.to(parameter.device, parameter.dtype)
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        unet(sample, torch.tensor(500, device=parameter.device), encoder_hidden_states=context)
-    return float(counter.get_total_flops())
+    """FLOPs of one denoising step of one image (both CFG rows)."""
+    return float(unet_flops(pipe.unet, 2 if cfg > 1 else 1, size // pipe.vae_scale_factor))
 
 
 if __name__ == "__main__":

@@ -16,3 +16,27 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def unet_flops(unet, rows: int, latent: int, tokens: int = 77) -> int:
+    """FLOPs of one UNet evaluation on `rows` latents of latent×latent (matmuls and
+    convolutions, counted by torch's FlopCounterMode). Works on a loaded UNet and on
+    one built on the meta device (no weights, no time)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    parameter = next(unet.parameters())
+    like = {"device": parameter.device, "dtype": parameter.dtype}
+    sample = torch.zeros(rows, unet.config.in_channels, latent, latent, **like)
+    context = torch.zeros(rows, tokens, unet.config.cross_attention_dim, **like)
+    timestep = torch.full((rows,), 500, device=parameter.device)
+    extra = {}
+    if getattr(unet.config, "addition_embed_type", None) == "text_time":  # SDXL
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * 256
+        extra["added_cond_kwargs"] = {
+            "text_embeds": torch.zeros(rows, pooled, **like),
+            "time_ids": torch.zeros(rows, 6, **like),
+        }
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        unet(sample, timestep, encoder_hidden_states=context, **extra)
+    return counter.get_total_flops()
