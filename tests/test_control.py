@@ -64,7 +64,12 @@ def setup(tiny_sd, tmp_path_factory):
     write_tiny_controlnet(tiny_sd, extras / "controlnet")
     write_tiny_ip_adapter(tiny_sd, extras / "ip_adapter")
     write_tiny_depth(extras / "depth")
-    config = _config(tiny_sd, extras)
+    return control_setup(_config(tiny_sd, extras), tmp_path_factory)
+
+
+def control_setup(config, tmp_path_factory):
+    """(config, the loaded model, its ControlCache, blobs, {photo: sha}) for `run`; the
+    astronaut and the cat (another aspect ratio) stored as control images."""
     model = ModelCache(config, "cpu").get()
     blobs = BlobStore(tmp_path_factory.mktemp("blobs"))
     shas = {

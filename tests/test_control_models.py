@@ -20,17 +20,14 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from pipeline.contract.blobs import BlobStore
 from pipeline.contract.config import ConfigError, config_from_dict
 from pipeline.contract.control import ControlUnit, available_preprocessors, check_against_config
 from pipeline.contract.infotext import parse_infotext
-from pipeline.contract.jobs import GenerateSpec, JobError
-from pipeline.control.apply import ControlCache
+from pipeline.contract.jobs import JobError
 from pipeline.control.pose import draw_bodypose, openpose_keypoints
 from pipeline.control.preprocessors import run_preprocessor
-from pipeline.generate.modes import run_generation
-from pipeline.models.loading import ModelCache
-from tests.conftest import BATCH_TOLERANCE_LEVELS, level_difference, png_of
+from tests.conftest import BATCH_TOLERANCE_LEVELS, level_difference
+from tests.test_control import control_setup, run, spec
 
 ASTRONAUT = Image.fromarray(data.astronaut())  # 512×512, a person
 CAT = Image.fromarray(data.chelsea())  # 451×300: another aspect ratio
@@ -242,23 +239,7 @@ def setup(tiny_sd, tmp_path_factory):
     config = config_from_dict(
         {"models": {"tiny": {"source": str(tiny_sd)}}, "controlnets": controlnets}
     )
-    model = ModelCache(config, "cpu").get()
-    blobs = BlobStore(tmp_path_factory.mktemp("blobs"))
-    shas = {
-        "astronaut": blobs.put(png_of(ASTRONAUT), ".png"),
-        "cat": blobs.put(png_of(CAT), ".png"),
-    }
-    return config, model, ControlCache(config), blobs, shas
-
-
-def spec(**changes) -> GenerateSpec:
-    values = {"prompt": "a photo of a cat", "width": 64, "height": 64, "steps": 2, "seed": 7}
-    return GenerateSpec(**{**values, **changes})
-
-
-def run(setup, *specs):
-    _, model, cache, blobs, _ = setup
-    return run_generation(model, list(specs), blobs=blobs, control=cache)
+    return control_setup(config, tmp_path_factory)
 
 
 def test_original_layout_single_file_controlnets_load_offline_as_the_folder_does(setup):
