@@ -203,16 +203,7 @@ def test_mixed_batch_equals_solo_runs_per_dtype(made, tiny_sd, dtype, bound):
     prompts = ["a cat", "a dog", "(red:1.3) sky", "a portrait"]
 
     def run(prompts, seeds):
-        embeds = encode_prompts(pipe, prompts, ["blurry"] * len(prompts))
-        return pipe(
-            **embeds,
-            num_inference_steps=2,
-            height=64,
-            width=64,
-            guidance_scale=5.0,
-            generator=[torch.Generator().manual_seed(s) for s in seeds],
-            output_type="np",
-        ).images
+        return pipe_images(pipe, prompts, seeds)
 
     alone = []
     for i, loras_i in enumerate(per_sample):
@@ -230,6 +221,20 @@ def test_mixed_batch_equals_solo_runs_per_dtype(made, tiny_sd, dtype, bound):
         f"{dtype}: a mixed-LoRA batch differs from its solo runs by {worst} levels "
         f"(without LoRAs: {floor})"
     )
+
+
+def pipe_images(pipe, prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
+    """The pipeline's images (2 steps, 64², CFG 5, a fixed negative) as float arrays."""
+    embeds = encode_prompts(pipe, prompts, ["blurry"] * len(prompts))
+    return pipe(
+        **embeds,
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        guidance_scale=5.0,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        output_type="np",
+    ).images
 
 
 def _pil(image: np.ndarray):

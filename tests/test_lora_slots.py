@@ -22,9 +22,10 @@ import torch
 from pipeline.contract.jobs import LoraRef
 from pipeline.loras import slots
 from pipeline.loras.cache import LoraCache, adapter_name
-from pipeline.prompts.encoding import encode_prompts
 from tests.conftest import level_difference
 from tests.lycoris_files import make_lora
+from tests.test_lora_formats import _pil
+from tests.test_lora_formats import pipe_images as run
 
 MAX_RANK = 3  # the files are rank 2 (padded in their slot) and one rank 4 (too big)
 BOUND = {"float32": 1, "float16": 2}
@@ -62,25 +63,6 @@ def files(tiny_sd, tmp_path_factory) -> dict[str, Path]:
 def ref(files, name: str, weight: float = 1.0) -> tuple[LoraRef, Path]:
     path = files[name]
     return LoraRef(name, hashlib.sha256(path.read_bytes()).hexdigest(), weight), path
-
-
-def run(pipe, prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
-    embeds = encode_prompts(pipe, prompts, ["blurry"] * len(prompts))
-    return pipe(
-        **embeds,
-        num_inference_steps=2,
-        height=64,
-        width=64,
-        guidance_scale=5.0,
-        generator=[torch.Generator().manual_seed(s) for s in seeds],
-        output_type="np",
-    ).images
-
-
-def _pil(image: np.ndarray):
-    from PIL import Image
-
-    return Image.fromarray((image * 255).round().astype(np.uint8))
 
 
 def diff(a, b) -> int:
