@@ -144,3 +144,46 @@ def test_negative_prompt_is_checked_and_the_and_limit_comes_from_limits():
 )
 def test_what_a1111_takes_as_text_is_not_refused(prompt):
     check_prompt_schedule(prompt, "", 8)
+
+
+@pytest.mark.parametrize("prompt, expected", A1111_SCHEDULE_DOCTEST)
+def test_every_prompt_a1111_schedules_is_accepted_and_queued_with_its_meaning(prompt, expected):
+    # `((a][:b:c [d:3]` has a defined schedule in A1111: its literal '[' must not be refused.
+    spec = GenerateSpec(prompt=prompt, seed=1, steps=10)
+    spec.check(Limits())
+    assert [list(entry) for entry in prompt_schedule(spec.prompt, spec.steps)] == expected
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "x [a:(b:1.2):0.5 y",  # a parsed (b:1.2) inside does not hide the editing
+        "[a [b:3] c|d",  # nor does a parsed [b:3]
+        "a [b:c:0.5 ((d))",
+    ],
+)
+def test_a_literal_bracket_whose_words_are_editing_syntax_gets_the_message(prompt):
+    with pytest.raises(JobError, match="never closed"):
+        check_prompt_schedule(prompt, "", 8)
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "a [b:c:0.5 d] e",  # closed, if not valid: A1111's text, no "never closed"
+        "a [b \\|c",  # an escaped bar is text
+        "a [b \\:3 c",
+        "[x ((y)) z",  # nothing in its words looks like editing
+    ],
+)
+def test_literal_brackets_without_editing_words_are_accepted(prompt):
+    check_prompt_schedule(prompt, "", 8)
+
+
+@given(st.text(alphabet="ab :|()[]\\0.5-AND", max_size=40))
+@settings(max_examples=300, deadline=None)
+def test_the_check_only_ever_answers_with_a_one_line_job_error(prompt):
+    try:
+        check_prompt_schedule(prompt, prompt, 64)
+    except JobError as error:
+        assert "\n" not in str(error)

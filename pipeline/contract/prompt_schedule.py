@@ -17,7 +17,9 @@ A1111 1.10 it makes the whole prompt literal, which its own doctest
 
 `check_prompt_schedule` refuses, before a job is queued, what would silently not do what
 the member wrote: a negative `when`, a fraction above 1, more `AND` parts than the
-limit, and an editing bracket that is never closed.
+limit, and a '[' that is never closed whose own words are editing or alternation syntax
+(`a [cat:dog:5`). Every other prompt A1111 reads, malformed ones included, is accepted
+with A1111's meaning (docs/DECISIONS.md).
 """
 
 from __future__ import annotations
@@ -294,27 +296,50 @@ def _check_when(label: str, fragment: str, when: str) -> None:
 
 
 def _check_unclosed(label: str, text: str) -> None:
-    """An editing or alternation bracket left open is refused (A1111 would encode it as
-    literal text with the words in it de-emphasised)."""
+    """Refuse a '[' that A1111 reads as literal text when its own words show the member
+    meant prompt editing or alternation.
+
+    A1111 reads every prompt: a '[' that opens no valid editing, alternation or emphasis
+    bracket stays in the text, de-emphasising what follows (its doctest
+    `((a][:b:c [d:3]` schedules the `[d:3]` and keeps `[:b:c ` as text). We accept all of
+    that with A1111's meaning, and speak up only where the literal bracket's own text
+    (up to the next bracket that does parse) holds a `:number` or a `|`: `a [cat:dog:5`
+    or `a [cat|dog` is a forgotten ']', and encoding it as text would quietly draw a
+    different picture.
+    """
     from pipeline.contract.jobs import JobError
 
-    opened: list[int] = []
-    i = 0
-    while i < len(text):
-        char = text[i]
-        if char == "\\":
-            i += 2
-            continue
-        if char == "[":
-            opened.append(i)
-        elif char == "]" and opened:
-            opened.pop()
-        i += 1
-    for start in opened:
-        rest = text[start + 1 :]
-        if re.search(rf":\s*{_NUMBER}|\|", rest):
+    for start, own_text in _literal_square_brackets(text):
+        if re.search(rf":\s*{_NUMBER}|\|", own_text):
             fragment = text[start : start + 40]
             raise JobError(
                 f"the {label} has a '[' that is never closed: {fragment!r}; prompt editing "
                 "is [from:to:when] and alternation [a|b] (write \\[ for a literal bracket)"
             )
+
+
+def _literal_square_brackets(text: str) -> Iterator[tuple[int, str]]:
+    """(position, own text) of each top-level '[' that parses as nothing and is never
+    closed, walking the top level as `_sequence` does. Its own text is what follows it
+    at the top level, leaving out the brackets that do parse (`[d:3]`, `(b:1.2)`)."""
+    opened: list[tuple[int, list[str]]] = []
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char in "([":
+            _, end = (_round if char == "(" else _square)(text, i)
+            if end >= 0:
+                i = end
+                continue
+        if char == "[":
+            opened.append((i, []))
+        elif char == "]" and opened:
+            opened.pop()  # closed, just not valid syntax: A1111's text, as the member wrote
+        else:
+            if char == "\\":  # an escaped character is plain text, `\|` included
+                char, i = " ", i + 1
+            for _, own in opened:
+                own.append(char)
+        i += 1
+    for start, own in opened:
+        yield start, "".join(own)
