@@ -17,10 +17,10 @@ from discord.ext import commands
 
 from bot.cogs import EXTENSIONS
 from bot.errors import SDCommandTree
-from bot.pacing import pace
+from bot.plumbing.pacing import pace
 from bot.services import Services
 from bot.services.loras import register_server_loras
-from bot.views import DYNAMIC_ITEMS
+from bot.views.buttons import DYNAMIC_ITEMS
 from pipeline.contract.config import Config
 
 log = logging.getLogger("sdbot")

@@ -23,8 +23,8 @@ HEAVY = ("torch", "diffusers", "transformers", "peft", "cv2", "onnxruntime", "nu
 # Code in bot/ that runs somewhere other than the bot process, and so may import the
 # worker side of pipeline/ (inside its functions): the CLI (`sdbot generate`, `train`,
 # `doctor`… run in the admin's shell), and the functions the bot's photo helper
-# process executes (bot/face_probe.py starts it; bot/photo_jobs.py is its work).
-OUTSIDE_THE_BOT_PROCESS = ("bot/cli", "bot/photo_jobs.py")
+# process executes (bot/photo_helper/process.py starts it; bot/photo_helper/work.py is its work).
+OUTSIDE_THE_BOT_PROCESS = ("bot/cli", "bot/photo_helper/work.py")
 # What the bot process may import of pipeline/: the torch-free contract and the pools.
 BOT_MAY_IMPORT = ("pipeline.contract", "pipeline.workers.local_pool", "pipeline.workers.ray_pool")
 

@@ -15,12 +15,12 @@ from typing import Any, Literal
 import discord
 from discord import app_commands
 
-from bot import guild_store, store
+from bot import store
 from bot.errors import UserError
-from bot.guild_settings import PARSERS, describe, effective, parse_setting
-from bot.photo_jobs import inspect_lora
-from bot.prompt_filter import check_pattern, normalise_word
-from bot.render import truncate
+from bot.photo_helper.work import inspect_lora
+from bot.services.guild_settings import PARSERS, describe, effective, parse_setting
+from bot.services.prompt_filter import check_pattern, normalise_word
+from bot.views.render import truncate
 
 QUOTA_HELP = "-1 removes the limit set here; 0 = unlimited"
 
@@ -53,7 +53,7 @@ def build() -> tuple[app_commands.Group, type]:
 
         async def _audit(self, interaction: discord.Interaction, action: str, detail: str) -> None:
             await self.db.call(  # type: ignore[attr-defined]
-                guild_store.audit, interaction.guild_id, str(interaction.user.id), action, detail
+                store.audit, interaction.guild_id, str(interaction.user.id), action, detail
             )
 
         async def _answer(self, interaction: discord.Interaction, text: str) -> None:
@@ -96,7 +96,7 @@ def build() -> tuple[app_commands.Group, type]:
             if parsed is not None and key.startswith("limits."):
                 _check_within_config(services.config, key, parsed)
             overrides = await services.db.call(
-                guild_store.set_guild_setting, interaction.guild_id, key, parsed
+                store.set_guild_setting, interaction.guild_id, key, parsed
             )
             effective(services.config, overrides)  # must still make sense
             shown = "the default" if parsed is None else f"`{parsed}`"
@@ -129,7 +129,7 @@ def build() -> tuple[app_commands.Group, type]:
             if command == "admin":
                 raise UserError("/admin is for admins already (Manage Server)")
             roles = await services.db.call(
-                guild_store.allow_role, interaction.guild_id, command, str(role.id), allowed
+                store.allow_role, interaction.guild_id, command, str(role.id), allowed
             )
             await self._audit(
                 interaction, "allow", f"/{command} {'+' if allowed else '-'}@{role.name}"
@@ -176,14 +176,12 @@ def build() -> tuple[app_commands.Group, type]:
             key = f"{kind}:{target.id}"
             if changes:
                 current = await services.db.call(
-                    guild_store.set_quota, interaction.guild_id, key, changes
+                    store.set_quota, interaction.guild_id, key, changes
                 )
                 detail = ", ".join(f"{k}={v}" for k, v in changes.items())
                 await self._audit(interaction, "quota", f"{kind} {target.name}: {detail}")
             else:
-                current = (await services.db.call(guild_store.quotas, interaction.guild_id)).get(
-                    key, {}
-                )
+                current = (await services.db.call(store.quotas, interaction.guild_id)).get(key, {})
             shown = ", ".join(
                 f"{k.replace('_', ' ')}: {'server default' if v is None else v or 'unlimited'}"
                 for k, v in {**dict.fromkeys(given), **current}.items()
@@ -208,7 +206,7 @@ def build() -> tuple[app_commands.Group, type]:
             self._require_admin(interaction)  # type: ignore[attr-defined]
             stored = normalise_word(pattern) if kind == "word" else check_pattern(pattern)
             await self.db.call(  # type: ignore[attr-defined]
-                guild_store.add_filter, interaction.guild_id, kind, stored, str(interaction.user.id)
+                store.add_filter, interaction.guild_id, kind, stored, str(interaction.user.id)
             )
             await self._audit(interaction, "filter add", f"{kind} {stored!r}")
             await self._answer(interaction, f"Added the {kind} filter `{stored}`.")
@@ -225,7 +223,7 @@ def build() -> tuple[app_commands.Group, type]:
             self._require_admin(interaction)  # type: ignore[attr-defined]
             stored = normalise_word(pattern) if kind == "word" else pattern
             await self.db.call(  # type: ignore[attr-defined]
-                guild_store.remove_filter, interaction.guild_id, kind, stored
+                store.remove_filter, interaction.guild_id, kind, stored
             )
             await self._audit(interaction, "filter remove", f"{kind} {stored!r}")
             await self._answer(interaction, f"Removed the {kind} filter `{stored}`.")
@@ -234,7 +232,7 @@ def build() -> tuple[app_commands.Group, type]:
         async def filter_list(self, interaction: discord.Interaction) -> None:
             """This server's prompt filters."""
             self._require_admin(interaction)  # type: ignore[attr-defined]
-            rows = await self.db.call(guild_store.filters, interaction.guild_id)  # type: ignore[attr-defined]
+            rows = await self.db.call(store.filters, interaction.guild_id)  # type: ignore[attr-defined]
             if not rows:
                 await self._answer(interaction, "No prompt filters on this server.")
                 return
@@ -387,7 +385,7 @@ def build() -> tuple[app_commands.Group, type]:
         async def audit(self, interaction: discord.Interaction) -> None:
             """The last 20 admin actions on this server."""
             self._require_admin(interaction)  # type: ignore[attr-defined]
-            rows = await self.db.call(guild_store.audit_log, interaction.guild_id)  # type: ignore[attr-defined]
+            rows = await self.db.call(store.audit_log, interaction.guild_id)  # type: ignore[attr-defined]
             if not rows:
                 await self._answer(interaction, "No admin actions recorded yet.")
                 return

@@ -18,15 +18,16 @@ import discord
 from discord import app_commands
 from PIL import Image
 
-from bot import render, store
+from bot import store
 from bot.app import SDBot
-from bot.attachments import Photo, read_photo
-from bot.channel_checks import check_can_deliver
 from bot.cogs import SDCog
+from bot.cogs.control_options import discord_control
 from bot.cogs.options import BATCH, CONTROL, STYLE, generation_options, parse_size
-from bot.control_options import discord_control
 from bot.errors import UserError
-from bot.pasted import apply_pasted
+from bot.plumbing.attachments import Photo, read_photo
+from bot.plumbing.permissions import check_can_deliver
+from bot.services.pasted import apply_pasted
+from bot.views import render
 from pipeline.contract.images import working_size
 from pipeline.contract.jobs import GenerateSpec, check_size, spec_from_dict
 from pipeline.contract.samplers import resolve
@@ -48,7 +49,7 @@ class Generate(SDCog):
         """Draw images from a text prompt."""
         await interaction.response.defer(ephemeral=True, thinking=True)
         prompt = options["prompt"]
-        # Parameters pasted from Info or A1111 fill the options left unset (bot.pasted).
+        # Parameters pasted from Info or A1111 fill the options left unset (bot.services.pasted).
         names = [m.name for m in self.config.models]
         prompt, options, notice = apply_pasted(prompt, options, names)
         if options["lora"]:

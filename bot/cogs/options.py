@@ -169,7 +169,7 @@ OPTIONS: dict[str, Option] = {
         "One of your LoRAs (or a shared/server one), added as <lora:NAME:0.8>",
         lora_choices,
     ),
-    # ControlNet and IP-Adapter (bot/control_options.py turns them into spec fields)
+    # ControlNet and IP-Adapter (bot/cogs/control_options.py turns them into spec fields)
     "control_image": Option(
         discord.Attachment | None,
         None,

@@ -19,15 +19,21 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot import render, store
-from bot.attachments import MiB, download
-from bot.channel_checks import check_can_deliver
+from bot import store
 from bot.cogs import SDCog
 from bot.errors import UserError
-from bot.personal import check_name_free, check_quota, register_trained_lora, validation_summary
-from bot.photo_jobs import prepare_photos
+from bot.photo_helper.work import prepare_photos
+from bot.plumbing.attachments import MiB, download
+from bot.plumbing.permissions import check_can_deliver
 from bot.services.messages import JobMessages, _Tracked
-from bot.training import train_spec, training_metrics, training_resolution
+from bot.services.personal import (
+    check_name_free,
+    check_quota,
+    register_trained_lora,
+    validation_summary,
+)
+from bot.services.training import train_spec, training_metrics, training_resolution
+from bot.views import render
 from pipeline.contract.jobs import Done, Event, Failed, TrainSpec, spec_to_dict
 
 log = logging.getLogger(__name__)

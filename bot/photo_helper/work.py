@@ -1,6 +1,6 @@
 """Photo work the bot needs an answer to before queueing, run in a helper process.
 
-These functions execute in the bot's single helper process (`bot.face_probe`), never
+These functions execute in the bot's single helper process (`bot.photo_helper.process`), never
 in the bot itself: they import OpenCV. They return plain data (bytes, strings,
 dicts) and turn user-facing errors into `{"error": message}`, because unpickling a
 `pipeline.training.dataset` exception in the bot would import OpenCV there.

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import discord
 import sqlite_utils
 
-from bot.dispatcher import Dispatcher
-from bot.face_probe import FaceProbe
+from bot.photo_helper.process import FaceProbe
 from bot.services.access import is_admin
 from bot.services.database import DbThread
+from bot.services.dispatcher import Dispatcher
 from bot.services.jobs import JobService
 from bot.services.loras import LoraResolver
 from bot.services.messages import JobMessages, MessageBoards

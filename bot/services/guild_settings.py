@@ -1,5 +1,5 @@
 """Per-server settings: `config.toml` gives the defaults; a server's overrides (SQLite,
-`bot.guild_store`) win. Read on every command, so `/admin settings` takes effect at
+`bot.store.guild`) win. Read on every command, so `/admin settings` takes effect at
 once, and each server only ever sees its own.
 
 Keys are dotted like the config file: ``safety.policy``, ``limits.max_steps``,

@@ -8,11 +8,11 @@ from collections.abc import Sequence
 import discord
 
 from bot import store
-from bot.attachments import Photo, store_photos
-from bot.channel_checks import check_can_deliver
-from bot.dispatcher import Dispatcher
+from bot.plumbing.attachments import Photo, store_photos
+from bot.plumbing.permissions import check_can_deliver
 from bot.services.access import is_admin
 from bot.services.database import DbThread, discord_id
+from bot.services.dispatcher import Dispatcher
 from bot.services.messages import JobMessages
 from bot.services.safety import SafetyGate
 from pipeline.contract.blobs import BlobStore

@@ -26,10 +26,11 @@ from typing import Any, TypeVar
 
 import discord
 
-from bot import render, store
-from bot.message_edits import MessageEditor, http_error_text
+from bot import store
+from bot.plumbing.message_edits import MessageEditor, http_error_text
 from bot.services.database import DbThread
-from bot.views import progress_view, result_view
+from bot.views import render
+from bot.views.buttons import progress_view, result_view
 from pipeline.contract.blobs import BlobError, BlobStore
 from pipeline.contract.config import Config
 from pipeline.contract.jobs import Cancelled, Done, Event, Failed, Paused, Progress, Started

@@ -13,7 +13,7 @@ and before queueing a generation (or training):
 and, when a result is ready, `verdict` applies the server's policy to the flagged
 images: post, post as spoilers, or withhold with a notice.
 
-Everything reads the server's settings (`bot.guild_settings`) at the moment it runs:
+Everything reads the server's settings (`bot.services.guild_settings`) at the moment it runs:
 `/admin settings` takes effect at once, restarts change nothing.
 """
 
@@ -29,19 +29,19 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
-from bot import guild_store
+from bot import store
 from bot.errors import UserError
-from bot.guild_settings import ServerSettings, effective
-from bot.photo_jobs import detect_nsfw
-from bot.prompt_filter import Filters
+from bot.photo_helper.work import detect_nsfw
 from bot.services.access import is_admin
+from bot.services.guild_settings import ServerSettings, effective
+from bot.services.prompt_filter import Filters
 from pipeline.contract.config import Config
 from pipeline.contract.jobs import GenerateSpec
 from pipeline.contract.safety import flagged_labels
 
 if TYPE_CHECKING:
-    from bot.attachments import Photo
-    from bot.face_probe import FaceProbe
+    from bot.photo_helper.process import FaceProbe
+    from bot.plumbing.attachments import Photo
     from bot.services.database import DbThread
 
 log = logging.getLogger(__name__)
@@ -157,16 +157,16 @@ class SafetyGate:
         self.face_probe = face_probe
         self.rate = RateLimiter()
         self._followups: dict[str, tuple[float, discord.Webhook]] = {}
-        self.metrics: Any = None  # bot.metrics.Metrics once the listener runs
+        self.metrics: Any = None  # bot.services.metrics.Metrics once the listener runs
 
     # -- settings ---------------------------------------------------------------------------
 
     async def settings(self, guild_id: int | str | None) -> ServerSettings:
-        overrides = await self.db.call(guild_store.guild_settings, guild_id)
+        overrides = await self.db.call(store.guild_settings, guild_id)
         return effective(self.config, overrides)
 
     async def filters(self, guild_id: int | str | None) -> Filters:
-        return Filters.from_rows(await self.db.call(guild_store.filters, guild_id))
+        return Filters.from_rows(await self.db.call(store.filters, guild_id))
 
     # -- every command ----------------------------------------------------------------------
 
@@ -189,7 +189,7 @@ class SafetyGate:
         return None
 
     async def _role_refusal(self, interaction: discord.Interaction, command: str) -> str | None:
-        gates = await self.db.call(guild_store.command_roles, interaction.guild_id)
+        gates = await self.db.call(store.command_roles, interaction.guild_id)
         allowed = gates.get(command)
         if not allowed or allowed & role_ids(interaction):
             return None
@@ -287,11 +287,11 @@ class SafetyGate:
     ) -> list[tuple[str, int, float]]:
         """(key, limit, remaining) for each limited quota of the member here."""
         settings = settings or await self.settings(interaction.guild_id)
-        targets = await self.db.call(guild_store.quotas, interaction.guild_id)
+        targets = await self.db.call(store.quotas, interaction.guild_id)
         limits = quota_for(targets, str(interaction.user.id), role_ids(interaction), settings.quota)
         if not any(limits.values()):
             return []
-        used = await self.db.call(guild_store.usage, interaction.guild_id, str(interaction.user.id))
+        used = await self.db.call(store.usage, interaction.guild_id, str(interaction.user.id))
         return [(key, limit, max(0, limit - used[key])) for key, limit in limits.items() if limit]
 
     async def quota_line(self, interaction: discord.Interaction) -> str:
@@ -328,7 +328,7 @@ class SafetyGate:
         """Remember where the job was asked for (the channel's age restriction decides the
         policy when it is posted) and how to reach the member ephemerally."""
         await self.db.call(
-            guild_store.set_job_context,
+            store.set_job_context,
             row["id"],
             nsfw_channel=is_age_restricted(interaction),
             dm=interaction.guild_id is None,
@@ -340,7 +340,7 @@ class SafetyGate:
     # -- when the result is ready -----------------------------------------------------------------
 
     async def verdict(self, row: dict, images: list[dict]) -> Verdict:
-        context = await self.db.call(guild_store.job_context, row["id"])
+        context = await self.db.call(store.job_context, row["id"])
         settings = await self.settings(row.get("guild_id"))
         flagged = {
             i: labels

@@ -1,5 +1,5 @@
 """Queries for per-server state: settings, prompt filters, role gates, quotas, the audit
-log, and what the bot must remember about a job's channel (tables: `bot.guild_schema`).
+log, and what the bot must remember about a job's channel (tables: `bot.store.guild_schema`).
 
 Plain functions on a ``sqlite_utils.Database``, like `bot.store`. Quota usage is
 counted from the jobs table itself, so a restart changes nothing.

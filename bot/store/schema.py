@@ -14,8 +14,8 @@ from pathlib import Path
 
 import sqlite_utils
 
-from bot.guild_schema import m002_guilds
 from bot.store.core import _write
+from bot.store.guild_schema import m002_guilds
 
 
 def open_db(path: str | Path, *, busy_timeout_s: float = 30.0) -> sqlite_utils.Database:

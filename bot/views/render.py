@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from bot.text_fit import fit_infotext, shortened_note
+from bot.views.text_fit import fit_infotext, shortened_note
 
 MiB = 1024 * 1024
 CONTENT_LIMIT = 2000
