@@ -164,15 +164,16 @@ class AdminGroup(
     async def audit(self, interaction: discord.Interaction) -> None:
         """The last 20 admin actions on this server."""
         rows = await self.services.db.call(store.audit_log, interaction.guild_id)
-        if not rows:
-            await self.answer(interaction, "No admin actions recorded yet.")
-            return
-        lines = [
-            f"`{datetime.fromtimestamp(r['created_at'], tz=timezone.utc):%m-%d %H:%M}` "
-            f"<@{r['user_id']}> **{r['action']}** {r['detail']}"
-            for r in rows
-        ]
-        await self.answer(interaction, "Recent admin actions (newest first):\n" + "\n".join(lines))
+        await self.answer_rows(
+            interaction,
+            rows,
+            "No admin actions recorded yet.",
+            "Recent admin actions (newest first):",
+            lambda r: (
+                f"`{datetime.fromtimestamp(r['created_at'], tz=timezone.utc):%m-%d %H:%M}` "
+                f"<@{r['user_id']}> **{r['action']}** {r['detail']}"
+            ),
+        )
 
     # -- the queue ----------------------------------------------------------------------------
 

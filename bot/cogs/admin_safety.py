@@ -13,6 +13,7 @@ audit log (`/admin audit`).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 import discord
@@ -59,6 +60,20 @@ class AdminOnly(app_commands.Group):
         )
         await self.answer(interaction, answer)
 
+    async def answer_rows(
+        self,
+        interaction: discord.Interaction,
+        rows: list[dict],
+        empty: str,
+        heading: str,
+        line: Callable[[dict], str],
+    ) -> None:
+        """A list (filters, the library, the audit log): a heading and one line a row."""
+        if not rows:
+            await self.answer(interaction, empty)
+            return
+        await self.answer(interaction, heading + "\n" + "\n".join(line(r) for r in rows))
+
     async def answer(self, interaction: discord.Interaction, text: str) -> None:
         if interaction.response.is_done():
             await interaction.followup.send(truncate(text, 1900), ephemeral=True)
@@ -99,11 +114,13 @@ class FilterGroup(AdminOnly, name="filter", description="Words and regexes refus
     async def list_filters(self, interaction: discord.Interaction) -> None:
         """This server's prompt filters."""
         rows = await self.services.db.call(store.filters, interaction.guild_id)
-        if not rows:
-            await self.answer(interaction, "No prompt filters on this server.")
-            return
-        lines = [f"• {r['kind']}: `{r['pattern']}`" for r in rows]
-        await self.answer(interaction, f"{len(rows)} filter(s):\n" + "\n".join(lines))
+        await self.answer_rows(
+            interaction,
+            rows,
+            "No prompt filters on this server.",
+            f"{len(rows)} filter(s):",
+            lambda r: f"• {r['kind']}: `{r['pattern']}`",
+        )
 
 
 class LibraryGroup(AdminOnly, name="lora", description="The server's LoRA library"):
@@ -178,15 +195,16 @@ class LibraryGroup(AdminOnly, name="lora", description="The server's LoRA librar
     async def list_library(self, interaction: discord.Interaction) -> None:
         """This server's LoRA library."""
         rows = [r for r in await self._usable(interaction) if _in_library(r)]
-        if not rows:
-            await self.answer(interaction, "The library is empty: /admin lora add adds one.")
-            return
-        lines = [
-            f"• **{r['name']}** — {r.get('method') or 'lora'}, {r.get('base_model') or '?'}, "
-            f"{r['size_bytes'] / 2**20:.1f} MB"
-            for r in rows
-        ]
-        await self.answer(interaction, f"{len(rows)} LoRA(s) in the library:\n" + "\n".join(lines))
+        await self.answer_rows(
+            interaction,
+            rows,
+            "The library is empty: /admin lora add adds one.",
+            f"{len(rows)} LoRA(s) in the library:",
+            lambda r: (
+                f"• **{r['name']}** — {r.get('method') or 'lora'}, "
+                f"{r.get('base_model') or '?'}, {r['size_bytes'] / 2**20:.1f} MB"
+            ),
+        )
 
     @app_commands.command(name="promote")
     @app_commands.describe(
