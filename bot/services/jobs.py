@@ -11,6 +11,7 @@ from bot import store
 from bot.plumbing.attachments import Photo, store_photos
 from bot.plumbing.permissions import check_can_deliver
 from bot.services.access import is_admin
+from bot.services.admission import photo_questions
 from bot.services.database import DbThread, discord_id
 from bot.services.dispatcher import Dispatcher
 from bot.services.messages import JobMessages
@@ -55,13 +56,16 @@ class JobService:
     ) -> dict:
         """Queue a job for the member (the interaction must be deferred) and tell them.
 
-        The spec is checked against the server's limits first; only then are the
-        photos stored, so a refused request leaves nothing behind.
+        The spec is checked here, once, against the server's current settings
+        (`bot.services.admission`); only then are the photos stored, so a refused
+        request leaves nothing behind.
         """
         check_can_deliver(interaction)  # before anything is stored or queued
         spec = spec.with_seed()
-        spec = await self.safety.before_generate(interaction, spec, photos)  # bot.services.safety
-        spec.check(self.config.limits)
+        # The one check of the spec (bot.services.admission): nothing after this re-checks.
+        settings = await self.safety.settings_here(interaction)
+        spec = await self.safety.before_generate(interaction, spec, photos, settings)
+        await photo_questions(spec, settings.limits, self.safety.face_probe, photos, self.blobs)
         if photos:
             await asyncio.to_thread(store_photos, self.blobs, list(photos))
         row = await self.db.call(

@@ -202,11 +202,19 @@ class SafetyGate:
 
     # -- before queueing ----------------------------------------------------------------------
 
+    async def settings_here(self, interaction: discord.Interaction) -> ServerSettings:
+        """The server's settings for a job asked for here (DMs refused when configured)."""
+        return await self._server_settings_or_refuse(interaction)
+
     async def before_generate(
-        self, interaction: discord.Interaction, spec: GenerateSpec, photos: Sequence[Photo] = ()
+        self,
+        interaction: discord.Interaction,
+        spec: GenerateSpec,
+        photos: Sequence[Photo],
+        settings: ServerSettings,
     ) -> GenerateSpec:
-        """The spec to queue (safety negative prompt added), or UserError (nothing queued)."""
-        settings = await self._server_settings_or_refuse(interaction)
+        """The spec to queue (safety negative prompt added), or UserError (nothing queued):
+        the submission's one check of its values (`bot.services.admission`)."""
         button = interaction.command is None and interaction.guild_id  # counts as /imagine
         if button and not is_admin(interaction, self.config):
             refusal = await self._role_refusal(interaction, "imagine")
