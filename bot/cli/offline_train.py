@@ -85,6 +85,7 @@ def train_offline(args: argparse.Namespace, config: Config) -> int:
         steps=args.steps,
         resolution=resolution,
     )
+    spec.check(config.limits)  # the command line's one check of the spec
     started = time.monotonic()
     job_id = f"cli-{args.user}-{args.name}"
     photos = TrainPhotos(

@@ -254,16 +254,20 @@ class SafetyGate:
         await self._check_quota(interaction, settings, trainings=1)
         return settings
 
+    async def photos_checked_here(self, interaction: discord.Interaction) -> bool:
+        """Whether photos asked for here go through the NSFW check (the helper then
+        scores /train's crops while it prepares them)."""
+        return self._photos_checked(interaction, await self.settings(interaction.guild_id))
+
     async def check_training_set(
         self, interaction: discord.Interaction, prepared: dict[str, Any]
     ) -> None:
-        """After the photos are prepared: captions filtered, crops checked for NSFW."""
+        """After the photos are prepared: captions filtered, crops' NSFW scores judged."""
         settings = await self.settings(interaction.guild_id)
         filters = await self.filters(interaction.guild_id)
         filters.check("photo captions", *prepared.get("captions", []), markup=False)
-        await self._check_photos(
-            interaction, settings, [*prepared["train"], *prepared["test"]], "training photo"
-        )
+        if self._photos_checked(interaction, settings):
+            self._judge_photos(prepared.get("nsfw") or [], settings, "training photo")
 
     async def _server_settings_or_refuse(self, interaction: discord.Interaction) -> ServerSettings:
         if interaction.guild_id is None and self.config.safety.dms == "refuse":
@@ -319,11 +323,16 @@ class SafetyGate:
         pngs: list[bytes],
         what: str,
     ) -> None:
-        if not pngs or not self.config.safety.detect or settings.policy != "block":
-            return
-        if is_age_restricted(interaction):
-            return
-        scores = await self.face_probe.run(detect_nsfw, pngs)
+        if pngs and self._photos_checked(interaction, settings):
+            self._judge_photos(await self.face_probe.run(detect_nsfw, pngs), settings, what)
+
+    def _photos_checked(self, interaction: discord.Interaction, settings: ServerSettings) -> bool:
+        blocking = self.config.safety.detect and settings.policy == "block"
+        return blocking and not is_age_restricted(interaction)
+
+    def _judge_photos(
+        self, scores: list[dict[str, float]], settings: ServerSettings, what: str
+    ) -> None:
         for one in scores:
             labels = flagged_labels(one, settings.threshold, settings.labels)
             if labels:
