@@ -164,16 +164,8 @@ class AdminGroup(
     async def audit(self, interaction: discord.Interaction) -> None:
         """The last 20 admin actions on this server."""
         rows = await self.services.db.call(store.audit_log, interaction.guild_id)
-        await self.answer_rows(
-            interaction,
-            rows,
-            "No admin actions recorded yet.",
-            "Recent admin actions (newest first):",
-            lambda r: (
-                f"`{datetime.fromtimestamp(r['created_at'], tz=timezone.utc):%m-%d %H:%M}` "
-                f"<@{r['user_id']}> **{r['action']}** {r['detail']}"
-            ),
-        )
+        heading = "Recent admin actions (newest first):"
+        await self.answer_rows(interaction, rows, "No admin actions recorded yet.", heading, _audit)
 
     # -- the queue ----------------------------------------------------------------------------
 
@@ -230,6 +222,11 @@ class AdminGroup(
             f"Added {added} LoRA(s) from `{config.lora_dir}`; /lora list shows the library.",
             ephemeral=True,
         )
+
+
+def _audit(row: dict) -> str:
+    when = datetime.fromtimestamp(row["created_at"], tz=timezone.utc)
+    return f"`{when:%m-%d %H:%M}` <@{row['user_id']}> **{row['action']}** {row['detail']}"
 
 
 class Admin(SDCog):

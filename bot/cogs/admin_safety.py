@@ -114,13 +114,8 @@ class FilterGroup(AdminOnly, name="filter", description="Words and regexes refus
     async def list_filters(self, interaction: discord.Interaction) -> None:
         """This server's prompt filters."""
         rows = await self.services.db.call(store.filters, interaction.guild_id)
-        await self.answer_rows(
-            interaction,
-            rows,
-            "No prompt filters on this server.",
-            f"{len(rows)} filter(s):",
-            lambda r: f"• {r['kind']}: `{r['pattern']}`",
-        )
+        heading = f"{len(rows)} filter(s):"
+        await self.answer_rows(interaction, rows, NO_FILTERS, heading, _filter_line)
 
 
 class LibraryGroup(AdminOnly, name="lora", description="The server's LoRA library"):
@@ -195,16 +190,8 @@ class LibraryGroup(AdminOnly, name="lora", description="The server's LoRA librar
     async def list_library(self, interaction: discord.Interaction) -> None:
         """This server's LoRA library."""
         rows = [r for r in await self._usable(interaction) if _in_library(r)]
-        await self.answer_rows(
-            interaction,
-            rows,
-            "The library is empty: /admin lora add adds one.",
-            f"{len(rows)} LoRA(s) in the library:",
-            lambda r: (
-                f"• **{r['name']}** — {r.get('method') or 'lora'}, "
-                f"{r.get('base_model') or '?'}, {r['size_bytes'] / 2**20:.1f} MB"
-            ),
-        )
+        heading = f"{len(rows)} LoRA(s) in the library:"
+        await self.answer_rows(interaction, rows, EMPTY_LIBRARY, heading, _library_line)
 
     @app_commands.command(name="promote")
     @app_commands.describe(
@@ -248,8 +235,20 @@ class LibraryGroup(AdminOnly, name="lora", description="The server's LoRA librar
         raise UserError(missing.format(name=name))
 
 
+NO_FILTERS = "No prompt filters on this server."
+EMPTY_LIBRARY = "The library is empty: /admin lora add adds one."
 NOT_IN_LIBRARY = "no LoRA '{name}' in this server's library; /admin lora list shows them"
 NOT_SHARED = "no LoRA '{name}' is shared on this server; its owner can /lora share it"
+
+
+def _filter_line(row: dict) -> str:
+    return f"• {row['kind']}: `{row['pattern']}`"
+
+
+def _library_line(row: dict) -> str:
+    size_mb = row["size_bytes"] / 2**20
+    method, family = row.get("method") or "lora", row.get("base_model") or "?"
+    return f"• **{row['name']}** — {method}, {family}, {size_mb:.1f} MB"
 
 
 def _in_library(row: dict) -> bool:

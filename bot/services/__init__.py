@@ -93,14 +93,7 @@ def build_services(
         dispatcher=dispatcher,
         boards=boards,
         messages=messages,
-        jobs=JobService(
-            config=config,
-            db=db_thread,
-            blobs=blobs,
-            dispatcher=dispatcher,
-            boards=boards,
-            safety=safety,
-        ),
+        jobs=JobService(config, db_thread, blobs, dispatcher, boards, safety),
         loras=LoraResolver(config, db_thread),
         safety=safety,
     )

@@ -28,7 +28,6 @@ class JobService:
 
     def __init__(
         self,
-        *,
         config: Config,
         db: DbThread,
         blobs: BlobStore,
