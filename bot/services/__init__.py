@@ -83,7 +83,8 @@ def build_services(
     messages = boards.add(
         JobMessages(client, config=config, db=db_thread, blobs=blobs, safety=safety)
     )
-    boards.add(TrainingMessages(client, config=config, db=db_thread, blobs=blobs))
+    # Training's samples are results too: the server's NSFW policy applies to them.
+    boards.add(TrainingMessages(client, config=config, db=db_thread, blobs=blobs, safety=safety))
     return Services(
         config=config,
         db=db_thread,
