@@ -42,6 +42,8 @@ class AdminGroup(
     default_permissions=discord.Permissions(manage_guild=True),
     guild_only=True,
 ):
+    """`/admin` itself: its commands, and the `filter` and `lora` subgroups."""
+
     def __init__(self, services: Services, tree: app_commands.CommandTree) -> None:
         super().__init__(services)
         self.tree = tree  # /admin allow names the commands it knows
