@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 
-import numpy as np
 import pytest
 from PIL import Image
 from skimage import data
@@ -16,17 +15,10 @@ from skimage import data
 from bot.photo_helper.work import prepare_photos
 from pipeline.contract.blobs import sha256_hex
 from pipeline.safety.detector import detect_png
+from tests.test_safety_detector import png_of
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "camera")
 SETTINGS = dict(resolution=64, min_side=64, subject="person", max_photos=10, min_photos=3)
-
-
-def png_of(array: np.ndarray) -> bytes:
-    if array.ndim == 2:
-        array = np.stack([array] * 3, axis=-1)
-    buffer = io.BytesIO()
-    Image.fromarray(array[..., :3].astype(np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
