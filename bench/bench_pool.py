@@ -95,7 +95,7 @@ async def bench_pool(pool, repeats: int) -> float:
 
 async def bench_dispatcher(pool, config, root: Path, jobs: int) -> float:
     from bot import store
-    from bot.dispatcher import Dispatcher
+    from bot.services.dispatcher import Dispatcher
     from pipeline.contract.blobs import BlobStore
     from pipeline.contract.jobs import spec_to_dict
 

@@ -37,8 +37,8 @@ from skimage import data  # noqa: E402
 
 from bench.timing import timed  # noqa: E402
 from bot import store  # noqa: E402
-from bot.metrics import Metrics  # noqa: E402
 from bot.services.database import DbThread  # noqa: E402
+from bot.services.metrics import Metrics  # noqa: E402
 from pipeline.contract.blobs import BlobStore  # noqa: E402
 from pipeline.contract.config import config_from_dict  # noqa: E402
 from pipeline.contract.jobs import GenerateSpec  # noqa: E402

@@ -17,10 +17,10 @@ from discord.ext import commands
 
 from bot.cogs import EXTENSIONS
 from bot.errors import SDCommandTree
-from bot.pacing import pace
+from bot.plumbing.pacing import pace
 from bot.services import Services
 from bot.services.loras import register_server_loras
-from bot.views import DYNAMIC_ITEMS
+from bot.views.buttons import DYNAMIC_ITEMS
 from pipeline.contract.config import Config
 
 log = logging.getLogger("sdbot")
@@ -84,7 +84,7 @@ class SDBot(commands.Bot):
             guild_ids = {g.id for g in self.guilds} | set(self.config.discord.guild_ids)
             services = self.services
             await services.db.call(register_server_loras, services.blobs, self.config, guild_ids)
-            await services.messages.deliver_missed()
+            await services.boards.deliver_missed()
         if os.environ.get("SDBOT_DEBUG_MODULES"):
             report_heavy_modules()
         if self.ready_event is not None:

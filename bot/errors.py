@@ -19,7 +19,7 @@ import secrets
 import discord
 from discord import app_commands
 
-from bot.message_edits import http_error_text
+from bot.plumbing.message_edits import http_error_text
 from bot.store import StoreError
 from pipeline.contract.blobs import BlobError
 from pipeline.contract.config import ConfigError

@@ -20,7 +20,7 @@ import discord
 
 from bot import store
 from bot.app import SDBot, report_heavy_modules
-from bot.discord_endpoints import point_client_at
+from bot.plumbing.endpoints import point_client_at
 from bot.services import build_services
 from pipeline.contract.blobs import BlobStore
 from pipeline.contract.config import Config

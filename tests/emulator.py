@@ -37,7 +37,7 @@ from urllib.parse import quote
 
 from aiohttp import WSMsgType, web
 
-from bot.discord_endpoints import point_client_at, restore_default_endpoints
+from bot.plumbing.endpoints import point_client_at, restore_default_endpoints
 from tests import discord_rules as rules
 from tests.discord_ratelimits import RateLimited, RateLimiter
 from tests.discord_rules import DiscordError, invalid_form

@@ -18,7 +18,7 @@ import pytest
 import pytest_asyncio
 
 from bot import store
-from bot.dispatcher import Dispatcher
+from bot.services.dispatcher import Dispatcher
 from pipeline.contract.blobs import BlobStore
 from pipeline.contract.jobs import (
     Done,

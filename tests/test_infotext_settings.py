@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bot.pasted import apply_pasted
+from bot.services.pasted import apply_pasted
 from pipeline.contract.infotext import (
     format_infotext,
     generation_settings,

@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from bot import render
-from bot.message_edits import MessageEditor
-from bot.text_fit import fit_infotext, shortened_note
+from bot.plumbing.message_edits import MessageEditor
+from bot.views import render
+from bot.views.text_fit import fit_infotext, shortened_note
 from pipeline.contract.infotext import format_infotext, parse_infotext
 
 PARAMS = {

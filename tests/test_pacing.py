@@ -1,4 +1,4 @@
-"""The bot's global pacer (bot/pacing.py) against the emulator's Discord limits.
+"""The bot's global pacer (bot/plumbing/pacing.py) against the emulator's Discord limits.
 
 Discord allows a bot 50 requests per second in all (topics/rate-limits; interaction
 callbacks exempt). discord.py keeps each route's bucket but has no global limit of
@@ -15,7 +15,7 @@ import discord
 from discord.ext import commands
 from discord.http import Route
 
-from bot.pacing import PER_SECOND, GlobalPacer, pace
+from bot.plumbing.pacing import PER_SECOND, GlobalPacer, pace
 from tests.emulator import emulated_discord, running_bot
 
 CHANNELS, PER_CHANNEL = 30, 4  # 120 posts; 4 per channel stays inside its 5 / 5 s bucket

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from bot import guild_store, store
-from bot.guild_settings import effective, parse_setting
-from bot.prompt_filter import FilterError, Filters, check_pattern, normalise_word
+from bot import store
+from bot.services.guild_settings import effective, parse_setting
+from bot.services.prompt_filter import FilterError, Filters, check_pattern, normalise_word
 from bot.services.safety import RateLimiter, quota_for
 from pipeline.contract.config import config_from_dict
 
@@ -76,22 +76,22 @@ def test_regex_filters_run_on_folded_text_and_catastrophic_ones_are_refused():
 def test_two_guilds_keep_their_settings_apart(tmp_path):
     config = config_from_dict({"models": {"m": {"source": "x"}}, "safety": {"policy": "block"}})
     db = store.open_db(tmp_path / "db.sqlite")
-    guild_store.set_guild_setting(
+    store.set_guild_setting(
         db, "1", "safety.policy", parse_setting(config, "safety.policy", "spoiler")
     )
-    guild_store.set_guild_setting(
+    store.set_guild_setting(
         db, "2", "limits.max_steps", parse_setting(config, "limits.max_steps", "30")
     )
-    one = effective(config, guild_store.guild_settings(db, "1"))
-    two = effective(config, guild_store.guild_settings(db, "2"))
+    one = effective(config, store.guild_settings(db, "1"))
+    two = effective(config, store.guild_settings(db, "2"))
     assert (one.policy, one.limits.max_steps) == ("spoiler", 150)
     assert (two.policy, two.limits.max_steps) == ("block", 30)
-    guild_store.set_guild_setting(
+    store.set_guild_setting(
         db, "1", "safety.policy", parse_setting(config, "safety.policy", "default")
     )
-    assert effective(config, guild_store.guild_settings(db, "1")).policy == "block"
-    guild_store.add_filter(db, "1", "word", "cat", "admin")
-    assert guild_store.filters(db, "2") == []
+    assert effective(config, store.guild_settings(db, "1")).policy == "block"
+    store.add_filter(db, "1", "word", "cat", "admin")
+    assert store.filters(db, "2") == []
     db.close()
 
 
@@ -106,8 +106,8 @@ def test_quota_usage_is_counted_from_the_jobs(tmp_path):
     store.enqueue(db, user_id="u", guild_id="2", channel_id="c", kind="generate", spec={"count": 4})
     db.close()
     db = store.open_db(path)  # a restart: nothing was kept in memory
-    assert guild_store.usage(db, "1", "u")["images_per_day"] == 5
-    assert guild_store.usage(db, "2", "u")["images_per_day"] == 4
+    assert store.usage(db, "1", "u")["images_per_day"] == 5
+    assert store.usage(db, "2", "u")["images_per_day"] == 4
     db.close()
     # Member beats role beats server default; the most generous role wins; 0 = unlimited.
     targets = {

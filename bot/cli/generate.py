@@ -136,7 +136,7 @@ def build_generate_spec(args: argparse.Namespace, config: Config, blobs: _Blobs)
         raise CliError("--mask, --keep and --outpaint need an --image")
     values["loras"] = _loras(args, config, blobs)
     if args.control or args.reference:
-        from bot.control_options import cli_control
+        from bot.cogs.control_options import cli_control
 
         values.update(cli_control(args, config, blobs, _read_input))
     spec = GenerateSpec(**values).with_seed()

@@ -13,8 +13,13 @@ import time
 from pathlib import Path
 
 from bot import store
-from bot.personal import check_name_free, check_quota, register_trained_lora, validation_summary
-from bot.training import train_spec, training_metrics, training_resolution
+from bot.services.personal import (
+    check_name_free,
+    check_quota,
+    register_trained_lora,
+    validation_summary,
+)
+from bot.services.training import train_spec, training_metrics, training_resolution
 from pipeline.contract.blobs import BlobStore
 from pipeline.contract.config import Config
 from pipeline.contract.model_names import resolve_model
@@ -80,6 +85,7 @@ def train_offline(args: argparse.Namespace, config: Config) -> int:
         steps=args.steps,
         resolution=resolution,
     )
+    spec.check(config.limits)  # the command line's one check of the spec
     started = time.monotonic()
     job_id = f"cli-{args.user}-{args.name}"
     photos = TrainPhotos(

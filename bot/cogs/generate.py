@@ -1,9 +1,10 @@
 """/imagine, /img2img, /inpaint, /outpaint, and the buttons under their results.
 
 Every handler defers first (Discord allows 3 s; downloads and the database come
-after), validates at the edge (`Range`, `Literal`, autocomplete) and again on the
-server with `GenerateSpec.check(config.limits)` — a client can send anything —
-then queues the job through `JobService.submit` (bot/services/jobs.py). The options
+after), turns its options into a spec (Discord already kept them in their `Range`,
+`Literal` and choices), then queues the job through `JobService.submit`
+(bot/services/jobs.py), which checks the spec once with the server's current
+limits — a client can send anything (`bot.services.admission`). The options
 the four commands share are declared once, in `bot.cogs.options`.
 """
 
@@ -18,17 +19,18 @@ import discord
 from discord import app_commands
 from PIL import Image
 
-from bot import render, store
+from bot import store
 from bot.app import SDBot
-from bot.attachments import Photo, read_photo
-from bot.channel_checks import check_can_deliver
 from bot.cogs import SDCog
+from bot.cogs.control_options import discord_control
 from bot.cogs.options import BATCH, CONTROL, STYLE, generation_options, parse_size
-from bot.control_options import discord_control
 from bot.errors import UserError
-from bot.pasted import apply_pasted
+from bot.plumbing.attachments import Photo, read_photo
+from bot.plumbing.permissions import check_can_deliver
+from bot.services.pasted import apply_pasted
+from bot.views import render
 from pipeline.contract.images import working_size
-from pipeline.contract.jobs import GenerateSpec, check_size, spec_from_dict
+from pipeline.contract.jobs import GenerateSpec, spec_from_dict
 from pipeline.contract.samplers import resolve
 
 Range = app_commands.Range
@@ -48,11 +50,9 @@ class Generate(SDCog):
         """Draw images from a text prompt."""
         await interaction.response.defer(ephemeral=True, thinking=True)
         prompt = options["prompt"]
-        # Parameters pasted from Info or A1111 fill the options left unset (bot.pasted).
+        # Parameters pasted from Info or A1111 fill the options left unset (bot.services.pasted).
         names = [m.name for m in self.config.models]
         prompt, options, notice = apply_pasted(prompt, options, names)
-        if options["lora"]:
-            prompt = f"{prompt} <lora:{options['lora'].strip()}:0.8>"
         values = await self.common(interaction, prompt, options)
         if options.get("schedule"):  # a pasted sampler's schedule
             values["schedule"] = options["schedule"]
@@ -116,12 +116,6 @@ class Generate(SDCog):
             **extra,
         )
         photos += attached
-        spec.check(self.config.limits)  # cheap checks before the slow face check
-        if mask is None:
-            # Without a face the worker could build no mask: say so now, queue nothing.
-            await self.services.face_probe.require_face(
-                photo.png, self.config.limits.max_input_pixels
-            )
         await self.services.jobs.submit(interaction, spec, photos=photos)
 
     @app_commands.command()
@@ -192,11 +186,13 @@ class Generate(SDCog):
             values["negative_prompt"] = mine["negative_prompt"]
         resolve(values["sampler"], values["schedule"])  # JobError names the valid ones
         guild_id = interaction.guild_id
-        values["loras"] = await self.services.loras.resolve(prompt, interaction.user.id, guild_id)
+        values["loras"] = await self.services.loras.resolve(
+            prompt, interaction.user.id, guild_id, option=options.get("lora")
+        )
         values["prompt"], values["seed"] = prompt, options["seed"]
         values.update({k: options[k] for k in ("strength", "count", "face_fix") if k in options})
         if options.get("size"):
-            values["width"], values["height"] = parse_size(options["size"], config.limits)
+            values["width"], values["height"] = parse_size(options["size"])
         if photo is not None:
             values["width"], values["height"] = self.work_size(photo, values)
         return values
@@ -234,9 +230,6 @@ class Generate(SDCog):
     async def upscale(self, interaction: discord.Interaction, job_id: str, index: int) -> None:
         job, spec, image = await self._clicked_image(interaction, job_id, index)
         width, height = await self._image_size(image["sha256"])
-        # The result is UPSCALE_FACTOR times larger: it must fit the limits too.
-        limits = self.config.limits
-        check_size(int(width * UPSCALE_FACTOR), int(height * UPSCALE_FACTOR), limits)
         await self._submit_edit(
             interaction,
             job,
@@ -252,12 +245,9 @@ class Generate(SDCog):
         )
 
     async def fix_faces(self, interaction: discord.Interaction, job_id: str, index: int) -> None:
-        """Repaint the faces of one result (ADetailer); nothing is queued without a face."""
+        """Repaint the faces of one result (ADetailer); nothing is queued without a face
+        (`bot.services.admission`)."""
         job, spec, image = await self._clicked_image(interaction, job_id, index)
-        png = await asyncio.to_thread(self.blobs.get, image["sha256"])
-        limit = self.config.limits.max_input_pixels
-        if await self.services.face_probe.count_faces(png, limit) == 0:
-            raise UserError("no face found in this image, so there is no face to fix")
         size = await self._image_size(image["sha256"])
         await self._submit_edit(
             interaction,
@@ -342,9 +332,8 @@ class Generate(SDCog):
         """Another member's click re-resolves the LoRAs: private ones stay private."""
         if job["user_id"] == str(interaction.user.id) or not spec.loras:
             return spec.loras
-        return await self.services.loras.resolve(
-            spec.prompt, interaction.user.id, interaction.guild_id
-        )
+        tags = [(lora.name, lora.weight) for lora in spec.loras]
+        return await self.services.loras.named(tags, interaction.user.id, interaction.guild_id)
 
 
 def _same_image(image: dict) -> dict[str, Any]:

@@ -18,8 +18,8 @@ from discord import app_commands
 from bot import store
 from bot.cogs import SDCog
 from bot.errors import UserError
-from bot.personal import validation_summary
-from bot.render import truncate
+from bot.services.personal import validation_summary
+from bot.views.render import truncate
 
 SCOPE_LABEL = {"own": "yours", "shared": "shared", "server": "server library"}
 

@@ -13,13 +13,14 @@ from pathlib import Path
 import discord
 from discord import app_commands
 
-from bot import render, store
+from bot import store
 from bot.app import SDBot
 from bot.cogs import SDCog
 from bot.cogs.options import parse_size, sampler_choices, size_choices
 from bot.errors import UserError
-from bot.message_edits import http_error_text
-from bot.views import forget_view
+from bot.plumbing.message_edits import http_error_text
+from bot.views import render
+from bot.views.buttons import forget_view
 from pipeline.contract.blobs import BlobStore
 from pipeline.contract.jobs import GenerateSpec
 from pipeline.contract.samplers import resolve

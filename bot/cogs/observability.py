@@ -1,11 +1,11 @@
-"""No commands: starts and stops the `/metrics` + `/healthz` listener (`bot.metrics`)
+"""No commands: starts and stops the `/metrics` + `/healthz` listener (`bot.services.metrics`)
 with the bot, when `[metrics] listen` is set."""
 
 from __future__ import annotations
 
 from discord.ext import commands
 
-from bot.metrics import Metrics, MetricsServer
+from bot.services.metrics import Metrics, MetricsServer
 
 
 class Observability(commands.Cog):

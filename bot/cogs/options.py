@@ -104,13 +104,15 @@ def allowed_sizes(config: Any) -> list[str]:
     return ok
 
 
-def parse_size(text: str, limits: Any) -> tuple[int, int]:
-    """ "768x512" (or 768×512) → (768, 512), checked against the limits."""
+def parse_size(text: str, limits: Any = None) -> tuple[int, int]:
+    """ "768x512" (or 768×512) → (768, 512), checked against ``limits`` when given (a
+    job's size is checked where it is submitted: `bot.services.admission`)."""
     width, sep, height = text.lower().replace("×", "x").partition("x")
     if not sep or not width.strip().isdigit() or not height.strip().isdigit():
         raise UserError(f"size must look like 768x512, not {text!r}")
     size = int(width), int(height)
-    check_size(*size, limits)
+    if limits is not None:
+        check_size(*size, limits)
     return size
 
 
@@ -169,7 +171,7 @@ OPTIONS: dict[str, Option] = {
         "One of your LoRAs (or a shared/server one), added as <lora:NAME:0.8>",
         lora_choices,
     ),
-    # ControlNet and IP-Adapter (bot/control_options.py turns them into spec fields)
+    # ControlNet and IP-Adapter (bot/cogs/control_options.py turns them into spec fields)
     "control_image": Option(
         discord.Attachment | None,
         None,

@@ -2,12 +2,14 @@
 
 Each service is a plain object with its dependencies passed in; `build_services`
 wires them (the dispatcher's events go to the message boards, the job service
-announces through generation's messages). Cogs take a `Services` and never reach
+announces through each kind's board of messages). Cogs take a `Services` and never reach
 through the Discord client for any of it: the client is only the connection.
 
 - `database.DbThread`: the SQLite connection on its own thread (`await db.call(...)`);
-- `messages`: progress and result messages (`JobMessages`, `MessageBoards`);
-- `jobs.JobService`: submitting and cancelling;
+- `messages`: progress and result messages (`JobMessages`, `TrainingMessages`,
+  `MessageBoards`);
+- `jobs.JobService`: submitting (every kind of job: the one check, `admission`) and
+  cancelling;
 - `loras`: resolving `<lora:…>` tags, registering the server library;
 - `access.is_admin`: who may act as a server admin.
 """
@@ -19,13 +21,13 @@ from dataclasses import dataclass
 import discord
 import sqlite_utils
 
-from bot.dispatcher import Dispatcher
-from bot.face_probe import FaceProbe
+from bot.photo_helper.process import FaceProbe
 from bot.services.access import is_admin
 from bot.services.database import DbThread
+from bot.services.dispatcher import Dispatcher
 from bot.services.jobs import JobService
 from bot.services.loras import LoraResolver
-from bot.services.messages import JobMessages, MessageBoards
+from bot.services.messages import JobMessages, MessageBoards, TrainingMessages
 from bot.services.safety import SafetyGate
 from pipeline.contract.blobs import BlobStore
 from pipeline.contract.config import Config
@@ -40,7 +42,7 @@ class Services:
     pool: WorkerPool
     face_probe: FaceProbe
     dispatcher: Dispatcher
-    boards: MessageBoards  # each kind of job's messages (training adds its own)
+    boards: MessageBoards  # each kind of job's messages: generation's, training's
     messages: JobMessages  # generation's
     jobs: JobService
     loras: LoraResolver
@@ -81,6 +83,8 @@ def build_services(
     messages = boards.add(
         JobMessages(client, config=config, db=db_thread, blobs=blobs, safety=safety)
     )
+    # Training's samples are results too: the server's NSFW policy applies to them.
+    boards.add(TrainingMessages(client, config=config, db=db_thread, blobs=blobs, safety=safety))
     return Services(
         config=config,
         db=db_thread,
@@ -90,14 +94,7 @@ def build_services(
         dispatcher=dispatcher,
         boards=boards,
         messages=messages,
-        jobs=JobService(
-            config=config,
-            db=db_thread,
-            blobs=blobs,
-            dispatcher=dispatcher,
-            messages=messages,
-            safety=safety,
-        ),
+        jobs=JobService(config, db_thread, blobs, dispatcher, boards, safety),
         loras=LoraResolver(config, db_thread),
         safety=safety,
     )

@@ -1,4 +1,4 @@
-"""The one path every generation job takes into the queue, and the way out (cancel)."""
+"""The one path every job takes into the queue, and the way out (cancel)."""
 
 from __future__ import annotations
 
@@ -8,36 +8,38 @@ from collections.abc import Sequence
 import discord
 
 from bot import store
-from bot.attachments import Photo, store_photos
-from bot.channel_checks import check_can_deliver
-from bot.dispatcher import Dispatcher
+from bot.plumbing.attachments import Photo, store_photos
+from bot.plumbing.permissions import check_can_deliver
 from bot.services.access import is_admin
+from bot.services.admission import photo_questions
 from bot.services.database import DbThread, discord_id
-from bot.services.messages import JobMessages
+from bot.services.dispatcher import Dispatcher
+from bot.services.guild_settings import ServerSettings
+from bot.services.messages import MessageBoards
 from bot.services.safety import SafetyGate
+from bot.views import render
 from pipeline.contract.blobs import BlobStore
 from pipeline.contract.config import Config
-from pipeline.contract.jobs import GenerateSpec, spec_to_dict
+from pipeline.contract.jobs import GenerateSpec, JobSpec, TrainSpec, spec_to_dict
 
 
 class JobService:
-    """Submits and cancels members' jobs; generation's messages announce them."""
+    """Submits and cancels members' jobs; each kind's board of messages announces them."""
 
     def __init__(
         self,
-        *,
         config: Config,
         db: DbThread,
         blobs: BlobStore,
         dispatcher: Dispatcher,
-        messages: JobMessages,
+        boards: MessageBoards,
         safety: SafetyGate,
     ) -> None:
         self.config = config
         self.db = db
         self.blobs = blobs
         self.dispatcher = dispatcher
-        self.messages = messages
+        self.boards = boards
         self.safety = safety
 
     async def check_queue_room(self, user_id: int) -> None:
@@ -51,17 +53,24 @@ class JobService:
             )
 
     async def submit(
-        self, interaction: discord.Interaction, spec: GenerateSpec, photos: Sequence[Photo] = ()
+        self,
+        interaction: discord.Interaction,
+        spec: JobSpec,
+        photos: Sequence[Photo] = (),
+        *,
+        summary: str = "",
     ) -> dict:
-        """Queue a job for the member (the interaction must be deferred) and tell them.
+        """Queue a job for the member (the interaction must be deferred) and tell them;
+        every kind of job comes this way. ``summary`` opens the answer (/train's
+        dataset report).
 
-        The spec is checked against the server's limits first; only then are the
-        photos stored, so a refused request leaves nothing behind.
+        The spec is checked here, once, against the server's current settings
+        (`bot.services.admission`); only then are the photos stored, so a refused
+        request leaves nothing behind.
         """
         check_can_deliver(interaction)  # before anything is stored or queued
-        spec = spec.with_seed()
-        spec = await self.safety.before_generate(interaction, spec, photos)  # bot.services.safety
-        spec.check(self.config.limits)
+        settings = await self.safety.settings_here(interaction)
+        spec = await self._checked(interaction, spec, photos, settings)
         if photos:
             await asyncio.to_thread(store_photos, self.blobs, list(photos))
         row = await self.db.call(
@@ -71,21 +80,36 @@ class JobService:
             channel_id=discord_id(interaction.channel_id),
             kind=spec.kind,
             spec=spec_to_dict(spec),
-            batch_key=spec.batch_key(),
+            batch_key=spec.batch_key() if isinstance(spec, GenerateSpec) else "",
             max_attempts=self.config.workers.max_attempts,
             max_queued_per_user=self.config.queue.max_queued_per_user,
         )
-        self.messages.upload_limits[row["id"]] = interaction.filesize_limit
+        board = self.boards.of(spec.kind)
+        board.upload_limits[row["id"]] = interaction.filesize_limit
         await self.safety.after_queue(interaction, row)
         position = await self.db.call(store.queue_position, row["id"])
-        await self.messages.announce(row, position)
+        await board.announce(row, position)
         self.dispatcher.wake()
-        where = f"position {position}" if position else "starting"
-        await interaction.followup.send(
-            f"Queued `{row['id']}` — {where}. The result will be posted in this channel.",
-            ephemeral=True,
-        )
+        text = render.queued_answer(row["id"], spec, position, self.config.limits, summary)
+        await interaction.followup.send(text, ephemeral=True)
         return row
+
+    async def _checked(
+        self,
+        interaction: discord.Interaction,
+        spec: JobSpec,
+        photos: Sequence[Photo],
+        settings: ServerSettings,
+    ) -> JobSpec:
+        """The one check of a spec (see `bot.services.admission`); nothing after it
+        re-checks what it checked."""
+        if isinstance(spec, TrainSpec):
+            spec.check(settings.limits)  # its photos and captions: check_training_set
+            return spec
+        spec = spec.with_seed()
+        spec = await self.safety.before_generate(interaction, spec, photos, settings)
+        await photo_questions(spec, settings.limits, self.safety.face_probe, photos, self.blobs)
+        return spec
 
     async def cancel_for(self, interaction: discord.Interaction, job_id: str) -> None:
         """Cancel for the member (their own jobs; admins: any)."""

@@ -4,6 +4,7 @@ server library (`loras.dir`) registered for each guild."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import sqlite_utils
@@ -20,6 +21,7 @@ from pipeline.contract.safetensors_check import safetensors_problem
 log = logging.getLogger("sdbot")
 
 LORA_TAG = ("<lora:", "<lyco:")
+OPTION_WEIGHT = 0.8  # /imagine's lora option: the weight a tag would usually carry
 
 
 class LoraResolver:
@@ -29,11 +31,24 @@ class LoraResolver:
         self.config = config
         self.db = db
 
-    async def resolve(self, prompt: str, user_id: int, guild_id: int | None) -> tuple[LoraRef, ...]:
-        """`<lora:name:w>` tags → LoraRefs the member may use (own, shared, server)."""
-        if not any(tag in prompt.lower() for tag in LORA_TAG):
-            return ()
-        _, tags = extract_loras(prompt, max_weight=self.config.limits.max_lora_weight)
+    async def resolve(
+        self, prompt: str, user_id: int, guild_id: int | None, option: str | None = None
+    ) -> tuple[LoraRef, ...]:
+        """The prompt's `<lora:name:w>` tags, then the `lora` option (at OPTION_WEIGHT),
+        → LoraRefs the member may use (own, shared, server). The option travels in the
+        spec as data: the prompt stays as the member typed it."""
+        tags: list[tuple[str, float]] = []
+        if any(tag in prompt.lower() for tag in LORA_TAG):
+            tags = extract_loras(prompt, max_weight=self.config.limits.max_lora_weight)[1]
+        if option and option.strip():
+            tags.append((option.strip(), OPTION_WEIGHT))
+        return await self.named(tags, user_id, guild_id)
+
+    async def named(
+        self, tags: Iterable[tuple[str, float]], user_id: int, guild_id: int | None
+    ) -> tuple[LoraRef, ...]:
+        """(name, weight) pairs → LoraRefs, as this member may use them: a button another
+        member clicks re-resolves a job's LoRAs by name, so private ones stay private."""
         refs = []
         for name, weight in tags:
             row = await self.db.call(_find_lora_or_hint, name, str(user_id), discord_id(guild_id))

@@ -9,7 +9,8 @@ Both message ids are stored on the job row, so after a restart the same progress
 message is edited and the result is posted exactly once.
 
 `MessageBoards` routes each event to the board of its job's kind (generation's
-`JobMessages`, training's subclass) and keeps the "position N" of waiting jobs fresh.
+`JobMessages`, training's `TrainingMessages`) and keeps the "position N" of waiting
+jobs fresh.
 """
 
 from __future__ import annotations
@@ -25,11 +26,15 @@ from functools import partial
 from typing import Any, TypeVar
 
 import discord
+import sqlite_utils
 
-from bot import render, store
-from bot.message_edits import MessageEditor, http_error_text
+from bot import store
+from bot.plumbing.message_edits import MessageEditor, http_error_text
 from bot.services.database import DbThread
-from bot.views import progress_view, result_view
+from bot.services.personal import register_trained_lora, validation_summary
+from bot.services.training import training_metrics
+from bot.views import render
+from bot.views.buttons import progress_view, result_view
 from pipeline.contract.blobs import BlobError, BlobStore
 from pipeline.contract.config import Config
 from pipeline.contract.jobs import Cancelled, Done, Event, Failed, Paused, Progress, Started
@@ -57,6 +62,15 @@ class MessageBoards:
         """Route the events of ``board.kind`` jobs to ``board``."""
         self.boards = [b for b in self.boards if b.kind != board.kind] + [board]
         return board
+
+    def of(self, kind: str) -> JobMessages:
+        """The board that posts ``kind`` jobs' messages."""
+        return next(b for b in self.boards if b.kind == kind)
+
+    async def deliver_missed(self) -> None:
+        """Every board's results that finished while the bot was down, posted once."""
+        for board in self.boards:
+            await board.deliver_missed()
 
     async def on_job_event(self, row: dict, event: Event) -> None:
         board = next((b for b in self.boards if b.kind == row["kind"]), None)
@@ -416,3 +430,96 @@ class JobMessages:
                     row["id"],
                     http_error_text(exc),
                 )
+
+
+# -- training jobs --------------------------------------------------------------------------
+
+
+class TrainingMessages(JobMessages):
+    """A training job's progress and result messages; deletes its photos at the end."""
+
+    kind = "train"
+
+    async def on_event(self, row: dict, event: Event) -> None:
+        over = isinstance(event, Done) or row["status"] in ("failed", "cancelled")
+        if over and not (isinstance(event, Failed) and row["status"] == "queued"):
+            # First: the member's photos go as soon as the job is over, before the
+            # (slower, Discord-bound) message updates.
+            await asyncio.to_thread(delete_photos, self.blobs, row["spec"])
+        await super().on_event(row, event)
+
+    async def _post_result(self, row: dict, tracked: _Tracked) -> None:
+        if row.get("message_id"):
+            return  # posted before a restart: exactly once
+        result = row.get("result") or {}
+        info = result.get("info") or {}
+        spec = row["spec"]
+        # Also here: a result delivered after a restart never went through on_event.
+        await asyncio.to_thread(delete_photos, self.blobs, spec)
+        try:
+            record = await self.db.call(_register_once, self, row)
+        except store.StoreError as exc:
+            await self._final_status(row, tracked, f"Trained, but not saved: {exc}")
+            return
+        files, note = await self._sample_files(row, result.get("images") or [])
+        text = render.training_result_text(
+            row["user_id"], spec, record, validation_summary(info), info
+        )
+        if note:
+            text = render.truncate(f"{text}\n{note}", 2000)
+        message = await self._channel(row).send(text, files=files)
+        await self.db.call(store.set_job_messages, row["id"], message_id=str(message.id))
+        await self._delete_progress(row, tracked)
+
+    async def _sample_files(self, row: dict, samples: list[dict]) -> tuple[list, str]:
+        """The sample images as attachments, and a note: they are results like any other,
+        so the server's NSFW policy applies (withheld, or spoilers, in a channel that is not
+        age-restricted) and Discord's upload limits are kept."""
+        if not samples:
+            return [], ""
+        base = row["spec"]["name"]
+        names = [f"{base}-sample-{i + 1}.png" for i in range(len(samples))]
+        stored = await asyncio.to_thread(self._pngs, row, samples)
+        pngs = [(name, data) for name, (_, data) in zip(names, stored)]
+        verdict = await self.safety.verdict(row, samples) if self.safety else None
+        if verdict is not None and verdict.blocked:
+            withheld = [png for i, png in enumerate(pngs) if i in verdict.blocked]
+            await self.safety.send_blocked(row, verdict, withheld)
+            pngs = [png for i, png in enumerate(pngs) if i not in verdict.blocked]
+        elif verdict is not None:
+            pngs = list(zip(verdict.filenames([name for name, _ in pngs]), (d for _, d in pngs)))
+        limit = self.upload_limits.get(row["id"]) or self._guild_limit(row)
+        uploads, note = await asyncio.to_thread(render.fit_uploads, pngs, limit)
+        if verdict is not None:
+            note = " ".join(n for n in (verdict.note(len(samples)), note) if n)
+        return [discord.File(io.BytesIO(u.data), u.filename) for u in uploads], note
+
+
+def _register_once(db: sqlite_utils.Database, board: TrainingMessages, row: dict) -> dict:
+    """Register the trained file; a retried post (after a restart) finds it registered."""
+    existing = store.lora_of_job(db, row["id"])
+    if existing:
+        return existing
+    spec, result = row["spec"], row.get("result") or {}
+    [file] = result["files"]
+    info = result.get("info") or {}
+    metrics = training_metrics(info)
+    return register_trained_lora(
+        db,
+        board.blobs,
+        board.config,
+        owner_id=row["user_id"],
+        guild_id=row.get("guild_id"),
+        name=spec["name"],
+        token=spec["token"],
+        method=spec["method"],
+        base_model=spec["model"],
+        sha256=file["sha256"],
+        metrics=metrics,
+        job_id=row["id"],
+    )
+
+
+def delete_photos(blobs: BlobStore, spec: dict) -> None:
+    for sha in [*spec.get("photos", ()), *spec.get("test_photos", ())]:
+        blobs.delete(sha)

@@ -13,7 +13,7 @@ and before queueing a generation (or training):
 and, when a result is ready, `verdict` applies the server's policy to the flagged
 images: post, post as spoilers, or withhold with a notice.
 
-Everything reads the server's settings (`bot.guild_settings`) at the moment it runs:
+Everything reads the server's settings (`bot.services.guild_settings`) at the moment it runs:
 `/admin settings` takes effect at once, restarts change nothing.
 """
 
@@ -29,19 +29,19 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
-from bot import guild_store
+from bot import store
 from bot.errors import UserError
-from bot.guild_settings import ServerSettings, effective
-from bot.photo_jobs import detect_nsfw
-from bot.prompt_filter import Filters
+from bot.photo_helper.work import detect_nsfw
 from bot.services.access import is_admin
+from bot.services.guild_settings import ServerSettings, effective
+from bot.services.prompt_filter import Filters
 from pipeline.contract.config import Config
 from pipeline.contract.jobs import GenerateSpec
 from pipeline.contract.safety import flagged_labels
 
 if TYPE_CHECKING:
-    from bot.attachments import Photo
-    from bot.face_probe import FaceProbe
+    from bot.photo_helper.process import FaceProbe
+    from bot.plumbing.attachments import Photo
     from bot.services.database import DbThread
 
 log = logging.getLogger(__name__)
@@ -157,16 +157,16 @@ class SafetyGate:
         self.face_probe = face_probe
         self.rate = RateLimiter()
         self._followups: dict[str, tuple[float, discord.Webhook]] = {}
-        self.metrics: Any = None  # bot.metrics.Metrics once the listener runs
+        self.metrics: Any = None  # bot.services.metrics.Metrics once the listener runs
 
     # -- settings ---------------------------------------------------------------------------
 
     async def settings(self, guild_id: int | str | None) -> ServerSettings:
-        overrides = await self.db.call(guild_store.guild_settings, guild_id)
+        overrides = await self.db.call(store.guild_settings, guild_id)
         return effective(self.config, overrides)
 
     async def filters(self, guild_id: int | str | None) -> Filters:
-        return Filters.from_rows(await self.db.call(guild_store.filters, guild_id))
+        return Filters.from_rows(await self.db.call(store.filters, guild_id))
 
     # -- every command ----------------------------------------------------------------------
 
@@ -189,7 +189,7 @@ class SafetyGate:
         return None
 
     async def _role_refusal(self, interaction: discord.Interaction, command: str) -> str | None:
-        gates = await self.db.call(guild_store.command_roles, interaction.guild_id)
+        gates = await self.db.call(store.command_roles, interaction.guild_id)
         allowed = gates.get(command)
         if not allowed or allowed & role_ids(interaction):
             return None
@@ -202,11 +202,19 @@ class SafetyGate:
 
     # -- before queueing ----------------------------------------------------------------------
 
+    async def settings_here(self, interaction: discord.Interaction) -> ServerSettings:
+        """The server's settings for a job asked for here (DMs refused when configured)."""
+        return await self._server_settings_or_refuse(interaction)
+
     async def before_generate(
-        self, interaction: discord.Interaction, spec: GenerateSpec, photos: Sequence[Photo] = ()
+        self,
+        interaction: discord.Interaction,
+        spec: GenerateSpec,
+        photos: Sequence[Photo],
+        settings: ServerSettings,
     ) -> GenerateSpec:
-        """The spec to queue (safety negative prompt added), or UserError (nothing queued)."""
-        settings = await self._server_settings_or_refuse(interaction)
+        """The spec to queue (safety negative prompt added), or UserError (nothing queued):
+        the submission's one check of its values (`bot.services.admission`)."""
         button = interaction.command is None and interaction.guild_id  # counts as /imagine
         if button and not is_admin(interaction, self.config):
             refusal = await self._role_refusal(interaction, "imagine")
@@ -246,16 +254,20 @@ class SafetyGate:
         await self._check_quota(interaction, settings, trainings=1)
         return settings
 
+    async def photos_checked_here(self, interaction: discord.Interaction) -> bool:
+        """Whether photos asked for here go through the NSFW check (the helper then
+        scores /train's crops while it prepares them)."""
+        return self._photos_checked(interaction, await self.settings(interaction.guild_id))
+
     async def check_training_set(
         self, interaction: discord.Interaction, prepared: dict[str, Any]
     ) -> None:
-        """After the photos are prepared: captions filtered, crops checked for NSFW."""
+        """After the photos are prepared: captions filtered, crops' NSFW scores judged."""
         settings = await self.settings(interaction.guild_id)
         filters = await self.filters(interaction.guild_id)
         filters.check("photo captions", *prepared.get("captions", []), markup=False)
-        await self._check_photos(
-            interaction, settings, [*prepared["train"], *prepared["test"]], "training photo"
-        )
+        if self._photos_checked(interaction, settings):
+            self._judge_photos(prepared.get("nsfw") or [], settings, "training photo")
 
     async def _server_settings_or_refuse(self, interaction: discord.Interaction) -> ServerSettings:
         if interaction.guild_id is None and self.config.safety.dms == "refuse":
@@ -287,11 +299,11 @@ class SafetyGate:
     ) -> list[tuple[str, int, float]]:
         """(key, limit, remaining) for each limited quota of the member here."""
         settings = settings or await self.settings(interaction.guild_id)
-        targets = await self.db.call(guild_store.quotas, interaction.guild_id)
+        targets = await self.db.call(store.quotas, interaction.guild_id)
         limits = quota_for(targets, str(interaction.user.id), role_ids(interaction), settings.quota)
         if not any(limits.values()):
             return []
-        used = await self.db.call(guild_store.usage, interaction.guild_id, str(interaction.user.id))
+        used = await self.db.call(store.usage, interaction.guild_id, str(interaction.user.id))
         return [(key, limit, max(0, limit - used[key])) for key, limit in limits.items() if limit]
 
     async def quota_line(self, interaction: discord.Interaction) -> str:
@@ -311,11 +323,16 @@ class SafetyGate:
         pngs: list[bytes],
         what: str,
     ) -> None:
-        if not pngs or not self.config.safety.detect or settings.policy != "block":
-            return
-        if is_age_restricted(interaction):
-            return
-        scores = await self.face_probe.run(detect_nsfw, pngs)
+        if pngs and self._photos_checked(interaction, settings):
+            self._judge_photos(await self.face_probe.run(detect_nsfw, pngs), settings, what)
+
+    def _photos_checked(self, interaction: discord.Interaction, settings: ServerSettings) -> bool:
+        blocking = self.config.safety.detect and settings.policy == "block"
+        return blocking and not is_age_restricted(interaction)
+
+    def _judge_photos(
+        self, scores: list[dict[str, float]], settings: ServerSettings, what: str
+    ) -> None:
         for one in scores:
             labels = flagged_labels(one, settings.threshold, settings.labels)
             if labels:
@@ -328,7 +345,7 @@ class SafetyGate:
         """Remember where the job was asked for (the channel's age restriction decides the
         policy when it is posted) and how to reach the member ephemerally."""
         await self.db.call(
-            guild_store.set_job_context,
+            store.set_job_context,
             row["id"],
             nsfw_channel=is_age_restricted(interaction),
             dm=interaction.guild_id is None,
@@ -340,7 +357,7 @@ class SafetyGate:
     # -- when the result is ready -----------------------------------------------------------------
 
     async def verdict(self, row: dict, images: list[dict]) -> Verdict:
-        context = await self.db.call(guild_store.job_context, row["id"])
+        context = await self.db.call(store.job_context, row["id"])
         settings = await self.settings(row.get("guild_id"))
         flagged = {
             i: labels

@@ -14,7 +14,9 @@ This package is the one way in: callers write ``from bot import store`` and
 - :mod:`bot.store.settings`: each member's saved defaults;
 - :mod:`bot.store.loras`: the LoRA registry;
 - :mod:`bot.store.blobs`: which blob-store files are still referenced;
-- :mod:`bot.store.privacy`: /forget.
+- :mod:`bot.store.privacy`: /forget;
+- :mod:`bot.store.guild`: per-server state (settings, prompt filters, role gates, quotas,
+  the audit log, each job's channel context).
 """
 
 from bot.store.blobs import BLOB_KEYS, blob_refs
@@ -28,6 +30,23 @@ from bot.store.errors import (
     QueueFull,
     StoreError,
 )
+from bot.store.guild import (
+    add_filter,
+    allow_role,
+    audit,
+    audit_log,
+    command_roles,
+    filters,
+    guild_settings,
+    job_context,
+    metrics_counts,
+    quotas,
+    remove_filter,
+    set_guild_setting,
+    set_job_context,
+    set_quota,
+    usage,
+)
 from bot.store.loras import (
     add_lora,
     delete_lora,
@@ -35,6 +54,7 @@ from bot.store.loras import (
     get_lora,
     list_loras,
     lora_of_job,
+    lora_registered,
     lora_usage,
     rename_lora,
     server_lora_by_sha,
@@ -78,14 +98,20 @@ __all__ = [
     "NotYours",
     "QueueFull",
     "StoreError",
+    "add_filter",
     "add_lora",
+    "allow_role",
+    "audit",
+    "audit_log",
     "blob_refs",
     "busy_count",
     "cancel",
     "claim_next",
+    "command_roles",
     "delete_lora",
     "enqueue",
     "fail",
+    "filters",
     "find_lora",
     "finish",
     "forget_user",
@@ -93,11 +119,15 @@ __all__ = [
     "get_job",
     "get_lora",
     "get_settings",
+    "guild_settings",
+    "job_context",
     "job_stats",
     "list_loras",
     "lora_of_job",
+    "lora_registered",
     "lora_usage",
     "mark_cancelled",
+    "metrics_counts",
     "migrate",
     "open_db",
     "pause",
@@ -105,15 +135,21 @@ __all__ = [
     "queue_position",
     "queue_positions",
     "queued_count",
+    "quotas",
+    "remove_filter",
     "rename_lora",
-    "require_job",
     "requeue_interrupted",
+    "require_job",
     "reset_settings",
     "server_lora_by_sha",
+    "set_guild_setting",
+    "set_job_context",
     "set_job_messages",
     "set_lora_shared",
     "set_priority",
+    "set_quota",
     "unposted_results",
     "update_settings",
+    "usage",
     "user_jobs",
 ]

@@ -202,6 +202,11 @@ def server_lora_by_sha(db: sqlite_utils.Database, guild_id: str, sha: str) -> di
     )
 
 
+def lora_registered(db: sqlite_utils.Database, sha256: str) -> bool:
+    """Whether any LoRA with these bytes is still registered (not deleted or forgotten)."""
+    return _one(db, "SELECT 1 FROM loras WHERE sha256 = ? LIMIT 1", [sha256]) is not None
+
+
 def lora_of_job(db: sqlite_utils.Database, job_id: str) -> dict | None:
     """The LoRA a training job registered, if it did."""
     return _decode(_one(db, "SELECT * FROM loras WHERE job_id = ?", [job_id]))

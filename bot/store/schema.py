@@ -14,7 +14,6 @@ from pathlib import Path
 
 import sqlite_utils
 
-from bot.guild_schema import m002_guilds
 from bot.store.core import _write
 
 
@@ -160,6 +159,66 @@ CREATE UNIQUE INDEX loras_owner_name
     ON loras (COALESCE(owner_id, 'server:' || COALESCE(guild_id, '')), name COLLATE NOCASE);
 
 CREATE INDEX loras_guild ON loras (guild_id, shared)
+"""
+
+
+def m002_guilds(db: sqlite_utils.Database) -> None:
+    """Per-server state: settings, prompt filters, role gates, quotas, the audit log and
+    each job's channel context (queried in `bot.store.guild`)."""
+    for statement in _M002_SQL.split(";\n\n"):
+        db.execute(statement)
+
+
+_M002_SQL = """
+CREATE TABLE guild_settings (
+    guild_id TEXT PRIMARY KEY,
+    data TEXT NOT NULL DEFAULT '{}',
+    updated_at REAL
+);
+
+CREATE TABLE guild_filters (
+    guild_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    pattern TEXT NOT NULL,
+    added_by TEXT,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (guild_id, kind, pattern)
+);
+
+CREATE TABLE command_roles (
+    guild_id TEXT NOT NULL,
+    command TEXT NOT NULL,
+    role_id TEXT NOT NULL,
+    PRIMARY KEY (guild_id, command, role_id)
+);
+
+CREATE TABLE quotas (
+    guild_id TEXT NOT NULL,
+    target TEXT NOT NULL,
+    images_per_day INTEGER,
+    gpu_seconds_per_day INTEGER,
+    trainings_per_week INTEGER,
+    PRIMARY KEY (guild_id, target)
+);
+
+CREATE TABLE audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    guild_id TEXT,
+    user_id TEXT NOT NULL,
+    action TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL
+);
+
+CREATE INDEX audit_guild ON audit (guild_id, created_at);
+
+CREATE TABLE job_context (
+    job_id TEXT PRIMARY KEY REFERENCES jobs (id) ON DELETE CASCADE,
+    nsfw_channel INTEGER NOT NULL DEFAULT 0,
+    dm INTEGER NOT NULL DEFAULT 0
+);
+
+CREATE INDEX jobs_guild_user_created ON jobs (guild_id, user_id, created_at)
 """
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -147,6 +148,20 @@ class GenerateSpec:
         )
         key = "gen|" + "|".join(str(p) for p in parts)
         return key + ("|control|" + "|".join(control) if control else "")
+
+    def a1111_prompt(self) -> str:
+        """The prompt as A1111's infotext writes it: the member's prompt, then a
+        ``<lora:name:w>`` tag for each LoRA chosen by option rather than typed in it."""
+        from pipeline.contract.prompt_syntax import extract_loras  # it raises our JobError
+
+        typed = [name.lower() for name, _ in extract_loras(self.prompt, max_weight=math.inf)[1]]
+        tags = []
+        for lora in self.loras:  # in order: the prompt's tags first, then the options'
+            if lora.name.lower() in typed:
+                typed.remove(lora.name.lower())
+            else:
+                tags.append(f"<lora:{lora.name}:{lora.weight:g}>")
+        return " ".join([self.prompt, *tags]) if tags else self.prompt
 
     def blob_refs(self) -> list[str]:
         refs = [r for r in (self.image, self.mask) if r]

@@ -649,7 +649,7 @@ def infotext_for(
     }
     if spec.mode == "upscale":
         params["Denoising strength"] = spec.strength
-    return format_infotext(spec.prompt, spec.negative_prompt, params)
+    return format_infotext(spec.a1111_prompt(), spec.negative_prompt, params)
 
 
 def _output(

@@ -20,7 +20,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from bot import guild_store
+from bot import store
 from pipeline.contract.config import listen_address
 from pipeline.contract.jobs import Cancelled, Done, Event, Failed, Paused, Started
 
@@ -128,7 +128,7 @@ class Metrics:
     # -- at scrape time -----------------------------------------------------------------------
 
     async def scrape(self) -> bytes:
-        counts = await self.services.db.call(guild_store.metrics_counts)
+        counts = await self.services.db.call(store.metrics_counts)
         self.jobs.clear()
         self.queue_depth.clear()
         for kind in ("generate", "train"):

@@ -44,9 +44,10 @@ def train_spec(
     resolution: int,
     test_photos: Sequence[str] = (),
 ) -> TrainSpec:
-    """The job's spec, checked against the limits; it yields the worker (and saves a
-    checkpoint) every `[training] chunk_steps` steps."""
-    spec = TrainSpec(
+    """The job's spec; it yields the worker (and saves a checkpoint) every
+    `[training] chunk_steps` steps. Checked where it is submitted: `/train` through
+    `JobService.submit` (the server's limits), `sdbot train` against config.toml's."""
+    return TrainSpec(
         name=name,
         photos=tuple(photos),
         test_photos=tuple(test_photos),
@@ -54,13 +55,11 @@ def train_spec(
         token=token,
         subject=subject,
         model=model,
-        method=method,  # type: ignore[arg-type] - checked below
+        method=method,  # type: ignore[arg-type] - checked where it is submitted
         steps=steps,
         resolution=resolution,
         checkpoint_every=config.training.chunk_steps,
     )
-    spec.check(config.limits)
-    return spec
 
 
 def training_metrics(info: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Photo work the bot needs an answer to before queueing, run in a helper process.
 
-These functions execute in the bot's single helper process (`bot.face_probe`), never
+These functions execute in the bot's single helper process (`bot.photo_helper.process`), never
 in the bot itself: they import OpenCV. They return plain data (bytes, strings,
 dicts) and turn user-facing errors into `{"error": message}`, because unpickling a
 `pipeline.training.dataset` exception in the bot would import OpenCV there.
@@ -13,9 +13,17 @@ from typing import Any
 
 
 def prepare_photos(
-    photos: list[tuple[str, bytes]], zip_data: bytes | None, settings: dict[str, Any]
+    photos: list[tuple[str, bytes]],
+    zip_data: bytes | None,
+    settings: dict[str, Any],
+    nsfw: bool = False,
 ) -> dict[str, Any]:
-    """Dataset preparation for /train: square face crops, captions, held-out split."""
+    """Dataset preparation for /train: square face crops, captions, held-out split.
+
+    Each photo is decoded once, here; the crops come back encoded as PNGs with their
+    sha256 and size (so the bot stores them without decoding them again) and, with
+    ``nsfw``, their NSFW scores, taken from the crops in memory."""
+    from pipeline.contract.blobs import sha256_hex
     from pipeline.training.dataset import DatasetError, dataset_summary, prepare_dataset
 
     try:
@@ -23,18 +31,24 @@ def prepare_photos(
     except DatasetError as exc:
         return {"error": str(exc)}
 
-    def png(image) -> bytes:
+    def crop(image) -> dict[str, Any]:
         buffer = io.BytesIO()
         image.save(buffer, format="PNG", compress_level=4)
-        return buffer.getvalue()
+        png = buffer.getvalue()
+        return {"png": png, "sha256": sha256_hex(png), "width": image.width, "height": image.height}
 
-    return {
+    prepared = {
         "summary": dataset_summary(dataset.report),
         "token": dataset.token,
-        "train": [png(t.image) for t in dataset.train],
+        "train": [crop(t.image) for t in dataset.train],
         "captions": [t.caption for t in dataset.train],
-        "test": [png(t.image) for t in dataset.test],
+        "test": [crop(t.image) for t in dataset.test],
     }
+    if nsfw:
+        from pipeline.safety.detector import detect_image
+
+        prepared["nsfw"] = [detect_image(t.image) for t in [*dataset.train, *dataset.test]]
+    return prepared
 
 
 def count_faces_in(png: bytes, max_pixels: int) -> int:

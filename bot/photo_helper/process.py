@@ -4,7 +4,7 @@
 bot process must never load (it stays small and torch/cv2-free). So such work
 runs in one spawned helper process, started on first use and kept for the next
 ones; the child imports `cv2`, the bot does not. `run(fn, *args)` runs any
-picklable function there (e.g. `bot.photo_jobs`); its result must unpickle
+picklable function there (e.g. `bot.photo_helper.work`); its result must unpickle
 without heavy imports. A stuck or crashed child is replaced and the member is
 told to try again.
 """
@@ -20,7 +20,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
 from bot.errors import UserError
-from bot.photo_jobs import count_faces_in
+from bot.photo_helper.work import count_faces_in
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image
 
-from bot.text_fit import fit_infotext, shortened_note
+from bot.views.text_fit import fit_infotext, shortened_note
 
 MiB = 1024 * 1024
 CONTENT_LIMIT = 2000
@@ -75,6 +76,22 @@ def job_title(spec: dict) -> str:
 def queued_text(user_id: str, spec: dict, position: int | None) -> str:
     where = f"position {position}" if position else "waiting for a worker"
     return truncate(f"<@{user_id}> {job_title(spec)}\nQueued — {where}", 2000)
+
+
+def queued_answer(
+    job_id: str, spec: Any, position: int | None, limits: Any, summary: str = ""
+) -> str:
+    """The member's ephemeral answer once a job is queued (a TrainSpec: /train's)."""
+    where = f"position {position}" if position else "starting"
+    if spec.kind != "train":
+        return f"Queued `{job_id}` — {where}. The result will be posted in this channel."
+    planned = spec.planned_steps(limits)
+    return truncate(
+        f"{summary}\n\nQueued training `{job_id}` for '{spec.name}' "
+        f"({spec.method}, {planned} steps, trigger word `{spec.token}`) — {where}. "
+        "Progress and the result will be posted in this channel.",
+        1900,
+    )
 
 
 def progress_text(

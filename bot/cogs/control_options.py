@@ -126,7 +126,7 @@ async def discord_control(
     """The Discord options → GenerateSpec fields (control, reference) and the attached
     photos to store. Attachments are downloaded and checked to be images; every option
     given is used or refused, never silently dropped."""
-    from bot.attachments import read_photo
+    from bot.plumbing.attachments import read_photo
     from pipeline.contract.control import check_against_config
 
     family = config.model(model).family

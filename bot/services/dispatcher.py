@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import sqlite_utils
 
 from bot import store
+from bot.services.admission import still_runnable
 from pipeline.contract.blobs import BlobError, BlobStore
 from pipeline.contract.config import Config
 from pipeline.contract.jobs import (
@@ -215,13 +216,13 @@ class Dispatcher:
                 self._yield_asked.discard(job_id)
 
     async def _checked(self, rows: list[dict]) -> list[tuple[str, JobSpec]]:
-        """The specs that pass the server's limits; the others fail now, never reaching a
-        worker (limits may have been lowered since the job was queued)."""
+        """The specs still runnable; the others fail now, never reaching a worker (what can
+        change while a job waits: `bot.services.admission.still_runnable`)."""
         runnable = []
         for row in rows:
             try:
                 spec = spec_from_dict(row["spec"])
-                spec.check(self.config.limits)
+                await self._call(still_runnable, self.db, self.config, row, spec)
             except JobError as exc:
                 await self._record(row, Failed(row["id"], str(exc)))
             except (TypeError, ValueError) as exc:

@@ -1,5 +1,5 @@
 """Per-server settings: `config.toml` gives the defaults; a server's overrides (SQLite,
-`bot.guild_store`) win. Read on every command, so `/admin settings` takes effect at
+`bot.store.guild`) win. Read on every command, so `/admin settings` takes effect at
 once, and each server only ever sees its own.
 
 Keys are dotted like the config file: ``safety.policy``, ``limits.max_steps``,
@@ -149,7 +149,7 @@ def effective(config: Config, overrides: dict[str, Any]) -> ServerSettings:
         labels={**safety.labels, **get("safety.labels", {})},
         negative_prompt=get("safety.negative_prompt", safety.negative_prompt),
         blocked_ephemeral=get("safety.blocked_ephemeral", safety.blocked_ephemeral),
-        limits=section(config.limits, "limits"),
+        limits=within_config(config.limits, section(config.limits, "limits")),
         defaults=section(config.defaults, "defaults"),
         allowed_models=tuple(get("models.allowed", ())),
         quota={
@@ -158,6 +158,18 @@ def effective(config: Config, overrides: dict[str, Any]) -> ServerSettings:
         },
         overrides=dict(overrides),
     )
+
+
+def within_config(ceiling: Limits, limits: Limits) -> Limits:
+    """The server's limits, never looser than config.toml's: `/admin settings` refuses a
+    looser value, but config.toml may have been tightened since one was set."""
+    tighter = {
+        f.name: (max if f.name.startswith("min_") else min)(
+            getattr(ceiling, f.name), getattr(limits, f.name)
+        )
+        for f in dataclasses.fields(Limits)
+    }
+    return dataclasses.replace(limits, **tighter)
 
 
 def describe(config: Config, settings: ServerSettings) -> str:

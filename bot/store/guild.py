@@ -1,7 +1,8 @@
-"""Queries for per-server state: settings, prompt filters, role gates, quotas, the audit
-log, and what the bot must remember about a job's channel (tables: `bot.guild_schema`).
+"""Per-server state: settings, prompt filters, role gates, quotas, the audit log, and
+what the bot must remember about a job's channel (tables: `m002_guilds` in
+`bot.store.schema`).
 
-Plain functions on a ``sqlite_utils.Database``, like `bot.store`. Quota usage is
+Plain functions on a ``sqlite_utils.Database``, like the other sections. Quota usage is
 counted from the jobs table itself, so a restart changes nothing.
 """
 
