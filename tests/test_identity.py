@@ -10,12 +10,14 @@ photos of one person, different people at most 0.51.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
 import skimage.data
 from PIL import Image, ImageEnhance
 
+from pipeline.contract.config import ConfigError, EditConfig, config_from_dict, load_config
 from pipeline.faces import identity
 from pipeline.faces.detection import detect_faces
 from pipeline.faces.identity import IdentityError
@@ -137,3 +139,27 @@ def test_the_same_call_twice_gives_the_same_descriptor(collins, reference) -> No
     again = identity.reference_face(collins)
     assert np.array_equal(again.embedding, reference.embedding)
     assert again.embedding.shape == (128,)
+
+
+# ---------------------------------------------------------------- [edit] in config.toml
+
+
+def test_the_shipped_config_toml_sets_the_calibrated_edit_defaults() -> None:
+    config = load_config(Path(__file__).resolve().parent.parent / "config.toml")
+    assert config.edit == EditConfig()
+    assert (config.edit.min_identity, config.edit.max_retries) == (0.55, 2)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"min_identity": 1.5}, "edit.min_identity must be a number from 0 to 1"),
+        ({"min_identity": "high"}, "edit.min_identity must be a number from 0 to 1"),
+        ({"max_retries": -1}, "edit.max_retries must be a whole number from 0 to 10"),
+        ({"max_retries": 2.5}, "edit.max_retries must be a whole number from 0 to 10"),
+        ({"retries": 2}, "unknown key"),
+    ],
+)
+def test_bad_edit_settings_are_refused_in_one_line(values, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"models": {"m": {"source": "x"}}, "edit": values}, path="config.toml")
