@@ -17,6 +17,7 @@ import pytest
 import skimage.data
 from PIL import Image, ImageEnhance
 
+from pipeline.contract.compare import BACKGROUND, compare_picture, identity_caption
 from pipeline.contract.config import ConfigError, EditConfig, config_from_dict, load_config
 from pipeline.faces import identity
 from pipeline.faces.detection import detect_faces
@@ -163,3 +164,35 @@ def test_the_shipped_config_toml_sets_the_calibrated_edit_defaults() -> None:
 def test_bad_edit_settings_are_refused_in_one_line(values, message) -> None:
     with pytest.raises(ConfigError, match=message):
         config_from_dict({"models": {"m": {"source": "x"}}, "edit": values}, path="config.toml")
+
+
+# ---------------------------------------------------------------- the Compare picture
+
+
+def test_the_compare_picture_shows_both_side_by_side_with_the_score(collins) -> None:
+    after = moved_scaled_recoloured(collins).resize((1024, 1024), Image.Resampling.LANCZOS)
+    picture = compare_picture(collins, after, 0.93)
+    band = 512 // 10
+    assert picture.size == (512 + 8 + 512, 512 + band)
+    pixels = np.asarray(picture, dtype=np.int16)
+    # Before: the photo itself; after: the result at the photo's height (1 level of rounding).
+    assert np.array_equal(pixels[:512, :512], np.asarray(collins))
+    shrunk = np.asarray(after.resize((512, 512), Image.Resampling.LANCZOS), dtype=np.int16)
+    assert np.abs(pixels[:512, 520:] - shrunk).max() <= 1
+    # The band carries text: the middle (the score) and both ends (before / after).
+    text = np.abs(pixels[512:] - BACKGROUND).sum(axis=2) > 100
+    thirds = np.array_split(text, 3, axis=1)
+    assert all(third.sum() > 50 for third in thirds)
+    # Another score is written differently; the pictures above it are the same.
+    other = np.asarray(compare_picture(collins, after, 0.41), dtype=np.int16)
+    assert np.array_equal(other[:512], pixels[:512])
+    assert not np.array_equal(other[512:], pixels[512:])
+
+
+def test_the_compare_picture_keeps_each_aspect_at_one_height(collins) -> None:
+    wide = collins.resize((1000, 400))
+    tall = collins.resize((300, 900))
+    picture = compare_picture(wide, tall, None, max_height=300)
+    assert picture.size == (750 + 8 + 100, 300 + 30)
+    assert identity_caption(None) == "identity: no face in the result"
+    assert identity_caption(0.934) == "identity 0.93"
