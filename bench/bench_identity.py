@@ -3,6 +3,7 @@ alignment cost per image.
 
     OMP_NUM_THREADS=1 python bench/bench_identity.py calibrate [--photos DIR]
     OMP_NUM_THREADS=1 python bench/bench_identity.py cost [--repeats 10]
+    OMP_NUM_THREADS=1 python bench/bench_identity.py residual
 
 - `calibrate`: dlib descriptor distances and scores (pipeline/faces/identity.py) for
   "same person" pairs and "different people" pairs, and the false accept / false
@@ -19,10 +20,17 @@ alignment cost per image.
   Different people: every photo (and its transforms) against every other person's.
   scikit-image's 25×25 LFW subset is scored apart: faces that small are below what
   the recogniser can tell apart, which is itself worth knowing.
-- `cost`: identity (detection + landmarks + descriptor of one face) per image at 512²
-  and 1024², the reference face once; alignment (`align_to_input`: resize, ORB +
-  RANSAC, ECC refinement, composite) per result at 512² and 1024²; median of
-  `--repeats` after one warm-up, one thread.
+- `cost`: identity of one result at the photo's size (512² and 1024²: Haar face
+  detection + dlib landmarks and descriptor per face; the reference face costs the same
+  once per job), split into its parts; alignment (`align_to_input`: resize, ORB +
+  RANSAC, ECC refinement, keep: face composite) of a 1024² result onto a 512² and a
+  1024² photo; median of `--repeats` after one warm-up, one thread. Prints the load
+  average: the CPU is shared, so read the figures as upper bounds.
+- `residual`: how far the alignment's transform lands from the truth (the largest
+  distance over a 9×9 grid of points, in the photo's pixels) when a real photo is
+  moved by a known transform (OpenCV's warp) and handed back at another size; plain
+  (moved only) and edited (moved, recoloured, a region repainted, JPEG, as
+  tests/test_align.py's `edited`), on four of scikit-image's real photos.
 """
 
 from __future__ import annotations
@@ -30,7 +38,9 @@ from __future__ import annotations
 import argparse
 import io
 import itertools
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,7 +52,8 @@ from skimage import data  # noqa: E402
 
 from bench.timing import timed  # noqa: E402
 from pipeline.faces import identity  # noqa: E402
-from pipeline.faces.detection import FaceBox  # noqa: E402
+from pipeline.faces.detection import FaceBox, detect_faces  # noqa: E402
+from pipeline.generate.align import align_to_input  # noqa: E402
 
 THRESHOLDS = (0.30, 0.35, 0.40, 0.45, 0.50, 0.55, 0.60)
 # The face_recognition test photos: which person each shows (32bit.png is obama2.jpg
@@ -166,27 +177,35 @@ def _lfw() -> None:
 
 
 def cost(repeats: int) -> None:
-    from pipeline.generate.align import align_to_input
-
     identity.load_models()
     photo = Image.fromarray(data.astronaut())
-    print("| step | 512² | 1024² |\n|---|---|---|")
     rows: dict[str, list[float]] = {}
     for side in (512, 1024):
-        image = photo.resize((side, side), Image.Resampling.LANCZOS)
-        reference = identity.reference_face(image)
-        result = _edited(image)
-        rows.setdefault("identity: reference face (once per job)", []).append(
-            timed(lambda: identity.reference_face(image), repeats)  # noqa: B023
-        )
-        rows.setdefault("identity: score one result", []).append(
-            timed(lambda: identity.identity_score(reference, result), repeats)  # noqa: B023
-        )
-        rows.setdefault("align: one result (resize, register, composite keep:face)", []).append(
-            timed(lambda: align_to_input(image, result, keep="face"), repeats)  # noqa: B023
-        )
+        for step, fn in _steps(photo.resize((side, side), Image.Resampling.LANCZOS)).items():
+            rows.setdefault(step, []).append(timed(fn, repeats))
+    print(f"load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print("| step | 512² photo | 1024² photo |\n|---|---|---|")
     for step, (small, large) in rows.items():
         print(f"| {step} | {small * 1000:.0f} ms | {large * 1000:.0f} ms |")
+
+
+def _steps(image: Image.Image) -> dict[str, Callable[[], object]]:
+    reference = identity.reference_face(image)
+    moved = _edited(image)  # the model's output, 1024²
+    result = moved.resize(image.size, Image.Resampling.LANCZOS)
+    pixels = np.asarray(result)
+    return {
+        "identity: score one result (detect + descriptor)": lambda: identity.identity_score(
+            reference, result
+        ),
+        "… of which face detection (Haar, detection.py)": lambda: detect_faces(result),
+        "… of which one descriptor (dlib 5-point + ResNet)": lambda: identity.embed(
+            pixels, reference.box
+        ),
+        "align: one 1024² result onto the photo (keep: face)": lambda: align_to_input(
+            image, moved, keep="face"
+        ),
+    }
 
 
 def _edited(image: Image.Image) -> Image.Image:
@@ -197,6 +216,38 @@ def _edited(image: Image.Image) -> Image.Image:
     return ImageEnhance.Color(out).enhance(1.2).resize((1024, 1024), Image.Resampling.BICUBIC)
 
 
+RESIDUAL_CASES = (  # dx, dy, zoom, turn (degrees), the model's output side
+    (7.3, -4.6, 1.0, 0.0, 512),
+    (7.3, -4.6, 1.04, 0.0, 1024),
+    (-12.0, 9.0, 0.97, 1.5, 768),
+    (20.0, -15.0, 1.08, -2.0, 1024),
+)
+
+
+def residual() -> None:
+    import time
+
+    from tests.test_align import edited, moved, residual_px  # the tests' known transforms
+
+    print("| photo | dx, dy, zoom, turn → model size | plain: residual px (method) "
+          "| edited: residual px (method) | align s |\n|---|---|---|---|---|")  # fmt: skip
+    for name in ("astronaut", "camera", "coffee", "chelsea"):
+        photo = Image.fromarray(getattr(data, name)()).convert("RGB")
+        for dx, dy, zoom, turn, side in RESIDUAL_CASES:
+            cells = []
+            for edit in (False, True):
+                result, truth = moved(photo, dx, dy, zoom, turn)
+                result = (edited(result) if edit else result).resize((side, side))
+                start = time.perf_counter()
+                aligned = align_to_input(photo, result)
+                seconds = time.perf_counter() - start
+                found = "—" if aligned.transform is None else (
+                    f"{residual_px(aligned.transform, truth, photo.size):.2f}")  # fmt: skip
+                cells.append(f"{found} ({aligned.method})")
+            print(f"| {name} | {dx:+g}, {dy:+g}, ×{zoom:g}, {turn:+g}° → {side}² "
+                  f"| {cells[0]} | {cells[1]} | {seconds:.2f} |")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -204,11 +255,14 @@ def main() -> None:
     cal.add_argument("--photos", type=Path, help="face_recognition's tests/test_images folder")
     run = sub.add_parser("cost")
     run.add_argument("--repeats", type=int, default=10)
+    sub.add_parser("residual")
     args = parser.parse_args()
     if args.what == "calibrate":
         calibrate(args.photos)
-    else:
+    elif args.what == "cost":
         cost(args.repeats)
+    else:
+        residual()
 
 
 if __name__ == "__main__":
