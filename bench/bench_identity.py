@@ -24,8 +24,9 @@ alignment cost per image.
   detection + dlib landmarks and descriptor per face; the reference face costs the same
   once per job), split into its parts; alignment (`align_to_input`: resize, ORB +
   RANSAC, ECC refinement, keep: face composite, the photo's faces found beforehand) of
-  a 1024² result onto a 512² and a 1024² photo; median of `--repeats` after one warm-up, one thread. Prints the load
-  average: the CPU is shared, so read the figures as upper bounds.
+  a 1024² result onto a 512² and a 1024² photo; median of `--repeats` after one
+  warm-up, one thread. Prints the load average: the CPU is shared, so read the
+  figures as upper bounds.
 - `residual`: how far the alignment's transform lands from the truth (the largest
   distance over a 9×9 grid of points, in the photo's pixels) when a real photo is
   moved by a known transform (OpenCV's warp) and handed back at another size; plain
