@@ -25,8 +25,8 @@ alignment cost per image.
   once per job), split into its parts; alignment (`align_to_input`: resize, ORB +
   RANSAC, ECC refinement, keep: face composite, the photo's faces found beforehand) of
   a 1024² result onto a 512² and a 1024² photo; median of `--repeats` after one
-  warm-up, one thread. Prints the load average: the CPU is shared, so read the
-  figures as upper bounds.
+  warm-up, one thread: CPU time of the process (what the step costs a core of its
+  own) and wall time in brackets, with the load average (the machine is shared).
 - `residual`: how far the alignment's transform lands from the truth (the largest
   distance over a 9×9 grid of points, in the photo's pixels) when a real photo is
   moved by a known transform (OpenCV's warp) and handed back at another size; plain
@@ -40,7 +40,9 @@ import argparse
 import io
 import itertools
 import os
+import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -183,11 +185,24 @@ def cost(repeats: int) -> None:
     rows: dict[str, list[float]] = {}
     for side in (512, 1024):
         for step, fn in _steps(photo.resize((side, side), Image.Resampling.LANCZOS)).items():
-            rows.setdefault(step, []).append(timed(fn, repeats))
+            rows.setdefault(step, []).append((cpu_timed(fn, repeats), timed(fn, repeats)))
     print(f"load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print("| step | 512² photo | 1024² photo |\n|---|---|---|")
-    for step, (small, large) in rows.items():
-        print(f"| {step} | {small * 1000:.0f} ms | {large * 1000:.0f} ms |")
+    print("| step | 512² photo: CPU (wall) | 1024² photo: CPU (wall) |\n|---|---|---|")
+    for step, ((cpu_s, wall_s), (cpu_l, wall_l)) in rows.items():
+        print(f"| {step} | {cpu_s * 1000:.0f} ms ({wall_s * 1000:.0f}) "
+              f"| {cpu_l * 1000:.0f} ms ({wall_l * 1000:.0f}) |")  # fmt: skip
+
+
+def cpu_timed(fn: Callable[[], object], repeats: int) -> float:
+    """Median CPU seconds of this process (all its threads) per run, after a warm-up: on a
+    shared machine, what the step costs a core of its own, however busy the others are."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        fn()
+        times.append(time.process_time() - start)
+    return statistics.median(times)
 
 
 def _steps(image: Image.Image) -> dict[str, Callable[[], object]]:
@@ -227,8 +242,6 @@ RESIDUAL_CASES = (  # dx, dy, zoom, turn (degrees), the model's output side
 
 
 def residual() -> None:
-    import time
-
     from tests.test_align import edited, moved, residual_px  # the tests' known transforms
 
     print("| photo | dx, dy, zoom, turn → model size | plain: residual px (method) "

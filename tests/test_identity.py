@@ -81,6 +81,13 @@ def test_the_same_face_at_another_size_scores_high(collins, reference) -> None:
     assert identity.identity_score(reference, grey).score >= SAME
 
 
+def test_a_tilted_face_the_cascades_miss_is_found_by_dlibs_detector(collins, reference) -> None:
+    tilted = collins.rotate(25, resample=Image.Resampling.BICUBIC)  # a head tilted 25°
+    assert detect_faces(tilted) == []  # the Haar cascades only know upright faces
+    result = identity.identity_score(reference, tilted)
+    assert result.face is not None and result.score >= SAME
+
+
 def test_a_different_person_scores_low(reference) -> None:
     result = identity.identity_score(reference, photo("camera"))
     assert result.face is not None
