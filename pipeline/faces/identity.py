@@ -136,7 +136,9 @@ def reference_face(image: Image.Image, face: int = 1) -> FaceIdentity:
     """
     boxes = detect_faces(image)
     if not boxes:
-        raise IdentityError("no face found in the photo; attach one where the face is clear and turned to the camera")
+        raise IdentityError(
+            "no face found in the photo; attach one where the face is clear and faces the camera"
+        )
     if not 1 <= face <= len(boxes):
         raise IdentityError(f"face {face} asked for, but the photo shows {_faces(len(boxes))}")
     box = boxes[face - 1]
