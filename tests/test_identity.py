@@ -72,6 +72,7 @@ def test_the_same_face_moved_scaled_and_recoloured_scores_high(collins, referenc
     assert abs(result.face.x - (reference.box.x * 1.1 - 30)) < 15
     assert result.score >= SAME, result
     assert result.label == f"identity {result.score:.2f}"
+    assert result.infotext == f"{result.score:.2f}"  # the infotext's `Identity:` value
 
 
 def test_the_same_face_at_another_size_scores_high(collins, reference) -> None:
