@@ -2,7 +2,7 @@
 
 `pipeline/contract/` is imported by the bot and the workers alike, and `bot/` is the
 bot process: importing any of their modules, each in a fresh interpreter, must leave
-torch, diffusers, transformers, peft, OpenCV and onnxruntime out of `sys.modules`.
+torch, diffusers, transformers, peft, OpenCV, onnxruntime and dlib out of `sys.modules`.
 A static pass also catches imports hidden inside functions, which an import-time check
 cannot see (they would load the library the first time that function runs).
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-HEAVY = ("torch", "diffusers", "transformers", "peft", "cv2", "onnxruntime", "nudenet")
+HEAVY = ("torch", "diffusers", "transformers", "peft", "cv2", "onnxruntime", "nudenet", "dlib")
 
 # Code in bot/ that runs somewhere other than the bot process, and so may import the
 # worker side of pipeline/ (inside its functions): the CLI (`sdbot generate`, `train`,

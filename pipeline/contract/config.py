@@ -183,6 +183,14 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class EditConfig:
+    """/edit: identity kept or retried (calibration in docs/DECISIONS.md, issue 25)."""
+
+    min_identity: float = 0.55  # a result scoring below this (0..1) is redone with a new seed
+    max_retries: int = 2  # redone at most this many times; then posted saying so
+
+
+@dataclass(frozen=True)
 class Config:
     models: tuple[ModelConfig, ...]
     discord: DiscordConfig = field(default_factory=DiscordConfig)
@@ -200,6 +208,7 @@ class Config:
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     quotas: QuotasConfig = field(default_factory=QuotasConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    edit: EditConfig = field(default_factory=EditConfig)
     path: str = ""
 
     def model(self, name: str) -> ModelConfig:
@@ -231,6 +240,7 @@ _SECTIONS: dict[str, type] = {
     "safety": SafetyConfig,
     "quotas": QuotasConfig,
     "metrics": MetricsConfig,
+    "edit": EditConfig,
 }
 
 
@@ -290,6 +300,8 @@ def config_from_dict(
         _check_workers(sections["workers"], path)
     if "loras" in sections:
         _check_loras(sections["loras"], path)
+    if "edit" in sections:
+        _check_edit(sections["edit"], path)
     return Config(
         models=models, path=path, controlnets=controlnets, ip_adapters=ip_adapters, **sections
     )
@@ -375,6 +387,16 @@ def _check_loras(loras: LorasConfig, path: str) -> None:
         value = getattr(loras, key)
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 64:
             raise ConfigError(f"{where}: loras.{key} must be a whole number from {low} to 64")
+
+
+def _check_edit(edit: EditConfig, path: str) -> None:
+    where = path or "config"
+    score = edit.min_identity
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0 <= score <= 1:
+        raise ConfigError(f"{where}: edit.min_identity must be a number from 0 to 1")
+    retries = edit.max_retries
+    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
+        raise ConfigError(f"{where}: edit.max_retries must be a whole number from 0 to 10")
 
 
 def _model(name: str, values: dict[str, Any], path: str, base_dir: Path | None) -> ModelConfig:
