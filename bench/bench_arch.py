@@ -271,7 +271,7 @@ def _train_case(args: argparse.Namespace, model, plain: bool):
 
 def ensure_model(args: argparse.Namespace) -> str:
     if args.arch in ("tiny", "tiny-xl"):
-        from pipeline.models.tiny import write_tiny_model
+        from pipeline.families.sd_tiny import write_tiny_model
 
         directory = Path(args.model_dir or Path(tempfile.gettempdir()) / f"sdbot-{args.arch}")
         if not (directory / "model_index.json").exists():

@@ -137,7 +137,7 @@ def main() -> None:
     from pipeline.loras import slots
     from pipeline.loras.cache import LoraCache
     from pipeline.models.loading import load_model
-    from pipeline.models.tiny import write_tiny_model
+    from pipeline.families.sd_tiny import write_tiny_model
     from tests.lycoris_files import make_lora
 
     if args.cuda_mode:

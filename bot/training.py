@@ -11,7 +11,7 @@ from typing import Any
 
 from pipeline.contract.config import Config, ModelConfig
 from pipeline.contract.jobs import TrainSpec
-from pipeline.contract.model_family import ModelError, detect_family
+from pipeline.contract.families.sources import ModelError, detect_family
 
 METRICS = ("base_loss", "adapter_loss", "got_worse", "steps")
 

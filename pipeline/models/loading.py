@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.contract.config import Config, ModelConfig
-from pipeline.contract.model_family import (
+from pipeline.contract.families.sources import (
     SINGLE_FILE_SUFFIXES,
     ModelError,
     detect_family,
