@@ -17,6 +17,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 RESIZE_MODES = ("Crop and Resize", "Resize and Fill", "Just Resize")
 MAX_CONTROL_WEIGHT = 2.0
@@ -149,8 +150,14 @@ def check_against_config(
 ) -> None:
     """Names and families against config.toml. `model_family` "auto" skips the family
     check (the worker does it once the model is loaded). Raises JobError."""
+    from pipeline.contract.families import label as family_label
+    from pipeline.contract.families import spec as family_spec
     from pipeline.contract.jobs import JobError
 
+    if model_family != "auto":  # a family without ControlNets or IP-Adapters says so
+        for option, used in (("control", units), ("reference", reference)):
+            if used:
+                family_spec(model_family).check_option(option)
     for unit in units:
         entry = config.controlnets.get(unit.name)
         if entry is None:
@@ -178,10 +185,6 @@ def check_against_config(
                 f"IP-Adapter '{reference.name}' is for {family_label(entry.family)} but the "
                 f"model is {family_label(model_family)}"
             )
-
-
-def family_label(family: str) -> str:
-    return {"sd1": "SD 1.x", "sdxl": "SDXL"}.get(family, family)
 
 
 def available_preprocessors(config: Any) -> list[str]:
