@@ -26,6 +26,7 @@ from pipeline.contract.families.sources import (
     SINGLE_FILE_SUFFIXES,
     ModelError,
     detect_family,
+    family_from_checkpoint,
     hub_error,
     safetensors_keys,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "ModelError",
     "cross_attention_width",
     "detect_family",
+    "family_from_checkpoint",
     "family_from_index",
     "family_from_keys",
     "family_of_model",

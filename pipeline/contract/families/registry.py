@@ -58,6 +58,7 @@ _INPUT_FACTORS = (
     "hada_w1_b",
     "hada_w2_b",
     "diff",
+    "b2.weight",  # GLoRA's ΔW = W·a1·a2 + b1·b2
 )
 
 
@@ -68,7 +69,8 @@ def lora_family(shapes: Mapping[str, Sequence[int]]) -> str | None:
     Text-encoder names first (kohya calls SDXL's encoders te1/te2), then the width of
     the text embedding its cross-attention key/value layers read (768 for SD 1.x, 2048
     for SDXL): every format's input factor carries it, LoKr's as the product of its two
-    Kronecker factors' widths."""
+    Kronecker factors' widths. (IA3 and OFT files scale or rotate a layer's outputs:
+    they carry no input width, so only their text-encoder names can tell.)"""
     for family in _LORA_FAMILIES:
         if any(k.startswith(family.lora_key_prefixes) for k in shapes if family.lora_key_prefixes):
             return family.name
