@@ -97,7 +97,9 @@ def run_generation(
         if len(keys) != 1 or "" in keys:
             raise JobError("only txt2img jobs with the same settings can share a batch")
     spec = specs[0]
-    model.kind.spec.check_mode(spec.mode)  # a mode the family lacks: one line naming it
+    # A mode or sampler the model's family lacks: one line naming the family.
+    model.kind.spec.check_mode(spec.mode)
+    model.kind.spec.check_sampler(resolve(spec.sampler, spec.schedule)[0].name)
     if spec.mode == "txt2img":
         results = txt2img(run, specs, blobs, loras)
     else:
