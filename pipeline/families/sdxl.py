@@ -41,6 +41,11 @@ class SDXL(Family):
     preview_bias = (0.1084, -0.0175, -0.0011)
     kohya_base_model = "sdxl_base_v1-0"
 
+    def owns(self, pipe: Any) -> bool:
+        # the refiner has no first encoder: the second one is what tells SDXL
+        present = (self.denoiser_name, "text_encoder_2")
+        return all(getattr(pipe, n, None) is not None for n in present)
+
     def micro_conditioning(self, pipe: Any, resolution: int, count: int) -> Any:
         """Original size, crop top-left, target size: one row per sample."""
         import torch
