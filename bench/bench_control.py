@@ -60,10 +60,10 @@ def main() -> None:
     from pipeline.contract.control import ControlUnit, Reference
     from pipeline.contract.jobs import GenerateSpec
     from pipeline.control.apply import ControlCache
-    from pipeline.generate.modes import run_generation
-    from pipeline.models.loading import ModelCache
     from pipeline.families.sd_tiny import write_tiny_model
     from pipeline.families.sd_tiny_control import write_tiny_controlnet, write_tiny_ip_adapter
+    from pipeline.generate.modes import run_generation
+    from pipeline.models.loading import ModelCache
 
     work = Path(tempfile.mkdtemp())
     source = args.model or write_tiny_model(work / "tiny")

@@ -93,7 +93,9 @@ def test_a_mode_option_or_sampler_a_family_lacks_is_refused_naming_it() -> None:
         options = frozenset({"negative_prompt"})
         samplers = ("Euler",)
 
-    with pytest.raises(JobError, match=r"^Edit-only models cannot txt2img; modes: img2img$"):
+    with pytest.raises(
+        JobError, match=r"^Edit-only models have no txt2img mode; they have: img2img$"
+    ):
         EditOnly.check_mode("txt2img")
     with pytest.raises(JobError, match=r"^Edit-only models have no control option$"):
         EditOnly.check_option("control")
@@ -150,5 +152,5 @@ def test_each_pipeline_is_known_by_its_family(tiny_sd, tiny_xl) -> None:
     assert of_pipe(sd).denoiser(sd) is sd.unet and of_pipe(xl).denoiser(xl) is xl.unet
     assert [e for _, e in of_pipe(xl).text_encoders(xl)] == [xl.text_encoder, xl.text_encoder_2]
     assert family("sdxl").pipeline_class("img2img").__name__ == "StableDiffusionXLImg2ImgPipeline"
-    with pytest.raises(JobError, match=r"^SD 1.x models cannot edit; they can: txt2img, "):
+    with pytest.raises(JobError, match=r"^SD 1.x models have no edit mode; they have: txt2img, "):
         family("sd1").pipeline_class("edit")

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.contract.families import DEFAULT, FAMILIES, names
 from pipeline.contract.devices import DTYPES, bad_dtype_message, device_syntax_error
+from pipeline.contract.families import DEFAULT, FAMILIES, names
 from pipeline.contract.jobs import Limits
 
 if sys.version_info >= (3, 11):
@@ -383,9 +383,7 @@ def _check_loras(loras: LorasConfig, path: str) -> None:
 def _model(name: str, values: dict[str, Any], path: str, base_dir: Path | None) -> ModelConfig:
     model = _section(ModelConfig, {"name": name, **values}, f"{path} [models.{name}]")
     if model.family != "auto" and model.family not in FAMILIES:
-        raise ConfigError(
-            f"{path} [models.{name}] family must be auto, {names(FAMILIES.values())}"
-        )
+        raise ConfigError(f"{path} [models.{name}] family must be auto, {names(FAMILIES.values())}")
     # Relative local paths are relative to the config file, not the working directory.
     if base_dir is not None:
         for key in ("source", "inpaint_source", "single_file_config"):

@@ -17,7 +17,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 RESIZE_MODES = ("Crop and Resize", "Resize and Fill", "Just Resize")
 MAX_CONTROL_WEIGHT = 2.0

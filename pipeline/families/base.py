@@ -113,5 +113,5 @@ def _diffusers_class(table: dict[str, str], mode: str, who: str) -> Any:
 
     name = table.get(mode)
     if name is None:
-        raise JobError(f"{who} models cannot {mode}; they can: {', '.join(table)}")
+        raise JobError(f"{who} models have no {mode} mode; they have: {', '.join(table)}")
     return getattr(diffusers, name)

@@ -54,7 +54,8 @@ class FamilySpec:
     def check_mode(cls, mode: str) -> None:
         """Refuse, in one line naming the family, a mode it lacks."""
         if mode not in cls.modes:
-            raise JobError(f"{cls.label} models cannot {mode}; modes: {', '.join(sorted(cls.modes))}")
+            modes = ", ".join(m for m in MODES if m in cls.modes) or "none"
+            raise JobError(f"{cls.label} models have no {mode} mode; they have: {modes}")
 
     @classmethod
     def check_option(cls, option: str) -> None:
