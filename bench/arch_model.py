@@ -29,7 +29,7 @@ def write_arch_model(
     minutes) and save it in `dtype` (float16 halves the files)."""
     import torch
 
-    from pipeline.models.tiny import write_tokenizer
+    from pipeline.families.sd_tiny import write_tokenizer
 
     torch.manual_seed(0)
     write_tokenizer(directory / "_tok")
@@ -56,7 +56,7 @@ def _build(kind: str, directory: Path):
         CLIPTokenizer,
     )
 
-    from pipeline.models.tiny import _SD_SCHEDULER
+    from pipeline.families.sd_tiny import _SD_SCHEDULER
 
     tokenizer = CLIPTokenizer.from_pretrained(directory / "_tok")
     text_encoder = CLIPTextModel(CLIPTextConfig(**_json("clip_vit_l.json")))

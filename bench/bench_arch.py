@@ -79,7 +79,7 @@ def measure(args: argparse.Namespace, model, case: str, side: str) -> dict:
     """Time one case on one side (after a 1-step warm-up on CUDA)."""
     import torch
 
-    if case == "train" and side == "plain diffusers" and model.is_xl:
+    if case == "train" and side == "plain diffusers" and model.family != "sd1":
         return {"skipped": True}  # the diffusers example's loop is SD 1.x only
     one = argparse.Namespace(**{**vars(args), "case": case, "side": side})
     one.work = str(Path(args.work) / f"{case}-{side.split()[0]}")
@@ -271,7 +271,7 @@ def _train_case(args: argparse.Namespace, model, plain: bool):
 
 def ensure_model(args: argparse.Namespace) -> str:
     if args.arch in ("tiny", "tiny-xl"):
-        from pipeline.models.tiny import write_tiny_model
+        from pipeline.families.sd_tiny import write_tiny_model
 
         directory = Path(args.model_dir or Path(tempfile.gettempdir()) / f"sdbot-{args.arch}")
         if not (directory / "model_index.json").exists():

@@ -159,7 +159,7 @@ def median_ms(values: list[float]) -> str:
 
 async def main() -> None:
     args = parse_args()
-    from pipeline.models.tiny import write_tiny_model
+    from pipeline.families.sd_tiny import write_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

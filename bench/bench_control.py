@@ -60,10 +60,10 @@ def main() -> None:
     from pipeline.contract.control import ControlUnit, Reference
     from pipeline.contract.jobs import GenerateSpec
     from pipeline.control.apply import ControlCache
+    from pipeline.families.sd_tiny import write_tiny_model
+    from pipeline.families.sd_tiny_control import write_tiny_controlnet, write_tiny_ip_adapter
     from pipeline.generate.modes import run_generation
     from pipeline.models.loading import ModelCache
-    from pipeline.models.tiny import write_tiny_model
-    from pipeline.models.tiny_control import write_tiny_controlnet, write_tiny_ip_adapter
 
     work = Path(tempfile.mkdtemp())
     source = args.model or write_tiny_model(work / "tiny")
@@ -147,7 +147,7 @@ def preprocessor_table(work: Path, device: str, runs: int) -> None:
     from skimage import data
 
     from pipeline.control.preprocessors import run_preprocessor
-    from pipeline.models import tiny_control
+    from pipeline.families import sd_tiny_control as tiny_control
 
     models = {
         "depth_model": str(tiny_control.write_tiny_depth(work / "depth")),

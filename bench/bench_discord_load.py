@@ -40,7 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.models.tiny import write_tiny_model  # noqa: E402
+from pipeline.families.sd_tiny import write_tiny_model  # noqa: E402
 from tests.botkit import config_toml  # noqa: E402
 from tests.emulator import DiscordEmulator, EmulatedUser, emulated_discord  # noqa: E402
 

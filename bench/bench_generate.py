@@ -34,9 +34,9 @@ def main() -> None:
 
     from pipeline.contract.config import config_from_dict
     from pipeline.contract.jobs import GenerateSpec
+    from pipeline.families.sd_tiny import write_tiny_model
     from pipeline.generate.modes import run_generation
     from pipeline.models.loading import ModelCache
-    from pipeline.models.tiny import write_tiny_model
 
     source = args.model or write_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
     config = config_from_dict(

@@ -132,12 +132,12 @@ def main() -> None:
 
     from pipeline.contract.config import ModelConfig
     from pipeline.contract.jobs import GenerateSpec
+    from pipeline.families.sd_tiny import write_tiny_model
     from pipeline.generate import compiled
     from pipeline.generate.modes import run_generation
     from pipeline.loras import slots
     from pipeline.loras.cache import LoraCache
     from pipeline.models.loading import load_model
-    from pipeline.models.tiny import write_tiny_model
     from tests.lycoris_files import make_lora
 
     if args.cuda_mode:

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.timing import timed  # noqa: E402
 from pipeline.contract.jobs import LoraRef  # noqa: E402
+from pipeline.families.sd_tiny import write_tiny_model  # noqa: E402
 from pipeline.loras.adapters import LoraCache  # noqa: E402
-from pipeline.models.tiny import write_tiny_model  # noqa: E402
 from pipeline.prompts.encoding import encode_prompts  # noqa: E402
 from tests.lycoris_files import KINDS, write_lora  # noqa: E402
 

@@ -146,7 +146,7 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch, and for workers
-    from pipeline.models.tiny import write_tiny_model
+    from pipeline.families.sd_tiny import write_tiny_model
     from pipeline.workers.local_pool import LocalPool
 
     root = Path(tempfile.mkdtemp(prefix="sdbot-bench-"))

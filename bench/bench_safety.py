@@ -42,7 +42,7 @@ from bot.services.metrics import Metrics  # noqa: E402
 from pipeline.contract.blobs import BlobStore  # noqa: E402
 from pipeline.contract.config import config_from_dict  # noqa: E402
 from pipeline.contract.jobs import GenerateSpec  # noqa: E402
-from pipeline.models.tiny import write_tiny_model  # noqa: E402
+from pipeline.families.sd_tiny import write_tiny_model  # noqa: E402
 from pipeline.safety.detector import detect_png  # noqa: E402
 from pipeline.workers.local_pool import LocalPool  # noqa: E402
 from pipeline.workers.runner import Runner  # noqa: E402

@@ -71,10 +71,10 @@ def main() -> None:
 
     from pipeline.contract.config import ModelConfig
     from pipeline.contract.jobs import GenerateSpec
+    from pipeline.families.sd_tiny import write_tiny_model
     from pipeline.generate import compiled
     from pipeline.generate.modes import run_generation
     from pipeline.models.loading import load_model
-    from pipeline.models.tiny import write_tiny_model
 
     folder = args.model or write_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
     entry = ModelConfig(name="bench", source=str(folder))

@@ -140,7 +140,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            from pipeline.models.tiny import write_tiny_model
+            from pipeline.families.sd_tiny import write_tiny_model
 
             model = write_tiny_model(Path(tmp) / "tiny")
         rows = []

@@ -44,7 +44,7 @@ def _quiet_libraries() -> None:
 
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> Path:
-    from pipeline.models.tiny import write_tiny_model
+    from pipeline.families.sd_tiny import write_tiny_model
 
     _quiet_libraries()
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "sd")
@@ -52,7 +52,7 @@ def tiny_sd(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_xl(tmp_path_factory) -> Path:
-    from pipeline.models.tiny import write_tiny_model
+    from pipeline.families.sd_tiny import write_tiny_model
 
     _quiet_libraries()
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "xl", xl=True)
@@ -60,7 +60,7 @@ def tiny_xl(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_inpaint(tmp_path_factory) -> Path:
-    from pipeline.models.tiny import write_tiny_model
+    from pipeline.families.sd_tiny import write_tiny_model
 
     _quiet_libraries()
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "inpaint", inpaint=True)
@@ -70,7 +70,7 @@ def tiny_inpaint(tmp_path_factory) -> Path:
 def tiny_control(tiny_sd, tmp_path_factory) -> dict:
     """A tiny ControlNet and IP-Adapter for the tiny SD model, as config tables (two units:
     canny, and a pose unit that takes its map as it is)."""
-    from pipeline.models.tiny_control import write_tiny_controlnet, write_tiny_ip_adapter
+    from pipeline.families.sd_tiny_control import write_tiny_controlnet, write_tiny_ip_adapter
 
     root = tmp_path_factory.mktemp("tiny-control")
     net = str(write_tiny_controlnet(tiny_sd, root / "controlnet"))

@@ -54,7 +54,7 @@ def _config(model_dir, extras, family="sd1", name="tiny"):
 
 @pytest.fixture(scope="module")
 def setup(tiny_sd, tmp_path_factory):
-    from pipeline.models.tiny_control import (
+    from pipeline.families.sd_tiny_control import (
         write_tiny_controlnet,
         write_tiny_depth,
         write_tiny_ip_adapter,
@@ -315,7 +315,7 @@ def test_unknown_unit_other_family_and_unconfigured_preprocessor(setup):
 
 
 def test_sdxl_controlnet_and_ip_adapter(tiny_xl, tmp_path):
-    from pipeline.models.tiny_control import write_tiny_controlnet, write_tiny_ip_adapter
+    from pipeline.families.sd_tiny_control import write_tiny_controlnet, write_tiny_ip_adapter
 
     write_tiny_controlnet(tiny_xl, tmp_path / "controlnet")
     write_tiny_ip_adapter(tiny_xl, tmp_path / "ip_adapter")

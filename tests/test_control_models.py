@@ -57,7 +57,7 @@ SKELETON_COLOURS = (
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from pipeline.models.tiny_control import (
+    from pipeline.families.sd_tiny_control import (
         write_tiny_person_detector,
         write_tiny_pose,
         write_tiny_segmentation,
@@ -120,7 +120,7 @@ def test_coco_keypoints_become_openpose_keypoints():
 
 @pytest.mark.parametrize("model", ["vitpose", "vitpose + detector", "vitpose++"])
 def test_openpose_on_a_photo_draws_a_skeleton_of_the_photos_size(models, model, tmp_path):
-    from pipeline.models.tiny_control import write_tiny_pose
+    from pipeline.families.sd_tiny_control import write_tiny_pose
 
     detector = models["pose_detector"] if "detector" in model else ""
     source = models["pose_model"]
@@ -214,7 +214,7 @@ def test_cli_generates_with_openpose_and_segmentation_units(tmp_path, capsys):
 def setup(tiny_sd, tmp_path_factory):
     from diffusers import ControlNetModel
 
-    from pipeline.models.tiny_control import write_tiny_controlnet
+    from pipeline.families.sd_tiny_control import write_tiny_controlnet
     from tests.controlnet_files import write_original_controlnet
 
     root = tmp_path_factory.mktemp("single-file-controlnet")
@@ -271,7 +271,7 @@ def test_a_single_file_controlnet_of_the_other_family_is_refused_by_name(tiny_xl
     import shutil
 
     from pipeline.control.units import ControlNetCache
-    from pipeline.models.tiny_control import write_tiny_controlnet
+    from pipeline.families.sd_tiny_control import write_tiny_controlnet
 
     # SDXL ControlNets ship as one diffusers-layout file (diffusion_pytorch_model renamed).
     folder = write_tiny_controlnet(tiny_xl, tmp_path / "xl")

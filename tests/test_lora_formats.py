@@ -270,7 +270,33 @@ def test_file_for_another_model_is_refused(made, tiny_sd, tmp_path):
     path = tmp_path / "xl_cross_attention.safetensors"
     save_file(tensors, str(path))
     cache = LoraCache(_pipe(tiny_sd, False), max_bytes=1 << 30)
-    message = r"^LoRA 'x' \(loha\) does not fit this SD 1.x model"
+    message = r"^LoRA 'x' was made for SDXL; this model is SD 1.x$"
+    with pytest.raises(LoraError, match=message), cache.activate([ref(path, 1.0, name="x")]):
+        pass
+    assert cache.loaded() == []
+
+
+# Every kind whose layers carry their input width (IA3 and OFT scale or rotate outputs):
+# with its text-encoder layers removed, only the UNet's keys and shapes tell its family.
+OTHER_FAMILY_KINDS = [("sd1", k) for k in KINDS if k not in ("ia3", "diag-oft", "boft")]
+OTHER_FAMILY_KINDS += [("sdxl", k) for k in XL_KINDS]
+
+
+@pytest.mark.parametrize("made_for,kind", OTHER_FAMILY_KINDS)
+def test_unet_only_file_for_the_other_family_is_refused_naming_both(
+    made, tiny_sd, tiny_xl, tmp_path, made_for, kind
+):
+    # An SD 1.x LoHa on SDXL used to be applied to the 75 of its 83 layers whose shapes
+    # happened to fit, with a "left out" notice.
+    tensors = load_file(str(made[(made_for, kind)].path))
+    tensors = {k: v for k, v in tensors.items() if k.startswith("lora_unet_")}
+    path = tmp_path / f"{made_for}-{kind}-unet.safetensors"
+    save_file(tensors, str(path))
+    on_xl = made_for == "sd1"
+    cache = LoraCache(_pipe(tiny_xl if on_xl else tiny_sd, on_xl), max_bytes=1 << 30)
+    label = {"sd1": "SD 1.x", "sdxl": "SDXL"}
+    message = rf"^LoRA 'x' was made for {label[made_for]}; this model is "
+    message += label["sdxl" if on_xl else "sd1"] + "$"
     with pytest.raises(LoraError, match=message), cache.activate([ref(path, 1.0, name="x")]):
         pass
     assert cache.loaded() == []

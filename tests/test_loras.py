@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.contract.jobs import LoraRef
+from pipeline.families.sd_tiny import write_tiny_model
 from pipeline.loras.adapters import (
     LoraCache,
     LoraError,
@@ -21,7 +22,6 @@ from pipeline.loras.adapters import (
     read_lora_file,
     resolve_lora_names,
 )
-from pipeline.models.tiny import write_tiny_model
 from pipeline.prompts.encoding import encode_prompts
 from tests.lycoris_files import write_diffusers_lora, write_lora
 

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.contract.jobs import JobError
-from pipeline.models.tiny import write_tiny_model
+from pipeline.families.sd_tiny import write_tiny_model
 from pipeline.prompts.encoding import (
     chunk_count,
     encode_prompts,
@@ -227,7 +227,7 @@ def test_first_chunk_of_long_prompt_is_its_own_encoding(sd1):
 def test_comma_backtrack_moves_the_last_phrase():
     from transformers import CLIPTokenizer
 
-    from pipeline.models.tiny import write_tokenizer
+    from pipeline.families.sd_tiny import write_tokenizer
 
     # 70 one-token words, a comma, then ten more: the chunk would end 4 tokens after
     # the comma, so those 4 move to the next chunk with the rest.

@@ -34,7 +34,7 @@ def tiny_models(root: Path) -> dict[str, Path]:
     transformers (IndexError), as a real corrupt download would.
     """
     if not _MODELS:
-        from pipeline.models.tiny import write_tiny_model
+        from pipeline.families.sd_tiny import write_tiny_model
 
         tiny = write_tiny_model(root / "tiny")
         broken = root / "broken"

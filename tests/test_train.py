@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
 
 from pipeline.contract.jobs import JobError, Limits, TrainSpec
-from pipeline.models.tiny import write_tiny_model
+from pipeline.families.sd_tiny import write_tiny_model
 from pipeline.training.checkpoints import CHECKPOINT_FILE
 from pipeline.training.loop import (
     TrainingCancelled,

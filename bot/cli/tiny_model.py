@@ -29,7 +29,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
 
 
 def tiny_model(args: argparse.Namespace) -> int:
-    from pipeline.models.tiny import write_tiny_model
+    from pipeline.families.sd_tiny import write_tiny_model
 
     path = write_tiny_model(args.dir, xl=args.xl, inpaint=args.inpaint)
     kind = "SDXL" if args.xl else "SD 1.x"
@@ -48,7 +48,7 @@ def write_control_files(args: argparse.Namespace, path: Path) -> None:
     """The tiny ControlNet / IP-Adapter / depth, pose, segmentation models beside the model, and
     DIR/config.toml naming them all."""
     from bot.cli.common import CliError
-    from pipeline.models import tiny_control
+    from pipeline.families import sd_tiny_control as tiny_control
 
     if args.inpaint and args.controlnet:
         raise CliError("--controlnet needs a 4-channel model: leave out --inpaint")

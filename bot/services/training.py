@@ -10,24 +10,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline.contract.config import Config, ModelConfig
+from pipeline.contract.families import family_of_model
 from pipeline.contract.jobs import TrainSpec
-from pipeline.contract.model_family import ModelError, detect_family
 
 METRICS = ("base_loss", "adapter_loss", "got_worse", "steps")
 
 
 def training_resolution(config: Config, model: ModelConfig) -> int:
-    """`[training] resolution`, else 512 for SD 1.x and 1024 for SDXL (read from the
-    model's files, without torch)."""
+    """`[training] resolution`, else the model's family's (512 for SD 1.x, 1024 for
+    SDXL; read from the model's files, without torch)."""
     if config.training.resolution:
         return config.training.resolution
-    family = model.family
-    if family == "auto":
-        try:
-            family = detect_family(model.source)
-        except ModelError:
-            family = "sd1"
-    return 1024 if family == "sdxl" else 512
+    return family_of_model(model).train_resolution
 
 
 def train_spec(

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.contract.devices import DTYPES, bad_dtype_message, device_syntax_error
+from pipeline.contract.families import DEFAULT, FAMILIES, names
 from pipeline.contract.jobs import Limits
 
 if sys.version_info >= (3, 11):
@@ -130,7 +131,7 @@ class ControlNetConfig:
 
     name: str
     source: str  # Hub id, diffusers folder, or single-file .safetensors as Civitai ships
-    family: str = "sd1"  # sd1 | sdxl: the base models it fits
+    family: str = DEFAULT.name  # sd1 | sdxl: the base models it fits
     preprocessor: str = "none"  # what turns a photo into this unit's map
     # keep: pose / keep: depth on /img2img use the first unit of that kind
     kind: str = ""  # "" | pose | depth | edges (what the unit keeps)
@@ -143,7 +144,7 @@ class IPAdapterConfig:
     name: str
     source: str  # folder holding ip_adapter.safetensors, or the .safetensors/.bin file
     image_encoder: str = ""  # CLIP vision folder/Hub id; "" = SOURCE's image_encoder folder
-    family: str = "sd1"
+    family: str = DEFAULT.name
 
 
 @dataclass(frozen=True)
@@ -314,8 +315,10 @@ def _named(cls: type, table: str, name: str, values: Any, path: str, base_dir: P
     entry = _section(cls, {"name": name, **values}, where)
     if not entry.source:
         raise ConfigError(f"{where}: source is empty; set a Hub id, folder or file")
-    if entry.family not in ("sd1", "sdxl"):
-        raise ConfigError(f"{where} family must be sd1 or sdxl, not {entry.family!r}")
+    if entry.family not in FAMILIES:
+        raise ConfigError(
+            f"{where} family must be {names(FAMILIES.values())}, not {entry.family!r}"
+        )
     if cls is ControlNetConfig:
         from pipeline.contract.control import PREPROCESSORS, canonical_preprocessor
 
@@ -401,8 +404,8 @@ def _check_edit(edit: EditConfig, path: str) -> None:
 
 def _model(name: str, values: dict[str, Any], path: str, base_dir: Path | None) -> ModelConfig:
     model = _section(ModelConfig, {"name": name, **values}, f"{path} [models.{name}]")
-    if model.family not in ("auto", "sd1", "sdxl"):
-        raise ConfigError(f"{path} [models.{name}] family must be auto, sd1 or sdxl")
+    if model.family != "auto" and model.family not in FAMILIES:
+        raise ConfigError(f"{path} [models.{name}] family must be auto, {names(FAMILIES.values())}")
     # Relative local paths are relative to the config file, not the working directory.
     if base_dir is not None:
         for key in ("source", "inpaint_source", "single_file_config"):

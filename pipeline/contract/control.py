@@ -149,8 +149,14 @@ def check_against_config(
 ) -> None:
     """Names and families against config.toml. `model_family` "auto" skips the family
     check (the worker does it once the model is loaded). Raises JobError."""
+    from pipeline.contract.families import label as family_label
+    from pipeline.contract.families import spec as family_spec
     from pipeline.contract.jobs import JobError
 
+    if model_family != "auto":  # a family without ControlNets or IP-Adapters says so
+        for option, used in (("control", units), ("reference", reference)):
+            if used:
+                family_spec(model_family).check_option(option)
     for unit in units:
         entry = config.controlnets.get(unit.name)
         if entry is None:
@@ -178,10 +184,6 @@ def check_against_config(
                 f"IP-Adapter '{reference.name}' is for {family_label(entry.family)} but the "
                 f"model is {family_label(model_family)}"
             )
-
-
-def family_label(family: str) -> str:
-    return {"sd1": "SD 1.x", "sdxl": "SDXL"}.get(family, family)
 
 
 def available_preprocessors(config: Any) -> list[str]:

@@ -47,7 +47,7 @@ class ControlCache:
         return self._nets
 
     def ip_adapters(self, model: Any, pipe: Any) -> IPAdapters:
-        key = id(pipe.unet)
+        key = id(model.kind.denoiser(pipe))
         if key not in self._adapters:
             self._adapters[key] = IPAdapters(self.config, model, pipe)
         return self._adapters[key]
@@ -92,7 +92,8 @@ def applied(
     # (diffusers refuses start == end); the infotext still records it.
     live = [u for u in spec.control if u.guidance_end > u.guidance_start]
     if live:
-        nets = [cache.nets(model).get(u.name, pipe.unet, model.family) for u in live]
+        denoiser = model.kind.denoiser(pipe)
+        nets = [cache.nets(model).get(u.name, denoiser, model.family) for u in live]
         stack = make_stack(nets, [u.control_mode for u in live], cfg)
         index = {id(u): j for j, u in enumerate(spec.control)}
         maps: dict[tuple, Image.Image] = {}
@@ -105,7 +106,7 @@ def applied(
             ]
             for u in live
         ]
-        pipe = control_pipeline(pipe, kind, model.is_xl, stack)
+        pipe = control_pipeline(pipe, model.kind.control_pipeline_class(kind), stack)
         extra["image" if kind == "txt2img" else "control_image"] = [_batch(i) for i in images]
         extra["controlnet_conditioning_scale"] = [float(u.weight) for u in live]
         extra["control_guidance_start"] = [float(u.guidance_start) for u in live]
@@ -188,7 +189,7 @@ def _control_map(
     return mapped
 
 
-def control_infotext(cache: ControlCache | None, spec: GenerateSpec, xl: bool) -> dict[str, str]:
+def control_infotext(cache: ControlCache | None, spec: GenerateSpec, family: Any) -> dict[str, str]:
     """`ControlNet N` infotext entries as sd-webui-controlnet writes them; the IP-Adapter
     comes last, as the extension's ip-adapter unit."""
     if cache is None or not uses_control([spec]):
@@ -211,7 +212,7 @@ def control_infotext(cache: ControlCache | None, spec: GenerateSpec, xl: bool) -
         )
     if spec.reference is not None:
         params[f"ControlNet {len(spec.control)}"] = unit_infotext(
-            "ip-adapter_clip_sdxl" if xl else "ip-adapter_clip_sd15",
+            family.ip_adapter_preprocessor,
             cache.ip_label(spec.reference.name),
             spec.reference.weight,
         )

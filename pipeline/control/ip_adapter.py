@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from pipeline.contract.control import family_label
+from pipeline.contract.families import label as family_label
 from pipeline.contract.jobs import JobError
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class IPAdapters:
     @contextmanager
     def activate(self, name: str, weight: float) -> Iterator[_Loaded]:
         loaded = self._get(name)
-        unet = self.pipe.unet
+        unet = self.model.kind.denoiser(self.pipe)
         for processor in loaded.processors.values():
             if hasattr(processor, "scale"):
                 processor.scale = [weight] * len(processor.scale)
@@ -131,7 +131,7 @@ class IPAdapters:
             return embeds.mean(0), torch.zeros_like(embeds[0])
 
     def _switch_off(self) -> None:
-        unet = self.pipe.unet
+        unet = self.model.kind.denoiser(self.pipe)
         if self._plain is not None:
             unet.set_attn_processor(dict(self._plain))
         unet.encoder_hid_proj = None
@@ -162,7 +162,7 @@ class IPAdapters:
         encoder_source = entry.image_encoder or str(
             (path.parent if Path(entry.source).is_file() else Path(entry.source)) / "image_encoder"
         )
-        pipe, unet = self.pipe, self.pipe.unet
+        pipe, unet = self.pipe, self.model.kind.denoiser(self.pipe)
         if self._plain is None:
             self._plain = dict(unet.attn_processors)
         try:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
-from pipeline.contract.control import family_label
+from pipeline.contract.families import label as family_label
 from pipeline.contract.jobs import JobError
 
 log = logging.getLogger(__name__)
@@ -92,23 +92,10 @@ class ControlStack(MultiControlNetModel):
         return down_total, mid_total
 
 
-def _pipeline_class(kind: str, xl: bool):
-    import diffusers
-
-    names = {
-        ("txt2img", False): "StableDiffusionControlNetPipeline",
-        ("img2img", False): "StableDiffusionControlNetImg2ImgPipeline",
-        ("inpaint", False): "StableDiffusionControlNetInpaintPipeline",
-        ("txt2img", True): "StableDiffusionXLControlNetPipeline",
-        ("img2img", True): "StableDiffusionXLControlNetImg2ImgPipeline",
-        ("inpaint", True): "StableDiffusionXLControlNetInpaintPipeline",
-    }
-    return getattr(diffusers, names[kind, xl])
-
-
-def control_pipeline(base_pipe: Any, kind: str, xl: bool, stack: ControlStack) -> Any:
-    """A ControlNet pipeline sharing `base_pipe`'s modules (no copy of the weights)."""
-    pipe = _pipeline_class(kind, xl).from_pipe(base_pipe, controlnet=stack)
+def control_pipeline(base_pipe: Any, cls: Any, stack: ControlStack) -> Any:
+    """A ControlNet pipeline of class `cls` (the family's for the mode) sharing
+    `base_pipe`'s modules (no copy of the weights)."""
+    pipe = cls.from_pipe(base_pipe, controlnet=stack)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

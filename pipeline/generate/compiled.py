@@ -49,7 +49,7 @@ _STANCE = contextvars.ContextVar("sdbot_compile_stance", default="eager_on_recom
 class Compiled:
     """One model's compiled modules and the attention processors to switch between."""
 
-    unet: Any
+    denoiser: Any
     decoder: Any
     fused: dict[str, Any] | None
     original: dict[str, Any]
@@ -65,7 +65,7 @@ def prepare(model: Any, *, slots: int = 0, max_rank: int = 32, rows: int = 32) -
     if found is not None:
         return found
     pipe = model.pipe
-    unet, vae = pipe.unet, pipe.vae
+    unet, vae = model.kind.denoiser(pipe), pipe.vae
     if slots > 0:
         from pipeline.loras import slots as lora_slots
 
@@ -88,7 +88,7 @@ def prepare(model: Any, *, slots: int = 0, max_rank: int = 32, rows: int = 32) -
     if mode != "default" and BACKEND == "inductor":
         options["mode"] = mode
     compiled = Compiled(
-        unet=torch.compile(unet, **options),
+        denoiser=torch.compile(unet, **options),
         decoder=torch.compile(vae.decoder, **options),
         fused=fused,
         original=original,
@@ -157,14 +157,15 @@ def active(model: Any, pipe: Any) -> Iterator[bool]:
     """Within the context the pipe runs the compiled UNet and decoder; yields whether it
     does (False: compile off, or LoRAs on the UNet)."""
     compiled = getattr(model, "_compiled", None)
-    if compiled is None or carries_loras(pipe.unet):
+    family = model.kind
+    if compiled is None or carries_loras(family.denoiser(pipe)):
         yield False
         return
-    unet, vae = pipe.unet, pipe.vae
+    unet, vae = family.denoiser(pipe), pipe.vae
     decoder = vae.decoder
     if compiled.fused is not None:
         unet.set_attn_processor(dict(compiled.fused))
-    object.__setattr__(pipe, "unet", compiled.unet)  # not a config change: no register
+    family.swap_denoiser(pipe, compiled.denoiser)
     vae.decoder = compiled.decoder
     compiled.runs += 1
     try:
@@ -172,6 +173,6 @@ def active(model: Any, pipe: Any) -> Iterator[bool]:
             yield True
     finally:
         vae.decoder = decoder
-        object.__setattr__(pipe, "unet", unet)
+        family.swap_denoiser(pipe, unet)
         if compiled.fused is not None:
             unet.set_attn_processor(dict(compiled.original))

@@ -102,7 +102,9 @@ def prompt_conditioning(
         return
     per_sample = any(spec.loras != samples[0].loras for spec in samples)
     encoded = _encode(pipe, plans, per_sample=per_sample)
-    unet = pipe.unet
+    from pipeline.families import of_pipe
+
+    unet = of_pipe(pipe).denoiser(pipe)
     own = unet.__dict__.get("forward")
     unet.forward = _ScheduledForward(unet.forward, encoded, paired=per_sample)
     try:

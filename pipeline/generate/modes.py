@@ -27,6 +27,7 @@ from pipeline.contract.infotext import VERSION, format_infotext, png_bytes
 from pipeline.contract.jobs import GenerateSpec, JobError, OutputImage
 from pipeline.contract.samplers import resolve
 from pipeline.faces import detection as faces
+from pipeline.families import Family
 from pipeline.generate import compiled
 from pipeline.models.loading import LoadedModel
 from pipeline.models.schedulers import build_scheduler
@@ -38,28 +39,6 @@ OUTPAINT_FEATHER = 40  # px of the old image blended into the new area, as A1111
 FACE_FIX_STRENGTH = 0.4  # ADetailer's default denoise
 FACE_FIX_PADDING = 32
 MAX_INPUT_PIXELS = 4096 * 4096
-
-# Latent → RGB projections (A1111's "Approx cheap" preview): no model, one matmul.
-_PREVIEW_FACTORS = {
-    "sd1": (
-        [
-            [0.3512, 0.2297, 0.3227],
-            [0.3250, 0.4974, 0.2350],
-            [-0.2829, 0.1762, 0.2721],
-            [-0.2120, -0.2616, -0.7177],
-        ],
-        [0.0, 0.0, 0.0],
-    ),
-    "sdxl": (
-        [
-            [0.3651, 0.4232, 0.4341],
-            [-0.2533, -0.0042, 0.1068],
-            [0.1076, 0.1111, -0.0362],
-            [-0.3165, -0.2492, -0.2188],
-        ],
-        [0.1084, -0.0175, -0.0011],
-    ),
-}
 
 
 class GenerationCancelled(Exception):
@@ -88,7 +67,7 @@ class _Run:
             done = step + 1
             total = getattr(pipe, "num_timesteps", None) or done
             show = self.preview_every > 0 and (done % self.preview_every == 0)
-            preview = latent_preview(kwargs["latents"], self.model.family) if show else None
+            preview = latent_preview(kwargs["latents"], self.model.kind) if show else None
             self.on_step(done, total, preview)
         return {}
 
@@ -118,6 +97,9 @@ def run_generation(
         if len(keys) != 1 or "" in keys:
             raise JobError("only txt2img jobs with the same settings can share a batch")
     spec = specs[0]
+    # A mode or sampler the model's family lacks: one line naming the family.
+    model.kind.spec.check_mode(spec.mode)
+    model.kind.spec.check_sampler(resolve(spec.sampler, spec.schedule)[0].name)
     if spec.mode == "txt2img":
         results = txt2img(run, specs, blobs, loras)
     else:
@@ -165,7 +147,7 @@ def _control_infotext(control, spec: GenerateSpec, model: LoadedModel) -> dict[s
         return {}
     from pipeline.control.apply import control_infotext
 
-    return control_infotext(control, spec, model.is_xl)
+    return control_infotext(control, spec, model.kind)
 
 
 @contextmanager
@@ -356,10 +338,11 @@ def face_fix_only(
 
 
 def fix_faces(run: _Run, spec: GenerateSpec, image: Image.Image, blobs, loras) -> Image.Image:
-    """ADetailer: for each face, inpaint a padded crop at 512² (SDXL 1024²) with denoise
-    0.4 and paste it back through a feathered mask. Nothing outside the crop changes."""
+    """ADetailer: for each face, inpaint a padded crop at the family's default size (512²,
+    SDXL 1024²) with denoise 0.4 and paste it back through a feathered mask. Nothing
+    outside the crop changes."""
     boxes = faces.detect_faces(image)
-    size = 1024 if run.model.is_xl else 512
+    size = run.model.kind.spec.default_size
     for box in boxes:
         crop = faces.face_crop_box(box, image.size, FACE_FIX_PADDING)
         mask = Image.new("L", image.size, 0)
@@ -596,12 +579,13 @@ def _input_image(sha: str | None, blobs, name: str) -> Image.Image:
     return open_image(_blob(blobs, sha), max_pixels=MAX_INPUT_PIXELS, name=name)
 
 
-def latent_preview(latents: torch.Tensor, family: str, max_side: int = 256) -> bytes:
-    """The first sample's latents as a small JPEG, projected to RGB by a fixed matrix."""
-    factors, bias = _PREVIEW_FACTORS["sdxl" if family == "sdxl" else "sd1"]
+def latent_preview(latents: torch.Tensor, family: Family, max_side: int = 256) -> bytes:
+    """The first sample's latents as a small JPEG, projected to RGB by the family's fixed
+    matrix (A1111's "Approx cheap" preview: no model, one matmul)."""
+    factors, bias = family.preview_factors, family.preview_bias
     latent = latents[0].detach().float().cpu()
-    if latent.shape[0] != 4:  # 9-channel inpainting latents carry 4 noise channels first
-        latent = latent[:4]
+    if latent.shape[0] != len(factors):  # 9-channel inpainting latents: noise channels first
+        latent = latent[: len(factors)]
     rgb = torch.einsum("chw,cr->hwr", latent, torch.tensor(factors)) + torch.tensor(bias)
     array = ((rgb.clamp(-1, 1) + 1) * 127.5).byte().numpy()
     image = Image.fromarray(array, "RGB")

@@ -3,19 +3,16 @@
 
 from pipeline.loras.cache import LoraCache, adapter_name
 from pipeline.loras.formats import (
-    FAMILY_NAMES,
     LoraError,
     LoraFile,
     detect_family,
     detect_format,
     lora_hash,
-    pipe_family,
     read_lora_file,
     resolve_lora_names,
 )
 
 __all__ = [
-    "FAMILY_NAMES",
     "LoraCache",
     "LoraError",
     "LoraFile",
@@ -23,7 +20,6 @@ __all__ = [
     "detect_family",
     "detect_format",
     "lora_hash",
-    "pipe_family",
     "read_lora_file",
     "resolve_lora_names",
 ]

@@ -155,17 +155,21 @@ def patched(
     modules: dict[str, nn.Module],
     layers: dict[tuple[str, str], dict[str, LayerDelta]],
     plan: RowPlan,
+    *,
+    denoiser: str,
 ) -> Iterator[None]:
     """Within the context, every layer in `layers` runs per `plan`.
 
-    `modules` maps a model attribute ("unet", "text_encoder", …) to the model;
+    `modules` maps a model attribute (the denoiser's, "text_encoder", …) to the model;
     `layers` maps (model attr, module path) to {adapter: LayerDelta} for that layer.
+    The denoiser's rows are tiled (the pipeline repeats the batch for CFG), the text
+    encoders' interleaved (`encode_prompts`' sample-by-sample order).
     """
     saved: list[tuple[nn.Module, Any]] = []
     try:
         for (model_name, path), entries in layers.items():
             module = modules[model_name].get_submodule(path)
-            layout = "tile" if model_name == "unet" else "interleave"
+            layout = "tile" if model_name == denoiser else "interleave"
             saved.append((module, module.__dict__.get("forward")))
             module.forward = _forward(module, module.forward, entries, plan, layout)
         yield

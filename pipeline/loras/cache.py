@@ -18,15 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.contract.jobs import LoraRef
+from pipeline.families import of_pipe
 from pipeline.loras import batch, slots
-from pipeline.loras.formats import (
-    FAMILY_NAMES,
-    LayerDelta,
-    LoraError,
-    map_lora,
-    pipe_family,
-    read_lora_file,
-)
+from pipeline.loras.formats import LayerDelta, LoraError, map_lora, read_lora_file
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +103,18 @@ class LoraCache:
         """UNet LoRAs in the UNet's slots when they all fit (`pipeline.loras.slots`),
         text-encoder layers (and UNet LoRAs that do not fit) on the eager path."""
         layers = self._layers(weights)
-        bank = slots.bank_of(getattr(self.pipe, "unet", None))
+        family = of_pipe(self.pipe)
+        bank = slots.bank_of(family.denoiser(self.pipe))
+        denoiser = family.denoiser_name
         if bank is None or not self._into_slots(bank, weights, images):
-            with batch.patched(self._modules(), layers, plan):
+            with batch.patched(self._modules(), layers, plan, denoiser=denoiser):
                 yield
             return
-        encoders = {key: entries for key, entries in layers.items() if key[0] != "unet"}
+        encoders = {key: entries for key, entries in layers.items() if key[0] != denoiser}
         bank.set_rows(weights)
         bank.stats.calls += 1
         try:
-            with batch.patched(self._modules(), encoders, plan):
+            with batch.patched(self._modules(), encoders, plan, denoiser=denoiser):
                 yield
         finally:
             bank.clear_rows()
@@ -128,7 +124,8 @@ class LoraCache:
         names = sorted({a for sample in weights for a in sample})
         unet_layers = {}
         for name in names:
-            found = {p: d for (m, p), d in self._loaded[name].layers.items() if m == "unet"}
+            layers = self._loaded[name].layers.items()
+            found = {p: d for (m, p), d in layers if m == of_pipe(self.pipe).denoiser_name}
             if found:
                 unet_layers[name] = found
         reason = None
@@ -197,15 +194,17 @@ class LoraCache:
                 del self._loaded[name]
 
     def _load(self, ref: LoraRef, path: Path) -> _Loaded:
-        family = pipe_family(self.pipe)
-        lora = read_lora_file(path, name=ref.name, family=family, max_bytes=self.max_file_bytes)
+        family = of_pipe(self.pipe)
+        lora = read_lora_file(
+            path, name=ref.name, family=family.name, max_bytes=self.max_file_bytes
+        )
         mapped = map_lora(lora, self.pipe)
         if not mapped.layers:
             log.warning(
                 "LoRA %s (%s): no layer fits; e.g. %s", ref.name, path, mapped.unmatched[:3]
             )
             raise LoraError(
-                f"LoRA '{ref.name}' ({lora.format}) does not fit this {FAMILY_NAMES[family]} "
+                f"LoRA '{ref.name}' ({lora.format}) does not fit this {family.label} "
                 "model: none of its layers match (it was made for another base model, "
                 "or the file is damaged)"
             )
@@ -226,5 +225,4 @@ class LoraCache:
         return _Loaded(ref.name, layers, nbytes, notice)
 
     def _modules(self) -> dict[str, Any]:
-        names = ("unet", "text_encoder", "text_encoder_2")
-        return {n: getattr(self.pipe, n) for n in names if getattr(self.pipe, n, None) is not None}
+        return dict(of_pipe(self.pipe).adaptable(self.pipe))

@@ -34,16 +34,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.contract.families import label, lora_family
 from pipeline.contract.jobs import JobError, LoraRef
 from pipeline.contract.safetensors_check import safetensors_problem
+from pipeline.families import of_pipe
 from pipeline.prompts.encoding import extract_loras
-
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-# Cross-attention width of each family's UNet (the text embedding width it reads).
-_CROSS_DIMS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
-_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-_DIFFUSERS_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder"}
-_DIFFUSERS_PREFIXES["text_encoder_2."] = "text_encoder_2"
 
 # Parameter names a layer may carry, per algorithm; the first names identify it.
 _PARAMS = {
@@ -125,8 +120,7 @@ def read_lora_file(path: str | Path, *, name: str, family: str, max_bytes: int) 
     made_for = detect_family(state_dict)
     if made_for is not None and made_for != family:
         raise LoraError(
-            f"LoRA '{name}' was made for {FAMILY_NAMES[made_for]}; "
-            f"this model is {FAMILY_NAMES.get(family, family)}"
+            f"LoRA '{name}' was made for {label(made_for)}; this model is {label(family)}"
         )
     sha = hashlib.sha256(data).hexdigest()
     return LoraFile(name, path, sha, fmt, made_for, state_dict, nbytes)
@@ -169,31 +163,9 @@ def detect_format(state_dict: dict[str, torch.Tensor]) -> str | None:
 
 
 def detect_family(state_dict: dict[str, torch.Tensor]) -> str | None:
-    """The base model family a LoRA was trained on, from key names and layer widths."""
-    keys = list(state_dict)
-    if any(k.startswith(("lora_te2_", "text_encoder_2.", "te2.")) for k in keys):
-        return "sdxl"
-    for key in keys:
-        dim = _cross_attention_in_dim(key, state_dict[key])
-        if dim in _CROSS_DIMS:
-            return _CROSS_DIMS[dim]
-    if any(k.startswith("lora_te_") for k in keys):
-        # kohya names SDXL's encoders te1/te2; a lone te is SD 1.x (768) or SD 2.x (1024)
-        q_proj = "q_proj.lora_down.weight"
-        widths = {v.shape[-1] for k, v in state_dict.items() if k.endswith(q_proj)}
-        return "sd2" if 1024 in widths else "sd1"
-    return None
-
-
-def _cross_attention_in_dim(key: str, tensor: torch.Tensor) -> int | None:
-    """Input width of a cross-attention key projection: the text embedding width."""
-    flat = key.replace(".", "_")
-    if "attn2_to_k" not in flat:
-        return None
-    for down in ("lora_down_weight", "lora_A_weight", "hada_w1_b"):
-        if flat.endswith(down):
-            return int(tensor.shape[1])
-    return None
+    """The base model family a LoRA was trained on, from key names and layer widths
+    (`pipeline.contract.families.lora_family`); None when they don't tell."""
+    return lora_family({key: tuple(tensor.shape) for key, tensor in state_dict.items()})
 
 
 def lora_hash(path: str | Path) -> str:
@@ -220,10 +192,6 @@ def resolve_lora_names(text: str, lora_dir: str | Path) -> list[tuple[LoraRef, P
         sha = hashlib.sha256(path.read_bytes()).hexdigest()
         resolved.append((LoraRef(name, sha, weight), path))
     return resolved
-
-
-def pipe_family(pipe: Any) -> str:
-    return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd1"
 
 
 # --- keys → layers ----------------------------------------------------------------------
@@ -519,17 +487,6 @@ def _fits(delta: LayerDelta, module: nn.Module) -> bool:
 ADAPTABLE = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm)
 
 
-def _models(pipe: Any) -> list[tuple[str, nn.Module]]:
-    names = ("unet", "text_encoder", "text_encoder_2")
-    return [(n, getattr(pipe, n)) for n in names if getattr(pipe, n, None) is not None]
-
-
-def _kohya_prefixes(pipe: Any) -> dict[str, str]:
-    if pipe_family(pipe) == "sdxl":
-        return {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
-    return {"unet": "lora_unet_", "text_encoder": "lora_te_"}
-
-
 def _module_lookup(pipe: Any) -> dict[str, tuple[str, str, nn.Module]]:
     """Every name a file may use for a Linear/Conv2d → (model attr, module path, module).
 
@@ -537,15 +494,16 @@ def _module_lookup(pipe: Any) -> dict[str, tuple[str, str, nn.Module]]:
     transformers 4 named them and every A1111-era file has them) and diffusers names
     (`unet.<path>`, `text_encoder.<path>`), with and without `text_model`.
     """
-    prefixes = _kohya_prefixes(pipe)
+    family = of_pipe(pipe)
+    prefixes = family.lora_prefixes
     lookup: dict[str, tuple[str, str, nn.Module]] = {}
-    for model_name, model in _models(pipe):
+    for model_name, model in family.adaptable(pipe):
         for path, module in model.named_modules():
             if not isinstance(module, ADAPTABLE):
                 continue
             target = (model_name, path, module)
             paths = [path]
-            if model_name != "unet":
+            if model_name != family.denoiser_name:
                 paths.append(
                     path[len("text_model.") :]
                     if path.startswith("text_model.")
@@ -605,7 +563,7 @@ def _to_diffusers_unet_names(state_dict: dict[str, torch.Tensor], pipe: Any) -> 
     if blocks:
         try:
             mapped = _maybe_map_sgm_blocks_to_diffusers(
-                {k: renamed.pop(k) for k in blocks}, pipe.unet.config
+                {k: renamed.pop(k) for k in blocks}, of_pipe(pipe).denoiser(pipe).config
             )
         except (ValueError, IndexError, KeyError):
             mapped = {}

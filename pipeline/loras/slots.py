@@ -109,7 +109,7 @@ class SlotBank:
     """The slots of one UNet: which adapter is in which slot (LRU), and the scale rows."""
 
     def __init__(self, unet: nn.Module, layers: dict[str, nn.Module], slots: int, rank: int):
-        self.unet = unet
+        self.denoiser = unet
         self.layers = layers
         self.slots = slots
         self.rank = rank

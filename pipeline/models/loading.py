@@ -19,13 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.contract.config import Config, ModelConfig
-from pipeline.contract.model_family import (
+from pipeline.contract.families import (
     SINGLE_FILE_SUFFIXES,
     ModelError,
     detect_family,
     family_from_checkpoint,
     hub_error,
 )
+from pipeline.families import Family
+from pipeline.families import family as family_of
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class LoadedModel:
     name: str
-    family: str  # "sd1" | "sdxl"
+    family: str  # the config name of its family (pipeline/families/)
     source: str
     hash: str  # A1111 "Model hash": first 10 hex of the weights' sha256
     device: str
@@ -45,8 +47,9 @@ class LoadedModel:
     _inpaint_model: LoadedModel | None = None
 
     @property
-    def is_xl(self) -> bool:
-        return self.family == "sdxl"
+    def kind(self) -> Family:
+        """Its family: the one place that knows its pipelines and components."""
+        return family_of(self.family)
 
     def img2img(self):
         return self._derive("img2img")
@@ -60,22 +63,10 @@ class LoadedModel:
 
     def _derive(self, kind: str):
         if kind not in self._derived:
-            from diffusers import (
-                StableDiffusionImg2ImgPipeline,
-                StableDiffusionInpaintPipeline,
-                StableDiffusionXLImg2ImgPipeline,
-                StableDiffusionXLInpaintPipeline,
-            )
-
-            classes = {
-                ("img2img", False): StableDiffusionImg2ImgPipeline,
-                ("img2img", True): StableDiffusionXLImg2ImgPipeline,
-                ("inpaint", False): StableDiffusionInpaintPipeline,
-                ("inpaint", True): StableDiffusionXLInpaintPipeline,
-            }
             # from_pipe casts every (shared) module to float32 unless told the dtype:
             # without it the first img2img job would turn an fp16 model into fp32.
-            derived = classes[kind, self.is_xl].from_pipe(self.pipe, torch_dtype=self.dtype)
+            cls = self.kind.pipeline_class(kind)
+            derived = cls.from_pipe(self.pipe, torch_dtype=self.dtype)
             derived.set_progress_bar_config(disable=True)
             self._derived[kind] = derived
         return self._derived[kind]
@@ -207,32 +198,18 @@ def _local_source(source: str, pipe: Any) -> str:
     return str(getattr(pipe, "_name_or_path", None) or pipe.config.get("_name_or_path", source))
 
 
-def _pipeline_class(family: str, inpaint: bool):
-    from diffusers import (
-        StableDiffusionInpaintPipeline,
-        StableDiffusionPipeline,
-        StableDiffusionXLInpaintPipeline,
-        StableDiffusionXLPipeline,
-    )
-
-    if family == "sdxl":
-        return StableDiffusionXLInpaintPipeline if inpaint else StableDiffusionXLPipeline
-    return StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
-
-
 def _load_pipeline(
     source: str, family: str, torch_dtype: Any, *, inpaint: bool = False, config: str = ""
 ):
-    cls = _pipeline_class(family, inpaint)
+    kind = family_of(family)
+    cls = kind.pipeline_class("inpaint" if inpaint else "txt2img")
     path = Path(source)
     try:
         if path.suffix in SINGLE_FILE_SUFFIXES:
             return _from_single_file(cls, path, torch_dtype, config)
-        if path.is_dir() or source.startswith(("/", "./", "../")):
-            if not path.is_dir():
-                raise ModelError(f"model folder {source} does not exist")
-            return _from_pretrained(cls, source, torch_dtype)
-        return _from_pretrained(cls, source, torch_dtype)
+        if source.startswith(("/", "./", "../")) and not path.is_dir():
+            raise ModelError(f"model folder {source} does not exist")
+        return cls.from_pretrained(source, torch_dtype=torch_dtype, **kind.load_options())
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001 - out of memory is the caller's to word
@@ -265,13 +242,6 @@ def _from_single_file(cls, path: Path, torch_dtype: Any, config: str):
                 "single_file_config to a local diffusers folder of the same family."
             ) from None
         raise
-
-
-def _from_pretrained(cls, source: str, torch_dtype: Any):
-    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
-    if cls.__name__.startswith("StableDiffusion") and "XL" not in cls.__name__:
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
-    return cls.from_pretrained(source, **kwargs)
 
 
 def _short(exc: Exception) -> str:

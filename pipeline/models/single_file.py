@@ -78,14 +78,13 @@ def export_single_file(pipe: Any, path: str | Path) -> Path:
     """
     from safetensors.torch import save_file
 
-    state = _prefixed(UNET_PREFIX, unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config))
-    state.update(_prefixed(VAE_PREFIX, vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config)))
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        state.update(_prefixed(XL_CLIP_PREFIX, clip_to_ldm(pipe.text_encoder.state_dict())))
-        open_clip = open_clip_to_ldm(pipe.text_encoder_2.state_dict())
-        state.update(_prefixed(XL_OPEN_CLIP_PREFIX, open_clip))
-    else:
-        state.update(_prefixed(CLIP_PREFIX, clip_to_ldm(pipe.text_encoder.state_dict())))
+    from pipeline.families import of_pipe
+
+    family = of_pipe(pipe)
+    unet = family.denoiser(pipe)
+    state = prefixed(UNET_PREFIX, unet_to_ldm(unet.state_dict(), unet.config))
+    state.update(prefixed(VAE_PREFIX, vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config)))
+    state.update(family.ldm_text_encoders(pipe))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # safetensors wants contiguous CPU tensors; the weights may live on a GPU.
@@ -94,7 +93,7 @@ def export_single_file(pipe: Any, path: str | Path) -> Path:
     return path
 
 
-def _prefixed(prefix: str, state: StateDict) -> StateDict:
+def prefixed(prefix: str, state: StateDict) -> StateDict:
     return {prefix + key: value for key, value in state.items()}
 
 

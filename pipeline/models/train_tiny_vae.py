@@ -3,7 +3,7 @@
 `sdbot tiny-model` writes random weights for everything else, but a random VAE turns
 any photo into noise, so no test could check what img2img, inpaint, outpaint, upscale
 or face fix do to a real photo. This script trains the tiny VAE architecture
-(`pipeline.models.tiny.tiny_vae`) to reconstruct photos from scikit-image's sample
+(`pipeline.families.sd_tiny.tiny_vae`) to reconstruct photos from scikit-image's sample
 data (random crops, flips, several scales; with --test-views also the astronaut as the
 tests see it), and writes `pipeline/models/data/tiny_vae.safetensors` with the latent
 scaling factor (1 / the latents' standard deviation, as SD's 0.18215 was chosen) in its
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from pipeline.models.tiny import tiny_vae
+    from pipeline.families.sd_tiny import tiny_vae
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=25.0, help="the training time")

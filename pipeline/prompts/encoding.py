@@ -116,21 +116,24 @@ def encode_prompts(
     rows: list[Chunk] = []
     for p, n in zip(pos, neg):
         rows += _pad_chunks(p, count) + _pad_chunks(n, count)
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        out = _encode_xl(pipe, rows, len(prompts), count, clip_skip)
+    embeds, pooled = _encode_all(pipe, rows, clip_skip)
+    pos_embeds, neg_embeds = _split_samples(embeds, len(prompts), count)
+    out = {"prompt_embeds": pos_embeds, "negative_prompt_embeds": neg_embeds}
+    if pooled is not None:
+        first = pooled.reshape(len(prompts), 2, count, -1)[:, :, 0]  # each side's first chunk
+        out["pooled_prompt_embeds"] = first[:, 0].contiguous()
+        out["negative_pooled_prompt_embeds"] = first[:, 1].contiguous()
         if getattr(pipe.config, "force_zeros_for_empty_prompt", False):
             _zero_empty_negatives(out, negatives)
-        return out
-    embeds = _encode_rows(pipe, pipe.text_encoder, pipe.tokenizer, rows, clip_skip, xl=False)[0]
-    pos_embeds, neg_embeds = _split_samples(embeds, len(prompts), count)
-    return {"prompt_embeds": pos_embeds, "negative_prompt_embeds": neg_embeds}
+    return out
 
 
 def encode_texts(
     pipe: Any, texts: Sequence[str], chunks: int, *, clip_skip: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Each text's embeddings, padded with empty chunks to `chunks`: [texts, chunks*77, dim],
-    and for SDXL the pooled output of each text's first chunk ([texts, dim]; None for SD 1.x).
+    and where the family has one (SDXL) the pooled output of each text's first chunk
+    ([texts, dim]; else None).
 
     One encoder call, rows in the order given: per-sample text-encoder LoRAs need each
     sample's texts together and the same number of texts per sample. For one text of
@@ -140,16 +143,10 @@ def encode_texts(
     rows: list[Chunk] = []
     for text in texts:
         rows += _pad_chunks(tokenize_chunks(tokenizer, text), chunks)
-    if getattr(pipe, "text_encoder_2", None) is None:
-        hidden = _encode_rows(pipe, pipe.text_encoder, tokenizer, rows, clip_skip, xl=False)[0]
-        return hidden.reshape(len(texts), chunks * hidden.shape[1], hidden.shape[2]), None
-    tokenizer_2 = getattr(pipe, "tokenizer_2", None) or tokenizer
-    hidden_1, _ = _encode_rows(pipe, pipe.text_encoder, tokenizer, rows, clip_skip, xl=True)
-    hidden_2, pooled = _encode_rows(
-        pipe, pipe.text_encoder_2, tokenizer_2, rows, clip_skip, xl=True
-    )
-    hidden = torch.cat([hidden_1, hidden_2], dim=-1)
+    hidden, pooled = _encode_all(pipe, rows, clip_skip)
     embeds = hidden.reshape(len(texts), chunks * hidden.shape[1], hidden.shape[2])
+    if pooled is None:
+        return embeds, None
     return embeds, pooled.reshape(len(texts), chunks, -1)[:, 0].contiguous()
 
 
@@ -158,24 +155,22 @@ def _pad_chunks(chunks: list[Chunk], count: int) -> list[Chunk]:
     return chunks + [Chunk() for _ in range(count - len(chunks))]
 
 
-def _encode_xl(
-    pipe: Any, rows: list[Chunk], samples: int, count: int, clip_skip: int | None
-) -> dict[str, torch.Tensor]:
-    """SDXL: both encoders' penultimate states side by side; pooled from the first chunk."""
-    tokenizer_2 = getattr(pipe, "tokenizer_2", None) or pipe.tokenizer
-    hidden_1, _ = _encode_rows(pipe, pipe.text_encoder, pipe.tokenizer, rows, clip_skip, xl=True)
-    hidden_2, pooled = _encode_rows(
-        pipe, pipe.text_encoder_2, tokenizer_2, rows, clip_skip, xl=True
-    )
-    embeds = torch.cat([hidden_1, hidden_2], dim=-1)
-    pos_embeds, neg_embeds = _split_samples(embeds, samples, count)
-    first = pooled.reshape(samples, 2, count, -1)[:, :, 0]  # each side's first chunk
-    return {
-        "prompt_embeds": pos_embeds,
-        "negative_prompt_embeds": neg_embeds,
-        "pooled_prompt_embeds": first[:, 0].contiguous(),
-        "negative_pooled_prompt_embeds": first[:, 1].contiguous(),
-    }
+def _encode_all(
+    pipe: Any, rows: list[Chunk], clip_skip: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Every text encoder of the family over the rows, their states side by side (SDXL:
+    both encoders' penultimate states), and the last encoder's pooled output where the
+    family reads one."""
+    from pipeline.families import of_pipe
+
+    family = of_pipe(pipe)
+    penultimate = family.penultimate_hidden_state
+    outs = [
+        _encode_rows(pipe, encoder, tokenizer, rows, clip_skip, penultimate=penultimate)
+        for tokenizer, encoder in family.text_encoders(pipe)
+    ]
+    hidden = outs[0][0] if len(outs) == 1 else torch.cat([h for h, _ in outs], dim=-1)
+    return hidden, outs[-1][1] if family.pooled_text else None
 
 
 def _zero_empty_negatives(out: dict[str, torch.Tensor], negatives: Sequence[str]) -> None:
@@ -201,7 +196,7 @@ def _encode_rows(
     rows: list[Chunk],
     clip_skip: int | None,
     *,
-    xl: bool,
+    penultimate: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One encoder call over all chunks; returns weighted hidden states and pooled output."""
     device = getattr(pipe, "_execution_device", None) or pipe.device
@@ -210,8 +205,9 @@ def _encode_rows(
     if getattr(encoder.config, "use_attention_mask", False):
         mask = (torch.arange(ids.shape[1], device=device)[None] < _lengths(rows, device)).long()
     with torch.no_grad():
-        out = encoder(ids, attention_mask=mask, output_hidden_states=clip_skip is not None or xl)
-        if xl:
+        wanted = clip_skip is not None or penultimate
+        out = encoder(ids, attention_mask=mask, output_hidden_states=wanted)
+        if penultimate:
             hidden = out.hidden_states[-(clip_skip or 0) - 2]
         elif clip_skip is None:
             hidden = out[0]
@@ -220,7 +216,7 @@ def _encode_rows(
             final_norm = getattr(encoder, "text_model", encoder).final_layer_norm
             hidden = final_norm(out.hidden_states[-(clip_skip + 1)])
         hidden = _apply_weights(hidden, rows)
-    pooled = out[0] if xl and out[0].ndim == 2 else None
+    pooled = out[0] if penultimate and out[0].ndim == 2 else None
     dtype = encoder.dtype
     return hidden.to(device, dtype), None if pooled is None else pooled.to(device, dtype)
 

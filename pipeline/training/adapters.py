@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from pipeline.contract.jobs import TrainSpec
-from pipeline.training.denoising import is_xl
+from pipeline.families import of_pipe
 
 ADAPTER = "sdbot_train"
 
@@ -56,8 +56,7 @@ class PipeState:
 
     @classmethod
     def capture(cls, pipe: Any) -> PipeState:
-        names = ("unet", "vae", "text_encoder", "text_encoder_2")
-        return cls([getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None])
+        return cls(of_pipe(pipe).models(pipe))
 
     def restore(self, pipe: Any) -> None:
         for model, training, config, items in zip(
@@ -71,8 +70,9 @@ class PipeState:
                 config.clear()  # the same dict object, with exactly its old entries
                 config.update(items)
             model.peft_config = config
-        if pipe.unet.is_gradient_checkpointing and not self.unet_checkpointing:
-            pipe.unet.disable_gradient_checkpointing()
+        denoiser = of_pipe(pipe).denoiser(pipe)
+        if denoiser.is_gradient_checkpointing and not self.unet_checkpointing:
+            denoiser.disable_gradient_checkpointing()
         for param, flag in self.requires_grad:
             param.requires_grad_(flag)
 
@@ -82,11 +82,10 @@ _MISSING = object()
 
 def trainable_models(pipe: Any, *, train_text: bool) -> list[tuple[str, torch.nn.Module]]:
     """(kind, model) pairs that get an adapter."""
-    models = [("unet", pipe.unet)]
+    denoiser, *encoders = of_pipe(pipe).adaptable(pipe)
+    models = [("unet", denoiser[1])]
     if train_text:
-        models.append(("text", pipe.text_encoder))
-        if is_xl(pipe):
-            models.append(("text", pipe.text_encoder_2))
+        models += [("text", encoder) for _, encoder in encoders]
     return models
 
 
@@ -112,10 +111,8 @@ def set_aside_adapters(pipe: Any) -> list[tuple[torch.nn.Module, str, torch.nn.M
 
 
 def freeze(pipe: Any) -> None:
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        model = getattr(pipe, name, None)
-        if model is not None:
-            model.requires_grad_(False)
+    for model in of_pipe(pipe).models(pipe):
+        model.requires_grad_(False)
 
 
 def _adapter_config(spec: TrainSpec, targets: list[str]) -> Any:

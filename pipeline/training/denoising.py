@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.contract.jobs import TrainSpec
+from pipeline.families import of_pipe
 
 
 @dataclass
@@ -56,7 +57,7 @@ def encode_images(
     cond = None
     if not spec.train_text_encoder:
         embeds, pooled = encode_text(pipe, captions)
-        cond = Cond(embeds, pooled, sdxl_time_ids(pipe, spec.resolution, len(images)))
+        cond = Cond(embeds, pooled, micro_conditioning(pipe, spec.resolution, len(images)))
     return Encoded(latents, cond, captions)
 
 
@@ -97,19 +98,13 @@ def _vae_in_float32_if_needed(vae: Any) -> Iterator[None]:
             vae.to(torch.float16)
 
 
-def is_xl(pipe: Any) -> bool:
-    return getattr(pipe, "text_encoder_2", None) is not None
-
-
 def encode_text(pipe: Any, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Prompt embeddings as the pipelines build them (SDXL: penultimate hidden states
-    of both encoders, concatenated, and encoder 2's pooled output). Not under
+    """Prompt embeddings as the family's pipelines build them (SDXL: penultimate hidden
+    states of both encoders, concatenated, and encoder 2's pooled output). Not under
     no_grad: when the text encoder trains, gradients flow through here."""
-    encoders = [(pipe.tokenizer, pipe.text_encoder)]
-    if is_xl(pipe):
-        encoders.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    family = of_pipe(pipe)
     embeds, pooled = [], None
-    for tokenizer, encoder in encoders:
+    for tokenizer, encoder in family.text_encoders(pipe):
         ids = tokenizer(
             captions,
             padding="max_length",
@@ -117,22 +112,19 @@ def encode_text(pipe: Any, captions: list[str]) -> tuple[torch.Tensor, torch.Ten
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(encoder.device)
-        if is_xl(pipe):
+        if family.penultimate_hidden_state:
             output = encoder(ids, output_hidden_states=True)
             embeds.append(output.hidden_states[-2])
-            pooled = output[0]
+            pooled = output[0] if family.pooled_text else None
         else:
             embeds.append(encoder(ids)[0])
     return torch.cat(embeds, dim=-1), pooled
 
 
-def sdxl_time_ids(pipe: Any, resolution: int, count: int) -> torch.Tensor | None:
-    """SDXL micro-conditioning: original size, crop top-left, target size."""
-    if not is_xl(pipe):
-        return None
-    size = [resolution, resolution]
-    ids = torch.tensor([size + [0, 0] + size], dtype=torch.float32)
-    return ids.repeat(count, 1).to(pipe.unet.device)
+def micro_conditioning(pipe: Any, resolution: int, count: int) -> torch.Tensor | None:
+    """What the family's denoiser takes beside the text (SDXL: original size, crop
+    top-left, target size); None for SD 1.x."""
+    return of_pipe(pipe).micro_conditioning(pipe, resolution, count)
 
 
 def training_scheduler(pipe: Any) -> Any:

@@ -11,8 +11,8 @@ import torch
 
 from pipeline.contract.jobs import TrainSpec
 from pipeline.contract.version import sdbot_version
+from pipeline.families import of_pipe
 from pipeline.training.adapters import ADAPTER, TEXT_LR_RATIO
-from pipeline.training.denoising import is_xl
 
 VERSION = sdbot_version()
 
@@ -33,12 +33,9 @@ def kohya_state_dict(pipe: Any, method: str, alpha: float) -> dict[str, torch.Te
 
 
 def _kohya_models(pipe: Any) -> list[tuple[str, torch.nn.Module]]:
-    models = [("lora_unet_", pipe.unet)]
-    if is_xl(pipe):
-        models += [("lora_te1_", pipe.text_encoder), ("lora_te2_", pipe.text_encoder_2)]
-    else:
-        models.append(("lora_te_", pipe.text_encoder))
-    return models
+    """(kohya prefix, model): the denoiser first, then the text encoders."""
+    family = of_pipe(pipe)
+    return [(family.lora_prefixes[name], model) for name, model in family.adaptable(pipe)]
 
 
 def _adapter_layers(model: torch.nn.Module) -> Iterator[tuple[str, Any]]:
@@ -95,7 +92,7 @@ def metadata_of(
     lycoris = spec.method != "lora"
     text_lr = spec.learning_rate * TEXT_LR_RATIO if spec.train_text_encoder else 0.0
     metadata = {
-        "ss_base_model_version": "sdxl_base_v1-0" if is_xl(pipe) else "sd_v1",
+        "ss_base_model_version": of_pipe(pipe).kohya_base_model,
         "ss_sd_model_name": model_name,
         "ss_output_name": spec.name,
         "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora",

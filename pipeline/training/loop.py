@@ -29,6 +29,7 @@ from PIL import Image
 from safetensors.torch import save as save_safetensors
 
 from pipeline.contract.jobs import JobError, Limits, TrainSpec
+from pipeline.families import of_pipe
 from pipeline.training.adapters import (
     PipeState,
     add_adapters,
@@ -52,7 +53,7 @@ from pipeline.training.denoising import (
     denoising_loss,
     encode_images,
     encode_text,
-    sdxl_time_ids,
+    micro_conditioning,
     snr_weights,
     training_scheduler,
 )
@@ -250,7 +251,8 @@ class _Trainer:
 
 def _add_trainer(job: _Job, tuners: list[Any]) -> _Trainer:
     pipe, spec = job.pipe, job.spec
-    device = pipe.unet.device
+    denoiser = of_pipe(pipe).denoiser(pipe)
+    device = denoiser.device
     freeze(pipe)
     tuners.extend(add_adapters(pipe, spec))
     optimizer = torch.optim.AdamW(
@@ -262,7 +264,7 @@ def _add_trainer(job: _Job, tuners: list[Any]) -> _Trainer:
     )
     precision = Precision.of(pipe)
     if device.type == "cuda":
-        pipe.unet.enable_gradient_checkpointing()  # memory for batch and resolution
+        denoiser.enable_gradient_checkpointing()  # memory for batch and resolution
     generator = torch.Generator().manual_seed(spec.seed)
     return _Trainer(
         optimizer, precision, precision.grad_scaler(), training_scheduler(pipe), generator
@@ -391,7 +393,7 @@ def _step_cond(pipe: Any, spec: TrainSpec, encoded: Encoded, batch: list[int]) -
             None if c.time_ids is None else c.time_ids[batch],
         )
     embeds, pooled = encode_text(pipe, [encoded.captions[i] for i in batch])
-    return Cond(embeds, pooled, sdxl_time_ids(pipe, spec.resolution, len(batch)))
+    return Cond(embeds, pooled, micro_conditioning(pipe, spec.resolution, len(batch)))
 
 
 def _cat_cond(a: Cond, b: Cond) -> Cond:
@@ -411,7 +413,8 @@ def _train_step(
     batch: list[int],
     trainer: _Trainer,
 ) -> float:
-    device = pipe.unet.device
+    denoiser = of_pipe(pipe).denoiser(pipe)
+    device = denoiser.device
     noise_scheduler, generator = trainer.noise_scheduler, trainer.generator
     optimizer, scaler = trainer.optimizer, trainer.scaler
     latents = instance.latents[batch]
@@ -427,7 +430,7 @@ def _train_step(
         noise = torch.randn(latents.shape, generator=generator).to(device)
         count = noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, count, (len(latents),), generator=generator).to(device)
-        losses = denoising_loss(pipe.unet, noise_scheduler, latents, noise, timesteps, cond)
+        losses = denoising_loss(denoiser, noise_scheduler, latents, noise, timesteps, cond)
         losses = losses * snr_weights(noise_scheduler, timesteps, spec.min_snr_gamma)
         if prior is not None:
             instance_loss, prior_loss = losses.chunk(2)

@@ -27,7 +27,10 @@ class Precision:
 
     @classmethod
     def of(cls, pipe: Any) -> Precision:
-        return cls(pipe.unet.device, pipe.unet.dtype)
+        from pipeline.families import of_pipe
+
+        denoiser = of_pipe(pipe).denoiser(pipe)
+        return cls(denoiser.device, denoiser.dtype)
 
     def autocast(self) -> AbstractContextManager[Any]:
         if self.dtype not in HALF:

@@ -8,13 +8,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.families import of_pipe
 from pipeline.training.denoising import (
     Cond,
     denoising_loss,
     encode_text,
     latents_of,
+    micro_conditioning,
     pixels,
-    sdxl_time_ids,
     training_scheduler,
 )
 from pipeline.training.precision import Precision
@@ -41,13 +42,14 @@ def loss_on_images(
     if len(captions) != len(images):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     resolution = resolution or min(images[0].size) // 8 * 8
-    device = pipe.unet.device
+    denoiser = of_pipe(pipe).denoiser(pipe)
+    device = denoiser.device
     scheduler = training_scheduler(pipe)
     count = scheduler.config.num_train_timesteps
     timesteps = torch.linspace(0, count - 1, n_timesteps + 2)[1:-1].round().long().to(device)
     latents = latents_of(pipe.vae, pixels(images, resolution))
     embeds, pooled = encode_text(pipe, captions)
-    time_ids = sdxl_time_ids(pipe, resolution, len(images))
+    time_ids = micro_conditioning(pipe, resolution, len(images))
     losses = []
     with Precision.of(pipe).autocast():
         for i in range(len(images)):
@@ -59,7 +61,7 @@ def loss_on_images(
                 None if pooled is None else pooled[i : i + 1].expand(n_timesteps, -1),
                 None if time_ids is None else time_ids[:1].expand(n_timesteps, -1),
             )
-            loss = denoising_loss(pipe.unet, scheduler, clean, noise.to(device), timesteps, cond)
+            loss = denoising_loss(denoiser, scheduler, clean, noise.to(device), timesteps, cond)
             losses.append(loss.mean().item())
     return float(np.mean(losses))
 

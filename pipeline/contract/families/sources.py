@@ -1,4 +1,7 @@
-"""Which family (SD 1.x or SDXL) a model source is, read from its files without torch.
+"""Which family a model source is, read from its files without torch: a folder's
+model_index.json, a single file's tensor names, a Hub id's cached model_index.json.
+Each family's own test is in its module (`sd1.py`, `sdxl.py`); the order they are
+tried in is `registry.FAMILIES`.
 
 Torch-free so the bot can ask it (training resolution, /train's defaults) and the
 workers share the answer and its errors.
@@ -9,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+
+from pipeline.contract.families.registry import DEFAULT, family_from_index, family_from_keys
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -19,8 +23,9 @@ class ModelError(Exception):
 
 
 def detect_family(source: str) -> str:
-    """sd1 or sdxl from a folder's model_index.json, a single file's keys, or a Hub id's
-    cached model_index.json. Raises ModelError when the source cannot be read."""
+    """The family's name (`sd1`, `sdxl`) from a folder's model_index.json, a single
+    file's keys, or a Hub id's cached model_index.json. Raises ModelError when the
+    source cannot be read."""
     path = Path(source)
     if path.is_dir():
         index = path / "model_index.json"
@@ -42,18 +47,14 @@ def detect_family(source: str) -> str:
     return family_from_index(json.loads(Path(index).read_text()))
 
 
-def family_from_index(index: dict[str, Any]) -> str:
-    return "sdxl" if "text_encoder_2" in index or "XL" in index.get("_class_name", "") else "sd1"
-
-
 def family_from_checkpoint(path: Path) -> str:
     if path.suffix != ".safetensors":
-        return "sd1"  # .ckpt: pickles; don't open them just to guess
+        return DEFAULT.name  # .ckpt: pickles; don't open them just to guess
     try:
         keys = safetensors_keys(path)
     except ValueError as exc:
         raise ModelError(f"model file {path} is not a valid .safetensors file ({exc})") from None
-    return "sdxl" if any(k.startswith("conditioner.embedders.1") for k in keys) else "sd1"
+    return family_from_keys(keys)
 
 
 def safetensors_keys(path: Path) -> list[str]:

@@ -1,6 +1,6 @@
 """Tiny random-weight ControlNet, IP-Adapter and depth model that fit the tiny SD model.
 
-Like `pipeline.models.tiny`, these let every test run real diffusers/transformers code
+Like `pipeline.families.sd_tiny`, these let every test run real diffusers/transformers code
 where nothing can be downloaded. Each is saved in the layout its loader reads:
 
 - ControlNet: a diffusers `ControlNetModel` folder, made from the tiny UNet with

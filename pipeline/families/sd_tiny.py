@@ -233,7 +233,7 @@ def tiny_vae(scaling_factor: float):
     )
 
 
-TINY_VAE_WEIGHTS = Path(__file__).resolve().parent / "data" / "tiny_vae.safetensors"
+TINY_VAE_WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "data" / "tiny_vae.safetensors"
 
 
 def trained_tiny_vae():

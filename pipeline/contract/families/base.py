@@ -1,0 +1,77 @@
+"""The torch-free half of a model family: what the bot and the config may know of it.
+
+One small class per family (`sd1.py`, `sdxl.py`) on this base, declaring only what
+differs, in the spirit of ComfyUI's `supported_models`: how to recognise the family's
+files (a model folder's `model_index.json`, a single-file checkpoint's keys, a LoRA
+file's keys and shapes), its sizes and defaults, the sampler names it accepts, and
+which modes and options it has. The worker half (`pipeline/families/`) builds on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping
+from typing import Any, ClassVar
+
+from pipeline.contract.jobs import MODES, JobError
+from pipeline.contract.samplers import SAMPLERS
+
+# Options of the generation commands a family may or may not have.
+OPTIONS = ("negative_prompt", "cfg_scale", "clip_skip", "control", "reference", "face_fix")
+
+
+class FamilySpec:
+    """One model family, torch-free. Subclasses override the class attributes."""
+
+    name: ClassVar[str]  # the config value: `family = "sd1"`
+    label: ClassVar[str]  # what a member reads: "SD 1.x"
+    modes: ClassVar[frozenset[str]] = frozenset(MODES)
+    options: ClassVar[frozenset[str]] = frozenset(OPTIONS)
+    samplers: ClassVar[tuple[str, ...]] = tuple(SAMPLERS)  # A1111 names it accepts
+    size_multiple: ClassVar[int] = 8  # the VAE's downsampling
+    default_size: ClassVar[int] = 512  # sides of a txt2img image, and of upscale's pass
+    train_resolution: ClassVar[int] = 512  # what `[training] resolution = 0` means
+    default_steps: ClassVar[int] = 20
+    default_cfg: ClassVar[float] = 7.0
+    # Recognition. A LoRA's keys that only this family's files carry (its text encoders'
+    # names), and the cross-attention widths of its denoiser: the width of the text
+    # embedding it reads, which every layer reading the text has as its input width.
+    lora_key_prefixes: ClassVar[tuple[str, ...]] = ()
+    cross_attention_widths: ClassVar[tuple[int, ...]] = ()
+    # A lone CLIP text encoder's width in kohya files (`lora_te_…`): SD 1.x 768, SD 2.x 1024.
+    text_encoder_widths: ClassVar[tuple[int, ...]] = ()
+
+    @classmethod
+    def matches_index(cls, index: Mapping[str, Any]) -> bool:
+        """Whether a diffusers folder's model_index.json is a model of this family."""
+        return False
+
+    @classmethod
+    def matches_checkpoint(cls, keys: Collection[str]) -> bool:
+        """Whether a single-file checkpoint with these tensor names is of this family."""
+        return False
+
+    @classmethod
+    def check_mode(cls, mode: str) -> None:
+        """Refuse, in one line naming the family, a mode it lacks."""
+        if mode not in cls.modes:
+            modes = ", ".join(m for m in MODES if m in cls.modes) or "none"
+            raise JobError(f"{cls.label} models have no {mode} mode; they have: {modes}")
+
+    @classmethod
+    def check_option(cls, option: str) -> None:
+        if option not in cls.options:
+            raise JobError(f"{cls.label} models have no {option.replace('_', ' ')} option")
+
+    @classmethod
+    def check_sampler(cls, sampler: str) -> None:
+        if sampler not in cls.samplers:
+            raise JobError(
+                f"{cls.label} models cannot use the sampler {sampler!r}; "
+                f"they take: {', '.join(cls.samplers)}"
+            )
+
+
+def names(families: Iterable[type[FamilySpec]]) -> str:
+    """'sd1 or sdxl' for a config error."""
+    values = sorted(f.name for f in families)
+    return ", ".join(values[:-1]) + f" or {values[-1]}" if len(values) > 1 else values[0]

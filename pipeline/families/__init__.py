@@ -1,0 +1,31 @@
+"""Model families, worker side: one module per family (`sd1.py`, `sdxl.py`) on
+`base.Family`, each the one place that knows that family; its tiny model's writer
+beside it (`sd_tiny.py` writes both UNet families). See docs/ARCHITECTURE.md,
+"Adding a model family"."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.families.base import Family
+from pipeline.families.sd1 import SD1
+from pipeline.families.sdxl import SDXL
+
+# Most specific first: an SDXL pipeline also holds every SD 1.x component.
+FAMILIES: dict[str, Family] = {f.name: f for f in (SDXL(), SD1())}
+
+
+def family(name: str) -> Family:
+    """The family named in config or on a loaded model (`sd1`, `sdxl`)."""
+    return FAMILIES[name]
+
+
+def of_pipe(pipe: Any) -> Family:
+    """The family of a diffusers pipeline, from the components it holds."""
+    for candidate in FAMILIES.values():
+        if candidate.owns(pipe):
+            return candidate
+    raise ValueError(f"{type(pipe).__name__} is a pipeline of no family this bot runs")
+
+
+__all__ = ["FAMILIES", "Family", "family", "of_pipe"]

@@ -1,0 +1,117 @@
+"""The worker half of a model family: the one place that knows how its pipelines are
+built and what is inside them. One small class per family (`sd1.py`, `sdxl.py`) on
+this base declares what differs, as ComfyUI's `supported_models` do, with diffusers'
+per-pipeline components as the other half: which attribute holds the denoiser, which
+hold the text encoders, the pipeline class per mode, the preview's latent → RGB
+factors, how prompts are read from the encoders, the kohya LoRA prefixes, and the
+training objective's extra conditioning. Its torch-free half (`spec`: recognition,
+sizes, defaults, samplers, modes and options) is `pipeline.contract.families`.
+
+The rest of the engine asks the family (`pipeline.families.of_pipe(pipe)` or
+`family(name)`); it never compares family names or reaches for `pipe.unet`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pipeline.contract.families import FamilySpec
+from pipeline.contract.jobs import JobError
+
+
+class Family:
+    """One model family, torch side. Subclasses override the class attributes."""
+
+    spec: ClassVar[type[FamilySpec]]
+    denoiser_name: ClassVar[str] = "unet"  # the pipeline attribute holding the denoiser
+    text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer",)
+    # component → the prefix kohya/A1111 LoRA files give its layers
+    lora_prefixes: ClassVar[dict[str, str]] = {}
+    # mode → diffusers pipeline class (img2img, inpaint derive from txt2img's modules)
+    pipelines: ClassVar[dict[str, str]] = {}
+    control_pipelines: ClassVar[dict[str, str]] = {}  # the same with ControlNets
+    ip_adapter_preprocessor: ClassVar[str] = ""  # sd-webui-controlnet's infotext name
+    # Prompt embeddings: the hidden layer read (penultimate, as SDXL's pipelines do, or
+    # the last through the final norm) and whether the last encoder gives a pooled one.
+    penultimate_hidden_state: ClassVar[bool] = False
+    pooled_text: ClassVar[bool] = False
+    # A1111's "Approx cheap" preview: latent channels → RGB, and a bias.
+    preview_factors: ClassVar[tuple[tuple[float, float, float], ...]] = ()
+    preview_bias: ClassVar[tuple[float, float, float]] = (0.0, 0.0, 0.0)
+    kohya_base_model: ClassVar[str] = ""  # `ss_base_model_version` in exported LoRAs
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def label(self) -> str:
+        return self.spec.label
+
+    # -- what a pipeline holds -------------------------------------------------------------
+
+    def owns(self, pipe: Any) -> bool:
+        """Whether `pipe` is a pipeline of this family (by the components it holds)."""
+        present = (self.denoiser_name, *self.text_encoder_names)
+        return all(getattr(pipe, n, None) is not None for n in present)
+
+    def denoiser(self, pipe: Any) -> Any:
+        return getattr(pipe, self.denoiser_name)
+
+    def swap_denoiser(self, pipe: Any, module: Any) -> None:
+        """Put `module` where the pipeline looks for its denoiser, without registering it
+        (not a config change: the compiled graph stands in for the call)."""
+        object.__setattr__(pipe, self.denoiser_name, module)
+
+    def text_encoders(self, pipe: Any) -> list[tuple[Any, Any]]:
+        """(tokenizer, encoder) pairs, in the order their states are concatenated. A
+        missing second tokenizer reuses the first (as the tiny model's folder allows)."""
+        first = getattr(pipe, self.tokenizer_names[0])
+        return [
+            (getattr(pipe, t, None) or first, getattr(pipe, e))
+            for t, e in zip(self.tokenizer_names, self.text_encoder_names)
+        ]
+
+    def adaptable(self, pipe: Any) -> list[tuple[str, Any]]:
+        """(component name, module) that LoRA files and training adapt: the denoiser
+        first, then the text encoders."""
+        names = (self.denoiser_name, *self.text_encoder_names)
+        return [(n, getattr(pipe, n)) for n in names if getattr(pipe, n, None) is not None]
+
+    def models(self, pipe: Any) -> list[Any]:
+        """Every weight-holding component: what training freezes and restores."""
+        names = (self.denoiser_name, "vae", *self.text_encoder_names)
+        return [getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None]
+
+    # -- pipelines per mode ----------------------------------------------------------------
+
+    def pipeline_class(self, mode: str) -> Any:
+        """The diffusers class for `mode`; a mode this family lacks is refused naming it."""
+        return _diffusers_class(self.pipelines, mode, self.label)
+
+    def control_pipeline_class(self, mode: str) -> Any:
+        return _diffusers_class(self.control_pipelines, mode, f"{self.label} ControlNet")
+
+    def load_options(self) -> dict[str, Any]:
+        """Extra keyword arguments for `from_pretrained`."""
+        return {}
+
+    # -- training ------------------------------------------------------------------------
+
+    def micro_conditioning(self, pipe: Any, resolution: int, count: int) -> Any:
+        """Extra conditioning the denoiser takes beside the text (SDXL's time ids)."""
+        return None
+
+    def ldm_text_encoders(self, pipe: Any) -> dict[str, Any]:
+        """The text encoders' weights under their single-file (LDM) names."""
+        raise NotImplementedError(f"{self.label} models cannot be exported to one file")
+
+
+def _diffusers_class(table: dict[str, str], mode: str, who: str) -> Any:
+    import diffusers
+
+    name = table.get(mode)
+    if name is None:
+        raise JobError(f"{who} models have no {mode} mode; they have: {', '.join(table)}")
+    return getattr(diffusers, name)
