@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -25,7 +26,7 @@ import sqlite_utils
 
 from bot import store
 from pipeline.contract.blobs import BlobError, BlobStore
-from pipeline.contract.config import Config
+from pipeline.contract.config import Config, ConfigError
 from pipeline.contract.jobs import (
     Cancelled,
     Done,
@@ -38,13 +39,16 @@ from pipeline.contract.jobs import (
     Started,
     spec_from_dict,
 )
-from pipeline.contract.pool import WORKER_DIED, WorkerPool
+from pipeline.contract.pool import BUSY, IDLE, STARTING, WORKER_DIED, WorkerPool
 
 log = logging.getLogger(__name__)
 
 OnEvent = Callable[[dict, Event], Awaitable[None]]
 T = TypeVar("T")
 SAFETY_POLL_S = 2.0  # a missed wake() (a worker restarted, another process enqueued) waits this
+# Model affinity: the next job may wait this long for a busy worker that holds its model
+# while free workers take jobs for the models they hold; after it, a free worker loads it.
+AFFINITY_WAIT_S = 30.0
 _SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,12}")
 
 
@@ -166,7 +170,35 @@ class Dispatcher:
             if rows:
                 return rows
             self._prefer_generation = False  # no generation waiting: training may resume
+        warm = await self._warm_models()
+        if warm is not None:  # none of them queued: the next job waits for its worker
+            return await self._call(claim, models=warm) if warm else []
         return await self._call(claim)
+
+    async def _warm_models(self) -> set[str] | None:
+        """Model affinity: when the next job's model is held only by busy workers (and it
+        has waited less than AFFINITY_WAIT_S), the models free workers hold, as job specs
+        name them: a free worker takes a job it runs without loading a model, or nothing,
+        and the next job waits for its warm worker. None: claim in fair order (the pool
+        then picks the free worker that holds the model, see `pick_worker`)."""
+        if not self.config.workers.affinity:
+            return None
+        workers = self.pool.workers()
+        free = {model for w in workers if w.state == IDLE for model in w.held}
+        busy = {model for w in workers if w.state in (BUSY, STARTING) for model in w.held}
+        if not free or not busy - free:
+            return None
+        row = await self._call(store.peek_next, self.db)
+        if row is None or time.time() - float(row["created_at"]) >= AFFINITY_WAIT_S:
+            return None
+        try:
+            model = self.config.model(row["spec"].get("model", "default")).name
+        except ConfigError:
+            return None
+        if model in free or model not in busy:
+            return None  # a free worker holds it, or nobody does (a load is due anyway)
+        default = self.config.model("default").name
+        return free | ({"default"} if default in free else set())
 
     def _batch_ended(self, task: asyncio.Task) -> None:
         self._batches.discard(task)
