@@ -10,14 +10,20 @@ brings the cluster to the nodes it needs, so they hold in any order.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import pytest_asyncio
+from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
+from bot.metrics import Metrics
 from pipeline.contract.jobs import Done, Event, Failed, Started
 from pipeline.contract.pool import IDLE, LOST
 from tests.test_dispatcher import Harness
@@ -25,7 +31,6 @@ from tests.test_runner import (
     assert_streamed,
     make_config,
     one_cpu_thread_per_worker,
-    slow,
     small,
     tiny_models,
 )
@@ -33,7 +38,7 @@ from tests.test_runner import (
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'sdbot[ray]')")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from pipeline.workers.ray_pool import RayPool  # noqa: E402
+from pipeline.workers.ray_pool import RayNode, RayPool  # noqa: E402
 
 module_loop = pytest.mark.asyncio(loop_scope="module")
 STORE_BYTES = 80 * 2**20  # each node's object store: the tiny model's PNGs need little
@@ -139,6 +144,19 @@ async def test_an_idle_node_lost_leaves_the_pool_at_once_and_burns_no_attempt(
     assert pool.free_workers() == 1
     states = {w.node: w.state for w in pool.workers() if label(gone) in w.node}
     assert list(states.values()) == [LOST]
+    # /metrics and /healthz show it: the bot's Metrics over this pool, parsed as Prometheus.
+    metrics = Metrics(client=None, services=SimpleNamespace(pool=pool))  # type: ignore[arg-type]
+    metrics._scrape_nodes()
+    samples = {
+        (s.labels["node"], s.labels["state"]): s.value
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        for s in family.samples
+        if s.name == "sdbot_node_workers"
+    }
+    (gone_node,) = states
+    assert samples[(gone_node, "lost")] == 1
+    assert sum(v for (node, state), v in samples.items() if state == "idle") == 1
+    assert f"workers: node {gone_node}: 1 lost" in metrics.notes()
     events = await collect(pool, "after-loss", small())
     assert_streamed(events, "after-loss")  # Started, Progress…, Done: no Failed
     assert label(gone) not in ran_on(events)
@@ -187,7 +205,8 @@ async def test_a_busy_node_lost_its_job_is_done_elsewhere_exactly_once(
     await with_nodes(cluster, pool, 2)
     harness = Harness(pool, tmp_path, batch_size=1)
     # Long enough that the node is gone before the job ends, however fast the machine.
-    jobs = [harness.enqueue(u, slow(seed=i, steps=240)) for i, u in enumerate(("ann", "bob"))]
+    long = {"width": 320, "height": 320, "steps": 150}
+    jobs = [harness.enqueue(u, small(seed=i, **long)) for i, u in enumerate(("ann", "bob"))]
     victim: dict[str, str] = {}
 
     async def lose_a_busy_node(row: dict, event: Event) -> None:
@@ -214,3 +233,22 @@ async def test_a_busy_node_lost_its_job_is_done_elsewhere_exactly_once(
     started = harness.heard_of(lost_job, Started)
     assert label(victim[lost_job]) in started[0].worker
     assert label(victim[lost_job]) not in started[-1].worker
+
+
+@module_loop
+async def test_auto_devices_on_a_cluster_without_gpus_says_what_it_found(
+    cluster: LoopbackCluster, pool: RayPool, caplog: pytest.LogCaptureFixture
+) -> None:
+    workers = dataclasses.replace(pool.config.workers, devices=("auto",))
+    auto = RayPool(dataclasses.replace(pool.config, workers=workers))
+    nodes = [RayNode(entry) for entry in ray.nodes() if entry["Alive"]]
+    with caplog.at_level(logging.WARNING, logger="pipeline.workers.ray_pool"):
+        plan = auto._plan(nodes)
+    cpus = len(cluster.nodes)  # one per worker node; the head has none
+    assert [r.getMessage() for r in caplog.records] == [
+        f"workers.devices = ['auto'] found no GPU on the Ray cluster ({len(nodes)} nodes, "
+        f"{cpus} CPUs): one CPU worker per node until a GPU node joins; set devices = ['cpu'] "
+        "to mean it"
+    ]
+    # A CPU worker on each worker node, none on the head (no CPU to give).
+    assert sorted(plan.values()) == [[]] + [[("cpu", 0)]] * cpus

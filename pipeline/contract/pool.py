@@ -58,6 +58,23 @@ def placement(held: Mapping[str, Sequence[str]], model: str, max_models: int) ->
 PLACEMENT_ORDER = ("warm", "room", "swap")  # model affinity: best first
 
 
+def workers_by_node(workers: Sequence[WorkerInfo]) -> dict[str, dict[str, int]]:
+    """{node: {state: how many}} in the order nodes first appear."""
+    nodes: dict[str, dict[str, int]] = {}
+    for worker in workers:
+        states = nodes.setdefault(worker.node, {})
+        states[worker.state] = states.get(worker.state, 0) + 1
+    return nodes
+
+
+def describe_nodes(workers: Sequence[WorkerInfo]) -> list[str]:
+    """One line per node: "node 1a2b3c4d@10.0.0.5: 1 busy, 1 lost"."""
+    return [
+        f"node {node}: " + ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+        for node, states in workers_by_node(workers).items()
+    ]
+
+
 def batch_model(config: Config, batch: Batch) -> str | None:
     """The configured name of the model a batch runs (one per batch: batch mates share
     their batch key, which holds the model), or None when no such model is configured."""
