@@ -38,6 +38,7 @@ from tests.test_runner import (
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'sdbot[ray]')")
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from pipeline.workers.doctor import check_ray  # noqa: E402
 from pipeline.workers.ray_pool import RayNode, RayPool  # noqa: E402
 
 module_loop = pytest.mark.asyncio(loop_scope="module")
@@ -252,3 +253,30 @@ async def test_auto_devices_on_a_cluster_without_gpus_says_what_it_found(
     ]
     # A CPU worker on each worker node, none on the head (no CPU to give).
     assert sorted(plan.values()) == [[]] + [[("cpu", 0)]] * cpus
+
+
+@module_loop
+async def test_doctor_lists_the_nodes_their_gpus_and_the_workers(
+    cluster: LoopbackCluster, pool: RayPool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await until(lambda: len(ready_nodes(pool)) == len(cluster.nodes), "every node's worker")
+    config = dataclasses.replace(
+        pool.config,
+        workers=dataclasses.replace(pool.config.workers, ray_address=cluster.cluster.address),
+    )
+    assert await asyncio.to_thread(check_ray, config) == 0
+    lines = capsys.readouterr().out.splitlines()
+    alive = [node for node in ray.nodes() if node["Alive"]]
+    assert lines[0].startswith(f"[ok  ] ray: cluster at '{cluster.cluster.address}', Ray ")
+    assert f", {len(alive)} node(s) alive" in lines[0]
+    by_node = {line.split(":")[0]: line for line in lines[1:]}
+    for node in cluster.nodes:
+        (line,) = [v for k, v in by_node.items() if label(node.node_id) in k]
+        assert line.endswith(
+            "0 GPU(s), 1 CPU(s); sdbot plans 1 worker(s) here (workers.devices = ['cpu']), "
+            "1 running now"
+        ), line
+    (head,) = [
+        v for k, v in by_node.items() if not any(label(n.node_id) in k for n in cluster.nodes)
+    ]
+    assert head.startswith("[warn]") and "sdbot plans 0 worker(s) here" in head

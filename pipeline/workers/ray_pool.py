@@ -357,17 +357,7 @@ class RayPool(WorkerPool):
                 len(nodes),
                 cpus,
             )
-        plan: dict[str, list[tuple[str, int]]] = {}
-        for node in nodes:
-            gpu_entries = sum(1 for d in devices if d.startswith("cuda"))
-            cpu_entries = sum(1 for d in devices if d == "cpu")
-            if "auto" in devices:
-                gpu_entries = node.gpus
-                cpu_entries += 0 if any_gpu else 1
-            actors = [("cuda", 1)] * min(gpu_entries, node.gpus)
-            actors += [("cpu", 0)] * min(cpu_entries, node.cpus)
-            plan[node.id] = actors
-        return plan
+        return plan_actors(devices, nodes)
 
     def _add(self, node: RayNode, device: str, gpus: int, *, first: bool = False) -> None:
         self._counter += 1
@@ -509,6 +499,24 @@ class RayPool(WorkerPool):
     def _worker_changed(self) -> None:
         if self._changed is not None:
             self._changed.set()
+
+
+def plan_actors(
+    devices: Sequence[str], nodes: Sequence[RayNode]
+) -> dict[str, list[tuple[str, int]]]:
+    """node id → (device, GPUs to reserve) per actor: see `RayPool._plan`."""
+    any_gpu = any(node.gpus for node in nodes)
+    plan: dict[str, list[tuple[str, int]]] = {}
+    for node in nodes:
+        gpu_entries = sum(1 for d in devices if d.startswith("cuda"))
+        cpu_entries = sum(1 for d in devices if d == "cpu")
+        if "auto" in devices:
+            gpu_entries = node.gpus
+            cpu_entries += 0 if any_gpu else 1
+        actors = [("cuda", 1)] * min(gpu_entries, node.gpus)
+        actors += [("cpu", 0)] * min(cpu_entries, node.cpus)
+        plan[node.id] = actors
+    return plan
 
 
 def _version_mismatch(hello: dict[str, Any]) -> str:
