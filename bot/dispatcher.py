@@ -39,7 +39,7 @@ from pipeline.contract.jobs import (
     Started,
     spec_from_dict,
 )
-from pipeline.contract.pool import BUSY, IDLE, STARTING, WORKER_DIED, WorkerPool
+from pipeline.contract.pool import BUSY, IDLE, STARTING, WORKER_DIED, WorkerPool, pick_worker
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ class Dispatcher:
         self._task: asyncio.Task | None = None
         self._batches: set[asyncio.Task] = set()
         self._starting = 0  # batches claimed but not yet on a worker
+        self._claimed: list[str | None] = []  # their models (model affinity counts them)
         self._running: dict[str, dict] = {}  # job id → row, for jobs on a worker
         self._yield_asked: set[str] = set()
         self._prefer_generation = False  # after a training job paused for them
@@ -157,6 +158,7 @@ class Dispatcher:
             if not rows:
                 break
             self._starting += 1
+            self._claimed.append(self._model_of(rows[0]))
             task = asyncio.create_task(self._run_batch(rows), name=f"sdbot-batch-{rows[0]['id']}")
             self._batches.add(task)
             task.add_done_callback(self._batch_ended)
@@ -184,18 +186,21 @@ class Dispatcher:
         if not self.config.workers.affinity:
             return None
         workers = self.pool.workers()
-        free = {model for w in workers if w.state == IDLE for model in w.held}
+        idle = [w for w in workers if w.state == IDLE]
         busy = {model for w in workers if w.state in (BUSY, STARTING) for model in w.held}
+        for claimed in self._claimed:  # each batch on its way takes the worker it will get
+            if idle:
+                worker, _ = pick_worker(idle, claimed, self.config.workers.max_models)
+                idle.remove(worker)
+                busy.add(claimed or "")
+        free = {model for w in idle for model in w.held}
         if not free or not busy - free:
             return None
         row = await self._call(store.peek_next, self.db)
         if row is None or time.time() - float(row["created_at"]) >= AFFINITY_WAIT_S:
             return None
-        try:
-            model = self.config.model(row["spec"].get("model", "default")).name
-        except ConfigError:
-            return None
-        if model in free or model not in busy:
+        model = self._model_of(row)
+        if model is None or model in free or model not in busy:
             return None  # a free worker holds it, or nobody does (a load is due anyway)
         default = self.config.model("default").name
         return free | ({"default"} if default in free else set())
@@ -233,6 +238,7 @@ class Dispatcher:
                 if not on_worker:
                     on_worker = True
                     self._starting -= 1
+                    self._claimed.remove(self._model_of(rows[0]))
                     self.wake()  # the pool's free count is now accurate again
                 await self._record(jobs[event.job_id], event)
             # A pool that ended a batch without an outcome for a job broke its contract;
@@ -242,6 +248,7 @@ class Dispatcher:
         finally:
             if not on_worker:
                 self._starting -= 1
+                self._claimed.remove(self._model_of(rows[0]))
             for job_id in jobs:
                 self._running.pop(job_id, None)
                 self._yield_asked.discard(job_id)
@@ -313,6 +320,14 @@ class Dispatcher:
             await self.on_event(row, event)
         except Exception:  # noqa: BLE001 - a Discord hiccup must not lose the queue
             log.exception("on_event failed for job %s (%s)", row.get("id"), event.type)
+
+    def _model_of(self, row: dict) -> str | None:
+        """The configured name of the model a job row runs (None: not configured)."""
+        spec = row.get("spec")
+        try:
+            return self.config.model(spec.get("model", "default")).name  # type: ignore[union-attr]
+        except (ConfigError, AttributeError, TypeError):  # a spec that cannot be read
+            return None
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()

@@ -85,21 +85,42 @@ def batch_model(config: Config, batch: Batch) -> str | None:
 
 
 def pick_worker(
-    free: Sequence[W],
-    held: Callable[[W], Mapping[str, Sequence[str]]],
-    model: str | None,
-    max_models: int,
-    *,
-    affinity: bool = True,
+    free: Sequence[W], model: str | None, max_models: int, *, affinity: bool = True
 ) -> tuple[W, str]:
     """Model affinity: the free worker that already holds `model`, else one with room for
     it, else one that must unload a model (first in order among equals). Returns the
-    worker and its placement ("warm", "room" or "swap"; "" when the model is unknown)."""
-    costs = [placement(held(w), model, max_models) if model else "" for w in free]
+    worker and its placement ("warm", "room" or "swap"; "" when the model is unknown).
+    Workers have a `held` mapping: model name → its LoRA adapters."""
+    costs = [placement(w.held, model, max_models) if model else "" for w in free]  # type: ignore[attr-defined]
     if not affinity or not model:
         return free[0], costs[0]
     best = min(range(len(free)), key=lambda i: PLACEMENT_ORDER.index(costs[i]))
     return free[best], costs[best]
+
+
+async def take_free_worker(
+    free: Callable[[], Sequence[W]],
+    model: str | None,
+    config: Config,
+    placements: dict[str, int],
+    changed: asyncio.Event,
+    closing: Callable[[], bool],
+) -> W:
+    """Wait until a worker is free (`changed` is set whenever one may be), then take the
+    best one for `model` (`pick_worker`) and count its placement."""
+    workers = config.workers
+    while True:
+        candidates = free()
+        if candidates:
+            worker, cost = pick_worker(
+                candidates, model, workers.max_models, affinity=workers.affinity
+            )
+            placements[cost] = placements.get(cost, 0) + 1
+            return worker
+        if closing():
+            raise PoolError(POOL_CLOSED)
+        changed.clear()
+        await changed.wait()
 
 
 class WorkerPool(ABC):

@@ -44,7 +44,7 @@ from pipeline.contract.pool import (
     WorkerInfo,
     WorkerPool,
     batch_model,
-    pick_worker,
+    take_free_worker,
 )
 
 log = logging.getLogger(__name__)
@@ -194,19 +194,14 @@ class LocalPool(WorkerPool):
 
     async def _free_worker(self, model: str | None) -> _LocalWorker:
         assert self._changed is not None, "LocalPool.start() was not awaited"
-        workers = self.config.workers
-        while True:
-            free = [worker for worker in self._workers if worker.is_free]
-            if free:
-                worker, cost = pick_worker(
-                    free, lambda w: w.held, model, workers.max_models, affinity=workers.affinity
-                )
-                self.placements[cost] = self.placements.get(cost, 0) + 1
-                return worker
-            if self.closing:
-                raise PoolError(POOL_CLOSED)
-            self._changed.clear()
-            await self._changed.wait()
+        return await take_free_worker(
+            lambda: [worker for worker in self._workers if worker.is_free],
+            model,
+            self.config,
+            self.placements,
+            self._changed,
+            lambda: self.closing,
+        )
 
     def _worker_of(self, job_id: str) -> _LocalWorker | None:
         for worker in self._workers:

@@ -59,7 +59,7 @@ from pipeline.contract.pool import (
     WorkerInfo,
     WorkerPool,
     batch_model,
-    pick_worker,
+    take_free_worker,
 )
 from pipeline.contract.version import sdbot_version
 
@@ -470,19 +470,15 @@ class RayPool(WorkerPool):
     async def _free_handle(self, model: str | None) -> _Handle:
         if self._changed is None:
             raise PoolError("RayPool.start() was not awaited")
-        workers = self.config.workers
-        while True:
-            free = [handle for handle in self._handles if handle.is_free]
-            if free:
-                handle, cost = pick_worker(
-                    free, lambda h: h.held, model, workers.max_models, affinity=workers.affinity
-                )
-                self.placements[cost] = self.placements.get(cost, 0) + 1
-                return handle
-            if self._closing:
-                raise PoolError(POOL_CLOSED)
-            self._changed.clear()
-            await self._changed.wait()  # a node may join: the pool waits for it
+        # With no free worker the pool waits, for a node that joins too.
+        return await take_free_worker(
+            lambda: [handle for handle in self._handles if handle.is_free],
+            model,
+            self.config,
+            self.placements,
+            self._changed,
+            lambda: self._closing,
+        )
 
     def _handle_of(self, job_id: str) -> _Handle | None:
         for handle in self._handles:
