@@ -387,8 +387,8 @@ class RayPool(WorkerPool):
     def _remove(self, handle: _Handle) -> None:
         if handle in self._handles:
             self._handles.remove(handle)
-        if handle.waiting is not None:
-            handle.waiting.cancel()
+        if handle.waiting is not None and handle.waiting is not asyncio.current_task():
+            handle.waiting.cancel()  # (not when that wait itself removes it: it returns)
         _kill(handle.actor)
         self._worker_changed()
 
