@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +108,43 @@ def test_the_contract_fingerprint_tells_two_sdbot_copies_apart(tmp_path: Path) -
     jobs = copy / "contract" / "jobs.py"
     jobs.write_text(jobs.read_text() + "\nEXTRA_FIELD = 1\n")
     assert code_fingerprint(copy) != code_fingerprint()
+
+
+SPEAKS_GRPC_THEN_HANGS = """
+import asyncio, sys
+from pipeline.contract.pool import PoolError
+from pipeline.workers.ray_pool import connect
+
+async def settings_then_silence(reader, writer):
+    await reader.read(64)
+    writer.write(bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))  # an HTTP/2 SETTINGS frame, as gRPC
+    await writer.drain()
+    await asyncio.sleep(3600)
+
+async def main():
+    server = await asyncio.start_server(settings_then_silence, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        await connect(f"127.0.0.1:{port}", 2)
+    except PoolError as exc:
+        print(str(exc).replace(str(port), "PORT"))
+
+asyncio.run(main())
+"""
+
+
+def test_a_cluster_that_never_finishes_the_handshake_is_given_up_and_the_process_exits() -> None:
+    # In its own process: the ray.init thread that timed out cannot be stopped, and must
+    # neither keep the process alive nor touch the Ray state of the tests that follow.
+    done = subprocess.run(
+        [sys.executable, "-c", SPEAKS_GRPC_THEN_HANGS],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,  # a safety net: the process exits right after the line
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == (
+        "no Ray cluster answered at workers.ray_address = '127.0.0.1:PORT' within 2 s "
+        "(workers.ray_connect_timeout_s); is `ray start --head` running there?"
+    )

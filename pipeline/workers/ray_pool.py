@@ -26,6 +26,7 @@ Imported only when `workers.backend = "ray"` (see `pipeline.workers.local_pool.m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -547,9 +548,10 @@ async def connect(address: str, timeout_s: float) -> bool:
     if remote:
         await asyncio.to_thread(probe_address, address, min(timeout_s, 10.0))
     try:
-        await asyncio.wait_for(asyncio.to_thread(_init, address), timeout_s)
+        await asyncio.wait_for(_in_daemon_thread(_init, address), timeout_s)
     except asyncio.TimeoutError:
-        # The thread is left behind: ray.init cannot be interrupted. The bot exits.
+        # The thread is left behind (ray.init cannot be interrupted); a daemon thread, so
+        # the process can still exit.
         raise PoolError(
             f"no Ray cluster answered at workers.ray_address = {address!r} within {timeout_s:g} s"
             f" (workers.ray_connect_timeout_s); is `ray start --head` running there?"
@@ -559,6 +561,32 @@ async def connect(address: str, timeout_s: float) -> bool:
             f"cannot join the Ray cluster at workers.ray_address = {address!r}: {exc}"
         ) from exc
     return True
+
+
+def _in_daemon_thread(fn: Any, *args: Any) -> asyncio.Future:
+    """`fn(*args)` in a daemon thread: unlike asyncio.to_thread's executor, nothing waits
+    for it at exit (asyncio.run joins its executor's threads)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def settle(outcome: Any, failed: bool) -> None:
+        if future.done():  # wait_for gave up on it
+            return
+        if failed:
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+    def work() -> None:
+        try:
+            outcome, failed = fn(*args), False
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            outcome, failed = exc, True
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+            loop.call_soon_threadsafe(settle, outcome, failed)
+
+    threading.Thread(target=work, name="ray-init", daemon=True).start()
+    return future
 
 
 def _init(address: str) -> None:
