@@ -274,10 +274,6 @@ class RayPool(WorkerPool):
         self._lost = [h for h in self._lost if h.lost_at > cutoff]
         return [h.info() for h in self._handles] + [h.info() for h in self._lost]
 
-    def nodes_without_workers(self) -> dict[str, str]:
-        """Nodes that run no worker on purpose, with why (a version mismatch)."""
-        return dict(self._bad_nodes)
-
     async def run(self, batch: Batch) -> AsyncIterator[Event]:
         if not batch:
             return
