@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -26,7 +27,7 @@ import sqlite_utils
 from bot import store
 from bot.services.admission import still_runnable
 from pipeline.contract.blobs import BlobError, BlobStore
-from pipeline.contract.config import Config
+from pipeline.contract.config import Config, ConfigError
 from pipeline.contract.jobs import (
     Cancelled,
     Done,
@@ -39,13 +40,16 @@ from pipeline.contract.jobs import (
     Started,
     spec_from_dict,
 )
-from pipeline.contract.pool import WORKER_DIED, WorkerPool
+from pipeline.contract.pool import BUSY, IDLE, STARTING, WORKER_DIED, WorkerPool, pick_worker
 
 log = logging.getLogger(__name__)
 
 OnEvent = Callable[[dict, Event], Awaitable[None]]
 T = TypeVar("T")
 SAFETY_POLL_S = 2.0  # a missed wake() (a worker restarted, another process enqueued) waits this
+# Model affinity: the next job may wait this long for a busy worker that holds its model
+# while free workers take jobs for the models they hold; after it, a free worker loads it.
+AFFINITY_WAIT_S = 30.0
 _SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,12}")
 
 
@@ -76,6 +80,7 @@ class Dispatcher:
         self._task: asyncio.Task | None = None
         self._batches: set[asyncio.Task] = set()
         self._starting = 0  # batches claimed but not yet on a worker
+        self._claimed: list[str | None] = []  # their models (model affinity counts them)
         self._running: dict[str, dict] = {}  # job id → row, for jobs on a worker
         self._yield_asked: set[str] = set()
         self._prefer_generation = False  # after a training job paused for them
@@ -154,6 +159,7 @@ class Dispatcher:
             if not rows:
                 break
             self._starting += 1
+            self._claimed.append(self._model_of(rows[0]))
             task = asyncio.create_task(self._run_batch(rows), name=f"sdbot-batch-{rows[0]['id']}")
             self._batches.add(task)
             task.add_done_callback(self._batch_ended)
@@ -167,7 +173,38 @@ class Dispatcher:
             if rows:
                 return rows
             self._prefer_generation = False  # no generation waiting: training may resume
+        warm = await self._warm_models()
+        if warm is not None:  # none of them queued: the next job waits for its worker
+            return await self._call(claim, models=warm) if warm else []
         return await self._call(claim)
+
+    async def _warm_models(self) -> set[str] | None:
+        """Model affinity: when the next job's model is held only by busy workers (and it
+        has waited less than AFFINITY_WAIT_S), the models free workers hold, as job specs
+        name them: a free worker takes a job it runs without loading a model, or nothing,
+        and the next job waits for its warm worker. None: claim in fair order (the pool
+        then picks the free worker that holds the model, see `pick_worker`)."""
+        if not self.config.workers.affinity:
+            return None
+        workers = self.pool.workers()
+        idle = [w for w in workers if w.state == IDLE]
+        busy = {model for w in workers if w.state in (BUSY, STARTING) for model in w.held}
+        for claimed in self._claimed:  # each batch on its way takes the worker it will get
+            if idle:
+                worker, _ = pick_worker(idle, claimed, self.config.workers.max_models)
+                idle.remove(worker)
+                busy.add(claimed or "")
+        free = {model for w in idle for model in w.held}
+        if not free or not busy - free:
+            return None
+        row = await self._call(store.peek_next, self.db)
+        if row is None or time.time() - float(row["created_at"]) >= AFFINITY_WAIT_S:
+            return None
+        model = self._model_of(row)
+        if model is None or model in free or model not in busy:
+            return None  # a free worker holds it, or nobody does (a load is due anyway)
+        default = self.config.model("default").name
+        return free | ({"default"} if default in free else set())
 
     def _batch_ended(self, task: asyncio.Task) -> None:
         self._batches.discard(task)
@@ -202,6 +239,7 @@ class Dispatcher:
                 if not on_worker:
                     on_worker = True
                     self._starting -= 1
+                    self._claimed.remove(self._model_of(rows[0]))
                     self.wake()  # the pool's free count is now accurate again
                 await self._record(jobs[event.job_id], event)
             # A pool that ended a batch without an outcome for a job broke its contract;
@@ -211,6 +249,7 @@ class Dispatcher:
         finally:
             if not on_worker:
                 self._starting -= 1
+                self._claimed.remove(self._model_of(rows[0]))
             for job_id in jobs:
                 self._running.pop(job_id, None)
                 self._yield_asked.discard(job_id)
@@ -282,6 +321,14 @@ class Dispatcher:
             await self.on_event(row, event)
         except Exception:  # noqa: BLE001 - a Discord hiccup must not lose the queue
             log.exception("on_event failed for job %s (%s)", row.get("id"), event.type)
+
+    def _model_of(self, row: dict) -> str | None:
+        """The configured name of the model a job row runs (None: not configured)."""
+        spec = row.get("spec")
+        try:
+            return self.config.model(spec.get("model", "default")).name  # type: ignore[union-attr]
+        except (ConfigError, AttributeError, TypeError):  # a spec that cannot be read
+            return None
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()

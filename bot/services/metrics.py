@@ -5,7 +5,8 @@ Counts that live in SQLite (queue depth, jobs by outcome) are read at scrape tim
 one GROUP BY, so they survive restarts and agree with /admin stats; what happens in
 the process (waits, run times, NSFW blocks, Discord errors) is counted as it happens.
 `/healthz` answers 200 when the gateway is connected, a worker is up and the database
-takes a write lock, else 503 with the reasons, one per line.
+takes a write lock, else 503 with the reasons, one per line; while workers are lost or
+loading, the workers of each node follow ("workers: node 1a2b3c4d@10.0.0.5: 1 idle, 1 lost").
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from bot import store
 from pipeline.contract.config import listen_address
 from pipeline.contract.jobs import Cancelled, Done, Event, Failed, Paused, Started
+from pipeline.contract.pool import LOST, STARTING, describe_nodes, workers_by_node
 
 if TYPE_CHECKING:
     from bot.services import Services
@@ -60,6 +62,19 @@ class Metrics:
             buckets=RUN_BUCKETS, registry=r,
         )  # fmt: skip
         self.workers = Gauge("sdbot_workers", "Workers by state", ["state"], registry=r)
+        self.node_workers = Gauge(
+            "sdbot_node_workers", "Workers by node and state (idle, busy, starting, dead, lost)",
+            ["node", "state"], registry=r,
+        )  # fmt: skip
+        self.worker_models = Gauge(
+            "sdbot_worker_models", "Models a worker holds (1 per worker and model)",
+            ["worker", "model"], registry=r,
+        )  # fmt: skip
+        self.placements = Gauge(
+            "sdbot_batch_placements", "Batches handed to workers since start, by what their "
+            "model cost: warm (loaded), room (a load), swap (a load that unloaded another)",
+            ["placement"], registry=r,
+        )  # fmt: skip
         self.gpu_memory = Gauge(
             "sdbot_worker_gpu_memory_bytes", "GPU memory a worker holds (last job)", ["worker"],
             registry=r,
@@ -145,7 +160,22 @@ class Metrics:
             states[state] = states.get(state, 0) + 1
         for state, n in states.items():
             self.workers.labels(state).set(n)
+        self._scrape_nodes()
         return generate_latest(self.registry)
+
+    def _scrape_nodes(self) -> None:
+        pool = self.services.pool
+        workers = pool.workers()
+        self.node_workers.clear()
+        for node, counts in workers_by_node(workers).items():
+            for state, n in counts.items():
+                self.node_workers.labels(node, state).set(n)
+        self.worker_models.clear()
+        for worker in workers:
+            for model in worker.held:
+                self.worker_models.labels(worker.name, model).set(1)
+        for placement, n in getattr(pool, "placements", {}).items():
+            self.placements.labels(placement or "unknown").set(n)
 
     async def health(self) -> list[str]:
         """What is wrong (empty: healthy)."""
@@ -159,11 +189,19 @@ class Metrics:
         if not any(state in ("idle", "busy") for state in states):
             described = ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states)))
             problems.append(f"workers: none ready ({described or 'no workers'})")
+            problems += self.notes()
         try:
             await asyncio.wait_for(self.services.db.call(_write_check), HEALTH_DB_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - any failure is the answer
             problems.append(f"database: not writable ({type(exc).__name__}: {exc})")
         return problems
+
+    def notes(self) -> list[str]:
+        """Workers per node, when some are lost or loading (shown by /healthz)."""
+        workers = self.services.pool.workers()
+        if not any(w.state in (LOST, STARTING) for w in workers):
+            return []
+        return [f"workers: {line}" for line in describe_nodes(workers)]
 
 
 def _write_check(db: Any) -> None:
@@ -206,4 +244,4 @@ class MetricsServer:
         problems = await self.metrics.health()
         if problems:
             return web.Response(status=503, text="\n".join(problems) + "\n")
-        return web.Response(text="ok\n")
+        return web.Response(text="".join(f"{line}\n" for line in ["ok", *self.metrics.notes()]))

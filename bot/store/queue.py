@@ -143,14 +143,17 @@ def claim_next(
     worker: str,
     max_batch: int = 1,
     kinds: set[str] | None = None,
+    models: set[str] | None = None,
 ) -> list[dict]:
     """Claim the next job in fair order plus up to ``max_batch - 1`` batch mates.
 
     Batch mates are queued jobs with the same non-empty ``batch_key`` (any member,
     fair order). All are marked running in one transaction; [] when nothing waits.
+    ``models``: only jobs whose spec names one of these models (the dispatcher's
+    model affinity; batch mates share the model through their batch key).
     """
     with _write(db):
-        first = _pick_next(db, kinds)
+        first = _pick_next(db, kinds, models)
         if first is None:
             return []
         picked = [first]
@@ -169,8 +172,26 @@ def _kind_filter(kinds: set[str] | None, alias: str = "") -> tuple[str, list[str
     return f" AND {alias}kind IN ({', '.join('?' * len(ordered))})", ordered
 
 
-def _pick_next(db: sqlite_utils.Database, kinds: set[str] | None) -> dict | None:
+def peek_next(db: sqlite_utils.Database, *, kinds: set[str] | None = None) -> dict | None:
+    """The job `claim_next` would claim first, left queued (None when nothing waits)."""
+    first = _pick_next(db, kinds)
+    return None if first is None else require_job(db, first["id"])
+
+
+def _model_filter(models: set[str] | None, alias: str = "") -> tuple[str, list[str]]:
+    if models is None:
+        return "", []
+    ordered = sorted(models)
+    column = f"COALESCE(json_extract({alias}spec, '$.model'), 'default')"
+    return f" AND {column} IN ({', '.join('?' * len(ordered))})", ordered
+
+
+def _pick_next(
+    db: sqlite_utils.Database, kinds: set[str] | None, models: set[str] | None = None
+) -> dict | None:
     kind_sql, kind_params = _kind_filter(kinds)
+    model_sql, model_params = _model_filter(models)
+    kind_sql, kind_params = kind_sql + model_sql, kind_params + model_params
     top = _one(
         db,
         f"SELECT priority FROM jobs WHERE status = 'queued'{kind_sql} "
@@ -181,7 +202,7 @@ def _pick_next(db: sqlite_utils.Database, kinds: set[str] | None) -> dict | None
         return None
     # Walk waiting members from least recently served; the first one with a job
     # at the top priority is served, with their oldest such job.
-    job_kind_sql, _ = _kind_filter(kinds, "j.")
+    job_kind_sql = _kind_filter(kinds, "j.")[0] + _model_filter(models, "j.")[0]
     sql = f"""
         SELECT * FROM (
             SELECT u.user_id, u.last_served_seq, u.rowid AS user_order,

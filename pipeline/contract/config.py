@@ -82,6 +82,8 @@ class WorkersConfig:
     backend: str = "local"  # local | ray
     devices: tuple[str, ...] = ("auto",)  # "auto" = every CUDA GPU, else one CPU worker
     ray_address: str = "local"
+    ray_connect_timeout_s: float = 30.0  # joining the cluster; longer is a PoolError naming it
+    affinity: bool = True  # a batch goes to a free worker that holds its model, if any
     batch_size: int = 4
     max_attempts: int = 3
     preview_every: int = 4  # steps between preview images
@@ -377,6 +379,9 @@ def _check_workers(workers: WorkersConfig, path: str) -> None:
     for key in ("max_batch_pixels", "max_models"):
         if not isinstance(getattr(workers, key), int) or getattr(workers, key) < 1:
             raise ConfigError(f"{where}: workers.{key} must be a whole number of at least 1")
+    timeout = workers.ray_connect_timeout_s
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ConfigError(f"{where}: workers.ray_connect_timeout_s must be a number of seconds > 0")
     if workers.dtype not in DTYPES:
         raise ConfigError(f"{where}: {bad_dtype_message(workers.dtype)}")
     for device in workers.devices:

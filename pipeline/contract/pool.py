@@ -9,18 +9,118 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
 
+from pipeline.contract.config import Config, ConfigError
 from pipeline.contract.jobs import TERMINAL_EVENTS, Event, Failed, JobSpec
 
 WORKER_DIED = "the worker stopped unexpectedly"
 POOL_CLOSED = "the worker pool was shut down"
 RAY_MISSING = "workers.backend is 'ray' but ray is not installed: pip install 'sdbot[ray]'"
 Batch = list[tuple[str, JobSpec]]
+W = TypeVar("W")
 
 
 class PoolError(Exception):
     """The pool cannot start or was misconfigured; the message says what to fix."""
+
+
+# A worker's states, as /metrics and /healthz show them.
+IDLE = "idle"  # ready, no batch
+BUSY = "busy"  # running a batch
+STARTING = "starting"  # loading its model (a new worker, or one restarted after a crash)
+DEAD = "dead"  # its process ended; the pool restarts it
+LOST = "lost"  # its machine left the cluster (Ray); shown for a while, never used again
+READY_STATES = (IDLE, BUSY)
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One worker as the pool sees it: for /metrics, /healthz and model affinity."""
+
+    name: str
+    state: str  # IDLE | BUSY | STARTING | DEAD | LOST
+    node: str = "local"  # the machine (Ray: node id and address)
+    # model name → LoRA adapters loaded beside it, least recently used model first
+    held: Mapping[str, Sequence[str]] = field(default_factory=dict)
+
+
+def placement(held: Mapping[str, Sequence[str]], model: str, max_models: int) -> str:
+    """What running `model` costs a worker holding `held`: "warm" (loaded), "room" (a load,
+    nothing unloaded) or "swap" (a load that unloads another model)."""
+    if model in held:
+        return "warm"
+    return "room" if len(held) < max_models else "swap"
+
+
+PLACEMENT_ORDER = ("warm", "room", "swap")  # model affinity: best first
+
+
+def workers_by_node(workers: Sequence[WorkerInfo]) -> dict[str, dict[str, int]]:
+    """{node: {state: how many}} in the order nodes first appear."""
+    nodes: dict[str, dict[str, int]] = {}
+    for worker in workers:
+        states = nodes.setdefault(worker.node, {})
+        states[worker.state] = states.get(worker.state, 0) + 1
+    return nodes
+
+
+def describe_nodes(workers: Sequence[WorkerInfo]) -> list[str]:
+    """One line per node: "node 1a2b3c4d@10.0.0.5: 1 busy, 1 lost"."""
+    return [
+        f"node {node}: " + ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+        for node, states in workers_by_node(workers).items()
+    ]
+
+
+def batch_model(config: Config, batch: Batch) -> str | None:
+    """The configured name of the model a batch runs (one per batch: batch mates share
+    their batch key, which holds the model), or None when no such model is configured."""
+    try:
+        return config.model(batch[0][1].model).name if batch else None
+    except ConfigError:
+        return None  # the worker reports the unknown model to the member
+
+
+def pick_worker(
+    free: Sequence[W], model: str | None, max_models: int, *, affinity: bool = True
+) -> tuple[W, str]:
+    """Model affinity: the free worker that already holds `model`, else one with room for
+    it, else one that must unload a model (first in order among equals). Returns the
+    worker and its placement ("warm", "room" or "swap"; "" when the model is unknown).
+    Workers have a `held` mapping: model name → its LoRA adapters."""
+    costs = [placement(w.held, model, max_models) if model else "" for w in free]  # type: ignore[attr-defined]
+    if not affinity or not model:
+        return free[0], costs[0]
+    best = min(range(len(free)), key=lambda i: PLACEMENT_ORDER.index(costs[i]))
+    return free[best], costs[best]
+
+
+async def take_free_worker(
+    free: Callable[[], Sequence[W]],
+    model: str | None,
+    config: Config,
+    placements: dict[str, int],
+    changed: asyncio.Event,
+    closing: Callable[[], bool],
+) -> W:
+    """Wait until a worker is free (`changed` is set whenever one may be), then take the
+    best one for `model` (`pick_worker`) and count its placement."""
+    workers = config.workers
+    while True:
+        candidates = free()
+        if candidates:
+            worker, cost = pick_worker(
+                candidates, model, workers.max_models, affinity=workers.affinity
+            )
+            placements[cost] = placements.get(cost, 0) + 1
+            return worker
+        if closing():
+            raise PoolError(POOL_CLOSED)
+        changed.clear()
+        await changed.wait()
 
 
 class WorkerPool(ABC):
@@ -58,10 +158,18 @@ class WorkerPool(ABC):
         """The OS process id running the job (diagnostics and tests), or None."""
 
     def worker_states(self) -> list[tuple[str, str]]:
-        """(worker name, state) for /metrics and /healthz: idle | busy | starting | dead.
-        Pools that cannot tell more report their free workers as idle, the rest busy."""
+        """(worker name, state) for /metrics and /healthz: idle | busy | starting | dead | lost."""
+        return [(worker.name, worker.state) for worker in self.workers()]
+
+    def workers(self) -> list[WorkerInfo]:
+        """Every worker, with its node and the models it holds. Pools that cannot tell
+        more report their free workers as idle, the rest busy."""
         free, capacity = self.free_workers(), getattr(self, "capacity", 0)
-        return [(f"worker-{i}", "idle" if i < free else "busy") for i in range(capacity)]
+        return [WorkerInfo(f"worker-{i}", IDLE if i < free else BUSY) for i in range(capacity)]
+
+    def free_models(self) -> set[str]:
+        """Models held by a free worker: a job for one of them starts without a load."""
+        return {model for w in self.workers() if w.state == IDLE for model in w.held}
 
 
 # -- one batch's event stream, shared by both backends --------------------------------------

@@ -1,4 +1,5 @@
-"""`sdbot doctor`: what works on this machine, one line per check (GPU, models, database, token).
+"""`sdbot doctor`: what works on this machine, one line per check (GPU, models, database, token;
+with `workers.backend = "ray"`, the cluster: its nodes, their GPUs and sdbot's workers).
 
 It loads torch and every configured model, so it runs as its own command, never in
 the bot process. The Discord token is reported as set or not, never shown.
@@ -6,6 +7,7 @@ the bot process. The Discord token is reported as set or not, never shown.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import time
@@ -23,6 +25,8 @@ def run_doctor(config: Config) -> int:
     failures = 0
     _line(OK, "config", config.path or "(defaults)")
     failures += _check_torch(config)
+    if config.workers.backend == "ray":
+        failures += check_ray(config)
     for model in config.models:
         failures += _check_model(config, model.name)
     failures += _check_database(config)
@@ -78,6 +82,56 @@ def _check_torch(config: Config) -> int:
                 f"a CPU worker uses {dtype}" + (f" ({warning})" if warning else ""),
             )
     return failures
+
+
+def check_ray(config: Config) -> int:
+    """The cluster at workers.ray_address: each node with its GPUs and the workers sdbot
+    plans there, and the sdbot workers (RayWorker actors) alive on it now."""
+    try:
+        import ray
+        from ray._private import state
+    except ImportError:
+        from pipeline.contract.pool import RAY_MISSING
+
+        _line(FAIL, "ray", RAY_MISSING)
+        return 1
+    from pipeline.contract.pool import PoolError
+    from pipeline.workers.ray_pool import RayNode, connect, plan_actors
+
+    address, workers = config.workers.ray_address, config.workers
+    try:
+        owns = asyncio.run(connect(address, workers.ray_connect_timeout_s))
+    except PoolError as exc:
+        _line(FAIL, "ray", str(exc))
+        return 1
+    try:
+        entries = ray.nodes()
+        nodes = [RayNode(entry) for entry in entries if entry.get("Alive")]
+        actors = state.actors(actor_state_name="ALIVE").values()
+        sdbot = [a for a in actors if a.get("ActorClassName") == "RayWorker"]
+    finally:
+        if owns:
+            ray.shutdown()
+    lost = len(entries) - len(nodes)
+    _line(
+        OK,
+        "ray",
+        f"cluster at {address!r}, Ray {ray.__version__}, {len(nodes)} node(s) alive"
+        + (f", {lost} gone" if lost else ""),
+    )
+    plan = plan_actors(workers.devices, nodes)
+    for node in nodes:
+        running = sum(1 for a in sdbot if a["Address"]["NodeID"] == node.id)
+        planned = len(plan[node.id])
+        _line(
+            OK if planned else WARN,
+            f"node {node.label}",
+            f"{node.gpus} GPU(s), {node.cpus} CPU(s); sdbot plans {planned} worker(s) here "
+            f"(workers.devices = {list(workers.devices)}), {running} running now",
+        )
+    if "auto" in workers.devices and not any(node.gpus for node in nodes):
+        _line(WARN, "ray GPUs", "none on the cluster: workers.devices = ['auto'] runs CPU workers")
+    return 0
 
 
 def _check_model(config: Config, name: str) -> int:

@@ -41,7 +41,10 @@ from pipeline.contract.pool import (
     Batch,
     BatchStream,
     PoolError,
+    WorkerInfo,
     WorkerPool,
+    batch_model,
+    take_free_worker,
 )
 
 log = logging.getLogger(__name__)
@@ -137,6 +140,7 @@ class LocalPool(WorkerPool):
         self._workers = [_LocalWorker(self, i, d) for i, d in enumerate(self.devices)]
         self._changed: asyncio.Event | None = None  # set whenever a worker may be free
         self.closing = False
+        self.placements: dict[str, int] = {}  # batches by model placement (warm/room/swap)
 
     async def start(self) -> None:
         self._changed = asyncio.Event()
@@ -155,7 +159,7 @@ class LocalPool(WorkerPool):
     async def run(self, batch: Batch) -> AsyncIterator[Event]:
         if not batch:
             return
-        worker = await self._free_worker()
+        worker = await self._free_worker(batch_model(self.config, batch))
         stream = BatchStream([job_id for job_id, _ in batch])
         worker.assign(stream, batch)
         try:
@@ -181,23 +185,23 @@ class LocalPool(WorkerPool):
         worker = self._worker_of(job_id)
         return worker.pid if worker is not None else None
 
-    def worker_states(self) -> list[tuple[str, str]]:
-        return [(worker.name, worker.state) for worker in self._workers]
+    def workers(self) -> list[WorkerInfo]:
+        return [WorkerInfo(w.name, w.state, "local", dict(w.held)) for w in self._workers]
 
     def worker_changed(self) -> None:
         if self._changed is not None:
             self._changed.set()
 
-    async def _free_worker(self) -> _LocalWorker:
+    async def _free_worker(self, model: str | None) -> _LocalWorker:
         assert self._changed is not None, "LocalPool.start() was not awaited"
-        while True:
-            for worker in self._workers:
-                if worker.is_free:
-                    return worker
-            if self.closing:
-                raise PoolError(POOL_CLOSED)
-            self._changed.clear()
-            await self._changed.wait()
+        return await take_free_worker(
+            lambda: [worker for worker in self._workers if worker.is_free],
+            model,
+            self.config,
+            self.placements,
+            self._changed,
+            lambda: self.closing,
+        )
 
     def _worker_of(self, job_id: str) -> _LocalWorker | None:
         for worker in self._workers:
@@ -223,6 +227,7 @@ class _LocalWorker:
         self._ready: asyncio.Future[None] | None = None
         self._early_deaths = 0  # deaths before "ready", in a row: a crash loop backs off
         self._fatal = ""  # the worker cannot run on this machine: no restart
+        self.held: dict[str, list[str]] = {}  # models (and their LoRAs) it reported loaded
 
     @property
     def is_free(self) -> bool:
@@ -252,6 +257,7 @@ class _LocalWorker:
             daemon=True,
         )
         self.process.start()
+        self.held = {}
         # Keep only our ends, so each side sees EOF when the other one goes away.
         command_out.close()
         event_in.close()
@@ -300,6 +306,8 @@ class _LocalWorker:
             self._fatal = str(payload)
             if self._ready is not None and not self._ready.done():
                 self._ready.set_exception(PoolError(self._fatal))
+        elif kind == "held":
+            self.held = dict(payload)
         elif kind == "ready":
             self._early_deaths = 0
             if self._ready is not None and not self._ready.done():
@@ -455,6 +463,7 @@ def worker_main(
         return
     except Exception:  # noqa: BLE001 - keep serving: each job will report why it can't run
         log.exception("worker %s could not load the default model", name)
+    control.send("held", runner.held())
     control.send("ready", os.getpid())
     while (batch := control.batches.get()) is not None:
         ids = [job_id for job_id, _ in batch]
@@ -465,6 +474,7 @@ def worker_main(
             log.error("worker %s exits after a device error (%s)", name, runner.broken)
             os._exit(EXIT_DEVICE_FAULT)
         control.forget(ids)
+        control.send("held", runner.held())
         control.send("idle")
     with contextlib.suppress(OSError):
         events.close()

@@ -90,6 +90,12 @@ class Runner:
                 model, self.config.defaults, slots=loras.slots, max_rank=loras.max_rank, rows=rows
             )
 
+    def held(self) -> dict[str, list[str]]:
+        """The models loaded here (least recently used first), each with the LoRA adapters
+        loaded beside it: what the pool's model affinity reads."""
+        models = [model.name for model in self._models.loaded()] if self._models else []
+        return {name: self._loras[name].loaded() if name in self._loras else [] for name in models}
+
     def run(
         self,
         batch: Batch,
