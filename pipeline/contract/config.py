@@ -37,6 +37,7 @@ class ModelConfig:
     # component configs describe it (diffusers fetches a default one; offline it can't).
     single_file_config: str = ""
     vae_tiling_above: int = 1024 * 1024  # pixels; larger images decode in tiles
+    memory: str = "auto"  # how the weights are held: pipeline.contract.memory_plan.MEMORY_SETTINGS
 
 
 @dataclass(frozen=True)
@@ -381,6 +382,7 @@ def _model(name: str, values: dict[str, Any], path: str, base_dir: Path | None) 
     model = _section(ModelConfig, {"name": name, **values}, f"{path} [models.{name}]")
     if model.family not in ("auto", "sd1", "sdxl"):
         raise ConfigError(f"{path} [models.{name}] family must be auto, sd1 or sdxl")
+    _check_memory(model, f"{path} [models.{name}]")
     # Relative local paths are relative to the config file, not the working directory.
     if base_dir is not None:
         for key in ("source", "inpaint_source", "single_file_config"):
@@ -388,6 +390,13 @@ def _model(name: str, values: dict[str, Any], path: str, base_dir: Path | None) 
             if value.startswith(("./", "../")):
                 model = dataclasses.replace(model, **{key: str((base_dir / value).resolve())})
     return model
+
+
+def _check_memory(model: ModelConfig, where: str) -> None:
+    from pipeline.contract.memory_plan import MEMORY_SETTINGS
+
+    if model.memory not in MEMORY_SETTINGS:
+        raise ConfigError(f"{where} memory must be one of {', '.join(MEMORY_SETTINGS)}")
 
 
 def load_config(path: str | Path | None = None) -> Config:
