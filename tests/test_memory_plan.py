@@ -111,7 +111,9 @@ def test_a_forced_plan_that_cannot_fit_is_one_line_naming_model_card_sizes():
         plan("flux1", 24, setting="full")
     text = str(error.value)
     assert "\n" not in text
-    assert text.startswith("flux1 does not fit 24 GB card 24.0 GB (24.0 GB free) with memory = 'full'")
+    assert text.startswith(
+        "flux1 does not fit 24 GB card 24.0 GB (24.0 GB free) with memory = 'full'"
+    )
     assert "transformer 22.2 GB" in text and "a 40 GB card would do" in text
     assert 'memory = "auto" picks a plan that fits' in text
 
@@ -151,11 +153,12 @@ def test_the_vae_tiling_threshold_drops_when_the_decode_would_not_fit():
 
 def test_the_published_table_is_what_the_configs_give():
     """SD 1.5 recounted from bench/configs on the meta device (seconds)."""
-    from bench.component_sizes import FAMILIES, build, meta_tensors
-    from accelerate import init_empty_weights
     import json
     from pathlib import Path
 
+    from accelerate import init_empty_weights
+
+    from bench.component_sizes import FAMILIES, build, meta_tensors
     from pipeline.contract.weight_sizes import size_of
 
     configs = Path(__file__).parents[1] / "bench" / "configs"
