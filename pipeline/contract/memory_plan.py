@@ -175,6 +175,12 @@ def plan_memory(
             f"{model}: memory = {setting!r} is not one of {', '.join(MEMORY_SETTINGS)}"
         )
     candidates = [c for c in _candidates(card, components) if setting in ("auto", c[0])]
+    if not candidates:
+        allowed = ", ".join(dict.fromkeys(m for m, _ in _candidates(card, components)))
+        raise MemoryPlanError(
+            f"{model}: memory = {setting!r} cannot be used on {card.name} (it can use "
+            f'auto, {allowed}); set memory = "auto"'
+        )
     plans = [_plan(model, family, components, card, jobs, m, t) for m, t in candidates]
     for plan in plans:
         if plan.fits:
