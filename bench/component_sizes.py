@@ -136,6 +136,7 @@ def table(check: bool = False) -> dict[str, dict[str, dict[str, int | str]]]:
                 "block_params": size.block_params,
                 "loose_params": size.loose_params,
                 "largest_tensor": size.largest_tensor,
+                "width": size.width,
             }
             if check and name in ("unet", "transformer"):
                 exact = diffusers_fp8_params(model)

@@ -16,6 +16,7 @@ in BENCHMARKS.md).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from pipeline.contract.devices import DeviceError
@@ -229,6 +230,10 @@ def _plan(model, family, components, card, jobs, mode, text) -> MemoryPlan:
     vae_bytes = (vae.params * cbytes if vae else 0) if mode != "sequential" else 0
     den_resident = den_full if resident else 0
     vae_resident = vae_bytes if resident else 0
+    # The family's widths, or the model's own where its files say (a tiny test model).
+    fam = dataclasses.replace(
+        fam, width=den.width or fam.width, vae_width=(vae.width if vae else 0) or fam.vae_width
+    )
     act = _denoise_activations(fam, jobs.call_pixels, cbytes)
     encode = den_resident + vae_resident + te_each + (64 << 20 if text != "cpu" else 0)
     denoise = den_used + te_resident + (vae_resident if resident else 0) + act

@@ -12,6 +12,7 @@ PUBLISHED_SIZES = {
             "block_params": 258330880,
             "loose_params": 99112644,
             "largest_tensor": 29491200,
+            "width": 320,
         },
         "text_encoder": {
             "params": 123060480,
@@ -21,6 +22,7 @@ PUBLISHED_SIZES = {
             "block_params": 0,
             "loose_params": 123060480,
             "largest_tensor": 37945344,
+            "width": 0,
         },
         "vae": {
             "params": 83653863,
@@ -30,6 +32,7 @@ PUBLISHED_SIZES = {
             "block_params": 0,
             "loose_params": 83653863,
             "largest_tensor": 2359296,
+            "width": 128,
         },
     },
     "sdxl": {
@@ -41,6 +44,7 @@ PUBLISHED_SIZES = {
             "block_params": 1206568960,
             "loose_params": 420437444,
             "largest_tensor": 29491200,
+            "width": 320,
         },
         "text_encoder": {
             "params": 123060480,
@@ -50,6 +54,7 @@ PUBLISHED_SIZES = {
             "block_params": 0,
             "loose_params": 123060480,
             "largest_tensor": 37945344,
+            "width": 0,
         },
         "text_encoder_2": {
             "params": 694659840,
@@ -59,6 +64,7 @@ PUBLISHED_SIZES = {
             "block_params": 0,
             "loose_params": 694659840,
             "largest_tensor": 63242240,
+            "width": 0,
         },
         "vae": {
             "params": 83653863,
@@ -68,6 +74,7 @@ PUBLISHED_SIZES = {
             "block_params": 0,
             "loose_params": 83653863,
             "largest_tensor": 2359296,
+            "width": 128,
         },
     },
     "flux1": {
@@ -79,6 +86,7 @@ PUBLISHED_SIZES = {
             "block_params": 339831296,
             "loose_params": 64124992,
             "largest_tensor": 56623104,
+            "width": 3072,
         },
         "text_encoder": {
             "params": 123060480,
@@ -88,6 +96,7 @@ PUBLISHED_SIZES = {
             "block_params": 0,
             "loose_params": 123060480,
             "largest_tensor": 37945344,
+            "width": 0,
         },
         "text_encoder_2": {
             "params": 4762310656,
@@ -97,6 +106,7 @@ PUBLISHED_SIZES = {
             "block_params": 0,
             "loose_params": 4762310656,
             "largest_tensor": 131596288,
+            "width": 0,
         },
         "vae": {
             "params": 83819683,
@@ -106,6 +116,7 @@ PUBLISHED_SIZES = {
             "block_params": 0,
             "loose_params": 83819683,
             "largest_tensor": 2359296,
+            "width": 128,
         },
     },
     "zimage": {
@@ -117,6 +128,7 @@ PUBLISHED_SIZES = {
             "block_params": 180910336,
             "loose_params": 2015552,
             "largest_tensor": 39321600,
+            "width": 3840,
         },
         "text_encoder": {
             "params": 4022468096,
@@ -126,6 +138,7 @@ PUBLISHED_SIZES = {
             "block_params": 100930816,
             "loose_params": 388958720,
             "largest_tensor": 388956160,
+            "width": 0,
         },
         "vae": {
             "params": 83819683,
@@ -135,6 +148,7 @@ PUBLISHED_SIZES = {
             "block_params": 0,
             "loose_params": 83819683,
             "largest_tensor": 2359296,
+            "width": 128,
         },
     },
     "qwen_image": {
@@ -146,6 +160,7 @@ PUBLISHED_SIZES = {
             "block_params": 339831296,
             "loose_params": 40523328,
             "largest_tensor": 56623104,
+            "width": 3072,
         },
         "text_encoder": {
             "params": 8292166656,
@@ -155,6 +170,7 @@ PUBLISHED_SIZES = {
             "block_params": 0,
             "loose_params": 8292166656,
             "largest_tensor": 544997376,
+            "width": 0,
         },
         "vae": {
             "params": 126892531,
@@ -164,6 +180,7 @@ PUBLISHED_SIZES = {
             "block_params": 0,
             "loose_params": 126892531,
             "largest_tensor": 3981312,
+            "width": 96,
         },
     },
     "flux2_klein_4b": {
@@ -175,6 +192,7 @@ PUBLISHED_SIZES = {
             "block_params": 245367296,
             "loose_params": 195035136,
             "largest_tensor": 84934656,
+            "width": 3072,
         },
         "text_encoder": {
             "params": 4022468096,
@@ -184,6 +202,7 @@ PUBLISHED_SIZES = {
             "block_params": 0,
             "loose_params": 4022468096,
             "largest_tensor": 388956160,
+            "width": 0,
         },
         "vae": {
             "params": 84046115,
@@ -193,6 +212,7 @@ PUBLISHED_SIZES = {
             "block_params": 0,
             "loose_params": 84046115,
             "largest_tensor": 2359296,
+            "width": 128,
         },
     },
     "flux2_klein_9b": {
@@ -204,6 +224,7 @@ PUBLISHED_SIZES = {
             "block_params": 436208128,
             "loose_params": 354418688,
             "largest_tensor": 150994944,
+            "width": 4096,
         },
         "text_encoder": {
             "params": 8190735360,
@@ -213,6 +234,7 @@ PUBLISHED_SIZES = {
             "block_params": 0,
             "loose_params": 8190735360,
             "largest_tensor": 622329856,
+            "width": 0,
         },
         "vae": {
             "params": 84046115,
@@ -222,6 +244,7 @@ PUBLISHED_SIZES = {
             "block_params": 0,
             "loose_params": 84046115,
             "largest_tensor": 2359296,
+            "width": 128,
         },
     },
 }

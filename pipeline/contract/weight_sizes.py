@@ -46,6 +46,11 @@ SINGLE_FILE_PREFIXES = (
 )
 
 _BLOCK = re.compile(r"^([^.]+)\.(\d+)\.")
+# The layer whose output width is the denoiser's width (UNet, diffusers and original
+# transformer layouts), and the VAE decoder's last conv (its input width).
+_INPUT_LAYERS = ("conv_in.weight", "input_blocks.0.0.weight", "x_embedder.weight",
+                 "img_in.weight", "all_x_embedder.2-1.weight")  # fmt: skip
+_VAE_OUTPUT = ("decoder.conv_out.weight", "decoder.head.2.weight")
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,7 @@ class ComponentSize:
     block_params: int = 0
     loose_params: int = 0
     largest_tensor: int = 0  # params of the largest single tensor
+    width: int = 0  # channels of its first (denoiser) or last (VAE) layer; 0 = unknown
 
     @property
     def role(self) -> str:
@@ -124,7 +130,16 @@ def size_of(
         block_params=max(blocks.values(), default=0),
         loose_params=loose,
         largest_tensor=largest,
+        width=_width(name, tensors),
     )
+
+
+def _width(name: str, tensors: Mapping[str, tuple[str, Sequence[int]]]) -> int:
+    if name == "vae":
+        shape = next((tensors[k][1] for k in _VAE_OUTPUT if k in tensors), None)
+        return int(shape[1]) if shape is not None and len(shape) > 1 else 0
+    shape = next((tensors[k][1] for k in _INPUT_LAYERS if k in tensors), None)
+    return int(shape[0]) if shape is not None else 0
 
 
 def _castable_modules(tensors: Mapping[str, tuple[str, Sequence[int]]], patterns) -> set[str]:
