@@ -126,3 +126,25 @@ def test_a_mode_the_cpu_worker_cannot_use_is_one_line(tiny_sd):
         "tiny: memory = 'group' cannot be used on CPU (it can use auto, full, fp8); "
         'set memory = "auto"'
     )
+
+
+def test_doctor_prints_each_models_plan_for_the_cpu_worker(tiny_sd, tiny_xl, capsys):
+    from pipeline.workers.doctor import _memory_plans
+
+    config = config_from_dict(
+        {
+            "models": {
+                "tiny": {"source": str(tiny_sd)},
+                "tinyxl": {"source": str(tiny_xl), "memory": "fp8"},
+                "elsewhere": {"source": "someone/not-downloaded", "family": "auto"},
+            },
+            "workers": {"devices": ["cpu"]},
+        }
+    )
+    assert _memory_plans(config) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[ok  ] plan tiny on cpu: tiny on CPU ")
+    assert "unet fp32 (0.0 GB)" in lines[0] and "; est. peak " in lines[0]
+    assert lines[1].startswith("[ok  ] plan tinyxl on cpu: tinyxl on CPU ")
+    assert "unet fp8 (0.0 GB)" in lines[1]
+    assert lines[2].startswith("[warn] plan elsewhere on cpu: sizes unknown (model ")
