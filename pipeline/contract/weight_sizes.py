@@ -45,6 +45,11 @@ SINGLE_FILE_PREFIXES = (
     ("text_encoders.t5xxl.", "text_encoder_2"),
 )
 
+# The GGUF tensor types diffusers 0.42 reads (quantizers/gguf/utils.py, plus F32/F16 as
+# plain tensors); tests/test_gguf.py checks this list against diffusers' own.
+READABLE_GGUF = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+                 "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")  # fmt: skip
+
 _BLOCK = re.compile(r"^([^.]+)\.(\d+)\.")
 # The layer whose output width is the denoiser's width (UNet, diffusers and original
 # transformer layouts), and the VAE decoder's last conv (its input width).
@@ -220,6 +225,21 @@ def gguf_sizes(path: Path) -> ComponentSize:
         stored_dtype=f"gguf-{main}",
         largest_tensor=largest,
         loose_params=params,
+    )
+
+
+def gguf_problem(path: Path) -> str:
+    """One line when the GGUF file holds a quantisation diffusers cannot read, else ""."""
+    from gguf import GGUFReader
+
+    kinds = {t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+    unreadable = sorted(kinds - set(READABLE_GGUF))
+    if not unreadable:
+        return ""
+    return (
+        f"model file {Path(path).name}: GGUF quantisation {', '.join(unreadable)} cannot be "
+        f"read by diffusers (it reads {', '.join(READABLE_GGUF[3:])}); use a Q8_0, Q6_K, "
+        "Q5_K or Q4_K file of the same model"
     )
 
 
