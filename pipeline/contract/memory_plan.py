@@ -261,7 +261,9 @@ def _denoise_activations(fam: FamilyMemory, pixels: int, cbytes: int) -> int:
 
 def _decode_activations(fam: FamilyMemory, tiling_above: int, jobs: Jobs, cbytes: int) -> int:
     """One image at a time (slicing); tiled above the threshold (a tile's working set)."""
-    pixels = jobs.image_pixels if jobs.image_pixels <= tiling_above else fam.vae_tile**2
+    pixels = jobs.image_pixels
+    if pixels > tiling_above:
+        pixels = min(pixels, fam.vae_tile**2)
     return int(pixels * fam.vae_width * fam.vae_factor * cbytes)
 
 

@@ -57,6 +57,7 @@ def apply_plan(pipe: Any, plan: MemoryPlan, device: str) -> None:
     if "fp8" in plan.mode:
         compute = next(p.dtype for p in denoiser.parameters())
         denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
+        _own_storage(denoiser)
     target = torch.device(device)
     if plan.mode == "sequential":
         pipe.enable_sequential_cpu_offload(device=target)
@@ -75,6 +76,17 @@ def apply_plan(pipe: Any, plan: MemoryPlan, device: str) -> None:
         _to_device(pipe, target, skip=_text_encoder_names(pipe))
     _place_text_encoders(pipe, plan, target, denoiser)
     log.info("memory plan: %s", plan.reason)
+
+
+def _own_storage(module: Any) -> None:
+    """Copy the tensors left in the compute dtype out of the weights file's memory map:
+    while one view of the map lives, the whole file stays mapped, and every page the fp8
+    cast read stays in the worker's RSS (3.4 GB for SD 1.5's UNet beside its 0.9 GB in fp8)."""
+    import torch
+
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.device.type == "cpu" and tensor.dtype != torch.float8_e4m3fn:
+            tensor.data = tensor.data.clone()
 
 
 def _text_encoder_names(pipe: Any) -> tuple[str, ...]:
