@@ -3,6 +3,7 @@ architecture on the CPU (a CPU worker's memory is its RSS). Run:
 
     python bench/arch_model.py sd15 /tmp/sd15-arch
     python bench/bench_memory_plan.py --model /tmp/sd15-arch --sizes 256 512 --steps 1
+    python bench/bench_memory_plan.py --model /tmp/sd15-arch --sizes 256 512 --calibrate
 
 Each case runs in a fresh process: the RSS after imports is the baseline; the model is
 loaded through the worker's own path (ModelCache: plan, then apply_plan); the peak RSS is
@@ -79,6 +80,37 @@ def child(model: str, memory: str, size: int, count: int, steps: int, tiling: in
     }
 
 
+def calibrate(model: str, size: int) -> dict:
+    """The activation factors the planner uses for SD (FamilyMemory.act_factor and
+    vae_factor): peak RSS over the weights during one UNet call (batch 2: CFG) and one
+    VAE decode, in units of tokens × width × 4 bytes (float32)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(Path(model) / "unet").eval()
+    vae = AutoencoderKL.from_pretrained(Path(model) / "vae").eval()
+    latents = torch.randn(2, 4, size // 8, size // 8)
+    text = torch.randn(2, 77, 768)
+    with torch.inference_mode():
+        unet(latents[:, :, :8, :8], 1, text)  # touch every weight page first
+        vae.decode(latents[:1, :, :8, :8])
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _status("VmRSS")
+        unet(latents, 1, text)
+        unet_act = _status("VmHWM") - before
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _status("VmRSS")
+        vae.decode(latents[:1])
+        vae_act = _status("VmHWM") - before
+    tokens = 2 * (size // 8) ** 2
+    return {
+        "unet_factor": unet_act / (tokens * 320 * 4),
+        "vae_factor": vae_act / (size * size * 128 * 4),
+        "unet_act": unet_act,
+        "vae_act": vae_act,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
@@ -86,7 +118,19 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--child", nargs=3, metavar=("MEMORY", "SIZE", "TILING"))
+    parser.add_argument("--calibrate", action="store_true", help="measure the SD factors")
     args = parser.parse_args()
+    if args.calibrate:
+        print("| size | UNet act. (batch 2) | factor | VAE decode act. | factor |")
+        print("| --- | --- | --- | --- | --- |")
+        for size in args.sizes:
+            r = calibrate(args.model, size)
+            print(
+                f"| {size}² | {r['unet_act'] / 2**20:.0f} MiB | {r['unet_factor']:.1f} | "
+                f"{r['vae_act'] / 2**20:.0f} MiB | {r['vae_factor']:.1f} |",
+                flush=True,
+            )
+        return
     if args.child:
         memory, size, tiling = args.child[0], int(args.child[1]), int(args.child[2])
         print(json.dumps(child(args.model, memory, size, args.count, args.steps, tiling)))

@@ -70,7 +70,7 @@ class FamilyMemory:
 # Activation factors: UNet and VAE factors measured on the SD 1.5 architecture on the CPU
 # (bench/bench_memory_plan.py; BENCHMARKS.md, issue 26); the transformer factor counted
 # from a block's live tensors at inference (docs/DECISIONS.md, issue 26).
-_UNET, _DIT, _VAE = 28.0, 16.0, 9.0
+_UNET, _DIT, _VAE = 28.0, 16.0, 8.0
 FAMILY_MEMORY: dict[str, FamilyMemory] = {
     "sd1": FamilyMemory(64, 320, _UNET, 0, 2, 128, _VAE, 512, ("norm",), {"text_encoder": "CLIP"}),
     "sdxl": FamilyMemory(
