@@ -218,6 +218,8 @@ def _plan(model, family, components, card, jobs, mode, text) -> MemoryPlan:
         "group": (den.loose_params + 2 * den.block_params) * cbytes,
         "sequential": 2 * den.largest_tensor * cbytes,
     }.get(mode, den_full)
+    if "fp8" in mode:  # the layer being computed, upcast, and the previous one being freed
+        den_used += 2 * den.largest_tensor * cbytes
     resident = mode in ("full", "fp8")
     te_sizes = [(c, c.params * cbytes) for c in tes]
     te_each = {
