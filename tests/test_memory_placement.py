@@ -148,3 +148,20 @@ def test_doctor_prints_each_models_plan_for_the_cpu_worker(tiny_sd, tiny_xl, cap
     assert lines[1].startswith("[ok  ] plan tinyxl on cpu: tinyxl on CPU ")
     assert "unet fp8 (0.0 GB)" in lines[1]
     assert lines[2].startswith("[warn] plan elsewhere on cpu: sizes unknown (model ")
+
+
+def test_a_plan_that_cannot_fit_stops_the_worker_at_start(tiny_sd, blobs):
+    """warm_up raises the one line as a DeviceError: LocalPool's worker sends it as
+    "fatal" and the pool start fails with it, before any member's job."""
+    from pipeline.contract.devices import DeviceError
+    from pipeline.workers.runner import Runner
+
+    config = config_from_dict(
+        {
+            "models": {"tiny": {"source": str(tiny_sd), "memory": "offload"}},
+            "workers": {"devices": ["cpu"]},
+        }
+    )
+    runner = Runner(config, device="cpu", blobs=blobs, name="w0")
+    with pytest.raises(DeviceError, match=r"^tiny: memory = 'offload' cannot be used on CPU"):
+        runner.warm_up()
