@@ -36,15 +36,17 @@ def worker_card(device: str, dtype: Any) -> Card:
 
 def planned(config: Config, model: ModelConfig, device: str):
     """(the model config with the plan's VAE tiling threshold, the plan), or the model
-    unchanged and None when its files cannot be read here (a Hub id not downloaded: the
-    plan is made when it is). Raises MemoryPlanError when no plan fits."""
+    unchanged and None when its files cannot be read here (a Hub id not downloaded).
+    Raises MemoryPlanError when no plan fits."""
     from pipeline.models.loading import choose_device, choose_dtype
 
     device = choose_device(device)
     card = worker_card(device, choose_dtype(device, config.workers.dtype))
     try:
         plan = plan_for(config, model, card)
-    except ModelError:
+    except (ModelError, MemoryError):
+        # Unreadable here, or no memory even to read headers: load as before (and let the
+        # loading report its own out-of-memory line).
         return model, None
     return dataclasses.replace(model, vae_tiling_above=plan.vae_tiling_above), plan
 
