@@ -382,13 +382,13 @@ def _model(name: str, values: dict[str, Any], path: str, base_dir: Path | None) 
     model = _section(ModelConfig, {"name": name, **values}, f"{path} [models.{name}]")
     if model.family not in ("auto", "sd1", "sdxl"):
         raise ConfigError(f"{path} [models.{name}] family must be auto, sd1 or sdxl")
-    _check_memory(model, f"{path} [models.{name}]")
     # Relative local paths are relative to the config file, not the working directory.
     if base_dir is not None:
         for key in ("source", "inpaint_source", "single_file_config"):
             value = getattr(model, key)
             if value.startswith(("./", "../")):
                 model = dataclasses.replace(model, **{key: str((base_dir / value).resolve())})
+    _check_memory(model, f"{path} [models.{name}]")
     return model
 
 

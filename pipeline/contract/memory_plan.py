@@ -20,6 +20,10 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from pipeline.contract.devices import DeviceError
+
+# The families' torch-free half (issue 20 moves it to pipeline.contract.families): the one
+# place this module and pipeline/models/memory.py and the doctor reach it.
+from pipeline.contract.model_family import ModelError, detect_family  # noqa: F401 - re-exported
 from pipeline.contract.weight_sizes import ComponentSize
 
 GiB = 1024**3
@@ -413,8 +417,6 @@ def ram_card() -> Card:
 def plan_for(config, model, card: Card) -> MemoryPlan:
     """The plan for a configured model on a card; MemoryPlanError when none fits.
     The family comes from the config or the model's files (ModelError if unreadable)."""
-    from pipeline.contract.model_family import detect_family
-
     family = model.family if model.family != "auto" else detect_family(model.source)
     components, _ = components_for(model, family)
     return plan_memory(model.name, family, components, card, jobs_for(config, model), model.memory)

@@ -26,7 +26,6 @@ from pipeline.contract.model_family import (
     family_from_checkpoint,
     hub_error,
 )
-from pipeline.models import memory
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +162,12 @@ def load_model(
     family = model.family if model.family != "auto" else detect_family(model.source)
     try:
         pipe = _load_pipeline(model.source, family, torch_dtype, config=model.single_file_config)
-        memory.apply_plan(pipe, plan, device) if plan else pipe.to(device)
+        if plan is None:
+            pipe.to(device)
+        else:
+            from pipeline.models.memory import apply_plan
+
+            apply_plan(pipe, plan, device)
     except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
         if not is_out_of_memory(exc):
             raise
@@ -306,7 +310,9 @@ class ModelCache:
             self._models.move_to_end(key)
             return self._models[key]
         self._make_room(self.config.workers.max_models - 1)
-        model_config, plan = memory.planned(self.config, model_config, self.device)
+        from pipeline.models.memory import planned
+
+        model_config, plan = planned(self.config, model_config, self.device)
         try:
             loaded = load_model(
                 model_config, device=self.device, dtype=self.config.workers.dtype, plan=plan

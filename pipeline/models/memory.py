@@ -13,8 +13,14 @@ import logging
 from typing import Any
 
 from pipeline.contract.config import Config, ModelConfig
-from pipeline.contract.memory_plan import Card, MemoryPlan, gpu_card, plan_for, ram_card
-from pipeline.contract.model_family import ModelError
+from pipeline.contract.memory_plan import (
+    Card,
+    MemoryPlan,
+    ModelError,
+    gpu_card,
+    plan_for,
+    ram_card,
+)
 
 log = logging.getLogger(__name__)
 
