@@ -38,6 +38,7 @@ class ModelConfig:
     # component configs describe it (diffusers fetches a default one; offline it can't).
     single_file_config: str = ""
     vae_tiling_above: int = 1024 * 1024  # pixels; larger images decode in tiles
+    memory: str = "auto"  # how the weights are held: pipeline.contract.memory_plan.MEMORY_SETTINGS
 
 
 @dataclass(frozen=True)
@@ -417,7 +418,15 @@ def _model(name: str, values: dict[str, Any], path: str, base_dir: Path | None) 
             value = getattr(model, key)
             if value.startswith(("./", "../")):
                 model = dataclasses.replace(model, **{key: str((base_dir / value).resolve())})
+    _check_memory(model, f"{path} [models.{name}]")
     return model
+
+
+def _check_memory(model: ModelConfig, where: str) -> None:
+    from pipeline.contract.memory_plan import MEMORY_SETTINGS
+
+    if model.memory not in MEMORY_SETTINGS:
+        raise ConfigError(f"{where} memory must be one of {', '.join(MEMORY_SETTINGS)}")
 
 
 def load_config(path: str | Path | None = None) -> Config:

@@ -143,14 +143,22 @@ def weights_hash(source: str) -> str:
     return digest.hexdigest()[:10]
 
 
-def load_model(model: ModelConfig, *, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load one configured model onto a device. Raises ModelError with a clear message."""
+def load_model(
+    model: ModelConfig, *, device: str = "auto", dtype: str = "auto", plan: Any = None
+) -> LoadedModel:
+    """Load one configured model onto a device (held as `plan` says, a MemoryPlan, when
+    given: pipeline.models.memory). Raises ModelError with a clear message."""
     device = choose_device(device)
     torch_dtype = choose_dtype(device, dtype)
     family = model.family if model.family != "auto" else detect_family(model.source)
     try:
         pipe = _load_pipeline(model.source, family, torch_dtype, config=model.single_file_config)
-        pipe.to(device)
+        if plan is None:
+            pipe.to(device)
+        else:
+            from pipeline.models.memory import apply_plan
+
+            apply_plan(pipe, plan, device)
     except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
         if not is_out_of_memory(exc):
             raise
@@ -272,14 +280,21 @@ class ModelCache:
             self._models.move_to_end(key)
             return self._models[key]
         self._make_room(self.config.workers.max_models - 1)
+        from pipeline.models.memory import planned
+
+        model_config, plan = planned(self.config, model_config, self.device)
         try:
-            loaded = load_model(model_config, device=self.device, dtype=self.config.workers.dtype)
+            loaded = load_model(
+                model_config, device=self.device, dtype=self.config.workers.dtype, plan=plan
+            )
         except ModelError as exc:
             if not getattr(exc, "out_of_memory", False) or not self._models:
                 raise
             # Out of memory with other models loaded: unload them all and try once more.
             self._make_room(0)
-            loaded = load_model(model_config, device=self.device, dtype=self.config.workers.dtype)
+            loaded = load_model(
+                model_config, device=self.device, dtype=self.config.workers.dtype, plan=plan
+            )
         self._models[key] = loaded
         return loaded
 

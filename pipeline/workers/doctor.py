@@ -81,7 +81,7 @@ def _check_torch(config: Config) -> int:
                 "cpu",
                 f"a CPU worker uses {dtype}" + (f" ({warning})" if warning else ""),
             )
-    return failures
+    return failures + _memory_plans(config)
 
 
 def check_ray(config: Config) -> int:
@@ -165,3 +165,33 @@ def _check_database(config: Config) -> int:
         return 1
     _line(OK, "database", str(path))
     return 0
+
+
+def _memory_plans(config: Config) -> int:
+    """Per model × GPU (the CPU worker against RAM without one): the memory plan, its
+    estimated peak and why (pipeline.contract.memory_plan); read from the files' headers,
+    nothing loaded."""
+    import torch
+
+    from pipeline.contract.memory_plan import MemoryPlanError, ModelError, plan_for
+    from pipeline.models.memory import worker_card
+    from pipeline.workers.local_pool import detect_devices
+
+    failures = 0
+    for device in detect_devices(config.workers.devices):
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            continue
+        from pipeline.models.loading import choose_dtype
+
+        card = worker_card(device, choose_dtype(device, config.workers.dtype))
+        for model in config.models:
+            try:
+                plan = plan_for(config, model, card)
+            except MemoryPlanError as exc:
+                _line(FAIL, f"plan {model.name} on {device}", str(exc))
+                failures += 1
+            except ModelError as exc:
+                _line(WARN, f"plan {model.name} on {device}", f"sizes unknown ({exc})")
+            else:
+                _line(OK, f"plan {model.name} on {device}", plan.reason)
+    return failures

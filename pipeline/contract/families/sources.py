@@ -58,22 +58,11 @@ def family_from_checkpoint(path: Path) -> str:
 
 
 def safetensors_keys(path: Path) -> list[str]:
-    """The tensor names in a .safetensors file's JSON header, read without torch: an
-    8-byte little-endian header length, then the header. Raises ValueError."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError("file too short")
-        size = int.from_bytes(raw, "little")
-        if size > min(100_000_000, path.stat().st_size - 8):
-            raise ValueError(f"header claims {size} bytes")
-        try:
-            header = json.loads(f.read(size))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"header is not JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    return [k for k in header if k != "__metadata__"]
+    """The tensor names in a .safetensors file's JSON header, read without torch.
+    Raises ValueError."""
+    from pipeline.contract.weight_sizes import safetensors_header
+
+    return list(safetensors_header(path))
 
 
 def hub_error(source: str, exc: Exception) -> ModelError:

@@ -1,0 +1,167 @@
+"""Every family's real component sizes, counted from the published configs on the meta
+device (accelerate's `init_empty_weights`: no weights, no memory), written as the table
+`pipeline/contract/published_sizes.py` the memory planner and its tests use.
+
+    python bench/component_sizes.py            # print the table (and check the fp8 rule)
+    python bench/component_sizes.py --write    # rewrite pipeline/contract/published_sizes.py
+
+The configs are in bench/configs/ (sources in bench/configs/SOURCES.md). The fp8 count is
+the header rule of `pipeline.contract.weight_sizes` (what the planner reads from real
+files); `--check` also applies diffusers' own `enable_layerwise_casting` to each denoiser
+and prints both counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pprint
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+CONFIGS = ROOT / "bench" / "configs"
+TABLE = ROOT / "pipeline" / "contract" / "published_sizes.py"
+
+# family → component → (builder, config file, dtype the published files store)
+FAMILIES = {
+    "sd1": {
+        "unet": ("unet", "sd15_unet.json", "F16"),
+        "text_encoder": ("clip", "clip_vit_l.json", "F16"),
+        "vae": ("vae", "sd15_vae.json", "F16"),
+    },
+    "sdxl": {
+        "unet": ("unet", "sdxl_unet.json", "F16"),
+        "text_encoder": ("clip", "clip_vit_l.json", "F16"),
+        "text_encoder_2": ("clip_projection", "openclip_bigg.json", "F16"),
+        "vae": ("vae", "sdxl_vae.json", "F16"),
+    },
+    "flux1": {
+        "transformer": ("flux", "flux1_dev_transformer.json", "BF16"),
+        "text_encoder": ("clip", "clip_vit_l.json", "BF16"),
+        "text_encoder_2": ("t5", "t5_v1_1_xxl.json", "BF16"),
+        "vae": ("vae", "flux1_vae.json", "BF16"),
+    },
+    "zimage": {
+        "transformer": ("zimage", "zimage_transformer.json", "BF16"),
+        "text_encoder": ("qwen3_model", "qwen3_4b.json", "BF16"),
+        "vae": ("vae", "flux1_vae.json", "BF16"),
+    },
+    "qwen_image": {
+        "transformer": ("qwen_image", "qwen_image_transformer.json", "BF16"),
+        "text_encoder": ("qwen2_5_vl", "qwen2_5_vl_7b.json", "BF16"),
+        "vae": ("qwen_image_vae", "qwen_image_vae.json", "BF16"),
+    },
+    "flux2_klein_4b": {
+        "transformer": ("flux2", "flux2_klein_4b_transformer.json", "BF16"),
+        "text_encoder": ("qwen3_causal", "qwen3_4b.json", "BF16"),
+        "vae": ("flux2_vae", "flux2_vae.json", "BF16"),
+    },
+    "flux2_klein_9b": {
+        "transformer": ("flux2", "flux2_klein_9b_transformer.json", "BF16"),
+        "text_encoder": ("qwen3_causal", "qwen3_8b.json", "BF16"),
+        "vae": ("flux2_vae", "flux2_vae.json", "BF16"),
+    },
+}
+
+
+def build(kind: str, config: dict):
+    """One model of the given kind from its config dict (call inside init_empty_weights)."""
+    import diffusers
+    import transformers as tf
+
+    diffusers_classes = {
+        "unet": diffusers.UNet2DConditionModel,
+        "vae": diffusers.AutoencoderKL,
+        "flux": diffusers.FluxTransformer2DModel,
+        "zimage": diffusers.ZImageTransformer2DModel,
+        "qwen_image": diffusers.QwenImageTransformer2DModel,
+        "qwen_image_vae": diffusers.AutoencoderKLQwenImage,
+        "flux2": diffusers.Flux2Transformer2DModel,
+        "flux2_vae": diffusers.AutoencoderKLFlux2,
+    }
+    if kind in diffusers_classes:
+        return diffusers_classes[kind].from_config(config)
+    transformers_classes = {
+        "clip": (tf.CLIPTextModel, tf.CLIPTextConfig),
+        "clip_projection": (tf.CLIPTextModelWithProjection, tf.CLIPTextConfig),
+        "t5": (tf.T5EncoderModel, tf.T5Config),
+        "qwen3_model": (tf.Qwen3Model, tf.Qwen3Config),
+        "qwen3_causal": (tf.Qwen3ForCausalLM, tf.Qwen3Config),
+        "qwen2_5_vl": (tf.Qwen2_5_VLForConditionalGeneration, tf.Qwen2_5_VLConfig),
+    }
+    model_class, config_class = transformers_classes[kind]
+    return model_class(config_class(**config))
+
+
+def meta_tensors(model, dtype: str) -> dict[str, tuple[str, list[int]]]:
+    """What the model's .safetensors header would list: tied weights once. On the meta
+    device transformers does not tie them, so the tied copies are dropped here: an output
+    head only when the config ties it, an input-side copy (T5's encoder embedding) always."""
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    ties_head = getattr(model.config, "tie_word_embeddings", False)
+    drop = {t for t in tied if ties_head or not t.startswith("lm_head")}
+    return {n: (dtype, list(p.shape)) for n, p in model.named_parameters() if n not in drop}
+
+
+def diffusers_fp8_params(model) -> int:
+    """Parameters diffusers' own enable_layerwise_casting stores in fp8 (meta device)."""
+    import torch
+
+    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    return sum(p.numel() for p in model.parameters() if p.dtype == torch.float8_e4m3fn)
+
+
+def table(check: bool = False) -> dict[str, dict[str, dict[str, int | str]]]:
+    from accelerate import init_empty_weights
+
+    from pipeline.contract.memory_plan import FAMILY_MEMORY
+    from pipeline.contract.weight_sizes import size_of
+
+    result: dict[str, dict[str, dict[str, int | str]]] = {}
+    for family, components in FAMILIES.items():
+        result[family] = {}
+        for name, (kind, config_file, dtype) in components.items():
+            config = json.loads((CONFIGS / config_file).read_text())
+            with init_empty_weights():
+                model = build(kind, config)
+            skip = FAMILY_MEMORY[family].skip_patterns if name in ("unet", "transformer") else ()
+            size = size_of(name, meta_tensors(model, dtype), skip)
+            result[family][name] = {
+                "params": size.params,
+                "stored_bytes": size.stored_bytes,
+                "stored_dtype": size.stored_dtype,
+                "fp8_params": size.fp8_params,
+                "block_params": size.block_params,
+                "loose_params": size.loose_params,
+                "largest_tensor": size.largest_tensor,
+                "width": size.width,
+            }
+            if check and name in ("unet", "transformer"):
+                exact = diffusers_fp8_params(model)
+                print(
+                    f"{family} {name}: fp8 by header rule {size.fp8_params:,}, diffusers {exact:,}"
+                )
+            print(f"{family:15} {name:15} {size.params / 1e9:7.3f} B params  {config_file}")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", action="store_true", help=f"rewrite {TABLE.relative_to(ROOT)}")
+    parser.add_argument("--check", action="store_true", help="compare the fp8 rule with diffusers")
+    args = parser.parse_args()
+    sizes = table(check=args.check)
+    if args.write:
+        TABLE.write_text(
+            '"""Every family\'s component sizes as published, counted on the meta device from the\n'
+            "configs in bench/configs/ by `python bench/component_sizes.py --write` (generated:\n"
+            'do not edit). The planner uses them when a model\'s own files cannot be read."""\n\n'
+            f"PUBLISHED_SIZES = {pprint.pformat(sizes, width=96, sort_dicts=False)}\n"
+        )
+        print(f"wrote {TABLE}")
+
+
+if __name__ == "__main__":
+    main()

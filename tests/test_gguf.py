@@ -1,0 +1,116 @@
+"""GGUF files (the transformer families' usual download) on a tiny FluxTransformer2DModel:
+written by the `gguf` package as city96's converter writes them, loaded by diffusers'
+`from_single_file(..., quantization_config=GGUFQuantizationConfig(...))`, and sized
+from the header by the planner's reader (pipeline/contract/weight_sizes.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.contract.memory_plan import GiB, gpu_card, plan_memory, published_components
+from pipeline.contract.weight_sizes import READABLE_GGUF, gguf_problem, gguf_sizes
+from tests.gguf_files import write_gguf
+from tests.test_memory_plan import JOBS
+
+pytest.importorskip("gguf")
+
+# Relative L2 error of the transformer's output against the float32 model, same inputs
+# (measured: Q8_0 0.5 %, Q4_0 8.8 %).
+REL_ERROR = {"Q8_0": 0.02, "Q4_0": 0.15}
+CONFIG = dict(
+    patch_size=1, in_channels=32, num_layers=1, num_single_layers=1, attention_head_dim=16,
+    num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+    guidance_embeds=False, axes_dims_rope=(4, 6, 6),
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("gguf")
+    model = FluxTransformer2DModel(**CONFIG).eval()
+    model.save_pretrained(root / "transformer")
+    return model, root
+
+
+def run(model):
+    torch.manual_seed(1)
+    inputs = dict(
+        hidden_states=torch.randn(1, 16, 32), encoder_hidden_states=torch.randn(1, 8, 32),
+        pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]),
+        img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3),
+    )  # fmt: skip
+    with torch.no_grad():
+        return model(**inputs).sample
+
+
+@pytest.mark.parametrize("quant", sorted(REL_ERROR))
+def test_a_gguf_transformer_loads_in_diffusers_close_to_float32(flux, quant):
+    from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
+
+    model, root = flux
+    path = write_gguf(root / f"flux-{quant}.gguf", model.state_dict(), quant)
+    loaded = FluxTransformer2DModel.from_single_file(
+        str(path),
+        config=str(root / "transformer"),
+        quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32),
+        torch_dtype=torch.float32,
+    )
+    assert "GGUFParameter" in {type(p).__name__ for p in loaded.parameters()}
+    reference, out = run(model), run(loaded)
+    error = ((out - reference).norm() / reference.norm()).item()
+    assert error <= REL_ERROR[quant], f"{quant}: relative error {error:.4f}"
+    assert gguf_problem(path) == ""
+
+
+def test_the_planner_sizes_a_gguf_file_as_quantised(flux):
+    model, root = flux
+    path = write_gguf(root / "flux-sizes.gguf", model.state_dict(), "Q8_0")
+    size = gguf_sizes(path)
+    assert size.params == sum(p.numel() for p in model.parameters())
+    assert size.stored_dtype == "gguf-Q8_0"
+    quantised = sum(
+        t.numel() for t in model.state_dict().values() if t.ndim == 2 and t.shape[1] % 32 == 0
+    )
+    # Q8_0: 32 values in 34 bytes (an fp16 scale per block); the rest F32.
+    assert size.stored_bytes == quantised * 34 // 32 + (size.params - quantised) * 4
+
+
+def test_a_gguf_transformer_is_planned_at_its_file_size():
+    """Flux.1-dev as a Q8_0 file (11.8 GiB) instead of bf16 (22.2 GiB)."""
+    parts = published_components("flux1")
+    bf16 = next(c for c in parts if c.name == "transformer")
+    q8 = type(bf16)("transformer", bf16.params, bf16.params * 34 // 32, "gguf-Q8_0")
+    parts = tuple(q8 if c.name == "transformer" else c for c in parts)
+    plan = plan_memory("flux-q8", "flux1", parts, gpu_card("24 GB card", 24 * GiB, 24 * GiB), JOBS)
+    assert (plan.mode, plan.text_encoders) == ("full", "offload")
+    transformer = next(p for p in plan.placements if p.component == "transformer")
+    assert (transformer.weights, transformer.bytes) == ("gguf-Q8_0", q8.stored_bytes)
+    assert "transformer gguf-Q8_0 (11.8 GB)" in plan.reason
+
+
+def test_a_quantisation_diffusers_cannot_read_is_one_line(flux):
+    """TQ1_0 (ternary) is written by the gguf package but not read by diffusers."""
+    from diffusers.models.model_loading_utils import load_gguf_checkpoint
+
+    model, root = flux
+    path = write_gguf(root / "flux-tq1.gguf", model.state_dict(), "TQ1_0")
+    import gguf
+
+    code = gguf.GGMLQuantizationType.TQ1_0.value
+    with pytest.raises(ValueError, match=f"quantization type: {code} which is unsupported"):
+        load_gguf_checkpoint(str(path))  # diffusers' own refusal: numbers, on many lines
+    line = gguf_problem(path)
+    assert line.startswith("model file flux-tq1.gguf: GGUF quantisation TQ1_0 cannot be read")
+    assert "\n" not in line
+
+
+def test_the_readable_list_is_diffusers_own():
+    import gguf
+    from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES
+
+    plain = {gguf.GGMLQuantizationType.F32.name, gguf.GGMLQuantizationType.F16.name}
+    assert set(READABLE_GGUF) == {t.name for t in SUPPORTED_GGUF_QUANT_TYPES} | plain
