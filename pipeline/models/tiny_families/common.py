@@ -1,0 +1,81 @@
+"""What the tiny family writers share: seeding, the 8× VAE, the Qwen3 text encoder, saving."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Every tiny VAE downsamples by 8 like the real ones (four blocks), so the pipelines'
+# size rules (multiples of 16 after 2×2 packing) and mask alignment are the real ones.
+VAE_BLOCKS = (8, 8, 16, 16)
+
+
+def seeded(seed: int) -> None:
+    """Seed torch before building a component, so its random weights (and the saved
+    files) are the same on every run and every machine."""
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def flow_scheduler(**config):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(**config)
+
+
+def vae_8x(vae_class=None, *, latent_channels: int, **config):
+    """An AutoencoderKL-shaped VAE (Flux.1's, Z-Image's, or Flux.2's subclass) that
+    downsamples by 8 into `latent_channels`, at a width that costs milliseconds."""
+    from diffusers import AutoencoderKL
+
+    seeded(0)
+    return (vae_class or AutoencoderKL)(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(VAE_BLOCKS),
+        up_block_types=("UpDecoderBlock2D",) * len(VAE_BLOCKS),
+        block_out_channels=VAE_BLOCKS,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=64,
+        **config,
+    )
+
+
+def qwen3_text_encoder(vocab_size: int, *, causal_lm: bool, layers: int = 2, hidden: int = 16):
+    """A Qwen3 text encoder (`Qwen3Model` for Z-Image, `Qwen3ForCausalLM` for Flux.2
+    klein), 16 wide, its embedding sized to the tiny tokenizer."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+    config = Qwen3Config(
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=vocab_size,
+        max_position_embeddings=2048,
+        tie_word_embeddings=causal_lm,
+    )
+    seeded(0)
+    return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config).eval()
+
+
+def save_pipeline(pipe, directory: str | Path) -> Path:
+    directory = Path(directory)
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def parameter_count(pipe) -> int:
+    """Parameters in all of a pipeline's torch modules."""
+    import torch
+
+    return sum(
+        p.numel()
+        for component in pipe.components.values()
+        if isinstance(component, torch.nn.Module)
+        for p in component.parameters()
+    )
