@@ -43,19 +43,31 @@ def vae_8x(vae_class=None, *, latent_channels: int, **config):
     )
 
 
-def qwen3_text_encoder(vocab_size: int, *, causal_lm: bool, layers: int = 2, hidden: int = 16):
+def qwen_token_ids(tokenizer) -> dict[str, int]:
+    """The token ids a Qwen text encoder's config names, as the real configs set them
+    (bos <|endoftext|>, eos <|im_end|>), at the tiny tokenizer's ids."""
+    ids = tokenizer.convert_tokens_to_ids
+    return dict(
+        bos_token_id=ids("<|endoftext|>"),
+        eos_token_id=ids("<|im_end|>"),
+        pad_token_id=ids("<|endoftext|>"),
+        vocab_size=len(tokenizer),
+    )
+
+
+def qwen3_text_encoder(tokenizer, *, causal_lm: bool, layers: int = 2, hidden: int = 16):
     """A Qwen3 text encoder (`Qwen3Model` for Z-Image, `Qwen3ForCausalLM` for Flux.2
     klein), 16 wide, its embedding sized to the tiny tokenizer."""
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
     config = Qwen3Config(
+        **qwen_token_ids(tokenizer),
         hidden_size=hidden,
         intermediate_size=hidden * 2,
         num_hidden_layers=layers,
         num_attention_heads=2,
         num_key_value_heads=2,
         head_dim=8,
-        vocab_size=vocab_size,
         max_position_embeddings=2048,
         tie_word_embeddings=causal_lm,
     )

@@ -11,7 +11,6 @@ the real layout needs it (VAE depth and latent channels).
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from pipeline.models.tiny_families import common, tokenizers
@@ -96,15 +95,11 @@ def write_tiny_flux(directory: str | Path, *, variant: str = "dev") -> Path:
     `DiffusionPipeline.from_pretrained` loads as FluxPipeline / FluxKontextPipeline /
     FluxFillPipeline. Deterministic: the same variant gives the same files."""
     from diffusers import FluxFillPipeline, FluxKontextPipeline, FluxPipeline
-    from transformers import CLIPTokenizer
 
     if variant not in VARIANTS:
         raise ValueError(f"unknown Flux.1 variant {variant!r}: use one of {', '.join(VARIANTS)}")
     directory = Path(directory)
-    clip_dir = directory / "_clip_tokenizer_src"
-    clip_vocab = tokenizers.write_clip_tokenizer(clip_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
-    shutil.rmtree(clip_dir)
+    tokenizer = tokenizers.clip_tokenizer()
     tokenizer_2 = tokenizers.t5_tokenizer()
     if variant == "schnell":
         tokenizer_2.model_max_length = 256
@@ -116,7 +111,7 @@ def write_tiny_flux(directory: str | Path, *, variant: str = "dev") -> Path:
             **(SCHNELL_SCHEDULER if variant == "schnell" else DEV_SCHEDULER)
         ),
         vae=common.vae_8x(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, **VAE_SCALING),
-        text_encoder=_clip_text_encoder(clip_vocab),
+        text_encoder=_clip_text_encoder(len(tokenizer)),
         tokenizer=tokenizer,
         text_encoder_2=_t5_text_encoder(len(tokenizer_2)),
         tokenizer_2=tokenizer_2,

@@ -48,7 +48,7 @@ def write_tiny_flux2_klein(directory: str | Path, *, distilled: bool = True) -> 
         scheduler=common.flow_scheduler(**DEV_SCHEDULER),
         vae=common.vae_8x(AutoencoderKLFlux2, latent_channels=32),
         text_encoder=common.qwen3_text_encoder(
-            len(tokenizer), causal_lm=True, layers=TEXT_LAYERS, hidden=TEXT_WIDTH
+            tokenizer, causal_lm=True, layers=TEXT_LAYERS, hidden=TEXT_WIDTH
         ),
         tokenizer=tokenizer,
         transformer=_transformer(),

@@ -7,7 +7,8 @@ and we save what it built. Each one knows the common prompt words of
 prompt in, so prompts tokenize to words as the real tokenizers do, and anything else
 falls back to characters (T5) or bytes (Qwen), as theirs do for rare words.
 
-- CLIP (Flux.1's first encoder): the project's CLIP BPE tokenizer (`tiny.write_tokenizer`).
+- CLIP (Flux.1's first encoder): a CLIP BPE tokenizer over the byte symbols, each also
+  as an end-of-word symbol, with merges that make every common word one token.
 - T5 (Flux.1's second encoder): a Unigram (sentencepiece) model, "▁word" pieces.
 - Qwen2 byte-level BPE (Qwen2.5-VL for Qwen-Image, Qwen3 for Z-Image and Flux.2 klein),
   with the special tokens and the chat template the pipelines use.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.models.tiny import _COMMON_WORDS, _bytes_to_unicode, write_tokenizer
+from pipeline.models.tiny import _COMMON_WORDS, _bytes_to_unicode
 
 # The words of the system prompts the Qwen-Image pipelines put before every prompt
 # (`prompt_template_encode` in diffusers' qwenimage pipelines). The real tokenizer has
@@ -31,9 +32,6 @@ TEMPLATE_WORDS = (
 ).split()
 
 WORDS = list(dict.fromkeys([*_COMMON_WORDS, *TEMPLATE_WORDS, "dance", "monkey", "squirrel"]))
-
-write_clip_tokenizer = write_tokenizer
-
 
 def t5_tokenizer():
     """A T5 Unigram tokenizer: <pad>=0, </s>=1, <unk>=2, every printable ASCII character
@@ -112,17 +110,33 @@ def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     return symbols
 
 
-def _word_merges(words: list[str]) -> list[tuple[str, str]]:
-    """Merges that make each word one token: for each word, whatever the merges so far
-    leave of it is joined left to right by new, lower-priority merges (which cannot
-    change how the earlier words, already whole, are built)."""
+def _word_merges(words: list[list[str]]) -> list[tuple[str, str]]:
+    """Merges that make each word (a list of symbols) one token: for each word, whatever
+    the merges so far leave of it is joined left to right by new, lower-priority merges
+    (which cannot change how the earlier words, already whole, are built). Merging each
+    word's symbols left to right regardless of the earlier merges, as
+    `pipeline.models.tiny` does, leaves words such as "photo" in pieces ("pho", "to</w>")."""
     ranks: dict[tuple[str, str], int] = {}
-    for word in words:
-        pieces = _bpe(list(word), ranks)
+    for symbols in words:
+        pieces = _bpe(symbols, ranks)
         while len(pieces) > 1:
             ranks.setdefault((pieces[0], pieces[1]), len(ranks))
             pieces = [pieces[0] + pieces[1], *pieces[2:]]
     return list(ranks)
+
+
+def clip_tokenizer():
+    """A CLIP BPE tokenizer (77 tokens): every byte symbol alone and as end of word, one
+    token per common word, <|startoftext|> and <|endoftext|> last (as CLIP's are)."""
+    from transformers import CLIPTokenizer
+
+    chars = list(_bytes_to_unicode().values())
+    merges = _word_merges([[*w[:-1], w[-1] + "</w>"] for w in WORDS])
+    tokens = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+    for token in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[token] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
 def qwen_tokenizer(*, qwen3: bool):
@@ -133,7 +147,8 @@ def qwen_tokenizer(*, qwen3: bool):
 
     chars = list(_bytes_to_unicode().values())
     words = [*WORDS, *(w.capitalize() for w in TEMPLATE_WORDS)]
-    merges = _word_merges(["ĊĊ", "Ġ(", "'s", *words, *("Ġ" + w for w in words)])
+    spelled = ["ĊĊ", "Ġ(", "'s", *words, *("Ġ" + w for w in words)]
+    merges = _word_merges([list(w) for w in spelled])
     tokens = chars + [a + b for a, b in merges]
     vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
     specials = QWEN_SPECIAL_TOKENS + (QWEN3_EXTRA_TOKENS if qwen3 else [])

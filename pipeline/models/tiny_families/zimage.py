@@ -57,7 +57,7 @@ def write_tiny_zimage(directory: str | Path) -> Path:
     pipe = ZImagePipeline(
         scheduler=common.flow_scheduler(**SCHEDULER),
         vae=common.vae_8x(latent_channels=16, **VAE_SCALING),
-        text_encoder=common.qwen3_text_encoder(len(tokenizer), causal_lm=False),
+        text_encoder=common.qwen3_text_encoder(tokenizer, causal_lm=False),
         tokenizer=tokenizer,
         transformer=_transformer(caption_width=16),
     )
