@@ -31,6 +31,25 @@ def _mask() -> Image.Image:
     return Image.fromarray(mask)
 
 
+def _img2img_and_inpaint(pipe, img2img_class, inpaint_class) -> None:
+    """The family's img2img and inpaint pipelines, built from `pipe`'s components."""
+    img2img = img2img_class.from_pipe(pipe)
+    # 4 steps at strength 0.5: 2 denoising steps; inpaint 3 at 0.75: 2 again.
+    _run_twice(
+        img2img, image=_photo(), strength=0.5, num_inference_steps=4, height=SIZE, width=SIZE
+    )
+    inpaint = inpaint_class.from_pipe(pipe)
+    _run_twice(
+        inpaint,
+        image=_photo(),
+        mask_image=_mask(),
+        strength=0.75,
+        num_inference_steps=3,
+        height=SIZE,
+        width=SIZE,
+    )
+
+
 def _load(folder: Path, **components):
     import diffusers.utils.logging as diffusers_logging
     from diffusers import DiffusionPipeline
@@ -112,13 +131,7 @@ def test_flux_dev_txt2img_img2img_inpaint(flux):
     assert type(flux) is FluxPipeline
     assert flux.transformer.config.in_channels == 64 and flux.transformer.config.guidance_embeds
     _run_twice(flux, height=SIZE, width=SIZE, guidance_scale=3.5)
-    img2img = FluxImg2ImgPipeline.from_pipe(flux)
-    _run_twice(img2img, image=_photo(), strength=0.5, num_inference_steps=4, height=SIZE, width=SIZE)
-    inpaint = FluxInpaintPipeline.from_pipe(flux)
-    _run_twice(
-        inpaint, image=_photo(), mask_image=_mask(), strength=0.75, num_inference_steps=3,
-        height=SIZE, width=SIZE,
-    )
+    _img2img_and_inpaint(flux, FluxImg2ImgPipeline, FluxInpaintPipeline)
 
 
 def test_flux_schnell_has_no_guidance_and_a_fixed_shift(tmp_path):
@@ -159,7 +172,9 @@ def test_flux_fill_takes_384_channels_and_a_mask(tmp_path):
     pipe = _load(write_tiny_flux(tmp_path / "fill", variant="fill"))
     assert type(pipe) is FluxFillPipeline
     assert pipe.transformer.config.in_channels == 384  # as FLUX.1-Fill-dev's
-    _run_twice(pipe, image=_photo(), mask_image=_mask(), height=SIZE, width=SIZE, guidance_scale=30.0)
+    _run_twice(
+        pipe, image=_photo(), mask_image=_mask(), height=SIZE, width=SIZE, guidance_scale=30.0
+    )
 
 
 def test_flux_prompts_tokenize_to_words(flux):
@@ -178,13 +193,7 @@ def test_zimage_txt2img_img2img_inpaint(zimage):
 
     assert type(zimage) is ZImagePipeline
     _run_twice(zimage, height=SIZE, width=SIZE, guidance_scale=1.0)
-    img2img = ZImageImg2ImgPipeline.from_pipe(zimage)
-    _run_twice(img2img, image=_photo(), strength=0.5, num_inference_steps=4, height=SIZE, width=SIZE)
-    inpaint = ZImageInpaintPipeline.from_pipe(zimage)
-    _run_twice(
-        inpaint, image=_photo(), mask_image=_mask(), strength=0.75, num_inference_steps=3,
-        height=SIZE, width=SIZE,
-    )
+    _img2img_and_inpaint(zimage, ZImageImg2ImgPipeline, ZImageInpaintPipeline)
 
 
 def test_zimage_prompt_goes_through_qwen3s_chat_template(zimage):
@@ -192,7 +201,9 @@ def test_zimage_prompt_goes_through_qwen3s_chat_template(zimage):
     assert tokenizer.tokenize(PROMPT) == ["a", "Ġphoto", "Ġof", "Ġa", "Ġcat"]
     # enable_thinking=True (Z-Image's call): no empty thinking block.
     text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True,
+        [{"role": "user", "content": PROMPT}],
+        tokenize=False,
+        add_generation_prompt=True,
         enable_thinking=True,
     )
     assert text == f"<|im_start|>user\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n"
@@ -208,16 +219,8 @@ def test_qwen_image_txt2img_img2img_inpaint(qwen_image):
     from diffusers import QwenImageImg2ImgPipeline, QwenImageInpaintPipeline, QwenImagePipeline
 
     assert type(qwen_image) is QwenImagePipeline
-    _run_twice(
-        qwen_image, height=SIZE, width=SIZE, negative_prompt="blurry", true_cfg_scale=4.0
-    )
-    img2img = QwenImageImg2ImgPipeline.from_pipe(qwen_image)
-    _run_twice(img2img, image=_photo(), strength=0.5, num_inference_steps=4, height=SIZE, width=SIZE)
-    inpaint = QwenImageInpaintPipeline.from_pipe(qwen_image)
-    _run_twice(
-        inpaint, image=_photo(), mask_image=_mask(), strength=0.75, num_inference_steps=3,
-        height=SIZE, width=SIZE,
-    )
+    _run_twice(qwen_image, height=SIZE, width=SIZE, negative_prompt="blurry", true_cfg_scale=4.0)
+    _img2img_and_inpaint(qwen_image, QwenImageImg2ImgPipeline, QwenImageInpaintPipeline)
 
 
 def test_qwen_image_template_is_dropped_where_the_pipeline_drops_it(qwen_image):
@@ -225,7 +228,9 @@ def test_qwen_image_template_is_dropped_where_the_pipeline_drops_it(qwen_image):
     prefix = template[: template.index("{}")]
     # The real tokenizer reads the system prompt as 34 tokens and the pipeline drops
     # that many: the tiny one must read it as words too, or it would drop the prompt.
-    assert len(qwen_image.tokenizer(prefix).input_ids) == qwen_image.prompt_template_encode_start_idx
+    assert (
+        len(qwen_image.tokenizer(prefix).input_ids) == qwen_image.prompt_template_encode_start_idx
+    )
     embeds, _ = qwen_image.encode_prompt(PROMPT)
     # What is left: the 5 prompt words and "<|im_end|>\n<|im_start|>assistant\n".
     assert embeds.shape[1] == 5 + 5
@@ -242,9 +247,13 @@ def test_qwen_image_edit_resizes_inputs_to_the_area_it_is_given(tmp_path):
     with edit_input_area(SIZE * SIZE):
         # No size given: the pipeline sizes the output from the input's area.
         edited = _run_twice(pipe, image=_photo(96, 96), negative_prompt=" ", true_cfg_scale=4.0)
-        other = _run_twice(pipe, image=_photo(96, 96, seed=1), negative_prompt=" ", true_cfg_scale=4.0)
+        other = _run_twice(
+            pipe, image=_photo(96, 96, seed=1), negative_prompt=" ", true_cfg_scale=4.0
+        )
         inpaint = QwenImageEditInpaintPipeline.from_pipe(pipe)
-        _run_twice(inpaint, image=_photo(), mask_image=_mask(), strength=1.0, height=SIZE, width=SIZE)
+        _run_twice(
+            inpaint, image=_photo(), mask_image=_mask(), strength=1.0, height=SIZE, width=SIZE
+        )
     assert not np.array_equal(edited.numpy(), other.numpy())  # the input image is read
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit
 
@@ -261,7 +270,9 @@ def test_qwen_image_edit_plus_takes_several_images(tmp_path):
     assert type(pipe) is QwenImageEditPlusPipeline
     with edit_input_area(SIZE * SIZE):
         two = _run_twice(pipe, image=[_photo(), _photo(seed=1)], height=SIZE, width=SIZE)
-        three = _run_twice(pipe, image=[_photo(), _photo(seed=1), _photo(seed=2)], height=SIZE, width=SIZE)
+        three = _run_twice(
+            pipe, image=[_photo(), _photo(seed=1), _photo(seed=2)], height=SIZE, width=SIZE
+        )
     assert not np.array_equal(two.numpy(), three.numpy())
 
 
@@ -278,7 +289,8 @@ def test_qwen_edit_folder_has_the_hub_layout(tmp_path):
     assert isinstance(processor, ImageOnlyQwen2VLProcessor)
     assert not hasattr(processor, "video_processor")
     inputs = processor(
-        text=["<|vision_start|><|image_pad|><|vision_end|>" + PROMPT], images=[_photo()],
+        text=["<|vision_start|><|image_pad|><|vision_end|>" + PROMPT],
+        images=[_photo()],
         return_tensors="pt",
     )
     # 64² → 56² (multiples of 28) → 4×4 patches of 14 px → 2×2 merged → 4 image tokens.
@@ -299,14 +311,21 @@ def test_flux2_klein_txt2img_references_inpaint(klein):
     assert not np.array_equal(plain.numpy(), referenced.numpy())
     inpaint = Flux2KleinInpaintPipeline.from_pipe(klein)
     _run_twice(
-        inpaint, image=_photo(), mask_image=_mask(), strength=0.75, num_inference_steps=3,
-        height=SIZE, width=SIZE,
+        inpaint,
+        image=_photo(),
+        mask_image=_mask(),
+        strength=0.75,
+        num_inference_steps=3,
+        height=SIZE,
+        width=SIZE,
     )
 
 
 def test_flux2_klein_prompt_has_qwen3s_empty_thinking_block(klein):
     text = klein.tokenizer.apply_chat_template(
-        [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True,
+        [{"role": "user", "content": PROMPT}],
+        tokenize=False,
+        add_generation_prompt=True,
         enable_thinking=False,
     )
     assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")

@@ -10,4 +10,9 @@ from pipeline.models.tiny_families.flux2_klein import write_tiny_flux2_klein
 from pipeline.models.tiny_families.qwen_image import write_tiny_qwen_image
 from pipeline.models.tiny_families.zimage import write_tiny_zimage
 
-__all__ = ["write_tiny_flux", "write_tiny_flux2_klein", "write_tiny_qwen_image", "write_tiny_zimage"]
+__all__ = [
+    "write_tiny_flux",
+    "write_tiny_flux2_klein",
+    "write_tiny_qwen_image",
+    "write_tiny_zimage",
+]

@@ -110,7 +110,9 @@ def write_tiny_flux(directory: str | Path, *, variant: str = "dev") -> Path:
         scheduler=common.flow_scheduler(
             **(SCHNELL_SCHEDULER if variant == "schnell" else DEV_SCHEDULER)
         ),
-        vae=common.vae_8x(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, **VAE_SCALING),
+        vae=common.vae_8x(
+            latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, **VAE_SCALING
+        ),
         text_encoder=_clip_text_encoder(len(tokenizer)),
         tokenizer=tokenizer,
         text_encoder_2=_t5_text_encoder(len(tokenizer_2)),

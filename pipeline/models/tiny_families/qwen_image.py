@@ -143,7 +143,9 @@ def write_tiny_qwen_image(directory: str | Path, *, variant: str = "image") -> P
     from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImagePipeline
 
     if variant not in VARIANTS:
-        raise ValueError(f"unknown Qwen-Image variant {variant!r}: use one of {', '.join(VARIANTS)}")
+        raise ValueError(
+            f"unknown Qwen-Image variant {variant!r}: use one of {', '.join(VARIANTS)}"
+        )
     directory = Path(directory)
     tokenizer = tokenizers.qwen_tokenizer(qwen3=False)
     components = dict(

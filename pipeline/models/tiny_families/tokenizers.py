@@ -24,7 +24,7 @@ from pipeline.models.tiny import _COMMON_WORDS, _bytes_to_unicode
 # (`prompt_template_encode` in diffusers' qwenimage pipelines). The real tokenizer has
 # each as one token, and the pipelines drop a fixed number of leading tokens
 # (`prompt_template_encode_start_idx`), so the template must tokenize to words here too.
-TEMPLATE_WORDS = (
+TEMPLATE_WORDS = (  # noqa: SIM905 (a sentence of words reads better than 40 lines)
     "system user assistant describe image by detailing color shape size texture quantity "
     "text spatial relationships objects background key features input then explain how "
     "should alter or modify generate new that meets requirements while maintaining "
@@ -32,6 +32,7 @@ TEMPLATE_WORDS = (
 ).split()
 
 WORDS = list(dict.fromkeys([*_COMMON_WORDS, *TEMPLATE_WORDS, "dance", "monkey", "squirrel"]))
+
 
 def t5_tokenizer():
     """A T5 Unigram tokenizer: <pad>=0, </s>=1, <unk>=2, every printable ASCII character
@@ -102,7 +103,9 @@ QWEN2_VL_CHAT_TEMPLATE = (
 def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Apply BPE merges (lowest rank first) to a word's symbols, as the tokenizer will."""
     while len(symbols) > 1:
-        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols, symbols[1:]))]
+        pairs = [
+            (ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols, symbols[1:]))
+        ]
         rank, i = min(pairs)
         if rank == len(ranks):
             break
