@@ -352,3 +352,33 @@ def test_the_writers_write_the_same_files_every_time(flux_dir, tmp_path):
     first = write_tiny_qwen_image(tmp_path / "edit-a", variant="edit-plus")
     second = write_tiny_qwen_image(tmp_path / "edit-b", variant="edit-plus")
     assert _digest(first) == _digest(second)
+
+
+# --- sdbot tiny-model -------------------------------------------------------------------
+
+
+def test_sdbot_tiny_model_writes_each_family(tmp_path, capsys):
+    from diffusers import FluxFillPipeline
+
+    from bot.cli import main
+
+    assert main(["tiny-model", str(tmp_path / "fill"), "--flux", "--fill"]) == 0
+    assert "tiny Flux.1 Fill" in capsys.readouterr().out
+    assert type(_load(tmp_path / "fill")) is FluxFillPipeline
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--kontext"], "--kontext is a Flux.1 variant: add --flux"),
+        (["--zimage", "--schnell"], "--schnell is a Flux.1 variant: add --flux"),
+        (["--qwen-image", "--plus"], "--plus is a Qwen-Image-Edit variant: add --qwen-edit"),
+        (["--flux2-klein", "--xl"], "--xl is an SD option: leave it out with --flux2-klein"),
+    ],
+)
+def test_sdbot_tiny_model_refuses_flags_of_another_family(tmp_path, capsys, flags, message):
+    from bot.cli import main
+
+    assert main(["tiny-model", str(tmp_path / "m"), *flags]) != 0
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
