@@ -31,23 +31,15 @@ def _mask() -> Image.Image:
     return Image.fromarray(mask)
 
 
+# img2img: 4 steps at strength 0.5, inpaint: 3 at 0.75 — 2 denoising steps each.
+IMG2IMG = dict(strength=0.5, num_inference_steps=4, height=SIZE, width=SIZE)
+INPAINT = dict(strength=0.75, num_inference_steps=3, height=SIZE, width=SIZE)
+
+
 def _img2img_and_inpaint(pipe, img2img_class, inpaint_class) -> None:
     """The family's img2img and inpaint pipelines, built from `pipe`'s components."""
-    img2img = img2img_class.from_pipe(pipe)
-    # 4 steps at strength 0.5: 2 denoising steps; inpaint 3 at 0.75: 2 again.
-    _run_twice(
-        img2img, image=_photo(), strength=0.5, num_inference_steps=4, height=SIZE, width=SIZE
-    )
-    inpaint = inpaint_class.from_pipe(pipe)
-    _run_twice(
-        inpaint,
-        image=_photo(),
-        mask_image=_mask(),
-        strength=0.75,
-        num_inference_steps=3,
-        height=SIZE,
-        width=SIZE,
-    )
+    _run_twice(img2img_class.from_pipe(pipe), image=_photo(), **IMG2IMG)
+    _run_twice(inpaint_class.from_pipe(pipe), image=_photo(), mask_image=_mask(), **INPAINT)
 
 
 def _load(folder: Path, **components):
@@ -310,15 +302,7 @@ def test_flux2_klein_txt2img_references_inpaint(klein):
     referenced = _run_twice(klein, image=[_photo(), _photo(seed=1)], height=SIZE, width=SIZE)
     assert not np.array_equal(plain.numpy(), referenced.numpy())
     inpaint = Flux2KleinInpaintPipeline.from_pipe(klein)
-    _run_twice(
-        inpaint,
-        image=_photo(),
-        mask_image=_mask(),
-        strength=0.75,
-        num_inference_steps=3,
-        height=SIZE,
-        width=SIZE,
-    )
+    _run_twice(inpaint, image=_photo(), mask_image=_mask(), **INPAINT)
 
 
 def test_flux2_klein_prompt_has_qwen3s_empty_thinking_block(klein):
