@@ -290,6 +290,26 @@ def test_qwen_edit_folder_has_the_hub_layout(tmp_path):
     assert (inputs["input_ids"] == processor.image_token_id).sum() == 4
 
 
+def test_qwen_processor_loads_the_hubs_separate_files(tmp_path):
+    """The Hub's Qwen-Image-Edit `processor/` holds what transformers writes for each
+    part on its own (preprocessor_config.json, the tokenizer's files): that loads too."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    from pipeline.models.qwen_edit import load_qwen_processor
+    from pipeline.models.tiny_families.tokenizers import qwen_tokenizer
+
+    folder = tmp_path / "processor"
+    Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=56 * 56).save_pretrained(folder)
+    qwen_tokenizer(qwen3=False).save_pretrained(folder)
+    assert (folder / "preprocessor_config.json").exists()
+    processor = load_qwen_processor(folder)
+    inputs = processor(text=["<|image_pad|>"], images=[_photo(256, 256)], return_tensors="pt")
+    # max_pixels from the file: 256² is cut to 56², 2×2 merged tokens.
+    assert inputs["image_grid_thw"].tolist() == [[1, 4, 4]]
+
+
 # --- Flux.2 klein -----------------------------------------------------------------------
 
 
@@ -330,12 +350,18 @@ def _digest(folder: Path) -> dict[str, str]:
 
 
 def test_the_writers_write_the_same_files_every_time(flux_dir, tmp_path):
-    from pipeline.models.tiny_families import write_tiny_flux, write_tiny_qwen_image
+    from pipeline.models import tiny_families as tf
 
-    assert _digest(write_tiny_flux(tmp_path / "flux")) == _digest(flux_dir)
-    first = write_tiny_qwen_image(tmp_path / "edit-a", variant="edit-plus")
-    second = write_tiny_qwen_image(tmp_path / "edit-b", variant="edit-plus")
-    assert _digest(first) == _digest(second)
+    assert _digest(tf.write_tiny_flux(tmp_path / "flux")) == _digest(flux_dir)
+    # Z-Image's pad tokens start as torch.empty; the edit models add the processor.
+    for writer, variant in [
+        (tf.write_tiny_zimage, {}),
+        (tf.write_tiny_qwen_image, {"variant": "edit-plus"}),
+        (tf.write_tiny_flux2_klein, {}),
+    ]:
+        first = writer(tmp_path / f"{writer.__name__}-a", **variant)
+        second = writer(tmp_path / f"{writer.__name__}-b", **variant)
+        assert _digest(first) == _digest(second), writer.__name__
 
 
 # --- sdbot tiny-model -------------------------------------------------------------------

@@ -16,9 +16,7 @@ falls back to characters (T5) or bytes (Qwen), as theirs do for rare words.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from pipeline.models.tiny import _COMMON_WORDS, _bytes_to_unicode
+from pipeline.models.tiny import _COMMON_WORDS
 
 # The words of the system prompts the Qwen-Image pipelines put before every prompt
 # (`prompt_template_encode` in diffusers' qwenimage pipelines). The real tokenizer has
@@ -100,6 +98,13 @@ QWEN2_VL_CHAT_TEMPLATE = (
 )
 
 
+def _byte_symbols() -> list[str]:
+    """GPT-2's 256 printable stand-ins for bytes, the base alphabet of CLIP's and Qwen's BPE."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return list(bytes_to_unicode().values())
+
+
 def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Apply BPE merges (lowest rank first) to a word's symbols, as the tokenizer will."""
     while len(symbols) > 1:
@@ -133,7 +138,7 @@ def clip_tokenizer():
     token per common word, <|startoftext|> and <|endoftext|> last (as CLIP's are)."""
     from transformers import CLIPTokenizer
 
-    chars = list(_bytes_to_unicode().values())
+    chars = _byte_symbols()
     merges = _word_merges([[*w[:-1], w[-1] + "</w>"] for w in WORDS])
     tokens = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges]
     vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
@@ -148,7 +153,7 @@ def qwen_tokenizer(*, qwen3: bool):
     newline pair, then the special tokens, then (Qwen3) the thinking tags."""
     from transformers import Qwen2Tokenizer
 
-    chars = list(_bytes_to_unicode().values())
+    chars = _byte_symbols()
     words = [*WORDS, *(w.capitalize() for w in TEMPLATE_WORDS)]
     spelled = ["ĊĊ", "Ġ(", "'s", *words, *("Ġ" + w for w in words)]
     merges = _word_merges([list(w) for w in spelled])
@@ -165,13 +170,3 @@ def qwen_tokenizer(*, qwen3: bool):
     )
     tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
     return tokenizer
-
-
-def vocab_size(tokenizer) -> int:
-    """Rows the text encoder's embedding needs for every id the tokenizer can emit."""
-    return len(tokenizer)
-
-
-def save(tokenizer, directory: Path) -> Path:
-    tokenizer.save_pretrained(directory)
-    return directory
