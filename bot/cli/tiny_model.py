@@ -150,4 +150,8 @@ def write_family_model(args: argparse.Namespace, family: str) -> int:
         path = tiny_families.write_tiny_qwen_image(args.dir, variant=variant)
         name += "-Plus" if args.plus else ""
     print(f"wrote a tiny {name} model to {path}")
+    if family == "--qwen-edit":
+        print(
+            "(load it with processor=pipeline.models.qwen_edit.load_qwen_processor(DIR/processor))"
+        )
     return 0
