@@ -169,6 +169,35 @@ def test_flux_fill_takes_384_channels_and_a_mask(tmp_path):
     )
 
 
+def test_flux_redux_turns_a_reference_image_into_flux_prompt_embeddings(flux, tmp_path):
+    import torch
+    from diffusers import FluxPriorReduxPipeline
+
+    from pipeline.models.tiny_families import write_tiny_flux_redux
+
+    # The base model's text encoders go to Redux, as for Redux with a prompt.
+    encoders = {name: getattr(flux, name) for name in ("text_encoder", "text_encoder_2")}
+    encoders |= {name: getattr(flux, name) for name in ("tokenizer", "tokenizer_2")}
+    redux = _load(write_tiny_flux_redux(tmp_path / "redux"), **encoders)
+    assert type(redux) is FluxPriorReduxPipeline
+
+    def embeddings(seed: int) -> dict:
+        out = redux(image=_photo(seed=seed), prompt=PROMPT)
+        return dict(prompt_embeds=out.prompt_embeds, pooled_prompt_embeds=out.pooled_prompt_embeds)
+
+    first = embeddings(0)
+    assert torch.equal(first["prompt_embeds"], embeddings(0)["prompt_embeds"])
+    # 512 T5 tokens of the prompt, then the 16 SigLIP tokens of the image, T5-wide.
+    assert first["prompt_embeds"].shape == (1, 512 + 16, flux.text_encoder_2.config.d_model)
+    images = []
+    for seed in (0, 1):
+        generator = torch.Generator().manual_seed(0)
+        call = dict(height=SIZE, width=SIZE, num_inference_steps=STEPS, output_type="pt")
+        images.append(flux(**embeddings(seed), generator=generator, **call).images)
+    assert images[0].shape == (1, 3, SIZE, SIZE) and torch.isfinite(images[0]).all()
+    assert not torch.equal(images[0], images[1])  # the reference image is read
+
+
 def test_flux_prompts_tokenize_to_words(flux):
     assert flux.tokenizer.tokenize(PROMPT) == ["a</w>", "photo</w>", "of</w>", "a</w>", "cat</w>"]
     assert flux.tokenizer(PROMPT).input_ids.__len__() == 5 + 2  # and start/end
@@ -368,13 +397,15 @@ def test_the_writers_write_the_same_files_every_time(flux_dir, tmp_path):
 
 
 def test_sdbot_tiny_model_writes_each_family(tmp_path, capsys):
-    from diffusers import FluxFillPipeline
+    from diffusers import FluxFillPipeline, FluxPriorReduxPipeline
 
     from bot.cli import main
 
-    assert main(["tiny-model", str(tmp_path / "fill"), "--flux", "--fill"]) == 0
-    assert "tiny Flux.1 Fill" in capsys.readouterr().out
+    assert main(["tiny-model", str(tmp_path / "fill"), "--flux", "--fill", "--redux"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny Flux.1 Fill" in out and "tiny FLUX.1-Redux" in out
     assert type(_load(tmp_path / "fill")) is FluxFillPipeline
+    assert type(_load(tmp_path / "fill" / "redux")) is FluxPriorReduxPipeline
 
 
 @pytest.mark.parametrize(
@@ -384,6 +415,7 @@ def test_sdbot_tiny_model_writes_each_family(tmp_path, capsys):
         (["--zimage", "--schnell"], "--schnell is a Flux.1 variant: add --flux"),
         (["--qwen-image", "--plus"], "--plus is a Qwen-Image-Edit variant: add --qwen-edit"),
         (["--flux2-klein", "--xl"], "--xl is an SD option: leave it out with --flux2-klein"),
+        (["--zimage", "--redux"], "--redux is Flux.1's reference-image model: add --flux"),
     ],
 )
 def test_sdbot_tiny_model_refuses_flags_of_another_family(tmp_path, capsys, flags, message):

@@ -32,6 +32,9 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     for flag, (_, name) in VARIANT_FLAGS.items():
         variant.add_argument(flag, action="store_true", help=f"with --flux: {name}")
     parser.add_argument("--plus", action="store_true", help="with --qwen-edit: Edit-Plus")
+    parser.add_argument(
+        "--redux", action="store_true", help="with --flux: also a tiny FLUX.1-Redux in DIR/redux"
+    )
     parser.set_defaults(handler=tiny_model)
 
 
@@ -125,6 +128,8 @@ def check_family_flags(args: argparse.Namespace, family: str | None) -> None:
         raise CliError(f"{variant} is a Flux.1 variant: add --flux")
     if args.plus and family != "--qwen-edit":
         raise CliError("--plus is a Qwen-Image-Edit variant: add --qwen-edit")
+    if args.redux and family != "--flux":
+        raise CliError("--redux is Flux.1's reference-image model: add --flux")
     sd_options = [f"--{o.replace('_', '-')}" for o in SD_ONLY if getattr(args, o)]
     if family and sd_options:
         what = "is an SD option" if len(sd_options) == 1 else "are SD options"
@@ -140,6 +145,9 @@ def write_family_model(args: argparse.Namespace, family: str) -> int:
         variant = next((v for f, v in VARIANT_FLAGS.items() if getattr(args, _dest(f))), None)
         path = tiny_families.write_tiny_flux(args.dir, variant=variant[0] if variant else "dev")
         name = variant[1] if variant else name
+        if args.redux:
+            redux = tiny_families.write_tiny_flux_redux(Path(args.dir) / "redux")
+            print(f"and a tiny FLUX.1-Redux model to {redux}")
     elif family == "--zimage":
         path = tiny_families.write_tiny_zimage(args.dir)
     elif family == "--flux2-klein":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 # Every tiny VAE downsamples by 8 like the real ones (four blocks), so the pipelines'
@@ -79,6 +80,18 @@ def save_pipeline(pipe, directory: str | Path) -> Path:
     directory = Path(directory)
     pipe.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def name_components_as_hub(directory: Path, components: dict[str, list[str]]) -> None:
+    """Name components in model_index.json as the Hub's folders of the family do.
+
+    We build some processors as their torchvision-free variants (`…Pil`, our image-only
+    Qwen2-VL processor), and `save_pretrained` records the class it was given; the Hub's
+    folders name the base class, which is what the loading code meets on real models."""
+    index_path = directory / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index.update(components)
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def parameter_count(pipe) -> int:

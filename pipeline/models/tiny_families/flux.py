@@ -123,3 +123,40 @@ def write_tiny_flux(directory: str | Path, *, variant: str = "dev") -> Path:
         **({} if variant == "fill" else {"image_encoder": None, "feature_extractor": None}),
     )
     return common.save_pipeline(pipe, directory)
+
+
+def write_tiny_flux_redux(directory: str | Path) -> Path:
+    """Write a tiny FLUX.1-Redux folder (`FluxPriorReduxPipeline`: a SigLIP vision encoder,
+    its image processor and the Redux projector into T5's width) for the tiny Flux.1
+    models: its output embeddings feed `FluxPipeline(prompt_embeds=…)`.
+
+    Like the Hub's FLUX.1-Redux-dev it has no text encoders: without them the pipeline
+    fills the text part with zeros at the *real* widths (512×4096, 768), so with a tiny
+    (or any) base model the caller passes the base pipeline's text encoders and
+    tokenizers to `from_pretrained` — as diffusers documents for Redux with a prompt.
+    """
+    from diffusers import FluxPriorReduxPipeline
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    vision = SiglipVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=56,  # the real one reads 384² in 14-pixel patches (729 tokens); 16 here
+        patch_size=14,
+    )
+    common.seeded(0)
+    image_encoder = SiglipVisionModel(vision).eval()
+    common.seeded(0)
+    pipe = FluxPriorReduxPipeline(
+        image_encoder=image_encoder,
+        feature_extractor=SiglipImageProcessorPil(size={"height": 56, "width": 56}),
+        image_embedder=ReduxImageEncoder(redux_dim=16, txt_in_features=32),
+    )
+    common.save_pipeline(pipe, directory)
+    feature_extractor = ["transformers", "SiglipImageProcessor"]
+    common.name_components_as_hub(Path(directory), {"feature_extractor": feature_extractor})
+    return Path(directory)

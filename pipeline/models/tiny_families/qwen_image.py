@@ -119,21 +119,12 @@ def _processor(tokenizer):
 
 def _as_hub_layout(directory: Path) -> None:
     """Name the processor as the Hub's Qwen-Image-Edit folders do (transformers'
-    Qwen2VLProcessor with Qwen2VLImageProcessor), not by our image-only stand-in."""
-    index_path = directory / "model_index.json"
-    index = json.loads(index_path.read_text())
-    index["processor"] = ["transformers", "Qwen2VLProcessor"]
-    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    for name in ("processor_config.json", "preprocessor_config.json"):
-        path = directory / "processor" / name
-        if path.exists():
-            config = json.loads(path.read_text())
-            config.pop("video_processor", None)
-            if "processor_class" in config:
-                config["processor_class"] = "Qwen2VLProcessor"
-            if "image_processor_type" in config:
-                config["image_processor_type"] = "Qwen2VLImageProcessor"
-            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    Qwen2VLProcessor), not by our image-only stand-in."""
+    common.name_components_as_hub(directory, {"processor": ["transformers", "Qwen2VLProcessor"]})
+    config_path = directory / "processor" / "processor_config.json"
+    config = json.loads(config_path.read_text())
+    config["processor_class"] = "Qwen2VLProcessor"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def write_tiny_qwen_image(directory: str | Path, *, variant: str = "image") -> Path:
