@@ -171,6 +171,23 @@ def _parameters(pipe) -> int:
     return parameter_count(pipe)
 
 
+def _redux_row(root: Path, flux, runs: int) -> None:
+    """FLUX.1-Redux: reference image (+ prompt, through the base's text encoders) →
+    Flux prompt embeddings; the row's parameters are Redux's own."""
+    from pipeline.models.tiny_families import write_tiny_flux_redux
+
+    names = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    redux = _load(write_tiny_flux_redux(root / "redux"))
+    own = _parameters(redux)
+    redux = type(redux).from_pipe(redux, **{name: getattr(flux, name) for name in names})
+    redux.set_progress_bar_config(disable=True)
+    seconds = timed(lambda: redux(image=_image(), prompt="a photo of a cat"), runs)
+    print(
+        f"| Flux.1 Redux | {own:,} | reference image → embeddings | {type(redux).__name__} "
+        f"| {seconds:.3f} |"
+    )
+
+
 def _full_area(root: Path) -> None:
     """The edit pipelines at the input size they choose themselves, one call each."""
     from pipeline.models import tiny_families as tf
@@ -214,6 +231,8 @@ def main() -> None:
                 f"| {name} | {_parameters(pipe):,} | {mode} "
                 f"| {type(runner).__name__} | {seconds:.3f} |"
             )
+        if name == "Flux.1 dev":
+            _redux_row(root, pipe, args.runs)
     if args.full_area:
         _full_area(root)
 
