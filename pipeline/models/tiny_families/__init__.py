@@ -5,7 +5,7 @@ One module per family, each with `write_tiny_<family>(directory, **variant) -> P
 `tokenizers` builds their tokenizers from an in-memory vocabulary. Worker side (torch).
 """
 
-from pipeline.models.tiny_families.flux import write_tiny_flux, write_tiny_flux_redux
+from pipeline.families.flux_tiny import write_tiny_flux, write_tiny_flux_redux
 from pipeline.models.tiny_families.flux2_klein import write_tiny_flux2_klein
 from pipeline.models.tiny_families.qwen_image import write_tiny_qwen_image
 from pipeline.models.tiny_families.zimage import write_tiny_zimage
