@@ -132,6 +132,11 @@ class Family:
         with prompt_conditioning(pipe, samples, evaluations) as embeds:
             yield embeds
 
+    def call_inputs(self, spec: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The mode's image inputs as this family's pipelines take them (SD's img2img and
+        inpaint pipelines take their size from the image)."""
+        return inputs
+
     def guidance_arguments(self, spec: Any) -> dict[str, Any]:
         """The pipeline's guidance keywords for a job (classifier-free guidance here)."""
         return {"guidance_scale": spec.cfg_scale}

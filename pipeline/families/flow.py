@@ -87,6 +87,10 @@ class FlowFamily(Family):
     def scheduler(self, base_config: dict[str, Any], sampler: str, schedule: str, mode: str):
         return flow_scheduler(base_config, sampler, schedule, mode)
 
+    def call_inputs(self, spec: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+        # diffusers' flow pipelines draw at their default size (1024²) unless told.
+        return {"width": spec.width, "height": spec.height, **inputs}
+
     def preview_latents(self, latents: Any, pipe: Any, size: tuple[int, int]) -> Any:
         if not self.packed:
             return latents

@@ -270,6 +270,11 @@ class _FluxKontext(Flux):
     spec = VARIANTS["kontext"]
     pipelines = {"img2img": "FluxKontextPipeline", "txt2img": "FluxKontextPipeline"}
 
+    def call_inputs(self, spec: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+        # Kontext edits the whole image at the prompt's word: no denoising strength.
+        inputs = {k: v for k, v in inputs.items() if k != "strength"}
+        return super().call_inputs(spec, inputs)
+
 
 class _FluxFill(Flux):
     spec = VARIANTS["fill"]

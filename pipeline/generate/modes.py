@@ -548,7 +548,7 @@ def _call(
             generator=generators,
             callback_on_step_end=run.callback,
             callback_on_step_end_tensor_inputs=["latents"],
-            **inputs,
+            **kind.call_inputs(spec, inputs),
         )
     return result.images
 

@@ -246,6 +246,8 @@ def _from_single_file(kind: Family, cls, path: Path, torch_dtype: Any, config: s
     family_from_checkpoint(path)  # a clear error for a file that is no checkpoint
     try:
         return kind.load_single_file(cls, path, torch_dtype, config)
+    except ModelError:
+        raise
     except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds here
         if not config and ("connect" in str(exc).lower() or os.environ.get("HF_HUB_OFFLINE")):
             raise ModelError(

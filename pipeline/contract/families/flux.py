@@ -71,9 +71,15 @@ class Flux(FlowSpec):
 
     @classmethod
     def matches_checkpoint(cls, keys: Collection[str]) -> bool:
-        names = [k.removeprefix(CHECKPOINT_PREFIX) for k in keys]
-        return any(k.startswith("double_blocks.") for k in names) and any(
-            k.startswith("single_blocks.") for k in names
+        """BFL's layout: double_blocks/single_blocks, with the key diffusers' own
+        `infer_diffusers_model_type` reads as Flux.1, and none of the names that make a
+        file Flux.2 or Chroma (which share the block names)."""
+        names = {k.removeprefix(CHECKPOINT_PREFIX) for k in keys}
+        others = ("single_stream_modulation.", "distilled_guidance_layer.", "early_stream_modulations.")
+        return (
+            "double_blocks.0.img_attn.norm.key_norm.scale" in names
+            and any(k.startswith("single_blocks.") for k in names)
+            and not any(k.startswith(others) for k in names)
         )
 
     @classmethod
@@ -87,7 +93,7 @@ class Flux(FlowSpec):
         if spec.mode == "txt2img" and (spec.width % 16 or spec.height % 16):
             raise JobError(
                 f"{cls.label} sizes must be multiples of 16, not {spec.width}×{spec.height}; "
-                f"try {round(spec.width / 16) * 16}×{round(spec.height / 16) * 16}"
+                f"try {max(spec.width // 16, 1) * 16}×{max(spec.height // 16, 1) * 16}"
             )
         if cls.max_steps is not None and spec.steps > cls.max_steps:
             raise JobError(
