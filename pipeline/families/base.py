@@ -91,6 +91,12 @@ class Family:
         names = (self.denoiser_name, "vae", *self.text_encoder_names)
         return [getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None]
 
+    def fused_lora_layers(self, pipe: Any) -> dict[str, list[tuple[str, int, int | None]]]:
+        """A LoRA file's layers that are another module, or several, of the model (Flux.1's
+        BFL names, its fused qkv): file module name → [(our module's lookup name, first
+        row, end row)]; one entry with end None is a plain rename."""
+        return {}
+
     # -- pipelines per mode ----------------------------------------------------------------
 
     def pipeline_class(self, mode: str) -> Any:

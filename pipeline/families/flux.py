@@ -54,6 +54,8 @@ class Flux(FlowFamily):
     )
     preview_bias = (-0.0329, -0.0718, -0.0851)
     kohya_base_model = "flux1"
+    # kohya's sd-scripts name the transformer `lora_unet_` and CLIP-L `lora_te1_`.
+    lora_prefixes = {"transformer": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 
     def owns(self, pipe: Any) -> bool:
         name = type(pipe).__name__
@@ -82,6 +84,42 @@ class Flux(FlowFamily):
             kwargs["quantization_config"] = diffusers.GGUFQuantizationConfig(compute_dtype=torch_dtype)
         transformer = diffusers.FluxTransformer2DModel.from_single_file(str(path), **kwargs)
         return cls.from_pretrained(config, transformer=transformer, torch_dtype=torch_dtype)
+
+    def fused_lora_layers(self, pipe: Any) -> dict[str, list[tuple[str, int, int | None]]]:
+        """BFL's (and kohya's) layer names → diffusers' modules, as diffusers'
+        `_convert_kohya_flux_lora_to_diffusers` maps them, with the fused qkv and
+        single-block linear1 split at this model's own widths (diffusers hard-codes the
+        12B model's 3072/12288)."""
+        config = self.denoiser(pipe).config
+        inner = config.num_attention_heads * config.attention_head_dim
+        t = "transformer."
+        blocks = t + "transformer_blocks."
+        fused: dict[str, list[tuple[str, int, int | None]]] = {}
+
+        def split(name: str, targets: list[str], widths: list[int]) -> None:
+            bounds, start = [], 0
+            for target, width in zip(targets, widths):
+                bounds.append((target, start, start + width))
+                start += width
+            fused[name] = bounds
+
+        def rename(name: str, target: str) -> None:
+            fused[name] = [(target, 0, None)]
+
+        for i in range(config.num_layers):
+            at, block = f"lora_unet_double_blocks_{i}_", f"{blocks}{i}."
+            split(at + "img_attn_qkv", [f"{block}attn.to_{x}" for x in "qkv"], [inner] * 3)
+            split(at + "txt_attn_qkv", [f"{block}attn.add_{x}_proj" for x in "qkv"], [inner] * 3)
+            for theirs, ours in _DOUBLE_LAYERS:
+                rename(at + theirs, block + ours)
+        mlp = int(inner * 4.0)  # FluxSingleTransformerBlock's mlp_ratio
+        for i in range(config.num_single_layers):
+            at, block = f"lora_unet_single_blocks_{i}_", f"{t}single_transformer_blocks.{i}."
+            targets = [f"{block}attn.to_{x}" for x in "qkv"] + [f"{block}proj_mlp"]
+            split(at + "linear1", targets, [inner] * 3 + [mlp])
+            rename(at + "linear2", block + "proj_out")
+            rename(at + "modulation_lin", block + "norm.linear")
+        return fused
 
     # -- one denoising call ----------------------------------------------------------------
 
@@ -178,6 +216,19 @@ class Flux(FlowFamily):
             max_sequence_length=self.spec.t5_tokens,
         )
         return embeds, pooled
+
+
+# kohya's double-block layers that are one module each in diffusers (BFL name → ours).
+_DOUBLE_LAYERS = (
+    ("img_attn_proj", "attn.to_out.0"),
+    ("img_mlp_0", "ff.net.0.proj"),
+    ("img_mlp_2", "ff.net.2"),
+    ("img_mod_lin", "norm1.linear"),
+    ("txt_attn_proj", "attn.to_add_out"),
+    ("txt_mlp_0", "ff_context.net.0.proj"),
+    ("txt_mlp_2", "ff_context.net.2"),
+    ("txt_mod_lin", "norm1_context.linear"),
+)
 
 
 class _ScheduledForward:
