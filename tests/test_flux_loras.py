@@ -193,3 +193,40 @@ def test_a_flux_lora_on_sd_and_an_sd_lora_on_flux_are_refused_naming_both(tmp_pa
     )
     with pytest.raises(LoraError, match=r"^LoRA 'sd_style' was made for SD 1.x; this model is Flux.1$"):
         read_lora_file(sd, name="sd_style", family="flux", max_bytes=1 << 30)
+
+
+@pytest.mark.parametrize("algo", ["lokr", "loha"])
+def test_lycoris_lokr_and_loha_equal_lycoris_applying_them(flux_dir, tmp_path, algo):
+    """LoKr/LoHa made by LyCORIS's own wrapper on the transformer (as SimpleTuner trains
+    Flux.1 LyCORIS files: `lycoris_<module>.lokr_w1…`), saved by LyCORIS, applied by our
+    ΔW path and compared with LyCORIS applying its network."""
+    import copy
+    import logging
+
+    from lycoris.logging import logger
+    from lycoris.wrapper import create_lycoris
+
+    base_pipe = _pipe(flux_dir)
+    base = _output(base_pipe.transformer)
+    transformer = copy.deepcopy(base_pipe.transformer)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        network = create_lycoris(transformer, 1.0, linear_dim=4, linear_alpha=2.0, algo=algo, factor=4)
+        network.apply_to()
+    finally:
+        logger.setLevel(level)
+    generator = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for _, parameter in network.named_parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    network.eval()
+    theirs = _output(transformer)
+    path = tmp_path / f"flux_{algo}.safetensors"
+    network.save_weights(str(path), torch.float32, {})
+    cache = LoraCache(base_pipe, max_bytes=1 << 30)
+    lora = ref(path)
+    with cache.activate([lora]):
+        ours = _output(base_pipe.transformer)
+    assert cache.notices([lora[0]]) == []
+    _compare(base, theirs, ours)

@@ -119,6 +119,11 @@ class Flux(FlowFamily):
             split(at + "linear1", targets, [inner] * 3 + [mlp])
             rename(at + "linear2", block + "proj_out")
             rename(at + "modulation_lin", block + "norm.linear")
+        # LyCORIS's own wrapper (SimpleTuner's Flux LoKr/LoHa files) names the
+        # transformer's modules `lycoris_<diffusers path>`.
+        for path, _ in self.denoiser(pipe).named_modules():
+            if path:
+                rename("lycoris_" + path.replace(".", "_"), t + path)
         return fused
 
     # -- one denoising call ----------------------------------------------------------------

@@ -63,6 +63,7 @@ class Flux(FlowSpec):
         "diffusion_model.single_blocks.",
         "transformer.single_transformer_blocks.",
         "lora_transformer_single_transformer_blocks_",
+        "lycoris_single_transformer_blocks_",  # LyCORIS's wrapper (SimpleTuner)
     )
 
     @classmethod
