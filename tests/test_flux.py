@@ -499,3 +499,26 @@ def test_sdbot_generate_runs_flux_and_reads_its_infotext_back(tmp_path, flux_dir
     refused = sdbot("a cat", "--width", "72", "--height", "64")
     assert refused.returncode != 0
     assert refused.stderr.strip().splitlines()[-1].endswith("not 72×64; try 64×64")
+
+
+def test_the_shared_flow_pieces_equal_diffusers(dev):
+    """The pieces issue 24's families reuse: shift and dynamic shift as diffusers' flow
+    Euler and Flux pipeline compute them, logit-normal σ as diffusers' training utils."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    from pipeline.families.flow import dynamic_shift, logit_normal_sigmas, shift_sigmas
+
+    fixed = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    unshifted = torch.linspace(1.0, 1 / 1000, 1000)
+    assert torch.allclose(shift_sigmas(unshifted, 3.0), fixed.sigmas[:1000], atol=1e-6)
+    config = dev.scheduler_config
+    mu = calculate_shift(1024, config["base_image_seq_len"], config["max_image_seq_len"],
+                         config["base_shift"], config["max_shift"])
+    assert dynamic_shift(config, 1024) == pytest.approx(np.exp(mu))
+    ours = logit_normal_sigmas(8, torch.Generator().manual_seed(0))
+    theirs = compute_density_for_timestep_sampling(
+        "logit_normal", 8, logit_mean=0.0, logit_std=1.0, generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.allclose(ours, theirs)
