@@ -10,7 +10,7 @@ the figure is the median over rounds of each, and their ratio. Per step: the dif
 between a `--steps` call and a 1-step call, divided by `--steps` − 1, so the encoders'
 and the VAE's once-per-image cost drops out.
 
-    python bench/bench_flux.py [--rounds 5] [--steps 8] [--arch]
+    python bench/bench_flux.py [--rounds 5] [--steps 8] [--arch] [--device cuda] [--size 1024]
 """
 
 from __future__ import annotations
@@ -93,6 +93,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--arch", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", type=int, default=0, help="0: 64 (tiny), 512 (--arch)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: default")
     args = parser.parse_args()
     quiet_libraries()
     from diffusers import FluxPipeline
@@ -103,9 +106,9 @@ def main() -> None:
     from pipeline.generate.modes import run_generation
     from pipeline.models.loading import ModelCache
 
-    if not args.arch:
-        torch.set_num_threads(1)
-    size = 512 if args.arch else 64
+    if args.threads or not args.arch:
+        torch.set_num_threads(args.threads or 1)
+    size = args.size or (512 if args.arch else 64)
     dtype = "bfloat16" if args.arch else "float32"
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_tiny_flux(Path(tmp) / "dev")
@@ -114,8 +117,8 @@ def main() -> None:
         config = config_from_dict(
             {"models": {"flux": {"source": str(folder)}}, "workers": {"dtype": dtype}}
         )
-        model = ModelCache(config, "cpu").get()
-        plain = FluxPipeline.from_pretrained(folder, torch_dtype=model.dtype)
+        model = ModelCache(config, args.device).get()
+        plain = FluxPipeline.from_pretrained(folder, torch_dtype=model.dtype).to(args.device)
         plain.set_progress_bar_config(disable=True)
 
         def ours(steps: int) -> None:
@@ -138,11 +141,14 @@ def main() -> None:
         for _ in range(args.rounds):
             for name, fn in (("ours", ours), ("diffusers", theirs)):
                 for steps in (1, args.steps):
+                    _sync(args.device)
                     start = time.perf_counter()
                     fn(steps)
+                    _sync(args.device)
                     times.setdefault((name, steps), []).append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
     label = "Flux.1 architecture, 1+1 blocks, bf16" if args.arch else "tiny Flux.1 dev, fp32"
+    label += f", {args.device}"
     print(f"| model | size | call ({args.steps} steps): ours | diffusers | ratio | per step: ours | diffusers | ratio |")
     print("|---|---|---|---|---|---|---|---|")
     per = {
@@ -154,6 +160,11 @@ def main() -> None:
         f"{call['ours'] / call['diffusers']:.3f}× | {per['ours'] * 1000:.1f} ms | "
         f"{per['diffusers'] * 1000:.1f} ms | {per['ours'] / per['diffusers']:.3f}× |"
     )
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":
