@@ -23,7 +23,7 @@ from typing import Any
 from pipeline.contract.families.flux import VARIANTS
 from pipeline.contract.families.flux import Flux as SPEC
 from pipeline.contract.prompt_schedule import plan_prompt, split_and, text_at_step
-from pipeline.contract.prompt_syntax import BREAK, parse_prompt_attention, strip_loras
+from pipeline.contract.prompt_syntax import parse_prompt_attention, strip_loras
 from pipeline.families.flow import FlowFamily
 
 
@@ -58,7 +58,11 @@ class Flux(FlowFamily):
     preview_bias = (-0.0329, -0.0718, -0.0851)
     kohya_base_model = "flux1"
     # kohya's sd-scripts name the transformer `lora_unet_` and CLIP-L `lora_te1_`.
-    lora_prefixes = {"transformer": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    lora_prefixes = {
+        "transformer": "lora_unet_",
+        "text_encoder": "lora_te1_",
+        "text_encoder_2": "lora_te2_",
+    }
 
     def owns(self, pipe: Any) -> bool:
         name = type(pipe).__name__
@@ -82,9 +86,15 @@ class Flux(FlowFamily):
             )
         import diffusers
 
-        kwargs: dict[str, Any] = {"torch_dtype": torch_dtype, "config": config, "subfolder": "transformer"}
+        kwargs: dict[str, Any] = {
+            "torch_dtype": torch_dtype,
+            "config": config,
+            "subfolder": "transformer",
+        }
         if str(path).endswith(".gguf"):
-            kwargs["quantization_config"] = diffusers.GGUFQuantizationConfig(compute_dtype=torch_dtype)
+            kwargs["quantization_config"] = diffusers.GGUFQuantizationConfig(
+                compute_dtype=torch_dtype
+            )
         transformer = diffusers.FluxTransformer2DModel.from_single_file(str(path), **kwargs)
         return cls.from_pretrained(config, transformer=transformer, torch_dtype=torch_dtype)
 
@@ -252,7 +262,9 @@ class Flux(FlowFamily):
         ids += [tokenizer.pad_token_id] * (limit - len(ids))
         weights += [1.0] * (limit - len(weights))
         device = pipe._execution_device
-        z = pipe.text_encoder_2(torch.tensor([ids], device=device), output_hidden_states=False)[0][0]
+        z = pipe.text_encoder_2(torch.tensor([ids], device=device), output_hidden_states=False)[0][
+            0
+        ]
         z = z.float()
         original = z.mean()
         z = z * torch.tensor(weights, device=device)[:, None]
