@@ -249,6 +249,16 @@ def test_txt2img_equals_flux_pipeline_with_progress_and_packed_previews(dev, flu
     )
 
 
+def test_a_batch_of_jobs_equals_each_job_alone(dev):
+    jobs = [spec(seed=1), spec(prompt="a [dog:cat:0.5] on a sofa", seed=2, count=2)]
+    batched = run_generation(dev, jobs)
+    alone = [run_generation(dev, [job])[0] for job in jobs]
+    for got, want in zip(batched, alone):
+        assert [level_difference(image_of(a), image_of(b)) for a, b in zip(got, want)] == [0] * len(
+            want
+        )
+
+
 def test_distilled_and_true_cfg_are_the_pipelines_guidance_and_true_cfg_scale(dev, flux_dirs):
     job = spec(guidance=5.0, cfg_scale=2.0, negative_prompt="blurry")
     [[ours]] = run_generation(dev, [job])

@@ -57,6 +57,7 @@ class Flux(FlowFamily):
     )
     preview_bias = (-0.0329, -0.0718, -0.0851)
     kohya_base_model = "flux1"
+    prompt_chunks = False  # CLIP 77 and T5 512 tokens, fixed lengths
     # kohya's sd-scripts name the transformer `lora_unet_` and CLIP-L `lora_te1_`.
     lora_prefixes = {
         "transformer": "lora_unet_",
