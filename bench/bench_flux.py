@@ -96,6 +96,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--size", type=int, default=0, help="0: 64 (tiny), 512 (--arch)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: default")
+    parser.add_argument(
+        "--diffusers-first", action="store_true", help="each round times diffusers' call first"
+    )
     args = parser.parse_args()
     quiet_libraries()
     from diffusers import FluxPipeline
@@ -148,7 +151,8 @@ def main() -> None:
         for fn in (ours, theirs):  # warm-up
             fn(1)
         for _ in range(args.rounds):
-            for name, fn in (("ours", ours), ("diffusers", theirs)):
+            order = [("ours", ours), ("diffusers", theirs)]
+            for name, fn in reversed(order) if args.diffusers_first else order:
                 for steps in (1, args.steps):
                     _sync(args.device)
                     start = time.perf_counter()
