@@ -93,9 +93,7 @@ def test_a_mode_option_or_sampler_a_family_lacks_is_refused_naming_it() -> None:
         options = frozenset({"negative_prompt"})
         samplers = ("Euler",)
 
-    with pytest.raises(
-        JobError, match=r"^Edit-only models have no txt2img mode; they have: img2img$"
-    ):
+    with pytest.raises(JobError, match=r"^Edit-only models cannot txt2img; modes: img2img$"):
         EditOnly.check_mode("txt2img")
     with pytest.raises(JobError, match=r"^Edit-only models have no control option$"):
         EditOnly.check_option("control")
@@ -107,8 +105,9 @@ def test_a_mode_option_or_sampler_a_family_lacks_is_refused_naming_it() -> None:
 def test_config_names_the_families() -> None:
     from pipeline.contract.config import ConfigError, config_from_dict
 
-    with pytest.raises(ConfigError, match=r"family must be auto, sd1 or sdxl"):
-        config_from_dict({"models": {"m": {"source": "x", "family": "flux"}}})
+    # Flux.1 is a family since issue 23; SD3 is none.
+    with pytest.raises(ConfigError, match=r"family must be auto, flux, sd1 or sdxl"):
+        config_from_dict({"models": {"m": {"source": "x", "family": "sd3"}}})
 
 
 def _shapes(path: Path) -> dict[str, list[int]]:

@@ -10,6 +10,7 @@ from typing import Any
 
 from bot.cli.common import CliError, command_config
 from pipeline.contract.config import Config
+from pipeline.contract.families import defaults_for
 from pipeline.contract.jobs import GenerateSpec, LoraRef
 from pipeline.contract.model_names import resolve_model
 
@@ -29,6 +30,9 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--schedule", default=None, help="Automatic, Karras, Exponential, …")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--cfg", type=float, default=None, help="CFG scale")
+    parser.add_argument(
+        "--guidance", type=float, default=None, help="Distilled CFG Scale (Flux.1 dev: 3.5)"
+    )
     parser.add_argument("--seed", type=int, default=None, help="random when absent")
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--height", type=int, default=None)
@@ -112,15 +116,17 @@ def _read_input(path: Path, name: str, limit: int):
 
 
 def build_generate_spec(args: argparse.Namespace, config: Config, blobs: _Blobs) -> GenerateSpec:
-    d = config.defaults
+    model = _model_name(config, args.model)
+    d = defaults_for(config, model)
     values: dict[str, Any] = dict(
         prompt=args.prompt,
         negative_prompt=d.negative_prompt if args.negative is None else args.negative,
-        model=_model_name(config, args.model),
+        model=model,
         sampler=args.sampler or d.sampler,
         schedule=args.schedule or (d.schedule if not args.sampler else "Automatic"),
         steps=d.steps if args.steps is None else args.steps,
         cfg_scale=d.cfg_scale if args.cfg is None else args.cfg,
+        guidance=args.guidance,
         seed=args.seed,
         width=args.width or d.width,
         height=args.height or d.height,
@@ -263,7 +269,12 @@ def _from_png(args: argparse.Namespace, config: Config):
     fields = pasted.fields
     args.prompt = args.prompt or pasted.prompt
     args.negative = pasted.negative_prompt if args.negative is None else args.negative
-    for option, key in (("steps", "steps"), ("cfg", "cfg_scale"), ("seed", "seed")):
+    for option, key in (
+        ("steps", "steps"),
+        ("cfg", "cfg_scale"),
+        ("guidance", "guidance"),
+        ("seed", "seed"),
+    ):
         if getattr(args, option) is None and key in fields:
             setattr(args, option, fields[key])
     for option in ("width", "height"):

@@ -25,11 +25,51 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--segmentation", action="store_true", help="also a tiny ADE20K segmentation model"
     )
+    family = parser.add_mutually_exclusive_group()
+    for flag, name in FAMILY_FLAGS.items():
+        family.add_argument(flag, action="store_true", help=f"a tiny {name} model instead")
+    variant = parser.add_mutually_exclusive_group()
+    for flag, (_, name) in VARIANT_FLAGS.items():
+        variant.add_argument(flag, action="store_true", help=f"with --flux: {name}")
+    parser.add_argument("--plus", action="store_true", help="with --qwen-edit: Edit-Plus")
+    parser.add_argument(
+        "--redux", action="store_true", help="with --flux: also a tiny FLUX.1-Redux in DIR/redux"
+    )
     parser.set_defaults(handler=tiny_model)
+
+
+# The flow-matching families (pipeline/models/tiny_families/), one flag each.
+FAMILY_FLAGS = {
+    "--flux": "Flux.1 dev",
+    "--zimage": "Z-Image",
+    "--qwen-image": "Qwen-Image",
+    "--qwen-edit": "Qwen-Image-Edit",
+    "--flux2-klein": "Flux.2 klein",
+}
+VARIANT_FLAGS = {
+    "--schnell": ("schnell", "Flux.1 schnell"),
+    "--kontext": ("kontext", "Flux.1 Kontext"),
+    "--fill": ("fill", "Flux.1 Fill (384-channel inpainting)"),
+}
+SD_ONLY = (
+    "xl",
+    "inpaint",
+    "single_file",
+    "controlnet",
+    "ip_adapter",
+    "depth",
+    "pose",
+    "segmentation",
+)
 
 
 def tiny_model(args: argparse.Namespace) -> int:
     from pipeline.families.sd_tiny import write_tiny_model
+
+    family = next((f for f in FAMILY_FLAGS if getattr(args, _dest(f))), None)
+    check_family_flags(args, family)
+    if family:
+        return write_family_model(args, family)
 
     path = write_tiny_model(args.dir, xl=args.xl, inpaint=args.inpaint)
     kind = "SDXL" if args.xl else "SD 1.x"
@@ -73,3 +113,53 @@ def write_control_files(args: argparse.Namespace, path: Path) -> None:
         segmentation=args.segmentation,
     )
     print(f"and its ControlNet/IP-Adapter files, and {config}")
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def check_family_flags(args: argparse.Namespace, family: str | None) -> None:
+    """One line for a variant without its family, or an SD option with a new family."""
+    from bot.cli.common import CliError
+
+    variant = next((f for f in VARIANT_FLAGS if getattr(args, _dest(f))), None)
+    if variant and family != "--flux":
+        raise CliError(f"{variant} is a Flux.1 variant: add --flux")
+    if args.plus and family != "--qwen-edit":
+        raise CliError("--plus is a Qwen-Image-Edit variant: add --qwen-edit")
+    if args.redux and family != "--flux":
+        raise CliError("--redux is Flux.1's reference-image model: add --flux")
+    sd_options = [f"--{o.replace('_', '-')}" for o in SD_ONLY if getattr(args, o)]
+    if family and sd_options:
+        what = "is an SD option" if len(sd_options) == 1 else "are SD options"
+        raise CliError(f"{', '.join(sd_options)} {what}: leave it out with {family}")
+
+
+def write_family_model(args: argparse.Namespace, family: str) -> int:
+    """A tiny Flux.1 / Z-Image / Qwen-Image / Flux.2 klein model (diffusers folder)."""
+    from pipeline.models import tiny_families
+
+    name = FAMILY_FLAGS[family]
+    if family == "--flux":
+        variant = next((v for f, v in VARIANT_FLAGS.items() if getattr(args, _dest(f))), None)
+        path = tiny_families.write_tiny_flux(args.dir, variant=variant[0] if variant else "dev")
+        name = variant[1] if variant else name
+        if args.redux:
+            redux = tiny_families.write_tiny_flux_redux(Path(args.dir) / "redux")
+            print(f"and a tiny FLUX.1-Redux model to {redux}")
+    elif family == "--zimage":
+        path = tiny_families.write_tiny_zimage(args.dir)
+    elif family == "--flux2-klein":
+        path = tiny_families.write_tiny_flux2_klein(args.dir)
+    else:
+        edit = "edit-plus" if args.plus else "edit"
+        variant = "image" if family == "--qwen-image" else edit
+        path = tiny_families.write_tiny_qwen_image(args.dir, variant=variant)
+        name += "-Plus" if args.plus else ""
+    print(f"wrote a tiny {name} model to {path}")
+    if family == "--qwen-edit":
+        print(
+            "(load it with processor=pipeline.models.qwen_edit.load_qwen_processor(DIR/processor))"
+        )
+    return 0

@@ -1,6 +1,7 @@
-"""Model families, worker side: one module per family (`sd1.py`, `sdxl.py`) on
-`base.Family`, each the one place that knows that family; its tiny model's writer
-beside it (`sd_tiny.py` writes both UNet families). See docs/ARCHITECTURE.md,
+"""Model families, worker side: one module per family (`sd1.py`, `sdxl.py`, `flux.py`) on
+`base.Family` (the flow-matching ones on `flow.FlowFamily`), each the one place that
+knows that family; its tiny model's writer beside it (`sd_tiny.py` writes both UNet
+families, `flux_tiny.py` Flux.1's variants). See docs/ARCHITECTURE.md,
 "Adding a model family"."""
 
 from __future__ import annotations
@@ -8,11 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.families.base import Family
+from pipeline.families.flux import Flux
 from pipeline.families.sd1 import SD1
 from pipeline.families.sdxl import SDXL
 
 # Most specific first: an SDXL pipeline also holds every SD 1.x component.
-FAMILIES: dict[str, Family] = {f.name: f for f in (SDXL(), SD1())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (Flux(), SDXL(), SD1())}
 
 
 def family(name: str) -> Family:

@@ -25,12 +25,10 @@ from PIL import Image, ImageFilter
 from pipeline.contract.images import open_image
 from pipeline.contract.infotext import VERSION, format_infotext, png_bytes
 from pipeline.contract.jobs import GenerateSpec, JobError, OutputImage
-from pipeline.contract.samplers import resolve
 from pipeline.faces import detection as faces
 from pipeline.families import Family
 from pipeline.generate import compiled
 from pipeline.models.loading import LoadedModel
-from pipeline.models.schedulers import build_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +57,7 @@ class _Run:
     should_cancel: Callable[[], bool] | None
     preview_every: int
     control: Any = None  # pipeline.control.apply.ControlCache: ControlNets, IP-Adapters
+    size: tuple[int, int] = (0, 0)  # the call's width × height (packed latents' preview)
 
     def callback(self, pipe, step: int, timestep, kwargs: dict) -> dict:
         if self.should_cancel is not None and self.should_cancel():
@@ -67,7 +66,10 @@ class _Run:
             done = step + 1
             total = getattr(pipe, "num_timesteps", None) or done
             show = self.preview_every > 0 and (done % self.preview_every == 0)
-            preview = latent_preview(kwargs["latents"], self.model.kind) if show else None
+            preview = None
+            if show:
+                latents = self.model.kind.preview_latents(kwargs["latents"], pipe, self.size)
+                preview = latent_preview(latents, self.model.kind)
             self.on_step(done, total, preview)
         return {}
 
@@ -97,9 +99,9 @@ def run_generation(
         if len(keys) != 1 or "" in keys:
             raise JobError("only txt2img jobs with the same settings can share a batch")
     spec = specs[0]
-    # A mode or sampler the model's family lacks: one line naming the family.
-    model.kind.spec.check_mode(spec.mode)
-    model.kind.spec.check_sampler(resolve(spec.sampler, spec.schedule)[0].name)
+    # A mode, sampler or setting the model's family lacks: one line naming the family.
+    model.kind.spec.check_job(spec)
+    model.kind.spec.resolve_sampler(spec.sampler, spec.schedule)
     if spec.mode == "txt2img":
         results = txt2img(run, specs, blobs, loras)
     else:
@@ -126,7 +128,7 @@ def run_generation(
                 img,
                 seed,
                 hashes,
-                _lora_notices(loras, s),
+                _lora_notices(loras, s) + model.kind.prompt_notices(model.pipe, s),
                 _control_infotext(control, s, model),
             )
             for img, seed in zip(images, s.seeds())
@@ -182,7 +184,8 @@ def txt2img(run: _Run, specs: Sequence[GenerateSpec], blobs, loras) -> list[list
     # 1. One sample per image: spec × count, each with its own seeded generator, so
     #    an image is the same whether it ran alone or in a batch.
     spec = specs[0]
-    if len(specs) > 1 and len(counts := _chunk_counts(run.model, specs)) > 1:
+    chunked = run.model.kind.prompt_chunks
+    if len(specs) > 1 and chunked and len(counts := _chunk_counts(run.model, specs)) > 1:
         # Padding a shorter prompt with empty chunks would change its image: each chunk
         # count runs as its own batch, so every image equals the same job run alone.
         results: list[list[Image.Image]] = [[] for _ in specs]
@@ -220,7 +223,7 @@ def _chunk_counts(model: LoadedModel, specs: Sequence[GenerateSpec]) -> dict[int
     from pipeline.generate.conditioning import denoising_evaluations, plan_chunk_count
 
     spec = specs[0]  # batched specs share sampler, schedule and steps
-    scheduler = build_scheduler(model.scheduler_config, spec.sampler, spec.schedule)
+    scheduler = model.kind.scheduler(model.scheduler_config, spec.sampler, spec.schedule, spec.mode)
     evaluations = denoising_evaluations(scheduler, spec.steps)
     groups: dict[int, list[int]] = {}
     for i, spec in enumerate(specs):
@@ -468,7 +471,7 @@ def _multiple_of_8(value: float) -> int:
 def _sampler(
     model: LoadedModel, pipe, spec: GenerateSpec, images: int | None = None
 ) -> Iterator[None]:
-    scheduler = build_scheduler(model.scheduler_config, spec.sampler, spec.schedule)
+    scheduler = model.kind.scheduler(model.scheduler_config, spec.sampler, spec.schedule, spec.mode)
     if hasattr(scheduler.config, "noise_sampler_seed"):
         # DPM++ SDE draws its Brownian noise from its own seed: tie it to the job's.
         scheduler = scheduler.from_config(scheduler.config, noise_sampler_seed=spec.seed)
@@ -525,27 +528,28 @@ def _call(
     seeds: list[int],
     **inputs: Any,
 ) -> list[Image.Image]:
-    from pipeline.generate.conditioning import denoising_evaluations, prompt_conditioning
-
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     steps = spec.steps
     if inputs.get("strength"):
         # diffusers runs int(steps × strength) steps; at low strength that can be 0.
         steps = max(steps, math.ceil(1 / inputs["strength"]))
-    evaluations = denoising_evaluations(pipe.scheduler, steps, inputs.get("strength"))
+    kind = run.model.kind_of(pipe)
+    run.size = (spec.width, spec.height)
     with (
         torch.inference_mode(),
-        prompt_conditioning(pipe, conditioning["samples"], evaluations) as embeds,
+        kind.prompt_conditioning(
+            pipe, conditioning["samples"], steps, inputs.get("strength")
+        ) as embeds,
         compiled.active(run.model, pipe),
     ):
         result = pipe(
             **embeds,
             num_inference_steps=steps,
-            guidance_scale=spec.cfg_scale,
+            **kind.guidance_arguments(spec),
             generator=generators,
             callback_on_step_end=run.callback,
             callback_on_step_end_tensor_inputs=["latents"],
-            **inputs,
+            **kind.call_inputs(spec, inputs),
         )
     return result.images
 
@@ -607,12 +611,14 @@ def infotext_for(
     lora_hashes: dict[str, str] | None = None,
     extra: dict[str, str] | None = None,
 ) -> str:
-    sampler, schedule = resolve(spec.sampler, spec.schedule)
+    sampler, schedule = model.kind.spec.resolve_sampler(spec.sampler, spec.schedule)
     params: dict[str, Any] = {
         "Steps": spec.steps,
-        "Sampler": sampler.name,
+        "Sampler": sampler,
         "Schedule type": None if schedule == "Automatic" else schedule,
         "CFG scale": spec.cfg_scale,
+        # Forge's name for a guidance-distilled model's embedded guidance (Flux.1)
+        "Distilled CFG Scale": model.kind.spec.guidance_of(spec),
         "Seed": seed,
         "Size": f"{size[0]}x{size[1]}",
         "Model hash": model.hash,

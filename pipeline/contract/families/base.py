@@ -13,10 +13,19 @@ from collections.abc import Collection, Iterable, Mapping
 from typing import Any, ClassVar
 
 from pipeline.contract.jobs import MODES, JobError
-from pipeline.contract.samplers import SAMPLERS
+from pipeline.contract.samplers import SAMPLERS, resolve
 
-# Options of the generation commands a family may or may not have.
-OPTIONS = ("negative_prompt", "cfg_scale", "clip_skip", "control", "reference", "face_fix")
+# Options of the generation commands a family may or may not have. `guidance` is a
+# guidance-distilled model's "Distilled CFG Scale" (Flux.1), which the UNet families lack.
+OPTIONS = (
+    "negative_prompt",
+    "cfg_scale",
+    "clip_skip",
+    "control",
+    "reference",
+    "face_fix",
+    "guidance",
+)
 
 
 class FamilySpec:
@@ -25,13 +34,22 @@ class FamilySpec:
     name: ClassVar[str]  # the config value: `family = "sd1"`
     label: ClassVar[str]  # what a member reads: "SD 1.x"
     modes: ClassVar[frozenset[str]] = frozenset(MODES)
-    options: ClassVar[frozenset[str]] = frozenset(OPTIONS)
+    options: ClassVar[frozenset[str]] = frozenset(OPTIONS) - {"guidance"}
     samplers: ClassVar[tuple[str, ...]] = tuple(SAMPLERS)  # A1111 names it accepts
     size_multiple: ClassVar[int] = 8  # the VAE's downsampling
     default_size: ClassVar[int] = 512  # sides of a txt2img image, and of upscale's pass
     train_resolution: ClassVar[int] = 512  # what `[training] resolution = 0` means
     default_steps: ClassVar[int] = 20
     default_cfg: ClassVar[float] = 7.0
+    # A guidance-distilled model's embedded guidance ("Distilled CFG Scale"); None: none.
+    default_guidance: ClassVar[float | None] = None
+    # The sampler and schedule a job on this family gets when nobody chose one; "": the
+    # config's [defaults].
+    default_sampler: ClassVar[str] = ""
+    default_schedule: ClassVar[str] = ""
+    # Size rule: a side that is not a multiple of `size_multiple` is refused (False) or
+    # rounded to the nearest multiple (True).
+    round_sizes: ClassVar[bool] = False
     # Recognition. A LoRA's keys that only this family's files carry (its text encoders'
     # names), and the cross-attention widths of its denoiser: the width of the text
     # embedding it reads, which every layer reading the text has as its input width.
@@ -51,16 +69,41 @@ class FamilySpec:
         return False
 
     @classmethod
+    def for_source(cls, source: str) -> type[FamilySpec]:
+        """The spec of the model at `source`: a variant of this family with its own
+        defaults (Flux.1 schnell, Kontext, Fill) where the files say so, else this one."""
+        return cls
+
+    @classmethod
+    def check_job(cls, spec: Any) -> None:
+        """Refuse, in one line naming the family, a job it cannot run (`GenerateSpec`)."""
+        cls.check_mode(spec.mode)
+
+    @classmethod
+    def guidance_of(cls, spec: Any) -> float | None:
+        """The embedded (distilled) guidance a job runs at; None for families without."""
+        return None
+
+    @classmethod
     def check_mode(cls, mode: str) -> None:
         """Refuse, in one line naming the family, a mode it lacks."""
         if mode not in cls.modes:
-            modes = ", ".join(m for m in MODES if m in cls.modes) or "none"
-            raise JobError(f"{cls.label} models have no {mode} mode; they have: {modes}")
+            raise JobError(
+                f"{cls.label} models cannot {mode}; modes: {', '.join(sorted(cls.modes))}"
+            )
 
     @classmethod
     def check_option(cls, option: str) -> None:
         if option not in cls.options:
             raise JobError(f"{cls.label} models have no {option.replace('_', ' ')} option")
+
+    @classmethod
+    def resolve_sampler(cls, sampler: str, schedule: str = "Automatic") -> tuple[str, str]:
+        """(sampler name, schedule type) for what a member typed ("DPM++ 2M Karras"),
+        refused in one line when the family cannot use it."""
+        found, chosen = resolve(sampler, schedule)
+        cls.check_sampler(found.name)
+        return found.name, chosen
 
     @classmethod
     def check_sampler(cls, sampler: str) -> None:

@@ -6,11 +6,13 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from pipeline.contract.families.base import FamilySpec
+from pipeline.contract.families.flux import Flux
 from pipeline.contract.families.sd1 import SD1
 from pipeline.contract.families.sdxl import SDXL
 
 # Order matters: the first family whose test matches a file wins.
-FAMILIES: dict[str, type[FamilySpec]] = {f.name: f for f in (SDXL, SD1)}
+# Flux.1 first: its single files may carry SD's `model.diffusion_model.` prefix.
+FAMILIES: dict[str, type[FamilySpec]] = {f.name: f for f in (Flux, SDXL, SD1)}
 # What a folder or checkpoint that no family claims is loaded as (as before families).
 DEFAULT = SD1
 

@@ -1,0 +1,162 @@
+"""A tiny random-weight Flux.1 model (dev, schnell, Kontext, Fill) in diffusers' layout.
+
+The real layout at a tiny width: CLIP-L and T5 text encoders (CLIP 77 tokens, T5
+512 for dev/Kontext/Fill and 256 for schnell), a 16-channel VAE that downsamples by 8,
+and a `FluxTransformer2DModel` whose input is the real one — 2×2-packed latents, 64
+channels (Fill: 384 = 64 noisy + 64 masked-image latents + 256 packed mask pixels, as
+BFL's FLUX.1-Fill-dev has), guidance embedding on dev/Kontext/Fill, none on schnell.
+Sizes follow diffusers' own pipeline tests (tests/pipelines/flux/), widened only where
+the real layout needs it (VAE depth and latent channels).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.models.tiny_families import common, tokenizers
+
+# The published scheduler configs: dev/Kontext/Fill shift with resolution; schnell does not.
+DEV_SCHEDULER = dict(
+    base_image_seq_len=256,
+    base_shift=0.5,
+    max_image_seq_len=4096,
+    max_shift=1.15,
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+)
+SCHNELL_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+
+# Flux.1's VAE latent statistics (the real ones: the pipelines read them from the config).
+VAE_SCALING = dict(scaling_factor=0.3611, shift_factor=0.1159)
+
+VARIANTS = ("dev", "schnell", "kontext", "fill")
+
+
+def _transformer(*, in_channels: int, guidance: bool):
+    from diffusers import FluxTransformer2DModel
+
+    common.seeded(0)
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=in_channels,
+        out_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # T5's width
+        pooled_projection_dim=32,  # CLIP's pooled width
+        guidance_embeds=guidance,
+        axes_dims_rope=[4, 6, 6],
+    )
+
+
+def _clip_text_encoder(vocab_size: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=77,
+        projection_dim=32,
+        hidden_act="quick_gelu",
+    )
+    common.seeded(0)
+    return CLIPTextModel(config).eval()
+
+
+def _t5_text_encoder(vocab_size: int):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+    )
+    common.seeded(0)
+    return T5EncoderModel(config).eval()
+
+
+def write_tiny_flux(directory: str | Path, *, variant: str = "dev") -> Path:
+    """Write a tiny Flux.1 `variant` ("dev", "schnell", "kontext" or "fill") folder that
+    `DiffusionPipeline.from_pretrained` loads as FluxPipeline / FluxKontextPipeline /
+    FluxFillPipeline. Deterministic: the same variant gives the same files."""
+    from diffusers import FluxFillPipeline, FluxKontextPipeline, FluxPipeline
+
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown Flux.1 variant {variant!r}: use one of {', '.join(VARIANTS)}")
+    directory = Path(directory)
+    tokenizer = tokenizers.clip_tokenizer()
+    tokenizer_2 = tokenizers.t5_tokenizer()
+    if variant == "schnell":
+        tokenizer_2.model_max_length = 256
+    pipeline_class = {"kontext": FluxKontextPipeline, "fill": FluxFillPipeline}.get(
+        variant, FluxPipeline
+    )
+    pipe = pipeline_class(
+        scheduler=common.flow_scheduler(
+            **(SCHNELL_SCHEDULER if variant == "schnell" else DEV_SCHEDULER)
+        ),
+        vae=common.vae_8x(
+            latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, **VAE_SCALING
+        ),
+        text_encoder=_clip_text_encoder(len(tokenizer)),
+        tokenizer=tokenizer,
+        text_encoder_2=_t5_text_encoder(len(tokenizer_2)),
+        tokenizer_2=tokenizer_2,
+        transformer=_transformer(
+            in_channels=384 if variant == "fill" else 64, guidance=variant != "schnell"
+        ),
+        **({} if variant == "fill" else {"image_encoder": None, "feature_extractor": None}),
+    )
+    return common.save_pipeline(pipe, directory)
+
+
+def write_tiny_flux_redux(directory: str | Path) -> Path:
+    """Write a tiny FLUX.1-Redux folder (`FluxPriorReduxPipeline`: a SigLIP vision encoder,
+    its image processor and the Redux projector into T5's width) for the tiny Flux.1
+    models: its output embeddings feed `FluxPipeline(prompt_embeds=…)`.
+
+    Like the Hub's FLUX.1-Redux-dev it has no text encoders: without them the pipeline
+    fills the text part with zeros at the *real* widths (512×4096, 768), so with a tiny
+    (or any) base model the caller passes the base pipeline's text encoders and
+    tokenizers to `from_pretrained` — as diffusers documents for Redux with a prompt.
+    """
+    from diffusers import FluxPriorReduxPipeline
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    vision = SiglipVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=56,  # the real one reads 384² in 14-pixel patches (729 tokens); 16 here
+        patch_size=14,
+    )
+    common.seeded(0)
+    image_encoder = SiglipVisionModel(vision).eval()
+    common.seeded(0)
+    pipe = FluxPriorReduxPipeline(
+        image_encoder=image_encoder,
+        feature_extractor=SiglipImageProcessorPil(size={"height": 56, "width": 56}),
+        image_embedder=ReduxImageEncoder(redux_dim=16, txt_in_features=32),
+    )
+    common.save_pipeline(pipe, directory)
+    feature_extractor = ["transformers", "SiglipImageProcessor"]
+    common.name_components_as_hub(Path(directory), {"feature_extractor": feature_extractor})
+    return Path(directory)
