@@ -3,7 +3,7 @@
 Nothing is downloaded: transformers 5 builds each tokenizer class from an in-memory
 vocabulary (`T5Tokenizer(vocab=[(piece, score), …])`, `Qwen2Tokenizer(vocab=…, merges=…)`),
 and we save what it built. Each one knows the common prompt words of
-`pipeline.models.tiny` plus the words of the prompt templates the pipelines wrap a
+`pipeline.families.sd_tiny` plus the words of the prompt templates the pipelines wrap a
 prompt in, so prompts tokenize to words as the real tokenizers do, and anything else
 falls back to characters (T5) or bytes (Qwen), as theirs do for rare words.
 
@@ -16,7 +16,7 @@ falls back to characters (T5) or bytes (Qwen), as theirs do for rare words.
 
 from __future__ import annotations
 
-from pipeline.models.tiny import _COMMON_WORDS
+from pipeline.families.sd_tiny import _COMMON_WORDS
 
 # The words of the system prompts the Qwen-Image pipelines put before every prompt
 # (`prompt_template_encode` in diffusers' qwenimage pipelines). The real tokenizer has
@@ -123,7 +123,7 @@ def _word_merges(words: list[list[str]]) -> list[tuple[str, str]]:
     the merges so far leave of it is joined left to right by new, lower-priority merges
     (which cannot change how the earlier words, already whole, are built). Merging each
     word's symbols left to right regardless of the earlier merges, as
-    `pipeline.models.tiny` does, leaves words such as "photo" in pieces ("pho", "to</w>")."""
+    `pipeline.families.sd_tiny` does, leaves words such as "photo" in pieces ("pho", "to</w>")."""
     ranks: dict[tuple[str, str], int] = {}
     for symbols in words:
         pieces = _bpe(symbols, ranks)
