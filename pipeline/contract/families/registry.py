@@ -6,11 +6,18 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from pipeline.contract.families.base import FamilySpec
+from pipeline.contract.families.flux2_klein import Flux2Klein
+from pipeline.contract.families.qwen_image import QwenImage, QwenImageEdit, QwenImageEditPlus
 from pipeline.contract.families.sd1 import SD1
 from pipeline.contract.families.sdxl import SDXL
+from pipeline.contract.families.zimage import ZImage
 
-# Order matters: the first family whose test matches a file wins.
-FAMILIES: dict[str, type[FamilySpec]] = {f.name: f for f in (SDXL, SD1)}
+# Order matters: the first family whose test matches a file wins (the edit models'
+# folders hold Qwen-Image's transformer; every folder with a UNet is SD 1.x or SDXL).
+FAMILIES: dict[str, type[FamilySpec]] = {
+    f.name: f
+    for f in (QwenImageEditPlus, QwenImageEdit, QwenImage, ZImage, Flux2Klein, SDXL, SD1)
+}
 # What a folder or checkpoint that no family claims is loaded as (as before families).
 DEFAULT = SD1
 
@@ -73,6 +80,8 @@ def lora_family(shapes: Mapping[str, Sequence[int]]) -> str | None:
     they carry no input width, so only their text-encoder names can tell.)"""
     for family in _LORA_FAMILIES:
         if any(k.startswith(family.lora_key_prefixes) for k in shapes if family.lora_key_prefixes):
+            return family.name
+        if family.matches_lora_keys(shapes):  # the transformer families: their block names
             return family.name
     width = cross_attention_width(shapes)
     if width is not None:
