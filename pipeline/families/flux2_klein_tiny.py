@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.models.tiny_families import common, tokenizers
-from pipeline.models.tiny_families.flux import DEV_SCHEDULER
+from pipeline.families.flux_tiny import DEV_SCHEDULER
 
 TEXT_WIDTH = 16
 TEXT_LAYERS = 28  # the pipeline's default text_encoder_out_layers are (9, 18, 27)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.models.tiny_families import common, tokenizers
-from pipeline.models.tiny_families.flux import VAE_SCALING
+from pipeline.families.flux_tiny import VAE_SCALING
 
 # Z-Image-Turbo's published scheduler config: a fixed shift of 3.
 SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
