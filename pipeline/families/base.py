@@ -97,6 +97,42 @@ class Family:
         """Extra keyword arguments for `from_pretrained`."""
         return {}
 
+    def extra_components(self, source: str) -> dict[str, Any]:
+        """Components loaded our way and passed to `from_pretrained` (Qwen-Image-Edit's
+        processor without torchvision)."""
+        return {}
+
+    # -- a generation call ---------------------------------------------------------------
+
+    def scheduler(self, base_config: dict[str, Any], sampler: str, schedule: str) -> Any:
+        """The diffusers scheduler for an A1111 sampler name, on the model's config."""
+        from pipeline.models.schedulers import build_scheduler
+
+        return build_scheduler(base_config, sampler, schedule)
+
+    def text_prompts(self, pipe: Any, samples: Any) -> dict[str, Any] | None:
+        """Prompts passed as text for the pipeline to encode ({"inputs", "notices"}), or
+        None: A1111's encoding (weights, 75-token chunks, editing: generate/conditioning)."""
+        return None
+
+    def guidance(self, cfg_scale: float) -> dict[str, Any]:
+        """The pipeline's CFG argument."""
+        return {"guidance_scale": cfg_scale}
+
+    def input_size(self, width: int, height: int) -> dict[str, Any]:
+        """Size arguments of an img2img/inpaint call (SD's pipelines take the input's)."""
+        return {}
+
+    def call_context(self, width: int, height: int) -> Any:
+        """A context every pipeline call of this family runs in (nothing by default)."""
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+    def edit_inputs(self, images: list[Any], width: int, height: int) -> Any:
+        """A context giving the edit pipeline's image arguments (edit families only)."""
+        raise JobError(f"{self.label} models cannot edit")
+
     # -- training ------------------------------------------------------------------------
 
     def micro_conditioning(self, pipe: Any, resolution: int, count: int) -> Any:

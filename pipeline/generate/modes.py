@@ -67,6 +67,8 @@ class _Run:
             done = step + 1
             total = getattr(pipe, "num_timesteps", None) or done
             show = self.preview_every > 0 and (done % self.preview_every == 0)
+            # Packed transformer latents have no preview yet (issue 23 adds one).
+            show = show and bool(self.model.kind.preview_factors)
             preview = latent_preview(kwargs["latents"], self.model.kind) if show else None
             self.on_step(done, total, preview)
         return {}
@@ -97,9 +99,8 @@ def run_generation(
         if len(keys) != 1 or "" in keys:
             raise JobError("only txt2img jobs with the same settings can share a batch")
     spec = specs[0]
-    # A mode or sampler the model's family lacks: one line naming the family.
-    model.kind.spec.check_mode(spec.mode)
-    model.kind.spec.check_sampler(resolve(spec.sampler, spec.schedule)[0].name)
+    # A mode, sampler or size the model's family lacks: one line naming the family.
+    model.kind.spec.check_job(spec)
     if spec.mode == "txt2img":
         results = txt2img(run, specs, blobs, loras)
     else:
@@ -110,6 +111,7 @@ def run_generation(
             "outpaint": outpaint,
             "upscale": upscale,
             "facefix": face_fix_only,
+            "edit": edit,
         }
         results = [modes[spec.mode](run, spec, image, blobs, loras)]
     if spec.face_fix:
@@ -126,7 +128,7 @@ def run_generation(
                 img,
                 seed,
                 hashes,
-                _lora_notices(loras, s),
+                _lora_notices(loras, s) + _prompt_notices(run, s),
                 _control_infotext(control, s, model),
             )
             for img, seed in zip(images, s.seeds())
@@ -140,6 +142,12 @@ def _lora_notices(loras: Any, spec: GenerateSpec) -> tuple[str, ...]:
     if loras is None or not spec.loras:
         return ()
     return tuple(loras.notices(spec.loras))
+
+
+def _prompt_notices(run: _Run, spec: GenerateSpec) -> tuple[str, ...]:
+    """What the family's prompt reading says had no effect or was cut."""
+    said = run.model.kind.text_prompts(run.model.pipe, [spec])
+    return tuple(said["notices"]) if said else ()
 
 
 def _control_infotext(control, spec: GenerateSpec, model: LoadedModel) -> dict[str, str]:
@@ -182,7 +190,8 @@ def txt2img(run: _Run, specs: Sequence[GenerateSpec], blobs, loras) -> list[list
     # 1. One sample per image: spec × count, each with its own seeded generator, so
     #    an image is the same whether it ran alone or in a batch.
     spec = specs[0]
-    if len(specs) > 1 and len(counts := _chunk_counts(run.model, specs)) > 1:
+    a1111 = run.model.kind.text_prompts(run.model.pipe, specs[:1]) is None
+    if len(specs) > 1 and a1111 and len(counts := _chunk_counts(run.model, specs)) > 1:
         # Padding a shorter prompt with empty chunks would change its image: each chunk
         # count runs as its own batch, so every image equals the same job run alone.
         results: list[list[Image.Image]] = [[] for _ in specs]
@@ -254,6 +263,7 @@ def img2img(run: _Run, spec: GenerateSpec, image: Image.Image, blobs, loras) -> 
             spec.seeds(),
             image=source,
             strength=spec.strength,
+            **run.model.kind.input_size(spec.width, spec.height),
             **extra,
         )
 
@@ -317,6 +327,7 @@ def inpaint(
             image=region,
             mask_image=region_mask,
             strength=strength or spec.strength,
+            **run.model.kind.input_size(spec.width, spec.height),
             **extra,
         )
     # 4. Paste back through the blurred mask: where it is 0 the original stays.
@@ -335,6 +346,25 @@ def face_fix_only(
 ) -> list[Image.Image]:
     """The "Fix faces" button: the face pass alone, on an earlier result."""
     return [fix_faces(run, spec, image, blobs, loras)]
+
+
+def edit(run: _Run, spec: GenerateSpec, image: Image.Image, blobs, loras) -> list[Image.Image]:
+    """Instruction editing (Qwen-Image-Edit, Flux.2 klein's reference images): the input
+    image and the job's further ones, given to the family's edit pipeline as it reads
+    them; the output has the job's size."""
+    images = [image] + [_input_image(sha, blobs, "image") for sha in spec.images]
+    samples = [spec] * spec.count
+    pipe = run.model.derive("edit")
+    with (
+        run.model.kind.edit_inputs(images, spec.width, spec.height) as inputs,
+        _sampler(run.model, pipe, spec),
+        _loras(loras, samples, blobs, spec),
+    ):
+        conditioning = _encode(pipe, samples)
+        return _call(
+            run, pipe, spec, conditioning, spec.seeds(), width=spec.width, height=spec.height,
+            **inputs,
+        )
 
 
 def fix_faces(run: _Run, spec: GenerateSpec, image: Image.Image, blobs, loras) -> Image.Image:
@@ -468,7 +498,7 @@ def _multiple_of_8(value: float) -> int:
 def _sampler(
     model: LoadedModel, pipe, spec: GenerateSpec, images: int | None = None
 ) -> Iterator[None]:
-    scheduler = build_scheduler(model.scheduler_config, spec.sampler, spec.schedule)
+    scheduler = model.kind.scheduler(model.scheduler_config, spec.sampler, spec.schedule)
     if hasattr(scheduler.config, "noise_sampler_seed"):
         # DPM++ SDE draws its Brownian noise from its own seed: tie it to the job's.
         scheduler = scheduler.from_config(scheduler.config, noise_sampler_seed=spec.seed)
@@ -525,29 +555,43 @@ def _call(
     seeds: list[int],
     **inputs: Any,
 ) -> list[Image.Image]:
-    from pipeline.generate.conditioning import denoising_evaluations, prompt_conditioning
-
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     steps = spec.steps
     if inputs.get("strength"):
         # diffusers runs int(steps × strength) steps; at low strength that can be 0.
         steps = max(steps, math.ceil(1 / inputs["strength"]))
-    evaluations = denoising_evaluations(pipe.scheduler, steps, inputs.get("strength"))
+    family = run.model.kind
+    text = family.text_prompts(pipe, conditioning["samples"])
     with (
         torch.inference_mode(),
-        prompt_conditioning(pipe, conditioning["samples"], evaluations) as embeds,
+        _prompts(pipe, conditioning["samples"], steps, inputs.get("strength"), text) as embeds,
+        family.call_context(spec.width, spec.height),
         compiled.active(run.model, pipe),
     ):
         result = pipe(
             **embeds,
             num_inference_steps=steps,
-            guidance_scale=spec.cfg_scale,
+            **family.guidance(spec.cfg_scale),
             generator=generators,
             callback_on_step_end=run.callback,
             callback_on_step_end_tensor_inputs=["latents"],
             **inputs,
         )
     return result.images
+
+
+@contextmanager
+def _prompts(pipe, samples, steps: int, strength: float | None, text: dict | None):
+    """The prompt arguments: the family's text (its pipeline encodes it), or A1111's
+    encoding with prompt editing and AND over the evaluations the sampler runs."""
+    if text is not None:
+        yield text["inputs"]
+        return
+    from pipeline.generate.conditioning import denoising_evaluations, prompt_conditioning
+
+    evaluations = denoising_evaluations(pipe.scheduler, steps, strength)
+    with prompt_conditioning(pipe, samples, evaluations) as embeds:
+        yield embeds
 
 
 def _split(images: list[Image.Image], counts: list[int]) -> list[list[Image.Image]]:

@@ -61,11 +61,17 @@ class LoadedModel:
             return self._inpaint_model.pipe
         return self._derive("inpaint")
 
+    def derive(self, kind: str):
+        """The family's pipeline for a mode (edit: the loaded one, for the edit models)."""
+        return self._derive(kind)
+
     def _derive(self, kind: str):
         if kind not in self._derived:
             # from_pipe casts every (shared) module to float32 unless told the dtype:
             # without it the first img2img job would turn an fp16 model into fp32.
             cls = self.kind.pipeline_class(kind)
+            if cls is type(self.pipe):
+                return self.pipe
             derived = cls.from_pipe(self.pipe, torch_dtype=self.dtype)
             derived.set_progress_bar_config(disable=True)
             self._derived[kind] = derived
@@ -120,16 +126,16 @@ def prepare_device(device: str) -> str:
     return device
 
 
-def weights_hash(source: str) -> str:
+def weights_hash(source: str, denoiser: str = "unet") -> str:
     """A1111's short model hash: sha256 of the checkpoint file, first 10 hex.
 
-    For a diffusers folder we hash the UNet weights file — the part that identifies
-    the model; Hub ids are resolved to their cached files by diffusers first.
+    For a diffusers folder we hash the denoiser's (first) weights file — the part that
+    identifies the model; Hub ids are resolved to their cached files by diffusers first.
     """
     path = Path(source)
     if path.is_dir():
-        candidates = sorted((path / "unet").glob("*.safetensors")) + sorted(
-            (path / "unet").glob("*.bin")
+        candidates = sorted((path / denoiser).glob("*.safetensors")) + sorted(
+            (path / denoiser).glob("*.bin")
         )
         if not candidates:
             return hashlib.sha256(source.encode()).hexdigest()[:10]
@@ -161,7 +167,7 @@ def load_model(model: ModelConfig, *, device: str = "auto", dtype: str = "auto")
         name=model.name,
         family=family,
         source=model.source,
-        hash=weights_hash(_local_source(model.source, pipe)),
+        hash=weights_hash(_local_source(model.source, pipe), family_of(family).denoiser_name),
         device=device,
         dtype=torch_dtype,
         pipe=pipe,
@@ -209,7 +215,9 @@ def _load_pipeline(
             return _from_single_file(cls, path, torch_dtype, config)
         if source.startswith(("/", "./", "../")) and not path.is_dir():
             raise ModelError(f"model folder {source} does not exist")
-        return cls.from_pretrained(source, torch_dtype=torch_dtype, **kind.load_options())
+        return cls.from_pretrained(
+            source, torch_dtype=torch_dtype, **kind.load_options(), **kind.extra_components(source)
+        )
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001 - out of memory is the caller's to word
