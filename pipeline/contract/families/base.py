@@ -64,6 +64,19 @@ class FamilySpec:
         return made_for == (cls.lora_family or cls.name)
 
     @classmethod
+    def job_defaults(cls, defaults: Any) -> dict[str, Any]:
+        """A job's sampler, schedule, steps, CFG and size when the member gives none:
+        config.toml's `[defaults]` (`DefaultsConfig`), which are SD's."""
+        return dict(
+            sampler=defaults.sampler,
+            schedule=defaults.schedule,
+            steps=defaults.steps,
+            cfg_scale=defaults.cfg_scale,
+            width=defaults.width,
+            height=defaults.height,
+        )
+
+    @classmethod
     def check_job(cls, spec: GenerateSpec) -> None:
         """Refuse, in one line naming the family, what a generation job asks of it that it
         lacks: a mode, a sampler, a size, more input images than it reads."""

@@ -78,6 +78,19 @@ class TextTemplateSpec(FamilySpec):
     lora_key_pattern: ClassVar[str] = ""
 
     @classmethod
+    def job_defaults(cls, defaults: Any) -> dict[str, Any]:
+        """The family's own: config's `[defaults]` are SD's (25 DPM++ 2M steps at CFG 7)."""
+        size = cls.default_size
+        return dict(
+            sampler="Euler",
+            schedule="Automatic",
+            steps=cls.default_steps,
+            cfg_scale=cls.default_cfg,
+            width=size,
+            height=size,
+        )
+
+    @classmethod
     def check_job(cls, spec: GenerateSpec) -> None:
         super().check_job(spec)
         check_plain_prompt(cls.label, spec.prompt, spec.negative_prompt)
