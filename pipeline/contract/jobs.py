@@ -27,7 +27,9 @@ from pipeline.contract.control import (
     unit_from_dict,
 )
 
-MODES = ("txt2img", "img2img", "inpaint", "outpaint", "upscale", "facefix", "edit")
+MODES = ("txt2img", "img2img", "inpaint", "outpaint", "upscale", "facefix")
+# Instruction editing is a mode of the edit models' families only (FamilySpec.modes).
+ALL_MODES = (*MODES, "edit")
 OUTPAINT_DIRECTIONS = ("left", "right", "up", "down", "all")
 KEEP_CHOICES = ("face", "background")
 TRAIN_METHODS = ("lora", "loha", "lokr")
@@ -162,8 +164,8 @@ class GenerateSpec:
         """Raise JobError naming the first bad value and its limit."""
         _check_text("prompt", self.prompt, limits.max_prompt_chars)
         _check_text("negative prompt", self.negative_prompt, limits.max_prompt_chars)
-        if self.mode not in MODES:
-            raise JobError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.mode not in ALL_MODES:
+            raise JobError(f"mode must be one of {', '.join(ALL_MODES)}, not {self.mode!r}")
         _check_int("steps", self.steps, 1, limits.max_steps)
         _check_int("count", self.count, 1, limits.max_count)
         _check_number("CFG scale", self.cfg_scale, limits.min_cfg, limits.max_cfg)

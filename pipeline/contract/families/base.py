@@ -24,8 +24,8 @@ class FamilySpec:
 
     name: ClassVar[str]  # the config value: `family = "sd1"`
     label: ClassVar[str]  # what a member reads: "SD 1.x"
-    # Every mode but instruction editing (a mode of the edit models only).
-    modes: ClassVar[frozenset[str]] = frozenset(MODES) - {"edit"}
+    group: ClassVar[str] = "Stable Diffusion"  # the kind of model, in config errors
+    modes: ClassVar[frozenset[str]] = frozenset(MODES)  # edit: the edit models' families
     max_input_images: ClassVar[int] = 1  # images an edit job may give (`image` + `images`)
     options: ClassVar[frozenset[str]] = frozenset(OPTIONS)
     samplers: ClassVar[tuple[str, ...]] = tuple(SAMPLERS)  # A1111 names it accepts
@@ -126,6 +126,13 @@ class FamilySpec:
 
 
 def names(families: Iterable[type[FamilySpec]]) -> str:
-    """'sd1 or sdxl' for a config error."""
-    values = sorted(f.name for f in families)
+    """'sd1 or sdxl (Stable Diffusion) or flux2-klein, … or zimage (flow-matching
+    transformers)' for a config error: the families of each kind together."""
+    groups: dict[str, list[str]] = {}
+    for family in sorted(families, key=lambda f: (f.group != "Stable Diffusion", f.name)):
+        groups.setdefault(family.group, []).append(family.name)
+    return " or ".join(f"{_either(values)} ({group})" for group, values in groups.items())
+
+
+def _either(values: list[str]) -> str:
     return ", ".join(values[:-1]) + f" or {values[-1]}" if len(values) > 1 else values[0]

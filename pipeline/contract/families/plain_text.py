@@ -68,6 +68,7 @@ class TextTemplateSpec(FamilySpec):
     plain text, the flow-matching Euler sampler (A1111 and Forge call it "Euler"), and
     LoRA files recognised by the names of their transformer blocks."""
 
+    group = "flow-matching transformers"
     size_multiple = 16
     default_size = 1024
     train_resolution = 1024
