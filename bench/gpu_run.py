@@ -136,6 +136,13 @@ def steps(dry: bool, out: Path, work: Path) -> list[Step]:
             + ["--repeats", "1", *threads],
             25 if not dry else DRY_BUDGET_S,
         ),
+        Step(
+            "bench_flux Flux.1 architecture (1+1 blocks, full width), 1024², bf16: ours / plain",
+            "23",
+            [*py, "bench/bench_flux.py", "--device", device, "--rounds", "1" if dry else "3"]
+            + (["--steps", "2", "--threads", "1"] if dry else ["--arch", "--size", "1024"]),
+            40 if not dry else DRY_BUDGET_S,
+        ),
         # HOOK: later figures go here, e.g.
         # Step("bench_pool on cuda", "4", [*py, "bench/bench_pool.py", ...], 40),
     ]

@@ -107,8 +107,10 @@ def test_a_mode_option_or_sampler_a_family_lacks_is_refused_naming_it() -> None:
 def test_config_names_the_families() -> None:
     from pipeline.contract.config import ConfigError, config_from_dict
 
-    with pytest.raises(ConfigError, match=r"family must be auto, sd1 or sdxl"):
-        config_from_dict({"models": {"m": {"source": "x", "family": "flux"}}})
+    # Flux.1 is a family since issue 23; SD3 is none.
+    with pytest.raises(ConfigError, match=r"family must be auto, flux, flux2-klein, qwen-image, "
+        r"qwen-image-edit, qwen-image-edit-plus, sd1, sdxl or zimage"):
+        config_from_dict({"models": {"m": {"source": "x", "family": "sd3"}}})
 
 
 def _shapes(path: Path) -> dict[str, list[int]]:

@@ -188,8 +188,8 @@ def test_prompt_syntax_without_effect_is_said(models):
     assert any("BREAK has no effect on Z-Image" in n for n in out.notices)
     # The tiny transformer's positions stop at 256 tokens: ask the family what it says.
     model = models["zimage"]
-    said = model.kind.text_prompts(model.pipe, [_spec(prompt=" ".join(["cat"] * 600))])
-    assert "the prompt is 600 tokens; Z-Image reads the first 512, the rest was cut" in said["notices"]
+    said = model.kind.prompt_notices(model.pipe, _spec(prompt=" ".join(["cat"] * 600)))
+    assert "the prompt is 600 tokens; Z-Image reads the first 512, the rest was cut" in said
 
 
 @pytest.mark.parametrize(
@@ -216,7 +216,12 @@ def test_prompt_syntax_without_effect_is_said(models):
             "Flux.2 klein models cannot img2img; modes: edit, facefix, inpaint, outpaint, txt2img",
         ),
         ("zimage", dict(width=72), "Z-Image models need a width that is a multiple of 16, but it is 72"),
-        ("zimage", dict(sampler="DPM++ 2M"), "Z-Image models cannot use the sampler 'DPM++ 2M'; they take: Euler"),
+        (
+            "zimage",
+            dict(sampler="Euler a"),
+            "Z-Image models cannot use the sampler 'Euler a' (did you mean Euler?); "
+            "they take: Euler, DPM++ 2M, UniPC",
+        ),
         ("flux2-klein", dict(negative_prompt="blurry"), "Flux.2 klein models have no negative prompt option"),
         (
             "qwen-image",
@@ -295,3 +300,18 @@ def test_sdbot_generate_runs_the_new_families(folders, tmp_path):
     )
     assert refused.returncode != 0
     assert "Qwen-Image-Edit-Plus models edit with at most 3 input images; this job gave 4" in refused.stderr
+
+
+def test_progress_previews_where_the_family_has_factors(models):
+    from pipeline.generate.modes import run_generation
+
+    for name, has_preview in (("zimage", True), ("qwen-image", False), ("flux2-klein", False)):
+        steps: list[tuple[int, int, bytes | None]] = []
+        run_generation(
+            models[name], [_spec()], on_step=lambda *a: steps.append(a), preview_every=1
+        )
+        assert [(done, total) for done, total, _ in steps] == [(1, 2), (2, 2)]
+        previews = [p for _, _, p in steps if p is not None]
+        assert len(previews) == (2 if has_preview else 0)
+        if has_preview:
+            assert Image.open(io.BytesIO(previews[0])).format == "JPEG"

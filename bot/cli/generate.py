@@ -10,6 +10,7 @@ from typing import Any
 
 from bot.cli.common import CliError, command_config
 from pipeline.contract.config import Config
+from pipeline.contract.families import defaults_for
 from pipeline.contract.jobs import GenerateSpec, LoraRef
 from pipeline.contract.model_names import resolve_model
 
@@ -29,6 +30,9 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--schedule", default=None, help="Automatic, Karras, Exponential, …")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--cfg", type=float, default=None, help="CFG scale")
+    parser.add_argument(
+        "--guidance", type=float, default=None, help="Distilled CFG Scale (Flux.1 dev: 3.5)"
+    )
     parser.add_argument("--seed", type=int, default=None, help="random when absent")
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--height", type=int, default=None)
@@ -123,19 +127,20 @@ def build_generate_spec(args: argparse.Namespace, config: Config, blobs: _Blobs)
     from pipeline.contract.families import family_of_model
 
     model = _model_name(config, args.model)
+    d = defaults_for(config, model)
     family = family_of_model(config.model(model))
-    d = family.job_defaults(config.defaults)
     values: dict[str, Any] = dict(
         prompt=args.prompt,
-        negative_prompt=config.defaults.negative_prompt if args.negative is None else args.negative,
+        negative_prompt=d.negative_prompt if args.negative is None else args.negative,
         model=model,
-        sampler=args.sampler or d["sampler"],
-        schedule=args.schedule or (d["schedule"] if not args.sampler else "Automatic"),
-        steps=d["steps"] if args.steps is None else args.steps,
-        cfg_scale=d["cfg_scale"] if args.cfg is None else args.cfg,
+        sampler=args.sampler or d.sampler,
+        schedule=args.schedule or (d.schedule if not args.sampler else "Automatic"),
+        steps=d.steps if args.steps is None else args.steps,
+        cfg_scale=d.cfg_scale if args.cfg is None else args.cfg,
+        guidance=args.guidance,
         seed=args.seed,
-        width=args.width or d["width"],
-        height=args.height or d["height"],
+        width=args.width or d.width,
+        height=args.height or d.height,
         count=args.count,
         face_fix=args.face_fix,
         keep=args.keep,
@@ -159,8 +164,8 @@ def build_generate_spec(args: argparse.Namespace, config: Config, blobs: _Blobs)
     if spec.control or spec.reference:
         from pipeline.contract.control import check_against_config
 
-        family = config.model(spec.model).family
-        check_against_config(spec.control, spec.reference, config, family)
+        named = config.model(spec.model).family
+        check_against_config(spec.control, spec.reference, config, named)
     return spec
 
 
@@ -307,7 +312,12 @@ def _from_png(args: argparse.Namespace, config: Config):
     fields = pasted.fields
     args.prompt = args.prompt or pasted.prompt
     args.negative = pasted.negative_prompt if args.negative is None else args.negative
-    for option, key in (("steps", "steps"), ("cfg", "cfg_scale"), ("seed", "seed")):
+    for option, key in (
+        ("steps", "steps"),
+        ("cfg", "cfg_scale"),
+        ("guidance", "guidance"),
+        ("seed", "seed"),
+    ):
         if getattr(args, option) is None and key in fields:
             setattr(args, option, fields[key])
     for option in ("width", "height"):

@@ -153,6 +153,8 @@ def generation_settings(text: str) -> InfotextSettings:
                 fields["schedule"] = value
             elif key == "CFG scale":
                 fields["cfg_scale"] = float(value)
+            elif key == "Distilled CFG Scale":  # Forge, for Flux.1
+                fields["guidance"] = float(value)
             elif key == "Seed":
                 fields["seed"] = int(value)
             elif key == "Size":

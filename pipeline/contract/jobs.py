@@ -96,6 +96,9 @@ class GenerateSpec:
     schedule: str = "Automatic"
     steps: int = 20
     cfg_scale: float = 7.0
+    # A guidance-distilled model's embedded guidance (Forge's "Distilled CFG Scale",
+    # Flux.1); None: the model's default. Ignored by families without it.
+    guidance: float | None = None
     seed: int | None = None
     width: int = 512
     height: int = 512
@@ -151,6 +154,8 @@ class GenerateSpec:
             self.schedule,
             self.cfg_scale,
         )
+        if self.guidance is not None:
+            parts += (f"g{self.guidance}",)
         key = "gen|" + "|".join(str(p) for p in parts)
         return key + ("|control|" + "|".join(control) if control else "")
 
@@ -169,6 +174,8 @@ class GenerateSpec:
         _check_int("steps", self.steps, 1, limits.max_steps)
         _check_int("count", self.count, 1, limits.max_count)
         _check_number("CFG scale", self.cfg_scale, limits.min_cfg, limits.max_cfg)
+        if self.guidance is not None:
+            _check_number("distilled CFG scale", self.guidance, 0.0, 100.0)
         _check_number("strength", self.strength, 0.0, 1.0)
         if self.mode in ("img2img", "inpaint", "upscale") and self.strength == 0:
             raise JobError("strength 0 would return the input unchanged; use 0.05 to 1")

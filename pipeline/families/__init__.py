@@ -1,6 +1,7 @@
-"""Model families, worker side: one module per family (`sd1.py`, `sdxl.py`) on
-`base.Family`, each the one place that knows that family; its tiny model's writer
-beside it (`sd_tiny.py` writes both UNet families). See docs/ARCHITECTURE.md,
+"""Model families, worker side: one module per family (`sd1.py`, `sdxl.py`, `flux.py`) on
+`base.Family` (the flow-matching ones on `flow.FlowFamily`), each the one place that
+knows that family; its tiny model's writer beside it (`sd_tiny.py` writes both UNet
+families, `flux_tiny.py` Flux.1's variants). See docs/ARCHITECTURE.md,
 "Adding a model family"."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.families.base import Family
+from pipeline.families.flux import Flux
 from pipeline.families.flux2_klein import Flux2Klein
 from pipeline.families.qwen_image import QwenImage, QwenImageEdit, QwenImageEditPlus
 from pipeline.families.sd1 import SD1
@@ -19,6 +21,7 @@ from pipeline.families.zimage import ZImage
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
+        Flux(),
         SDXL(),
         SD1(),
         QwenImageEditPlus(),

@@ -13,6 +13,8 @@ The rest of the engine asks the family (`pipeline.families.of_pipe(pipe)` or
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 from pipeline.contract.families import FamilySpec
@@ -49,6 +51,11 @@ class Family:
     def label(self) -> str:
         return self.spec.label
 
+    def for_source(self, source: str) -> Family:
+        """This family as the model at `source` is (Flux.1 schnell, Kontext, Fill: their
+        own defaults, modes and pipelines); the family itself when it has no variants."""
+        return self
+
     # -- what a pipeline holds -------------------------------------------------------------
 
     def owns(self, pipe: Any) -> bool:
@@ -84,6 +91,12 @@ class Family:
         names = (self.denoiser_name, "vae", *self.text_encoder_names)
         return [getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None]
 
+    def fused_lora_layers(self, pipe: Any) -> dict[str, list[tuple[str, int, int | None]]]:
+        """A LoRA file's layers that are another module, or several, of the model (Flux.1's
+        BFL names, its fused qkv): file module name → [(our module's lookup name, first
+        row, end row)]; one entry with end None is a plain rename."""
+        return {}
+
     # -- pipelines per mode ----------------------------------------------------------------
 
     def pipeline_class(self, mode: str) -> Any:
@@ -102,26 +115,51 @@ class Family:
         processor without torchvision)."""
         return {}
 
-    # -- a generation call ---------------------------------------------------------------
+    def load_single_file(self, cls: Any, path: Any, torch_dtype: Any, config: str) -> Any:
+        """A pipeline from one checkpoint file; the UNet families' files hold every
+        component (`config`: a diffusers folder of the family, for offline loading)."""
+        kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
+        if config:
+            kwargs["config"] = config
+        return cls.from_single_file(str(path), **kwargs)
 
-    def scheduler(self, base_config: dict[str, Any], sampler: str, schedule: str) -> Any:
-        """The diffusers scheduler for an A1111 sampler name, on the model's config."""
+    # -- one denoising call --------------------------------------------------------------
+
+    def scheduler(self, base_config: dict[str, Any], sampler: str, schedule: str, mode: str) -> Any:
+        """The diffusers scheduler for an A1111 sampler name, from the model's config."""
         from pipeline.models.schedulers import build_scheduler
 
         return build_scheduler(base_config, sampler, schedule)
 
-    def text_prompts(self, pipe: Any, samples: Any) -> dict[str, Any] | None:
-        """Prompts passed as text for the pipeline to encode ({"inputs", "notices"}), or
-        None: A1111's encoding (weights, 75-token chunks, editing: generate/conditioning)."""
-        return None
+    @contextmanager
+    def prompt_conditioning(
+        self, pipe: Any, samples: Sequence[Any], steps: int, strength: float | None
+    ) -> Iterator[dict[str, Any]]:
+        """Keyword arguments for `pipe(...)` carrying each sample's prompt (A1111 weights,
+        BREAK, prompt editing and AND: `pipeline.generate.conditioning`)."""
+        from pipeline.generate.conditioning import denoising_evaluations, prompt_conditioning
 
-    def guidance(self, cfg_scale: float) -> dict[str, Any]:
-        """The pipeline's CFG argument."""
-        return {"guidance_scale": cfg_scale}
+        evaluations = denoising_evaluations(pipe.scheduler, steps, strength)
+        with prompt_conditioning(pipe, samples, evaluations) as embeds:
+            yield embeds
 
-    def input_size(self, width: int, height: int) -> dict[str, Any]:
-        """Size arguments of an img2img/inpaint call (SD's pipelines take the input's)."""
-        return {}
+    def call_inputs(self, spec: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The mode's image inputs as this family's pipelines take them (SD's img2img and
+        inpaint pipelines take their size from the image)."""
+        return inputs
+
+    def guidance_arguments(self, spec: Any) -> dict[str, Any]:
+        """The pipeline's guidance keywords for a job (classifier-free guidance here)."""
+        return {"guidance_scale": spec.cfg_scale}
+
+    def prompt_notices(self, pipe: Any, spec: Any) -> tuple[str, ...]:
+        """What the member must know of how their prompt was read (nothing here: every
+        A1111 construct has its meaning on the UNet families)."""
+        return ()
+
+    def preview_latents(self, latents: Any, pipe: Any, size: tuple[int, int]) -> Any:
+        """The denoising loop's latents as [batch, channels, h, w] for the preview."""
+        return latents
 
     def call_context(self, width: int, height: int) -> Any:
         """A context every pipeline call of this family runs in (nothing by default)."""

@@ -28,9 +28,9 @@ class QwenImage(TextTemplateFamily):
     def owns(self, pipe: Any) -> bool:
         return super().owns(pipe) and getattr(pipe, "processor", None) is None
 
-    def guidance(self, cfg_scale: float) -> dict[str, Any]:
+    def guidance_arguments(self, spec: Any) -> dict[str, Any]:
         # True CFG runs only with a negative prompt; CFG 1 is one pass.
-        return {"true_cfg_scale": cfg_scale}
+        return {"true_cfg_scale": spec.cfg_scale}
 
     def negative_inputs(self, negatives: list[str]) -> dict[str, Any]:
         # The pipelines skip true CFG when no negative is given: an empty one is a space,

@@ -1,8 +1,9 @@
-"""What the worker halves of Z-Image, Qwen-Image and Flux.2 klein share: a transformer as
-the denoiser (known by its class), one chat-template text encoder whose pipeline encodes
-the prompt itself (`text_prompts`: the words of an A1111 prompt, with what had no effect
-and where the text was cut said to the member), the model's own flow-matching Euler
-scheduler (`scheduler`), and edit inputs (`edit_inputs`). Torch-free half:
+"""What the worker halves of Z-Image, Qwen-Image and Flux.2 klein share, on the shared
+flow pieces (`flow.FlowFamily`: samplers with the model's shift, the job's size, packed
+previews, the flow objective): a transformer as the denoiser (known by its class), one
+chat-template text encoder whose pipeline encodes the prompt itself
+(`prompt_conditioning`: the words of an A1111 prompt; `prompt_notices`: what had no
+effect and where the text was cut), and edit inputs (`edit_inputs`). Torch-free half:
 `pipeline.contract.families.plain_text`.
 """
 
@@ -14,36 +15,30 @@ from typing import Any, ClassVar
 
 from pipeline.contract.families.plain_text import plain_prompt
 from pipeline.contract.jobs import GenerateSpec
-from pipeline.families.base import Family
+from pipeline.families.flow import FlowFamily
 
 
-class TextTemplateFamily(Family):
-    denoiser_name = "transformer"
+class TextTemplateFamily(FlowFamily):
     transformer_class: ClassVar[str] = ""  # what `owns` recognises a pipeline by
 
     def owns(self, pipe: Any) -> bool:
         denoiser = getattr(pipe, self.denoiser_name, None)
         return denoiser is not None and type(denoiser).__name__ == self.transformer_class
 
-    def scheduler(self, base_config: dict[str, Any], sampler: str, schedule: str) -> Any:
-        """The model's own FlowMatchEulerDiscreteScheduler ("Euler", the one name the
-        family takes: `spec.samplers`), with its shift. Other flow samplers: issue 23."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
+    @contextmanager
+    def prompt_conditioning(
+        self, pipe: Any, samples: Sequence[GenerateSpec], steps: int, strength: float | None
+    ) -> Iterator[dict[str, Any]]:
+        """The prompts as text, one per sample, for the pipeline's own chat template."""
+        texts = [plain_prompt(self.label, spec.prompt)[0] for spec in samples]
+        negatives = [plain_prompt(self.label, spec.negative_prompt)[0] for spec in samples]
+        yield {"prompt": texts, **self.negative_inputs(negatives)}
 
-        return FlowMatchEulerDiscreteScheduler.from_config(base_config)
-
-    def text_prompts(self, pipe: Any, samples: Sequence[GenerateSpec]) -> dict[str, Any]:
-        """The prompts as text for the pipeline's own chat-template encoding, one per
-        sample; `notices` lists what the member wrote that had no effect."""
-        prompts, negatives, notices = [], [], []
-        for spec in samples:
-            text, said = plain_prompt(self.label, spec.prompt)
-            negative, said_too = plain_prompt(self.label, spec.negative_prompt)
-            prompts.append(text)
-            negatives.append(negative)
-            notices += said + said_too + self._cut(pipe, text)
-        inputs = {"prompt": prompts, **self.negative_inputs(negatives)}
-        return {"inputs": inputs, "notices": list(dict.fromkeys(notices))}
+    def prompt_notices(self, pipe: Any, spec: GenerateSpec) -> tuple[str, ...]:
+        """What the member wrote that had no effect, and where the text was cut."""
+        text, said = plain_prompt(self.label, spec.prompt)
+        said += plain_prompt(self.label, spec.negative_prompt)[1]
+        return tuple(dict.fromkeys(said + self._cut(pipe, text)))
 
     def negative_inputs(self, negatives: list[str]) -> dict[str, Any]:
         return {"negative_prompt": negatives}
@@ -55,12 +50,6 @@ class TextTemplateFamily(Family):
             return []
         return [f"the prompt is {count} tokens; {self.label} reads the first {limit}, the rest was cut"]
 
-    def guidance(self, cfg_scale: float) -> dict[str, Any]:
-        return {"guidance_scale": cfg_scale}
-
-    def input_size(self, width: int, height: int) -> dict[str, Any]:
-        # Their img2img/inpaint pipelines default to 1024² rather than the input's size.
-        return {"width": width, "height": height}
 
     @contextmanager
     def edit_inputs(self, images: list[Any], width: int, height: int) -> Iterator[dict[str, Any]]:

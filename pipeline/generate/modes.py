@@ -25,12 +25,10 @@ from PIL import Image, ImageFilter
 from pipeline.contract.images import open_image
 from pipeline.contract.infotext import VERSION, format_infotext, png_bytes
 from pipeline.contract.jobs import GenerateSpec, JobError, OutputImage
-from pipeline.contract.samplers import resolve
 from pipeline.faces import detection as faces
 from pipeline.families import Family
 from pipeline.generate import compiled
 from pipeline.models.loading import LoadedModel
-from pipeline.models.schedulers import build_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +57,7 @@ class _Run:
     should_cancel: Callable[[], bool] | None
     preview_every: int
     control: Any = None  # pipeline.control.apply.ControlCache: ControlNets, IP-Adapters
+    size: tuple[int, int] = (0, 0)  # the call's width × height (packed latents' preview)
 
     def callback(self, pipe, step: int, timestep, kwargs: dict) -> dict:
         if self.should_cancel is not None and self.should_cancel():
@@ -67,9 +66,10 @@ class _Run:
             done = step + 1
             total = getattr(pipe, "num_timesteps", None) or done
             show = self.preview_every > 0 and (done % self.preview_every == 0)
-            # Packed transformer latents have no preview yet (issue 23 adds one).
-            show = show and bool(self.model.kind.preview_factors)
-            preview = latent_preview(kwargs["latents"], self.model.kind) if show else None
+            preview = None
+            if show:
+                latents = self.model.kind.preview_latents(kwargs["latents"], pipe, self.size)
+                preview = latent_preview(latents, self.model.kind)
             self.on_step(done, total, preview)
         return {}
 
@@ -99,8 +99,9 @@ def run_generation(
         if len(keys) != 1 or "" in keys:
             raise JobError("only txt2img jobs with the same settings can share a batch")
     spec = specs[0]
-    # A mode, sampler or size the model's family lacks: one line naming the family.
+    # A mode, sampler or setting the model's family lacks: one line naming the family.
     model.kind.spec.check_job(spec)
+    model.kind.spec.resolve_sampler(spec.sampler, spec.schedule)
     if spec.mode == "txt2img":
         results = txt2img(run, specs, blobs, loras)
     else:
@@ -128,7 +129,7 @@ def run_generation(
                 img,
                 seed,
                 hashes,
-                _lora_notices(loras, s) + _prompt_notices(run, s),
+                _lora_notices(loras, s) + model.kind.prompt_notices(model.pipe, s),
                 _control_infotext(control, s, model),
             )
             for img, seed in zip(images, s.seeds())
@@ -143,11 +144,6 @@ def _lora_notices(loras: Any, spec: GenerateSpec) -> tuple[str, ...]:
         return ()
     return tuple(loras.notices(spec.loras))
 
-
-def _prompt_notices(run: _Run, spec: GenerateSpec) -> tuple[str, ...]:
-    """What the family's prompt reading says had no effect or was cut."""
-    said = run.model.kind.text_prompts(run.model.pipe, [spec])
-    return tuple(said["notices"]) if said else ()
 
 
 def _control_infotext(control, spec: GenerateSpec, model: LoadedModel) -> dict[str, str]:
@@ -190,8 +186,7 @@ def txt2img(run: _Run, specs: Sequence[GenerateSpec], blobs, loras) -> list[list
     # 1. One sample per image: spec × count, each with its own seeded generator, so
     #    an image is the same whether it ran alone or in a batch.
     spec = specs[0]
-    a1111 = run.model.kind.text_prompts(run.model.pipe, specs[:1]) is None
-    if len(specs) > 1 and a1111 and len(counts := _chunk_counts(run.model, specs)) > 1:
+    if len(specs) > 1 and len(counts := _chunk_counts(run.model, specs)) > 1:
         # Padding a shorter prompt with empty chunks would change its image: each chunk
         # count runs as its own batch, so every image equals the same job run alone.
         results: list[list[Image.Image]] = [[] for _ in specs]
@@ -229,7 +224,7 @@ def _chunk_counts(model: LoadedModel, specs: Sequence[GenerateSpec]) -> dict[int
     from pipeline.generate.conditioning import denoising_evaluations, plan_chunk_count
 
     spec = specs[0]  # batched specs share sampler, schedule and steps
-    scheduler = build_scheduler(model.scheduler_config, spec.sampler, spec.schedule)
+    scheduler = model.kind.scheduler(model.scheduler_config, spec.sampler, spec.schedule, spec.mode)
     evaluations = denoising_evaluations(scheduler, spec.steps)
     groups: dict[int, list[int]] = {}
     for i, spec in enumerate(specs):
@@ -263,7 +258,6 @@ def img2img(run: _Run, spec: GenerateSpec, image: Image.Image, blobs, loras) -> 
             spec.seeds(),
             image=source,
             strength=spec.strength,
-            **run.model.kind.input_size(spec.width, spec.height),
             **extra,
         )
 
@@ -327,7 +321,6 @@ def inpaint(
             image=region,
             mask_image=region_mask,
             strength=strength or spec.strength,
-            **run.model.kind.input_size(spec.width, spec.height),
             **extra,
         )
     # 4. Paste back through the blurred mask: where it is 0 the original stays.
@@ -498,7 +491,7 @@ def _multiple_of_8(value: float) -> int:
 def _sampler(
     model: LoadedModel, pipe, spec: GenerateSpec, images: int | None = None
 ) -> Iterator[None]:
-    scheduler = model.kind.scheduler(model.scheduler_config, spec.sampler, spec.schedule)
+    scheduler = model.kind.scheduler(model.scheduler_config, spec.sampler, spec.schedule, spec.mode)
     if hasattr(scheduler.config, "noise_sampler_seed"):
         # DPM++ SDE draws its Brownian noise from its own seed: tie it to the job's.
         scheduler = scheduler.from_config(scheduler.config, noise_sampler_seed=spec.seed)
@@ -560,38 +553,26 @@ def _call(
     if inputs.get("strength"):
         # diffusers runs int(steps × strength) steps; at low strength that can be 0.
         steps = max(steps, math.ceil(1 / inputs["strength"]))
-    family = run.model.kind
-    text = family.text_prompts(pipe, conditioning["samples"])
+    kind = run.model.kind_of(pipe)
+    run.size = (spec.width, spec.height)
     with (
         torch.inference_mode(),
-        _prompts(pipe, conditioning["samples"], steps, inputs.get("strength"), text) as embeds,
-        family.call_context(spec.width, spec.height),
+        kind.prompt_conditioning(
+            pipe, conditioning["samples"], steps, inputs.get("strength")
+        ) as embeds,
+        kind.call_context(spec.width, spec.height),
         compiled.active(run.model, pipe),
     ):
         result = pipe(
             **embeds,
             num_inference_steps=steps,
-            **family.guidance(spec.cfg_scale),
+            **kind.guidance_arguments(spec),
             generator=generators,
             callback_on_step_end=run.callback,
             callback_on_step_end_tensor_inputs=["latents"],
-            **inputs,
+            **kind.call_inputs(spec, inputs),
         )
     return result.images
-
-
-@contextmanager
-def _prompts(pipe, samples, steps: int, strength: float | None, text: dict | None):
-    """The prompt arguments: the family's text (its pipeline encodes it), or A1111's
-    encoding with prompt editing and AND over the evaluations the sampler runs."""
-    if text is not None:
-        yield text["inputs"]
-        return
-    from pipeline.generate.conditioning import denoising_evaluations, prompt_conditioning
-
-    evaluations = denoising_evaluations(pipe.scheduler, steps, strength)
-    with prompt_conditioning(pipe, samples, evaluations) as embeds:
-        yield embeds
 
 
 def _split(images: list[Image.Image], counts: list[int]) -> list[list[Image.Image]]:
@@ -623,10 +604,13 @@ def _input_image(sha: str | None, blobs, name: str) -> Image.Image:
     return open_image(_blob(blobs, sha), max_pixels=MAX_INPUT_PIXELS, name=name)
 
 
-def latent_preview(latents: torch.Tensor, family: Family, max_side: int = 256) -> bytes:
+def latent_preview(latents: torch.Tensor, family: Family, max_side: int = 256) -> bytes | None:
     """The first sample's latents as a small JPEG, projected to RGB by the family's fixed
-    matrix (A1111's "Approx cheap" preview: no model, one matmul)."""
+    matrix (A1111's "Approx cheap" preview: no model, one matmul); None for a family
+    without one yet (Qwen-Image's and Flux.2's latents)."""
     factors, bias = family.preview_factors, family.preview_bias
+    if not factors:
+        return None
     latent = latents[0].detach().float().cpu()
     if latent.shape[0] != len(factors):  # 9-channel inpainting latents: noise channels first
         latent = latent[: len(factors)]
@@ -651,12 +635,14 @@ def infotext_for(
     lora_hashes: dict[str, str] | None = None,
     extra: dict[str, str] | None = None,
 ) -> str:
-    sampler, schedule = resolve(spec.sampler, spec.schedule)
+    sampler, schedule = model.kind.spec.resolve_sampler(spec.sampler, spec.schedule)
     params: dict[str, Any] = {
         "Steps": spec.steps,
-        "Sampler": sampler.name,
+        "Sampler": sampler,
         "Schedule type": None if schedule == "Automatic" else schedule,
         "CFG scale": spec.cfg_scale,
+        # Forge's name for a guidance-distilled model's embedded guidance (Flux.1)
+        "Distilled CFG Scale": model.kind.spec.guidance_of(spec),
         "Seed": seed,
         "Size": f"{size[0]}x{size[1]}",
         "Model hash": model.hash,

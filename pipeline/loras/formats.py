@@ -244,6 +244,9 @@ class LayerDelta:
     algo: str
     params: dict[str, torch.Tensor]
     scalars: dict[str, float] = field(default_factory=dict)  # alpha, on_input
+    # A fused layer of the file split over the model's modules (Flux.1's qkv and
+    # linear1): ΔW is computed at the fused shape and these rows are this module's.
+    fused: tuple[int, int, int] | None = None  # (first row, end row, fused rows)
 
     def __post_init__(self) -> None:
         for name in ("alpha", "on_input"):
@@ -256,12 +259,18 @@ class LayerDelta:
 
     def to(self, device: torch.device | str) -> LayerDelta:
         params = {k: v.to(device) for k, v in self.params.items()}
-        return LayerDelta(self.algo, params, dict(self.scalars))
+        return LayerDelta(self.algo, params, dict(self.scalars), self.fused)
 
     def delta(
         self, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(ΔW, Δbias) at weight 1, in float32, for a layer whose weight is `weight`."""
+        if self.fused is not None:
+            start, end, rows = self.fused
+            whole = torch.zeros((rows, *weight.shape[1:]), device=weight.device)
+            unfused = LayerDelta(self.algo, self.params, dict(self.scalars))
+            diff, _ = unfused.delta(whole, None)
+            return diff[start:end], None
         p: dict[str, Any] = {k: v.float() for k, v in self.params.items()}
         p.update(self.scalars)
         w = weight.float()
@@ -455,8 +464,27 @@ def map_lora(lora: LoraFile, pipe: Any) -> MappedLora:
     unknown = sorted({k.partition(".")[0] for k in state_dict if _split_key(k) is None})
     unknown = [m for m in unknown if m not in modules]
     unmatched = list(unknown)
+    fused = of_pipe(pipe).fused_lora_layers(pipe)
     for key, params in modules.items():
         algo = _algorithm(params)
+        renamed = fused.get(key, [])
+        if len(renamed) == 1 and renamed[0][2] is None:  # one module, another name
+            key, fused_parts = renamed[0][0], None
+        else:
+            fused_parts = renamed or None
+        if algo is not None and fused_parts:  # one layer of the file, several of ours
+            parts = [(lookup.get(name), start, end) for name, start, end in fused_parts]
+            rows = max(end for _, _, end in parts)
+            split = {
+                t[:2]: (LayerDelta(algo, dict(params), fused=(start, end, rows)), t[2])
+                for t, start, end in parts
+                if t is not None
+            }
+            if len(split) == len(parts) and all(_fits(d, m) for d, m in split.values()):
+                layers.update({where: d for where, (d, _) in split.items()})
+            else:
+                unmatched.append(key)
+            continue
         target = lookup.get(key)
         if algo is None or target is None:
             unmatched.append(key)

@@ -43,13 +43,23 @@ class LoadedModel:
     pipe: Any  # the text-to-image pipeline; its modules are shared by the derived ones
     config: ModelConfig
     scheduler_config: dict[str, Any] = field(default_factory=dict)  # samplers build on it
+    variant: Family | None = None  # the family as this model is (Flux.1 schnell, Kontext…)
     _derived: dict[str, Any] = field(default_factory=dict)
     _inpaint_model: LoadedModel | None = None
 
     @property
     def kind(self) -> Family:
-        """Its family: the one place that knows its pipelines and components."""
-        return family_of(self.family)
+        """Its family (as this model's variant is): the one place that knows its
+        pipelines and components."""
+        return self.variant or family_of(self.family)
+
+    def kind_of(self, pipe: Any) -> Family:
+        """The family (variant) of one of this model's pipelines: the dedicated
+        inpainting model's own (Flux.1 Fill beside a dev) or this model's."""
+        inpaint = self._inpaint_model
+        if inpaint is not None and pipe is inpaint.pipe:
+            return inpaint.kind
+        return self.kind
 
     def img2img(self):
         return self._derive("img2img")
@@ -129,8 +139,9 @@ def prepare_device(device: str) -> str:
 def weights_hash(source: str, denoiser: str = "unet") -> str:
     """A1111's short model hash: sha256 of the checkpoint file, first 10 hex.
 
-    For a diffusers folder we hash the denoiser's (first) weights file — the part that
-    identifies the model; Hub ids are resolved to their cached files by diffusers first.
+    For a diffusers folder we hash the denoiser's (UNet's, transformer's) first weights
+    file — the part that identifies the model; Hub ids are resolved to their cached
+    files by diffusers first.
     """
     path = Path(source)
     if path.is_dir():
@@ -154,8 +165,9 @@ def load_model(model: ModelConfig, *, device: str = "auto", dtype: str = "auto")
     device = choose_device(device)
     torch_dtype = choose_dtype(device, dtype)
     family = model.family if model.family != "auto" else detect_family(model.source)
+    kind = family_of(family).for_source(model.source)
     try:
-        pipe = _load_pipeline(model.source, family, torch_dtype, config=model.single_file_config)
+        pipe = _load_pipeline(model.source, kind, torch_dtype, config=model.single_file_config)
         pipe.to(device)
     except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
         if not is_out_of_memory(exc):
@@ -167,16 +179,18 @@ def load_model(model: ModelConfig, *, device: str = "auto", dtype: str = "auto")
         name=model.name,
         family=family,
         source=model.source,
-        hash=weights_hash(_local_source(model.source, pipe), family_of(family).denoiser_name),
+        hash=weights_hash(_local_source(model.source, pipe), kind.denoiser_name),
         device=device,
         dtype=torch_dtype,
         pipe=pipe,
         config=model,
         scheduler_config=dict(pipe.scheduler.config),
+        variant=kind,
     )
     if model.inpaint_source:
         try:
-            inpaint = _load_pipeline(model.inpaint_source, family, torch_dtype, inpaint=True)
+            inpaint_kind = family_of(family).for_source(model.inpaint_source)
+            inpaint = _load_pipeline(model.inpaint_source, inpaint_kind, torch_dtype, inpaint=True)
             inpaint.to(device)
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
             if not is_out_of_memory(exc):
@@ -188,11 +202,12 @@ def load_model(model: ModelConfig, *, device: str = "auto", dtype: str = "auto")
             name=f"{model.name}-inpaint",
             family=family,
             source=model.inpaint_source,
-            hash=weights_hash(model.inpaint_source),
+            hash=weights_hash(model.inpaint_source, inpaint_kind.denoiser_name),
             device=device,
             dtype=torch_dtype,
             pipe=inpaint,
             config=model,
+            variant=inpaint_kind,
         )
     log.info("loaded model %s (%s) on %s as %s", model.name, family, device, torch_dtype)
     return loaded
@@ -205,14 +220,14 @@ def _local_source(source: str, pipe: Any) -> str:
 
 
 def _load_pipeline(
-    source: str, family: str, torch_dtype: Any, *, inpaint: bool = False, config: str = ""
+    source: str, kind: Family, torch_dtype: Any, *, inpaint: bool = False, config: str = ""
 ):
-    kind = family_of(family)
+    family = kind.name
     cls = kind.pipeline_class("inpaint" if inpaint else "txt2img")
     path = Path(source)
     try:
         if path.suffix in SINGLE_FILE_SUFFIXES:
-            return _from_single_file(cls, path, torch_dtype, config)
+            return _from_single_file(kind, cls, path, torch_dtype, config)
         if source.startswith(("/", "./", "../")) and not path.is_dir():
             raise ModelError(f"model folder {source} does not exist")
         return cls.from_pretrained(
@@ -233,15 +248,14 @@ def _load_pipeline(
         ) from None
 
 
-def _from_single_file(cls, path: Path, torch_dtype: Any, config: str):
+def _from_single_file(kind: Family, cls, path: Path, torch_dtype: Any, config: str):
     if not path.exists():
         raise ModelError(f"model file {path} does not exist")
     family_from_checkpoint(path)  # a clear error for a file that is no checkpoint
-    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
-    if config:
-        kwargs["config"] = config
     try:
-        return cls.from_single_file(str(path), **kwargs)
+        return kind.load_single_file(cls, path, torch_dtype, config)
+    except ModelError:
+        raise
     except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds here
         if not config and ("connect" in str(exc).lower() or os.environ.get("HF_HUB_OFFLINE")):
             raise ModelError(

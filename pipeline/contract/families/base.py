@@ -15,8 +15,17 @@ from typing import Any, ClassVar
 from pipeline.contract.jobs import MODES, GenerateSpec, JobError
 from pipeline.contract.samplers import SAMPLERS, resolve
 
-# Options of the generation commands a family may or may not have.
-OPTIONS = ("negative_prompt", "cfg_scale", "clip_skip", "control", "reference", "face_fix")
+# Options of the generation commands a family may or may not have. `guidance` is a
+# guidance-distilled model's "Distilled CFG Scale" (Flux.1), which the UNet families lack.
+OPTIONS = (
+    "negative_prompt",
+    "cfg_scale",
+    "clip_skip",
+    "control",
+    "reference",
+    "face_fix",
+    "guidance",
+)
 
 
 class FamilySpec:
@@ -24,16 +33,24 @@ class FamilySpec:
 
     name: ClassVar[str]  # the config value: `family = "sd1"`
     label: ClassVar[str]  # what a member reads: "SD 1.x"
-    group: ClassVar[str] = "Stable Diffusion"  # the kind of model, in config errors
     modes: ClassVar[frozenset[str]] = frozenset(MODES)  # edit: the edit models' families
     max_input_images: ClassVar[int] = 1  # images an edit job may give (`image` + `images`)
-    options: ClassVar[frozenset[str]] = frozenset(OPTIONS)
+    options: ClassVar[frozenset[str]] = frozenset(OPTIONS) - {"guidance"}
     samplers: ClassVar[tuple[str, ...]] = tuple(SAMPLERS)  # A1111 names it accepts
     size_multiple: ClassVar[int] = 8  # the VAE's downsampling
     default_size: ClassVar[int] = 512  # sides of a txt2img image, and of upscale's pass
     train_resolution: ClassVar[int] = 512  # what `[training] resolution = 0` means
     default_steps: ClassVar[int] = 20
     default_cfg: ClassVar[float] = 7.0
+    # A guidance-distilled model's embedded guidance ("Distilled CFG Scale"); None: none.
+    default_guidance: ClassVar[float | None] = None
+    # The sampler and schedule a job on this family gets when nobody chose one; "": the
+    # config's [defaults].
+    default_sampler: ClassVar[str] = ""
+    default_schedule: ClassVar[str] = ""
+    # Size rule: a side that is not a multiple of `size_multiple` is refused (False) or
+    # rounded to the nearest multiple (True).
+    round_sizes: ClassVar[bool] = False
     # Recognition. A LoRA's keys that only this family's files carry (its text encoders'
     # names), and the cross-attention widths of its denoiser: the width of the text
     # embedding it reads, which every layer reading the text has as its input width.
@@ -64,25 +81,13 @@ class FamilySpec:
         return made_for == (cls.lora_family or cls.name)
 
     @classmethod
-    def job_defaults(cls, defaults: Any) -> dict[str, Any]:
-        """A job's sampler, schedule, steps, CFG and size when the member gives none:
-        config.toml's `[defaults]` (`DefaultsConfig`), which are SD's."""
-        return dict(
-            sampler=defaults.sampler,
-            schedule=defaults.schedule,
-            steps=defaults.steps,
-            cfg_scale=defaults.cfg_scale,
-            width=defaults.width,
-            height=defaults.height,
-        )
-
-    @classmethod
     def check_job(cls, spec: GenerateSpec) -> None:
         """Refuse, in one line naming the family, what a generation job asks of it that it
         lacks: a mode, a sampler, a size, more input images than it reads."""
         cls.check_mode(spec.mode)
-        cls.check_sampler(resolve(spec.sampler, spec.schedule)[0].name)
-        cls.check_size(spec.width, spec.height)
+        cls.resolve_sampler(spec.sampler, spec.schedule)
+        if spec.mode == "txt2img":  # other modes take the input image's (fitted) size
+            cls.check_size(spec.width, spec.height)
         count = len(spec.images) + (1 if spec.image else 0)
         if spec.mode == "edit" and count > cls.max_input_images:
             raise JobError(
@@ -106,6 +111,17 @@ class FamilySpec:
         return max(m, width // m * m), max(m, height // m * m)
 
     @classmethod
+    def for_source(cls, source: str) -> type[FamilySpec]:
+        """The spec of the model at `source`: a variant of this family with its own
+        defaults (Flux.1 schnell, Kontext, Fill) where the files say so, else this one."""
+        return cls
+
+    @classmethod
+    def guidance_of(cls, spec: Any) -> float | None:
+        """The embedded (distilled) guidance a job runs at; None for families without."""
+        return None
+
+    @classmethod
     def check_mode(cls, mode: str) -> None:
         """Refuse, in one line naming the family, a mode it lacks."""
         if mode not in cls.modes:
@@ -117,6 +133,14 @@ class FamilySpec:
             raise JobError(f"{cls.label} models have no {option.replace('_', ' ')} option")
 
     @classmethod
+    def resolve_sampler(cls, sampler: str, schedule: str = "Automatic") -> tuple[str, str]:
+        """(sampler name, schedule type) for what a member typed ("DPM++ 2M Karras"),
+        refused in one line when the family cannot use it."""
+        found, chosen = resolve(sampler, schedule)
+        cls.check_sampler(found.name)
+        return found.name, chosen
+
+    @classmethod
     def check_sampler(cls, sampler: str) -> None:
         if sampler not in cls.samplers:
             raise JobError(
@@ -126,13 +150,6 @@ class FamilySpec:
 
 
 def names(families: Iterable[type[FamilySpec]]) -> str:
-    """'sd1 or sdxl (Stable Diffusion) or flux2-klein, … or zimage (flow-matching
-    transformers)' for a config error: the families of each kind together."""
-    groups: dict[str, list[str]] = {}
-    for family in sorted(families, key=lambda f: (f.group != "Stable Diffusion", f.name)):
-        groups.setdefault(family.group, []).append(family.name)
-    return " or ".join(f"{_either(values)} ({group})" for group, values in groups.items())
-
-
-def _either(values: list[str]) -> str:
+    """'sd1 or sdxl' for a config error."""
+    values = sorted(f.name for f in families)
     return ", ".join(values[:-1]) + f" or {values[-1]}" if len(values) > 1 else values[0]

@@ -18,7 +18,7 @@ import re
 from collections.abc import Collection, Mapping
 from typing import Any, ClassVar
 
-from pipeline.contract.families.base import FamilySpec
+from pipeline.contract.families.flow import FlowSpec
 from pipeline.contract.jobs import GenerateSpec, JobError
 from pipeline.contract.prompt_schedule import plan_prompt
 from pipeline.contract.prompt_syntax import parse_prompt_attention, strip_loras
@@ -62,38 +62,24 @@ def plain_prompt(label: str, text: str) -> tuple[str, list[str]]:
 # --- the families that read prompts this way ---------------------------------------------
 
 
-class TextTemplateSpec(FamilySpec):
+class TextTemplateSpec(FlowSpec):
     """What Z-Image, Qwen-Image and Flux.2 klein share, torch-free: flow-matching
-    transformers over 16-pixel patches (an 8× VAE and 2×2 patches), prompts read as
-    plain text, the flow-matching Euler sampler (A1111 and Forge call it "Euler"), and
-    LoRA files recognised by the names of their transformer blocks."""
+    transformers over 16-pixel patches (an 8× VAE and 2×2 patches; the flow samplers and
+    defaults of `FlowSpec`), prompts read as plain text, and LoRA files recognised by
+    the names of their transformer blocks."""
 
-    group = "flow-matching transformers"
     size_multiple = 16
     default_size = 1024
     train_resolution = 1024
-    samplers = ("Euler",)
     options = frozenset({"negative_prompt", "cfg_scale", "face_fix"})
     max_prompt_tokens: ClassVar[int] = 512  # the pipelines' max_sequence_length
     # A LoRA key (dots and underscores alike) that only this family's transformer has.
     lora_key_pattern: ClassVar[str] = ""
 
     @classmethod
-    def job_defaults(cls, defaults: Any) -> dict[str, Any]:
-        """The family's own: config's `[defaults]` are SD's (25 DPM++ 2M steps at CFG 7)."""
-        size = cls.default_size
-        return dict(
-            sampler="Euler",
-            schedule="Automatic",
-            steps=cls.default_steps,
-            cfg_scale=cls.default_cfg,
-            width=size,
-            height=size,
-        )
-
-    @classmethod
     def check_job(cls, spec: GenerateSpec) -> None:
         super().check_job(spec)
+        cls.check_size(spec.width, spec.height)  # every mode: the transformer's patches
         check_plain_prompt(cls.label, spec.prompt, spec.negative_prompt)
         if spec.negative_prompt.strip() and "negative_prompt" not in cls.options:
             cls.check_option("negative_prompt")

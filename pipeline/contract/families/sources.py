@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 from pipeline.contract.families.registry import DEFAULT, family_from_index, family_from_keys
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".gguf")
 
 
 class ModelError(Exception):
@@ -46,6 +47,8 @@ def detect_family(source: str) -> str:
 
 
 def family_from_checkpoint(path: Path) -> str:
+    if path.suffix == ".gguf":
+        return family_from_gguf(path)
     if path.suffix != ".safetensors":
         return DEFAULT.name  # .ckpt: pickles; don't open them just to guess
     try:
@@ -55,9 +58,33 @@ def family_from_checkpoint(path: Path) -> str:
     return family_from_keys(keys)
 
 
+def family_from_gguf(path: Path) -> str:
+    """A GGUF file's family from its tensor names (city96's ComfyUI-GGUF files keep the
+    checkpoint's names and write `general.architecture`, e.g. "flux"). A GGUF no family
+    claims is refused: it is a transformer file of a model this bot does not run."""
+    from pipeline.contract.families.registry import FAMILIES
+
+    try:
+        architecture, keys = gguf_tensor_names(path)
+    except ValueError as exc:
+        raise ModelError(f"model file {path} is not a valid GGUF file ({exc})") from None
+    for family in FAMILIES.values():
+        if family.matches_checkpoint(keys) or family.name == architecture:
+            return family.name
+    raise ModelError(
+        f"model file {path} is a GGUF of {architecture or 'an unknown architecture'}, not a "
+        "transformer of a family this bot runs (flux)"
+    )
+
+
 def safetensors_keys(path: Path) -> list[str]:
     """The tensor names in a .safetensors file's JSON header, read without torch: an
     8-byte little-endian header length, then the header. Raises ValueError."""
+    return [k for k in safetensors_header(path) if k != "__metadata__"]
+
+
+def safetensors_header(path: Path) -> dict:
+    """A .safetensors file's JSON header (tensor name → dtype, shape, offsets)."""
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
@@ -71,7 +98,65 @@ def safetensors_keys(path: Path) -> list[str]:
             raise ValueError(f"header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
-    return [k for k in header if k != "__metadata__"]
+    return header
+
+
+# GGUF metadata value types (ggml's gguf.h): their sizes, 8 = string, 9 = array.
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def gguf_tensor_names(path: Path) -> tuple[str, list[str]]:
+    """(general.architecture, tensor names) of a GGUF file, read without torch or numpy
+    (the layout of ggml's docs/gguf.md: magic, version, counts, key/values, tensor
+    infos). Raises ValueError for a file that is not GGUF."""
+    import struct
+
+    with open(path, "rb") as f:
+
+        def read(fmt: str):
+            size = struct.calcsize(fmt)
+            raw = f.read(size)
+            if len(raw) != size:
+                raise ValueError("file ends inside its header")
+            return struct.unpack("<" + fmt, raw)[0]
+
+        def string() -> str:
+            length = read("Q")
+            if length > 1 << 20:
+                raise ValueError("a header string is too long")
+            return f.read(length).decode("utf-8", "replace")
+
+        def skip(kind: int) -> Any:
+            if kind == 8:
+                return string()
+            if kind == 9:
+                item, count = read("I"), read("Q")
+                for _ in range(count):
+                    skip(item)
+                return None
+            if kind not in _GGUF_SIZES:
+                raise ValueError(f"unknown metadata type {kind}")
+            f.read(_GGUF_SIZES[kind])
+            return None
+
+        if f.read(4) != b"GGUF":
+            raise ValueError("no GGUF magic")
+        read("I")  # version
+        tensors, values = read("Q"), read("Q")
+        if tensors > 1_000_000 or values > 1_000_000:
+            raise ValueError("implausible counts")
+        architecture = ""
+        for _ in range(values):
+            key, kind = string(), read("I")
+            value = skip(kind)
+            if key == "general.architecture" and isinstance(value, str):
+                architecture = value
+        names = []
+        for _ in range(tensors):
+            names.append(string())
+            dims = read("I")
+            f.read(8 * dims + 4 + 8)  # dims, type, offset
+    return architecture, names
 
 
 def hub_error(source: str, exc: Exception) -> ModelError:

@@ -7,7 +7,25 @@ tokenizers from an in-memory vocabulary, `common` their other parts.
 Each writer is `write_tiny_<family>(directory, **variant) -> Path`. Worker side (torch).
 """
 
-from pipeline.families.flux_tiny import write_tiny_flux, write_tiny_flux_redux
+import importlib
+
+# Each writer is imported on first use, not at package import: each lives beside its
+# family (pipeline/families/flux_tiny.py) and uses this package's common parts, and the
+# others take Flux.1's scheduler and VAE constants from it.
+_WRITERS = {
+    "write_tiny_flux": "pipeline.families.flux_tiny",
+    "write_tiny_flux_redux": "pipeline.families.flux_tiny",
+    "write_tiny_flux2_klein": "pipeline.families.flux2_klein_tiny",
+    "write_tiny_qwen_image": "pipeline.families.qwen_image_tiny",
+    "write_tiny_zimage": "pipeline.families.zimage_tiny",
+}
+
+
+def __getattr__(name: str):
+    if name in _WRITERS:
+        return getattr(importlib.import_module(_WRITERS[name]), name)
+    raise AttributeError(name)
+
 
 __all__ = [
     "write_tiny_flux",

@@ -1,0 +1,101 @@
+"""What the flow-matching families share, worker side (Flux.1 here; Z-Image, Qwen-Image and
+Flux.2 klein build on it): A1111 sampler names → flow schedulers with the model's
+shift, previews of 2×2-packed latents, and the flow-matching training objective.
+Torch-free half: `pipeline.contract.families.flow`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+from pipeline.contract.families.flow import FLOW_SCHEDULES, resolve_flow
+from pipeline.contract.jobs import JobError
+from pipeline.families.base import Family
+
+# Keys of a FlowMatchEulerDiscreteScheduler config that carry the model's shift.
+_SHIFT_KEYS = ("use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
+               "max_image_seq_len", "time_shift_type", "shift_terminal")
+
+
+def flow_scheduler(base_config: dict[str, Any], sampler: str, schedule: str, mode: str) -> Any:
+    """A flow scheduler for a sampler name, built on the model's FlowMatchEuler config so
+    its shift carries over: fixed (`shift` → the solvers' `flow_shift`), or resolution-
+    dependent (`use_dynamic_shifting` with the same base/max shift: the pipeline's `mu`
+    sets it per image size, as it does for Euler)."""
+    import diffusers
+
+    found, schedule = resolve_flow(sampler, schedule)
+    if found.txt2img_only and mode != "txt2img":
+        raise JobError(
+            f"the sampler {found.name!r} works for text-to-image only on flow models; "
+            f"use Euler or UniPC for {mode}"
+        )
+    cls = getattr(diffusers, found.scheduler)
+    config = dict(base_config)
+    if found.scheduler == "FlowMatchEulerDiscreteScheduler":
+        return cls.from_config(config, **FLOW_SCHEDULES[schedule])
+    import inspect
+
+    accepted = inspect.signature(cls.__init__).parameters
+    solver = {k: config[k] for k in _SHIFT_KEYS if k in accepted and config.get(k) is not None}
+    solver["num_train_timesteps"] = config.get("num_train_timesteps", 1000)
+    solver["flow_shift"] = config.get("shift", 1.0)
+    return cls.from_config({**solver, **found.options})
+
+
+def unpack_latents(latents: Any, size: tuple[int, int], scale: int = 8) -> Any:
+    """[batch, (h/16)·(w/16), 4·c] packed latents → [batch, c, h/8, w/8] (diffusers'
+    `FluxPipeline._unpack_latents`, for a preview of any packed family)."""
+    if latents.ndim != 3:
+        return latents
+    width, height = size
+    batch, _, channels = latents.shape
+    h, w = 2 * (height // (scale * 2)), 2 * (width // (scale * 2))
+    latents = latents.reshape(batch, h // 2, w // 2, channels // 4, 2, 2)
+    return latents.permute(0, 3, 1, 4, 2, 5).reshape(batch, channels // 4, h, w)
+
+
+def logit_normal_sigmas(count: int, generator: Any = None, mean: float = 0.0, std: float = 1.0):
+    """Training timesteps as diffusers' train_dreambooth_lora_flux.py draws them with
+    `--weighting_scheme logit_normal` (SD3's paper): σ = sigmoid(N(mean, std))."""
+    import torch
+
+    return torch.sigmoid(torch.normal(mean, std, size=(count,), generator=generator))
+
+
+def shift_sigmas(sigmas: Any, shift: float) -> Any:
+    """The model's fixed shift applied to σ ∈ (0, 1) (FlowMatchEuler's `shift`)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def dynamic_shift(config: dict[str, Any], image_seq_len: int) -> float:
+    """exp(μ) for an image of `image_seq_len` packed tokens (diffusers' calculate_shift)."""
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base, top = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    m = (top - base) / (max_len - base_len)
+    return math.exp(image_seq_len * m + base - m * base_len)
+
+
+class FlowFamily(Family):
+    """A flow-matching transformer family: its samplers are flow schedulers, its latents
+    are 2×2-packed, its objective is flow matching (target = noise − latents)."""
+
+    denoiser_name = "transformer"
+    packed: ClassVar[bool] = True  # latents in the loop are [batch, tokens, 4·channels]
+
+    def scheduler(self, base_config: dict[str, Any], sampler: str, schedule: str, mode: str):
+        return flow_scheduler(base_config, sampler, schedule, mode)
+
+    def call_inputs(self, spec: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+        # diffusers' flow pipelines draw at their default size (1024²) unless told.
+        return {"width": spec.width, "height": spec.height, **inputs}
+
+    def preview_latents(self, latents: Any, pipe: Any, size: tuple[int, int]) -> Any:
+        if not self.packed:
+            return latents
+        return unpack_latents(latents, size, getattr(pipe, "vae_scale_factor", 8))
+
+    def flow_target(self, noise: Any, latents: Any) -> Any:
+        """What the transformer learns to predict at σ: the velocity noise − latents."""
+        return noise - latents

@@ -1,0 +1,345 @@
+"""Flux.1 (dev, Krea, schnell, Kontext, Fill), worker side: a `FluxTransformer2DModel`
+reading CLIP-L's pooled output and T5's states, 2×2-packed 16-channel latents, a
+flow-matching Euler scheduler with the model's (resolution-dependent) shift.
+Torch-free half: `pipeline.contract.families.flux`; tiny model: `flux_tiny.py`.
+
+How a prompt is read (docs/DECISIONS.md, issue 23, following Forge where it has an
+answer): the text goes to both encoders as one string, as diffusers and Forge do;
+prompt editing and alternation change the text over the steps (the transformer is
+given each step's embeddings); A1111 emphasis weights, BREAK and AND have no effect
+and the member is told so with the result; a prompt longer than CLIP's 77 or T5's
+512 (schnell 256) tokens is cut there, and the member is told.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from pipeline.contract.families.flux import VARIANTS
+from pipeline.contract.families.flux import Flux as SPEC
+from pipeline.contract.prompt_schedule import plan_prompt, split_and, text_at_step
+from pipeline.contract.prompt_syntax import BREAK, parse_prompt_attention, strip_loras
+from pipeline.families.flow import FlowFamily
+
+
+class Flux(FlowFamily):
+    spec = SPEC
+    text_encoder_names = ("text_encoder", "text_encoder_2")
+    tokenizer_names = ("tokenizer", "tokenizer_2")
+    pipelines = {
+        "txt2img": "FluxPipeline",
+        "img2img": "FluxImg2ImgPipeline",
+        "inpaint": "FluxInpaintPipeline",
+    }
+    # ComfyUI's latent_formats.Flux: the 16 channels → RGB, and a bias.
+    preview_factors = (
+        (-0.0346, 0.0244, 0.0681),
+        (0.0034, 0.0210, 0.0687),
+        (0.0275, -0.0668, -0.0433),
+        (-0.0174, 0.0160, 0.0617),
+        (0.0859, 0.0721, 0.0329),
+        (0.0004, 0.0383, 0.0115),
+        (0.0405, 0.0861, 0.0915),
+        (-0.0236, -0.0185, -0.0259),
+        (-0.0245, 0.0250, 0.1180),
+        (0.1008, 0.0755, -0.0421),
+        (-0.0515, 0.0201, 0.0011),
+        (0.0428, -0.0012, -0.0036),
+        (0.0817, 0.0765, 0.0749),
+        (-0.1264, -0.0522, -0.1103),
+        (-0.0280, -0.0881, -0.0499),
+        (-0.1262, -0.0982, -0.0778),
+    )
+    preview_bias = (-0.0329, -0.0718, -0.0851)
+    kohya_base_model = "flux1"
+    # kohya's sd-scripts name the transformer `lora_unet_` and CLIP-L `lora_te1_`.
+    lora_prefixes = {"transformer": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+
+    def owns(self, pipe: Any) -> bool:
+        name = type(pipe).__name__
+        return name.startswith("Flux") and not name.startswith("Flux2") and super().owns(pipe)
+
+    def for_source(self, source: str) -> Flux:
+        return _VARIANT_FAMILIES[self.spec.for_source(source).variant]
+
+    # -- loading ---------------------------------------------------------------------------
+
+    def load_single_file(self, cls: Any, path: Any, torch_dtype: Any, config: str) -> Any:
+        """A transformer file as Civitai and ComfyUI ship it (.safetensors, or GGUF through
+        diffusers' GGUFQuantizationConfig): the text encoders, tokenizers and VAE come
+        from `config`, a Flux.1 diffusers folder or Hub id (`single_file_config`)."""
+        from pipeline.contract.families import ModelError
+
+        if not config:
+            raise ModelError(
+                f"model file {path} is a Flux.1 transformer alone: set single_file_config "
+                "to a Flux.1 diffusers folder or Hub id for its text encoders and VAE"
+            )
+        import diffusers
+
+        kwargs: dict[str, Any] = {"torch_dtype": torch_dtype, "config": config, "subfolder": "transformer"}
+        if str(path).endswith(".gguf"):
+            kwargs["quantization_config"] = diffusers.GGUFQuantizationConfig(compute_dtype=torch_dtype)
+        transformer = diffusers.FluxTransformer2DModel.from_single_file(str(path), **kwargs)
+        return cls.from_pretrained(config, transformer=transformer, torch_dtype=torch_dtype)
+
+    def fused_lora_layers(self, pipe: Any) -> dict[str, list[tuple[str, int, int | None]]]:
+        """BFL's (and kohya's) layer names → diffusers' modules, as diffusers'
+        `_convert_kohya_flux_lora_to_diffusers` maps them, with the fused qkv and
+        single-block linear1 split at this model's own widths (diffusers hard-codes the
+        12B model's 3072/12288)."""
+        config = self.denoiser(pipe).config
+        inner = config.num_attention_heads * config.attention_head_dim
+        t = "transformer."
+        blocks = t + "transformer_blocks."
+        fused: dict[str, list[tuple[str, int, int | None]]] = {}
+
+        def split(name: str, targets: list[str], widths: list[int]) -> None:
+            bounds, start = [], 0
+            for target, width in zip(targets, widths):
+                bounds.append((target, start, start + width))
+                start += width
+            fused[name] = bounds
+
+        def rename(name: str, target: str) -> None:
+            fused[name] = [(target, 0, None)]
+
+        for i in range(config.num_layers):
+            at, block = f"lora_unet_double_blocks_{i}_", f"{blocks}{i}."
+            split(at + "img_attn_qkv", [f"{block}attn.to_{x}" for x in "qkv"], [inner] * 3)
+            split(at + "txt_attn_qkv", [f"{block}attn.add_{x}_proj" for x in "qkv"], [inner] * 3)
+            for theirs, ours in _DOUBLE_LAYERS:
+                rename(at + theirs, block + ours)
+        mlp = int(inner * 4.0)  # FluxSingleTransformerBlock's mlp_ratio
+        for i in range(config.num_single_layers):
+            at, block = f"lora_unet_single_blocks_{i}_", f"{t}single_transformer_blocks.{i}."
+            targets = [f"{block}attn.to_{x}" for x in "qkv"] + [f"{block}proj_mlp"]
+            split(at + "linear1", targets, [inner] * 3 + [mlp])
+            rename(at + "linear2", block + "proj_out")
+            rename(at + "modulation_lin", block + "norm.linear")
+        # LyCORIS's own wrapper (SimpleTuner's Flux LoKr/LoHa files) names the
+        # transformer's modules `lycoris_<diffusers path>`.
+        for path, _ in self.denoiser(pipe).named_modules():
+            if path:
+                rename("lycoris_" + path.replace(".", "_"), t + path)
+        return fused
+
+    # -- one denoising call ----------------------------------------------------------------
+
+    def guidance_arguments(self, spec: Any) -> dict[str, Any]:
+        """Distilled CFG as `guidance_scale` (the transformer's guidance input), and true
+        CFG (`true_cfg_scale`) only when a negative prompt is given with CFG scale > 1."""
+        args: dict[str, Any] = {}
+        guidance = self.spec.guidance_of(spec)
+        if guidance is not None:
+            args["guidance_scale"] = guidance
+        if _true_cfg(self.spec, spec):
+            args["true_cfg_scale"] = spec.cfg_scale
+        return args
+
+    def prompt_notices(self, pipe: Any, spec: Any) -> tuple[str, ...]:
+        notices = []
+        prompt = strip_loras(spec.prompt)
+        read = _read(prompt)
+        if read.weights:
+            notices.append(
+                f"{self.spec.label} reads no A1111 emphasis: the weights in your prompt had no effect"
+            )
+        if read.breaks:
+            notices.append(f"BREAK has no effect on {self.spec.label}; it was left out")
+        if read.ands:
+            notices.append(
+                f"AND has no effect on {self.spec.label} (no unconditional prediction to compose "
+                "against); its parts were read as one prompt"
+            )
+        if spec.negative_prompt.strip() and not _true_cfg(self.spec, spec):
+            notices.append(
+                "the negative prompt had no effect: it needs a CFG scale above 1 (true CFG, "
+                "about twice as slow)"
+            )
+        for label, tokenizer, limit in (
+            ("CLIP", pipe.tokenizer, self.spec.clip_tokens),
+            ("T5", pipe.tokenizer_2, self.spec.t5_tokens),
+        ):
+            longest = max(len(tokenizer(t)["input_ids"]) for t in read.texts)
+            if longest > limit:
+                notices.append(
+                    f"your prompt is {longest} {label} tokens; {self.spec.label} reads "
+                    f"{limit}, the rest was cut"
+                )
+        return tuple(notices)
+
+    @contextmanager
+    def prompt_conditioning(
+        self, pipe: Any, samples: Sequence[Any], steps: int, strength: float | None
+    ) -> Iterator[dict[str, Any]]:
+        """Each sample's CLIP pooled and T5 embeddings, encoded by the pipeline's own
+        `encode_prompt` (so a plain prompt gives diffusers' very embeddings); when a
+        prompt changes over the steps, the transformer gets each step's rows."""
+        import torch
+
+        if strength:  # diffusers' get_timesteps: the steps img2img/inpaint really run
+            steps = max(steps - int(max(steps - steps * strength, 0)), 1)
+        plans = [
+            plan_prompt(_read(strip_loras(s.prompt)).text, strip_loras(s.negative_prompt), steps)
+            for s in samples
+        ]
+        schedules = [plan.parts[0][1] for plan in plans]
+        table = list(dict.fromkeys(text for sched in schedules for _, text in sched))
+        embeds, pooled = self._encode(pipe, table)
+        rows = [[(last, table.index(text)) for last, text in sched] for sched in schedules]
+        first = [r[0][1] for r in rows]
+        kwargs = {"prompt_embeds": embeds[first], "pooled_prompt_embeds": pooled[first]}
+        if any(_true_cfg(self.spec, s) for s in samples):
+            negatives = [text_at_step(list(plan.negative), 0) for plan in plans]
+            neg_embeds, neg_pooled = self._encode(pipe, negatives)
+            kwargs["negative_prompt_embeds"] = neg_embeds
+            kwargs["negative_pooled_prompt_embeds"] = neg_pooled
+        if all(len(r) == 1 for r in rows):
+            yield kwargs
+            return
+        transformer = self.denoiser(pipe)
+        own = transformer.__dict__.get("forward")
+        positive = kwargs["prompt_embeds"]
+        transformer.forward = _ScheduledForward(transformer.forward, positive, embeds, pooled, rows)
+        try:
+            with torch.inference_mode():
+                yield kwargs
+        finally:
+            if own is None:
+                del transformer.forward
+            else:
+                transformer.forward = own
+
+    def _encode(self, pipe: Any, texts: list[str]) -> tuple[Any, Any]:
+        embeds, pooled, _ = pipe.encode_prompt(
+            prompt=texts,
+            prompt_2=texts,
+            device=pipe._execution_device,
+            max_sequence_length=self.spec.t5_tokens,
+        )
+        return embeds, pooled
+
+
+# kohya's double-block layers that are one module each in diffusers (BFL name → ours).
+_DOUBLE_LAYERS = (
+    ("img_attn_proj", "attn.to_out.0"),
+    ("img_mlp_0", "ff.net.0.proj"),
+    ("img_mlp_2", "ff.net.2"),
+    ("img_mod_lin", "norm1.linear"),
+    ("txt_attn_proj", "attn.to_add_out"),
+    ("txt_mlp_0", "ff_context.net.0.proj"),
+    ("txt_mlp_2", "ff_context.net.2"),
+    ("txt_mod_lin", "norm1_context.linear"),
+)
+
+
+class _ScheduledForward:
+    """The transformer's forward with each step's prompt rows (prompt editing and
+    alternation). A step is a new timestep: true CFG's second call at the same timestep
+    (the negative's, a tensor other than the positive one) passes through."""
+
+    def __init__(self, forward: Any, positive: Any, embeds: Any, pooled: Any, rows: list) -> None:
+        self.forward, self.positive = forward, positive
+        self.embeds, self.pooled, self.rows = embeds, pooled, rows
+        self.step, self.last = -1, None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        timestep = kwargs.get("timestep")
+        value = float(timestep.flatten()[0]) if timestep is not None else None
+        if value != self.last:
+            self.step, self.last = self.step + 1, value
+        if kwargs.get("encoder_hidden_states") is self.positive:
+            at = [text_at_step(r, self.step) for r in self.rows]  # type: ignore[arg-type]
+            kwargs["encoder_hidden_states"] = self.embeds[at]
+            kwargs["pooled_projections"] = self.pooled[at]
+        return self.forward(*args, **kwargs)
+
+
+class _Read:
+    """A prompt as Flux reads it: the plain text and what in it had no effect."""
+
+    def __init__(self, text: str, texts: list[str], weights: bool, breaks: bool, ands: bool):
+        self.text, self.texts = text, texts
+        self.weights, self.breaks, self.ands = weights, breaks, ands
+
+
+def _read(prompt: str) -> _Read:
+    """Emphasis brackets resolved to their text (A1111's own parser, escapes included),
+    BREAK left out, AND parts joined; prompt editing's brackets are kept for the
+    schedule. `texts`: every text the schedule encodes (for the token counts)."""
+    parts = split_and(prompt)
+    ands = len(parts) > 1
+    joined = ", ".join(text.strip() for text, _ in parts) if ands else prompt
+    weights = breaks = False
+    pieces = []
+    for piece, weight in _attention_outside_edits(joined):
+        if piece == BREAK and weight == -1:
+            breaks = True
+            pieces.append(" ")
+            continue
+        weights = weights or weight != 1.0
+        pieces.append(piece)
+    text = "".join(pieces)
+    schedule = plan_prompt(text, "", 1000).parts[0][1]
+    return _Read(text, [t for _, t in schedule], weights, breaks, ands)
+
+
+def _attention_outside_edits(text: str) -> list[tuple[str, float]]:
+    """A1111's attention parse of the text, with `[a:b:when]` and `[a|b]` kept as they
+    are (square brackets there are prompt editing, not a ÷1.1 weight)."""
+    from pipeline.contract.prompt_schedule import parse
+
+    nodes = parse(text)
+    if all(isinstance(n, str) for n in nodes):
+        return parse_prompt_attention(text)
+    out: list[tuple[str, float]] = []
+    start = 0
+    for match in _EDIT.finditer(text):
+        out += parse_prompt_attention(text[start : match.start()]) if match.start() > start else []
+        out.append((match.group(0), 1.0))
+        start = match.end()
+    out += parse_prompt_attention(text[start:]) if start < len(text) else []
+    return out
+
+
+import re  # noqa: E402 - the pattern sits beside its one user
+
+_EDIT = re.compile(r"\[[^\[\]]*(?::[^\[\]]*|\|[^\[\]]*)\]")
+
+
+def _true_cfg(spec_class: Any, spec: Any) -> bool:
+    return (
+        "negative_prompt" in spec_class.options
+        and bool(spec.negative_prompt.strip())
+        and spec.cfg_scale > 1
+    )
+
+
+class _FluxSchnell(Flux):
+    spec = VARIANTS["schnell"]
+
+
+class _FluxKontext(Flux):
+    spec = VARIANTS["kontext"]
+    pipelines = {"img2img": "FluxKontextPipeline", "txt2img": "FluxKontextPipeline"}
+
+    def call_inputs(self, spec: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+        # Kontext edits the whole image at the prompt's word: no denoising strength.
+        inputs = {k: v for k, v in inputs.items() if k != "strength"}
+        return super().call_inputs(spec, inputs)
+
+
+class _FluxFill(Flux):
+    spec = VARIANTS["fill"]
+    pipelines = {"inpaint": "FluxFillPipeline", "txt2img": "FluxFillPipeline"}
+
+
+_VARIANT_FAMILIES: dict[str, Flux] = {
+    "dev": Flux(),
+    "schnell": _FluxSchnell(),
+    "kontext": _FluxKontext(),
+    "fill": _FluxFill(),
+}
