@@ -20,6 +20,8 @@ from pipeline.families.flow import FlowFamily
 
 class TextTemplateFamily(FlowFamily):
     transformer_class: ClassVar[str] = ""  # what `owns` recognises a pipeline by
+    # kohya / musubi-tuner name the transformer's modules `lora_unet_<path with _>`.
+    lora_prefixes = {"transformer": "lora_unet_", "text_encoder": "lora_te_"}
 
     def owns(self, pipe: Any) -> bool:
         denoiser = getattr(pipe, self.denoiser_name, None)
@@ -42,6 +44,19 @@ class TextTemplateFamily(FlowFamily):
 
     def negative_inputs(self, negatives: list[str]) -> dict[str, Any]:
         return {"negative_prompt": negatives}
+
+    def fused_lora_layers(self, pipe: Any) -> dict[str, list[tuple[str, int, int | None]]]:
+        """The transformer's modules under the names LoRA files give them besides
+        diffusers' (`transformer.<path>`) and kohya's: ai-toolkit's and ComfyUI's
+        `diffusion_model.<path>` (which diffusers' converters strip) and LyCORIS's own
+        wrapper's `lycoris_<path with _>`; plain renames, nothing fused."""
+        renames: dict[str, list[tuple[str, int, int | None]]] = {}
+        for path, _ in self.denoiser(pipe).named_modules():
+            if path:
+                ours = [(f"transformer.{path}", 0, None)]
+                renames[f"diffusion_model.{path}"] = ours
+                renames["lycoris_" + path.replace(".", "_")] = ours
+        return renames
 
     def _cut(self, pipe: Any, text: str) -> list[str]:
         limit = self.spec.max_prompt_tokens  # type: ignore[attr-defined]
