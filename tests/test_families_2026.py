@@ -315,3 +315,25 @@ def test_progress_previews_where_the_family_has_factors(models):
         assert len(previews) == (2 if has_preview else 0)
         if has_preview:
             assert Image.open(io.BytesIO(previews[0])).format == "JPEG"
+
+
+def test_a_klein_9b_file_with_a_4b_configuration_is_refused_before_loading(folders, tmp_path):
+    """The file's width is read from the key diffusers' single-file loader recognises
+    Flux.2 by (`single_stream_modulation.lin.weight`, input width = the transformer's)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.contract.config import ModelConfig
+    from pipeline.contract.families import ModelError, detect_family
+    from pipeline.models.loading import load_model
+
+    path = tmp_path / "flux-2-klein-9b.safetensors"
+    save_file({"single_stream_modulation.lin.weight": torch.zeros(3 * 4096, 4096)}, str(path))
+    assert detect_family(str(path)) == "flux2-klein"
+    model = ModelConfig(name="k", source=str(path), single_file_config=str(folders["flux2-klein"]))
+    with pytest.raises(ModelError) as refused:
+        load_model(model)
+    assert str(refused.value) == (
+        f"model file {path} is Flux.2 klein 9B (width 4096) but its single_file_config is "
+        "a Flux.2 model (width 32); give the configuration folder of the same model"
+    )

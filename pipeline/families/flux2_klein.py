@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.contract.families.flux2_klein import WIDTH_KEY, variant_mismatch
 from pipeline.contract.families.flux2_klein import Flux2Klein as SPEC
 from pipeline.families.text_template import TextTemplateFamily
 
@@ -22,3 +23,42 @@ class Flux2Klein(TextTemplateFamily):
 
     def negative_inputs(self, negatives: list[str]) -> dict[str, Any]:
         return {}  # klein takes no negative text (the contract refuses one)
+
+    def load_single_file(self, cls: Any, path: Any, torch_dtype: Any, config: str) -> Any:
+        """A klein transformer file (.safetensors as BFL and ComfyUI ship it, or GGUF):
+        the text encoder, tokenizer and VAE come from `config`, a klein diffusers folder
+        of the same size. A 9B file configured with the 4B's folder (or the reverse) is
+        refused naming both, before anything is loaded."""
+        import json
+        from pathlib import Path
+
+        from pipeline.contract.families import ModelError
+        from pipeline.contract.families.sources import safetensors_header
+
+        if not config:
+            raise ModelError(
+                f"model file {path} is a Flux.2 klein transformer alone: set "
+                "single_file_config to a klein diffusers folder for its text encoder and VAE"
+            )
+        if str(path).endswith(".safetensors") and Path(config).is_dir():
+            header = safetensors_header(Path(path))
+            entry = header.get(WIDTH_KEY) or header.get(f"model.diffusion_model.{WIDTH_KEY}")
+            shape = entry["shape"] if entry else None
+            settings = json.loads((Path(config) / "transformer" / "config.json").read_text())
+            width = settings["num_attention_heads"] * settings["attention_head_dim"]
+            problem = shape and variant_mismatch(str(path), int(shape[-1]), width)
+            if problem:
+                raise ModelError(problem)
+        import diffusers
+
+        kwargs: dict[str, Any] = {
+            "torch_dtype": torch_dtype,
+            "config": config,
+            "subfolder": "transformer",
+        }
+        if str(path).endswith(".gguf"):
+            kwargs["quantization_config"] = diffusers.GGUFQuantizationConfig(
+                compute_dtype=torch_dtype
+            )
+        transformer = diffusers.Flux2Transformer2DModel.from_single_file(str(path), **kwargs)
+        return cls.from_pretrained(config, transformer=transformer, torch_dtype=torch_dtype)

@@ -13,7 +13,7 @@ from typing import Any
 from pipeline.contract.families.plain_text import TextTemplateSpec, has_key, index_classes
 
 # The transformer's width (heads × 128) per published model, as its single file shows it.
-VARIANTS = {3072: "klein 4B", 4096: "klein 9B", 6144: "FLUX.2 dev"}
+VARIANTS = {3072: "Flux.2 klein 4B", 4096: "Flux.2 klein 9B", 6144: "FLUX.2 dev"}
 # diffusers' key for a Flux.2 checkpoint; its input width is the transformer's width.
 WIDTH_KEY = "single_stream_modulation.lin.weight"
 
@@ -40,7 +40,7 @@ class Flux2Klein(TextTemplateSpec):
 
 
 def variant(width: int) -> str:
-    return VARIANTS.get(width, f"a Flux.2 model {width} wide")
+    return VARIANTS.get(width, "a Flux.2 model")
 
 
 def variant_mismatch(file: str, file_width: int, configured_width: int) -> str | None:
@@ -49,7 +49,7 @@ def variant_mismatch(file: str, file_width: int, configured_width: int) -> str |
     if file_width == configured_width:
         return None
     return (
-        f"model file {file} is Flux.2 {variant(file_width)} (width {file_width}) but its "
-        f"single_file_config is Flux.2 {variant(configured_width)} (width "
-        f"{configured_width}); give the configuration folder of the same model"
+        f"model file {file} is {variant(file_width)} (width {file_width}) but its "
+        f"single_file_config is {variant(configured_width)} (width {configured_width}); "
+        "give the configuration folder of the same model"
     )
