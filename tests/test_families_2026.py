@@ -337,3 +337,42 @@ def test_a_klein_9b_file_with_a_4b_configuration_is_refused_before_loading(folde
         f"model file {path} is Flux.2 klein 9B (width 4096) but its single_file_config is "
         "a Flux.2 model (width 32); give the configuration folder of the same model"
     )
+
+
+def test_a_zimage_transformer_file_loads_with_its_configuration(folders, models, tmp_path):
+    """A Z-Image transformer file in the original (ComfyUI) layout — the names diffusers'
+    `convert_z_image_transformer_checkpoint_to_diffusers` reads: fused `attention.qkv`,
+    `attention.out`, `q_norm`/`k_norm`, `final_layer`, `x_embedder`, under
+    `model.diffusion_model.` — is recognised and loaded beside the folder's text encoder
+    and VAE, and draws what the folder draws."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.contract.config import ModelConfig
+    from pipeline.contract.families import detect_family
+    from pipeline.generate.modes import run_generation
+    from pipeline.models.loading import load_model
+
+    weights = load_file(str(folders["zimage"] / "transformer" / "diffusion_pytorch_model.safetensors"))
+    original = {}
+    for key, tensor in weights.items():
+        if ".attention.to_k.weight" in key or ".attention.to_v.weight" in key:
+            continue
+        if ".attention.to_q.weight" in key:
+            parts = [weights[key.replace("to_q", x)] for x in ("to_q", "to_k", "to_v")]
+            key, tensor = key.replace(".attention.to_q.", ".attention.qkv."), torch.cat(parts)
+        for ours, theirs in (
+            ("all_final_layer.2-1.", "final_layer."),
+            ("all_x_embedder.2-1.", "x_embedder."),
+            (".attention.to_out.0.", ".attention.out."),
+            (".attention.norm_k.", ".attention.k_norm."),
+            (".attention.norm_q.", ".attention.q_norm."),
+        ):
+            key = key.replace(ours, theirs)
+        original["model.diffusion_model." + key] = tensor.contiguous()
+    path = tmp_path / "z_image_turbo.safetensors"
+    save_file(original, str(path))
+    assert detect_family(str(path)) == "zimage"
+    loaded = load_model(ModelConfig(name="zf", source=str(path), single_file_config=str(folders["zimage"])))
+    ours = _pixels(run_generation(loaded, [_spec()])[0][0])
+    assert np.array_equal(ours, _pixels(run_generation(models["zimage"], [_spec()])[0][0]))

@@ -35,12 +35,7 @@ class Flux2Klein(TextTemplateFamily):
         from pipeline.contract.families import ModelError
         from pipeline.contract.families.sources import safetensors_header
 
-        if not config:
-            raise ModelError(
-                f"model file {path} is a Flux.2 klein transformer alone: set "
-                "single_file_config to a klein diffusers folder for its text encoder and VAE"
-            )
-        if str(path).endswith(".safetensors") and Path(config).is_dir():
+        if str(path).endswith(".safetensors") and config and Path(config).is_dir():
             header = safetensors_header(Path(path))
             entry = header.get(WIDTH_KEY) or header.get(f"model.diffusion_model.{WIDTH_KEY}")
             shape = entry["shape"] if entry else None
@@ -49,16 +44,4 @@ class Flux2Klein(TextTemplateFamily):
             problem = shape and variant_mismatch(str(path), int(shape[-1]), width)
             if problem:
                 raise ModelError(problem)
-        import diffusers
-
-        kwargs: dict[str, Any] = {
-            "torch_dtype": torch_dtype,
-            "config": config,
-            "subfolder": "transformer",
-        }
-        if str(path).endswith(".gguf"):
-            kwargs["quantization_config"] = diffusers.GGUFQuantizationConfig(
-                compute_dtype=torch_dtype
-            )
-        transformer = diffusers.Flux2Transformer2DModel.from_single_file(str(path), **kwargs)
-        return cls.from_pretrained(config, transformer=transformer, torch_dtype=torch_dtype)
+        return super().load_single_file(cls, path, torch_dtype, config)

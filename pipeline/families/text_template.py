@@ -66,6 +66,36 @@ class TextTemplateFamily(FlowFamily):
         return [f"the prompt is {count} tokens; {self.label} reads the first {limit}, the rest was cut"]
 
 
+    def load_single_file(self, cls: Any, path: Any, torch_dtype: Any, config: str) -> Any:
+        """A transformer file as ComfyUI and Civitai ship it (.safetensors, or GGUF through
+        diffusers' GGUFQuantizationConfig), converted by diffusers' single-file loader;
+        the text encoder, tokenizer and VAE come from `config` (`single_file_config`: a
+        diffusers folder or Hub id of the same model)."""
+        import diffusers
+
+        from pipeline.contract.families import ModelError
+
+        if not config:
+            raise ModelError(
+                f"model file {path} is a {self.label} transformer alone: set "
+                f"single_file_config to a {self.label} diffusers folder for its text "
+                "encoder and VAE"
+            )
+        kwargs: dict[str, Any] = {
+            "torch_dtype": torch_dtype,
+            "config": config,
+            "subfolder": "transformer",
+        }
+        if str(path).endswith(".gguf"):
+            kwargs["quantization_config"] = diffusers.GGUFQuantizationConfig(
+                compute_dtype=torch_dtype
+            )
+        model = getattr(diffusers, self.transformer_class)
+        transformer = model.from_single_file(str(path), **kwargs)
+        return cls.from_pretrained(
+            config, transformer=transformer, torch_dtype=torch_dtype, **self.extra_components(config)
+        )
+
     @contextmanager
     def edit_inputs(self, images: list[Any], width: int, height: int) -> Iterator[dict[str, Any]]:
         yield {"image": images}
