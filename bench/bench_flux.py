@@ -123,16 +123,25 @@ def main() -> None:
 
         def ours(steps: int) -> None:
             job = GenerateSpec(
-                prompt="a photo of a cat", width=size, height=size, steps=steps, seed=1,
-                sampler="Euler", cfg_scale=1.0,
+                prompt="a photo of a cat",
+                width=size,
+                height=size,
+                steps=steps,
+                seed=1,
+                sampler="Euler",
+                cfg_scale=1.0,
             )
             run_generation(model, [job], preview_every=0)
 
         def theirs(steps: int) -> None:
             with torch.inference_mode():
                 plain(
-                    "a photo of a cat", width=size, height=size, num_inference_steps=steps,
-                    guidance_scale=3.5, generator=[torch.Generator().manual_seed(1)],
+                    "a photo of a cat",
+                    width=size,
+                    height=size,
+                    num_inference_steps=steps,
+                    guidance_scale=3.5,
+                    generator=[torch.Generator().manual_seed(1)],
                 )
 
         times: dict[tuple[str, int], list[float]] = {}
@@ -149,7 +158,10 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     label = "Flux.1 architecture, 1+1 blocks, bf16" if args.arch else "tiny Flux.1 dev, fp32"
     label += f", {args.device}"
-    print(f"| model | size | call ({args.steps} steps): ours | diffusers | ratio | per step: ours | diffusers | ratio |")
+    print(
+        f"| model | size | call ({args.steps} steps): ours | diffusers | ratio "
+        "| per step: ours | diffusers | ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     per = {
         n: (med[(n, args.steps)] - med[(n, 1)]) / (args.steps - 1) for n in ("ours", "diffusers")

@@ -6,7 +6,6 @@ flow samplers with the model's shift, prompts as Flux reads them, and the refusa
 from __future__ import annotations
 
 import io
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +36,9 @@ def flux_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 def _load(source: Path, family: str = "auto", **extra):
-    config = config_from_dict({"models": {"flux": {"source": str(source), "family": family, **extra}}})
+    config = config_from_dict(
+        {"models": {"flux": {"source": str(source), "family": family, **extra}}}
+    )
     return ModelCache(config, "cpu").get()
 
 
@@ -84,6 +85,31 @@ def generators(seed: int = 7) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(seed)]
 
 
+def plain(pipeline: str, folder: Path, prompt: str = "a photo of a cat", **inputs) -> Image.Image:
+    """The plain diffusers pipeline's image for the test jobs' settings (64², 4 steps,
+    seed 7) and `inputs`."""
+    import diffusers
+
+    pipe = getattr(diffusers, pipeline).from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    settings = dict(width=64, height=64, num_inference_steps=4, generator=generators())
+    return pipe(prompt=prompt, **{**settings, **inputs}).images[0]
+
+
+def inpaint_job(
+    blobs: Blobs, source: Image.Image, mask: Image.Image, strength: float
+) -> GenerateSpec:
+    """The whole image inpainted without blur: what the plain pipeline's call does."""
+    return spec(
+        mode="inpaint",
+        image=blobs.put(png_of(source)),
+        mask=blobs.put(png_of(mask)),
+        strength=strength,
+        mask_blur=0,
+        only_masked=False,
+    )
+
+
 # --- recognition ---------------------------------------------------------------------
 
 
@@ -123,7 +149,10 @@ def _checkpoint(path: Path, *, prefix: str = "", guidance: bool = True, in_chann
     }
     if guidance:
         names["guidance_in.in_layer.bias"] = (3072,)
-    tensors = {prefix + k: torch.zeros(1, *s[1:]) if len(s) > 1 else torch.zeros(1) for k, s in names.items()}
+    tensors = {
+        prefix + k: torch.zeros(1, *s[1:]) if len(s) > 1 else torch.zeros(1)
+        for k, s in names.items()
+    }
     tensors[prefix + "img_in.weight"] = torch.zeros(1, in_channels)
     save_file(tensors, str(path))
     return tensors
@@ -138,7 +167,9 @@ def _checkpoint(path: Path, *, prefix: str = "", guidance: bool = True, in_chann
         ("model.diffusion_model.", True, 384, "fill"),
     ],
 )
-def test_a_single_file_transformer_is_known_as_diffusers_knows_it(tmp_path, prefix, guidance, in_channels, variant):
+def test_a_single_file_transformer_is_known_as_diffusers_knows_it(
+    tmp_path, prefix, guidance, in_channels, variant
+):
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
     from pipeline.contract.families.flux import variant_of
@@ -165,7 +196,11 @@ def test_gguf_transformers_are_recognised_and_other_ggufs_refused(tmp_path):
         writer.close()
 
     flux = tmp_path / "flux1-dev-Q8_0.gguf"
-    write(flux, "flux", ["double_blocks.0.img_attn.norm.key_norm.scale", "single_blocks.0.linear1.weight"])
+    write(
+        flux,
+        "flux",
+        ["double_blocks.0.img_attn.norm.key_norm.scale", "single_blocks.0.linear1.weight"],
+    )
     assert detect_family(str(flux)) == "flux"
     llama = tmp_path / "llama.gguf"
     write(llama, "llama", ["blk.0.attn_q.weight"])
@@ -197,47 +232,43 @@ def test_flux_lora_files_are_known_by_their_keys():
 
 
 def test_txt2img_equals_flux_pipeline_with_progress_and_packed_previews(dev, flux_dirs):
-    from diffusers import FluxPipeline
-
     events = []
     [[ours]] = run_generation(
         dev, [spec()], on_step=lambda d, t, p: events.append((d, t, p)), preview_every=2
     )
-    plain = FluxPipeline.from_pretrained(flux_dirs["dev"])
-    plain.set_progress_bar_config(disable=True)
-    theirs = plain(
-        "a photo of a cat",
-        width=64,
-        height=64,
-        num_inference_steps=4,
-        guidance_scale=3.5,
-        generator=generators(),
-    ).images[0]
+    theirs = plain("FluxPipeline", flux_dirs["dev"], guidance_scale=3.5)
     assert level_difference(image_of(ours), theirs) <= SAME_LEVELS
     assert [(d, t) for d, t, _ in events] == [(1, 4), (2, 4), (3, 4), (4, 4)]
     preview = Image.open(io.BytesIO(events[1][2]))
     assert preview.size == (256, 256)  # 8×8 latents unpacked from 16 tokens × 64, upscaled
     info = parse_infotext(ours.infotext)
-    assert (info["Sampler"], info["CFG scale"], info["Distilled CFG Scale"]) == ("Euler", "1", "3.5")
+    assert (info["Sampler"], info["CFG scale"], info["Distilled CFG Scale"]) == (
+        "Euler",
+        "1",
+        "3.5",
+    )
+
+
+def test_a_batch_of_jobs_equals_each_job_alone(dev):
+    jobs = [spec(seed=1), spec(prompt="a [dog:cat:0.5] on a sofa", seed=2, count=2)]
+    batched = run_generation(dev, jobs)
+    alone = [run_generation(dev, [job])[0] for job in jobs]
+    for got, want in zip(batched, alone):
+        assert [level_difference(image_of(a), image_of(b)) for a, b in zip(got, want)] == [0] * len(
+            want
+        )
 
 
 def test_distilled_and_true_cfg_are_the_pipelines_guidance_and_true_cfg_scale(dev, flux_dirs):
-    from diffusers import FluxPipeline
-
-    plain = FluxPipeline.from_pretrained(flux_dirs["dev"])
-    plain.set_progress_bar_config(disable=True)
     job = spec(guidance=5.0, cfg_scale=2.0, negative_prompt="blurry")
     [[ours]] = run_generation(dev, [job])
     theirs = plain(
-        "a photo of a cat",
+        "FluxPipeline",
+        flux_dirs["dev"],
         negative_prompt="blurry",
         true_cfg_scale=2.0,
         guidance_scale=5.0,
-        width=64,
-        height=64,
-        num_inference_steps=4,
-        generator=generators(),
-    ).images[0]
+    )
     assert level_difference(image_of(ours), theirs) <= SAME_LEVELS
     assert ours.notices == ()
     # A negative prompt without CFG > 1 changes nothing, and the member is told.
@@ -248,24 +279,13 @@ def test_distilled_and_true_cfg_are_the_pipelines_guidance_and_true_cfg_scale(de
 
 
 def test_img2img_equals_flux_img2img_pipeline(dev, flux_dirs):
-    from diffusers import FluxImg2ImgPipeline
-
     blobs = Blobs()
     source = photo()
     job = spec(mode="img2img", image=blobs.put(png_of(source)), strength=0.6)
     [[ours]] = run_generation(dev, [job], blobs=blobs)
-    plain = FluxImg2ImgPipeline.from_pretrained(flux_dirs["dev"])
-    plain.set_progress_bar_config(disable=True)
     theirs = plain(
-        "a photo of a cat",
-        image=source,
-        strength=0.6,
-        width=64,
-        height=64,
-        num_inference_steps=4,
-        guidance_scale=3.5,
-        generator=generators(),
-    ).images[0]
+        "FluxImg2ImgPipeline", flux_dirs["dev"], image=source, strength=0.6, guidance_scale=3.5
+    )
     assert level_difference(image_of(ours), theirs) <= SAME_LEVELS
 
 
@@ -276,78 +296,46 @@ def _mask() -> Image.Image:
 
 
 def test_inpaint_is_flux_inpaint_pipeline_pasted_back_through_the_mask(dev, flux_dirs):
-    from diffusers import FluxInpaintPipeline
-
     blobs = Blobs()
     source, mask = photo(), _mask()
-    job = spec(
-        mode="inpaint",
-        image=blobs.put(png_of(source)),
-        mask=blobs.put(png_of(mask)),
-        strength=0.9,
-        mask_blur=0,
-        only_masked=False,
-    )
-    [[ours]] = run_generation(dev, [job], blobs=blobs)
-    plain = FluxInpaintPipeline.from_pretrained(flux_dirs["dev"])
-    plain.set_progress_bar_config(disable=True)
+    [[ours]] = run_generation(dev, [inpaint_job(blobs, source, mask, 0.9)], blobs=blobs)
     painted = plain(
-        "a photo of a cat",
+        "FluxInpaintPipeline",
+        flux_dirs["dev"],
         image=source,
         mask_image=mask,
         strength=0.9,
-        width=64,
-        height=64,
-        num_inference_steps=4,
         guidance_scale=3.5,
-        generator=generators(),
-    ).images[0]
+    )
     theirs = paste_back(source, painted, (0, 0, 64, 64), mask)
     assert level_difference(image_of(ours), theirs) <= SAME_LEVELS
     kept = np.asarray(image_of(ours))[:8, :8]  # outside the mask: the input's own pixels
     assert np.array_equal(kept, np.asarray(source)[:8, :8])
 
 
-def test_outpaint_and_keep_background_run_through_the_inpaint_pipeline(dev):
+def test_outpaint_runs_through_the_inpaint_pipeline(dev):
     blobs = Blobs()
     source = photo()
-    [[wide]] = run_generation(
-        dev,
-        [spec(mode="outpaint", image=blobs.put(png_of(source)), outpaint_direction="right", outpaint_pixels=32)],
-        blobs=blobs,
+    job = spec(
+        mode="outpaint",
+        image=blobs.put(png_of(source)),
+        outpaint_direction="right",
+        outpaint_pixels=32,
     )
+    [[wide]] = run_generation(dev, [job], blobs=blobs)
     assert image_of(wide).size == (96, 64)
     assert np.array_equal(np.asarray(image_of(wide))[:, :8], np.asarray(source)[:, :8])
 
 
 def test_fill_model_inpaints_as_flux_fill_pipeline(flux_dirs):
-    from diffusers import FluxFillPipeline
-
     fill = _load(flux_dirs["fill"])
     assert fill.kind.label == "Flux.1 Fill"
     blobs = Blobs()
     source, mask = photo(), _mask()
-    job = spec(
-        mode="inpaint",
-        image=blobs.put(png_of(source)),
-        mask=blobs.put(png_of(mask)),
-        strength=1.0,
-        mask_blur=0,
-        only_masked=False,
-    )
-    [[ours]] = run_generation(fill, [job], blobs=blobs)
-    plain = FluxFillPipeline.from_pretrained(flux_dirs["fill"])
-    plain.set_progress_bar_config(disable=True)
+    [[ours]] = run_generation(fill, [inpaint_job(blobs, source, mask, 1.0)], blobs=blobs)
     painted = plain(
-        "a photo of a cat",
-        image=source,
-        mask_image=mask,
-        width=64,
-        height=64,
-        num_inference_steps=4,
-        guidance_scale=30.0,
-        generator=generators(),
-    ).images[0]
+        "FluxFillPipeline", flux_dirs["fill"], image=source, mask_image=mask, guidance_scale=30.0
+    )
     theirs = paste_back(source, painted, (0, 0, 64, 64), mask)
     assert level_difference(image_of(ours), theirs) <= SAME_LEVELS
     with pytest.raises(JobError, match=r"^Flux.1 Fill models cannot txt2img"):
@@ -357,61 +345,37 @@ def test_fill_model_inpaints_as_flux_fill_pipeline(flux_dirs):
 def test_a_fill_model_configured_beside_dev_does_its_inpainting(flux_dirs):
     both = _load(flux_dirs["dev"], inpaint_source=str(flux_dirs["fill"]))
     blobs = Blobs()
-    job = spec(
-        mode="inpaint",
-        image=blobs.put(png_of(photo())),
-        mask=blobs.put(png_of(_mask())),
-        strength=1.0,
-        mask_blur=0,
-        only_masked=False,
-    )
+    job = inpaint_job(blobs, photo(), _mask(), 1.0)
     [[ours]] = run_generation(both, [job], blobs=blobs)
-    fill = _load(flux_dirs["fill"])
-    [[alone]] = run_generation(fill, [job], blobs=blobs)
+    [[alone]] = run_generation(_load(flux_dirs["fill"]), [job], blobs=blobs)
     assert level_difference(image_of(ours), image_of(alone)) <= SAME_LEVELS
     assert parse_infotext(ours.infotext)["Distilled CFG Scale"] == "3.5"  # the job's model's
 
 
 def test_kontext_edits_the_input_image_as_flux_kontext_pipeline(flux_dirs):
-    from diffusers import FluxKontextPipeline
-
     kontext = _load(flux_dirs["kontext"])
     blobs = Blobs()
     source = photo()
-    job = spec(prompt="make the cat red", mode="img2img", image=blobs.put(png_of(source)), strength=1.0)
+    job = spec(prompt="make the cat red", mode="img2img", image=blobs.put(png_of(source)))
     [[ours]] = run_generation(kontext, [job], blobs=blobs)
-    plain = FluxKontextPipeline.from_pretrained(flux_dirs["kontext"])
-    plain.set_progress_bar_config(disable=True)
     theirs = plain(
-        image=source,
+        "FluxKontextPipeline",
+        flux_dirs["kontext"],
         prompt="make the cat red",
-        width=64,
-        height=64,
-        num_inference_steps=4,
+        image=source,
         guidance_scale=2.5,
-        generator=generators(),
-    ).images[0]
+    )
     assert level_difference(image_of(ours), theirs) <= SAME_LEVELS
     with pytest.raises(JobError, match=r"^Flux.1 Kontext edits an image: give it an input image"):
         run_generation(kontext, [spec()])
 
 
 def test_schnell_runs_four_steps_without_guidance_and_refuses_what_it_cannot(flux_dirs):
-    from diffusers import FluxPipeline
-
     schnell = _load(flux_dirs["schnell"])
     [[ours]] = run_generation(schnell, [spec()])
-    plain = FluxPipeline.from_pretrained(flux_dirs["schnell"])
-    plain.set_progress_bar_config(disable=True)
     theirs = plain(
-        "a photo of a cat",
-        width=64,
-        height=64,
-        num_inference_steps=4,
-        guidance_scale=0.0,
-        max_sequence_length=256,
-        generator=generators(),
-    ).images[0]
+        "FluxPipeline", flux_dirs["schnell"], guidance_scale=0.0, max_sequence_length=256
+    )
     assert level_difference(image_of(ours), theirs) <= SAME_LEVELS
     assert "Distilled CFG Scale" not in parse_infotext(ours.infotext)
     with pytest.raises(JobError, match=r"^Flux.1 schnell is distilled for 1–4 steps; 50 is more"):
@@ -437,15 +401,25 @@ def test_sampler_names_map_to_flow_schedulers_with_the_models_shift(dev):
     for sampler in ("DPM++ 2M", "UniPC", "Euler Karras"):
         [[image]] = run_generation(dev, [spec(sampler=sampler)])
         assert image_of(image).size == (64, 64)
-    with pytest.raises(JobError, match=r"^Flux.1 models cannot use the sampler 'Euler a' \(did you mean Euler\?\); they take: Euler, DPM\+\+ 2M, UniPC$"):
+    with pytest.raises(
+        JobError,
+        match=r"^Flux.1 models cannot use the sampler 'Euler a' \(did you mean Euler\?\); "
+        r"they take: Euler, DPM\+\+ 2M, UniPC$",
+    ):
         run_generation(dev, [spec(sampler="Euler a")])
     blobs = Blobs()
     with pytest.raises(JobError, match=r"'DPM\+\+ 2M' works for text-to-image only"):
-        run_generation(dev, [spec(sampler="DPM++ 2M", mode="img2img", image=blobs.put(png_of(photo())))], blobs=blobs)
+        run_generation(
+            dev,
+            [spec(sampler="DPM++ 2M", mode="img2img", image=blobs.put(png_of(photo())))],
+            blobs=blobs,
+        )
 
 
 def test_a_size_not_a_multiple_of_16_is_refused_with_the_nearest(dev):
-    with pytest.raises(JobError, match=r"^Flux.1 sizes must be multiples of 16, not 72×64; try 64×64$"):
+    with pytest.raises(
+        JobError, match=r"^Flux.1 sizes must be multiples of 16, not 72×64; try 64×64$"
+    ):
         run_generation(dev, [spec(width=72)])
 
 
@@ -464,7 +438,7 @@ def test_what_flux_does_not_read_is_told_with_the_result(dev):
     [[plain]] = run_generation(dev, [spec(prompt="a red cat, sky")])
     [[marked]] = run_generation(dev, [spec(prompt="a (red:1.3) cat BREAK AND sky")])
     notices = " | ".join(marked.notices)
-    assert "weights in your prompt had no effect" in notices
+    assert len(marked.notices) == 2  # weights are applied (Forge's T5 emphasis)
     assert "BREAK has no effect on Flux.1" in notices
     assert "AND has no effect on Flux.1" in notices
     assert plain.notices == ()
@@ -474,24 +448,75 @@ def test_what_flux_does_not_read_is_told_with_the_result(dev):
     assert any("T5 tokens; Flux.1 reads 512, the rest was cut" in n for n in cut.notices)
 
 
+def _t5_states(model, prompt: str) -> torch.Tensor:
+    with (
+        torch.inference_mode(),
+        model.kind.prompt_conditioning(model.pipe, [spec(prompt=prompt)], 4, None) as kw,
+    ):
+        return kw["prompt_embeds"][0].float()
+
+
+def test_emphasis_scales_t5_as_forge_does(dev):
+    """Forge's "Original" emphasis: each token's T5 state times its weight, then the whole
+    rescaled to the old mean (EOS and padding keep weight 1), computed here on diffusers'
+    own T5 states of the plain prompt; a weight on one word changes that word's state
+    most, and keeps the mean. (The tiny transformer
+    barely reads its context: a weight of 3 moves its image by 0.01 level, so this is
+    checked on the states the transformer is given.)"""
+    plain = _t5_states(dev, "a photo of a cat")
+    words = len(dev.pipe.tokenizer_2("a photo of a cat", add_special_tokens=False)["input_ids"])
+    weights = torch.ones(plain.shape[0])
+    weights[:words] = 1.1
+    forge = plain * weights[:, None] * (plain.mean() / (plain * weights[:, None]).mean())
+    assert torch.allclose(_t5_states(dev, "(a photo of a cat)"), forge, atol=1e-5)
+    weighted = _t5_states(dev, "a photo of a (cat:1.5)")
+    cat = len(dev.pipe.tokenizer_2("a photo of a ", add_special_tokens=False)["input_ids"])
+    change = (weighted - plain).abs().amax(dim=-1)
+    assert change.argmax().item() == cat  # the token of "cat"
+    assert weighted.mean().item() == pytest.approx(plain.mean().item(), rel=1e-4)
+    [[image]] = run_generation(dev, [spec(prompt="a photo of a (cat:1.5)")])
+    assert image.notices == ()
+
+
 def test_sdbot_generate_runs_flux_and_reads_its_infotext_back(tmp_path, flux_dirs):
     (tmp_path / "config.toml").write_text(
-        f'[models.flux]\nsource = "{flux_dirs["dev"]}"\nfamily = "flux"\n[storage]\ndata_dir = "data"\n'
+        f'[models.flux]\nsource = "{flux_dirs["dev"]}"\nfamily = "flux"\n'
+        '[storage]\ndata_dir = "data"\n'
     )
 
     def sdbot(*args: str) -> subprocess.CompletedProcess:
         env = {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path.cwd()), "PATH": "/usr/bin:/bin"}
         return subprocess.run(
             [sys.executable, "-m", "bot.cli", "generate", *args],
-            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=240,
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=240,
         )
 
-    made = sdbot("a photo of a cat", "--steps", "3", "--width", "64", "--height", "64",
-                 "--guidance", "4.5", "--seed", "3", "--out", "a.png")
+    made = sdbot(
+        "a photo of a cat",
+        "--steps",
+        "3",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--guidance",
+        "4.5",
+        "--seed",
+        "3",
+        "--out",
+        "a.png",
+    )
     assert made.returncode == 0, made.stderr
     info = parse_infotext(read_infotext((tmp_path / "a.png").read_bytes()))
     assert (info["Sampler"], info["Schedule type"], info["Distilled CFG Scale"], info["Steps"]) == (
-        "Euler", "Simple", "4.5", "3"
+        "Euler",
+        "Simple",
+        "4.5",
+        "3",
     )
     again = sdbot("--from-png", "a.png", "--out", "b.png")
     assert again.returncode == 0, again.stderr
@@ -514,8 +539,13 @@ def test_the_shared_flow_pieces_equal_diffusers(dev):
     unshifted = torch.linspace(1.0, 1 / 1000, 1000)
     assert torch.allclose(shift_sigmas(unshifted, 3.0), fixed.sigmas[:1000], atol=1e-6)
     config = dev.scheduler_config
-    mu = calculate_shift(1024, config["base_image_seq_len"], config["max_image_seq_len"],
-                         config["base_shift"], config["max_shift"])
+    mu = calculate_shift(
+        1024,
+        config["base_image_seq_len"],
+        config["max_image_seq_len"],
+        config["base_shift"],
+        config["max_shift"],
+    )
     assert dynamic_shift(config, 1024) == pytest.approx(np.exp(mu))
     ours = logit_normal_sigmas(8, torch.Generator().manual_seed(0))
     theirs = compute_density_for_timestep_sampling(

@@ -176,22 +176,19 @@ def test_peft_transformer_lora_equals_diffusers_loader_and_fuse(flux_dir, tmp_pa
 def test_a_flux_lora_on_sd_and_an_sd_lora_on_flux_are_refused_naming_both(tmp_path, tiny_sd):
     path = tmp_path / "flux_style.safetensors"
     _kohya(path, single_linear1=False)
-    with pytest.raises(LoraError, match=r"^LoRA 'flux_style' was made for Flux.1; this model is SD 1.x$"):
+    with pytest.raises(
+        LoraError, match=r"^LoRA 'flux_style' was made for Flux.1; this model is SD 1.x$"
+    ):
         read_lora_file(path, name="flux_style", family="sd1", max_bytes=1 << 30)
     sd = tmp_path / "sd_style.safetensors"
     g = torch.Generator().manual_seed(1)
-    save_file(
-        {
-            "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.randn(
-                RANK, 768, generator=g
-            ),
-            "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.randn(
-                320, RANK, generator=g
-            ),
-        },
-        str(sd),
-    )
-    with pytest.raises(LoraError, match=r"^LoRA 'sd_style' was made for SD 1.x; this model is Flux.1$"):
+    layer = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    down = torch.randn(RANK, 768, generator=g)  # SD 1.x's text width
+    up = torch.randn(320, RANK, generator=g)
+    save_file({f"{layer}.lora_down.weight": down, f"{layer}.lora_up.weight": up}, str(sd))
+    with pytest.raises(
+        LoraError, match=r"^LoRA 'sd_style' was made for SD 1.x; this model is Flux.1$"
+    ):
         read_lora_file(sd, name="sd_style", family="flux", max_bytes=1 << 30)
 
 
@@ -212,7 +209,9 @@ def test_lycoris_lokr_and_loha_equal_lycoris_applying_them(flux_dir, tmp_path, a
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        network = create_lycoris(transformer, 1.0, linear_dim=4, linear_alpha=2.0, algo=algo, factor=4)
+        network = create_lycoris(
+            transformer, 1.0, linear_dim=4, linear_alpha=2.0, algo=algo, factor=4
+        )
         network.apply_to()
     finally:
         logger.setLevel(level)

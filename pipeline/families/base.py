@@ -42,6 +42,9 @@ class Family:
     preview_factors: ClassVar[tuple[tuple[float, float, float], ...]] = ()
     preview_bias: ClassVar[tuple[float, float, float]] = (0.0, 0.0, 0.0)
     kohya_base_model: ClassVar[str] = ""  # `ss_base_model_version` in exported LoRAs
+    # Whether prompts are read in A1111's 75-token chunks, padded to the batch's longest
+    # (then jobs with different chunk counts run as separate batches).
+    prompt_chunks: ClassVar[bool] = True
 
     @property
     def name(self) -> str:

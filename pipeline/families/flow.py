@@ -14,8 +14,15 @@ from pipeline.contract.jobs import JobError
 from pipeline.families.base import Family
 
 # Keys of a FlowMatchEulerDiscreteScheduler config that carry the model's shift.
-_SHIFT_KEYS = ("use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
-               "max_image_seq_len", "time_shift_type", "shift_terminal")
+_SHIFT_KEYS = (
+    "use_dynamic_shifting",
+    "base_shift",
+    "max_shift",
+    "base_image_seq_len",
+    "max_image_seq_len",
+    "time_shift_type",
+    "shift_terminal",
+)
 
 
 def flow_scheduler(base_config: dict[str, Any], sampler: str, schedule: str, mode: str) -> Any:

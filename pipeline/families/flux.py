@@ -5,14 +5,17 @@ Torch-free half: `pipeline.contract.families.flux`; tiny model: `flux_tiny.py`.
 
 How a prompt is read (docs/DECISIONS.md, issue 23, following Forge where it has an
 answer): the text goes to both encoders as one string, as diffusers and Forge do;
-prompt editing and alternation change the text over the steps (the transformer is
-given each step's embeddings); A1111 emphasis weights, BREAK and AND have no effect
-and the member is told so with the result; a prompt longer than CLIP's 77 or T5's
-512 (schnell 256) tokens is cut there, and the member is told.
+A1111 emphasis weights scale T5's states as Forge's T5 engine does ("Original"
+emphasis; CLIP gives only its pooled vector, which weights do not touch); prompt
+editing and alternation change the text over the steps (the transformer is given each
+step's embeddings); BREAK and AND have no effect and the member is told so with the
+result; a prompt longer than CLIP's 77 or T5's 512 (schnell 256) tokens is cut there,
+and the member is told.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -20,7 +23,7 @@ from typing import Any
 from pipeline.contract.families.flux import VARIANTS
 from pipeline.contract.families.flux import Flux as SPEC
 from pipeline.contract.prompt_schedule import plan_prompt, split_and, text_at_step
-from pipeline.contract.prompt_syntax import BREAK, parse_prompt_attention, strip_loras
+from pipeline.contract.prompt_syntax import parse_prompt_attention, strip_loras
 from pipeline.families.flow import FlowFamily
 
 
@@ -54,8 +57,13 @@ class Flux(FlowFamily):
     )
     preview_bias = (-0.0329, -0.0718, -0.0851)
     kohya_base_model = "flux1"
+    prompt_chunks = False  # CLIP 77 and T5 512 tokens, fixed lengths
     # kohya's sd-scripts name the transformer `lora_unet_` and CLIP-L `lora_te1_`.
-    lora_prefixes = {"transformer": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    lora_prefixes = {
+        "transformer": "lora_unet_",
+        "text_encoder": "lora_te1_",
+        "text_encoder_2": "lora_te2_",
+    }
 
     def owns(self, pipe: Any) -> bool:
         name = type(pipe).__name__
@@ -79,9 +87,15 @@ class Flux(FlowFamily):
             )
         import diffusers
 
-        kwargs: dict[str, Any] = {"torch_dtype": torch_dtype, "config": config, "subfolder": "transformer"}
+        kwargs: dict[str, Any] = {
+            "torch_dtype": torch_dtype,
+            "config": config,
+            "subfolder": "transformer",
+        }
         if str(path).endswith(".gguf"):
-            kwargs["quantization_config"] = diffusers.GGUFQuantizationConfig(compute_dtype=torch_dtype)
+            kwargs["quantization_config"] = diffusers.GGUFQuantizationConfig(
+                compute_dtype=torch_dtype
+            )
         transformer = diffusers.FluxTransformer2DModel.from_single_file(str(path), **kwargs)
         return cls.from_pretrained(config, transformer=transformer, torch_dtype=torch_dtype)
 
@@ -143,10 +157,6 @@ class Flux(FlowFamily):
         notices = []
         prompt = strip_loras(spec.prompt)
         read = _read(prompt)
-        if read.weights:
-            notices.append(
-                f"{self.spec.label} reads no A1111 emphasis: the weights in your prompt had no effect"
-            )
         if read.breaks:
             notices.append(f"BREAK has no effect on {self.spec.label}; it was left out")
         if read.ands:
@@ -214,13 +224,52 @@ class Flux(FlowFamily):
                 transformer.forward = own
 
     def _encode(self, pipe: Any, texts: list[str]) -> tuple[Any, Any]:
+        """CLIP's pooled and T5's states of each text through the pipeline's own
+        `encode_prompt` (weight brackets removed); a text with A1111 weights then gets
+        its T5 states as Forge's T5 engine makes them (`_weighted_t5`)."""
+        plains = [_plain(t) for t in texts]
         embeds, pooled, _ = pipe.encode_prompt(
-            prompt=texts,
-            prompt_2=texts,
+            prompt=plains,
+            prompt_2=plains,
             device=pipe._execution_device,
             max_sequence_length=self.spec.t5_tokens,
         )
+        weighted = {i: parse_prompt_attention(t) for i, t in enumerate(texts)}
+        weighted = {i: p for i, p in weighted.items() if any(w not in (1.0, -1) for _, w in p)}
+        if weighted:
+            embeds = embeds.clone()
+            for i, parsed in weighted.items():
+                embeds[i] = self._weighted_t5(pipe, parsed).to(embeds.dtype)
         return embeds, pooled
+
+    def _weighted_t5(self, pipe: Any, parsed: list[tuple[str, float]]) -> Any:
+        """Forge's T5TextProcessingEngine with its "Original" emphasis (backend/
+        text_processing/t5_engine.py, emphasis.py): each piece tokenized on its own with
+        its weight, EOS, padded to the model's T5 length (cut there, as diffusers does);
+        the states scaled by each token's weight and then by old mean / new mean."""
+        import torch
+
+        tokenizer = pipe.tokenizer_2
+        pieces = [(p, w) for p, w in parsed if w != -1]
+        ids_of = tokenizer([p for p, _ in pieces], add_special_tokens=False)["input_ids"]
+        ids: list[int] = []
+        weights: list[float] = []
+        for piece_ids, (_, weight) in zip(ids_of, pieces):
+            ids += piece_ids
+            weights += [weight] * len(piece_ids)
+        limit = self.spec.t5_tokens
+        ids = ids[: limit - 1] + [tokenizer.eos_token_id]
+        weights = weights[: limit - 1] + [1.0]
+        ids += [tokenizer.pad_token_id] * (limit - len(ids))
+        weights += [1.0] * (limit - len(weights))
+        device = pipe._execution_device
+        z = pipe.text_encoder_2(torch.tensor([ids], device=device), output_hidden_states=False)[0][
+            0
+        ]
+        z = z.float()
+        original = z.mean()
+        z = z * torch.tensor(weights, device=device)[:, None]
+        return z * (original / z.mean())
 
 
 # kohya's double-block layers that are one module each in diffusers (BFL name → ours).
@@ -259,55 +308,31 @@ class _ScheduledForward:
 
 
 class _Read:
-    """A prompt as Flux reads it: the plain text and what in it had no effect."""
+    """A prompt as Flux reads it: its text (A1111 weights kept, BREAK left out, AND parts
+    joined), the plain texts its schedule encodes, and what in it had no effect."""
 
     def __init__(self, text: str, texts: list[str], weights: bool, breaks: bool, ands: bool):
         self.text, self.texts = text, texts
         self.weights, self.breaks, self.ands = weights, breaks, ands
 
 
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")  # A1111's re_break
+
+
 def _read(prompt: str) -> _Read:
-    """Emphasis brackets resolved to their text (A1111's own parser, escapes included),
-    BREAK left out, AND parts joined; prompt editing's brackets are kept for the
-    schedule. `texts`: every text the schedule encodes (for the token counts)."""
     parts = split_and(prompt)
     ands = len(parts) > 1
     joined = ", ".join(text.strip() for text, _ in parts) if ands else prompt
-    weights = breaks = False
-    pieces = []
-    for piece, weight in _attention_outside_edits(joined):
-        if piece == BREAK and weight == -1:
-            breaks = True
-            pieces.append(" ")
-            continue
-        weights = weights or weight != 1.0
-        pieces.append(piece)
-    text = "".join(pieces)
-    schedule = plan_prompt(text, "", 1000).parts[0][1]
-    return _Read(text, [t for _, t in schedule], weights, breaks, ands)
+    breaks = bool(_BREAK.search(joined))
+    text = _BREAK.sub(" ", joined)
+    scheduled = [t for _, t in plan_prompt(text, "", 1000).parts[0][1]]
+    weights = any(w != 1.0 for t in scheduled for _, w in parse_prompt_attention(t))
+    return _Read(text, [_plain(t) for t in scheduled], weights, breaks, ands)
 
 
-def _attention_outside_edits(text: str) -> list[tuple[str, float]]:
-    """A1111's attention parse of the text, with `[a:b:when]` and `[a|b]` kept as they
-    are (square brackets there are prompt editing, not a ÷1.1 weight)."""
-    from pipeline.contract.prompt_schedule import parse
-
-    nodes = parse(text)
-    if all(isinstance(n, str) for n in nodes):
-        return parse_prompt_attention(text)
-    out: list[tuple[str, float]] = []
-    start = 0
-    for match in _EDIT.finditer(text):
-        out += parse_prompt_attention(text[start : match.start()]) if match.start() > start else []
-        out.append((match.group(0), 1.0))
-        start = match.end()
-    out += parse_prompt_attention(text[start:]) if start < len(text) else []
-    return out
-
-
-import re  # noqa: E402 - the pattern sits beside its one user
-
-_EDIT = re.compile(r"\[[^\[\]]*(?::[^\[\]]*|\|[^\[\]]*)\]")
+def _plain(text: str) -> str:
+    """The text without A1111's weight brackets (its own parser: escapes included)."""
+    return "".join(piece for piece, weight in parse_prompt_attention(text) if weight != -1)
 
 
 def _true_cfg(spec_class: Any, spec: Any) -> bool:

@@ -186,7 +186,8 @@ def txt2img(run: _Run, specs: Sequence[GenerateSpec], blobs, loras) -> list[list
     # 1. One sample per image: spec × count, each with its own seeded generator, so
     #    an image is the same whether it ran alone or in a batch.
     spec = specs[0]
-    if len(specs) > 1 and len(counts := _chunk_counts(run.model, specs)) > 1:
+    chunked = run.model.kind.prompt_chunks
+    if len(specs) > 1 and chunked and len(counts := _chunk_counts(run.model, specs)) > 1:
         # Padding a shorter prompt with empty chunks would change its image: each chunk
         # count runs as its own batch, so every image equals the same job run alone.
         results: list[list[Image.Image]] = [[] for _ in specs]

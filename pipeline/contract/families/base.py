@@ -125,7 +125,9 @@ class FamilySpec:
     def check_mode(cls, mode: str) -> None:
         """Refuse, in one line naming the family, a mode it lacks."""
         if mode not in cls.modes:
-            raise JobError(f"{cls.label} models cannot {mode}; modes: {', '.join(sorted(cls.modes))}")
+            raise JobError(
+                f"{cls.label} models cannot {mode}; modes: {', '.join(sorted(cls.modes))}"
+            )
 
     @classmethod
     def check_option(cls, option: str) -> None:

@@ -71,7 +71,8 @@ def resolve_flow(sampler: str, schedule: str = "Automatic") -> tuple[FlowSampler
     schedules = {name.lower(): name for name in FLOW_SCHEDULES}
     if schedule.lower() not in schedules:
         raise JobError(
-            f"unknown schedule type {schedule!r} for a flow model; valid: {', '.join(FLOW_SCHEDULES)}"
+            f"unknown schedule type {schedule!r} for a flow model; "
+            f"valid: {', '.join(FLOW_SCHEDULES)}"
         )
     schedule = schedules[schedule.lower()]
     lookup = {name.lower(): name for name in FLOW_SAMPLERS}

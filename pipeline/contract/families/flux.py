@@ -76,7 +76,11 @@ class Flux(FlowSpec):
         `infer_diffusers_model_type` reads as Flux.1, and none of the names that make a
         file Flux.2 or Chroma (which share the block names)."""
         names = {k.removeprefix(CHECKPOINT_PREFIX) for k in keys}
-        others = ("single_stream_modulation.", "distilled_guidance_layer.", "early_stream_modulations.")
+        others = (
+            "single_stream_modulation.",
+            "distilled_guidance_layer.",
+            "early_stream_modulations.",
+        )
         return (
             "double_blocks.0.img_attn.norm.key_norm.scale" in names
             and any(k.startswith("single_blocks.") for k in names)
@@ -149,13 +153,11 @@ class FluxFill(Flux):
     default_guidance = 30.0  # BFL's and diffusers' example for FLUX.1-Fill-dev
 
 
-VARIANTS: dict[str, type[Flux]] = {
-    s.variant: s for s in (Flux, FluxSchnell, FluxKontext, FluxFill)
-}
+VARIANTS: dict[str, type[Flux]] = {s.variant: s for s in (Flux, FluxSchnell, FluxKontext, FluxFill)}
 
 
 def variant_of(source: str) -> str:
-    """"dev", "schnell", "kontext" or "fill", from a folder's files, a single file's
+    """ "dev", "schnell", "kontext" or "fill", from a folder's files, a single file's
     tensor names and shapes, or a Hub id's name (Krea is a dev)."""
     path = Path(source)
     if path.is_dir():

@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
 from pipeline.contract.families.registry import DEFAULT, family_from_index, family_from_keys
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".gguf")
@@ -23,8 +24,9 @@ class ModelError(Exception):
 
 
 def detect_family(source: str) -> str:
-    """The family's name (`sd1`, `sdxl`) from a folder's model_index.json, a single file's keys, or a Hub id's
-    cached model_index.json. Raises ModelError when the source cannot be read."""
+    """The family's name (`sd1`, `sdxl`, `flux`) from a folder's model_index.json, a single
+    file's keys (a GGUF's too), or a Hub id's cached model_index.json. Raises ModelError
+    when the source cannot be read."""
     path = Path(source)
     if path.is_dir():
         index = path / "model_index.json"
