@@ -376,3 +376,14 @@ def test_a_zimage_transformer_file_loads_with_its_configuration(folders, models,
     loaded = load_model(ModelConfig(name="zf", source=str(path), single_file_config=str(folders["zimage"])))
     ours = _pixels(run_generation(loaded, [_spec()])[0][0])
     assert np.array_equal(ours, _pixels(run_generation(models["zimage"], [_spec()])[0][0]))
+
+
+@pytest.mark.parametrize("name", ["zimage", "qwen-image"])
+def test_jobs_batched_together_equal_each_alone(models, name):
+    from pipeline.generate.modes import run_generation
+
+    first, second = _spec(seed=1), _spec(prompt="a red house by the sea", seed=2)
+    batched = run_generation(models[name], [first, second])
+    alone = [run_generation(models[name], [spec])[0][0] for spec in (first, second)]
+    for together, single in zip(batched, alone):
+        assert np.abs(_pixels(together[0]) - _pixels(single)).max() <= 1

@@ -22,6 +22,7 @@ class TextTemplateFamily(FlowFamily):
     transformer_class: ClassVar[str] = ""  # what `owns` recognises a pipeline by
     # kohya / musubi-tuner name the transformer's modules `lora_unet_<path with _>`.
     lora_prefixes = {"transformer": "lora_unet_", "text_encoder": "lora_te_"}
+    prompt_chunks = False  # the pipeline pads every prompt to its own length
 
     def owns(self, pipe: Any) -> bool:
         denoiser = getattr(pipe, self.denoiser_name, None)
