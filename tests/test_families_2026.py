@@ -65,11 +65,15 @@ def models(folders):
     from pipeline.contract.config import ModelConfig
     from pipeline.models.loading import load_model
 
-    return {name: load_model(ModelConfig(name=name, source=str(path))) for name, path in folders.items()}
+    return {
+        name: load_model(ModelConfig(name=name, source=str(path))) for name, path in folders.items()
+    }
 
 
 def _spec(**values) -> GenerateSpec:
-    base = dict(prompt=PROMPT, sampler="Euler", steps=2, cfg_scale=2.0, width=SIZE, height=SIZE, seed=7)
+    base = dict(
+        prompt=PROMPT, sampler="Euler", steps=2, cfg_scale=2.0, width=SIZE, height=SIZE, seed=7
+    )
     return GenerateSpec(**{**base, **values})
 
 
@@ -140,8 +144,13 @@ def test_klein_edits_with_reference_images(models):
     spec = _spec(mode="edit", image=blobs.add(_photo(0)))
     ours = _pixels(run_generation(models["flux2-klein"], [spec], blobs=blobs)[0][0])
     plain = _plain(
-        models["flux2-klein"].pipe, image=[_photo(0)], prompt=[PROMPT], num_inference_steps=2,
-        width=SIZE, height=SIZE, guidance_scale=2.0,
+        models["flux2-klein"].pipe,
+        image=[_photo(0)],
+        prompt=[PROMPT],
+        num_inference_steps=2,
+        width=SIZE,
+        height=SIZE,
+        guidance_scale=2.0,
     )
     assert np.abs(ours - plain).max() <= 1
 
@@ -215,14 +224,22 @@ def test_prompt_syntax_without_effect_is_said(models):
             dict(mode="img2img", image="a"),
             "Flux.2 klein models cannot img2img; modes: edit, facefix, inpaint, outpaint, txt2img",
         ),
-        ("zimage", dict(width=72), "Z-Image models need a width that is a multiple of 16, but it is 72"),
+        (
+            "zimage",
+            dict(width=72),
+            "Z-Image models need a width that is a multiple of 16, but it is 72",
+        ),
         (
             "zimage",
             dict(sampler="Euler a"),
             "Z-Image models cannot use the sampler 'Euler a' (did you mean Euler?); "
             "they take: Euler, DPM++ 2M, UniPC",
         ),
-        ("flux2-klein", dict(negative_prompt="blurry"), "Flux.2 klein models have no negative prompt option"),
+        (
+            "flux2-klein",
+            dict(negative_prompt="blurry"),
+            "Flux.2 klein models have no negative prompt option",
+        ),
         (
             "qwen-image",
             dict(prompt="a [cat:dog:0.5]"),
@@ -257,7 +274,9 @@ def test_a_zimage_lora_on_flux2_klein_is_refused_naming_both(tmp_path):
     )
     with pytest.raises(LoraError) as refused:
         read_lora_file(path, name="zimage_style", family="flux2-klein", max_bytes=1 << 20)
-    assert str(refused.value) == "LoRA 'zimage_style' was made for Z-Image; this model is Flux.2 klein"
+    assert (
+        str(refused.value) == "LoRA 'zimage_style' was made for Z-Image; this model is Flux.2 klein"
+    )
 
 
 def test_a_klein_9b_file_configured_as_4b_is_refused():
@@ -281,13 +300,27 @@ def test_sdbot_generate_runs_the_new_families(folders, tmp_path):
     common = ["--steps", "2", "--seed", "3", "--width", "64", "--height", "64"]
     runs = [
         ["generate", PROMPT, "--model", "z", "--out", "z.png", *common],
-        ["generate", "make it red", "--model", "plus", "--edit", "a.png", "--edit", "b.png",
-         "--out", "e.png", *common],
+        [
+            "generate",
+            "make it red",
+            "--model",
+            "plus",
+            "--edit",
+            "a.png",
+            "--edit",
+            "b.png",
+            "--out",
+            "e.png",
+            *common,
+        ],
     ]
     for args in runs:
         result = subprocess.run(
-            [sys.executable, "-m", "bot.cli", *args], capture_output=True, text=True,
-            cwd=tmp_path, env={"PYTHONPATH": str(Path.cwd()), "HF_HUB_OFFLINE": "1", "PATH": ""},
+            [sys.executable, "-m", "bot.cli", *args],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env={"PYTHONPATH": str(Path.cwd()), "HF_HUB_OFFLINE": "1", "PATH": ""},
             timeout=300,
         )
         assert result.returncode == 0, result.stderr[-2000:]
@@ -295,21 +328,30 @@ def test_sdbot_generate_runs_the_new_families(folders, tmp_path):
     four = ["--edit", "a.png"] * 4
     refused = subprocess.run(
         [sys.executable, "-m", "bot.cli", "generate", "x", "--model", "plus", *four, *common],
-        capture_output=True, text=True, cwd=tmp_path,
-        env={"PYTHONPATH": str(Path.cwd()), "HF_HUB_OFFLINE": "1", "PATH": ""}, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(Path.cwd()), "HF_HUB_OFFLINE": "1", "PATH": ""},
+        timeout=300,
     )
     assert refused.returncode != 0
-    assert "Qwen-Image-Edit-Plus models edit with at most 3 input images; this job gave 4" in refused.stderr
+    assert (
+        "Qwen-Image-Edit-Plus models edit with at most 3 input images; this job gave 4"
+        in refused.stderr
+    )
+
+
+class _Steps(list):
+    def append_args(self, *args) -> None:
+        self.append(args)
 
 
 def test_progress_previews_where_the_family_has_factors(models):
     from pipeline.generate.modes import run_generation
 
     for name, has_preview in (("zimage", True), ("qwen-image", False), ("flux2-klein", False)):
-        steps: list[tuple[int, int, bytes | None]] = []
-        run_generation(
-            models[name], [_spec()], on_step=lambda *a: steps.append(a), preview_every=1
-        )
+        steps = _Steps()
+        run_generation(models[name], [_spec()], on_step=steps.append_args, preview_every=1)
         assert [(done, total) for done, total, _ in steps] == [(1, 2), (2, 2)]
         previews = [p for _, _, p in steps if p is not None]
         assert len(previews) == (2 if has_preview else 0)
@@ -353,7 +395,9 @@ def test_a_zimage_transformer_file_loads_with_its_configuration(folders, models,
     from pipeline.generate.modes import run_generation
     from pipeline.models.loading import load_model
 
-    weights = load_file(str(folders["zimage"] / "transformer" / "diffusion_pytorch_model.safetensors"))
+    weights = load_file(
+        str(folders["zimage"] / "transformer" / "diffusion_pytorch_model.safetensors")
+    )
     original = {}
     for key, tensor in weights.items():
         if ".attention.to_k.weight" in key or ".attention.to_v.weight" in key:
@@ -373,7 +417,9 @@ def test_a_zimage_transformer_file_loads_with_its_configuration(folders, models,
     path = tmp_path / "z_image_turbo.safetensors"
     save_file(original, str(path))
     assert detect_family(str(path)) == "zimage"
-    loaded = load_model(ModelConfig(name="zf", source=str(path), single_file_config=str(folders["zimage"])))
+    loaded = load_model(
+        ModelConfig(name="zf", source=str(path), single_file_config=str(folders["zimage"]))
+    )
     ours = _pixels(run_generation(loaded, [_spec()])[0][0])
     assert np.array_equal(ours, _pixels(run_generation(models["zimage"], [_spec()])[0][0]))
 

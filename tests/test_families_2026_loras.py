@@ -85,7 +85,10 @@ def _write(path: Path, shapes: dict[str, tuple[int, int]], layout: str) -> None:
             tensors[f"{key}.alpha"] = torch.tensor(2.0)
         else:
             prefix = {"ai-toolkit": "diffusion_model.", "peft": "transformer."}[layout]
-            tensors |= {f"{prefix}{module}.lora_A.weight": down, f"{prefix}{module}.lora_B.weight": up}
+            tensors |= {
+                f"{prefix}{module}.lora_A.weight": down,
+                f"{prefix}{module}.lora_B.weight": up,
+            }
     save_file(tensors, str(path))
 
 
@@ -96,7 +99,11 @@ def _compare(base: torch.Tensor, theirs: torch.Tensor, ours: torch.Tensor) -> No
 
 
 MODULES = {
-    "zimage": ["layers.0.attention.to_q", "layers.0.attention.to_out.0", "layers.1.feed_forward.w1"],
+    "zimage": [
+        "layers.0.attention.to_q",
+        "layers.0.attention.to_out.0",
+        "layers.1.feed_forward.w1",
+    ],
     "qwen-image": [
         "transformer_blocks.0.attn.to_q",
         "transformer_blocks.0.img_mlp.net.2",
@@ -153,7 +160,9 @@ def test_lycoris_lokr_and_loha_equal_lycoris_applying_them(folders, tmp_path, fa
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        network = create_lycoris(transformer, 1.0, linear_dim=4, linear_alpha=2.0, algo=algo, factor=4)
+        network = create_lycoris(
+            transformer, 1.0, linear_dim=4, linear_alpha=2.0, algo=algo, factor=4
+        )
         network.apply_to()
     finally:
         logger.setLevel(level)

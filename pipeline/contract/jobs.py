@@ -87,9 +87,9 @@ class GenerateSpec:
     prompt: str
     # facefix: only the ADetailer-style face pass, on the input image (the "Fix faces" button)
     # edit: instruction editing of `image` (and `images`) by an edit model's family
-    mode: Literal[
-        "txt2img", "img2img", "inpaint", "outpaint", "upscale", "facefix", "edit"
-    ] = "txt2img"
+    mode: Literal["txt2img", "img2img", "inpaint", "outpaint", "upscale", "facefix", "edit"] = (
+        "txt2img"
+    )
     negative_prompt: str = ""
     model: str = "default"
     sampler: str = "Euler a"

@@ -64,8 +64,9 @@ class TextTemplateFamily(FlowFamily):
         count = len(pipe.tokenizer(text, add_special_tokens=False)["input_ids"])
         if count <= limit:
             return []
-        return [f"the prompt is {count} tokens; {self.label} reads the first {limit}, the rest was cut"]
-
+        return [
+            f"the prompt is {count} tokens; {self.label} reads the first {limit}, the rest was cut"
+        ]
 
     def load_single_file(self, cls: Any, path: Any, torch_dtype: Any, config: str) -> Any:
         """A transformer file as ComfyUI and Civitai ship it (.safetensors, or GGUF through
@@ -94,7 +95,10 @@ class TextTemplateFamily(FlowFamily):
         model = getattr(diffusers, self.transformer_class)
         transformer = model.from_single_file(str(path), **kwargs)
         return cls.from_pretrained(
-            config, transformer=transformer, torch_dtype=torch_dtype, **self.extra_components(config)
+            config,
+            transformer=transformer,
+            torch_dtype=torch_dtype,
+            **self.extra_components(config),
         )
 
     @contextmanager

@@ -26,7 +26,9 @@ class Flux2Klein(TextTemplateSpec):
     max_input_images = 4  # reference images; more only slow it down
     default_steps = 4
     default_cfg = 1.0  # distilled: CFG is not used; the base models take ~4
-    lora_key_pattern = r"(to_qkv_mlp_proj|ff_linear_in|ff_context_linear_in|double_stream_modulation)"
+    lora_key_pattern = (
+        r"(to_qkv_mlp_proj|ff_linear_in|ff_context_linear_in|double_stream_modulation)"
+    )
 
     @classmethod
     def matches_index(cls, index: Mapping[str, Any]) -> bool:

@@ -87,9 +87,7 @@ class TextTemplateSpec(FlowSpec):
     @classmethod
     def matches_lora_keys(cls, keys: Collection[str]) -> bool:
         pattern = re.compile(cls.lora_key_pattern)
-        return bool(cls.lora_key_pattern) and any(
-            pattern.search(k.replace(".", "_")) for k in keys
-        )
+        return bool(cls.lora_key_pattern) and any(pattern.search(k.replace(".", "_")) for k in keys)
 
 
 def index_classes(index: Mapping[str, Any]) -> set[str]:
