@@ -433,3 +433,34 @@ def test_jobs_batched_together_equal_each_alone(models, name):
     alone = [run_generation(models[name], [spec])[0][0] for spec in (first, second)]
     for together, single in zip(batched, alone):
         assert np.abs(_pixels(together[0]) - _pixels(single)).max() <= 1
+
+
+def test_the_runner_runs_an_edit_job_and_fails_a_refused_one_in_one_line(folders, tmp_path):
+    from pipeline.contract.blobs import BlobStore
+    from pipeline.contract.config import config_from_dict
+    from pipeline.contract.jobs import Done, Failed
+    from pipeline.workers.runner import Runner
+
+    config = config_from_dict(
+        {
+            "models": {"plus": {"source": str(folders["qwen-image-edit-plus"])}},
+            "storage": {"data_dir": str(tmp_path / "data")},
+        }
+    )
+    blobs = BlobStore(config.storage.blobs)
+    shas = []
+    for seed in (0, 1):
+        buffer = io.BytesIO()
+        _photo(seed).save(buffer, "PNG")
+        shas.append(blobs.put(buffer.getvalue()))
+    runner = Runner(config, device="cpu", blobs=blobs, name="test")
+    edit = _spec(model="plus", mode="edit", image=shas[0], images=(shas[1],))
+    four = _spec(model="plus", mode="edit", image=shas[0], images=(shas[1],) * 3)
+    events: list = []
+    runner.run([("e", edit), ("four", four)], events.append, lambda job_id: False)
+    done = [e for e in events if isinstance(e, Done)]
+    failed = [e for e in events if isinstance(e, Failed)]
+    assert [e.job_id for e in done] == ["e"] and len(done[0].images) == 1
+    assert [(e.job_id, e.message) for e in failed] == [
+        ("four", "Qwen-Image-Edit-Plus models edit with at most 3 input images; this job gave 4")
+    ]
