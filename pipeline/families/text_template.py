@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, ClassVar
+from typing import Any
 
 from pipeline.contract.families.plain_text import plain_prompt
 from pipeline.contract.jobs import GenerateSpec
@@ -19,7 +19,6 @@ from pipeline.families.flow import FlowFamily
 
 
 class TextTemplateFamily(FlowFamily):
-    transformer_class: ClassVar[str] = ""  # what `owns` recognises a pipeline by
     # kohya / musubi-tuner name the transformer's modules `lora_unet_<path with _>`.
     lora_prefixes = {"transformer": "lora_unet_", "text_encoder": "lora_te_"}
     prompt_chunks = False  # the pipeline pads every prompt to its own length
@@ -67,39 +66,6 @@ class TextTemplateFamily(FlowFamily):
         return [
             f"the prompt is {count} tokens; {self.label} reads the first {limit}, the rest was cut"
         ]
-
-    def load_single_file(self, cls: Any, path: Any, torch_dtype: Any, config: str) -> Any:
-        """A transformer file as ComfyUI and Civitai ship it (.safetensors, or GGUF through
-        diffusers' GGUFQuantizationConfig), converted by diffusers' single-file loader;
-        the text encoder, tokenizer and VAE come from `config` (`single_file_config`: a
-        diffusers folder or Hub id of the same model)."""
-        import diffusers
-
-        from pipeline.contract.families import ModelError
-
-        if not config:
-            raise ModelError(
-                f"model file {path} is a {self.label} transformer alone: set "
-                f"single_file_config to a {self.label} diffusers folder for its text "
-                "encoder and VAE"
-            )
-        kwargs: dict[str, Any] = {
-            "torch_dtype": torch_dtype,
-            "config": config,
-            "subfolder": "transformer",
-        }
-        if str(path).endswith(".gguf"):
-            kwargs["quantization_config"] = diffusers.GGUFQuantizationConfig(
-                compute_dtype=torch_dtype
-            )
-        model = getattr(diffusers, self.transformer_class)
-        transformer = model.from_single_file(str(path), **kwargs)
-        return cls.from_pretrained(
-            config,
-            transformer=transformer,
-            torch_dtype=torch_dtype,
-            **self.extra_components(config),
-        )
 
     @contextmanager
     def edit_inputs(self, images: list[Any], width: int, height: int) -> Iterator[dict[str, Any]]:
