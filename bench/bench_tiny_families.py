@@ -51,6 +51,9 @@ KONTEXT = dict(image=_image(), max_area=SIZE * SIZE, _auto_resize=False, **SIZED
 
 def _models():
     """(name, writer, writer kwargs, [(mode, pipeline class name or None, call kwargs)])."""
+    from pipeline.families.flux2_klein_tiny import write_tiny_flux2_klein
+    from pipeline.families.qwen_image_tiny import write_tiny_qwen_image
+    from pipeline.families.zimage_tiny import write_tiny_zimage
     from pipeline.models import tiny_families as tf
 
     return [
@@ -91,7 +94,7 @@ def _models():
         ),
         (
             "Z-Image",
-            tf.write_tiny_zimage,
+            write_tiny_zimage,
             {},
             [
                 ("txt2img", None, SIZED),
@@ -101,7 +104,7 @@ def _models():
         ),
         (
             "Qwen-Image",
-            tf.write_tiny_qwen_image,
+            write_tiny_qwen_image,
             {},
             [
                 ("txt2img", None, SIZED),
@@ -111,7 +114,7 @@ def _models():
         ),
         (
             "Qwen-Image-Edit",
-            tf.write_tiny_qwen_image,
+            write_tiny_qwen_image,
             {"variant": "edit"},
             [
                 ("edit (1 image)", None, dict(image=_image(), **SIZED)),
@@ -120,7 +123,7 @@ def _models():
         ),
         (
             "Qwen-Image-Edit-Plus",
-            tf.write_tiny_qwen_image,
+            write_tiny_qwen_image,
             {"variant": "edit-plus"},
             [
                 ("edit (3 images)", None, dict(image=[_image(0), _image(1), _image(2)], **SIZED)),
@@ -128,7 +131,7 @@ def _models():
         ),
         (
             "Flux.2 klein",
-            tf.write_tiny_flux2_klein,
+            write_tiny_flux2_klein,
             {},
             [
                 ("txt2img", None, SIZED),
@@ -190,12 +193,13 @@ def _redux_row(root: Path, flux, runs: int) -> None:
 
 def _full_area(root: Path) -> None:
     """The edit pipelines at the input size they choose themselves, one call each."""
+    from pipeline.families.qwen_image_tiny import write_tiny_qwen_image
     from pipeline.models import tiny_families as tf
     from pipeline.models.qwen_edit import edit_input_area
 
     print("\n| pipeline | input area | s/call |\n|---|---|---|")
     kontext = _load(tf.write_tiny_flux(root / "kontext-full", variant="kontext"))
-    qwen = _load(tf.write_tiny_qwen_image(root / "edit-full", variant="edit"))
+    qwen = _load(write_tiny_qwen_image(root / "edit-full", variant="edit"))
     cases = [
         ("FluxKontextPipeline", "tiny (_auto_resize=False)", kontext, KONTEXT, None),
         ("FluxKontextPipeline", "its ~1 MP preset", kontext, dict(image=_image(), **SIZED), None),

@@ -89,14 +89,14 @@ def flux(flux_dir):
 
 @pytest.fixture(scope="module")
 def zimage(tmp_path_factory):
-    from pipeline.models.tiny_families import write_tiny_zimage
+    from pipeline.families.zimage_tiny import write_tiny_zimage
 
     return _load(write_tiny_zimage(tmp_path_factory.mktemp("zimage") / "turbo"))
 
 
 @pytest.fixture(scope="module")
 def qwen_image(tmp_path_factory):
-    from pipeline.models.tiny_families import write_tiny_qwen_image
+    from pipeline.families.qwen_image_tiny import write_tiny_qwen_image
 
     return _load(write_tiny_qwen_image(tmp_path_factory.mktemp("qwen") / "image"))
 
@@ -109,7 +109,7 @@ def _load_qwen_edit(folder: Path):
 
 @pytest.fixture(scope="module")
 def klein(tmp_path_factory):
-    from pipeline.models.tiny_families import write_tiny_flux2_klein
+    from pipeline.families.flux2_klein_tiny import write_tiny_flux2_klein
 
     return _load(write_tiny_flux2_klein(tmp_path_factory.mktemp("klein") / "4b"))
 
@@ -261,7 +261,7 @@ def test_qwen_image_edit_resizes_inputs_to_the_area_it_is_given(tmp_path):
     from diffusers import QwenImageEditInpaintPipeline, QwenImageEditPipeline
 
     from pipeline.models.qwen_edit import edit_input_area
-    from pipeline.models.tiny_families import write_tiny_qwen_image
+    from pipeline.families.qwen_image_tiny import write_tiny_qwen_image
 
     pipe = _load_qwen_edit(write_tiny_qwen_image(tmp_path / "edit", variant="edit"))
     assert type(pipe) is QwenImageEditPipeline
@@ -285,7 +285,7 @@ def test_qwen_image_edit_plus_takes_several_images(tmp_path):
     from diffusers import QwenImageEditPlusPipeline
 
     from pipeline.models.qwen_edit import edit_input_area
-    from pipeline.models.tiny_families import write_tiny_qwen_image
+    from pipeline.families.qwen_image_tiny import write_tiny_qwen_image
 
     pipe = _load_qwen_edit(write_tiny_qwen_image(tmp_path / "plus", variant="edit-plus"))
     assert type(pipe) is QwenImageEditPlusPipeline
@@ -301,7 +301,7 @@ def test_qwen_edit_folder_has_the_hub_layout(tmp_path):
     import json
 
     from pipeline.models.qwen_edit import ImageOnlyQwen2VLProcessor, load_qwen_processor
-    from pipeline.models.tiny_families import write_tiny_qwen_image
+    from pipeline.families.qwen_image_tiny import write_tiny_qwen_image
 
     folder = write_tiny_qwen_image(tmp_path / "edit", variant="edit")
     index = json.loads((folder / "model_index.json").read_text())
@@ -379,14 +379,17 @@ def _digest(folder: Path) -> dict[str, str]:
 
 
 def test_the_writers_write_the_same_files_every_time(flux_dir, tmp_path):
+    from pipeline.families.flux2_klein_tiny import write_tiny_flux2_klein
+    from pipeline.families.qwen_image_tiny import write_tiny_qwen_image
+    from pipeline.families.zimage_tiny import write_tiny_zimage
     from pipeline.models import tiny_families as tf
 
     assert _digest(tf.write_tiny_flux(tmp_path / "flux")) == _digest(flux_dir)
     # Z-Image's pad tokens start as torch.empty; the edit models add the processor.
     for writer, variant in [
-        (tf.write_tiny_zimage, {}),
-        (tf.write_tiny_qwen_image, {"variant": "edit-plus"}),
-        (tf.write_tiny_flux2_klein, {}),
+        (write_tiny_zimage, {}),
+        (write_tiny_qwen_image, {"variant": "edit-plus"}),
+        (write_tiny_flux2_klein, {}),
     ]:
         first = writer(tmp_path / f"{writer.__name__}-a", **variant)
         second = writer(tmp_path / f"{writer.__name__}-b", **variant)

@@ -38,6 +38,14 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--image", type=Path, help="input image: img2img, inpaint or outpaint")
+    parser.add_argument(
+        "--edit",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="IMAGE",
+        help="edit these images by the prompt's instruction (repeatable; edit models)",
+    )
     parser.add_argument("--strength", type=float, default=None, help="denoising strength 0..1")
     parser.add_argument("--mask", type=Path, help="inpaint mask, white = repaint")
     parser.add_argument(
@@ -116,8 +124,11 @@ def _read_input(path: Path, name: str, limit: int):
 
 
 def build_generate_spec(args: argparse.Namespace, config: Config, blobs: _Blobs) -> GenerateSpec:
+    from pipeline.contract.families import family_of_model
+
     model = _model_name(config, args.model)
     d = defaults_for(config, model)
+    family = family_of_model(config.model(model))
     values: dict[str, Any] = dict(
         prompt=args.prompt,
         negative_prompt=d.negative_prompt if args.negative is None else args.negative,
@@ -137,7 +148,7 @@ def build_generate_spec(args: argparse.Namespace, config: Config, blobs: _Blobs)
     if args.strength is not None:
         values["strength"] = args.strength
     if args.image:
-        values.update(_image_inputs(args, config, blobs))
+        values.update(_image_inputs(args, config, blobs, family))
     elif args.mask or args.outpaint or args.keep:
         raise CliError("--mask, --keep and --outpaint need an --image")
     values["loras"] = _loras(args, config, blobs)
@@ -145,23 +156,55 @@ def build_generate_spec(args: argparse.Namespace, config: Config, blobs: _Blobs)
         from bot.cogs.control_options import cli_control
 
         values.update(cli_control(args, config, blobs, _read_input))
+    if args.edit:
+        values.update(_edit_inputs(args, config, blobs, values))
     spec = GenerateSpec(**values).with_seed()
     spec.check(config.limits)
+    family.check_job(spec)  # a mode, size or image count the model lacks: nothing runs
     if spec.control or spec.reference:
         from pipeline.contract.control import check_against_config
 
-        family = config.model(spec.model).family
-        check_against_config(spec.control, spec.reference, config, family)
+        named = config.model(spec.model).family
+        check_against_config(spec.control, spec.reference, config, named)
     return spec
 
 
-def _image_inputs(args: argparse.Namespace, config: Config, blobs: _Blobs) -> dict[str, Any]:
+def _edit_inputs(
+    args: argparse.Namespace, config: Config, blobs: _Blobs, values: dict[str, Any]
+) -> dict[str, Any]:
+    """--edit IMAGE…: the first image sets the output size unless --width/--height do."""
+    from pipeline.contract.families import family_of_model
+    from pipeline.contract.images import working_size
+
+    if args.image:
+        raise CliError("give the images to edit with --edit, not --image")
+    limit = config.limits.max_input_pixels
+    loaded = [_read_input(path, "image", limit) for path in args.edit]
+    shas = [blobs.add_bytes(data) for data, _ in loaded]
+    first = loaded[0][1]
+    size = working_size(first.width, first.height, config.limits.max_pixels)
+    family = family_of_model(config.model(values["model"]))
+    width, height = family.fit_size(*size)
+    return dict(
+        mode="edit",
+        image=shas[0],
+        images=tuple(shas[1:]),
+        width=args.width or width,
+        height=args.height or height,
+    )
+
+
+def _image_inputs(
+    args: argparse.Namespace, config: Config, blobs: _Blobs, family: Any
+) -> dict[str, Any]:
     from pipeline.contract.images import working_size
 
     limit = config.limits.max_input_pixels
     data, image = _read_input(args.image, "image", limit)
     values: dict[str, Any] = {"image": blobs.add_bytes(data), "mode": "img2img"}
-    width, height = working_size(image.width, image.height, config.limits.max_pixels)
+    width, height = family.fit_size(
+        *working_size(image.width, image.height, config.limits.max_pixels)
+    )
     values["width"], values["height"] = args.width or width, args.height or height
     if args.mask:
         mask_data, mask = _read_input(args.mask, "mask", limit)

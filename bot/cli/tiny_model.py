@@ -149,13 +149,19 @@ def write_family_model(args: argparse.Namespace, family: str) -> int:
             redux = tiny_families.write_tiny_flux_redux(Path(args.dir) / "redux")
             print(f"and a tiny FLUX.1-Redux model to {redux}")
     elif family == "--zimage":
-        path = tiny_families.write_tiny_zimage(args.dir)
+        from pipeline.families.zimage_tiny import write_tiny_zimage
+
+        path = write_tiny_zimage(args.dir)
     elif family == "--flux2-klein":
-        path = tiny_families.write_tiny_flux2_klein(args.dir)
+        from pipeline.families.flux2_klein_tiny import write_tiny_flux2_klein
+
+        path = write_tiny_flux2_klein(args.dir)
     else:
+        from pipeline.families.qwen_image_tiny import write_tiny_qwen_image
+
         edit = "edit-plus" if args.plus else "edit"
         variant = "image" if family == "--qwen-image" else edit
-        path = tiny_families.write_tiny_qwen_image(args.dir, variant=variant)
+        path = write_tiny_qwen_image(args.dir, variant=variant)
         name += "-Plus" if args.plus else ""
     print(f"wrote a tiny {name} model to {path}")
     if family == "--qwen-edit":

@@ -29,6 +29,8 @@ from pipeline.contract.control import (
 )
 
 MODES = ("txt2img", "img2img", "inpaint", "outpaint", "upscale", "facefix")
+# Instruction editing is a mode of the edit models' families only (FamilySpec.modes).
+ALL_MODES = (*MODES, "edit")
 OUTPAINT_DIRECTIONS = ("left", "right", "up", "down", "all")
 KEEP_CHOICES = ("face", "background")
 TRAIN_METHODS = ("lora", "loha", "lokr")
@@ -85,7 +87,10 @@ class GenerateSpec:
 
     prompt: str
     # facefix: only the ADetailer-style face pass, on the input image (the "Fix faces" button)
-    mode: Literal["txt2img", "img2img", "inpaint", "outpaint", "upscale", "facefix"] = "txt2img"
+    # edit: instruction editing of `image` (and `images`) by an edit model's family
+    mode: Literal["txt2img", "img2img", "inpaint", "outpaint", "upscale", "facefix", "edit"] = (
+        "txt2img"
+    )
     negative_prompt: str = ""
     model: str = "default"
     sampler: str = "Euler a"
@@ -100,6 +105,7 @@ class GenerateSpec:
     height: int = 512
     count: int = 1
     image: str | None = None  # blob sha256 of the input image (img2img/inpaint/outpaint)
+    images: tuple[str, ...] = ()  # edit: blob sha256 of the second, third… input image
     mask: str | None = None  # blob sha256 of the mask; white = repaint
     strength: float = 0.75  # denoising strength for img2img and inpaint
     mask_blur: int = 4
@@ -169,7 +175,7 @@ class GenerateSpec:
         return " ".join([self.prompt, *tags]) if tags else self.prompt
 
     def blob_refs(self) -> list[str]:
-        refs = [r for r in (self.image, self.mask) if r]
+        refs = [r for r in (self.image, self.mask) if r] + list(self.images)
         refs += [unit.image for unit in self.control if unit.image]
         refs += list(self.reference.images) if self.reference else []
         return refs + [lora.sha256 for lora in self.loras]
@@ -178,8 +184,8 @@ class GenerateSpec:
         """Raise JobError naming the first bad value and its limit."""
         _check_text("prompt", self.prompt, limits.max_prompt_chars)
         _check_text("negative prompt", self.negative_prompt, limits.max_prompt_chars)
-        if self.mode not in MODES:
-            raise JobError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.mode not in ALL_MODES:
+            raise JobError(f"mode must be one of {', '.join(ALL_MODES)}, not {self.mode!r}")
         _check_int("steps", self.steps, 1, limits.max_steps)
         _check_int("count", self.count, 1, limits.max_count)
         _check_number("CFG scale", self.cfg_scale, limits.min_cfg, limits.max_cfg)
@@ -196,6 +202,8 @@ class GenerateSpec:
             check_size(self.width, self.height, limits)
         if self.mode != "txt2img" and not self.image:
             raise JobError(f"{self.mode} needs an input image")
+        if self.images and self.mode != "edit":
+            raise JobError(f"{self.mode} takes one input image; more are for edit")
         if self.mode == "inpaint" and not (self.mask or self.keep):
             raise JobError("inpaint needs a mask (white = repaint) or keep: face|background")
         if self.keep is not None and self.keep not in KEEP_CHOICES:
@@ -215,7 +223,9 @@ class GenerateSpec:
             _check_number("upscale factor", self.upscale_factor, 1.0, 4.0)
         _check_loras(self.loras, limits)
         check_units(self.control, self.reference, limits.max_controlnets)
-        if self.mode in ("outpaint", "upscale", "facefix") and (self.control or self.reference):
+        if self.mode in ("outpaint", "upscale", "facefix", "edit") and (
+            self.control or self.reference
+        ):
             raise JobError(
                 "ControlNet and reference images work with txt2img, img2img and inpaint, "
                 f"not {self.mode}"

@@ -10,15 +10,31 @@ from typing import Any
 
 from pipeline.families.base import Family
 from pipeline.families.flux import Flux
+from pipeline.families.flux2_klein import Flux2Klein
+from pipeline.families.qwen_image import QwenImage, QwenImageEdit, QwenImageEditPlus
 from pipeline.families.sd1 import SD1
 from pipeline.families.sdxl import SDXL
+from pipeline.families.zimage import ZImage
 
-# Most specific first: an SDXL pipeline also holds every SD 1.x component.
-FAMILIES: dict[str, Family] = {f.name: f for f in (Flux(), SDXL(), SD1())}
+# Most specific first: an SDXL pipeline also holds every SD 1.x component; the edit
+# pipelines hold Qwen-Image's transformer.
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Flux(),
+        SDXL(),
+        SD1(),
+        QwenImageEditPlus(),
+        QwenImageEdit(),
+        QwenImage(),
+        ZImage(),
+        Flux2Klein(),
+    )
+}
 
 
 def family(name: str) -> Family:
-    """The family named in config or on a loaded model (`sd1`, `sdxl`)."""
+    """The family named in config or on a loaded model (`sd1`, `sdxl`, `zimage`…)."""
     return FAMILIES[name]
 
 

@@ -113,6 +113,11 @@ class Family:
         """Extra keyword arguments for `from_pretrained`."""
         return {}
 
+    def extra_components(self, source: str) -> dict[str, Any]:
+        """Components loaded our way and passed to `from_pretrained` (Qwen-Image-Edit's
+        processor without torchvision)."""
+        return {}
+
     def load_single_file(self, cls: Any, path: Any, torch_dtype: Any, config: str) -> Any:
         """A pipeline from one checkpoint file; the UNet families' files hold every
         component (`config`: a diffusers folder of the family, for offline loading)."""
@@ -158,6 +163,16 @@ class Family:
     def preview_latents(self, latents: Any, pipe: Any, size: tuple[int, int]) -> Any:
         """The denoising loop's latents as [batch, channels, h, w] for the preview."""
         return latents
+
+    def call_context(self, width: int, height: int) -> Any:
+        """A context every pipeline call of this family runs in (nothing by default)."""
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+    def edit_inputs(self, images: list[Any], width: int, height: int) -> Any:
+        """A context giving the edit pipeline's image arguments (edit families only)."""
+        raise JobError(f"{self.label} models cannot edit")
 
     # -- training ------------------------------------------------------------------------
 

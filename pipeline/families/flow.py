@@ -89,7 +89,39 @@ class FlowFamily(Family):
     are 2×2-packed, its objective is flow matching (target = noise − latents)."""
 
     denoiser_name = "transformer"
+    transformer_class: ClassVar[str] = ""  # its diffusers class (single files, `owns`)
     packed: ClassVar[bool] = True  # latents in the loop are [batch, tokens, 4·channels]
+
+    def load_single_file(self, cls: Any, path: Any, torch_dtype: Any, config: str) -> Any:
+        """A transformer file as Civitai and ComfyUI ship it (.safetensors, or GGUF through
+        diffusers' GGUFQuantizationConfig), converted by diffusers' single-file loader;
+        the text encoders, tokenizers and VAE come from `config`, a diffusers folder or
+        Hub id of the same family (`single_file_config`)."""
+        from pipeline.contract.families import ModelError, label
+
+        if not config:
+            family = label(self.name)  # the family's, not a variant's ("Flux.1")
+            raise ModelError(
+                f"model file {path} is a {family} transformer alone: set single_file_config "
+                f"to a {family} diffusers folder or Hub id for its text encoders and VAE"
+            )
+        import diffusers
+
+        kwargs: dict[str, Any] = {
+            "torch_dtype": torch_dtype,
+            "config": config,
+            "subfolder": "transformer",
+        }
+        if str(path).endswith(".gguf"):
+            kwargs["quantization_config"] = diffusers.GGUFQuantizationConfig(
+                compute_dtype=torch_dtype
+            )
+        model = getattr(diffusers, self.transformer_class)
+        transformer = model.from_single_file(str(path), **kwargs)
+        extra = self.extra_components(config)
+        return cls.from_pretrained(
+            config, transformer=transformer, torch_dtype=torch_dtype, **extra
+        )
 
     def scheduler(self, base_config: dict[str, Any], sampler: str, schedule: str, mode: str):
         return flow_scheduler(base_config, sampler, schedule, mode)

@@ -29,6 +29,7 @@ from pipeline.families.flow import FlowFamily
 
 class Flux(FlowFamily):
     spec = SPEC
+    transformer_class = "FluxTransformer2DModel"
     text_encoder_names = ("text_encoder", "text_encoder_2")
     tokenizer_names = ("tokenizer", "tokenizer_2")
     pipelines = {
@@ -73,31 +74,6 @@ class Flux(FlowFamily):
         return _VARIANT_FAMILIES[self.spec.for_source(source).variant]
 
     # -- loading ---------------------------------------------------------------------------
-
-    def load_single_file(self, cls: Any, path: Any, torch_dtype: Any, config: str) -> Any:
-        """A transformer file as Civitai and ComfyUI ship it (.safetensors, or GGUF through
-        diffusers' GGUFQuantizationConfig): the text encoders, tokenizers and VAE come
-        from `config`, a Flux.1 diffusers folder or Hub id (`single_file_config`)."""
-        from pipeline.contract.families import ModelError
-
-        if not config:
-            raise ModelError(
-                f"model file {path} is a Flux.1 transformer alone: set single_file_config "
-                "to a Flux.1 diffusers folder or Hub id for its text encoders and VAE"
-            )
-        import diffusers
-
-        kwargs: dict[str, Any] = {
-            "torch_dtype": torch_dtype,
-            "config": config,
-            "subfolder": "transformer",
-        }
-        if str(path).endswith(".gguf"):
-            kwargs["quantization_config"] = diffusers.GGUFQuantizationConfig(
-                compute_dtype=torch_dtype
-            )
-        transformer = diffusers.FluxTransformer2DModel.from_single_file(str(path), **kwargs)
-        return cls.from_pretrained(config, transformer=transformer, torch_dtype=torch_dtype)
 
     def fused_lora_layers(self, pipe: Any) -> dict[str, list[tuple[str, int, int | None]]]:
         """BFL's (and kohya's) layer names → diffusers' modules, as diffusers'

@@ -112,6 +112,7 @@ def run_generation(
             "outpaint": outpaint,
             "upscale": upscale,
             "facefix": face_fix_only,
+            "edit": edit,
         }
         results = [modes[spec.mode](run, spec, image, blobs, loras)]
     if spec.face_fix:
@@ -142,6 +143,7 @@ def _lora_notices(loras: Any, spec: GenerateSpec) -> tuple[str, ...]:
     if loras is None or not spec.loras:
         return ()
     return tuple(loras.notices(spec.loras))
+
 
 
 def _control_infotext(control, spec: GenerateSpec, model: LoadedModel) -> dict[str, str]:
@@ -338,6 +340,25 @@ def face_fix_only(
 ) -> list[Image.Image]:
     """The "Fix faces" button: the face pass alone, on an earlier result."""
     return [fix_faces(run, spec, image, blobs, loras)]
+
+
+def edit(run: _Run, spec: GenerateSpec, image: Image.Image, blobs, loras) -> list[Image.Image]:
+    """Instruction editing (Qwen-Image-Edit, Flux.2 klein's reference images): the input
+    image and the job's further ones, given to the family's edit pipeline as it reads
+    them; the output has the job's size."""
+    images = [image] + [_input_image(sha, blobs, "image") for sha in spec.images]
+    samples = [spec] * spec.count
+    pipe = run.model.derive("edit")
+    with (
+        run.model.kind.edit_inputs(images, spec.width, spec.height) as inputs,
+        _sampler(run.model, pipe, spec),
+        _loras(loras, samples, blobs, spec),
+    ):
+        conditioning = _encode(pipe, samples)
+        return _call(
+            run, pipe, spec, conditioning, spec.seeds(), width=spec.width, height=spec.height,
+            **inputs,
+        )
 
 
 def fix_faces(run: _Run, spec: GenerateSpec, image: Image.Image, blobs, loras) -> Image.Image:
@@ -540,6 +561,7 @@ def _call(
         kind.prompt_conditioning(
             pipe, conditioning["samples"], steps, inputs.get("strength")
         ) as embeds,
+        kind.call_context(spec.width, spec.height),
         compiled.active(run.model, pipe),
     ):
         result = pipe(
@@ -583,10 +605,13 @@ def _input_image(sha: str | None, blobs, name: str) -> Image.Image:
     return open_image(_blob(blobs, sha), max_pixels=MAX_INPUT_PIXELS, name=name)
 
 
-def latent_preview(latents: torch.Tensor, family: Family, max_side: int = 256) -> bytes:
+def latent_preview(latents: torch.Tensor, family: Family, max_side: int = 256) -> bytes | None:
     """The first sample's latents as a small JPEG, projected to RGB by the family's fixed
-    matrix (A1111's "Approx cheap" preview: no model, one matmul)."""
+    matrix (A1111's "Approx cheap" preview: no model, one matmul); None for a family
+    without one yet (Qwen-Image's and Flux.2's latents)."""
     factors, bias = family.preview_factors, family.preview_bias
+    if not factors:
+        return None
     latent = latents[0].detach().float().cpu()
     if latent.shape[0] != len(factors):  # 9-channel inpainting latents: noise channels first
         latent = latent[: len(factors)]

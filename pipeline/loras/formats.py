@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.contract.families import label, lora_family
+from pipeline.contract.families import label, lora_family, spec
 from pipeline.contract.jobs import JobError, LoraRef
 from pipeline.contract.safetensors_check import safetensors_problem
 from pipeline.families import of_pipe
@@ -118,7 +118,7 @@ def read_lora_file(path: str | Path, *, name: str, family: str, max_bytes: int) 
             raise LoraError(f"LoRA '{name}' uses {unsupported}, which this bot cannot apply")
         raise LoraError(f"'{name}' is not a LoRA file (it has no LoRA or LyCORIS weights)")
     made_for = detect_family(state_dict)
-    if made_for is not None and made_for != family:
+    if made_for is not None and not spec(family).takes_loras_of(made_for):
         raise LoraError(
             f"LoRA '{name}' was made for {label(made_for)}; this model is {label(family)}"
         )

@@ -71,11 +71,17 @@ class LoadedModel:
             return self._inpaint_model.pipe
         return self._derive("inpaint")
 
+    def derive(self, kind: str):
+        """The family's pipeline for a mode (edit: the loaded one, for the edit models)."""
+        return self._derive(kind)
+
     def _derive(self, kind: str):
         if kind not in self._derived:
             # from_pipe casts every (shared) module to float32 unless told the dtype:
             # without it the first img2img job would turn an fp16 model into fp32.
             cls = self.kind.pipeline_class(kind)
+            if cls is type(self.pipe):
+                return self.pipe
             derived = cls.from_pipe(self.pipe, torch_dtype=self.dtype)
             derived.set_progress_bar_config(disable=True)
             self._derived[kind] = derived
@@ -232,7 +238,9 @@ def _load_pipeline(
             return _from_single_file(kind, cls, path, torch_dtype, config)
         if source.startswith(("/", "./", "../")) and not path.is_dir():
             raise ModelError(f"model folder {source} does not exist")
-        return cls.from_pretrained(source, torch_dtype=torch_dtype, **kind.load_options())
+        return cls.from_pretrained(
+            source, torch_dtype=torch_dtype, **kind.load_options(), **kind.extra_components(source)
+        )
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001 - out of memory is the caller's to word

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any, ClassVar
 
-from pipeline.contract.jobs import MODES, JobError
+from pipeline.contract.jobs import MODES, GenerateSpec, JobError
 from pipeline.contract.samplers import SAMPLERS, resolve
 
 # Options of the generation commands a family may or may not have. `guidance` is a
@@ -33,7 +33,8 @@ class FamilySpec:
 
     name: ClassVar[str]  # the config value: `family = "sd1"`
     label: ClassVar[str]  # what a member reads: "SD 1.x"
-    modes: ClassVar[frozenset[str]] = frozenset(MODES)
+    modes: ClassVar[frozenset[str]] = frozenset(MODES)  # edit: the edit models' families
+    max_input_images: ClassVar[int] = 1  # images an edit job may give (`image` + `images`)
     options: ClassVar[frozenset[str]] = frozenset(OPTIONS) - {"guidance"}
     samplers: ClassVar[tuple[str, ...]] = tuple(SAMPLERS)  # A1111 names it accepts
     size_multiple: ClassVar[int] = 8  # the VAE's downsampling
@@ -55,6 +56,8 @@ class FamilySpec:
     # embedding it reads, which every layer reading the text has as its input width.
     lora_key_prefixes: ClassVar[tuple[str, ...]] = ()
     cross_attention_widths: ClassVar[tuple[int, ...]] = ()
+    # The family whose LoRA files this one takes (its own name unless it shares them).
+    lora_family: ClassVar[str] = ""
     # A lone CLIP text encoder's width in kohya files (`lora_te_…`): SD 1.x 768, SD 2.x 1024.
     text_encoder_widths: ClassVar[tuple[int, ...]] = ()
 
@@ -69,15 +72,49 @@ class FamilySpec:
         return False
 
     @classmethod
+    def matches_lora_keys(cls, keys: Collection[str]) -> bool:
+        """Whether a LoRA file's keys name layers only this family's denoiser has."""
+        return False
+
+    @classmethod
+    def takes_loras_of(cls, made_for: str) -> bool:
+        return made_for == (cls.lora_family or cls.name)
+
+    @classmethod
+    def check_job(cls, spec: GenerateSpec) -> None:
+        """Refuse, in one line naming the family, what a generation job asks of it that it
+        lacks: a mode, a sampler, a size, more input images than it reads."""
+        cls.check_mode(spec.mode)
+        cls.resolve_sampler(spec.sampler, spec.schedule)
+        if spec.mode == "txt2img":  # other modes take the input image's (fitted) size
+            cls.check_size(spec.width, spec.height)
+        count = len(spec.images) + (1 if spec.image else 0)
+        if spec.mode == "edit" and count > cls.max_input_images:
+            raise JobError(
+                f"{cls.label} models edit with at most {cls.max_input_images} input "
+                f"image{'s' if cls.max_input_images > 1 else ''}; this job gave {count}"
+            )
+
+    @classmethod
+    def check_size(cls, width: int, height: int) -> None:
+        for name, value in (("width", width), ("height", height)):
+            if value % cls.size_multiple:
+                raise JobError(
+                    f"{cls.label} models need a {name} that is a multiple of "
+                    f"{cls.size_multiple}, but it is {value}"
+                )
+
+    @classmethod
+    def fit_size(cls, width: int, height: int) -> tuple[int, int]:
+        """The size rounded down to the family's multiple (an input image's size)."""
+        m = cls.size_multiple
+        return max(m, width // m * m), max(m, height // m * m)
+
+    @classmethod
     def for_source(cls, source: str) -> type[FamilySpec]:
         """The spec of the model at `source`: a variant of this family with its own
         defaults (Flux.1 schnell, Kontext, Fill) where the files say so, else this one."""
         return cls
-
-    @classmethod
-    def check_job(cls, spec: Any) -> None:
-        """Refuse, in one line naming the family, a job it cannot run (`GenerateSpec`)."""
-        cls.check_mode(spec.mode)
 
     @classmethod
     def guidance_of(cls, spec: Any) -> float | None:

@@ -7,12 +7,20 @@ from typing import Any
 
 from pipeline.contract.families.base import FamilySpec
 from pipeline.contract.families.flux import Flux
+from pipeline.contract.families.flux2_klein import Flux2Klein
+from pipeline.contract.families.qwen_image import QwenImage, QwenImageEdit, QwenImageEditPlus
 from pipeline.contract.families.sd1 import SD1
 from pipeline.contract.families.sdxl import SDXL
+from pipeline.contract.families.zimage import ZImage
 
-# Order matters: the first family whose test matches a file wins.
-# Flux.1 first: its single files may carry SD's `model.diffusion_model.` prefix.
-FAMILIES: dict[str, type[FamilySpec]] = {f.name: f for f in (Flux, SDXL, SD1)}
+# Order matters: the first family whose test matches a file wins. The transformer
+# families first: their single files may carry SD's `model.diffusion_model.` prefix;
+# the edit models' folders hold Qwen-Image's transformer; Flux.2's BFL files have
+# Flux.1's double_blocks/single_blocks names and more.
+FAMILIES: dict[str, type[FamilySpec]] = {
+    f.name: f
+    for f in (QwenImageEditPlus, QwenImageEdit, QwenImage, ZImage, Flux2Klein, Flux, SDXL, SD1)
+}
 # What a folder or checkpoint that no family claims is loaded as (as before families).
 DEFAULT = SD1
 
@@ -75,6 +83,8 @@ def lora_family(shapes: Mapping[str, Sequence[int]]) -> str | None:
     they carry no input width, so only their text-encoder names can tell.)"""
     for family in _LORA_FAMILIES:
         if any(k.startswith(family.lora_key_prefixes) for k in shapes if family.lora_key_prefixes):
+            return family.name
+        if family.matches_lora_keys(shapes):  # the transformer families: their block names
             return family.name
     width = cross_attention_width(shapes)
     if width is not None:

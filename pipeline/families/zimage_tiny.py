@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.models.tiny_families import common, tokenizers
 from pipeline.families.flux_tiny import VAE_SCALING
+from pipeline.models.tiny_families import common, tokenizers
 
 # Z-Image-Turbo's published scheduler config: a fixed shift of 3.
 SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)

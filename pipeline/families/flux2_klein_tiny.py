@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.models.tiny_families import common, tokenizers
 from pipeline.families.flux_tiny import DEV_SCHEDULER
+from pipeline.models.tiny_families import common, tokenizers
 
 TEXT_WIDTH = 16
 TEXT_LAYERS = 28  # the pipeline's default text_encoder_out_layers are (9, 18, 27)

@@ -1,0 +1,60 @@
+"""Qwen-Image and Qwen-Image-Edit (Alibaba Qwen), torch-free: a 20B MMDiT reading
+Qwen2.5-VL's hidden states through a chat template, Qwen-Image's 16-channel causal VAE.
+
+Three families, because what a job may ask differs: Qwen-Image makes images from text
+(true CFG ~4, 40–50 steps); Qwen-Image-Edit edits one input image (it has no txt2img);
+Qwen-Image-Edit-Plus (2509, 2511) edits with one to three. Their transformers have the
+same layout, so a single file is read as Qwen-Image unless `family` says otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from pipeline.contract.families.plain_text import TextTemplateSpec, has_key, index_classes
+
+
+class QwenImage(TextTemplateSpec):
+    name = "qwen-image"
+    label = "Qwen-Image"
+    default_steps = 40
+    default_cfg = 4.0  # true CFG: the transformer runs twice per step
+    lora_key_pattern = r"transformer_blocks_\d+_(img_mlp|txt_mlp|img_mod|txt_mod)"
+
+    @classmethod
+    def matches_index(cls, index: Mapping[str, Any]) -> bool:
+        return "QwenImageTransformer2DModel" in index_classes(index)
+
+    @classmethod
+    def matches_checkpoint(cls, keys: Collection[str]) -> bool:
+        return has_key(keys, "txt_norm.weight") and has_key(
+            keys, "transformer_blocks.0.img_mod.1.weight"
+        )
+
+
+class QwenImageEdit(QwenImage):
+    name = "qwen-image-edit"
+    label = "Qwen-Image-Edit"
+    modes = frozenset({"edit", "inpaint", "outpaint", "facefix"})
+    default_steps = 40  # 2511 with its Lightning LoRA: 4 or 8, CFG 1
+    lora_key_pattern = ""  # Qwen-Image's LoRAs are theirs too (the same transformer)
+    lora_family = "qwen-image"
+
+    @classmethod
+    def matches_index(cls, index: Mapping[str, Any]) -> bool:
+        return "QwenImageEditPipeline" in index_classes(index)
+
+    @classmethod
+    def matches_checkpoint(cls, keys: Collection[str]) -> bool:
+        return False  # the same transformer as Qwen-Image's: say `family` in config
+
+
+class QwenImageEditPlus(QwenImageEdit):
+    name = "qwen-image-edit-plus"
+    label = "Qwen-Image-Edit-Plus"
+    max_input_images = 3
+
+    @classmethod
+    def matches_index(cls, index: Mapping[str, Any]) -> bool:
+        return "QwenImageEditPlusPipeline" in index_classes(index)

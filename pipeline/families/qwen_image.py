@@ -1,0 +1,95 @@
+"""Qwen-Image and its edit models: Qwen2.5-VL as the text encoder (the edit models also
+show it the input images through its vision tower), an MMDiT over 2×2-packed latents,
+true CFG (`true_cfg_scale`, the negative prompt at least a space). Torch-free half:
+`pipeline.contract.families.qwen_image`; tiny models: `qwen_image_tiny.py`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pipeline.contract.families.qwen_image import QwenImage as SPEC
+from pipeline.contract.families.qwen_image import QwenImageEdit as EDIT_SPEC
+from pipeline.contract.families.qwen_image import QwenImageEditPlus as PLUS_SPEC
+from pipeline.families.text_template import TextTemplateFamily
+
+
+class QwenImage(TextTemplateFamily):
+    spec = SPEC
+    transformer_class = "QwenImageTransformer2DModel"
+    pipelines = {
+        "txt2img": "QwenImagePipeline",
+        "img2img": "QwenImageImg2ImgPipeline",
+        "inpaint": "QwenImageInpaintPipeline",
+    }
+
+    def owns(self, pipe: Any) -> bool:
+        return super().owns(pipe) and getattr(pipe, "processor", None) is None
+
+    def guidance_arguments(self, spec: Any) -> dict[str, Any]:
+        # True CFG runs only with a negative prompt; CFG 1 is one pass.
+        return {"true_cfg_scale": spec.cfg_scale}
+
+    def negative_inputs(self, negatives: list[str]) -> dict[str, Any]:
+        # The pipelines skip true CFG when no negative is given: an empty one is a space,
+        # as diffusers' own examples pass.
+        return {"negative_prompt": [n or " " for n in negatives]}
+
+
+class QwenImageEdit(QwenImage):
+    """Qwen-Image-Edit: one input image, resized by the pipeline to the output's area."""
+
+    spec = EDIT_SPEC
+    pipelines = {
+        "edit": "QwenImageEditPipeline",
+        "inpaint": "QwenImageEditInpaintPipeline",
+    }
+
+    def owns(self, pipe: Any) -> bool:
+        return TextTemplateFamily.owns(self, pipe) and type(pipe).__name__.startswith(
+            tuple(self.pipelines.values())
+        )
+
+    def pipeline_class(self, mode: str) -> Any:
+        # The model is loaded as its edit pipeline (it has no txt2img one).
+        return super().pipeline_class("edit" if mode == "txt2img" else mode)
+
+    def extra_components(self, source: str) -> dict[str, Any]:
+        """The image-only Qwen2-VL processor (no torchvision: docs/DECISIONS.md)."""
+        from pipeline.models.qwen_edit import load_qwen_processor
+
+        folder = Path(source)
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(source, allow_patterns=["processor/*"]))
+        return {"processor": load_qwen_processor(folder / "processor")}
+
+    def call_context(self, width: int, height: int) -> Any:
+        """The edit pipelines resize their inputs to ~1 MP whatever the output: here to
+        the output's area (the same at 1024², much faster for small outputs)."""
+        from pipeline.models.qwen_edit import edit_input_area
+
+        return edit_input_area(width * height)
+
+    @contextmanager
+    def edit_inputs(self, images: list[Any], width: int, height: int) -> Iterator[dict[str, Any]]:
+        yield {"image": self._images(images)}
+
+    def _images(self, images: list[Any]) -> Any:
+        return images[0]
+
+
+class QwenImageEditPlus(QwenImageEdit):
+    """Qwen-Image-Edit 2509 / 2511: one to three input images."""
+
+    spec = PLUS_SPEC
+    pipelines = {
+        "edit": "QwenImageEditPlusPipeline",
+        "inpaint": "QwenImageEditInpaintPipeline",
+    }
+
+    def _images(self, images: list[Any]) -> Any:
+        return images
