@@ -1,12 +1,12 @@
 """Every family's real component sizes, counted from the published configs on the meta
 device (accelerate's `init_empty_weights`: no weights, no memory), written as the table
-`pipeline/contract/published_sizes.py` the memory planner and its tests use.
+`pipeline/contract/families/published_sizes.py` the memory planner and its tests use.
 
     python bench/component_sizes.py            # print the table (and check the fp8 rule)
-    python bench/component_sizes.py --write    # rewrite pipeline/contract/published_sizes.py
+    python bench/component_sizes.py --write    # rewrite pipeline/contract/families/published_sizes.py
 
 The configs are in bench/configs/ (sources in bench/configs/SOURCES.md). The fp8 count is
-the header rule of `pipeline.contract.weight_sizes` (what the planner reads from real
+the header rule of `pipeline.contract.families.weight_sizes` (what the planner reads from real
 files); `--check` also applies diffusers' own `enable_layerwise_casting` to each denoiser
 and prints both counts.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 CONFIGS = ROOT / "bench" / "configs"
-TABLE = ROOT / "pipeline" / "contract" / "published_sizes.py"
+TABLE = ROOT / "pipeline" / "contract" / "families" / "published_sizes.py"
 
 # family → component → (builder, config file, dtype the published files store)
 FAMILIES = {
@@ -117,7 +117,7 @@ def table(check: bool = False) -> dict[str, dict[str, dict[str, int | str]]]:
     from accelerate import init_empty_weights
 
     from pipeline.contract.memory_plan import FAMILY_MEMORY
-    from pipeline.contract.weight_sizes import size_of
+    from pipeline.contract.families.weight_sizes import size_of
 
     result: dict[str, dict[str, dict[str, int | str]]] = {}
     for family, components in FAMILIES.items():

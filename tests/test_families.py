@@ -20,7 +20,7 @@ from pipeline.contract.jobs import MODES, JobError
 REPO = Path(__file__).resolve().parent.parent
 FAMILY_MODULES = ("pipeline/families", "pipeline/contract/families")
 # A family's name compared or looked up, or a family's component reached by name.
-FAMILY_NAMES = {"sd1", "sd2", "sdxl"}
+FAMILY_NAMES = {"sd1", "sd2", "sdxl", *contract.FAMILIES}
 COMPONENTS = {"unet", "text_encoder_2", "tokenizer_2"}
 
 

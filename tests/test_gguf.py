@@ -1,7 +1,7 @@
 """GGUF files (the transformer families' usual download) on a tiny FluxTransformer2DModel:
 written by the `gguf` package as city96's converter writes them, loaded by diffusers'
 `from_single_file(..., quantization_config=GGUFQuantizationConfig(...))`, and sized
-from the header by the planner's reader (pipeline/contract/weight_sizes.py)."""
+from the header by the planner's reader (pipeline/contract/families/weight_sizes.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.contract.memory_plan import GiB, gpu_card, plan_memory, published_components
-from pipeline.contract.weight_sizes import READABLE_GGUF, gguf_problem, gguf_sizes
+from pipeline.contract.families.weight_sizes import READABLE_GGUF, gguf_problem, gguf_sizes
 from tests.gguf_files import write_gguf
 from tests.test_memory_plan import JOBS
 

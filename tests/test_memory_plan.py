@@ -1,7 +1,7 @@
 """The memory planner (a pure function) on a table of cards × every family's real sizes.
 
 The sizes are the published configs counted on the meta device (bench/component_sizes.py,
-pipeline/contract/published_sizes.py); one family is recounted here to show the table is
+pipeline/contract/families/published_sizes.py); one family is recounted here to show the table is
 what the configs give. Also: sizes read from a tiny model's safetensors headers."""
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def test_the_published_table_is_what_the_configs_give():
     from accelerate import init_empty_weights
 
     from bench.component_sizes import FAMILIES, build, meta_tensors
-    from pipeline.contract.weight_sizes import size_of
+    from pipeline.contract.families.weight_sizes import size_of
 
     configs = Path(__file__).parents[1] / "bench" / "configs"
     for name, (kind, file, dtype) in FAMILIES["sd1"].items():
@@ -191,3 +191,27 @@ def test_the_memory_key_is_checked():
     assert ok.models[0].memory == "fp8"
     with pytest.raises(ConfigError, match=r"\[models.m\] memory must be one of auto, full"):
         config_from_dict({"models": {"m": {"source": "x", "memory": "tiny"}}})
+
+
+def test_every_configurable_family_has_memory_figures_and_a_published_plan():
+    """A model configured with `family = "flux"` (the registry's names, not the published
+    tables' keys) is planned with its own family's figures."""
+    from pipeline.contract.families import FAMILIES
+    from pipeline.contract.families.memory import family_memory
+
+    assert family_memory("flux") is FAMILY_MEMORY["flux1"]
+    assert family_memory("qwen-image-edit-plus") is FAMILY_MEMORY["qwen_image"]
+    assert family_memory("flux2-klein") is FAMILY_MEMORY["flux2_klein_4b"]
+    for name, spec in FAMILIES.items():
+        if name == "sd2":
+            continue
+        profile = spec.memory_profile or name
+        assert profile in FAMILY_MEMORY, name
+        chosen = plan_memory(
+            name,
+            name,
+            published_components(profile),
+            gpu_card("24 GB", 24 * GiB, 24 * GiB),
+            SMALL_JOBS,
+        )
+        assert chosen.peak <= chosen.card.budget, name

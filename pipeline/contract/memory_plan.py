@@ -17,14 +17,15 @@ in BENCHMARKS.md).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pipeline.contract.devices import DeviceError
 
 # The families' torch-free half (issue 20 moves it to pipeline.contract.families): the one
 # place this module and pipeline/models/memory.py and the doctor reach it.
 from pipeline.contract.families import ModelError, detect_family  # noqa: F401 - re-exported
-from pipeline.contract.weight_sizes import ComponentSize
+from pipeline.contract.families.memory import FAMILY_MEMORY, FamilyMemory, family_memory  # noqa: F401
+from pipeline.contract.families.weight_sizes import ComponentSize
 
 GiB = 1024**3
 
@@ -53,53 +54,6 @@ CPU_LADDER = (("full", "device"), ("fp8", "device"))  # offloading to RAM saves 
 CARD_SIZES = (8, 12, 16, 24, 32, 40, 48, 80, 96, 141)
 
 _BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
-
-
-@dataclass(frozen=True)
-class FamilyMemory:
-    """What the planner needs to know of a family besides its weights."""
-
-    latent_pixels: int  # image pixels per denoiser token (VAE factor² × patch²)
-    width: int  # channels of the denoiser's widest-resolution activations
-    act_factor: float  # live activations per token, in units of `width` values
-    text_tokens: int  # text tokens the denoiser attends over (joint attention)
-    cfg_batch: int  # 2 when the negative prompt rides in the same batch
-    vae_width: int  # channels of the VAE decoder at full resolution
-    vae_factor: float  # live decode activations per pixel, in units of `vae_width`
-    vae_tile: int  # side of diffusers' VAE tile (its tiled decode's working size)
-    skip_patterns: tuple[str, ...] = ()  # the model's _skip_layerwise_casting_patterns
-    names: dict[str, str] = field(default_factory=dict)  # component → what users call it
-
-
-# Activation factors: UNet and VAE factors measured on the SD 1.5 architecture on the CPU
-# (bench/bench_memory_plan.py; BENCHMARKS.md, issue 26); the transformer factor counted
-# from a block's live tensors at inference (docs/DECISIONS.md, issue 26).
-_UNET, _DIT, _VAE = 28.0, 16.0, 8.0
-FAMILY_MEMORY: dict[str, FamilyMemory] = {
-    "sd1": FamilyMemory(64, 320, _UNET, 0, 2, 128, _VAE, 512, ("norm",), {"text_encoder": "CLIP"}),
-    "sdxl": FamilyMemory(
-        64, 320, _UNET, 0, 2, 128, _VAE, 1024, ("norm",),
-        {"text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G"},
-    ),
-    "flux1": FamilyMemory(
-        256, 3072, _DIT, 512, 1, 128, _VAE, 1024, ("pos_embed", "norm"),
-        {"text_encoder": "CLIP-L", "text_encoder_2": "T5"},
-    ),
-    "zimage": FamilyMemory(
-        256, 3840, _DIT, 512, 2, 128, _VAE, 1024, ("t_embedder", "cap_embedder"),
-        {"text_encoder": "Qwen3"},
-    ),
-    "qwen_image": FamilyMemory(
-        256, 3072, _DIT, 1024, 1, 96, _VAE, 256, ("pos_embed", "norm"),
-        {"text_encoder": "Qwen2.5-VL"},
-    ),
-    "flux2_klein_4b": FamilyMemory(
-        256, 3072, _DIT, 512, 1, 128, _VAE, 1024, ("pos_embed", "norm"), {"text_encoder": "Qwen3"}
-    ),
-    "flux2_klein_9b": FamilyMemory(
-        256, 4096, _DIT, 512, 1, 128, _VAE, 1024, ("pos_embed", "norm"), {"text_encoder": "Qwen3"}
-    ),
-}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -212,7 +166,7 @@ def _denoiser(components: tuple[ComponentSize, ...]) -> ComponentSize:
 
 
 def _plan(model, family, components, card, jobs, mode, text) -> MemoryPlan:
-    fam = FAMILY_MEMORY[family]
+    fam = family_memory(family)
     cbytes = _BYTES[card.compute_dtype]
     den = _denoiser(components)
     tes = [c for c in components if c.role == "text_encoder"]
@@ -371,7 +325,7 @@ def cpu_card(ram_total: int, ram_free: int) -> Card:
 
 def published_components(family: str) -> tuple[ComponentSize, ...]:
     """The family's components as published (bench/component_sizes.py)."""
-    from pipeline.contract.published_sizes import PUBLISHED_SIZES
+    from pipeline.contract.families.published_sizes import PUBLISHED_SIZES
 
     return tuple(
         ComponentSize(name=name, **sizes) for name, sizes in PUBLISHED_SIZES[family].items()
@@ -389,9 +343,9 @@ def jobs_for(config, model) -> Jobs:
 def components_for(model, family: str) -> tuple[tuple[ComponentSize, ...], str]:
     """The model's components from its own files' headers, else the family's published
     sizes; with where they came from ("files" | "published")."""
-    from pipeline.contract.weight_sizes import model_sizes
+    from pipeline.contract.families.weight_sizes import model_sizes
 
-    skip = FAMILY_MEMORY[family].skip_patterns if family in FAMILY_MEMORY else ()
+    skip = family_memory(family).skip_patterns
     components = model_sizes(model.source, skip)
     if any(c.role == "denoiser" for c in components):
         return components, "files"

@@ -98,8 +98,10 @@ def _own_storage(module: Any) -> None:
 
 
 def _text_encoder_names(pipe: Any) -> tuple[str, ...]:
-    return tuple(n for n in ("text_encoder", "text_encoder_2", "text_encoder_3")
-                 if getattr(pipe, n, None) is not None)  # fmt: skip
+    from pipeline.families import of_pipe
+
+    names = of_pipe(pipe).text_encoder_names
+    return tuple(n for n in names if getattr(pipe, n, None) is not None)
 
 
 def _to_device(pipe: Any, target: Any, skip: tuple[str, ...]) -> None:

@@ -42,6 +42,8 @@ class FamilySpec:
     train_resolution: ClassVar[int] = 512  # what `[training] resolution = 0` means
     default_steps: ClassVar[int] = 20
     default_cfg: ClassVar[float] = 7.0
+    # Its row in the memory planner's figures (`families/memory.py`), "" = its name.
+    memory_profile: ClassVar[str] = ""
     # A guidance-distilled model's embedded guidance ("Distilled CFG Scale"); None: none.
     default_guidance: ClassVar[float | None] = None
     # The sampler and schedule a job on this family gets when nobody chose one; "": the

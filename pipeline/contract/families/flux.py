@@ -39,6 +39,7 @@ CHECKPOINT_PREFIX = "model.diffusion_model."
 
 class Flux(FlowSpec):
     name = "flux"
+    memory_profile = "flux1"
     label = "Flux.1"
     variant: ClassVar[str] = "dev"
     modes = frozenset({"txt2img", "img2img", "inpaint", "outpaint", "upscale", "facefix"})

@@ -20,6 +20,7 @@ WIDTH_KEY = "single_stream_modulation.lin.weight"
 
 class Flux2Klein(TextTemplateSpec):
     name = "flux2-klein"
+    memory_profile = "flux2_klein_4b"  # a 9B file's own widths are read from it
     label = "Flux.2 klein"
     modes = frozenset({"txt2img", "edit", "inpaint", "outpaint", "facefix"})
     options = frozenset({"cfg_scale", "face_fix"})  # no negative prompt text

@@ -17,6 +17,7 @@ from pipeline.contract.families.plain_text import TextTemplateSpec, has_key, ind
 
 class QwenImage(TextTemplateSpec):
     name = "qwen-image"
+    memory_profile = "qwen_image"
     label = "Qwen-Image"
     default_steps = 40
     default_cfg = 4.0  # true CFG: the transformer runs twice per step

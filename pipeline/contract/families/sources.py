@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.contract.families.registry import DEFAULT, family_from_index, family_from_keys
-from pipeline.contract.weight_sizes import safetensors_header
+from pipeline.contract.families.weight_sizes import safetensors_header
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".gguf")
 
