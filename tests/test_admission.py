@@ -4,6 +4,8 @@ the server's limits as an admin left them, and whether its LoRAs still exist."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from bot import store
@@ -64,3 +66,28 @@ def test_training_is_checked_against_todays_limits_too(db, config):
     store.set_guild_setting(db, "7", "limits.max_train_steps", 500)
     with pytest.raises(JobError, match="steps must be between 0 and 500, but is 900"):
         still_runnable(db, config, {"guild_id": "7"}, spec)
+
+
+async def test_what_the_chosen_models_family_cannot_do_is_refused_before_queueing(tmp_path):
+    """The family's own check (the worker makes it too) runs at submission: nothing of
+    such a job is queued. Real tiny model folders; the family is read from their files."""
+    from bot.services.admission import family_questions
+    from pipeline.families.flux_tiny import write_tiny_flux
+    from pipeline.families.qwen_image_tiny import write_tiny_qwen_image
+
+    schnell = write_tiny_flux(tmp_path / "schnell", variant="schnell")
+    edit = write_tiny_qwen_image(tmp_path / "edit", variant="edit")
+    config = config_from_dict(
+        {
+            "models": {"schnell": {"source": str(schnell)}, "edit": {"source": str(edit)}},
+            "storage": {"data_dir": str(tmp_path / "data")},
+        }
+    )
+    fine = GenerateSpec(prompt="a cat", model="schnell", steps=4, sampler="Euler", seed=1)
+    await family_questions(config, replace(fine, width=64, height=64))
+    with pytest.raises(JobError, match=r"^Flux.1 schnell is distilled for 1–4 steps; 50 "):
+        await family_questions(config, replace(fine, width=64, height=64, steps=50))
+    with pytest.raises(JobError, match=r"^Flux.1 schnell sizes must be multiples of 16"):
+        await family_questions(config, replace(fine, width=72, height=64))
+    with pytest.raises(JobError, match=r"^Qwen-Image-Edit models cannot txt2img; modes: "):
+        await family_questions(config, replace(fine, model="edit", steps=8, width=64, height=64))

@@ -5,8 +5,9 @@
 current settings (`SafetyGate.before_generate` for generation, `before_train` and
 `check_training_set` for training): the limits (``spec.check(settings.limits)``: the
 server's, never looser than config.toml's), the model allowed here, the prompt filters,
-the quota, the photos' NSFW check; then `photo_questions` below (a face where the job
-needs one, the size of an upscale's result). The cogs only turn options into a spec
+the quota, the photos' NSFW check; then `family_questions` below (what the chosen
+model's family lacks: a mode, a sampler, a size, more input images than it reads) and
+`photo_questions` (a face where the job needs one, the size of an upscale's result). The cogs only turn options into a spec
 (parsing, looking names up); nothing before `submit` and nothing after it checks the
 spec's values again.
 
@@ -25,7 +26,9 @@ worker.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import sqlite_utils
 
@@ -36,9 +39,26 @@ from bot.plumbing.attachments import Photo
 from bot.services.guild_settings import effective
 from pipeline.contract.blobs import BlobStore
 from pipeline.contract.config import Config
+from pipeline.contract.families import FamilySpec, family_of_model
 from pipeline.contract.jobs import GenerateSpec, JobError, JobSpec, Limits, check_size
 
 NO_FACE_TO_FIX = "no face found in this image, so there is no face to fix"
+
+
+async def family_questions(config: Config, spec: GenerateSpec) -> None:
+    """JobError, naming the model's family, for what the chosen model cannot do (a Flux.1
+    schnell job with 50 steps, a Qwen-Image-Edit job with four images or none): the same
+    check the worker makes, here so that nothing is queued."""
+    model = config.model(spec.model)
+    family = await asyncio.to_thread(_family, model.family, model.source)
+    family.check_job(spec)
+
+
+@functools.lru_cache(maxsize=64)
+def _family(family: str, source: str) -> type[FamilySpec]:
+    """A configured model's family, read once (for `family = "auto"` from its files, which
+    for a Hub id may mean one request for its model_index.json)."""
+    return family_of_model(SimpleNamespace(family=family, source=source))
 
 
 async def photo_questions(

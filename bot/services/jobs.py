@@ -11,7 +11,7 @@ from bot import store
 from bot.plumbing.attachments import Photo, store_photos
 from bot.plumbing.permissions import check_can_deliver
 from bot.services.access import is_admin
-from bot.services.admission import photo_questions
+from bot.services.admission import family_questions, photo_questions
 from bot.services.database import DbThread, discord_id
 from bot.services.dispatcher import Dispatcher
 from bot.services.guild_settings import ServerSettings
@@ -108,6 +108,7 @@ class JobService:
             return spec
         spec = spec.with_seed()
         spec = await self.safety.before_generate(interaction, spec, photos, settings)
+        await family_questions(self.config, spec)
         await photo_questions(spec, settings.limits, self.safety.face_probe, photos, self.blobs)
         return spec
 
