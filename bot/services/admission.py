@@ -7,9 +7,9 @@ current settings (`SafetyGate.before_generate` for generation, `before_train` an
 server's, never looser than config.toml's), the model allowed here, the prompt filters,
 the quota, the photos' NSFW check; then `family_questions` below (what the chosen
 model's family lacks: a mode, a sampler, a size, more input images than it reads) and
-`photo_questions` (a face where the job needs one, the size of an upscale's result). The cogs only turn options into a spec
-(parsing, looking names up); nothing before `submit` and nothing after it checks the
-spec's values again.
+`photo_questions` (a face where the job needs one, the size of an upscale's result).
+The cogs only turn options into a spec (parsing, looking names up); nothing before
+`submit` and nothing after it checks the spec's values again.
 
 **While it waits, only what can change.** A queued job may wait minutes, a training
 job may be requeued for hours. The dispatcher calls `still_runnable` just before a
