@@ -3,7 +3,7 @@ device (accelerate's `init_empty_weights`: no weights, no memory), written as th
 `pipeline/contract/families/published_sizes.py` the memory planner and its tests use.
 
     python bench/component_sizes.py            # print the table (and check the fp8 rule)
-    python bench/component_sizes.py --write    # rewrite pipeline/contract/families/published_sizes.py
+    python bench/component_sizes.py --write    # rewrite contract/families/published_sizes.py
 
 The configs are in bench/configs/ (sources in bench/configs/SOURCES.md). The fp8 count is
 the header rule of `pipeline.contract.families.weight_sizes` (what the planner reads from real
@@ -116,8 +116,8 @@ def diffusers_fp8_params(model) -> int:
 def table(check: bool = False) -> dict[str, dict[str, dict[str, int | str]]]:
     from accelerate import init_empty_weights
 
-    from pipeline.contract.memory_plan import FAMILY_MEMORY
     from pipeline.contract.families.weight_sizes import size_of
+    from pipeline.contract.memory_plan import FAMILY_MEMORY
 
     result: dict[str, dict[str, dict[str, int | str]]] = {}
     for family, components in FAMILIES.items():

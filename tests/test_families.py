@@ -106,8 +106,11 @@ def test_config_names_the_families() -> None:
     from pipeline.contract.config import ConfigError, config_from_dict
 
     # Flux.1 is a family since issue 23; SD3 is none.
-    with pytest.raises(ConfigError, match=r"family must be auto, flux, flux2-klein, qwen-image, "
-        r"qwen-image-edit, qwen-image-edit-plus, sd1, sdxl or zimage"):
+    with pytest.raises(
+        ConfigError,
+        match=r"family must be auto, flux, flux2-klein, qwen-image, "
+        r"qwen-image-edit, qwen-image-edit-plus, sd1, sdxl or zimage",
+    ):
         config_from_dict({"models": {"m": {"source": "x", "family": "sd3"}}})
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.contract.memory_plan import GiB, gpu_card, plan_memory, published_components
 from pipeline.contract.families.weight_sizes import READABLE_GGUF, gguf_problem, gguf_sizes
+from pipeline.contract.memory_plan import GiB, gpu_card, plan_memory, published_components
 from tests.gguf_files import write_gguf
 from tests.test_memory_plan import JOBS
 

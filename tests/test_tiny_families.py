@@ -260,8 +260,8 @@ def test_qwen_image_template_is_dropped_where_the_pipeline_drops_it(qwen_image):
 def test_qwen_image_edit_resizes_inputs_to_the_area_it_is_given(tmp_path):
     from diffusers import QwenImageEditInpaintPipeline, QwenImageEditPipeline
 
-    from pipeline.models.qwen_edit import edit_input_area
     from pipeline.families.qwen_image_tiny import write_tiny_qwen_image
+    from pipeline.models.qwen_edit import edit_input_area
 
     pipe = _load_qwen_edit(write_tiny_qwen_image(tmp_path / "edit", variant="edit"))
     assert type(pipe) is QwenImageEditPipeline
@@ -284,8 +284,8 @@ def test_qwen_image_edit_resizes_inputs_to_the_area_it_is_given(tmp_path):
 def test_qwen_image_edit_plus_takes_several_images(tmp_path):
     from diffusers import QwenImageEditPlusPipeline
 
-    from pipeline.models.qwen_edit import edit_input_area
     from pipeline.families.qwen_image_tiny import write_tiny_qwen_image
+    from pipeline.models.qwen_edit import edit_input_area
 
     pipe = _load_qwen_edit(write_tiny_qwen_image(tmp_path / "plus", variant="edit-plus"))
     assert type(pipe) is QwenImageEditPlusPipeline
@@ -300,8 +300,8 @@ def test_qwen_image_edit_plus_takes_several_images(tmp_path):
 def test_qwen_edit_folder_has_the_hub_layout(tmp_path):
     import json
 
-    from pipeline.models.qwen_edit import ImageOnlyQwen2VLProcessor, load_qwen_processor
     from pipeline.families.qwen_image_tiny import write_tiny_qwen_image
+    from pipeline.models.qwen_edit import ImageOnlyQwen2VLProcessor, load_qwen_processor
 
     folder = write_tiny_qwen_image(tmp_path / "edit", variant="edit")
     index = json.loads((folder / "model_index.json").read_text())

@@ -145,7 +145,6 @@ def _lora_notices(loras: Any, spec: GenerateSpec) -> tuple[str, ...]:
     return tuple(loras.notices(spec.loras))
 
 
-
 def _control_infotext(control, spec: GenerateSpec, model: LoadedModel) -> dict[str, str]:
     if not spec.control and spec.reference is None:
         return {}
@@ -356,7 +355,13 @@ def edit(run: _Run, spec: GenerateSpec, image: Image.Image, blobs, loras) -> lis
     ):
         conditioning = _encode(pipe, samples)
         return _call(
-            run, pipe, spec, conditioning, spec.seeds(), width=spec.width, height=spec.height,
+            run,
+            pipe,
+            spec,
+            conditioning,
+            spec.seeds(),
+            width=spec.width,
+            height=spec.height,
             **inputs,
         )
 
