@@ -1,9 +1,9 @@
 """Every family's real component sizes, counted from the published configs on the meta
 device (accelerate's `init_empty_weights`: no weights, no memory), written as the table
-`pipeline/contract/families/published_sizes.py` the memory planner and its tests use.
+`pipeline/contract/families/published_sizes.json` the memory planner and its tests use.
 
     python bench/component_sizes.py            # print the table (and check the fp8 rule)
-    python bench/component_sizes.py --write    # rewrite contract/families/published_sizes.py
+    python bench/component_sizes.py --write    # rewrite contract/families/published_sizes.json
 
 The configs are in bench/configs/ (sources in bench/configs/SOURCES.md). The fp8 count is
 the header rule of `pipeline.contract.families.weight_sizes` (what the planner reads from real
@@ -15,55 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import pprint
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 CONFIGS = ROOT / "bench" / "configs"
-TABLE = ROOT / "pipeline" / "contract" / "families" / "published_sizes.py"
+TABLE = ROOT / "pipeline" / "contract" / "families" / "published_sizes.json"
 
-# family → component → (builder, config file, dtype the published files store)
-FAMILIES = {
-    "sd1": {
-        "unet": ("unet", "sd15_unet.json", "F16"),
-        "text_encoder": ("clip", "clip_vit_l.json", "F16"),
-        "vae": ("vae", "sd15_vae.json", "F16"),
-    },
-    "sdxl": {
-        "unet": ("unet", "sdxl_unet.json", "F16"),
-        "text_encoder": ("clip", "clip_vit_l.json", "F16"),
-        "text_encoder_2": ("clip_projection", "openclip_bigg.json", "F16"),
-        "vae": ("vae", "sdxl_vae.json", "F16"),
-    },
-    "flux1": {
-        "transformer": ("flux", "flux1_dev_transformer.json", "BF16"),
-        "text_encoder": ("clip", "clip_vit_l.json", "BF16"),
-        "text_encoder_2": ("t5", "t5_v1_1_xxl.json", "BF16"),
-        "vae": ("vae", "flux1_vae.json", "BF16"),
-    },
-    "zimage": {
-        "transformer": ("zimage", "zimage_transformer.json", "BF16"),
-        "text_encoder": ("qwen3_model", "qwen3_4b.json", "BF16"),
-        "vae": ("vae", "flux1_vae.json", "BF16"),
-    },
-    "qwen_image": {
-        "transformer": ("qwen_image", "qwen_image_transformer.json", "BF16"),
-        "text_encoder": ("qwen2_5_vl", "qwen2_5_vl_7b.json", "BF16"),
-        "vae": ("qwen_image_vae", "qwen_image_vae.json", "BF16"),
-    },
-    "flux2_klein_4b": {
-        "transformer": ("flux2", "flux2_klein_4b_transformer.json", "BF16"),
-        "text_encoder": ("qwen3_causal", "qwen3_4b.json", "BF16"),
-        "vae": ("flux2_vae", "flux2_vae.json", "BF16"),
-    },
-    "flux2_klein_9b": {
-        "transformer": ("flux2", "flux2_klein_9b_transformer.json", "BF16"),
-        "text_encoder": ("qwen3_causal", "qwen3_8b.json", "BF16"),
-        "vae": ("flux2_vae", "flux2_vae.json", "BF16"),
-    },
-}
+# family → component → [builder, config file, dtype the published files store]; a table of
+# data, so it is kept as JSON beside this script rather than as repeated Python literals.
+FAMILIES = json.loads((ROOT / "bench" / "component_sizes.json").read_text())
 
 
 def build(kind: str, config: dict):
@@ -154,12 +116,7 @@ def main() -> None:
     args = parser.parse_args()
     sizes = table(check=args.check)
     if args.write:
-        TABLE.write_text(
-            '"""Every family\'s component sizes as published, counted on the meta device from the\n'
-            "configs in bench/configs/ by `python bench/component_sizes.py --write` (generated:\n"
-            'do not edit). The planner uses them when a model\'s own files cannot be read."""\n\n'
-            f"PUBLISHED_SIZES = {pprint.pformat(sizes, width=96, sort_dicts=False)}\n"
-        )
+        TABLE.write_text(json.dumps(sizes, indent=2) + "\n")
         print(f"wrote {TABLE}")
 
 
