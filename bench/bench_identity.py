@@ -40,7 +40,6 @@ import argparse
 import io
 import itertools
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -196,13 +195,7 @@ def cost(repeats: int) -> None:
 def cpu_timed(fn: Callable[[], object], repeats: int) -> float:
     """Median CPU seconds of this process (all its threads) per run, after a warm-up: on a
     shared machine, what the step costs a core of its own, however busy the others are."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        times.append(time.process_time() - start)
-    return statistics.median(times)
+    return timed(fn, repeats, clock=time.process_time)
 
 
 def _steps(image: Image.Image) -> dict[str, Callable[[], object]]:

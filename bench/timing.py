@@ -1,4 +1,4 @@
-"""Timing helpers shared by the benchmarks."""
+"""Timing helpers, and the plain SD job the benchmarks time, shared by the benchmarks."""
 
 from __future__ import annotations
 
@@ -7,15 +7,36 @@ import time
 from collections.abc import Callable
 
 
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    """Median seconds of `repeats` runs after one warm-up."""
+def timed(
+    fn: Callable[[], object], repeats: int, clock: Callable[[], float] = time.perf_counter
+) -> float:
+    """Median seconds of `repeats` runs after one warm-up, by `clock` (wall time unless
+    told: `time.process_time` gives this process's CPU seconds)."""
     fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
+
+
+def sd_job(prompt: str, steps: int, size: int, **extra):
+    """The SD job the benchmarks time (Euler a, CFG 7, seed 1, a short negative prompt),
+    one place so that their figures stay comparable; `extra` adds GenerateSpec fields."""
+    from pipeline.contract.jobs import GenerateSpec
+
+    return GenerateSpec(
+        prompt,
+        negative_prompt="blurry",
+        sampler="Euler a",
+        steps=steps,
+        cfg_scale=7.0,
+        seed=1,
+        width=size,
+        height=size,
+        **extra,
+    )
 
 
 def unet_flops(unet, rows: int, latent: int, tokens: int = 77) -> int:
