@@ -55,6 +55,7 @@ def main() -> None:
     from PIL import Image
     from skimage import data
 
+    from bench.timing import sd_job
     from pipeline.contract.blobs import BlobStore
     from pipeline.contract.config import config_from_dict
     from pipeline.contract.control import ControlUnit, Reference
@@ -101,17 +102,8 @@ def main() -> None:
 
     def job(steps: int, extra: dict) -> GenerateSpec:
         extra = dict(extra)
-        return GenerateSpec(
-            extra.pop("prompt", "a photo of an astronaut, high quality"),
-            negative_prompt="blurry",
-            sampler="Euler a",
-            steps=steps,
-            cfg_scale=7.0,
-            seed=1,
-            width=args.size,
-            height=args.size,
-            **extra,
-        )
+        prompt = extra.pop("prompt", "a photo of an astronaut, high quality")
+        return sd_job(prompt, steps, args.size, **extra)
 
     def timed(spec: GenerateSpec) -> float:
         start = time.perf_counter()

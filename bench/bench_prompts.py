@@ -46,8 +46,8 @@ def main() -> None:
     quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
+    from bench.timing import sd_job
     from pipeline.contract.config import config_from_dict
-    from pipeline.contract.jobs import GenerateSpec
     from pipeline.families.sd_tiny import write_tiny_model
     from pipeline.generate.modes import run_generation
     from pipeline.models.loading import ModelCache
@@ -57,16 +57,7 @@ def main() -> None:
     model = ModelCache(config, args.device).get()
 
     def run(prompt: str, steps: int) -> float:
-        spec = GenerateSpec(
-            prompt,
-            negative_prompt="blurry",
-            sampler="Euler a",
-            steps=steps,
-            cfg_scale=7.0,
-            seed=1,
-            width=args.size,
-            height=args.size,
-        )
+        spec = sd_job(prompt, steps, args.size)
         start = time.perf_counter()
         run_generation(model, [spec])
         if args.device.startswith("cuda"):
