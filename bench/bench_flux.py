@@ -37,43 +37,17 @@ def _arch_model(folder: Path):
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     tiny = FluxPipeline.from_pretrained(folder)
+    # The tiny model's own configs (pipeline/families/flux_tiny.py) at the real widths:
+    # only what differs from the tiny layout is named here.
     torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=128,
-        num_attention_heads=24,
-        joint_attention_dim=4096,
-        pooled_projection_dim=768,
-        guidance_embeds=True,
-        in_channels=64,
-    )
-    clip = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=tiny.text_encoder.config.vocab_size,
-            hidden_size=768,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tiny.text_encoder.config.bos_token_id,
-            eos_token_id=tiny.text_encoder.config.eos_token_id,
-            pad_token_id=tiny.text_encoder.config.pad_token_id,
-        )
-    )
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=tiny.text_encoder_2.config.vocab_size,
-            d_model=4096,
-            d_kv=16,
-            d_ff=64,
-            num_layers=1,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            feed_forward_proj="gated-gelu",
-            is_encoder_decoder=False,
-        )
-    )
+    # Flux.1's: 24 heads of 128 (RoPE over 16+56+56), T5-XXL's 4096 context, CLIP-L's 768.
+    real = dict(attention_head_dim=128, num_attention_heads=24, axes_dims_rope=(16, 56, 56))
+    real |= dict(joint_attention_dim=4096, pooled_projection_dim=768, out_channels=None)
+    transformer = FluxTransformer2DModel.from_config({**tiny.transformer.config, **real})
+    clip_widths = {"hidden_size": 768, "intermediate_size": 64, "num_hidden_layers": 1}
+    clip = CLIPTextModel(CLIPTextConfig(**{**tiny.text_encoder.config.to_dict(), **clip_widths}))
+    t5_widths = {"d_model": 4096, "d_kv": 16, "d_ff": 64, "num_layers": 1}
+    t5 = T5EncoderModel(T5Config(**{**tiny.text_encoder_2.config.to_dict(), **t5_widths}))
     pipe = FluxPipeline(
         scheduler=tiny.scheduler,
         vae=tiny.vae,
