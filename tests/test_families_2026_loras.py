@@ -148,30 +148,15 @@ def test_lora_files_equal_diffusers_loader_and_fuse(folders, tmp_path, family, l
 @pytest.mark.parametrize("algo", ["lokr", "loha"])
 def test_lycoris_lokr_and_loha_equal_lycoris_applying_them(folders, tmp_path, family, algo):
     import copy
-    import logging
 
-    from lycoris.logging import logger
-    from lycoris.wrapper import create_lycoris
+    from tests.lycoris_files import randomised_transformer_network
 
     pipe = _pipe(folders[family])
     base = _image(pipe)
     original = pipe.transformer
     transformer = copy.deepcopy(original)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        network = create_lycoris(
-            transformer, 1.0, linear_dim=4, linear_alpha=2.0, algo=algo, factor=4
-        )
-        network.apply_to()
-    finally:
-        logger.setLevel(level)
+    network = randomised_transformer_network(transformer, algo)
     assert network.loras  # LyCORIS found the family's blocks by their class names
-    generator = torch.Generator().manual_seed(9)
-    with torch.no_grad():
-        for _, parameter in network.named_parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    network.eval()
     pipe.transformer = transformer
     theirs = _image(pipe)
     pipe.transformer = original

@@ -198,28 +198,13 @@ def test_lycoris_lokr_and_loha_equal_lycoris_applying_them(flux_dir, tmp_path, a
     Flux.1 LyCORIS files: `lycoris_<module>.lokr_w1…`), saved by LyCORIS, applied by our
     ΔW path and compared with LyCORIS applying its network."""
     import copy
-    import logging
 
-    from lycoris.logging import logger
-    from lycoris.wrapper import create_lycoris
+    from tests.lycoris_files import randomised_transformer_network
 
     base_pipe = _pipe(flux_dir)
     base = _output(base_pipe.transformer)
     transformer = copy.deepcopy(base_pipe.transformer)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        network = create_lycoris(
-            transformer, 1.0, linear_dim=4, linear_alpha=2.0, algo=algo, factor=4
-        )
-        network.apply_to()
-    finally:
-        logger.setLevel(level)
-    generator = torch.Generator().manual_seed(9)
-    with torch.no_grad():
-        for _, parameter in network.named_parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    network.eval()
+    network = randomised_transformer_network(transformer, algo)
     theirs = _output(transformer)
     path = tmp_path / f"flux_{algo}.safetensors"
     network.save_weights(str(path), torch.float32, {})
