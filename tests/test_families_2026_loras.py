@@ -29,17 +29,9 @@ RANK = 4
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> dict[str, Path]:
-    from pipeline.families.flux2_klein_tiny import write_tiny_flux2_klein
-    from pipeline.families.qwen_image_tiny import write_tiny_qwen_image
-    from pipeline.families.zimage_tiny import write_tiny_zimage
-
-    root = tmp_path_factory.mktemp("loras2026")
-    return {
-        "zimage": write_tiny_zimage(root / "zimage"),
-        "qwen-image": write_tiny_qwen_image(root / "qwen"),
-        "flux2-klein": write_tiny_flux2_klein(root / "klein"),
-    }
+def folders(tiny_2026) -> dict[str, Path]:
+    """The tiny 2026 families' folders, shared with the other 2026 test module (conftest)."""
+    return tiny_2026
 
 
 def _pipe(folder: Path):
