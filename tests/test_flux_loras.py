@@ -100,6 +100,16 @@ def _kohya(path: Path, *, single_linear1: bool) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _diffusers_loader_and_fuse(folder: Path, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference for files diffusers reads: the transformer's output before and after
+    diffusers' own loader (`load_lora_weights`) + `fuse_lora` applies the file."""
+    reference = _pipe(folder)
+    base = _output(reference.transformer)
+    reference.load_lora_weights(str(path))
+    reference.fuse_lora()
+    return base, _output(reference.transformer)
+
+
 def _compare(base: torch.Tensor, theirs: torch.Tensor, ours: torch.Tensor) -> None:
     effect = (theirs - base).abs().max().item()
     assert effect > 1e-3  # the adapter does something here
@@ -109,11 +119,7 @@ def _compare(base: torch.Tensor, theirs: torch.Tensor, ours: torch.Tensor) -> No
 def test_kohya_double_blocks_equal_diffusers_loader_and_fuse(flux_dir, tmp_path):
     path = tmp_path / "kohya_flux.safetensors"
     _kohya(path, single_linear1=False)
-    reference = _pipe(flux_dir)
-    base = _output(reference.transformer)
-    reference.load_lora_weights(str(path))
-    reference.fuse_lora()
-    theirs = _output(reference.transformer)
+    base, theirs = _diffusers_loader_and_fuse(flux_dir, path)
     pipe = _pipe(flux_dir)
     cache = LoraCache(pipe, max_bytes=1 << 30)
     lora = ref(path)
@@ -162,11 +168,7 @@ def test_peft_transformer_lora_equals_diffusers_loader_and_fuse(flux_dir, tmp_pa
         tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(out, RANK, generator=g) * 0.3
     path = tmp_path / "peft_flux.safetensors"
     save_file(tensors, str(path))
-    reference = _pipe(flux_dir)
-    base = _output(reference.transformer)
-    reference.load_lora_weights(str(path))
-    reference.fuse_lora()
-    theirs = _output(reference.transformer)
+    base, theirs = _diffusers_loader_and_fuse(flux_dir, path)
     pipe = _pipe(flux_dir)
     with LoraCache(pipe, max_bytes=1 << 30).activate([ref(path)]):
         ours = _output(pipe.transformer)
