@@ -67,6 +67,26 @@ def tiny_inpaint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_2026(tmp_path_factory) -> dict[str, Path]:
+    """The tiny Z-Image, Qwen-Image (txt2img, Edit, Edit Plus) and Flux.2 klein folders, by
+    family name: written once for the session and shared by the 2026 families' pipeline
+    and LoRA tests (which only read them)."""
+    from pipeline.families.flux2_klein_tiny import write_tiny_flux2_klein
+    from pipeline.families.qwen_image_tiny import write_tiny_qwen_image
+    from pipeline.families.zimage_tiny import write_tiny_zimage
+
+    _quiet_libraries()
+    root = tmp_path_factory.mktemp("families2026")
+    return {
+        "zimage": write_tiny_zimage(root / "zimage"),
+        "qwen-image": write_tiny_qwen_image(root / "qwen"),
+        "qwen-image-edit": write_tiny_qwen_image(root / "edit", variant="edit"),
+        "qwen-image-edit-plus": write_tiny_qwen_image(root / "plus", variant="edit-plus"),
+        "flux2-klein": write_tiny_flux2_klein(root / "klein"),
+    }
+
+
+@pytest.fixture(scope="session")
 def tiny_control(tiny_sd, tmp_path_factory) -> dict:
     """A tiny ControlNet and IP-Adapter for the tiny SD model, as config tables (two units:
     canny, and a pose unit that takes its map as it is)."""

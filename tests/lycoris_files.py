@@ -252,3 +252,29 @@ def _peft_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             out[f"{path}.lora_A.weight"] = module.lora_A["default"].weight.detach()
             out[f"{path}.lora_B.weight"] = module.lora_B["default"].weight.detach()
     return out
+
+
+def randomised_transformer_network(transformer: torch.nn.Module, algo: str) -> Any:
+    """A LoKr/LoHa network made by LyCORIS's own wrapper (`create_lycoris`) on a DiT
+    transformer (Flux.1, Z-Image, Qwen-Image), applied to it in place, its weights moved
+    off their zero start so it has an effect, and put in eval mode: the oracle that the
+    Flux.1 and 2026 families' LyCORIS tests compare sdbot with. LyCORIS's info logging
+    is quietened while it builds."""
+    from lycoris.logging import logger
+    from lycoris.wrapper import create_lycoris
+
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        network = create_lycoris(
+            transformer, 1.0, linear_dim=4, linear_alpha=2.0, algo=algo, factor=4
+        )
+        network.apply_to()
+    finally:
+        logger.setLevel(level)
+    generator = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for _, parameter in network.named_parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    network.eval()
+    return network

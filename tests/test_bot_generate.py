@@ -24,6 +24,16 @@ def astronaut(size: int = 160) -> Image.Image:
     return Image.fromarray(photos.astronaut()).resize((size, size), Image.LANCZOS)
 
 
+async def _one_result(emu, shared_pool, config, command: str, options: dict):
+    """Sends one slash command to a running bot and waits for its single result image;
+    the image and its infotext."""
+    async with running_sdbot(config, shared_pool):
+        record = await emu.send_command(command, options)
+        message = await wait_result(emu, await queued_job(record))
+    [(image, info)] = result_images(emu, message)
+    return image, info
+
+
 async def test_imagine_posts_an_image_with_its_infotext(emu, shared_pool, config):  # noqa: F811
     async with running_sdbot(config, shared_pool):
         record = await imagine(emu, "a red fox in the snow", seed=1234)
@@ -47,12 +57,13 @@ async def test_imagine_posts_an_image_with_its_infotext(emu, shared_pool, config
 
 async def test_img2img_uses_the_attached_photo(emu, shared_pool, config):  # noqa: F811
     source = attach(emu, png_bytes(Image.new("RGB", (96, 64), (20, 160, 60))))
-    async with running_sdbot(config, shared_pool):
-        record = await emu.send_command(
-            "img2img", {"image": source, "prompt": "a green field", "strength": 0.5}
-        )
-        message = await wait_result(emu, await queued_job(record))
-    [(image, info)] = result_images(emu, message)
+    image, info = await _one_result(
+        emu,
+        shared_pool,
+        config,
+        "img2img",
+        {"image": source, "prompt": "a green field", "strength": 0.5},
+    )
     assert info["Denoising strength"] == "0.5"
     assert image.width > image.height  # the photo's shape is kept
 
@@ -118,12 +129,9 @@ async def test_keep_face_without_a_face_queues_nothing(emu, shared_pool, config)
 
 async def test_outpaint_extends_the_photo(emu, shared_pool, config):  # noqa: F811
     source = attach(emu, png_bytes(Image.new("RGB", (64, 64), (200, 120, 40))))
-    async with running_sdbot(config, shared_pool):
-        record = await emu.send_command(
-            "outpaint", {"image": source, "direction": "right", "pixels": 32}
-        )
-        message = await wait_result(emu, await queued_job(record))
-    [(image, info)] = result_images(emu, message)
+    image, info = await _one_result(
+        emu, shared_pool, config, "outpaint", {"image": source, "direction": "right", "pixels": 32}
+    )
     assert image.size == (96, 64)
     assert info["Outpaint"] == "right 32px"
 

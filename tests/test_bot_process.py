@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.botkit import *  # noqa: F403 - the end-to-end kit (botkit.__all__)
+from tests.test_train_cli import run_cli
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(600)]
 REPO = Path(__file__).resolve().parent.parent
@@ -94,13 +95,7 @@ async def test_sdbot_run_without_a_token_explains_how_to_get_one(tmp_path, tiny_
     config.write_text(f'[models.tiny]\nsource = "{tiny_sd}"\n', encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if k != "DISCORD_TOKEN"}
     done = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "bot.cli", "--config", str(config), "run"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+        run_cli, ["--config", str(config), "run"], cwd=REPO, env=env, timeout=120
     )
     assert done.returncode == 2
     assert "DISCORD_TOKEN is not set" in done.stderr

@@ -193,27 +193,33 @@ def test_zip_over_the_total_size_is_refused() -> None:
         read(archive, max_total_bytes=500_000)
 
 
+def _declaring(archive: bytes, size_field: str, value: int) -> bytes:
+    """The one-member archive with a size its headers declare forged, in both the local and
+    the central header: "packed" (compressed size, local offset 18) or "unpacked"
+    (uncompressed size, offset 22). The central header's fields sit 2 bytes later: it
+    adds "version made by"."""
+    offset = {"packed": 18, "unpacked": 22}[size_field]
+    forged = bytearray(archive)
+    local = forged.index(b"PK\x03\x04")
+    central = forged.index(b"PK\x01\x02") + 2
+    for header in (local, central):
+        forged[header + offset : header + offset + 4] = struct.pack("<I", value)
+    return bytes(forged)
+
+
 def test_zip_whose_headers_understate_the_size_is_refused() -> None:
-    archive = bytearray(make_zip({"liar.png": bytes(2_000_000)}))
     # Claim 1000 bytes unpacked in both the local and the central header, so the
     # declared ratio and total look harmless.
-    local = archive.index(b"PK\x03\x04")
-    central = archive.index(b"PK\x01\x02")
-    archive[local + 22 : local + 26] = struct.pack("<I", 1000)
-    archive[central + 24 : central + 28] = struct.pack("<I", 1000)
+    archive = _declaring(make_zip({"liar.png": bytes(2_000_000)}), "unpacked", 1000)
     with pytest.raises(DatasetError, match="corrupt"):  # zipfile stops at 1000 bytes: bad CRC
-        read(bytes(archive), max_total_bytes=100_000)
+        read(archive, max_total_bytes=100_000)
 
 
 def test_zip_bomb_whose_headers_overstate_the_packed_size_is_refused() -> None:
-    archive = bytearray(make_zip({"bomb.png": bytes(20_000_000)}))
     # Claim 10 MB compressed so the declared ratio looks like 2:1.
-    local = archive.index(b"PK\x03\x04")
-    central = archive.index(b"PK\x01\x02")
-    archive[local + 18 : local + 22] = struct.pack("<I", 10_000_000)
-    archive[central + 20 : central + 24] = struct.pack("<I", 10_000_000)
+    archive = _declaring(make_zip({"bomb.png": bytes(20_000_000)}), "packed", 10_000_000)
     with pytest.raises(DatasetError, match="'bomb.png' is compressed"):
-        read(bytes(archive))
+        read(archive)
 
 
 def test_not_a_zip_is_refused() -> None:

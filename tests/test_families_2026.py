@@ -45,19 +45,9 @@ def _photo(seed: int = 0) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> dict[str, Path]:
-    from pipeline.families.flux2_klein_tiny import write_tiny_flux2_klein
-    from pipeline.families.qwen_image_tiny import write_tiny_qwen_image
-    from pipeline.families.zimage_tiny import write_tiny_zimage
-
-    root = tmp_path_factory.mktemp("families2026")
-    return {
-        "zimage": write_tiny_zimage(root / "zimage"),
-        "qwen-image": write_tiny_qwen_image(root / "qwen"),
-        "qwen-image-edit": write_tiny_qwen_image(root / "edit", variant="edit"),
-        "qwen-image-edit-plus": write_tiny_qwen_image(root / "plus", variant="edit-plus"),
-        "flux2-klein": write_tiny_flux2_klein(root / "klein"),
-    }
+def folders(tiny_2026) -> dict[str, Path]:
+    """The tiny 2026 families' folders, shared with the other 2026 test module (conftest)."""
+    return tiny_2026
 
 
 @pytest.fixture(scope="module")

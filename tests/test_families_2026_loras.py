@@ -29,17 +29,9 @@ RANK = 4
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> dict[str, Path]:
-    from pipeline.families.flux2_klein_tiny import write_tiny_flux2_klein
-    from pipeline.families.qwen_image_tiny import write_tiny_qwen_image
-    from pipeline.families.zimage_tiny import write_tiny_zimage
-
-    root = tmp_path_factory.mktemp("loras2026")
-    return {
-        "zimage": write_tiny_zimage(root / "zimage"),
-        "qwen-image": write_tiny_qwen_image(root / "qwen"),
-        "flux2-klein": write_tiny_flux2_klein(root / "klein"),
-    }
+def folders(tiny_2026) -> dict[str, Path]:
+    """The tiny 2026 families' folders, shared with the other 2026 test module (conftest)."""
+    return tiny_2026
 
 
 def _pipe(folder: Path):
@@ -148,30 +140,15 @@ def test_lora_files_equal_diffusers_loader_and_fuse(folders, tmp_path, family, l
 @pytest.mark.parametrize("algo", ["lokr", "loha"])
 def test_lycoris_lokr_and_loha_equal_lycoris_applying_them(folders, tmp_path, family, algo):
     import copy
-    import logging
 
-    from lycoris.logging import logger
-    from lycoris.wrapper import create_lycoris
+    from tests.lycoris_files import randomised_transformer_network
 
     pipe = _pipe(folders[family])
     base = _image(pipe)
     original = pipe.transformer
     transformer = copy.deepcopy(original)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        network = create_lycoris(
-            transformer, 1.0, linear_dim=4, linear_alpha=2.0, algo=algo, factor=4
-        )
-        network.apply_to()
-    finally:
-        logger.setLevel(level)
+    network = randomised_transformer_network(transformer, algo)
     assert network.loras  # LyCORIS found the family's blocks by their class names
-    generator = torch.Generator().manual_seed(9)
-    with torch.no_grad():
-        for _, parameter in network.named_parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    network.eval()
     pipe.transformer = transformer
     theirs = _image(pipe)
     pipe.transformer = original

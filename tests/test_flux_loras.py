@@ -100,6 +100,16 @@ def _kohya(path: Path, *, single_linear1: bool) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _diffusers_loader_and_fuse(folder: Path, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference for files diffusers reads: the transformer's output before and after
+    diffusers' own loader (`load_lora_weights`) + `fuse_lora` applies the file."""
+    reference = _pipe(folder)
+    base = _output(reference.transformer)
+    reference.load_lora_weights(str(path))
+    reference.fuse_lora()
+    return base, _output(reference.transformer)
+
+
 def _compare(base: torch.Tensor, theirs: torch.Tensor, ours: torch.Tensor) -> None:
     effect = (theirs - base).abs().max().item()
     assert effect > 1e-3  # the adapter does something here
@@ -109,11 +119,7 @@ def _compare(base: torch.Tensor, theirs: torch.Tensor, ours: torch.Tensor) -> No
 def test_kohya_double_blocks_equal_diffusers_loader_and_fuse(flux_dir, tmp_path):
     path = tmp_path / "kohya_flux.safetensors"
     _kohya(path, single_linear1=False)
-    reference = _pipe(flux_dir)
-    base = _output(reference.transformer)
-    reference.load_lora_weights(str(path))
-    reference.fuse_lora()
-    theirs = _output(reference.transformer)
+    base, theirs = _diffusers_loader_and_fuse(flux_dir, path)
     pipe = _pipe(flux_dir)
     cache = LoraCache(pipe, max_bytes=1 << 30)
     lora = ref(path)
@@ -162,11 +168,7 @@ def test_peft_transformer_lora_equals_diffusers_loader_and_fuse(flux_dir, tmp_pa
         tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(out, RANK, generator=g) * 0.3
     path = tmp_path / "peft_flux.safetensors"
     save_file(tensors, str(path))
-    reference = _pipe(flux_dir)
-    base = _output(reference.transformer)
-    reference.load_lora_weights(str(path))
-    reference.fuse_lora()
-    theirs = _output(reference.transformer)
+    base, theirs = _diffusers_loader_and_fuse(flux_dir, path)
     pipe = _pipe(flux_dir)
     with LoraCache(pipe, max_bytes=1 << 30).activate([ref(path)]):
         ours = _output(pipe.transformer)
@@ -198,28 +200,13 @@ def test_lycoris_lokr_and_loha_equal_lycoris_applying_them(flux_dir, tmp_path, a
     Flux.1 LyCORIS files: `lycoris_<module>.lokr_w1…`), saved by LyCORIS, applied by our
     ΔW path and compared with LyCORIS applying its network."""
     import copy
-    import logging
 
-    from lycoris.logging import logger
-    from lycoris.wrapper import create_lycoris
+    from tests.lycoris_files import randomised_transformer_network
 
     base_pipe = _pipe(flux_dir)
     base = _output(base_pipe.transformer)
     transformer = copy.deepcopy(base_pipe.transformer)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        network = create_lycoris(
-            transformer, 1.0, linear_dim=4, linear_alpha=2.0, algo=algo, factor=4
-        )
-        network.apply_to()
-    finally:
-        logger.setLevel(level)
-    generator = torch.Generator().manual_seed(9)
-    with torch.no_grad():
-        for _, parameter in network.named_parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    network.eval()
+    network = randomised_transformer_network(transformer, algo)
     theirs = _output(transformer)
     path = tmp_path / f"flux_{algo}.safetensors"
     network.save_weights(str(path), torch.float32, {})

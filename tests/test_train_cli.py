@@ -14,38 +14,38 @@ from skimage import data as photos
 from bot import store
 
 
+def run_cli(args: list[str], *, cwd: Path, env: dict[str, str], timeout: int):
+    """`python -m bot.cli <args>` as an admin runs it, its output captured as text (also
+    used by test_bot_process)."""
+    return subprocess.run(
+        [sys.executable, "-m", "bot.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _save_photos(folder: Path, names: tuple[str, ...]) -> list[str]:
+    """skimage's sample photos saved as `<name>.jpg` in folder; their file names."""
+    for name in names:
+        Image.fromarray(getattr(photos, name)()).save(folder / f"{name}.jpg")
+    return [f"{name}.jpg" for name in names]
+
+
 def test_train_command_prepares_trains_registers_and_reports(tmp_path, tiny_sd):
-    names = []
-    for name in ("astronaut", "coffee", "chelsea", "rocket"):
-        Image.fromarray(getattr(photos, name)()).save(tmp_path / f"{name}.jpg")
-        names.append(f"{name}.jpg")
+    names = _save_photos(tmp_path, ("astronaut", "coffee", "chelsea", "rocket"))
     (tmp_path / "notes.txt").write_text("not a photo")
     (tmp_path / "config.toml").write_text(
         f'[models.tiny]\nsource = "{tiny_sd}"\n[storage]\ndata_dir = "data"\n'
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path.cwd())}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bot.cli",
-            "train",
-            "me",
-            *names,
-            "notes.txt",
-            "--steps",
-            "2",
-            "--resolution",
-            "64",
-            "--user",
-            "u1",
-            "--method",
-            "lora",
-        ],
+    result = run_cli(
+        ["train", "me", *names, "notes.txt", "--steps", "2", "--resolution", "64"]
+        + ["--user", "u1", "--method", "lora"],
         cwd=tmp_path,
         env=env,
-        capture_output=True,
-        text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr
@@ -63,43 +63,25 @@ def test_train_command_prepares_trains_registers_and_reports(tmp_path, tiny_sd):
     assert not (tmp_path / "data" / "training").exists() or not any(
         (tmp_path / "data" / "training").iterdir()
     )
-    again = subprocess.run(
-        [sys.executable, "-m", "bot.cli", "train", "me", *names, "--steps", "2", "--user", "u1"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    again = run_cli(
+        ["train", "me", *names, "--steps", "2", "--user", "u1"], cwd=tmp_path, env=env, timeout=120
     )
     assert again.returncode == 2
     assert "you already have a LoRA named 'me'" in again.stderr
-    bad = subprocess.run(
-        [sys.executable, "-m", "bot.cli", "train", "other", *names, "--model", "nope"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    bad = run_cli(["train", "other", *names, "--model", "nope"], cwd=tmp_path, env=env, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr == "error: unknown model 'nope'; configured models: tiny\n"
 
 
 def test_train_and_generate_take_a_model_path_without_a_config(tmp_path, tiny_sd):
     # The case that failed: no config.toml, the model given by its folder.
-    names = []
-    for name in ("astronaut", "coffee", "chelsea"):
-        Image.fromarray(getattr(photos, name)()).save(tmp_path / f"{name}.jpg")
-        names.append(f"{name}.jpg")
+    names = _save_photos(tmp_path, ("astronaut", "coffee", "chelsea"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path.cwd())}
     model = ["--model", str(tiny_sd)]
-    trained = subprocess.run(
-        [sys.executable, "-m", "bot.cli", "train", "me", *names, *model, "--steps", "1"]
-        + ["--resolution", "64", "--user", "u1"],
+    trained = run_cli(
+        ["train", "me", *names, *model, "--steps", "1", "--resolution", "64", "--user", "u1"],
         cwd=tmp_path,
         env=env,
-        capture_output=True,
-        text=True,
         timeout=600,
     )
     assert trained.returncode == 0, trained.stderr
@@ -108,13 +90,11 @@ def test_train_and_generate_take_a_model_path_without_a_config(tmp_path, tiny_sd
         store.open_db(tmp_path / "data" / "sdbot.sqlite"), "me", user_id="u1", guild_id=None
     )
     assert record["base_model"] == tiny_sd.name
-    generated = subprocess.run(
-        [sys.executable, "-m", "bot.cli", "generate", "a cat", *model, "--steps", "2"]
+    generated = run_cli(
+        ["generate", "a cat", *model, "--steps", "2"]
         + ["--width", "64", "--height", "64", "--out", "cat.png"],
         cwd=tmp_path,
         env=env,
-        capture_output=True,
-        text=True,
         timeout=240,
     )
     assert generated.returncode == 0, generated.stderr
