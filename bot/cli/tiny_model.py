@@ -51,16 +51,9 @@ VARIANT_FLAGS = {
     "--kontext": ("kontext", "Flux.1 Kontext"),
     "--fill": ("fill", "Flux.1 Fill (384-channel inpainting)"),
 }
-SD_ONLY = (
-    "xl",
-    "inpaint",
-    "single_file",
-    "controlnet",
-    "ip_adapter",
-    "depth",
-    "pose",
-    "segmentation",
-)
+# The extra models written beside an SD model: each a flag and a write_tiny_config option.
+CONTROL_OPTIONS = ("controlnet", "ip_adapter", "depth", "pose", "segmentation")
+SD_ONLY = ("xl", "inpaint", "single_file", *CONTROL_OPTIONS)
 
 
 def tiny_model(args: argparse.Namespace) -> int:
@@ -79,7 +72,7 @@ def tiny_model(args: argparse.Namespace) -> int:
 
         checkpoint = export_folder(path, path / "model.safetensors")
         print(f"and its single-file checkpoint to {checkpoint}")
-    if args.controlnet or args.ip_adapter or args.depth or args.pose or args.segmentation:
+    if any(getattr(args, option) for option in CONTROL_OPTIONS):
         write_control_files(args, path)
     return 0
 
@@ -103,15 +96,8 @@ def write_control_files(args: argparse.Namespace, path: Path) -> None:
         tiny_control.write_tiny_person_detector(path / "pose_detector")
     if args.segmentation:
         tiny_control.write_tiny_segmentation(path / "segmentation")
-    config = tiny_control.write_tiny_config(
-        path,
-        xl=args.xl,
-        controlnet=args.controlnet,
-        ip_adapter=args.ip_adapter,
-        depth=args.depth,
-        pose=args.pose,
-        segmentation=args.segmentation,
-    )
+    chosen = {option: getattr(args, option) for option in CONTROL_OPTIONS}
+    config = tiny_control.write_tiny_config(path, xl=args.xl, **chosen)
     print(f"and its ControlNet/IP-Adapter files, and {config}")
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from pipeline.contract.config import Config, ConfigError
 from pipeline.contract.jobs import TERMINAL_EVENTS, Event, Failed, JobSpec
@@ -98,29 +98,48 @@ def pick_worker(
     return free[best], costs[best]
 
 
+class ListedWorkers(Protocol):
+    """What `take_free_worker` reads of a pool that keeps a list of worker handles
+    (LocalPool, RayPool): both pick and count workers the same way."""
+
+    config: Config
+    placements: dict[str, int]
+    _changed: asyncio.Event | None
+
+    @property
+    def closing(self) -> bool: ...
+
+
 async def take_free_worker(
-    free: Callable[[], Sequence[W]],
-    model: str | None,
-    config: Config,
-    placements: dict[str, int],
-    changed: asyncio.Event,
-    closing: Callable[[], bool],
+    pool: ListedWorkers, free: Callable[[], Sequence[W]], model: str | None
 ) -> W:
-    """Wait until a worker is free (`changed` is set whenever one may be), then take the
-    best one for `model` (`pick_worker`) and count its placement."""
-    workers = config.workers
+    """Wait until a worker is free (`pool._changed` is set whenever one may be), then take
+    the best one for `model` (`pick_worker`) and count its placement in `pool.placements`."""
+    if pool._changed is None:
+        raise PoolError(f"{type(pool).__name__}.start() was not awaited")
+    workers = pool.config.workers
     while True:
         candidates = free()
         if candidates:
             worker, cost = pick_worker(
                 candidates, model, workers.max_models, affinity=workers.affinity
             )
-            placements[cost] = placements.get(cost, 0) + 1
+            pool.placements[cost] = pool.placements.get(cost, 0) + 1
             return worker
-        if closing():
+        if pool.closing:
             raise PoolError(POOL_CLOSED)
-        changed.clear()
-        await changed.wait()
+        pool._changed.clear()
+        await pool._changed.wait()
+
+
+def worker_running(workers: Iterable[W], job_id: str) -> W | None:
+    """The worker whose current batch still waits on `job_id`, if any (each handle has a
+    `stream`: its `BatchStream`, or None while idle)."""
+    for worker in workers:
+        stream = worker.stream  # type: ignore[attr-defined]
+        if stream is not None and job_id in stream.pending:
+            return worker
+    return None
 
 
 class WorkerPool(ABC):

@@ -18,10 +18,18 @@ from pipeline.contract.jobs import JobError
 
 
 @dataclass(frozen=True)
-class Sampler:
+class SchedulerChoice:
+    """A sampler as the user names it: the diffusers scheduler it is and that scheduler's
+    options. `Sampler` (UNet families) and `FlowSampler` (flow-matching families) add
+    their own flags."""
+
     name: str
     scheduler: str  # diffusers class name
     options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Sampler(SchedulerChoice):
     # Samplers whose schedule is part of their design ignore the schedule type.
     fixed_schedule: bool = False
 

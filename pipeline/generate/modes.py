@@ -235,30 +235,12 @@ def _chunk_counts(model: LoadedModel, specs: Sequence[GenerateSpec]) -> dict[int
 def img2img(run: _Run, spec: GenerateSpec, image: Image.Image, blobs, loras) -> list[Image.Image]:
     source = image.resize((spec.width, spec.height), Image.LANCZOS)
     samples = [spec] * spec.count
-    with (
-        _control(
-            run,
-            run.model.img2img(),
-            "img2img",
-            samples,
-            blobs,
-            spec.width,
-            spec.height,
-            source=image,
-        ) as (pipe, extra),
-        _sampler(run.model, pipe, spec),
-        _loras(loras, samples, blobs, spec),
+    with _image_contexts(run, run.model.img2img(), "img2img", spec, image, blobs, loras) as (
+        pipe,
+        extra,
     ):
-        conditioning = _encode(pipe, samples)
-        return _call(
-            run,
-            pipe,
-            spec,
-            conditioning,
-            spec.seeds(),
-            image=source,
-            strength=spec.strength,
-            **extra,
+        return _call_for_spec(
+            run, pipe, spec, samples, image=source, strength=spec.strength, **extra
         )
 
 
@@ -296,28 +278,14 @@ def inpaint(
     region_mask = blurred.crop(crop).resize((spec.width, spec.height), Image.LANCZOS)
     # 3. Inpaint the region at the processing size.
     samples = [spec] * spec.count
-    with (
-        _control(
-            run,
-            run.model.inpaint(),
-            "inpaint",
-            samples,
-            blobs,
-            spec.width,
-            spec.height,
-            source=image,
-            crop=crop,
-        ) as (pipe, extra),
-        _sampler(run.model, pipe, spec),
-        _loras(loras, samples, blobs, spec),
-    ):
-        conditioning = _encode(pipe, samples)
-        painted = _call(
+    with _image_contexts(
+        run, run.model.inpaint(), "inpaint", spec, image, blobs, loras, crop=crop
+    ) as (pipe, extra):
+        painted = _call_for_spec(
             run,
             pipe,
             spec,
-            conditioning,
-            spec.seeds(),
+            samples,
             image=region,
             mask_image=region_mask,
             strength=strength or spec.strength,
@@ -353,16 +321,8 @@ def edit(run: _Run, spec: GenerateSpec, image: Image.Image, blobs, loras) -> lis
         _sampler(run.model, pipe, spec),
         _loras(loras, samples, blobs, spec),
     ):
-        conditioning = _encode(pipe, samples)
-        return _call(
-            run,
-            pipe,
-            spec,
-            conditioning,
-            spec.seeds(),
-            width=spec.width,
-            height=spec.height,
-            **inputs,
+        return _call_for_spec(
+            run, pipe, spec, samples, width=spec.width, height=spec.height, **inputs
         )
 
 
@@ -544,6 +504,31 @@ def _encode(pipe, samples: Sequence[GenerateSpec]) -> dict[str, Any]:
     # Encoded in _call, once the number of denoising evaluations (which prompt editing
     # and alternation count in) is known: pipeline.generate.conditioning.
     return {"samples": list(samples)}
+
+
+@contextmanager
+def _image_contexts(
+    run: _Run, base, mode: str, spec: GenerateSpec, image: Image.Image, blobs, loras, **crop: Any
+) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """What img2img and inpaint both run inside: ControlNet/IP-Adapter read from the
+    source `image` (and `crop`), the spec's sampler, its LoRAs; yields (pipe, extra)."""
+    samples = [spec] * spec.count
+    with (
+        _control(
+            run, base, mode, samples, blobs, spec.width, spec.height, source=image, **crop
+        ) as (pipe, extra),
+        _sampler(run.model, pipe, spec),
+        _loras(loras, samples, blobs, spec),
+    ):
+        yield pipe, extra
+
+
+def _call_for_spec(
+    run: _Run, pipe, spec: GenerateSpec, samples: Sequence[GenerateSpec], **inputs: Any
+) -> list[Image.Image]:
+    """`_call` for one spec's samples with the spec's own seeds: what img2img, inpaint and
+    edit each run inside their sampler and LoRA contexts (txt2img batches several specs)."""
+    return _call(run, pipe, spec, _encode(pipe, samples), spec.seeds(), **inputs)
 
 
 def _call(

@@ -45,6 +45,7 @@ from pipeline.contract.pool import (
     WorkerPool,
     batch_model,
     take_free_worker,
+    worker_running,
 )
 
 log = logging.getLogger(__name__)
@@ -193,21 +194,10 @@ class LocalPool(WorkerPool):
             self._changed.set()
 
     async def _free_worker(self, model: str | None) -> _LocalWorker:
-        assert self._changed is not None, "LocalPool.start() was not awaited"
-        return await take_free_worker(
-            lambda: [worker for worker in self._workers if worker.is_free],
-            model,
-            self.config,
-            self.placements,
-            self._changed,
-            lambda: self.closing,
-        )
+        return await take_free_worker(self, lambda: [w for w in self._workers if w.is_free], model)
 
     def _worker_of(self, job_id: str) -> _LocalWorker | None:
-        for worker in self._workers:
-            if worker.stream is not None and job_id in worker.stream.pending:
-                return worker
-        return None
+        return worker_running(self._workers, job_id)
 
 
 class _LocalWorker:

@@ -61,6 +61,7 @@ from pipeline.contract.pool import (
     WorkerPool,
     batch_model,
     take_free_worker,
+    worker_running,
 )
 from pipeline.contract.version import sdbot_version
 
@@ -225,6 +226,10 @@ class RayPool(WorkerPool):
         self._counter = 0
         self._warned_no_gpu = False
         self.placements: dict[str, int] = {}  # batches by model placement (warm/room/swap)
+
+    @property
+    def closing(self) -> bool:  # read by take_free_worker, as LocalPool.closing is
+        return self._closing
 
     @property
     def capacity(self) -> int:  # type: ignore[override]
@@ -465,23 +470,11 @@ class RayPool(WorkerPool):
             await handle.actor.put_blobs.remote(names, *refs)
 
     async def _free_handle(self, model: str | None) -> _Handle:
-        if self._changed is None:
-            raise PoolError("RayPool.start() was not awaited")
         # With no free worker the pool waits, for a node that joins too.
-        return await take_free_worker(
-            lambda: [handle for handle in self._handles if handle.is_free],
-            model,
-            self.config,
-            self.placements,
-            self._changed,
-            lambda: self._closing,
-        )
+        return await take_free_worker(self, lambda: [h for h in self._handles if h.is_free], model)
 
     def _handle_of(self, job_id: str) -> _Handle | None:
-        for handle in self._handles:
-            if handle.stream is not None and job_id in handle.stream.pending:
-                return handle
-        return None
+        return worker_running(self._handles, job_id)
 
     def _spawn(self, coro: Any) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)

@@ -231,7 +231,14 @@ class Runner:
         from pipeline.training.loop import TrainingCancelled
 
         try:
-            event = self._train_once(job_id, spec, emit, is_cancelled, should_yield)
+            # The run itself sees only this job: its progress and its own cancel check.
+            event = self._train_once(
+                job_id,
+                spec,
+                _ProgressThrottle([job_id], emit),
+                lambda: is_cancelled(job_id),
+                should_yield,
+            )
         except TrainingCancelled:
             event = Cancelled(job_id)
         except Exception as exc:  # noqa: BLE001 - every failure must become an event
@@ -251,8 +258,8 @@ class Runner:
         self,
         job_id: str,
         spec: TrainSpec,
-        emit: Emit,
-        is_cancelled: Callable[[str], bool],
+        progress: _ProgressThrottle,
+        should_cancel: Callable[[], bool],
         should_yield: Callable[[], bool],
     ) -> Event:
         from pipeline.contract.images import open_image
@@ -266,7 +273,6 @@ class Runner:
         def on_progress(step: int, total: int, loss: float | None = None) -> None:
             progress.step(step, total, None, loss)
 
-        progress = _ProgressThrottle([job_id], emit)
         model = self._model(spec.model)
         outcome = run_training(
             model,
@@ -275,7 +281,7 @@ class Runner:
             config=self.config,
             job_id=job_id,
             on_progress=on_progress,
-            should_cancel=lambda: is_cancelled(job_id),
+            should_cancel=should_cancel,
             should_yield=should_yield,
         )
         if isinstance(outcome, TrainingPaused):

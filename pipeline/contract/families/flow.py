@@ -19,19 +19,17 @@ Schedule types: "Automatic" and "Simple" are the model's sigmas; "Karras",
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from difflib import get_close_matches
 from typing import Any, ClassVar
 
 from pipeline.contract.families.base import FamilySpec
 from pipeline.contract.jobs import JobError
+from pipeline.contract.samplers import SchedulerChoice
 
 
 @dataclass(frozen=True)
-class FlowSampler:
-    name: str
-    scheduler: str  # diffusers class name
-    options: dict[str, Any] = field(default_factory=dict)
+class FlowSampler(SchedulerChoice):
     # Whether it reshapes sigmas by schedule type (FlowMatchEuler does; the solvers'
     # flow sigmas are their own).
     schedules: bool = False

@@ -75,6 +75,20 @@ class TextTemplateSpec(FlowSpec):
     max_prompt_tokens: ClassVar[int] = 512  # the pipelines' max_sequence_length
     # A LoRA key (dots and underscores alike) that only this family's transformer has.
     lora_key_pattern: ClassVar[str] = ""
+    # How a model file is recognised: a model_index.json listing `index_class`, or a
+    # single-file checkpoint holding one tensor of each group in `checkpoint_keys`.
+    # Left empty, that kind of file is never taken as this family.
+    index_class: ClassVar[str] = ""
+    checkpoint_keys: ClassVar[tuple[tuple[str, ...], ...]] = ()
+
+    @classmethod
+    def matches_index(cls, index: Mapping[str, Any]) -> bool:
+        return bool(cls.index_class) and cls.index_class in index_classes(index)
+
+    @classmethod
+    def matches_checkpoint(cls, keys: Collection[str]) -> bool:
+        groups = cls.checkpoint_keys
+        return bool(groups) and all(has_key(keys, *names) for names in groups)
 
     @classmethod
     def check_job(cls, spec: GenerateSpec) -> None:

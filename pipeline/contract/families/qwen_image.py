@@ -9,10 +9,7 @@ same layout, so a single file is read as Qwen-Image unless `family` says otherwi
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
-from typing import Any
-
-from pipeline.contract.families.plain_text import TextTemplateSpec, has_key, index_classes
+from pipeline.contract.families.plain_text import TextTemplateSpec
 
 
 class QwenImage(TextTemplateSpec):
@@ -22,16 +19,8 @@ class QwenImage(TextTemplateSpec):
     default_steps = 40
     default_cfg = 4.0  # true CFG: the transformer runs twice per step
     lora_key_pattern = r"transformer_blocks_\d+_(img_mlp|txt_mlp|img_mod|txt_mod)"
-
-    @classmethod
-    def matches_index(cls, index: Mapping[str, Any]) -> bool:
-        return "QwenImageTransformer2DModel" in index_classes(index)
-
-    @classmethod
-    def matches_checkpoint(cls, keys: Collection[str]) -> bool:
-        return has_key(keys, "txt_norm.weight") and has_key(
-            keys, "transformer_blocks.0.img_mod.1.weight"
-        )
+    index_class = "QwenImageTransformer2DModel"
+    checkpoint_keys = (("txt_norm.weight",), ("transformer_blocks.0.img_mod.1.weight",))
 
 
 class QwenImageEdit(QwenImage):
@@ -42,13 +31,8 @@ class QwenImageEdit(QwenImage):
     lora_key_pattern = ""  # Qwen-Image's LoRAs are theirs too (the same transformer)
     lora_family = "qwen-image"
 
-    @classmethod
-    def matches_index(cls, index: Mapping[str, Any]) -> bool:
-        return "QwenImageEditPipeline" in index_classes(index)
-
-    @classmethod
-    def matches_checkpoint(cls, keys: Collection[str]) -> bool:
-        return False  # the same transformer as Qwen-Image's: say `family` in config
+    index_class = "QwenImageEditPipeline"
+    checkpoint_keys = ()  # the same transformer as Qwen-Image's: say `family` in config
 
 
 class QwenImageEditPlus(QwenImageEdit):
@@ -56,6 +40,4 @@ class QwenImageEditPlus(QwenImageEdit):
     label = "Qwen-Image-Edit-Plus"
     max_input_images = 3
 
-    @classmethod
-    def matches_index(cls, index: Mapping[str, Any]) -> bool:
-        return "QwenImageEditPlusPipeline" in index_classes(index)
+    index_class = "QwenImageEditPlusPipeline"

@@ -7,10 +7,7 @@ about 28–50 steps at CFG 3–5, set per job. diffusers has txt2img, img2img an
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
-from typing import Any
-
-from pipeline.contract.families.plain_text import TextTemplateSpec, has_key, index_classes
+from pipeline.contract.families.plain_text import TextTemplateSpec
 
 
 class ZImage(TextTemplateSpec):
@@ -20,14 +17,6 @@ class ZImage(TextTemplateSpec):
     default_cfg = 1.0
     # Its blocks: `layers.N.attention|feed_forward`, and the refiners before them.
     lora_key_pattern = r"(noise_refiner|context_refiner|(^|_)layers_\d+_(attention|feed_forward))_"
-
-    @classmethod
-    def matches_index(cls, index: Mapping[str, Any]) -> bool:
-        return "ZImageTransformer2DModel" in index_classes(index)
-
-    @classmethod
-    def matches_checkpoint(cls, keys: Collection[str]) -> bool:
-        # diffusers' key for Z-Image, and its pad tokens (which Lumina 2 lacks)
-        return has_key(keys, "layers.0.adaLN_modulation.0.weight") and has_key(
-            keys, "x_pad_token", "cap_pad_token"
-        )
+    index_class = "ZImageTransformer2DModel"
+    # diffusers' key for Z-Image, and its pad tokens (which Lumina 2 lacks)
+    checkpoint_keys = (("layers.0.adaLN_modulation.0.weight",), ("x_pad_token", "cap_pad_token"))
