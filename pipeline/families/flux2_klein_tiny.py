@@ -25,16 +25,9 @@ def _transformer():
 
     common.seeded(0)
     return Flux2Transformer2DModel(
-        patch_size=1,
-        in_channels=128,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=3 * TEXT_WIDTH,  # three hidden-state layers, concatenated
-        timestep_guidance_channels=256,
-        axes_dims_rope=[4, 4, 4, 4],
-        guidance_embeds=False,
+        # three hidden-state layers of the text encoder, concatenated
+        joint_attention_dim=3 * TEXT_WIDTH,
+        **common.tiny_config("flux2_klein_transformer"),
     )
 
 

@@ -24,21 +24,7 @@ def _transformer(caption_width: int):
 
     common.seeded(0)
     transformer = ZImageTransformer2DModel(
-        all_patch_size=(2,),
-        all_f_patch_size=(1,),
-        in_channels=16,
-        dim=32,
-        n_layers=2,
-        n_refiner_layers=1,
-        n_heads=2,
-        n_kv_heads=2,
-        norm_eps=1e-5,
-        qk_norm=True,
-        cap_feat_dim=caption_width,
-        rope_theta=256.0,
-        t_scale=1000.0,
-        axes_dims=[8, 4, 4],
-        axes_lens=[256, 32, 32],
+        cap_feat_dim=caption_width, **common.tiny_config("zimage_transformer")
     )
     # The pad tokens are created with torch.empty (whatever memory held): give them
     # values, or the saved files (and the images) differ from run to run.

@@ -10,6 +10,14 @@ from pathlib import Path
 VAE_BLOCKS = (8, 8, 16, 16)
 
 
+def tiny_config(name: str) -> dict:
+    """A tiny model's architecture settings, kept as data beside the family writers
+    (`pipeline/families/tiny_configs/NAME.json`): the same keyword arguments diffusers'
+    own tests give the model class."""
+    folder = Path(__file__).resolve().parents[2] / "families" / "tiny_configs"
+    return json.loads((folder / f"{name}.json").read_text())
+
+
 def seeded(seed: int) -> None:
     """Seed torch before building a component, so its random weights (and the saved
     files) are the same on every run and every machine."""
