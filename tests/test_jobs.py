@@ -33,6 +33,7 @@ def test_specs_round_trip_through_json():
     specs = [
         GenerateSpec("a cat", loras=(LoraRef("me", "a" * 64, 0.8),), seed=5, count=2),
         GenerateSpec("x", mode="outpaint", image="b" * 64, outpaint_direction="left"),
+        GenerateSpec("make it red", mode="edit", image="b" * 64, images=("e" * 64, "f" * 64)),
         TrainSpec("me", photos=("c" * 64,), test_photos=("d" * 64,), captions=("photo",)),
     ]
     for spec in specs:

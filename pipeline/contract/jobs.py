@@ -370,7 +370,7 @@ def spec_from_dict(data: dict[str, Any]) -> JobSpec:
         data["control"] = tuple(unit_from_dict(unit) for unit in data["control"])
     if cls is GenerateSpec and "reference" in data:
         data["reference"] = reference_from_dict(data["reference"])
-    for name in ("photos", "test_photos", "captions"):
+    for name in ("photos", "test_photos", "captions", "images"):
         if name in data:
             data[name] = tuple(data[name])
     return cls(**data)
