@@ -28,6 +28,13 @@ OPTIONS = (
 )
 
 
+def text_encoder_component(index: int) -> str:
+    """diffusers' attribute for a pipeline's text encoder number `index` from 0
+    (`text_encoder`, then the same name with `_2`, `_3`…): the one place the contract spells that
+    convention; a family says how many it has and in which order."""
+    return "text_encoder" if index == 0 else f"text_encoder_{index + 1}"
+
+
 class FamilySpec:
     """One model family, torch-free. Subclasses override the class attributes."""
 
@@ -57,6 +64,8 @@ class FamilySpec:
     # names), and the cross-attention widths of its denoiser: the width of the text
     # embedding it reads, which every layer reading the text has as its input width.
     lora_key_prefixes: ClassVar[tuple[str, ...]] = ()
+    # Its text encoders' key prefixes in a single-file checkpoint, in encoder order.
+    single_file_text_encoders: ClassVar[tuple[str, ...]] = ()
     cross_attention_widths: ClassVar[tuple[int, ...]] = ()
     # The family whose LoRA files this one takes (its own name unless it shares them).
     lora_family: ClassVar[str] = ""

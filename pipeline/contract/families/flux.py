@@ -57,6 +57,7 @@ class Flux(FlowSpec):
     max_steps: ClassVar[int | None] = None
     # kohya/ComfyUI (`lora_unet_double_blocks_…`), BFL/ComfyUI (`diffusion_model.…`) and
     # diffusers/ai-toolkit (`transformer.single_transformer_blocks.…`) LoRA names.
+    single_file_text_encoders = ("text_encoders.clip_l.", "text_encoders.t5xxl.")  # ComfyUI's
     lora_key_prefixes = (
         "lora_unet_double_blocks_",
         "lora_unet_single_blocks_",

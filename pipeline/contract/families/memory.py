@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline.contract.families.base import text_encoder_component
+
+_FIRST, _SECOND = text_encoder_component(0), text_encoder_component(1)
+
 
 @dataclass(frozen=True)
 class FamilyMemory:
@@ -36,11 +40,11 @@ FAMILY_MEMORY: dict[str, FamilyMemory] = {  # published model → its figures
     "sd1": FamilyMemory(64, 320, _UNET, 0, 2, 128, _VAE, 512, ("norm",), {"text_encoder": "CLIP"}),
     "sdxl": FamilyMemory(
         64, 320, _UNET, 0, 2, 128, _VAE, 1024, ("norm",),
-        {"text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G"},
+        {_FIRST: "CLIP-L", _SECOND: "CLIP-G"},
     ),
     "flux1": FamilyMemory(
         256, 3072, _DIT, 512, 1, 128, _VAE, 1024, ("pos_embed", "norm"),
-        {"text_encoder": "CLIP-L", "text_encoder_2": "T5"},
+        {_FIRST: "CLIP-L", _SECOND: "T5"},
     ),
     "zimage": FamilyMemory(
         256, 3840, _DIT, 512, 2, 128, _VAE, 1024, ("t_embedder", "cap_embedder"),

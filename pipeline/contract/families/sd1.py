@@ -15,6 +15,7 @@ class SD1(FamilySpec):
     # the tests meet the same refusals a member does.
     cross_attention_widths = (768, 32)
     text_encoder_widths = (768, 32)
+    single_file_text_encoders = ("cond_stage_model.",)
 
     @classmethod
     def matches_index(cls, index: Mapping[str, Any]) -> bool:

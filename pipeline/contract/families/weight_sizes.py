@@ -12,6 +12,7 @@ reading. The memory planner (`memory_plan.py`) starts from these numbers.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,19 +32,28 @@ _DTYPE_NAMES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "F8_E4M3": "fp8", 
 DEFAULT_SKIP_PATTERNS = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$")
 
 DENOISERS = ("transformer", "unet")
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
-# Single-file checkpoints: key prefix → component (first match wins; the rest is the denoiser).
-SINGLE_FILE_PREFIXES = (
+# Single-file checkpoints: key prefix → component (first match wins; the rest is the
+# denoiser). The layout's shared parts; each family adds its text encoders' prefixes
+# (`FamilySpec.single_file_text_encoders`).
+_SINGLE_FILE_PARTS = (
     ("model.diffusion_model.", "unet"),
     ("first_stage_model.", "vae"),
     ("vae.", "vae"),
-    ("cond_stage_model.", "text_encoder"),
-    ("conditioner.embedders.0.", "text_encoder"),
-    ("conditioner.embedders.1.", "text_encoder_2"),
-    ("text_encoders.clip_l.", "text_encoder"),
-    ("text_encoders.t5xxl.", "text_encoder_2"),
 )
+
+
+@functools.cache
+def single_file_prefixes() -> tuple[tuple[str, str], ...]:
+    from pipeline.contract.families.base import text_encoder_component
+    from pipeline.contract.families.registry import FAMILIES
+
+    prefixes = list(_SINGLE_FILE_PARTS)
+    for spec in FAMILIES.values():
+        encoders = spec.single_file_text_encoders
+        prefixes += [(p, text_encoder_component(i)) for i, p in enumerate(encoders)]
+    return tuple(dict.fromkeys(prefixes))
+
 
 # The GGUF tensor types diffusers 0.42 reads (quantizers/gguf/utils.py, plus F32/F16 as
 # plain tensors); tests/test_gguf.py checks this list against diffusers' own.
@@ -197,7 +207,7 @@ def single_file_sizes(path: Path, skip_patterns: Iterable[str] = ()) -> tuple[Co
 
 
 def _component_of(key: str) -> tuple[str, str]:
-    for prefix, name in SINGLE_FILE_PREFIXES:
+    for prefix, name in single_file_prefixes():
         if key.startswith(prefix):
             return name, key[len(prefix) :]
     return "transformer", key  # a denoiser-only file (Flux/Z-Image/Qwen transformers)
