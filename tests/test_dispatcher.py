@@ -248,6 +248,32 @@ async def test_cancel_a_queued_and_a_running_job(harness: Harness) -> None:
     assert harness.job(running)["status"] == "cancelled"
 
 
+@module_loop
+async def test_a_cancel_between_claim_and_worker_still_stops_the_job(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job is `running` from its claim, but reaches a worker only after its spec is
+    re-checked and a worker is free. A cancel in that window (a training job resuming
+    after it yielded to generation) found no worker to tell; the job then ran to its end."""
+    job = harness.enqueue("alice", small(width=256, height=256, steps=150))
+    checked = Dispatcher._checked
+
+    async def cancel_once_claimed(self: Dispatcher, rows: list[dict]):
+        runnable = await checked(self, rows)
+        assert harness.job(job)["status"] == "running"
+        assert await self.cancel(job, "alice") is store.JobStatus.RUNNING
+        return runnable
+
+    monkeypatch.setattr(Dispatcher, "_checked", cancel_once_claimed)
+    dispatcher = await harness.dispatcher()
+    try:
+        await dispatcher.wait_idle(60)
+    finally:
+        await dispatcher.stop()
+    assert harness.job(job)["status"] == "cancelled"
+    assert not harness.heard_of(job, Done)
+
+
 @pytest.fixture
 def full_disk(tmp_path: Path):
     """A 256 KiB tmpfs filled to the brim; yields (mount point, filler file)."""

@@ -241,6 +241,7 @@ class Dispatcher:
                     self._starting -= 1
                     self._claimed.remove(self._model_of(rows[0]))
                     self.wake()  # the pool's free count is now accurate again
+                    await self._pass_on_early_cancels(runnable)
                 await self._record(jobs[event.job_id], event)
             # A pool that ended a batch without an outcome for a job broke its contract;
             # the job must not stay `running` forever.
@@ -253,6 +254,16 @@ class Dispatcher:
             for job_id in jobs:
                 self._running.pop(job_id, None)
                 self._yield_asked.discard(job_id)
+
+    async def _pass_on_early_cancels(self, runnable: list[tuple[str, JobSpec]]) -> None:
+        """A job is `running` from its claim but on a worker only from its first event: a
+        cancel in between set `cancel_requested` and found no worker to tell (a training
+        job resuming after it yielded to generation). Tell the worker now; a cancel after
+        this point finds it through the pool."""
+        for job_id, _ in runnable:
+            row = await self._call(store.get_job, self.db, job_id)
+            if row is not None and row["cancel_requested"]:
+                await self.pool.cancel(job_id)
 
     async def _checked(self, rows: list[dict]) -> list[tuple[str, JobSpec]]:
         """The specs still runnable; the others fail now, never reaching a worker (what can
