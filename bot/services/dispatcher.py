@@ -316,6 +316,9 @@ class Dispatcher:
                 "infotext": image.infotext,
                 "notices": list(image.notices),
                 "nsfw": image.nsfw,
+                "identity": image.identity,
+                "tries": image.tries,
+                "input_face": image.input_face,
             }
             for image in done.images
         ]

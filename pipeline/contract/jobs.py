@@ -31,6 +31,7 @@ from pipeline.contract.control import (
 MODES = ("txt2img", "img2img", "inpaint", "outpaint", "upscale", "facefix")
 # Instruction editing is a mode of the edit models' families only (FamilySpec.modes).
 ALL_MODES = (*MODES, "edit")
+MAX_FACES = 20  # edit: face: 1..20 picks the person among the input's faces
 OUTPAINT_DIRECTIONS = ("left", "right", "up", "down", "all")
 KEEP_CHOICES = ("face", "background")
 TRAIN_METHODS = ("lora", "loha", "lokr")
@@ -113,7 +114,10 @@ class GenerateSpec:
     only_masked_padding: int = 32
     outpaint_direction: str | None = None
     outpaint_pixels: int = 128
-    keep: str | None = None  # inpaint: "face" or "background" builds the mask
+    keep: str | None = None  # inpaint, edit: "face" or "background" builds the mask
+    # edit: which face of the input is the person (1..n, left to right); 0: the largest.
+    # Identity is measured against it, and `keep: face` keeps it.
+    face: int = 0
     face_fix: bool = False
     upscale_factor: float = 2.0
     loras: tuple[LoraRef, ...] = ()
@@ -206,6 +210,9 @@ class GenerateSpec:
             raise JobError(f"{self.mode} takes one input image; more are for edit")
         if self.mode == "inpaint" and not (self.mask or self.keep):
             raise JobError("inpaint needs a mask (white = repaint) or keep: face|background")
+        _check_int("face", self.face, 0, MAX_FACES)
+        if self.face and self.mode != "edit":
+            raise JobError("face: picks the person of an edit; other modes do not take it")
         if self.keep is not None and self.keep not in KEEP_CHOICES:
             raise JobError(f"keep must be one of {', '.join(KEEP_CHOICES)}, not {self.keep!r}")
         if self.mode == "outpaint":
@@ -401,6 +408,11 @@ class OutputImage:
     # not fit this model and were left out". Shown with the result, never only logged.
     notices: tuple[str, ...] = ()
     nsfw: dict[str, float] | None = None
+    # edit: the person kept, 0..1 (pipeline.faces.identity), of the input's face against
+    # this result's; None when not measured (no face in the input, or not an edit).
+    identity: float | None = None
+    tries: int = 1  # edit: the drawings it took (results below [edit] min_identity are redone)
+    input_face: bool = False  # the input held a real face (the NSFW rule for edits of people)
 
 
 @dataclass(frozen=True)
