@@ -143,6 +143,15 @@ def steps(dry: bool, out: Path, work: Path) -> list[Step]:
             + (["--steps", "2", "--threads", "1"] if dry else ["--arch", "--size", "1024"]),
             40 if not dry else DRY_BUDGET_S,
         ),
+        Step(
+            "bench_families_2026 Z-Image, Qwen-Image, Flux.2 klein 4B architectures "
+            "(1 block, full width), 1024², bf16: ours / plain",
+            "24",
+            [*py, "bench/bench_families_2026.py", "--device", device]
+            + ["--rounds", "1" if dry else "3", "--steps", "3" if dry else "8"]
+            + (["--threads", "1"] if dry else ["--arch", "--size", "1024"]),
+            60 if not dry else DRY_BUDGET_S,
+        ),
         # HOOK: later figures go here, e.g.
         # Step("bench_pool on cuda", "4", [*py, "bench/bench_pool.py", ...], 40),
     ]

@@ -46,7 +46,8 @@ def test_the_gpu_script_dry_run_runs_every_step_and_writes_its_tables(tmp_path):
     names = [step["name"] for step in report["steps"]]
     assert any(n.startswith("bench_arch SD 1.5") for n in names)
     assert any(n.startswith("bench_arch SDXL") for n in names)
-    expected = {"bench_speed", "bench_lora_slots", "bench_loras", "bench_train"}
+    expected = {"bench_speed", "bench_lora_slots", "bench_loras", "bench_train", "bench_flux"}
+    expected |= {"bench_families_2026"}
     assert expected <= {n.split()[0] for n in names}
     assert all(step["rc"] == 0 for step in report["steps"]), names
     table = (out / "gpu.md").read_text()
