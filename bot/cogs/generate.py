@@ -342,12 +342,15 @@ def _same_image(image: dict) -> dict[str, Any]:
 
 
 def _as_edit(spec: GenerateSpec, image_sha: str) -> GenerateSpec:
-    """The job's settings, applied to one of its results as a new input image."""
+    """The job's settings, applied to one of its results as a new input image (an
+    edit's further photos and chosen face belong to the edit, not to its result)."""
     return dataclasses.replace(
         spec,
         image=image_sha,
+        images=(),
         mask=None,
         keep=None,
+        face=0,
         outpaint_direction=None,
         seed=None,
     )
