@@ -38,8 +38,8 @@ from pipeline.contract.jobs import MAX_FACES, GenerateSpec
 Range = app_commands.Range
 EMPTY_INSTRUCTION = "the instruction is empty; say what to change, e.g. 'make him 20 years older'"
 NO_EDIT_MODEL = (
-    "no model here can edit photos; an admin adds one (Qwen-Image-Edit, FLUX.1 Kontext, "
-    "Flux.2 klein, or an SD model) to config.toml and, if several, sets [edit] default_model"
+    "no model on this server can edit photos; an admin configures one (Qwen-Image-Edit, "
+    "FLUX.1 Kontext, Flux.2 klein or an SD model) or allows one (/admin settings models.allowed)"
 )
 
 
@@ -120,19 +120,24 @@ class Edit(SDCog):
         await self.services.jobs.submit(interaction, spec, photos=photos)
 
     async def edit_model(self, interaction: discord.Interaction, name: str | None) -> str:
-        """The model an edit runs on: the member's choice, else `[edit] default_model`,
-        else the first configured model that edits and this server allows."""
+        """The model an edit runs on: the member's choice (this server's allowed models are
+        checked when it is submitted), else `[edit] default_model` where it is allowed, else
+        the first configured model that edits and this server allows."""
         editing = await models_with_mode(self.config, "edit")
         allowed = (await self.services.safety.settings(interaction.guild_id)).allowed_models
         usable = [n for n in editing if not allowed or n in allowed]
-        name = name or self.config.edit.default_model or (usable[0] if usable else "")
-        if not name:
+        if name:
+            name = self.config.model(name).name  # an unknown name lists the configured ones
+            if name not in editing:
+                others = ", ".join(usable) or "none"
+                raise UserError(
+                    f"the model {name} cannot edit photos; models that edit here: {others}"
+                )
+            return name
+        if not usable:
             raise UserError(NO_EDIT_MODEL)
-        name = self.config.model(name).name  # an unknown name lists the configured ones
-        if name not in editing:
-            others = ", ".join(usable) or "none"
-            raise UserError(f"the model {name} cannot edit photos; models that edit here: {others}")
-        return name
+        default = self.config.edit.default_model
+        return default if default in usable else usable[0]
 
     async def settings_for(
         self, interaction: discord.Interaction, model: str, photo: Photo

@@ -101,8 +101,8 @@ async def photo_questions(
             raise UserError(NO_FACE_TO_KEEP)
         if spec.face > faces:
             raise UserError(
-                f"face: {spec.face} asks for face {spec.face}, but the photo shows "
-                f"{faces or 'no'} face{'' if faces == 1 else 's'} (numbered left to right)"
+                f"the photo shows {faces or 'no'} face{'' if faces == 1 else 's'}, so there is "
+                f"no face {spec.face} to pick (faces are numbered left to right)"
             )
     elif spec.mode == "inpaint":
         await face_probe.require_face(png, limits.max_input_pixels)

@@ -3,7 +3,8 @@
 once, and each server only ever sees its own.
 
 Keys are dotted like the config file: ``safety.policy``, ``limits.max_steps``,
-``defaults.steps``, ``models.allowed``, ``quotas.images_per_day``…
+``defaults.steps``, ``models.allowed``, ``quotas.images_per_day``,
+``edit.allow_nsfw_real_faces``…
 """
 
 from __future__ import annotations
