@@ -100,6 +100,9 @@ async def test_edit_posts_a_result_with_compare_and_reroll(
         compared = await reply(await emu.click(message, f"sdbot:compare:{job}"))
         not_theirs = await reply(await emu.click(message, f"sdbot:compare:{job}", user=emu.bob))
         info = await reply(await emu.click(message, f"sdbot:info:{job}"))
+        bobs_reroll = await error_reply(
+            await emu.click(message, f"sdbot:reroll:{job}", user=emu.bob)
+        )
         rerolled = await queued_job(await emu.click(message, f"sdbot:reroll:{job}"))
         again = await wait_result(emu, rerolled)
         db = store.open_db(config.storage.database)
@@ -133,6 +136,8 @@ async def test_edit_posts_a_result_with_compare_and_reroll(
     assert "Only the member who asked for this edit" in not_theirs["content"]
     assert not not_theirs["attachments"]
     assert INSTRUCTION in info["content"]
+    # Nobody else gets the member's photo: Compare and Reroll are theirs (and admins').
+    assert bobs_reroll.startswith("Only the member who asked for this edit can reroll it")
     # Reroll: the same edit of the same photos with a new seed.
     assert {k: v for k, v in reroll_spec.items() if k != "seed"} == {
         k: v for k, v in first_spec.items() if k != "seed"
