@@ -21,6 +21,7 @@ from PIL import Image
 from skimage import data as photos
 
 from bot import store
+from bot.services.safety import Verdict
 from bot.views import render
 from bot.views.buttons import result_view
 from pipeline.contract.blobs import BlobStore
@@ -273,10 +274,9 @@ async def test_flagged_edits_of_a_real_person_are_withheld_until_an_admin_allows
     # In an age-restricted channel, a flagged edit of a real person is still withheld...
     assert withheld["channel_id"] == adults and withheld["attachments"] == []
     assert "photo shows a real person" in withheld["content"]
-    # ...and nobody receives it privately.
-    assert not [m for r in emu.interactions for m in r.followups if m["attachments"]]
     # The same result without a real face in the photo is posted, as the channel allows.
     assert [a["filename"] for a in posted["attachments"]] == [f"sdbot-{no_person}-3.png"]
+    assert "identity 0.91" in posted["content"]  # the score the worker measured
     # The admin's switch, recorded in the audit log, lets it through on this server.
     assert "edit.allow_nsfw_real_faces = `True`" in audit["content"]
     assert [a["filename"] for a in allowed_post["attachments"]] == [f"sdbot-{allowed}-3.png"]
@@ -315,6 +315,14 @@ async def test_the_identity_score_reads_as_members_see_it():
         f"sdbot:compare:ab12:{i}" for i in range(4)
     ]
     assert not [c for c in result_view("ab12", 1).children if "compare" in c.custom_id]
+    # A withheld edit of a real person is not sent privately either (blocked_ephemeral),
+    # while the policy's other withheld images still are.
+    verdict = Verdict(flagged={0: ["FACE_FEMALE"], 1: ["FACE_FEMALE"]}, action="block")
+    verdict.real_faces = {0}
+    assert verdict.blocked == {0, 1} and verdict.private == {1}
+    assert "1 of 2 image(s) withheld: flagged NSFW by the detector, and the photo" in verdict.note(
+        2
+    )
 
 
 async def test_the_default_editing_model_must_be_configured():
