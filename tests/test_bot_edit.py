@@ -30,6 +30,7 @@ from pipeline.contract.families import family_of_model
 from pipeline.contract.jobs import GenerateSpec, spec_to_dict
 from pipeline.safety.detector import detect_png
 from tests.botkit import *  # noqa: F403 - the end-to-end kit (botkit.__all__)
+from tests.discord_rules import check_message_body
 
 pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.timeout(600)]
 
@@ -315,6 +316,9 @@ async def test_the_identity_score_reads_as_members_see_it():
         f"sdbot:compare:ab12:{i}" for i in range(4)
     ]
     assert not [c for c in result_view("ab12", 1).children if "compare" in c.custom_id]
+    for count in (1, 2, 4):  # within Discord's documented rules (5 rows of 5 buttons)
+        view = result_view("ab12", count, compare=True)
+        check_message_body({"content": "x", "components": view.to_components()})
     # A withheld edit of a real person is not sent privately either (blocked_ephemeral),
     # while the policy's other withheld images still are.
     verdict = Verdict(flagged={0: ["FACE_FEMALE"], 1: ["FACE_FEMALE"]}, action="block")
