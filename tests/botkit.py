@@ -100,9 +100,18 @@ def make_config(
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def shared_pool(tiny_sd: Path, tmp_path_factory, tiny_control) -> AsyncIterator[LocalPool]:
-    # The worker also knows the tiny ControlNet units and IP-Adapter (tests/test_bot_control.py).
-    config = make_config(tiny_sd, tmp_path_factory.mktemp("pool") / "data", **tiny_control)
+async def shared_pool(
+    tiny_sd: Path, tmp_path_factory, tiny_control, tiny_edit
+) -> AsyncIterator[LocalPool]:
+    # The worker also knows the tiny ControlNet units and IP-Adapter (tests/test_bot_control.py)
+    # and the tiny editing model, "edit" (tests/test_bot_edit.py); it loads a model when a job
+    # first asks for it.
+    config = make_config(
+        tiny_sd,
+        tmp_path_factory.mktemp("pool") / "data",
+        models={"edit": {"source": str(tiny_edit)}},
+        **tiny_control,
+    )
     pool = LocalPool(config)
     await pool.start()
     yield pool

@@ -87,6 +87,16 @@ def tiny_2026(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_edit(tmp_path_factory) -> Path:
+    """A tiny Qwen-Image-Edit-Plus folder (edits with up to three photos): the editing
+    model of the bot's end-to-end tests, known to the shared worker pool as "edit"."""
+    from pipeline.families.qwen_image_tiny import write_tiny_qwen_image
+
+    _quiet_libraries()
+    return write_tiny_qwen_image(tmp_path_factory.mktemp("tiny") / "edit", variant="edit-plus")
+
+
+@pytest.fixture(scope="session")
 def tiny_control(tiny_sd, tmp_path_factory) -> dict:
     """A tiny ControlNet and IP-Adapter for the tiny SD model, as config tables (two units:
     canny, and a pose unit that takes its map as it is)."""

@@ -5,7 +5,9 @@ commands on `main` before issue 21 rewrote `/admin` as command groups (captured
 through this emulator from an unchanged checkout, serialised as discord.py serialises
 it: compact separators, ASCII). Any change to a command's name, description, options,
 choices, permissions or order shows up here, so a refactor of the cogs cannot change
-what members see in Discord's command picker without this test saying so.
+what members see in Discord's command picker without this test saying so. A new
+command is added to it the same way (captured from the bot that has it): issue 25's
+`/edit`, between `/outpaint` and `/settings`; every other command is unchanged.
 """
 
 from __future__ import annotations

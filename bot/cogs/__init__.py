@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 EXTENSIONS = (
     "bot.cogs.generate",
+    "bot.cogs.edit",
     "bot.cogs.member",
     "bot.cogs.train",
     "bot.cogs.loras",

@@ -214,6 +214,12 @@ class Generate(SDCog):
     async def reroll(self, interaction: discord.Interaction, job_id: str) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)
         job, spec = await self._job_spec(job_id)
+        mine = job["user_id"] == str(interaction.user.id)
+        if spec.mode == "edit" and not mine and not self.services.is_admin(interaction):
+            # The photos of an edit are the member's, never shown in the channel.
+            raise UserError(
+                "only the member who asked for this edit can reroll it: the photo is theirs"
+            )
         loras = await self._loras_for(interaction, job, spec)
         await self.services.jobs.submit(
             interaction, dataclasses.replace(spec, seed=None, loras=loras)
@@ -342,12 +348,15 @@ def _same_image(image: dict) -> dict[str, Any]:
 
 
 def _as_edit(spec: GenerateSpec, image_sha: str) -> GenerateSpec:
-    """The job's settings, applied to one of its results as a new input image."""
+    """The job's settings, applied to one of its results as a new input image (an
+    edit's further photos and chosen face belong to the edit, not to its result)."""
     return dataclasses.replace(
         spec,
         image=image_sha,
+        images=(),
         mask=None,
         keep=None,
+        face=0,
         outpaint_direction=None,
         seed=None,
     )

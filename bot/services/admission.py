@@ -43,6 +43,10 @@ from pipeline.contract.families import FamilySpec, family_of_model
 from pipeline.contract.jobs import GenerateSpec, JobError, JobSpec, Limits, check_size
 
 NO_FACE_TO_FIX = "no face found in this image, so there is no face to fix"
+NO_FACE_TO_KEEP = (
+    "no face found in the photo, so keep: face has nothing to keep; "
+    "attach a photo that shows the face, or choose keep: background or none"
+)
 
 
 async def family_questions(config: Config, spec: GenerateSpec) -> None:
@@ -52,6 +56,17 @@ async def family_questions(config: Config, spec: GenerateSpec) -> None:
     model = config.model(spec.model)
     family = await asyncio.to_thread(_family, model.family, model.source)
     family.check_job(spec)
+
+
+async def models_with_mode(config: Config, mode: str) -> list[str]:
+    """The configured models whose family has ``mode`` (/edit offers those that edit),
+    in config order; the family is asked, never named."""
+    found = []
+    for model in config.models:
+        family = await asyncio.to_thread(_family, model.family, model.source)
+        if mode in family.modes:
+            found.append(model.name)
+    return found
 
 
 @functools.lru_cache(maxsize=64)
@@ -73,12 +88,23 @@ async def photo_questions(
     if spec.mode == "upscale":  # the result is upscale_factor times larger: it must fit too
         factor = spec.upscale_factor
         check_size(int(spec.width * factor), int(spec.height * factor), limits)
-    # keep: face|background builds its mask from a face; face fix repaints faces.
+    # keep: face|background builds its mask from a face; face fix repaints faces; an
+    # edit keeps a face, or measures the person that `face` picks.
     needs_face = (spec.mode == "inpaint" and spec.mask is None) or spec.mode == "facefix"
-    if not needs_face or not spec.image:
+    edit_face = spec.mode == "edit" and (spec.keep == "face" or spec.face > 0)
+    if not (needs_face or edit_face) or not spec.image:
         return
     png = photos[0].png if photos else await asyncio.to_thread(blobs.get, spec.image)
-    if spec.mode == "inpaint":
+    if edit_face:
+        faces = await face_probe.count_faces(png, limits.max_input_pixels)
+        if faces == 0 and spec.keep == "face":
+            raise UserError(NO_FACE_TO_KEEP)
+        if spec.face > faces:
+            raise UserError(
+                f"the photo shows {faces or 'no'} face{'' if faces == 1 else 's'}, so there is "
+                f"no face {spec.face} to pick (faces are numbered left to right)"
+            )
+    elif spec.mode == "inpaint":
         await face_probe.require_face(png, limits.max_input_pixels)
     elif await face_probe.count_faces(png, limits.max_input_pixels) == 0:
         raise UserError(NO_FACE_TO_FIX)

@@ -3,7 +3,8 @@
 once, and each server only ever sees its own.
 
 Keys are dotted like the config file: ``safety.policy``, ``limits.max_steps``,
-``defaults.steps``, ``models.allowed``, ``quotas.images_per_day``…
+``defaults.steps``, ``models.allowed``, ``quotas.images_per_day``,
+``edit.allow_nsfw_real_faces``…
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class ServerSettings:
     defaults: DefaultsConfig
     allowed_models: tuple[str, ...]  # empty: every configured model
     quota: dict[str, int]  # every member's quota here (0 = unlimited)
+    # /edit: post NSFW-flagged edits of a photo that showed a real face (off: never posted)
+    allow_nsfw_real_faces: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -105,6 +108,7 @@ PARSERS: dict[str, Any] = {
     "quotas.images_per_day": _non_negative_int,
     "quotas.gpu_seconds_per_day": _non_negative_int,
     "quotas.trainings_per_week": _non_negative_int,
+    "edit.allow_nsfw_real_faces": _bool,
 }
 
 
@@ -156,6 +160,7 @@ def effective(config: Config, overrides: dict[str, Any]) -> ServerSettings:
             key: get(f"quotas.{key}", getattr(quotas, key))
             for key in ("images_per_day", "gpu_seconds_per_day", "trainings_per_week")
         },
+        allow_nsfw_real_faces=get("edit.allow_nsfw_real_faces", config.edit.allow_nsfw_real_faces),
         overrides=dict(overrides),
     )
 
@@ -182,6 +187,7 @@ def describe(config: Config, settings: ServerSettings) -> str:
         "safety.blocked_ephemeral": settings.blocked_ephemeral,
         "models.allowed": ", ".join(settings.allowed_models) or "all",
         **{f"quotas.{k}": v for k, v in settings.quota.items()},
+        "edit.allow_nsfw_real_faces": settings.allow_nsfw_real_faces,
         **{
             f"limits.{f.name}": getattr(settings.limits, f.name) for f in dataclasses.fields(Limits)
         },

@@ -329,25 +329,27 @@ class JobMessages:
             await self._final_status(row, tracked, f"Failed: {exc}")
             return
         verdict = await self.safety.verdict(row, images) if self.safety else None
+        if verdict is not None:  # spoiler names by each image's own index, before any is taken out
+            names = verdict.filenames([name for name, _ in pngs])
+            pngs = [(name, data) for name, (_, data) in zip(names, pngs)]
         if verdict is not None and verdict.blocked:  # the server's NSFW policy
-            withheld = [png for i, png in enumerate(pngs) if i in verdict.blocked]
+            withheld = [png for i, png in enumerate(pngs) if i in verdict.private]
             sent = await self.safety.send_blocked(row, verdict, withheld)
             pngs = [png for i, png in enumerate(pngs) if i not in verdict.blocked]
             if not pngs:
                 await self._post_withheld(row, tracked, verdict, len(images), sent)
                 return
-        if verdict is not None:
-            names = verdict.filenames([name for name, _ in pngs])
-            pngs = [(name, data) for name, (_, data) in zip(names, pngs)]
         limit = self.upload_limits.get(row["id"]) or self._guild_limit(row)
         uploads, note = await asyncio.to_thread(render.fit_uploads, pngs, limit)
         if verdict is not None:
             note = " ".join(n for n in (verdict.note(len(images)), note) if n)
+        scores = render.edit_scores(row["spec"], images, self.config.edit.min_identity)
+        note = "\n".join(n for n in (scores, note) if n)
         try:
             message = await self._channel(row).send(
                 render.result_text(row["user_id"], row["id"], row["spec"], images, note),
                 files=[discord.File(io.BytesIO(u.data), u.filename) for u in uploads],
-                view=result_view(row["id"], len(images)),
+                view=result_view(row["id"], len(images), compare=row["spec"].get("mode") == "edit"),
             )
         except discord.HTTPException as exc:
             # Never silently: the member sees why; the next start tries again (message_id
@@ -483,7 +485,7 @@ class TrainingMessages(JobMessages):
         pngs = [(name, data) for name, (_, data) in zip(names, stored)]
         verdict = await self.safety.verdict(row, samples) if self.safety else None
         if verdict is not None and verdict.blocked:
-            withheld = [png for i, png in enumerate(pngs) if i in verdict.blocked]
+            withheld = [png for i, png in enumerate(pngs) if i in verdict.private]
             await self.safety.send_blocked(row, verdict, withheld)
             pngs = [png for i, png in enumerate(pngs) if i not in verdict.blocked]
         elif verdict is not None:

@@ -8,10 +8,14 @@ and before queueing a generation (or training):
 - prompt filters (prompt, LoRA names; training names, subjects and captions);
 - quotas (images and GPU-seconds per day, trainings per week; counted from the jobs);
 - NSFW input photos (NudeNet in the photo helper process; refused outside
-  age-restricted channels when the server's policy is `block`);
+  age-restricted channels when the server's policy is `block`): the input photo, and
+  for /edit every photo it edits with;
 - the server's safety negative prompt, added outside age-restricted channels;
 and, when a result is ready, `verdict` applies the server's policy to the flagged
-images: post, post as spoilers, or withhold with a notice.
+images: post, post as spoilers, or withhold with a notice. One rule stands above the
+policy: a flagged result whose input photo held a real face (an /edit of a person,
+`input_face`) is withheld everywhere, age-restricted channels included, and never sent
+privately either, unless the server turned `edit.allow_nsfw_real_faces` on.
 
 Everything reads the server's settings (`bot.services.guild_settings`) at the moment it runs:
 `/admin settings` takes effect at once, restarts change nothing.
@@ -105,25 +109,43 @@ class Verdict:
     flagged: dict[int, list[str]] = field(default_factory=dict)  # image index → labels
     action: str = "post"  # post | spoiler | block
     age_restricted: bool = False
+    # Flagged edits of a photo that showed a real face: withheld whatever the policy.
+    real_faces: set[int] = field(default_factory=set)
 
     @property
     def blocked(self) -> set[int]:
-        return set(self.flagged) if self.action == "block" else set()
+        by_policy = set(self.flagged) if self.action == "block" else set()
+        return by_policy | self.real_faces
+
+    @property
+    def private(self) -> set[int]:
+        """The withheld images the member may still receive privately (never a flagged
+        edit of a real person)."""
+        return self.blocked - self.real_faces
 
     def filenames(self, names: Sequence[str]) -> list[str]:
         spoiler = set(self.flagged) if self.action == "spoiler" else set()
         return [f"SPOILER_{n}" if i in spoiler else n for i, n in enumerate(names)]
 
     def note(self, total: int) -> str:
-        if not self.flagged or self.action == "post":
-            return ""
-        count = len(self.flagged)
-        if self.action == "spoiler":
-            return f"{count} image(s) flagged NSFW: posted as spoilers (this server's policy)."
-        return (
-            f"{count} of {total} image(s) withheld: flagged NSFW by the detector and this "
-            "channel is not age-restricted (this server's policy)."
+        people = (
+            f"{len(self.real_faces)} of {total} image(s) withheld: flagged NSFW by the "
+            "detector, and the photo shows a real person (this server never posts those)."
+            if self.real_faces
+            else ""
         )
+        others = {i: labels for i, labels in self.flagged.items() if i not in self.real_faces}
+        if not others or self.action == "post":
+            return people
+        count = len(others)
+        if self.action == "spoiler":
+            policy = f"{count} image(s) flagged NSFW: posted as spoilers (this server's policy)."
+        else:
+            policy = (
+                f"{count} of {total} image(s) withheld: flagged NSFW by the detector and this "
+                "channel is not age-restricted (this server's policy)."
+            )
+        return " ".join(n for n in (people, policy) if n)
 
 
 class RateLimiter:
@@ -232,10 +254,9 @@ class SafetyGate:
         filters.check("LoRA name", *(lora.name for lora in spec.loras), markup=False)
         await self._check_quota(interaction, settings, images=spec.count)
         age_restricted = is_age_restricted(interaction)
-        if photos:
-            await self._check_photos(
-                interaction, settings, [p.png for p in photos[:1]], "input photo"
-            )
+        if photos:  # the input photo; an edit's further photos are inputs too
+            inputs = [p.png for p in photos[: 1 + len(spec.images)]]
+            await self._check_photos(interaction, settings, inputs, "input photo")
         extra = settings.negative_prompt.strip()
         if extra and not age_restricted and extra not in spec.negative_prompt:
             negative = f"{spec.negative_prompt}, {extra}" if spec.negative_prompt else extra
@@ -356,7 +377,9 @@ class SafetyGate:
 
     # -- when the result is ready -----------------------------------------------------------------
 
-    async def verdict(self, row: dict, images: list[dict]) -> Verdict:
+    async def verdict(self, row: dict, images: list[dict], *, count: bool = True) -> Verdict:
+        """The policy applied to a job's result images (``count``: a result being posted,
+        counted in the metrics; False when a button only asks)."""
         context = await self.db.call(store.job_context, row["id"])
         settings = await self.settings(row.get("guild_id"))
         flagged = {
@@ -371,7 +394,9 @@ class SafetyGate:
         verdict = Verdict(flagged=flagged, age_restricted=bool(context.get("nsfw_channel")))
         if flagged and not verdict.age_restricted:
             verdict.action = settings.policy if settings.policy != "allow" else "post"
-        if verdict.blocked:
+        if not settings.allow_nsfw_real_faces:
+            verdict.real_faces = {i for i in flagged if images[i].get("input_face")}
+        if verdict.blocked and count:
             self._count("result", len(verdict.blocked))
         verdict.ephemeral_ok = settings.blocked_ephemeral  # type: ignore[attr-defined]
         return verdict

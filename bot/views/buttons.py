@@ -127,6 +127,18 @@ class DeleteButton(_JobButton, template=r"sdbot:delete:" + JOB):
         await _generate(bot).delete_result(interaction, self.job_id)
 
 
+class CompareButton(_JobButton, template=r"sdbot:compare:" + JOB + INDEX):
+    """/edit's results: the photo and the result side by side, with the identity score."""
+
+    action, label, emoji = "compare", "Compare", "🔍"
+
+    async def act(self, interaction: discord.Interaction, bot: SDBot) -> None:
+        cog = bot.get_cog("Edit")
+        if cog is None:  # unloaded for maintenance
+            raise RuntimeError("the Edit cog is not loaded")
+        await cog.compare(interaction, self.job_id, self.index or 0)
+
+
 class ForgetButton(
     discord.ui.DynamicItem[discord.ui.Button], template=r"sdbot:forget:(?P<user>\d+)"
 ):
@@ -163,6 +175,7 @@ DYNAMIC_ITEMS = (
     FixFacesButton,
     InfoButton,
     DeleteButton,
+    CompareButton,
     ForgetButton,
 )
 
@@ -173,9 +186,9 @@ def progress_view(job_id: str) -> discord.ui.View:
     return view
 
 
-def result_view(job_id: str, count: int) -> discord.ui.View:
-    """Reroll, Variations, Upscale, Fix faces, Info, Delete; per-image V1…/U1…/F1… rows
-    for several images (Discord allows 5 buttons a row)."""
+def result_view(job_id: str, count: int, *, compare: bool = False) -> discord.ui.View:
+    """Reroll, Variations, Upscale, Fix faces, Info, Delete (and /edit's Compare);
+    per-image V1…/U1…/F1…/C1… rows for several images (Discord allows 5 buttons a row)."""
     view = discord.ui.View(timeout=None)
     if count <= 1:
         for item in (
@@ -187,6 +200,8 @@ def result_view(job_id: str, count: int) -> discord.ui.View:
             DeleteButton(job_id, row=1),
         ):
             view.add_item(item)
+        if compare:
+            view.add_item(CompareButton(job_id, None, row=1))
         return view
     for item in (
         RerollButton(job_id, row=0),
@@ -198,6 +213,8 @@ def result_view(job_id: str, count: int) -> discord.ui.View:
         view.add_item(VariationButton(job_id, index, row=1))
         view.add_item(UpscaleButton(job_id, index, row=2))
         view.add_item(FixFacesButton(job_id, index, row=3))
+        if compare:
+            view.add_item(CompareButton(job_id, index, row=4))
     return view
 
 

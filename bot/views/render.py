@@ -31,6 +31,7 @@ MODE_LABELS = {
     "outpaint": "outpaint",
     "upscale": "upscale",
     "facefix": "face fix",
+    "edit": "edit",
 }
 
 
@@ -143,6 +144,35 @@ def result_text(user_id: str, job_id: str, spec: dict, images: list[dict], note:
     notices = dict.fromkeys(n for image in images for n in image.get("notices") or ())
     lines.extend(f"⚠️ {notice}" for notice in notices)
     return truncate("\n".join(lines), CONTENT_LIMIT)
+
+
+def edit_scores(spec: dict, images: list[dict], min_identity: float) -> str:
+    """/edit: how well each result kept the person ("identity 0.93", "2 tries", or that
+    the person could not be kept); "" for other jobs and for photos without a face."""
+    if spec.get("mode") != "edit":
+        return ""
+    parts = []
+    for number, image in enumerate(images, 1):
+        words = identity_words(image, min_identity)
+        if words:
+            parts.append(f"{number}: {words}" if len(images) > 1 else words)
+    return " · ".join(parts)
+
+
+def identity_words(image: dict, min_identity: float) -> str:
+    """One result's score in words: "identity 0.93", "identity 0.81 (2 tries)",
+    "identity 0.41 after 3 tries: the person could not be kept"; "" when nothing was
+    measured (no face in the photo)."""
+    identity, tries = image.get("identity"), image.get("tries") or 1
+    after = f" after {tries} tries" if tries > 1 else ""
+    if identity is None:
+        if not image.get("input_face"):
+            return ""
+        return f"no face in the result{after}: the person could not be kept"
+    words = f"identity {identity:.2f}"
+    if identity < min_identity:
+        return f"{words}{after}: the person could not be kept"
+    return f"{words} ({tries} tries)" if tries > 1 else words
 
 
 def training_result_text(

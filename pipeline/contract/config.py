@@ -192,6 +192,10 @@ class EditConfig:
 
     min_identity: float = 0.55  # a result scoring below this (0..1) is redone with a new seed
     max_retries: int = 2  # redone at most this many times; then posted saying so
+    default_model: str = ""  # /edit without a model: this one ("" = the first that edits)
+    # A result flagged NSFW whose photo showed a real face is withheld even in age-restricted
+    # channels unless this is on (per server: /admin settings edit.allow_nsfw_real_faces).
+    allow_nsfw_real_faces: bool = False
 
 
 @dataclass(frozen=True)
@@ -306,6 +310,7 @@ def config_from_dict(
         _check_loras(sections["loras"], path)
     if "edit" in sections:
         _check_edit(sections["edit"], path)
+        _check_edit_model(sections["edit"].default_model, models, path)
     return Config(
         models=models, path=path, controlnets=controlnets, ip_adapters=ip_adapters, **sections
     )
@@ -406,6 +411,15 @@ def _check_edit(edit: EditConfig, path: str) -> None:
     retries = edit.max_retries
     if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
         raise ConfigError(f"{where}: edit.max_retries must be a whole number from 0 to 10")
+
+
+def _check_edit_model(name: str, models: tuple[ModelConfig, ...], path: str) -> None:
+    if name and name not in {m.name for m in models}:
+        known = ", ".join(m.name for m in models)
+        raise ConfigError(
+            f"{path or 'config'}: edit.default_model {name!r} is not a configured model; "
+            f"configured: {known}"
+        )
 
 
 def _model(name: str, values: dict[str, Any], path: str, base_dir: Path | None) -> ModelConfig:
