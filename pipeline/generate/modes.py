@@ -598,7 +598,7 @@ def _input_image(sha: str | None, blobs, name: str) -> Image.Image:
 def latent_preview(latents: torch.Tensor, family: Family, max_side: int = 256) -> bytes | None:
     """The first sample's latents as a small JPEG, projected to RGB by the family's fixed
     matrix (A1111's "Approx cheap" preview: no model, one matmul); None for a family
-    without one yet (Qwen-Image's and Flux.2's latents)."""
+    without factors."""
     factors, bias = family.preview_factors, family.preview_bias
     if not factors:
         return None
