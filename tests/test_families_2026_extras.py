@@ -135,3 +135,201 @@ def test_packed_latents_are_unpacked_as_the_pipelines_own_decoders_unpack_them(m
     ours = klein.kind.preview_latents(packed, klein.pipe, (WIDTH, HEIGHT))
     assert ours.shape == (1, 32, HEIGHT // 8, WIDTH // 8)
     assert torch.equal(ours, theirs)
+
+
+# --- 2. ControlNet for Z-Image and Qwen-Image ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def control(tiny_2026, tmp_path_factory):
+    """Tiny Z-Image and Qwen-Image ControlNets (made by diffusers' classes beside each
+    tiny model) as `[controlnets]` units, the worker's ControlCache, and a control map."""
+    from pipeline.contract.config import config_from_dict
+    from pipeline.control.apply import ControlCache
+    from pipeline.families.qwen_image_tiny import write_tiny_qwen_controlnet
+    from pipeline.families.zimage_tiny import write_tiny_zimage_controlnet
+
+    root = tmp_path_factory.mktemp("controlnets-2026")
+    zimage = write_tiny_zimage_controlnet(tiny_2026["zimage"], root / "zimage")
+    qwen = write_tiny_qwen_controlnet(tiny_2026["qwen-image"], root / "qwen")
+    units = {
+        "z": {"source": str(zimage), "family": "zimage", "preprocessor": "none"},
+        "q": {"source": str(qwen), "family": "qwen-image", "preprocessor": "none"},
+    }
+    config = config_from_dict(
+        {"models": {"z": {"source": str(tiny_2026["zimage"])}}, "controlnets": units}
+    )
+    blobs = _Blobs()
+    maps = {"first": _photo(3), "second": _photo(4)}
+    return {
+        "cache": ControlCache(config),
+        "blobs": blobs,
+        "shas": {name: blobs.add(image) for name, image in maps.items()},
+        "maps": maps,
+        "folders": {"zimage": zimage, "qwen-image": qwen},
+    }
+
+
+def _unit(name: str, image: str, **values):
+    from pipeline.contract.control import ControlUnit
+
+    return ControlUnit(name=name, image=image, **values)
+
+
+def test_a_zimage_controlnet_unit_equals_diffusers_controlnet_pipeline(models, control):
+    import diffusers
+
+    from pipeline.generate.modes import run_generation
+
+    model = models["zimage"]
+    unit = _unit("z", control["shas"]["first"], weight=0.8)
+    spec = _spec(control=(unit,))
+    ours = _pixels(
+        run_generation(model, [spec], blobs=control["blobs"], control=control["cache"])[0][0]
+    )
+    net = diffusers.ZImageControlNetModel.from_pretrained(control["folders"]["zimage"])
+    pipe = diffusers.ZImageControlNetPipeline.from_pipe(model.pipe, controlnet=net)
+    plain = _plain(
+        pipe,
+        prompt=[PROMPT],
+        negative_prompt=[""],
+        control_image=control["maps"]["first"],
+        controlnet_conditioning_scale=0.8,
+        guidance_scale=2.0,
+        num_inference_steps=2,
+        width=WIDTH,
+        height=HEIGHT,
+    )
+    assert np.abs(ours - plain).max() <= 1  # levels: the PNG round trip only
+    without = _pixels(run_generation(model, [_spec()])[0][0])
+    assert np.abs(ours - without).max() > 8  # the unit did something
+
+
+def test_a_qwen_image_controlnet_unit_with_its_window_equals_diffusers(models, control):
+    import diffusers
+
+    from pipeline.generate.modes import run_generation
+
+    model = models["qwen-image"]
+    unit = _unit("q", control["shas"]["first"], weight=0.7, guidance_end=0.5)
+    ours = _pixels(
+        run_generation(
+            model, [_spec(control=(unit,))], blobs=control["blobs"], control=control["cache"]
+        )[0][0]
+    )
+    net = diffusers.QwenImageControlNetModel.from_pretrained(control["folders"]["qwen-image"])
+    pipe = diffusers.QwenImageControlNetPipeline.from_pipe(model.pipe, controlnet=net)
+    plain = _plain(
+        pipe,
+        prompt=[PROMPT],
+        negative_prompt=[" "],
+        true_cfg_scale=2.0,
+        control_image=control["maps"]["first"],
+        controlnet_conditioning_scale=0.7,
+        control_guidance_start=0.0,
+        control_guidance_end=0.5,
+        num_inference_steps=2,
+        width=WIDTH,
+        height=HEIGHT,
+    )
+    assert np.abs(ours - plain).max() <= 1
+    without = _pixels(run_generation(model, [_spec()])[0][0])
+    assert np.abs(ours - without).max() > 8
+
+
+def test_controlnet_infotext_names_the_unit_on_the_new_families(models, control):
+    from pipeline.generate.modes import run_generation
+
+    unit = _unit("z", control["shas"]["first"])
+    out = run_generation(
+        models["zimage"], [_spec(control=(unit,))], blobs=control["blobs"], control=control["cache"]
+    )[0][0]
+    assert "ControlNet 0: \"Module: none, Model: z [" in out.infotext
+
+
+@pytest.mark.parametrize(
+    "name, values, message",
+    [
+        (
+            "zimage",
+            dict(control=("z", "z")),
+            "Z-Image models take at most 1 ControlNet unit per job; this job gave 2",
+        ),
+        (
+            "zimage",
+            dict(control=(("z", dict(guidance_end=0.5)),)),
+            "Z-Image ControlNets act on every step: unit 'z' cannot set guidance start/end",
+        ),
+        (
+            "qwen-image",
+            dict(control=("q", "q")),
+            "Qwen-Image models take at most 1 ControlNet unit per job; this job gave 2",
+        ),
+        (
+            "qwen-image",
+            dict(control=(("q", dict(control_mode="My prompt is more important")),)),
+            "Qwen-Image ControlNets have no control modes (they are SD's); unit 'q' must use "
+            "Balanced",
+        ),
+        (
+            "qwen-image",
+            dict(control=("q",), mode="img2img", image="a"),
+            "Qwen-Image ControlNets work for txt2img only; this job is img2img",
+        ),
+        (
+            "qwen-image-edit",
+            dict(control=("q",), mode="edit", image="a"),
+            "Qwen-Image-Edit models have no control option",
+        ),
+        (
+            "flux2-klein",
+            dict(control=("q",)),
+            "Flux.2 klein models have no control option",
+        ),
+    ],
+)
+def test_controlnet_jobs_a_family_cannot_run_are_refused_in_one_line(name, values, message):
+    from pipeline.contract.families import spec as family_spec
+    from pipeline.contract.jobs import JobError
+
+    units = []
+    for unit in values.pop("control"):
+        unit_name, settings = (unit, {}) if isinstance(unit, str) else unit
+        units.append(_unit(unit_name, "sha", **settings))
+    with pytest.raises(JobError) as refused:
+        family_spec(name).check_job(_spec(control=tuple(units), **values))
+    assert str(refused.value) == message
+
+
+def test_a_controlnet_of_another_family_or_a_single_file_is_refused_by_name(
+    models, control, tmp_path
+):
+    import shutil
+
+    from pipeline.contract.config import config_from_dict
+    from pipeline.contract.jobs import JobError
+    from pipeline.control.units import ControlNetCache
+
+    one_file = tmp_path / "qwen-controlnet.safetensors"
+    shutil.copy(
+        control["folders"]["qwen-image"] / "diffusion_pytorch_model.safetensors", one_file
+    )
+    config = config_from_dict(
+        {
+            "models": {"z": {"source": "/nowhere"}},
+            "controlnets": {
+                "file": {"source": str(one_file), "family": "qwen-image"},
+                "wide": {"source": str(control["folders"]["qwen-image"]), "family": "zimage"},
+            },
+        }
+    )
+    cache = ControlNetCache(config, "cpu", models["zimage"].dtype)
+    transformer = models["qwen-image"].pipe.transformer
+    with pytest.raises(JobError) as refused:
+        cache.get("file", transformer, "qwen-image")
+    assert str(refused.value) == (
+        "ControlNet 'file' is one file; Qwen-Image ControlNets load from a diffusers folder "
+        "or Hub id: give its folder as the unit's source"
+    )
+    with pytest.raises(JobError, match="ControlNet 'wide' could not be loaded|does not fit"):
+        cache.get("wide", models["zimage"].pipe.transformer, "zimage")

@@ -48,8 +48,18 @@ class QwenImage(TextTemplateFamily):
         "inpaint": "QwenImageInpaintPipeline",
     }
 
+    # InstantX's Qwen-Image ControlNet(-Union), one per job (diffusers' multi-ControlNet
+    # of this family runs a single union net); its inpainting ControlNet is another kind
+    # (the mask goes into the net).
+    control_pipelines = {"txt2img": "QwenImageControlNetPipeline"}
+    controlnet_class = "QwenImageControlNetModel"
+
     def owns(self, pipe: Any) -> bool:
         return super().owns(pipe) and getattr(pipe, "processor", None) is None
+
+    def controlnet_fits(self, net: Any, denoiser: Any) -> bool:
+        keys = ("joint_attention_dim", "in_channels", "num_attention_heads", "attention_head_dim")
+        return all(net.config[k] == denoiser.config[k] for k in keys)
 
     def guidance_arguments(self, spec: Any) -> dict[str, Any]:
         # True CFG runs only with a negative prompt; CFG 1 is one pass.
@@ -69,6 +79,7 @@ class QwenImageEdit(QwenImage):
         "edit": "QwenImageEditPipeline",
         "inpaint": "QwenImageEditInpaintPipeline",
     }
+    control_pipelines: dict[str, str] = {}  # no ControlNet pipeline edits
 
     def owns(self, pipe: Any) -> bool:
         return TextTemplateFamily.owns(self, pipe) and type(pipe).__name__.startswith(

@@ -4,6 +4,9 @@ Flux.1's VAE; CFG as `guidance_scale` (Turbo: 1, no second pass). Torch-free hal
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from pipeline.contract.families.zimage import ZImage as SPEC
 from pipeline.families.flux import Flux
 from pipeline.families.text_template import TextTemplateFamily
@@ -21,3 +24,19 @@ class ZImage(TextTemplateFamily):
         "img2img": "ZImageImg2ImgPipeline",
         "inpaint": "ZImageInpaintPipeline",
     }
+    # alibaba-pai's Z-Image-Turbo-Fun-Controlnet-Union, at every step (the pipeline has
+    # no guidance window; the spec refuses one: `contract/families/zimage.py`).
+    control_pipelines = {"txt2img": "ZImageControlNetPipeline"}
+    controlnet_class = "ZImageControlNetModel"
+
+    def controlnet_fits(self, net: Any, denoiser: Any) -> bool:
+        # (its control input may be wider than the latents: Union 2.0 adds the mask)
+        mine, theirs = net.config, denoiser.config
+        return (mine.dim, mine.n_heads, mine.n_kv_heads) == (
+            theirs.dim,
+            theirs.n_heads,
+            theirs.n_kv_heads,
+        )
+
+    def control_arguments(self, mode: str, images: list[Any], units: Sequence[Any]) -> dict:
+        return {"control_image": images[0], "controlnet_conditioning_scale": units[0].weight}

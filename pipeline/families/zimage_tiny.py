@@ -48,3 +48,28 @@ def write_tiny_zimage(directory: str | Path) -> Path:
         transformer=_transformer(caption_width=16),
     )
     return common.save_pipeline(pipe, directory)
+
+
+def write_tiny_zimage_controlnet(model_dir: str | Path, directory: str | Path) -> Path:
+    """A tiny `ZImageControlNetModel` that fits the tiny Z-Image at `model_dir`, in the
+    layout of alibaba-pai's Z-Image-Turbo-Fun-Controlnet-Union (control blocks beside
+    the transformer's layers, the control image's 16 VAE channels in; the embedders and
+    refiners are the transformer's own, shared by the pipeline's `from_transformer`)."""
+    from diffusers import ZImageControlNetModel
+
+    settings = common.tiny_config("zimage_transformer")
+    keep = ("all_patch_size", "all_f_patch_size", "dim", "n_refiner_layers", "n_heads")
+    common.seeded(0)
+    net = ZImageControlNetModel(
+        control_layers_places=list(range(settings["n_layers"])),
+        control_in_dim=settings["in_channels"],
+        n_kv_heads=settings["n_kv_heads"],
+        norm_eps=settings["norm_eps"],
+        qk_norm=settings["qk_norm"],
+        **{k: settings[k] for k in keep},
+    )
+    projections = [block.after_proj for block in net.control_layers]
+    projections += [b.before_proj for b in net.control_layers if hasattr(b, "before_proj")]
+    common.wake_zero_layers(projections)
+    net.save_pretrained(Path(directory), safe_serialization=True)
+    return Path(directory)

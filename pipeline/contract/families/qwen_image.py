@@ -18,6 +18,7 @@ class QwenImage(TextTemplateSpec):
     label = "Qwen-Image"
     default_steps = 40
     default_cfg = 4.0  # true CFG: the transformer runs twice per step
+    options = TextTemplateSpec.options | {"control"}  # InstantX's ControlNets
     lora_key_pattern = r"transformer_blocks_\d+_(img_mlp|txt_mlp|img_mod|txt_mod)"
     index_class = "QwenImageTransformer2DModel"
     checkpoint_keys = (("txt_norm.weight",), ("transformer_blocks.0.img_mod.1.weight",))
@@ -27,6 +28,7 @@ class QwenImageEdit(QwenImage):
     name = "qwen-image-edit"
     label = "Qwen-Image-Edit"
     modes = frozenset({"edit", "inpaint", "outpaint", "facefix"})
+    options = TextTemplateSpec.options  # no ControlNet pipeline edits
     default_steps = 40  # 2511 with its Lightning LoRA: 4 or 8, CFG 1
     lora_key_pattern = ""  # Qwen-Image's LoRAs are theirs too (the same transformer)
     lora_family = "qwen-image"

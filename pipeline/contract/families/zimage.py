@@ -15,6 +15,8 @@ class ZImage(TextTemplateSpec):
     label = "Z-Image"
     default_steps = 8
     default_cfg = 1.0
+    options = TextTemplateSpec.options | {"control"}
+    control_window = False  # diffusers' ZImageControlNetPipeline: every step
     # Its blocks: `layers.N.attention|feed_forward`, and the refiners before them.
     lora_key_pattern = r"(noise_refiner|context_refiner|(^|_)layers_\d+_(attention|feed_forward))_"
     index_class = "ZImageTransformer2DModel"
