@@ -333,3 +333,98 @@ def test_a_controlnet_of_another_family_or_a_single_file_is_refused_by_name(
     )
     with pytest.raises(JobError, match="ControlNet 'wide' could not be loaded|does not fit"):
         cache.get("wide", models["zimage"].pipe.transformer, "zimage")
+
+
+# --- 3. Z-Image Omni: txt2img and editing with reference images ------------------------
+
+
+@pytest.fixture(scope="module")
+def omni(tmp_path_factory):
+    from pipeline.contract.config import ModelConfig
+    from pipeline.families.zimage_tiny import write_tiny_zimage_omni
+    from pipeline.models.loading import load_model
+
+    folder = write_tiny_zimage_omni(tmp_path_factory.mktemp("omni") / "omni")
+    config = ModelConfig(name="omni", source=str(folder))
+    return {
+        "folder": folder,
+        "fp32": load_model(config),
+        # diffusers' Omni pipeline encodes its input images in bfloat16 (the dtype it is
+        # published and run in): the reference for equality
+        "bf16": load_model(config, dtype="bfloat16"),
+    }
+
+
+def test_an_omni_folder_is_its_own_family_taking_zimage_loras(omni):
+    from pipeline.contract.families import detect_family
+    from pipeline.contract.families import spec as family_spec
+    from pipeline.families import of_pipe
+
+    assert detect_family(str(omni["folder"])) == "zimage-omni"
+    assert omni["fp32"].family == "zimage-omni" and of_pipe(omni["fp32"].pipe).name == "zimage-omni"
+    assert family_spec("zimage-omni").takes_loras_of("zimage")
+
+
+def test_omni_txt2img_equals_plain_diffusers(omni):
+    from pipeline.generate.modes import run_generation
+
+    model = omni["fp32"]
+    ours = _pixels(run_generation(model, [_spec()])[0][0])
+    plain = _plain(
+        model.pipe,
+        prompt=[PROMPT],
+        negative_prompt=[""],
+        guidance_scale=2.0,
+        num_inference_steps=2,
+        width=WIDTH,
+        height=HEIGHT,
+    )
+    assert np.abs(ours - plain).max() <= 1
+
+
+def test_omni_edits_with_reference_images_as_diffusers_does(omni):
+    from pipeline.generate.modes import run_generation
+
+    blobs = _Blobs()
+    first, second = _photo(0), _photo(1)
+    spec = _spec(mode="edit", image=blobs.add(first), images=(blobs.add(second),))
+    model = omni["bf16"]
+    ours = _pixels(run_generation(model, [spec], blobs=blobs)[0][0])
+    plain = _plain(
+        model.pipe,
+        image=[first, second],
+        prompt=[PROMPT],
+        negative_prompt=[""],
+        guidance_scale=2.0,
+        num_inference_steps=2,
+        width=WIDTH,
+        height=HEIGHT,
+    )
+    assert np.abs(ours - plain).max() <= 1
+    # On an fp32 model too (diffusers' own call fails there: bf16 images, fp32 VAE); the
+    # references change the image.
+    edited = _pixels(run_generation(omni["fp32"], [spec], blobs=blobs)[0][0])
+    drawn = _pixels(run_generation(omni["fp32"], [_spec()])[0][0])
+    assert edited.shape == (HEIGHT, WIDTH, 3) and np.abs(edited - drawn).max() > 8
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (
+            dict(mode="img2img", image="a"),
+            "Z-Image Omni models cannot img2img; modes: edit, txt2img",
+        ),
+        (
+            dict(mode="edit", image="a", images=("b", "c", "d")),
+            "Z-Image Omni models edit with at most 3 input images; this job gave 4",
+        ),
+    ],
+)
+def test_omni_refuses_what_it_lacks_in_one_line(values, message):
+    from pipeline.contract.families import spec as family_spec
+    from pipeline.contract.jobs import JobError
+
+    with pytest.raises(JobError) as refused:
+        family_spec("zimage-omni").check_job(_spec(**values))
+    assert str(refused.value) == message

@@ -195,7 +195,7 @@ class Family:
         """The denoising loop's latents as [batch, channels, h, w] for the preview."""
         return latents
 
-    def call_context(self, width: int, height: int) -> Any:
+    def call_context(self, pipe: Any, width: int, height: int) -> Any:
         """A context every pipeline call of this family runs in (nothing by default)."""
         from contextlib import nullcontext
 

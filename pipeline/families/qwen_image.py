@@ -101,7 +101,7 @@ class QwenImageEdit(QwenImage):
             folder = Path(snapshot_download(source, allow_patterns=["processor/*"]))
         return {"processor": load_qwen_processor(folder / "processor")}
 
-    def call_context(self, width: int, height: int) -> Any:
+    def call_context(self, pipe: Any, width: int, height: int) -> Any:
         """The edit pipelines resize their inputs to ~1 MP whatever the output: here to
         the output's area (the same at 1024², much faster for small outputs)."""
         from pipeline.models.qwen_edit import edit_input_area

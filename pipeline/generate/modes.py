@@ -551,7 +551,7 @@ def _call(
         kind.prompt_conditioning(
             pipe, conditioning["samples"], steps, inputs.get("strength")
         ) as embeds,
-        kind.call_context(spec.width, spec.height),
+        kind.call_context(pipe, spec.width, spec.height),
         compiled.active(run.model, pipe),
     ):
         result = pipe(
