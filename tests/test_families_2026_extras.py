@@ -428,3 +428,105 @@ def test_omni_refuses_what_it_lacks_in_one_line(values, message):
     with pytest.raises(JobError) as refused:
         family_spec("zimage-omni").check_job(_spec(**values))
     assert str(refused.value) == message
+
+
+# --- 4. Lightning LoRA defaults --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lightning(models, tmp_path_factory):
+    """A LoRA for the tiny Qwen-Image saved by diffusers' own `save_lora_weights` (peft's
+    adapter on the transformer) under lightx2v's file name, and the same file carrying
+    the name in kohya's `ss_output_name` metadata only."""
+    import torch
+    from diffusers import QwenImagePipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.contract.jobs import LoraRef
+    from pipeline.loras.cache import LoraCache
+
+    root = tmp_path_factory.mktemp("lightning")
+    transformer = QwenImagePipeline.from_pretrained(
+        Path(models["qwen-image"].source)
+    ).transformer
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn_like(parameter) * 0.1)
+    QwenImagePipeline.save_lora_weights(
+        root,
+        transformer_lora_layers=get_peft_model_state_dict(transformer),
+        weight_name="Qwen-Image-Lightning-4steps-V1.0.safetensors",
+    )
+    named = root / "Qwen-Image-Lightning-4steps-V1.0.safetensors"
+    titled = root / "fast.safetensors"
+    save_file(
+        load_file(str(named)), str(titled), metadata={"ss_output_name": "Qwen-Image-Lightning-8steps"}
+    )
+    blobs = _Blobs()
+    refs = {
+        "named": LoraRef(named.stem, blobs.add_file(named)),
+        "titled": LoraRef("fast", blobs.add_file(titled)),
+    }
+    return {"blobs": blobs, "refs": refs, "cache": LoraCache(models["qwen-image"].pipe, max_bytes=1 << 30)}
+
+
+def _qwen(**values) -> GenerateSpec:
+    """A job with Qwen-Image's defaults (40 steps, true CFG 4) unless told otherwise."""
+    return _spec(**{"steps": 40, "cfg_scale": 4.0, **values})
+
+
+def test_a_lightning_lora_brings_its_steps_and_cfg_unless_the_job_chose_them():
+    from pipeline.contract.families import spec as family_spec
+    from pipeline.contract.jobs import LoraRef
+
+    qwen = family_spec("qwen-image-edit-plus")  # the edit models take Qwen-Image's LoRAs
+    named = LoraRef("Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16", "a")
+    job, said = qwen.with_lora_defaults(_qwen(loras=(named,)), {})
+    assert (job.steps, job.cfg_scale) == (4, 1.0)
+    assert said == (
+        "LoRA 'Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16' is made for 4 steps at CFG 1: "
+        "the job ran so (set steps or CFG to change it)",
+    )
+    # Known by its file's own title, however the member named it; no count: 8 steps.
+    titled = LoraRef("fast", "b")
+    job, _ = qwen.with_lora_defaults(_qwen(loras=(titled,)), {"b": ("qwen lightning",)})
+    assert (job.steps, job.cfg_scale) == (8, 1.0)
+    # Explicit settings win, and the member is told what the LoRA is made for.
+    job, said = qwen.with_lora_defaults(_qwen(loras=(named,), steps=12), {})
+    assert (job.steps, job.cfg_scale) == (12, 1.0)
+    assert said == (
+        "LoRA 'Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16' is made for 4 steps at CFG 1; "
+        "your 12 steps were kept",
+    )
+    # The LoRA's own settings chosen: nothing to say. No Lightning LoRA, or another family:
+    # nothing changes.
+    assert qwen.with_lora_defaults(_qwen(loras=(named,), steps=4, cfg_scale=1.0), {})[1] == ()
+    plain = _qwen(loras=(LoraRef("my-style", "c"),))
+    assert qwen.with_lora_defaults(plain, {}) == (plain, ())
+    zimage = _spec(steps=8, cfg_scale=1.0, loras=(named,))
+    assert family_spec("zimage").with_lora_defaults(zimage, {}) == (zimage, ())
+
+
+def test_a_lightning_lora_job_runs_as_if_its_steps_had_been_given(models, lightning):
+    from pipeline.generate.modes import run_generation
+
+    model, blobs, cache = models["qwen-image"], lightning["blobs"], lightning["cache"]
+    named, titled = lightning["refs"]["named"], lightning["refs"]["titled"]
+    out = run_generation(model, [_qwen(loras=(named,))], blobs=blobs, loras=cache)[0][0]
+    assert "Steps: 4," in out.infotext and "CFG scale: 1," in out.infotext
+    assert out.notices[0].startswith(f"LoRA '{named.name}' is made for 4 steps at CFG 1")
+    given = run_generation(
+        model, [_qwen(loras=(named,), steps=4, cfg_scale=1.0)], blobs=blobs, loras=cache
+    )[0][0]
+    assert _pixels(given).tolist() == _pixels(out).tolist()  # the same call: bit-exact
+    assert given.notices == ()
+    # Recognised by the file's metadata; in a batch with a plain job, each runs as alone.
+    plain = _qwen(seed=3)
+    batch = run_generation(model, [_qwen(loras=(titled,)), plain], blobs=blobs, loras=cache)
+    assert "Steps: 8," in batch[0][0].infotext and "Steps: 40," in batch[1][0].infotext
+    alone = run_generation(model, [plain], blobs=blobs, loras=cache)[0][0]
+    assert np.abs(_pixels(batch[1][0]) - _pixels(alone)).max() <= 2  # BATCH_TOLERANCE_LEVELS

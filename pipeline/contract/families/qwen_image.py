@@ -9,7 +9,15 @@ same layout, so a single file is read as Qwen-Image unless `family` says otherwi
 
 from __future__ import annotations
 
+import re
+from collections.abc import Collection
+
 from pipeline.contract.families.plain_text import TextTemplateSpec
+
+# lightx2v's Qwen-Image(-Edit, -2509, -2511) Lightning LoRAs, as they are named:
+# "Qwen-Image-Lightning-8steps-V1.1", "Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16".
+_LIGHTNING = re.compile(r"lightning", re.IGNORECASE)
+_STEPS = re.compile(r"(\d+)[-_ ]?steps?", re.IGNORECASE)
 
 
 class QwenImage(TextTemplateSpec):
@@ -22,6 +30,16 @@ class QwenImage(TextTemplateSpec):
     lora_key_pattern = r"transformer_blocks_\d+_(img_mlp|txt_mlp|img_mod|txt_mod)"
     index_class = "QwenImageTransformer2DModel"
     checkpoint_keys = (("txt_norm.weight",), ("transformer_blocks.0.img_mod.1.weight",))
+
+    @classmethod
+    def few_step_lora(cls, names: Collection[str]) -> int | None:
+        """A Lightning LoRA by name (the LoRA's, or its file's title): "Lightning" and
+        its step count ("4steps", "8-step"); without a count, 8 (the slower, surer one)."""
+        for name in names:
+            if _LIGHTNING.search(name):
+                found = _STEPS.search(name)
+                return int(found.group(1)) if found else 8
+        return None
 
 
 class QwenImageEdit(QwenImage):
