@@ -530,3 +530,67 @@ def test_a_lightning_lora_job_runs_as_if_its_steps_had_been_given(models, lightn
     assert "Steps: 8," in batch[0][0].infotext and "Steps: 40," in batch[1][0].infotext
     alone = run_generation(model, [plain], blobs=blobs, loras=cache)[0][0]
     assert np.abs(_pixels(batch[1][0]) - _pixels(alone)).max() <= 2  # BATCH_TOLERANCE_LEVELS
+
+
+# --- 5. the memory planner on the flow families' tiny models ---------------------------
+
+
+@pytest.fixture(scope="module", params=["flux", "zimage", "qwen-image", "flux2-klein"])
+def planned(request, tiny_2026, tmp_path_factory):
+    """(family, folder, its image at full precision with no plan) for each flow family."""
+    from pipeline.contract.config import config_from_dict
+    from pipeline.families.flux_tiny import write_tiny_flux
+    from pipeline.models.loading import load_model
+
+    family = request.param
+    if family == "flux":
+        folder = write_tiny_flux(tmp_path_factory.mktemp("flux") / "dev")
+    else:
+        folder = tiny_2026[family]
+    model = config_from_dict({"models": {"tiny": {"source": str(folder)}}}).models[0]
+    from pipeline.generate.modes import run_generation
+
+    [[reference]] = run_generation(load_model(model, device="cpu"), [_spec()])
+    return family, str(folder), _pixels(reference)
+
+
+@pytest.mark.parametrize(
+    ("mode", "text"),
+    [
+        ("full", "offload"),
+        ("full", "cpu"),
+        ("fp8", "device"),
+        ("offload", "offload"),
+        ("group", "offload"),
+        ("group", "cpu"),
+    ],
+)
+def test_each_memory_plan_on_a_flow_family_keeps_the_image(planned, mode, text):
+    """The plans test_memory_placement.py runs on tiny SD, on the transformers: diffusers'
+    layerwise casting, model/group offload and the text encoders' hooks (Qwen3, Qwen2.5-VL,
+    T5 beside CLIP). Measured max/mean levels for fp8: Flux.1 8/0.5, Z-Image 18/1.1,
+    Qwen-Image 4/0.3, klein 12/0.8 — within SD's bound."""
+    import torch
+
+    from pipeline.generate.modes import run_generation
+    from pipeline.models.loading import load_model
+    from tests.test_memory_placement import (
+        FP8_MAX_LEVELS,
+        FP8_MEAN_LEVELS,
+        MOVED_LEVELS,
+        forced_plan,
+    )
+
+    family, source, reference = planned
+    model, plan = forced_plan(source, family, mode, text)
+    loaded = load_model(model, device="cpu", plan=plan)
+    [[out]] = run_generation(loaded, [_spec()])
+    diff = np.abs(_pixels(out) - reference)
+    if mode == "fp8":
+        stored = {p.dtype for p in loaded.kind.denoiser(loaded.pipe).parameters()}
+        assert torch.float8_e4m3fn in stored  # the transformer really is held in fp8
+        assert diff.max() <= FP8_MAX_LEVELS and diff.mean() <= FP8_MEAN_LEVELS, (
+            f"{family} fp8: max {diff.max()}, mean {diff.mean():.2f} levels"
+        )
+    else:
+        assert diff.max() <= MOVED_LEVELS, f"{family} {mode}/{text}: {diff.max()} levels"
