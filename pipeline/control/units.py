@@ -1,8 +1,10 @@
 """ControlNets on a worker: loaded once, kept in an LRU cache by size, stacked per job.
 
-A job's units run through diffusers' ControlNet pipelines (txt2img, img2img, inpaint;
-SD 1.x and SDXL), derived from the loaded model with `from_pipe` so the base weights
-are shared. Several units stack as a `MultiControlNetModel` whose outputs add up; the
+A job's units run through diffusers' ControlNet pipelines (the family's per mode:
+`Family.control_pipelines`), derived from the loaded model with `from_pipe` so the base
+weights are shared; the family says which ControlNet class it loads and how its nets are
+stacked and called (Z-Image, Qwen-Image: one net, diffusers' arguments). On the UNet
+families several units stack as a `MultiControlNetModel` whose outputs add up; the
 stack also applies A1111's control modes per unit:
 
 - Balanced: the ControlNet's residuals as they are.
