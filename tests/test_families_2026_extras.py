@@ -14,32 +14,25 @@ import pytest
 from PIL import Image
 
 from pipeline.contract.jobs import GenerateSpec
+from tests.test_families_2026 import _Blobs as _ImageBlobs
+from tests.test_families_2026 import _pixels, _plain
+from tests.test_memory_placement import PLANS
 
 WIDTH, HEIGHT = 96, 64  # not square: a preview must keep the image's aspect
 PROMPT = "a photo of a cat"
 
 
-class _Blobs:
-    """Input photos by sha256, as the Runner's blob store hands them to a job."""
+class _Blobs(_ImageBlobs):
+    """Input photos by sha256 (test_families_2026's), and LoRA files by sha256."""
 
     def __init__(self) -> None:
-        self.data: dict[str, bytes] = {}
+        super().__init__()
         self.files: dict[str, Path] = {}
-
-    def add(self, image: Image.Image) -> str:
-        buffer = io.BytesIO()
-        image.save(buffer, "PNG")
-        sha = hashlib.sha256(buffer.getvalue()).hexdigest()
-        self.data[sha] = buffer.getvalue()
-        return sha
 
     def add_file(self, path: Path) -> str:
         sha = hashlib.sha256(path.read_bytes()).hexdigest()
         self.files[sha] = path
         return sha
-
-    def get(self, sha: str) -> bytes:
-        return self.data[sha]
 
     def path(self, sha: str) -> Path:
         return self.files[sha]
@@ -55,19 +48,6 @@ def _spec(**values) -> GenerateSpec:
         prompt=PROMPT, sampler="Euler", steps=2, cfg_scale=2.0, width=WIDTH, height=HEIGHT, seed=7
     )
     return GenerateSpec(**{**base, **values})
-
-
-def _pixels(output) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(output.png)).convert("RGB"), dtype=np.int16)
-
-
-def _plain(pipe, **call) -> np.ndarray:
-    """Plain diffusers' call with the job's seed: the reference our engine must equal."""
-    import torch
-
-    with torch.inference_mode():
-        image = pipe(generator=[torch.Generator("cpu").manual_seed(7)], **call).images[0]
-    return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
 @pytest.fixture(scope="module")
@@ -176,65 +156,52 @@ def _unit(name: str, image: str, **values):
     return ControlUnit(name=name, image=image, **values)
 
 
-def test_a_zimage_controlnet_unit_equals_diffusers_controlnet_pipeline(models, control):
+@pytest.mark.parametrize(
+    "name, unit, call",
+    [
+        (
+            "zimage",
+            dict(weight=0.8),  # Z-Image's pipeline has no guidance window
+            dict(negative_prompt=[""], guidance_scale=2.0, controlnet_conditioning_scale=0.8),
+        ),
+        (
+            "qwen-image",
+            dict(weight=0.7, guidance_end=0.5),
+            dict(
+                negative_prompt=[" "],
+                true_cfg_scale=2.0,
+                controlnet_conditioning_scale=0.7,
+                control_guidance_start=0.0,
+                control_guidance_end=0.5,
+            ),
+        ),
+    ],
+)
+def test_a_controlnet_unit_equals_diffusers_controlnet_pipeline(models, control, name, unit, call):
     import diffusers
 
     from pipeline.generate.modes import run_generation
 
-    model = models["zimage"]
-    unit = _unit("z", control["shas"]["first"], weight=0.8)
-    spec = _spec(control=(unit,))
+    model, prefix = models[name], {"zimage": "ZImage", "qwen-image": "QwenImage"}[name]
+    spec = _spec(control=(_unit(name[0], control["shas"]["first"], **unit),))
     ours = _pixels(
         run_generation(model, [spec], blobs=control["blobs"], control=control["cache"])[0][0]
     )
-    net = diffusers.ZImageControlNetModel.from_pretrained(control["folders"]["zimage"])
-    pipe = diffusers.ZImageControlNetPipeline.from_pipe(model.pipe, controlnet=net)
+    # diffusers' own classes, as its docs call them
+    net = getattr(diffusers, f"{prefix}ControlNetModel").from_pretrained(control["folders"][name])
+    pipe = getattr(diffusers, f"{prefix}ControlNetPipeline").from_pipe(model.pipe, controlnet=net)
     plain = _plain(
         pipe,
         prompt=[PROMPT],
-        negative_prompt=[""],
         control_image=control["maps"]["first"],
-        controlnet_conditioning_scale=0.8,
-        guidance_scale=2.0,
         num_inference_steps=2,
         width=WIDTH,
         height=HEIGHT,
+        **call,
     )
     assert np.abs(ours - plain).max() <= 1  # levels: the PNG round trip only
     without = _pixels(run_generation(model, [_spec()])[0][0])
     assert np.abs(ours - without).max() > 8  # the unit did something
-
-
-def test_a_qwen_image_controlnet_unit_with_its_window_equals_diffusers(models, control):
-    import diffusers
-
-    from pipeline.generate.modes import run_generation
-
-    model = models["qwen-image"]
-    unit = _unit("q", control["shas"]["first"], weight=0.7, guidance_end=0.5)
-    ours = _pixels(
-        run_generation(
-            model, [_spec(control=(unit,))], blobs=control["blobs"], control=control["cache"]
-        )[0][0]
-    )
-    net = diffusers.QwenImageControlNetModel.from_pretrained(control["folders"]["qwen-image"])
-    pipe = diffusers.QwenImageControlNetPipeline.from_pipe(model.pipe, controlnet=net)
-    plain = _plain(
-        pipe,
-        prompt=[PROMPT],
-        negative_prompt=[" "],
-        true_cfg_scale=2.0,
-        control_image=control["maps"]["first"],
-        controlnet_conditioning_scale=0.7,
-        control_guidance_start=0.0,
-        control_guidance_end=0.5,
-        num_inference_steps=2,
-        width=WIDTH,
-        height=HEIGHT,
-    )
-    assert np.abs(ours - plain).max() <= 1
-    without = _pixels(run_generation(model, [_spec()])[0][0])
-    assert np.abs(ours - without).max() > 8
 
 
 def test_controlnet_infotext_names_the_unit_on_the_new_families(models, control):
@@ -244,7 +211,7 @@ def test_controlnet_infotext_names_the_unit_on_the_new_families(models, control)
     out = run_generation(
         models["zimage"], [_spec(control=(unit,))], blobs=control["blobs"], control=control["cache"]
     )[0][0]
-    assert "ControlNet 0: \"Module: none, Model: z [" in out.infotext
+    assert 'ControlNet 0: "Module: none, Model: z [' in out.infotext
 
 
 @pytest.mark.parametrize(
@@ -311,9 +278,7 @@ def test_a_controlnet_of_another_family_or_a_single_file_is_refused_by_name(
     from pipeline.control.units import ControlNetCache
 
     one_file = tmp_path / "qwen-controlnet.safetensors"
-    shutil.copy(
-        control["folders"]["qwen-image"] / "diffusion_pytorch_model.safetensors", one_file
-    )
+    shutil.copy(control["folders"]["qwen-image"] / "diffusion_pytorch_model.safetensors", one_file)
     config = config_from_dict(
         {
             "models": {"z": {"source": "/nowhere"}},
@@ -370,16 +335,13 @@ def test_omni_txt2img_equals_plain_diffusers(omni):
 
     model = omni["fp32"]
     ours = _pixels(run_generation(model, [_spec()])[0][0])
-    plain = _plain(
-        model.pipe,
-        prompt=[PROMPT],
-        negative_prompt=[""],
-        guidance_scale=2.0,
-        num_inference_steps=2,
-        width=WIDTH,
-        height=HEIGHT,
-    )
-    assert np.abs(ours - plain).max() <= 1
+    assert np.abs(ours - _omni_plain(model.pipe)).max() <= 1
+
+
+def _omni_plain(pipe, **images) -> np.ndarray:
+    """`ZImageOmniPipeline` called as our job calls it (CFG 2, an empty negative)."""
+    call = dict(prompt=[PROMPT], negative_prompt=[""], guidance_scale=2.0)
+    return _plain(pipe, num_inference_steps=2, width=WIDTH, height=HEIGHT, **call, **images)
 
 
 def test_omni_edits_with_reference_images_as_diffusers_does(omni):
@@ -390,17 +352,7 @@ def test_omni_edits_with_reference_images_as_diffusers_does(omni):
     spec = _spec(mode="edit", image=blobs.add(first), images=(blobs.add(second),))
     model = omni["bf16"]
     ours = _pixels(run_generation(model, [spec], blobs=blobs)[0][0])
-    plain = _plain(
-        model.pipe,
-        image=[first, second],
-        prompt=[PROMPT],
-        negative_prompt=[""],
-        guidance_scale=2.0,
-        num_inference_steps=2,
-        width=WIDTH,
-        height=HEIGHT,
-    )
-    assert np.abs(ours - plain).max() <= 1
+    assert np.abs(ours - _omni_plain(model.pipe, image=[first, second])).max() <= 1
     # On an fp32 model too (diffusers' own call fails there: bf16 images, fp32 VAE); the
     # references change the image.
     edited = _pixels(run_generation(omni["fp32"], [spec], blobs=blobs)[0][0])
@@ -447,9 +399,7 @@ def lightning(models, tmp_path_factory):
     from pipeline.loras.cache import LoraCache
 
     root = tmp_path_factory.mktemp("lightning")
-    transformer = QwenImagePipeline.from_pretrained(
-        Path(models["qwen-image"].source)
-    ).transformer
+    transformer = QwenImagePipeline.from_pretrained(Path(models["qwen-image"].source)).transformer
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k"]))
     torch.manual_seed(0)
     with torch.no_grad():
@@ -464,14 +414,20 @@ def lightning(models, tmp_path_factory):
     named = root / "Qwen-Image-Lightning-4steps-V1.0.safetensors"
     titled = root / "fast.safetensors"
     save_file(
-        load_file(str(named)), str(titled), metadata={"ss_output_name": "Qwen-Image-Lightning-8steps"}
+        load_file(str(named)),
+        str(titled),
+        metadata={"ss_output_name": "Qwen-Image-Lightning-8steps"},
     )
     blobs = _Blobs()
     refs = {
         "named": LoraRef(named.stem, blobs.add_file(named)),
         "titled": LoraRef("fast", blobs.add_file(titled)),
     }
-    return {"blobs": blobs, "refs": refs, "cache": LoraCache(models["qwen-image"].pipe, max_bytes=1 << 30)}
+    return {
+        "blobs": blobs,
+        "refs": refs,
+        "cache": LoraCache(models["qwen-image"].pipe, max_bytes=1 << 30),
+    }
 
 
 def _qwen(**values) -> GenerateSpec:
@@ -554,17 +510,7 @@ def planned(request, tiny_2026, tmp_path_factory):
     return family, str(folder), _pixels(reference)
 
 
-@pytest.mark.parametrize(
-    ("mode", "text"),
-    [
-        ("full", "offload"),
-        ("full", "cpu"),
-        ("fp8", "device"),
-        ("offload", "offload"),
-        ("group", "offload"),
-        ("group", "cpu"),
-    ],
-)
+@pytest.mark.parametrize(("mode", "text"), PLANS)
 def test_each_memory_plan_on_a_flow_family_keeps_the_image(planned, mode, text):
     """The plans test_memory_placement.py runs on tiny SD, on the transformers: diffusers'
     layerwise casting, model/group offload and the text encoders' hooks (Qwen3, Qwen2.5-VL,

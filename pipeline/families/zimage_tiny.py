@@ -43,20 +43,24 @@ def _transformer(caption_width: int, siglip_width: int | None = None):
     return transformer
 
 
+def _components(siglip_width: int | None = None) -> dict:
+    """Z-Image's parts (each seeded on its own, so the same in any order)."""
+    tokenizer = tokenizers.qwen_tokenizer(qwen3=True)
+    return dict(
+        scheduler=common.flow_scheduler(**SCHEDULER),
+        vae=common.vae_8x(latent_channels=16, **VAE_SCALING),
+        text_encoder=common.qwen3_text_encoder(tokenizer, causal_lm=False),
+        tokenizer=tokenizer,
+        transformer=_transformer(caption_width=16, siglip_width=siglip_width),
+    )
+
+
 def write_tiny_zimage(directory: str | Path) -> Path:
     """Write a tiny Z-Image folder that `DiffusionPipeline.from_pretrained` loads as
     ZImagePipeline. Deterministic: the same call gives the same files."""
     from diffusers import ZImagePipeline
 
-    tokenizer = tokenizers.qwen_tokenizer(qwen3=True)
-    pipe = ZImagePipeline(
-        scheduler=common.flow_scheduler(**SCHEDULER),
-        vae=common.vae_8x(latent_channels=16, **VAE_SCALING),
-        text_encoder=common.qwen3_text_encoder(tokenizer, causal_lm=False),
-        tokenizer=tokenizer,
-        transformer=_transformer(caption_width=16),
-    )
-    return common.save_pipeline(pipe, directory)
+    return common.save_pipeline(ZImagePipeline(**_components()), directory)
 
 
 def _siglip():
@@ -83,13 +87,8 @@ def write_tiny_zimage_omni(directory: str | Path) -> Path:
         Siglip2ImageProcessorPil,
     )
 
-    tokenizer = tokenizers.qwen_tokenizer(qwen3=True)
     pipe = ZImageOmniPipeline(
-        scheduler=common.flow_scheduler(**SCHEDULER),
-        vae=common.vae_8x(latent_channels=16, **VAE_SCALING),
-        text_encoder=common.qwen3_text_encoder(tokenizer, causal_lm=False),
-        tokenizer=tokenizer,
-        transformer=_transformer(caption_width=16, siglip_width=SIGLIP_WIDTH),
+        **_components(siglip_width=SIGLIP_WIDTH),
         siglip=_siglip(),
         # the PIL processor (no torchvision), named as the Hub's folders name it
         siglip_processor=Siglip2ImageProcessorPil(
