@@ -109,7 +109,7 @@ def test_config_names_the_families() -> None:
     with pytest.raises(
         ConfigError,
         match=r"family must be auto, flux, flux2-klein, qwen-image, "
-        r"qwen-image-edit, qwen-image-edit-plus, sd1, sdxl or zimage",
+        r"qwen-image-edit, qwen-image-edit-plus, sd1, sdxl, zimage or zimage-omni",
     ):
         config_from_dict({"models": {"m": {"source": "x", "family": "sd3"}}})
 

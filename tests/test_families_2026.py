@@ -339,7 +339,7 @@ class _Steps(list):
 def test_progress_previews_where_the_family_has_factors(models):
     from pipeline.generate.modes import run_generation
 
-    for name, has_preview in (("zimage", True), ("qwen-image", False), ("flux2-klein", False)):
+    for name, has_preview in (("zimage", True), ("qwen-image", True), ("flux2-klein", True)):
         steps = _Steps()
         run_generation(models[name], [_spec()], on_step=steps.append_args, preview_every=1)
         assert [(done, total) for done, total, _ in steps] == [(1, 2), (2, 2)]

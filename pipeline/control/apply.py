@@ -27,7 +27,7 @@ from pipeline.contract.images import open_image
 from pipeline.contract.jobs import GenerateSpec, JobError
 from pipeline.control.ip_adapter import IPAdapters, weights_file
 from pipeline.control.preprocessors import fit, run_preprocessor
-from pipeline.control.units import ControlNetCache, control_pipeline, file_hash, make_stack
+from pipeline.control.units import ControlNetCache, control_pipeline, file_hash, stack_units
 
 MAX_CONTROL_PIXELS = 4096 * 4096
 
@@ -94,7 +94,7 @@ def applied(
     if live:
         denoiser = model.kind.denoiser(pipe)
         nets = [cache.nets(model).get(u.name, denoiser, model.family) for u in live]
-        stack = make_stack(nets, [u.control_mode for u in live], cfg)
+        stack = stack_units(model.kind, nets, [u.control_mode for u in live], cfg)
         index = {id(u): j for j, u in enumerate(spec.control)}
         maps: dict[tuple, Image.Image] = {}
         images = [
@@ -107,10 +107,7 @@ def applied(
             for u in live
         ]
         pipe = control_pipeline(pipe, model.kind.control_pipeline_class(kind), stack)
-        extra["image" if kind == "txt2img" else "control_image"] = [_batch(i) for i in images]
-        extra["controlnet_conditioning_scale"] = [float(u.weight) for u in live]
-        extra["control_guidance_start"] = [float(u.guidance_start) for u in live]
-        extra["control_guidance_end"] = [float(u.guidance_end) for u in live]
+        extra.update(model.kind.control_arguments(kind, [_batch(i) for i in images], live))
     with ExitStack() as stack_cm:
         if spec.reference is not None:
             adapters = cache.ip_adapters(model, pipe)

@@ -14,10 +14,10 @@ from pipeline.families.flux2_klein import Flux2Klein
 from pipeline.families.qwen_image import QwenImage, QwenImageEdit, QwenImageEditPlus
 from pipeline.families.sd1 import SD1
 from pipeline.families.sdxl import SDXL
-from pipeline.families.zimage import ZImage
+from pipeline.families.zimage import ZImage, ZImageOmni
 
 # Most specific first: an SDXL pipeline also holds every SD 1.x component; the edit
-# pipelines hold Qwen-Image's transformer.
+# pipelines hold Qwen-Image's transformer, Omni's Z-Image's.
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
@@ -27,6 +27,7 @@ FAMILIES: dict[str, Family] = {
         QwenImageEditPlus(),
         QwenImageEdit(),
         QwenImage(),
+        ZImageOmni(),
         ZImage(),
         Flux2Klein(),
     )

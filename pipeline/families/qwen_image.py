@@ -19,14 +19,47 @@ from pipeline.families.text_template import TextTemplateFamily
 class QwenImage(TextTemplateFamily):
     spec = SPEC
     transformer_class = "QwenImageTransformer2DModel"
+    # Its VAE is Wan 2.1's: ComfyUI's latent_formats.Wan21 (which its QwenImage model
+    # uses) maps the 16 normalised channels to RGB. The loop's latents are 2×2-packed
+    # tokens; `FlowFamily.preview_latents` unpacks them to [batch, 16, h/8, w/8] (the
+    # VAE's frame axis exists only around encode and decode).
+    preview_factors = (
+        (-0.1299, -0.1692, 0.2932),
+        (0.0671, 0.0406, 0.0442),
+        (0.3568, 0.2548, 0.1747),
+        (0.0372, 0.2344, 0.1420),
+        (0.0313, 0.0189, -0.0328),
+        (0.0296, -0.0956, -0.0665),
+        (-0.3477, -0.4059, -0.2925),
+        (0.0166, 0.1902, 0.1975),
+        (-0.0412, 0.0267, -0.1364),
+        (-0.1293, 0.0740, 0.1636),
+        (0.0680, 0.3019, 0.1128),
+        (0.0032, 0.0581, 0.0639),
+        (-0.1251, 0.0927, 0.1699),
+        (0.0060, -0.0633, 0.0005),
+        (0.3477, 0.2275, 0.2950),
+        (0.1984, 0.0913, 0.1861),
+    )
+    preview_bias = (-0.1835, -0.0868, -0.3360)
     pipelines = {
         "txt2img": "QwenImagePipeline",
         "img2img": "QwenImageImg2ImgPipeline",
         "inpaint": "QwenImageInpaintPipeline",
     }
 
+    # InstantX's Qwen-Image ControlNet(-Union), one per job (diffusers' multi-ControlNet
+    # of this family runs a single union net); its inpainting ControlNet is another kind
+    # (the mask goes into the net).
+    control_pipelines = {"txt2img": "QwenImageControlNetPipeline"}
+    controlnet_class = "QwenImageControlNetModel"
+
     def owns(self, pipe: Any) -> bool:
         return super().owns(pipe) and getattr(pipe, "processor", None) is None
+
+    def controlnet_fits(self, net: Any, denoiser: Any) -> bool:
+        keys = ("joint_attention_dim", "in_channels", "num_attention_heads", "attention_head_dim")
+        return all(net.config[k] == denoiser.config[k] for k in keys)
 
     def guidance_arguments(self, spec: Any) -> dict[str, Any]:
         # True CFG runs only with a negative prompt; CFG 1 is one pass.
@@ -46,6 +79,7 @@ class QwenImageEdit(QwenImage):
         "edit": "QwenImageEditPipeline",
         "inpaint": "QwenImageEditInpaintPipeline",
     }
+    control_pipelines: dict[str, str] = {}  # no ControlNet pipeline edits
 
     def owns(self, pipe: Any) -> bool:
         return TextTemplateFamily.owns(self, pipe) and type(pipe).__name__.startswith(
@@ -67,7 +101,7 @@ class QwenImageEdit(QwenImage):
             folder = Path(snapshot_download(source, allow_patterns=["processor/*"]))
         return {"processor": load_qwen_processor(folder / "processor")}
 
-    def call_context(self, width: int, height: int) -> Any:
+    def call_context(self, pipe: Any, width: int, height: int) -> Any:
         """The edit pipelines resize their inputs to ~1 MP whatever the output: here to
         the output's area (the same at 1024², much faster for small outputs)."""
         from pipeline.models.qwen_edit import edit_input_area

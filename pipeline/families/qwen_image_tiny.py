@@ -152,3 +152,23 @@ def write_tiny_qwen_image(directory: str | Path, *, variant: str = "image") -> P
     common.save_pipeline(pipeline_class(**components, processor=_processor(tokenizer)), directory)
     _as_hub_layout(directory)
     return directory
+
+
+def write_tiny_qwen_controlnet(model_dir: str | Path, directory: str | Path) -> Path:
+    """A tiny `QwenImageControlNetModel` that fits the tiny Qwen-Image at `model_dir`,
+    made from its transformer as diffusers' `from_transformer` makes one (InstantX's
+    Qwen-Image ControlNet-Union layout: a few transformer blocks, the control image's
+    packed latents in)."""
+    from diffusers import QwenImageControlNetModel, QwenImageTransformer2DModel
+
+    transformer = QwenImageTransformer2DModel.from_pretrained(Path(model_dir) / "transformer")
+    common.seeded(0)
+    net = QwenImageControlNetModel.from_transformer(
+        transformer,
+        num_layers=1,
+        attention_head_dim=transformer.config.attention_head_dim,
+        num_attention_heads=transformer.config.num_attention_heads,
+    )
+    common.wake_zero_layers([*net.controlnet_blocks, net.controlnet_x_embedder])
+    net.save_pretrained(Path(directory), safe_serialization=True)
+    return Path(directory)

@@ -22,6 +22,9 @@ class TextTemplateFamily(FlowFamily):
     # kohya / musubi-tuner name the transformer's modules `lora_unet_<path with _>`.
     lora_prefixes = {"transformer": "lora_unet_", "text_encoder": "lora_te_"}
     prompt_chunks = False  # the pipeline pads every prompt to its own length
+    # diffusers loads these families' ControlNets from folders; a single file's layout
+    # (alibaba-pai's, InstantX's) needs diffusers' converter and a config from the Hub.
+    controlnet_single_files = False
 
     def owns(self, pipe: Any) -> bool:
         denoiser = getattr(pipe, self.denoiser_name, None)
@@ -57,6 +60,20 @@ class TextTemplateFamily(FlowFamily):
                 renames[f"diffusion_model.{path}"] = ours
                 renames["lycoris_" + path.replace(".", "_")] = ours
         return renames
+
+    def stack_controlnets(self, nets: list[Any]) -> Any:
+        # One net per job (`TextTemplateSpec.max_control_units`): these pipelines take
+        # it alone (Qwen-Image's multi-ControlNet runs a single union net too).
+        return nets[0]
+
+    def control_arguments(self, mode: str, images: list[Any], units: Sequence[Any]) -> dict:
+        unit = units[0]
+        return {
+            "control_image": images[0],
+            "controlnet_conditioning_scale": float(unit.weight),
+            "control_guidance_start": float(unit.guidance_start),
+            "control_guidance_end": float(unit.guidance_end),
+        }
 
     def _cut(self, pipe: Any, text: str) -> list[str]:
         limit = self.spec.max_prompt_tokens  # type: ignore[attr-defined]

@@ -4,7 +4,12 @@ Flux.1's VAE; CFG as `guidance_scale` (Turbo: 1, no second pass). Torch-free hal
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
 from pipeline.contract.families.zimage import ZImage as SPEC
+from pipeline.contract.families.zimage import ZImageOmni as OMNI_SPEC
 from pipeline.families.flux import Flux
 from pipeline.families.text_template import TextTemplateFamily
 
@@ -21,3 +26,48 @@ class ZImage(TextTemplateFamily):
         "img2img": "ZImageImg2ImgPipeline",
         "inpaint": "ZImageInpaintPipeline",
     }
+    # alibaba-pai's Z-Image-Turbo-Fun-Controlnet-Union, at every step (the pipeline has
+    # no guidance window; the spec refuses one: `contract/families/zimage.py`).
+    control_pipelines = {"txt2img": "ZImageControlNetPipeline"}
+    controlnet_class = "ZImageControlNetModel"
+
+    def controlnet_fits(self, net: Any, denoiser: Any) -> bool:
+        # (its control input may be wider than the latents: Union 2.0 adds the mask)
+        mine, theirs = net.config, denoiser.config
+        return (mine.dim, mine.n_heads, mine.n_kv_heads) == (
+            theirs.dim,
+            theirs.n_heads,
+            theirs.n_kv_heads,
+        )
+
+    def control_arguments(self, mode: str, images: list[Any], units: Sequence[Any]) -> dict:
+        return {"control_image": images[0], "controlnet_conditioning_scale": units[0].weight}
+
+
+class ZImageOmni(ZImage):
+    """Z-Image Omni: txt2img and editing with reference images through one pipeline
+    (its images: `TextTemplateFamily.edit_inputs`)."""
+
+    spec = OMNI_SPEC
+    pipelines = {"txt2img": "ZImageOmniPipeline", "edit": "ZImageOmniPipeline"}
+    control_pipelines: dict[str, str] = {}
+
+    def owns(self, pipe: Any) -> bool:
+        return super().owns(pipe) and getattr(pipe, "siglip", None) is not None
+
+    @contextmanager
+    def call_context(self, pipe: Any, width: int, height: int) -> Iterator[None]:
+        """diffusers 0.42's `ZImageOmniPipeline.prepare_image_latents` hands the VAE its
+        input images as bfloat16 whatever the VAE's dtype (it runs only on a bf16 model):
+        the VAE gets them in its own dtype (the same call on a bf16 model)."""
+        vae = pipe.vae
+        encode = vae.encode
+
+        def in_vae_dtype(image: Any, *args: Any, **kwargs: Any) -> Any:
+            return encode(image.to(vae.dtype), *args, **kwargs)
+
+        vae.encode = in_vae_dtype
+        try:
+            yield
+        finally:
+            del vae.encode  # the class's method again

@@ -93,6 +93,30 @@ def run_generation(
     specs = [spec if spec.seed is not None else spec.with_seed() for spec in specs]
     if not specs:
         return []
+    # A few-step LoRA (Qwen-Image's Lightning) brings its steps and CFG where the job has
+    # the family's defaults; jobs of a batch that now differ run as their own batches.
+    changed = [model.kind.spec.with_lora_defaults(s, _lora_titles(blobs, s)) for s in specs]
+    specs = [spec for spec, _ in changed]
+    said = [notices for _, notices in changed]
+    if len(specs) > 1 and len({s.batch_key() for s in specs}) > 1 and any(said):
+        groups: dict[str, list[int]] = {}
+        for i, s in enumerate(specs):
+            groups.setdefault(s.batch_key(), []).append(i)
+        results: list[list[OutputImage]] = [[] for _ in specs]
+        for members in groups.values():
+            outputs = run_generation(
+                model,
+                [specs[i] for i in members],
+                blobs=blobs,
+                loras=loras,
+                on_step=on_step,
+                should_cancel=should_cancel,
+                preview_every=preview_every,
+                control=control,
+            )
+            for i, images in zip(members, outputs):
+                results[i] = [_told(image, said[i]) for image in images]
+        return results
     run = _Run(model, on_step, should_cancel, preview_every, control)
     if len(specs) > 1:
         keys = {spec.batch_key() for spec in specs}
@@ -129,13 +153,40 @@ def run_generation(
                 img,
                 seed,
                 hashes,
-                _lora_notices(loras, s) + model.kind.prompt_notices(model.pipe, s),
+                told + _lora_notices(loras, s) + model.kind.prompt_notices(model.pipe, s),
                 _control_infotext(control, s, model),
             )
             for img, seed in zip(images, s.seeds())
         ]
-        for s, images in zip(specs, results)
+        for s, images, told in zip(specs, results, said)
     ]
+
+
+def _lora_titles(blobs, spec: GenerateSpec) -> dict[str, tuple[str, ...]]:
+    """Each LoRA file's own names for itself (kohya's `ss_output_name`, the model spec's
+    title), which tell a distillation LoRA however the member named it."""
+    if not spec.loras or blobs is None:
+        return {}
+    from safetensors import safe_open
+
+    titles = {}
+    for ref in spec.loras:
+        try:
+            with safe_open(str(blobs.path(ref.sha256)), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception:  # noqa: BLE001 - an unreadable file is refused by the LoRA cache
+            meta = {}
+        titles[ref.sha256] = tuple(meta[k] for k in _LORA_TITLE_KEYS if meta.get(k))
+    return titles
+
+
+_LORA_TITLE_KEYS = ("ss_output_name", "modelspec.title", "name")
+
+
+def _told(output: OutputImage, notices: tuple[str, ...]) -> OutputImage:
+    from dataclasses import replace
+
+    return replace(output, notices=notices + output.notices) if notices else output
 
 
 def _lora_notices(loras: Any, spec: GenerateSpec) -> tuple[str, ...]:
@@ -551,7 +602,7 @@ def _call(
         kind.prompt_conditioning(
             pipe, conditioning["samples"], steps, inputs.get("strength")
         ) as embeds,
-        kind.call_context(spec.width, spec.height),
+        kind.call_context(pipe, spec.width, spec.height),
         compiled.active(run.model, pipe),
     ):
         result = pipe(
@@ -598,7 +649,7 @@ def _input_image(sha: str | None, blobs, name: str) -> Image.Image:
 def latent_preview(latents: torch.Tensor, family: Family, max_side: int = 256) -> bytes | None:
     """The first sample's latents as a small JPEG, projected to RGB by the family's fixed
     matrix (A1111's "Approx cheap" preview: no model, one matmul); None for a family
-    without one yet (Qwen-Image's and Flux.2's latents)."""
+    without factors."""
     factors, bias = family.preview_factors, family.preview_bias
     if not factors:
         return None

@@ -107,6 +107,46 @@ class FamilySpec:
             )
 
     @classmethod
+    def few_step_lora(cls, names: Collection[str]) -> int | None:
+        """The steps a distillation LoRA is made for, recognised by its names (the LoRA's
+        name and its file's title); None: not one this family knows."""
+        return None
+
+    @classmethod
+    def with_lora_defaults(
+        cls, spec: GenerateSpec, names: Mapping[str, Collection[str]]
+    ) -> tuple[GenerateSpec, tuple[str, ...]]:
+        """The job with a few-step LoRA's defaults (its steps, CFG 1) where the job has
+        the family's defaults, and what the member is told; a setting other than the
+        family's default was chosen, and wins. `names`: each LoRA's sha256 → its names."""
+        import dataclasses
+
+        for ref in spec.loras:
+            steps = cls.few_step_lora([ref.name, *names.get(ref.sha256, ())])
+            if steps is not None:
+                break
+        else:
+            return spec, ()
+        changes: dict[str, Any] = {}
+        kept = []
+        if spec.steps == cls.default_steps:
+            changes["steps"] = steps
+        elif spec.steps != steps:
+            kept.append(f"{spec.steps} steps")
+        if spec.cfg_scale == cls.default_cfg:
+            changes["cfg_scale"] = 1.0
+        elif spec.cfg_scale != 1.0:
+            kept.append(f"CFG {spec.cfg_scale:g}")
+        if not changes and not kept:
+            return spec, ()  # the member chose the LoRA's own settings
+        made_for = f"LoRA '{ref.name}' is made for {steps} steps at CFG 1"
+        if kept:
+            said = f"{made_for}; your {' and '.join(kept)} were kept"
+        else:
+            said = f"{made_for}: the job ran so (set steps or CFG to change it)"
+        return dataclasses.replace(spec, **changes), (said,)
+
+    @classmethod
     def check_size(cls, width: int, height: int) -> None:
         for name, value in (("width", width), ("height", height)):
             if value % cls.size_multiple:

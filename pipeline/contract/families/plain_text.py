@@ -73,6 +73,14 @@ class TextTemplateSpec(FlowSpec):
     train_resolution = 1024
     options = frozenset({"negative_prompt", "cfg_scale", "face_fix"})
     max_prompt_tokens: ClassVar[int] = 512  # the pipelines' max_sequence_length
+    # ControlNets (where `options` has "control"): the modes diffusers has a ControlNet
+    # pipeline for, the units one job may use (one: the published ControlNets are "union"
+    # nets, and diffusers' pipelines of these families run one), and whether a unit's
+    # guidance window (start/end) applies. sd-webui-controlnet's control modes are UNet
+    # residual tricks: these transformers take "Balanced" only.
+    control_modes: ClassVar[frozenset[str]] = frozenset({"txt2img"})
+    max_control_units: ClassVar[int] = 1
+    control_window: ClassVar[bool] = True
     # A LoRA key (dots and underscores alike) that only this family's transformer has.
     lora_key_pattern: ClassVar[str] = ""
     # How a model file is recognised: a model_index.json listing `index_class`, or a
@@ -97,6 +105,35 @@ class TextTemplateSpec(FlowSpec):
         check_plain_prompt(cls.label, spec.prompt, spec.negative_prompt)
         if spec.negative_prompt.strip() and "negative_prompt" not in cls.options:
             cls.check_option("negative_prompt")
+        if spec.control:
+            cls.check_control(spec)
+
+    @classmethod
+    def check_control(cls, spec: GenerateSpec) -> None:
+        """A job's ControlNet units as this family's pipelines can run them."""
+        cls.check_option("control")
+        if spec.mode not in cls.control_modes:
+            raise JobError(
+                f"{cls.label} ControlNets work for {', '.join(sorted(cls.control_modes))} "
+                f"only; this job is {spec.mode}"
+            )
+        if len(spec.control) > cls.max_control_units:
+            most = cls.max_control_units
+            raise JobError(
+                f"{cls.label} models take at most {most} ControlNet unit"
+                f"{'s' if most > 1 else ''} per job; this job gave {len(spec.control)}"
+            )
+        for unit in spec.control:
+            if unit.control_mode != "Balanced":
+                raise JobError(
+                    f"{cls.label} ControlNets have no control modes (they are SD's); "
+                    f"unit '{unit.name}' must use Balanced"
+                )
+            if not cls.control_window and (unit.guidance_start, unit.guidance_end) != (0, 1):
+                raise JobError(
+                    f"{cls.label} ControlNets act on every step: unit '{unit.name}' cannot "
+                    "set guidance start/end"
+                )
 
     @classmethod
     def matches_lora_keys(cls, keys: Collection[str]) -> bool:

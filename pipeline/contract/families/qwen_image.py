@@ -9,7 +9,15 @@ same layout, so a single file is read as Qwen-Image unless `family` says otherwi
 
 from __future__ import annotations
 
+import re
+from collections.abc import Collection
+
 from pipeline.contract.families.plain_text import TextTemplateSpec
+
+# lightx2v's Qwen-Image(-Edit, -2509, -2511) Lightning LoRAs, as they are named:
+# "Qwen-Image-Lightning-8steps-V1.1", "Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16".
+_LIGHTNING = re.compile(r"lightning", re.IGNORECASE)
+_STEPS = re.compile(r"(\d+)[-_ ]?steps?", re.IGNORECASE)
 
 
 class QwenImage(TextTemplateSpec):
@@ -18,15 +26,27 @@ class QwenImage(TextTemplateSpec):
     label = "Qwen-Image"
     default_steps = 40
     default_cfg = 4.0  # true CFG: the transformer runs twice per step
+    options = TextTemplateSpec.options | {"control"}  # InstantX's ControlNets
     lora_key_pattern = r"transformer_blocks_\d+_(img_mlp|txt_mlp|img_mod|txt_mod)"
     index_class = "QwenImageTransformer2DModel"
     checkpoint_keys = (("txt_norm.weight",), ("transformer_blocks.0.img_mod.1.weight",))
+
+    @classmethod
+    def few_step_lora(cls, names: Collection[str]) -> int | None:
+        """A Lightning LoRA by name (the LoRA's, or its file's title): "Lightning" and
+        its step count ("4steps", "8-step"); without a count, 8 (the slower, surer one)."""
+        for name in names:
+            if _LIGHTNING.search(name):
+                found = _STEPS.search(name)
+                return int(found.group(1)) if found else 8
+        return None
 
 
 class QwenImageEdit(QwenImage):
     name = "qwen-image-edit"
     label = "Qwen-Image-Edit"
     modes = frozenset({"edit", "inpaint", "outpaint", "facefix"})
+    options = TextTemplateSpec.options  # no ControlNet pipeline edits
     default_steps = 40  # 2511 with its Lightning LoRA: 4 or 8, CFG 1
     lora_key_pattern = ""  # Qwen-Image's LoRAs are theirs too (the same transformer)
     lora_family = "qwen-image"

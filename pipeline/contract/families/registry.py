@@ -11,15 +11,25 @@ from pipeline.contract.families.flux2_klein import Flux2Klein
 from pipeline.contract.families.qwen_image import QwenImage, QwenImageEdit, QwenImageEditPlus
 from pipeline.contract.families.sd1 import SD1
 from pipeline.contract.families.sdxl import SDXL
-from pipeline.contract.families.zimage import ZImage
+from pipeline.contract.families.zimage import ZImage, ZImageOmni
 
 # Order matters: the first family whose test matches a file wins. The transformer
 # families first: their single files may carry SD's `model.diffusion_model.` prefix;
-# the edit models' folders hold Qwen-Image's transformer; Flux.2's BFL files have
+# the edit models' folders hold Qwen-Image's transformer, Omni's Z-Image's; Flux.2's BFL files have
 # Flux.1's double_blocks/single_blocks names and more.
 FAMILIES: dict[str, type[FamilySpec]] = {
     f.name: f
-    for f in (QwenImageEditPlus, QwenImageEdit, QwenImage, ZImage, Flux2Klein, Flux, SDXL, SD1)
+    for f in (
+        QwenImageEditPlus,
+        QwenImageEdit,
+        QwenImage,
+        ZImageOmni,
+        ZImage,
+        Flux2Klein,
+        Flux,
+        SDXL,
+        SD1,
+    )
 }
 # What a folder or checkpoint that no family claims is loaded as (as before families).
 DEFAULT = SD1

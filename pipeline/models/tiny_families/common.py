@@ -112,3 +112,16 @@ def parameter_count(pipe) -> int:
         if isinstance(component, torch.nn.Module)
         for p in component.parameters()
     )
+
+
+def wake_zero_layers(layers, seed: int = 0, scale: float = 0.2) -> None:
+    """Give a ControlNet's zero-initialised output layers small random weights: a freshly
+    made ControlNet changes nothing, and a test of one must see its effect."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * scale)
+            if layer.bias is not None:
+                layer.bias.zero_()
