@@ -28,6 +28,7 @@ EXTENSIONS = (
     "bot.cogs.loras",
     "bot.cogs.admin",
     "bot.cogs.observability",
+    "bot.cogs.models",
 )
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "label",
     "lora_family",
     "model_defaults",
+    "model_guidance",
     "names",
     "safetensors_keys",
     "spec",
@@ -119,3 +120,10 @@ def defaults_for(config: Any, model_name: str) -> Any:
     own = model_defaults(model, family_of_model(model))
     own.pop("guidance", None)
     return dataclasses.replace(config.defaults, **own)
+
+
+def model_guidance(config: Any, model_name: str) -> float | None:
+    """The Distilled CFG a job on this model gets when none is asked: its `[models.NAME]`
+    guidance, else its family's (None for families without one)."""
+    model = config.model(model_name)
+    return model_defaults(model, family_of_model(model)).get("guidance")
