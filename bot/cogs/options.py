@@ -181,18 +181,18 @@ OPTIONS: dict[str, Option] = {
     "sampler": Option(
         str | None,
         None,
-        "Sampler, e.g. Euler a or DPM++ 2M Karras (default: your /settings)",
+        "Sampler, e.g. Euler a or DPM++ 2M Karras (default: the model's, else your /settings)",
         sampler_choices,
     ),
     "steps": Option(
         Range[int, 1, 150] | None,
         None,
-        "Denoising steps: more is slower and finer (default: your /settings)",
+        "Denoising steps: more is slower and finer (default: the model's, else your /settings)",
     ),
     "cfg": Option(
         Range[float, 0.0, 30.0] | None,
         None,
-        "How closely to follow the prompt, the CFG scale (default: your /settings)",
+        "How closely to follow the prompt, the CFG scale (default: the model's, else /settings)",
     ),
     "guidance": Option(
         Range[float, 0.0, 100.0] | None,
@@ -204,7 +204,7 @@ OPTIONS: dict[str, Option] = {
         None,
         "Seed, to draw the same image again (random when empty)",
     ),
-    "size": Option(str | None, None, "Width x height (default: your /settings)", size_choices),
+    "size": Option(str | None, None, "Width x height (default: the model's, else your /settings)", size_choices),
     "count": Option(Range[int, 1, 4], 1, "How many images (default 1)"),
     "face_fix": Option(bool, False, "Repaint faces afterwards, ADetailer style"),
     "lora": Option(
