@@ -159,7 +159,7 @@ async def test_models_shows_family_variant_modes_and_defaults(emu, flux_pool, op
     assert "Distilled CFG 2.5" in blocks["kontext"]
 
 
-async def test_pasted_distilled_cfg_is_used_or_left_out_by_the_model(emu, flux_pool, options_config):  # noqa: F811
+async def test_pasted_distilled_cfg_is_used_or_left_out(emu, flux_pool, options_config):  # noqa: F811
     """Forge's infotext for a Flux image, pasted into /imagine: its Distilled CFG Scale is
     re-run on a model that has one, and left out, saying so, on one that has none (the
     member typed no option to refuse)."""

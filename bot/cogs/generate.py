@@ -30,8 +30,8 @@ from bot.plumbing.permissions import check_can_deliver
 from bot.services.model_options import check_given, drop_lacking, family_of, pick_values
 from bot.services.pasted import apply_pasted
 from bot.views import render
-from pipeline.contract.images import working_size
 from pipeline.contract.families import model_defaults
+from pipeline.contract.images import working_size
 from pipeline.contract.jobs import GenerateSpec, spec_from_dict
 
 Range = app_commands.Range

@@ -204,7 +204,9 @@ OPTIONS: dict[str, Option] = {
         None,
         "Seed, to draw the same image again (random when empty)",
     ),
-    "size": Option(str | None, None, "Width x height (default: the model's, else your /settings)", size_choices),
+    "size": Option(
+        str | None, None, "Width x height (default: the model's, else your /settings)", size_choices
+    ),
     "count": Option(Range[int, 1, 4], 1, "How many images (default 1)"),
     "face_fix": Option(bool, False, "Repaint faces afterwards, ADetailer style"),
     "lora": Option(
@@ -249,7 +251,8 @@ OPTIONS |= {
     ),
     "pixels": Option(Range[int, 8, 512], 128, "How far to extend, in pixels (multiple of 8)"),
 }
-STYLE = ("negative", "model", "sampler", "steps", "cfg", "guidance", "seed")  # every generation command
+# every generation command
+STYLE = ("negative", "model", "sampler", "steps", "cfg", "guidance", "seed")
 BATCH = ("count", "face_fix")  # the commands that may draw several images
 CONTROL = ("control_image", "control", "control_weight", "reference", "reference_weight")
 

@@ -446,7 +446,9 @@ def _check_model_defaults(model: ModelConfig, where: str) -> None:
         value = getattr(model, key)
         if value is None:
             continue
-        wrong = isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int)
+        wrong = isinstance(value, bool) or not isinstance(
+            value, (int, float) if kind is float else int
+        )
         if wrong or not low <= value <= high:
             what = "a whole number" if kind is int else "a number"
             raise ConfigError(f"{where}: {key} must be {what} from {low} to {high}, not {value!r}")

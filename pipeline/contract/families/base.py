@@ -27,7 +27,11 @@ OPTIONS = (
     "guidance",
 )
 # What a member reads for an option whose name does not say it with spaces for "_".
-OPTION_LABELS = {"cfg_scale": "CFG scale", "clip_skip": "CLIP skip", "guidance": "Distilled CFG Scale"}
+OPTION_LABELS = {
+    "cfg_scale": "CFG scale",
+    "clip_skip": "CLIP skip",
+    "guidance": "Distilled CFG Scale",
+}
 
 
 def text_encoder_component(index: int) -> str:
