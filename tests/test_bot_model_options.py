@@ -173,3 +173,28 @@ async def test_pasted_distilled_cfg_is_used_or_left_out(emu, flux_pool, options_
     assert "Distilled CFG Scale" not in sd_info and sd_info["Model"] == "tiny"
     notice = on_sd.followups[-1]["content"]
     assert notice.endswith("Left out (the model has no such option): guidance.")
+
+
+async def test_the_servers_negative_prompt_skips_a_model_without_one(
+    emu, flux_pool, tiny_sd, flux_models, tmp_path
+):  # noqa: F811
+    """`[safety] negative_prompt` is added to every job outside age-restricted channels;
+    schnell takes no negative prompt, so it is not added there (every job would be
+    refused), while an SD job gets it. The model autocomplete offers only the models an
+    admin allowed here."""
+    data_dir = data_dir_for(flux_pool, tmp_path)  # noqa: F405
+    safety = {"negative_prompt": "gore"}
+    safe = make_config(tiny_sd, data_dir, emu, models=flux_models, safety=safety)  # noqa: F405
+    async with running_sdbot(safe, flux_pool):  # noqa: F405
+        jobs = [
+            await queued_job(await imagine(emu, "a boat", model=model))  # noqa: F405
+            for model in ("schnell", "tiny")
+        ]
+        results = [await wait_result(emu, job) for job in jobs]  # noqa: F405
+        allow = {"key": "models.allowed", "value": "tiny, schnell"}
+        admin = emu.admin
+        await reply(await emu.send_command("admin", allow, subcommand="settings", user=admin))  # noqa: F405
+        offered = await emu.send_autocomplete("imagine", {"prompt": "x", "model": ""}, "model")
+    [(_, schnell_info)], [(_, sd_info)] = (result_images(emu, m) for m in results)  # noqa: F405
+    assert schnell_info["Negative prompt"] == "" and sd_info["Negative prompt"] == "gore"
+    assert [c["value"] for c in offered] == ["tiny", "schnell"]

@@ -43,10 +43,12 @@ SIZES = (
 async def model_choices(
     interaction: discord.Interaction, current: str
 ) -> list[app_commands.Choice[str]]:
-    """The configured models; for a generation command, those whose family has its mode
-    (no edit-only model in /imagine's list)."""
-    config = interaction.client.services.config
-    return _choices(await models_for(config, _command(interaction)), current)
+    """The models allowed here; for a generation command, those whose family has its
+    mode (no edit-only model in /imagine's list)."""
+    services = interaction.client.services
+    names = await models_for(services.config, _command(interaction))
+    allowed = (await services.safety.settings(interaction.guild_id)).allowed_models
+    return _choices([n for n in names if not allowed or n in allowed], current)
 
 
 async def sampler_choices(
