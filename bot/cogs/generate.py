@@ -38,6 +38,13 @@ Range = app_commands.Range
 VARIATION_STRENGTH = 0.6  # Midjourney-like "vary": same composition, new details
 UPSCALE_STRENGTH = 0.35  # a hires pass: sharpen, don't repaint
 UPSCALE_FACTOR = 2.0
+# Spec fields a member's option sets as typed, over every default (field: option).
+TYPED = {
+    "negative_prompt": "negative",
+    "steps": "steps",
+    "cfg_scale": "cfg",
+    "guidance": "guidance",
+}
 
 
 class Generate(SDCog):
@@ -183,9 +190,7 @@ class Generate(SDCog):
         d = (await self.services.safety.settings(interaction.guild_id)).defaults  # the server's
         own = model_defaults(config.model(model), family)
         values = pick_values(own, mine, d, options["sampler"])
-        given = {"negative_prompt": "negative", "steps": "steps", "cfg_scale": "cfg"}
-        given |= {"guidance": "guidance"}
-        values.update({k: options[o] for k, o in given.items() if options.get(o) is not None})
+        values.update({k: options[o] for k, o in TYPED.items() if options.get(o) is not None})
         values["model"] = model
         family.resolve_sampler(values["sampler"], values["schedule"])  # names the valid ones
         guild_id = interaction.guild_id
