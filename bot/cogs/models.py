@@ -7,6 +7,8 @@ of its family's spec (`bot.services.model_options`), never by the family's name.
 
 from __future__ import annotations
 
+import asyncio
+
 import discord
 from discord import app_commands
 
@@ -18,6 +20,18 @@ from bot.views import render
 
 class Models(SDCog):
     """The models members can pick."""
+
+    async def cog_load(self) -> None:
+        # Read every model's family now, in the background: for `family = "auto"` on a Hub
+        # id that may be a request, and autocomplete must answer within Discord's 3 s.
+        self._warm = asyncio.create_task(self._read_families())
+
+    async def cog_unload(self) -> None:
+        self._warm.cancel()
+
+    async def _read_families(self) -> None:
+        for model in self.config.models:
+            await family_of(self.config, model.name)
 
     @app_commands.command()
     async def models(self, interaction: discord.Interaction) -> None:
