@@ -101,3 +101,26 @@ def test_an_option_the_family_lacks_is_refused_naming_the_model() -> None:
     with pytest.raises(JobError, match=r"^SD 1.x models have no Distilled CFG Scale option$"):
         FAMILIES["sd1"].check_option("guidance")
     FAMILIES["flux"].check_option("guidance", "dev")  # dev has one: no error
+
+
+def test_an_option_left_out_takes_the_model_then_settings_then_the_server() -> None:
+    from bot.services.model_options import pick_values
+    from pipeline.contract.config import DefaultsConfig
+
+    server = DefaultsConfig(sampler="DPM++ 2M", schedule="Karras", steps=25, cfg_scale=7.0)
+    mine = {"steps": 30, "sampler": "Euler a", "negative_prompt": "blur"}
+    config = config_from_dict({"models": MODELS})
+    schnell = pick_values(_own(config, "schnell"), mine, server, None)
+    assert (schnell["steps"], schnell["sampler"], schnell["schedule"]) == (4, "Euler", "Simple")
+    assert (schnell["negative_prompt"], schnell["guidance"], schnell["width"]) == ("", None, 1024)
+    sd = pick_values({}, mine, server, None)  # the member's /settings, then the server's
+    assert (sd["steps"], sd["sampler"], sd["schedule"], sd["cfg_scale"]) == (
+        30,
+        "Euler a",
+        "Automatic",
+        7.0,
+    )
+    assert pick_values({}, {}, server, None)["schedule"] == "Karras"
+    assert pick_values({"schedule": "Exponential"}, {}, server, None)["schedule"] == "Exponential"
+    typed = pick_values(_own(config, "dev"), mine, server, "UniPC")  # the member's pick wins
+    assert (typed["sampler"], typed["schedule"], typed["guidance"]) == ("UniPC", "Automatic", 3.5)

@@ -106,7 +106,8 @@ def pick_values(
     elif mine.get("sampler"):
         values["sampler"], values["schedule"] = mine["sampler"], "Automatic"
     else:
-        values["sampler"], values["schedule"] = server.sampler, server.schedule
+        # a model's own schedule alone ([models.NAME] schedule) goes with the server's sampler
+        values["sampler"], values["schedule"] = server.sampler, own.get("schedule", server.schedule)
     values["guidance"] = own.get("guidance")
     return values
 
