@@ -7,7 +7,9 @@ it: compact separators, ASCII). Any change to a command's name, description, opt
 choices, permissions or order shows up here, so a refactor of the cogs cannot change
 what members see in Discord's command picker without this test saying so. A new
 command is added to it the same way (captured from the bot that has it): issue 25's
-`/edit`, between `/outpaint` and `/settings`; every other command is unchanged.
+`/edit`, between `/outpaint` and `/settings`; issue 23's `/models` (last), the
+`guidance` option after `cfg` on the four generation commands, and their sampler, steps,
+cfg and size descriptions (the default is the model's, else the member's /settings).
 """
 
 from __future__ import annotations

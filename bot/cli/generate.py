@@ -10,7 +10,7 @@ from typing import Any
 
 from bot.cli.common import CliError, command_config
 from pipeline.contract.config import Config
-from pipeline.contract.families import defaults_for
+from pipeline.contract.families import defaults_for, model_guidance
 from pipeline.contract.jobs import GenerateSpec, LoraRef
 from pipeline.contract.model_names import resolve_model
 
@@ -137,7 +137,8 @@ def build_generate_spec(args: argparse.Namespace, config: Config, blobs: _Blobs)
         schedule=args.schedule or (d.schedule if not args.sampler else "Automatic"),
         steps=d.steps if args.steps is None else args.steps,
         cfg_scale=d.cfg_scale if args.cfg is None else args.cfg,
-        guidance=args.guidance,
+        # [models.NAME] guidance, else None: the family's own (the worker asks it)
+        guidance=args.guidance if args.guidance is not None else model_guidance(config, model),
         seed=args.seed,
         width=args.width or d.width,
         height=args.height or d.height,

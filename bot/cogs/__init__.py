@@ -29,6 +29,7 @@ EXTENSIONS = (
     "bot.cogs.loras",
     "bot.cogs.admin",
     "bot.cogs.observability",
+    "bot.cogs.models",
 )
 
 

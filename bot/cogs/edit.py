@@ -27,7 +27,7 @@ from bot.cogs.options import _choices, generation_options
 from bot.errors import UserError
 from bot.plumbing.attachments import Photo, png_of, read_photo
 from bot.plumbing.permissions import check_can_deliver
-from bot.services.admission import models_with_mode
+from bot.services.model_options import models_for
 from bot.views import render
 from pipeline.contract.blobs import BlobError
 from pipeline.contract.compare import compare_picture
@@ -48,7 +48,7 @@ async def edit_model_choices(
 ) -> list[app_commands.Choice[str]]:
     """The models that edit (their family has the mode) and this server allows."""
     services = interaction.client.services
-    names = await models_with_mode(services.config, "edit")
+    names = await models_for(services.config, "edit")
     allowed = (await services.safety.settings(interaction.guild_id)).allowed_models
     return _choices([n for n in names if not allowed or n in allowed], current)
 
@@ -123,7 +123,7 @@ class Edit(SDCog):
         """The model an edit runs on: the member's choice (this server's allowed models are
         checked when it is submitted), else `[edit] default_model` where it is allowed, else
         the first configured model that edits and this server allows."""
-        editing = await models_with_mode(self.config, "edit")
+        editing = await models_for(self.config, "edit")
         allowed = (await self.services.safety.settings(interaction.guild_id)).allowed_models
         usable = [n for n in editing if not allowed or n in allowed]
         if name:

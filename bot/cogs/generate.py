@@ -27,16 +27,24 @@ from bot.cogs.options import BATCH, CONTROL, STYLE, generation_options, parse_si
 from bot.errors import UserError
 from bot.plumbing.attachments import Photo, read_photo
 from bot.plumbing.permissions import check_can_deliver
+from bot.services.model_options import check_given, drop_lacking, family_of, pick_values
 from bot.services.pasted import apply_pasted
 from bot.views import render
+from pipeline.contract.families import model_defaults
 from pipeline.contract.images import working_size
 from pipeline.contract.jobs import GenerateSpec, spec_from_dict
-from pipeline.contract.samplers import resolve
 
 Range = app_commands.Range
 VARIATION_STRENGTH = 0.6  # Midjourney-like "vary": same composition, new details
 UPSCALE_STRENGTH = 0.35  # a hires pass: sharpen, don't repaint
 UPSCALE_FACTOR = 2.0
+# Spec fields a member's option sets as typed, over every default (field: option).
+TYPED = {
+    "negative_prompt": "negative",
+    "steps": "steps",
+    "cfg_scale": "cfg",
+    "guidance": "guidance",
+}
 
 
 class Generate(SDCog):
@@ -52,11 +60,17 @@ class Generate(SDCog):
         prompt = options["prompt"]
         # Parameters pasted from Info or A1111 fill the options left unset (bot.services.pasted).
         names = [m.name for m in self.config.models]
+        typed = options
         prompt, options, notice = apply_pasted(prompt, options, names)
+        filled = {k for k, v in options.items() if v is not None and typed.get(k) is None}
+        family = await family_of(self.config, options["model"] or "default")
+        options, lacking = drop_lacking(family, options, filled)
+        if lacking and notice:  # a paste from another family's image: not refused
+            notice += f" Left out (the model has no such option): {', '.join(lacking)}."
         values = await self.common(interaction, prompt, options)
         if options.get("schedule"):  # a pasted sampler's schedule
             values["schedule"] = options["schedule"]
-            resolve(values["sampler"], values["schedule"])
+            family.resolve_sampler(values["sampler"], values["schedule"])
         extra, attached = await self.control(values, options)
         spec = GenerateSpec(mode="txt2img", **values, **extra)
         await self.services.jobs.submit(interaction, spec, photos=attached)
@@ -162,29 +176,23 @@ class Generate(SDCog):
         options: dict[str, Any],
         photo: Photo | None = None,
     ) -> dict[str, Any]:
-        """The shared options → spec fields: the command's value, else the member's
-        /settings, else the server's defaults. Model and sampler are checked here; with
-        an input ``photo``, the size is the photo's, scaled to the pixel budget."""
-        negative, model, sampler = options["negative"], options["model"], options["sampler"]
-        steps, cfg = options["steps"], options["cfg"]
+        """The shared options → spec fields: the command's value, else what the chosen
+        model decides itself (its family's defaults, its [models.NAME] keys), else the
+        member's /settings, else the server's defaults (`bot.services.model_options`).
+        An option the model's family lacks is refused naming the model; model and
+        sampler are checked here; with an input ``photo``, the size is the photo's,
+        scaled to the pixel budget."""
         config = self.config
+        model = config.model(options["model"] or "default").name
+        family = await family_of(config, model)
+        check_given(family, model, options)
         mine = await self.db.call(store.get_settings, str(interaction.user.id))
         d = (await self.services.safety.settings(interaction.guild_id)).defaults  # the server's
-        chosen_sampler = sampler or mine.get("sampler")
-        values: dict[str, Any] = {
-            "negative_prompt": d.negative_prompt if negative is None else negative,
-            "model": config.model(model or "default").name,
-            "sampler": chosen_sampler or d.sampler,
-            # A sampler the member picked ("DPM++ 2M Karras") carries its own schedule.
-            "schedule": "Automatic" if chosen_sampler else d.schedule,
-            "steps": steps if steps is not None else mine.get("steps", d.steps),
-            "cfg_scale": cfg if cfg is not None else mine.get("cfg_scale", d.cfg_scale),
-            "width": mine.get("width", d.width),
-            "height": mine.get("height", d.height),
-        }
-        if negative is None and "negative_prompt" in mine:
-            values["negative_prompt"] = mine["negative_prompt"]
-        resolve(values["sampler"], values["schedule"])  # JobError names the valid ones
+        own = model_defaults(config.model(model), family)
+        values = pick_values(own, mine, d, options["sampler"])
+        values.update({k: options[o] for k, o in TYPED.items() if options.get(o) is not None})
+        values["model"] = model
+        family.resolve_sampler(values["sampler"], values["schedule"])  # names the valid ones
         guild_id = interaction.guild_id
         values["loras"] = await self.services.loras.resolve(
             prompt, interaction.user.id, guild_id, option=options.get("lora")

@@ -108,7 +108,8 @@ class Member(SDCog):
             else f"**{name}**: {render.truncate(str(server), 300)} *(server default)*"
             for name, own, server in rows
         ]
-        return "Your defaults for new images:\n" + "\n".join(lines)
+        note = "\nA model with defaults of its own (see /models) uses them instead."
+        return "Your defaults for new images:\n" + "\n".join(lines) + note
 
     @app_commands.command()
     async def queue(self, interaction: discord.Interaction) -> None:

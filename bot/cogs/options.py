@@ -23,6 +23,8 @@ from discord import app_commands
 
 from bot import store
 from bot.errors import UserError
+from bot.services.model_options import COMMAND_MODES, family_of, models_for
+from pipeline.contract.families import FamilySpec, model_defaults
 from pipeline.contract.jobs import MAX_SEED, check_size
 from pipeline.contract.samplers import sampler_names
 
@@ -41,20 +43,53 @@ SIZES = (
 async def model_choices(
     interaction: discord.Interaction, current: str
 ) -> list[app_commands.Choice[str]]:
-    names = [m.name for m in interaction.client.services.config.models]
-    return _choices(names, current)
+    """The models allowed here; for a generation command, those whose family has its
+    mode (no edit-only model in /imagine's list)."""
+    services = interaction.client.services
+    names = await models_for(services.config, _command(interaction))
+    allowed = (await services.safety.settings(interaction.guild_id)).allowed_models
+    return _choices([n for n in names if not allowed or n in allowed], current)
 
 
 async def sampler_choices(
     interaction: discord.Interaction, current: str
 ) -> list[app_commands.Choice[str]]:
-    return _choices(sampler_names(), current)
+    """The sampler names the chosen model's family takes (/settings: every name)."""
+    family = await _chosen_family(interaction)
+    return _choices(family.sampler_names() if family else sampler_names(), current)
 
 
 async def size_choices(
     interaction: discord.Interaction, current: str
 ) -> list[app_commands.Choice[str]]:
-    return _choices(allowed_sizes(interaction.client.services.config), current)
+    """Sizes the server's limits allow, in the chosen model's multiple, its default first."""
+    config = interaction.client.services.config
+    family = await _chosen_family(interaction)
+    if family is None:
+        return _choices(allowed_sizes(config), current)
+    own = model_defaults(config.model(_model_typed(interaction)), family)
+    default = (own.get("width", config.defaults.width), own.get("height", config.defaults.height))
+    return _choices(allowed_sizes(config, default, family.size_multiple), current)
+
+
+def _command(interaction: discord.Interaction) -> str:
+    return interaction.command.name if interaction.command else ""
+
+
+def _model_typed(interaction: discord.Interaction) -> str:
+    """The model already chosen in the command being typed, else the default; a name no
+    model has counts as the default (the command itself will say it is unknown)."""
+    config = interaction.client.services.config
+    typed = interaction.namespace.model
+    names = {m.name for m in config.models}
+    return typed if isinstance(typed, str) and typed in names else "default"
+
+
+async def _chosen_family(interaction: discord.Interaction) -> type[FamilySpec] | None:
+    """The family of the model chosen so far, for a generation command; None otherwise."""
+    if _command(interaction) not in COMMAND_MODES:
+        return None
+    return await family_of(interaction.client.services.config, _model_typed(interaction))
 
 
 async def lora_choices(
@@ -90,9 +125,12 @@ def _choices(names: list[str], current: str) -> list[app_commands.Choice[str]]:
     return [app_commands.Choice(name=n, value=n) for n in found[:25]]
 
 
-def allowed_sizes(config: Any) -> list[str]:
-    """The usual sizes that the server's limits allow, its default first."""
-    default = (config.defaults.width, config.defaults.height)
+def allowed_sizes(
+    config: Any, default: tuple[int, int] | None = None, multiple: int = 8
+) -> list[str]:
+    """The usual sizes that the server's limits allow (in a model's ``multiple``), its
+    default (``default``, else `[defaults]`) first."""
+    default = default or (config.defaults.width, config.defaults.height)
     sizes = [default] + [s for s in SIZES if s != default]
     ok = []
     for width, height in sizes:
@@ -100,7 +138,8 @@ def allowed_sizes(config: Any) -> list[str]:
             check_size(width, height, config.limits)
         except ValueError:
             continue
-        ok.append(f"{width}x{height}")
+        if width % multiple == 0 and height % multiple == 0:
+            ok.append(f"{width}x{height}")
     return ok
 
 
@@ -144,25 +183,32 @@ OPTIONS: dict[str, Option] = {
     "sampler": Option(
         str | None,
         None,
-        "Sampler, e.g. Euler a or DPM++ 2M Karras (default: your /settings)",
+        "Sampler, e.g. Euler a or DPM++ 2M Karras (default: the model's, else your /settings)",
         sampler_choices,
     ),
     "steps": Option(
         Range[int, 1, 150] | None,
         None,
-        "Denoising steps: more is slower and finer (default: your /settings)",
+        "Denoising steps: more is slower and finer (default: the model's, else your /settings)",
     ),
     "cfg": Option(
         Range[float, 0.0, 30.0] | None,
         None,
-        "How closely to follow the prompt, the CFG scale (default: your /settings)",
+        "How closely to follow the prompt, the CFG scale (default: the model's, else /settings)",
+    ),
+    "guidance": Option(
+        Range[float, 0.0, 100.0] | None,
+        None,
+        "Distilled CFG Scale, for the models that have one (see /models; default: the model's)",
     ),
     "seed": Option(
         Range[int, 0, MAX_SEED] | None,
         None,
         "Seed, to draw the same image again (random when empty)",
     ),
-    "size": Option(str | None, None, "Width x height (default: your /settings)", size_choices),
+    "size": Option(
+        str | None, None, "Width x height (default: the model's, else your /settings)", size_choices
+    ),
     "count": Option(Range[int, 1, 4], 1, "How many images (default 1)"),
     "face_fix": Option(bool, False, "Repaint faces afterwards, ADetailer style"),
     "lora": Option(
@@ -207,7 +253,8 @@ OPTIONS |= {
     ),
     "pixels": Option(Range[int, 8, 512], 128, "How far to extend, in pixels (multiple of 8)"),
 }
-STYLE = ("negative", "model", "sampler", "steps", "cfg", "seed")  # every generation command
+# every generation command
+STYLE = ("negative", "model", "sampler", "steps", "cfg", "guidance", "seed")
 BATCH = ("count", "face_fix")  # the commands that may draw several images
 CONTROL = ("control_image", "control", "control_weight", "reference", "reference_weight")
 

@@ -26,9 +26,7 @@ worker.
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import Sequence
-from types import SimpleNamespace
 
 import sqlite_utils
 
@@ -37,9 +35,9 @@ from bot.errors import UserError
 from bot.photo_helper.process import FaceProbe
 from bot.plumbing.attachments import Photo
 from bot.services.guild_settings import effective
+from bot.services.model_options import family_of
 from pipeline.contract.blobs import BlobStore
 from pipeline.contract.config import Config
-from pipeline.contract.families import FamilySpec, family_of_model
 from pipeline.contract.jobs import GenerateSpec, JobError, JobSpec, Limits, check_size
 
 NO_FACE_TO_FIX = "no face found in this image, so there is no face to fix"
@@ -53,27 +51,8 @@ async def family_questions(config: Config, spec: GenerateSpec) -> None:
     """JobError, naming the model's family, for what the chosen model cannot do (a Flux.1
     schnell job with 50 steps, a Qwen-Image-Edit job with four images or none): the same
     check the worker makes, here so that nothing is queued."""
-    model = config.model(spec.model)
-    family = await asyncio.to_thread(_family, model.family, model.source)
+    family = await family_of(config, spec.model)
     family.check_job(spec)
-
-
-async def models_with_mode(config: Config, mode: str) -> list[str]:
-    """The configured models whose family has ``mode`` (/edit offers those that edit),
-    in config order; the family is asked, never named."""
-    found = []
-    for model in config.models:
-        family = await asyncio.to_thread(_family, model.family, model.source)
-        if mode in family.modes:
-            found.append(model.name)
-    return found
-
-
-@functools.lru_cache(maxsize=64)
-def _family(family: str, source: str) -> type[FamilySpec]:
-    """A configured model's family, read once (for `family = "auto"` from its files, which
-    for a Hub id may mean one request for its model_index.json)."""
-    return family_of_model(SimpleNamespace(family=family, source=source))
 
 
 async def photo_questions(

@@ -39,6 +39,7 @@ def apply_pasted(
         fill("sampler", fields["sampler"], "sampler")
         options["schedule"] = fields.get("schedule", "Automatic")
     fill("cfg", fields.get("cfg_scale"), "CFG scale")
+    fill("guidance", fields.get("guidance"), "Distilled CFG Scale")
     fill("seed", fields.get("seed"), "seed")
     if "width" in fields:
         fill("size", f"{fields['width']}x{fields['height']}", "size")

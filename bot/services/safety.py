@@ -38,6 +38,7 @@ from bot.errors import UserError
 from bot.photo_helper.work import detect_nsfw
 from bot.services.access import is_admin
 from bot.services.guild_settings import ServerSettings, effective
+from bot.services.model_options import family_of
 from bot.services.prompt_filter import Filters
 from pipeline.contract.config import Config
 from pipeline.contract.jobs import GenerateSpec
@@ -258,7 +259,9 @@ class SafetyGate:
             inputs = [p.png for p in photos[: 1 + len(spec.images)]]
             await self._check_photos(interaction, settings, inputs, "input photo")
         extra = settings.negative_prompt.strip()
-        if extra and not age_restricted and extra not in spec.negative_prompt:
+        # A model that takes no negative prompt (Flux.1 schnell, klein) would refuse every job.
+        takes = "negative_prompt" in (await family_of(self.config, model)).options
+        if extra and takes and not age_restricted and extra not in spec.negative_prompt:
             negative = f"{spec.negative_prompt}, {extra}" if spec.negative_prompt else extra
             spec = dataclasses.replace(spec, negative_prompt=negative)
             spec.check(settings.limits)

@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.contract.devices import DTYPES, bad_dtype_message, device_syntax_error
 from pipeline.contract.families import DEFAULT, FAMILIES, names
-from pipeline.contract.jobs import Limits
+from pipeline.contract.jobs import JobError, Limits
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -39,6 +39,17 @@ class ModelConfig:
     single_file_config: str = ""
     vae_tiling_above: int = 1024 * 1024  # pixels; larger images decode in tiles
     memory: str = "auto"  # how the weights are held: pipeline.contract.memory_plan.MEMORY_SETTINGS
+    # What a job on this model gets for an option the member leaves out, over its family's
+    # defaults and the member's /settings (None: the family's, else [defaults]):
+    # `families.model_defaults`.
+    sampler: str | None = None  # "Euler", "DPM++ 2M Karras": the name may carry the schedule
+    schedule: str | None = None
+    steps: int | None = None
+    cfg_scale: float | None = None
+    guidance: float | None = None  # Distilled CFG Scale, for the families that have it
+    width: int | None = None
+    height: int | None = None
+    negative_prompt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -433,7 +444,42 @@ def _model(name: str, values: dict[str, Any], path: str, base_dir: Path | None) 
             if value.startswith(("./", "../")):
                 model = dataclasses.replace(model, **{key: str((base_dir / value).resolve())})
     _check_memory(model, f"{path} [models.{name}]")
+    _check_model_defaults(model, f"{path} [models.{name}]")
     return model
+
+
+def _check_model_defaults(model: ModelConfig, where: str) -> None:
+    """A model's own defaults: the right kind of value, and a sampler some family takes
+    (whether this model's family takes it is said with the first job, naming the model)."""
+    from pipeline.contract.families.flow import resolve_flow
+    from pipeline.contract.samplers import resolve
+
+    numbers = {"steps": (1, 10_000, int), "width": (8, 65_536, int), "height": (8, 65_536, int)}
+    numbers |= {"cfg_scale": (0.0, 100.0, float), "guidance": (0.0, 100.0, float)}
+    for key, (low, high, kind) in numbers.items():
+        value = getattr(model, key)
+        if value is None:
+            continue
+        wrong = isinstance(value, bool) or not isinstance(
+            value, (int, float) if kind is float else int
+        )
+        if wrong or not low <= value <= high:
+            what = "a whole number" if kind is int else "a number"
+            raise ConfigError(f"{where}: {key} must be {what} from {low} to {high}, not {value!r}")
+    for key in ("sampler", "schedule", "negative_prompt"):
+        if getattr(model, key) is not None and not isinstance(getattr(model, key), str):
+            raise ConfigError(f"{where}: {key} must be a string")
+    if model.sampler is None and model.schedule is None:
+        return
+    sampler, schedule = model.sampler or "Euler", model.schedule or "Automatic"
+    errors = []
+    for check in (resolve, resolve_flow):
+        try:
+            check(sampler, schedule)
+            return
+        except JobError as exc:
+            errors.append(str(exc))
+    raise ConfigError(f"{where}: {errors[0]}")
 
 
 def _check_memory(model: ModelConfig, where: str) -> None:

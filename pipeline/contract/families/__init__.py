@@ -34,6 +34,7 @@ from pipeline.contract.families.sources import (
 __all__ = [
     "DEFAULT",
     "FAMILIES",
+    "MODEL_DEFAULT_KEYS",
     "OPTIONS",
     "SINGLE_FILE_SUFFIXES",
     "FamilySpec",
@@ -48,6 +49,8 @@ __all__ = [
     "hub_error",
     "label",
     "lora_family",
+    "model_defaults",
+    "model_guidance",
     "names",
     "safetensors_keys",
     "spec",
@@ -68,25 +71,59 @@ def family_of_model(model: Any) -> type[FamilySpec]:
     return spec(name).for_source(model.source)
 
 
+# The keys a model may set for itself (`[models.NAME]`), as GenerateSpec names them.
+MODEL_DEFAULT_KEYS = (
+    "sampler",
+    "schedule",
+    "steps",
+    "cfg_scale",
+    "guidance",
+    "width",
+    "height",
+    "negative_prompt",
+)
+
+
+def model_defaults(model: Any, family: type[FamilySpec]) -> dict[str, Any]:
+    """What a job on this configured model (`ModelConfig`) gets for an option the member
+    leaves out, where the model decides it rather than the server's `[defaults]` and the
+    member's /settings (which are SD's): its family's own defaults (a flow model: Flux.1's
+    Euler/Simple, 28 steps, CFG 1, 1024², no negative prompt; schnell 4 steps; Z-Image
+    Turbo 8 steps, CFG 1), its Distilled CFG where it has one, then its own
+    `[models.NAME]` keys over them. Keys it leaves out are not in the dict."""
+    own: dict[str, Any] = {}
+    if family.default_sampler:
+        own.update(
+            sampler=family.default_sampler,
+            schedule=family.default_schedule,
+            steps=family.default_steps,
+            cfg_scale=family.default_cfg,
+            width=family.default_size,
+            height=family.default_size,
+            negative_prompt="",  # needs true CFG (Flux.1 dev) or is refused (schnell)
+        )
+    if "guidance" in family.options and family.default_guidance is not None:
+        own["guidance"] = family.default_guidance
+    configured = {k: getattr(model, k) for k in MODEL_DEFAULT_KEYS if getattr(model, k) is not None}
+    if "sampler" in configured and "schedule" not in configured:
+        configured["schedule"] = "Automatic"  # the name carries its schedule ("… Karras")
+    return own | configured
+
+
 def defaults_for(config: Any, model_name: str) -> Any:
-    """The `[defaults]` a job on this model starts from: the config's, or for a family
-    with defaults of its own (a flow model: Flux.1's Euler/Simple, 28 steps, CFG 1,
-    1024²; schnell's 4 steps) the family's, since the config's are SD's. A default
-    negative prompt is left out there: it needs true CFG (Flux.1 dev) or is refused
-    (schnell)."""
+    """The `[defaults]` a job on this model starts from: the config's, with what the model
+    decides itself over them (`model_defaults`; its Distilled CFG is not a `[defaults]`
+    key: see `model_defaults`)."""
     import dataclasses
 
-    family = family_of_model(config.model(model_name))
-    defaults = config.defaults
-    if not family.default_sampler:
-        return defaults
-    return dataclasses.replace(
-        defaults,
-        sampler=family.default_sampler,
-        schedule=family.default_schedule,
-        steps=family.default_steps,
-        cfg_scale=family.default_cfg,
-        width=family.default_size,
-        height=family.default_size,
-        negative_prompt="",
-    )
+    model = config.model(model_name)
+    own = model_defaults(model, family_of_model(model))
+    own.pop("guidance", None)
+    return dataclasses.replace(config.defaults, **own)
+
+
+def model_guidance(config: Any, model_name: str) -> float | None:
+    """The Distilled CFG a job on this model gets when none is asked: its `[models.NAME]`
+    guidance, else its family's (None for families without one)."""
+    model = config.model(model_name)
+    return model_defaults(model, family_of_model(model)).get("guidance")

@@ -13,7 +13,7 @@ from collections.abc import Collection, Iterable, Mapping
 from typing import Any, ClassVar
 
 from pipeline.contract.jobs import MODES, GenerateSpec, JobError
-from pipeline.contract.samplers import SAMPLERS, resolve
+from pipeline.contract.samplers import SAMPLERS, resolve, sampler_names
 
 # Options of the generation commands a family may or may not have. `guidance` is a
 # guidance-distilled model's "Distilled CFG Scale" (Flux.1), which the UNet families lack.
@@ -26,6 +26,12 @@ OPTIONS = (
     "face_fix",
     "guidance",
 )
+# What a member reads for an option whose name does not say it with spaces for "_".
+OPTION_LABELS = {
+    "cfg_scale": "CFG scale",
+    "clip_skip": "CLIP skip",
+    "guidance": "Distilled CFG Scale",
+}
 
 
 def text_encoder_component(index: int) -> str:
@@ -40,6 +46,7 @@ class FamilySpec:
 
     name: ClassVar[str]  # the config value: `family = "sd1"`
     label: ClassVar[str]  # what a member reads: "SD 1.x"
+    variant: ClassVar[str] = ""  # a family's variant with its own defaults (Flux.1 "schnell")
     modes: ClassVar[frozenset[str]] = frozenset(MODES)  # edit: the edit models' families
     max_input_images: ClassVar[int] = 1  # images an edit job may give (`image` + `images`)
     options: ClassVar[frozenset[str]] = frozenset(OPTIONS) - {"guidance"}
@@ -181,9 +188,21 @@ class FamilySpec:
             )
 
     @classmethod
-    def check_option(cls, option: str) -> None:
-        if option not in cls.options:
-            raise JobError(f"{cls.label} models have no {option.replace('_', ' ')} option")
+    def check_option(cls, option: str, model: str = "") -> None:
+        """Refuse an option the family lacks, in one line naming the family (and the
+        configured `model`, when given: what the member chose)."""
+        if option in cls.options:
+            return
+        name = OPTION_LABELS.get(option, option.replace("_", " "))
+        if model:
+            raise JobError(f"model {model} ({cls.label}) has no {name} option; leave it out")
+        raise JobError(f"{cls.label} models have no {name} option")
+
+    @classmethod
+    def sampler_names(cls) -> list[str]:
+        """The sampler names a member may pick for this family, with the "… Karras"-style
+        spellings that carry a schedule type (the bot's autocomplete offers these)."""
+        return [n for n in sampler_names() if resolve(n)[0].name in cls.samplers]
 
     @classmethod
     def resolve_sampler(cls, sampler: str, schedule: str = "Automatic") -> tuple[str, str]:

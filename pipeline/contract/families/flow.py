@@ -99,6 +99,16 @@ class FlowSpec(FamilySpec):
     default_schedule = "Simple"
 
     @classmethod
+    def sampler_names(cls) -> list[str]:
+        """ "Euler", its schedule types ("Euler Karras"…), "DPM++ 2M", "UniPC"."""
+        names = []
+        for name in cls.samplers:
+            names.append(name)
+            if FLOW_SAMPLERS[name].schedules:
+                names += [f"{name} {s}" for s in cls.schedules if s != "Automatic"]
+        return names
+
+    @classmethod
     def resolve_sampler(cls, sampler: str, schedule: str = "Automatic") -> tuple[str, str]:
         try:
             found, chosen = resolve_flow(sampler, schedule)
