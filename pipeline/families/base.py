@@ -97,8 +97,14 @@ class Family:
     def fused_lora_layers(self, pipe: Any) -> dict[str, list[tuple[str, int, int | None]]]:
         """A LoRA file's layers that are another module, or several, of the model (Flux.1's
         BFL names, its fused qkv): file module name → [(our module's lookup name, first
-        row, end row)]; one entry with end None is a plain rename."""
+        row, end row)]; one entry with end None is a plain rename. A module named twice
+        takes both row ranges in that order (BFL's final layer: its halves swapped)."""
         return {}
+
+    def lora_refusal(self, pipe: Any, name: str, shapes: dict[str, tuple[int, ...]]) -> str | None:
+        """Why a LoRA file of this family cannot go on this model, in one line (Flux.1's
+        control LoRAs need a control model); None when it can."""
+        return None
 
     # -- pipelines per mode ----------------------------------------------------------------
 

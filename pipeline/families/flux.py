@@ -76,45 +76,86 @@ class Flux(FlowFamily):
     # -- loading ---------------------------------------------------------------------------
 
     def fused_lora_layers(self, pipe: Any) -> dict[str, list[tuple[str, int, int | None]]]:
-        """BFL's (and kohya's) layer names → diffusers' modules, as diffusers'
-        `_convert_kohya_flux_lora_to_diffusers` maps them, with the fused qkv and
-        single-block linear1 split at this model's own widths (diffusers hard-codes the
-        12B model's 3072/12288)."""
-        config = self.denoiser(pipe).config
+        """A Flux.1 LoRA file's layer names → diffusers' modules, as diffusers' converters
+        map them: BFL's names (`double_blocks.0.img_attn.qkv`, with ComfyUI's
+        `diffusion_model.` or kohya's `lora_unet_…_` spelling: `_convert_kohya_flux_lora_
+        to_diffusers`, `_convert_bfl_flux_control_lora_to_diffusers`), XLabs' processors
+        (`double_blocks.0.processor.qkv_lora1`: `_convert_xlabs_flux_lora_to_diffusers`)
+        and LyCORIS's wrapper. The fused qkv and single-block linear1 are split at this
+        model's own widths (diffusers hard-codes the 12B model's 3072/12288)."""
+        transformer = self.denoiser(pipe)
+        config = transformer.config
         inner = config.num_attention_heads * config.attention_head_dim
+        mlp = int(inner * 4.0)  # FluxSingleTransformerBlock's mlp_ratio
         t = "transformer."
-        blocks = t + "transformer_blocks."
         fused: dict[str, list[tuple[str, int, int | None]]] = {}
 
-        def split(name: str, targets: list[str], widths: list[int]) -> None:
+        def split(names: list[str], targets: list[str], widths: list[int]) -> None:
             bounds, start = [], 0
             for target, width in zip(targets, widths):
-                bounds.append((target, start, start + width))
+                bounds.append((t + target, start, start + width))
                 start += width
-            fused[name] = bounds
+            for name in names:
+                fused[name] = bounds
 
-        def rename(name: str, target: str) -> None:
-            fused[name] = [(target, 0, None)]
+        def spellings(bfl: str) -> list[str]:
+            """BFL's dotted name as kohya, BFL and ComfyUI files write it."""
+            return ["lora_unet_" + bfl.replace(".", "_"), bfl, "diffusion_model." + bfl]
 
+        def rename(bfl: str, target: str) -> None:
+            for name in spellings(bfl):
+                fused[name] = [(t + target, 0, None)]
+
+        for bfl, target in _GLOBAL_LAYERS:
+            rename(bfl, target)
+        # BFL's final modulation is (shift, scale); diffusers' norm_out.linear is (scale,
+        # shift): its converter swaps the halves (`swap_scale_shift`).
+        half = transformer.norm_out.linear.out_features // 2
+        norm_out = f"{t}norm_out.linear"
+        for name in spellings("final_layer.adaLN_modulation.1"):
+            fused[name] = [(norm_out, half, 2 * half), (norm_out, 0, half)]
         for i in range(config.num_layers):
-            at, block = f"lora_unet_double_blocks_{i}_", f"{blocks}{i}."
-            split(at + "img_attn_qkv", [f"{block}attn.to_{x}" for x in "qkv"], [inner] * 3)
-            split(at + "txt_attn_qkv", [f"{block}attn.add_{x}_proj" for x in "qkv"], [inner] * 3)
+            at, block = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+            for stream, targets in (("img", _IMAGE_QKV), ("txt", _TEXT_QKV)):
+                names = [*spellings(f"{at}{stream}_attn.qkv")]
+                names += [f"{p}{at}processor.qkv_lora{1 if stream == 'img' else 2}" for p in _XLABS]
+                split(names, [block + x for x in targets], [inner] * 3)
             for theirs, ours in _DOUBLE_LAYERS:
                 rename(at + theirs, block + ours)
-        mlp = int(inner * 4.0)  # FluxSingleTransformerBlock's mlp_ratio
+            for prefix in _XLABS:
+                fused[f"{prefix}{at}processor.proj_lora1"] = [(f"{t}{block}attn.to_out.0", 0, None)]
+                fused[f"{prefix}{at}processor.proj_lora2"] = [(f"{t}{block}attn.to_add_out", 0, None)]
         for i in range(config.num_single_layers):
-            at, block = f"lora_unet_single_blocks_{i}_", f"{t}single_transformer_blocks.{i}."
-            targets = [f"{block}attn.to_{x}" for x in "qkv"] + [f"{block}proj_mlp"]
-            split(at + "linear1", targets, [inner] * 3 + [mlp])
-            rename(at + "linear2", block + "proj_out")
-            rename(at + "modulation_lin", block + "norm.linear")
+            at, block = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+            qkv = [block + x for x in _IMAGE_QKV]
+            split(spellings(at + "linear1"), [*qkv, block + "proj_mlp"], [inner] * 3 + [mlp])
+            split([f"{p}{at}processor.qkv_lora" for p in _XLABS], qkv, [inner] * 3)
+            for theirs, ours in _SINGLE_LAYERS:
+                rename(at + theirs, block + ours)
+            for prefix in _XLABS:
+                fused[f"{prefix}{at}processor.proj_lora"] = [(f"{t}{block}proj_out", 0, None)]
         # LyCORIS's own wrapper (SimpleTuner's Flux LoKr/LoHa files) names the
         # transformer's modules `lycoris_<diffusers path>`.
-        for path, _ in self.denoiser(pipe).named_modules():
+        for path, _ in transformer.named_modules():
             if path:
-                rename("lycoris_" + path.replace(".", "_"), t + path)
+                fused["lycoris_" + path.replace(".", "_")] = [(t + path, 0, None)]
         return fused
+
+    def lora_refusal(self, pipe: Any, name: str, shapes: dict[str, tuple[int, ...]]) -> str | None:
+        """BFL's Canny/Depth LoRAs widen the image input (`img_in` reads the control image's
+        latents beside the noise): they make a control model, and do nothing sensible on
+        a model whose input is the noise alone."""
+        inputs = self.denoiser(pipe).x_embedder.in_features
+        for prefix in ("", "diffusion_model.", "lora_unet_"):
+            for factor in ("lora_A.weight", "lora_down.weight"):
+                shape = shapes.get(f"{prefix}img_in.{factor}")
+                if shape is not None and shape[-1] != inputs:
+                    return (
+                        f"LoRA '{name}' is a {self.spec.label} Control LoRA (Canny/Depth: its "
+                        f"input reads {shape[-1]} channels, this model's {inputs}); it works on "
+                        "a Flux.1 control model (FLUX.1-Canny-dev, FLUX.1-Depth-dev)"
+                    )
+        return None
 
     # -- one denoising call ----------------------------------------------------------------
 
@@ -248,17 +289,42 @@ class Flux(FlowFamily):
         return z * (original / z.mean())
 
 
-# kohya's double-block layers that are one module each in diffusers (BFL name → ours).
+# BFL's layers that are one module each in diffusers (BFL name → ours), as diffusers'
+# kohya and BFL converters map them; the norms' `scale` is the RMSNorm's weight.
 _DOUBLE_LAYERS = (
-    ("img_attn_proj", "attn.to_out.0"),
-    ("img_mlp_0", "ff.net.0.proj"),
-    ("img_mlp_2", "ff.net.2"),
-    ("img_mod_lin", "norm1.linear"),
-    ("txt_attn_proj", "attn.to_add_out"),
-    ("txt_mlp_0", "ff_context.net.0.proj"),
-    ("txt_mlp_2", "ff_context.net.2"),
-    ("txt_mod_lin", "norm1_context.linear"),
+    ("img_attn.proj", "attn.to_out.0"),
+    ("img_mlp.0", "ff.net.0.proj"),
+    ("img_mlp.2", "ff.net.2"),
+    ("img_mod.lin", "norm1.linear"),
+    ("txt_attn.proj", "attn.to_add_out"),
+    ("txt_mlp.0", "ff_context.net.0.proj"),
+    ("txt_mlp.2", "ff_context.net.2"),
+    ("txt_mod.lin", "norm1_context.linear"),
+    ("img_attn.norm.query_norm", "attn.norm_q"),
+    ("img_attn.norm.key_norm", "attn.norm_k"),
+    ("txt_attn.norm.query_norm", "attn.norm_added_q"),
+    ("txt_attn.norm.key_norm", "attn.norm_added_k"),
 )
+_SINGLE_LAYERS = (
+    ("linear2", "proj_out"),
+    ("modulation.lin", "norm.linear"),
+    ("norm.query_norm", "attn.norm_q"),
+    ("norm.key_norm", "attn.norm_k"),
+)
+_GLOBAL_LAYERS = (
+    ("img_in", "x_embedder"),
+    ("txt_in", "context_embedder"),
+    ("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
+    ("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
+    ("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
+    ("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
+    ("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
+    ("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2"),
+    ("final_layer.linear", "proj_out"),
+)
+_IMAGE_QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
+_TEXT_QKV = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
+_XLABS = ("", "diffusion_model.")  # XLabs' processor names, bare or under ComfyUI's prefix
 
 
 class _ScheduledForward:

@@ -55,14 +55,16 @@ class Flux(FlowSpec):
     t5_tokens: ClassVar[int] = 512
     clip_tokens: ClassVar[int] = 77
     max_steps: ClassVar[int | None] = None
-    # kohya/ComfyUI (`lora_unet_double_blocks_…`), BFL/ComfyUI (`diffusion_model.…`) and
-    # diffusers/ai-toolkit (`transformer.single_transformer_blocks.…`) LoRA names.
+    # kohya/ComfyUI (`lora_unet_double_blocks_…`), BFL/ComfyUI (`diffusion_model.…`),
+    # XLabs and BFL's control LoRAs (bare `double_blocks.…`) and diffusers/ai-toolkit (`transformer.single_transformer_blocks.…`) LoRA names.
     single_file_text_encoders = ("text_encoders.clip_l.", "text_encoders.t5xxl.")  # ComfyUI's
     lora_key_prefixes = (
         "lora_unet_double_blocks_",
         "lora_unet_single_blocks_",
         "diffusion_model.double_blocks.",
         "diffusion_model.single_blocks.",
+        "double_blocks.",  # XLabs (`double_blocks.0.processor.qkv_lora1`), BFL's control LoRAs
+        "single_blocks.",
         "transformer.single_transformer_blocks.",
         "lora_transformer_single_transformer_blocks_",
         "lycoris_single_transformer_blocks_",  # LyCORIS's wrapper (SimpleTuner)

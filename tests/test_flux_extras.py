@@ -1,0 +1,226 @@
+"""Flux.1's extras on the tiny random-weight models: the XLabs and BFL control-LoRA key
+layouts, ControlNets and Control models, and Redux as the `reference` image.
+
+LoRA files are written in the key layout diffusers' own converters read
+(`_convert_xlabs_flux_lora_to_diffusers`, `_convert_bfl_flux_control_lora_to_diffusers`)
+and the reference is diffusers reading them: `load_lora_weights` + `fuse_lora` on the
+tiny model where the converter takes the tiny model's sizes (XLabs), and the converter's
+own output at the 12B layout where it hard-codes the 12B model's (BFL: 19 + 38 blocks,
+width 3072).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pipeline.loras.cache import LoraCache
+from pipeline.loras.formats import LoraError, map_lora, read_lora_file
+from tests.test_flux_loras import INNER, MLP, RANK, _compare, _diffusers_loader_and_fuse, _pipe, ref
+from tests.test_flux_loras import flux_dir  # noqa: F401  (the module's tiny Flux.1 dev)
+
+# --- LoRA key layouts ------------------------------------------------------------------
+
+
+def _xlabs(path: Path, prefix: str) -> None:
+    """An XLabs Flux.1 LoRA for the tiny model (`double_blocks.N.processor.qkv_lora1.down.
+    weight` …, no alpha), in the names and shapes diffusers' XLabs converter reads: the
+    qkv processors' `up` split in three, `proj_lora` on the single blocks' linear2."""
+    g = torch.Generator().manual_seed(21)
+    layers = {
+        "double_blocks.0.processor.qkv_lora1": (3 * INNER, INNER),
+        "double_blocks.0.processor.qkv_lora2": (3 * INNER, INNER),
+        "double_blocks.0.processor.proj_lora1": (INNER, INNER),
+        "double_blocks.0.processor.proj_lora2": (INNER, INNER),
+        "single_blocks.0.processor.qkv_lora": (3 * INNER, INNER),
+        "single_blocks.0.processor.proj_lora": (INNER, INNER + MLP),
+    }
+    tensors = {}
+    for name, (out, inp) in layers.items():
+        tensors[f"{prefix}{name}.down.weight"] = torch.randn(RANK, inp, generator=g) * 0.3
+        tensors[f"{prefix}{name}.up.weight"] = torch.randn(out, RANK, generator=g) * 0.3
+    save_file(tensors, str(path))
+
+
+@pytest.mark.parametrize("prefix", ["", "diffusion_model."])
+def test_xlabs_lora_equals_diffusers_loader_and_fuse(flux_dir, tmp_path, prefix):  # noqa: F811
+    path = tmp_path / "xlabs_flux.safetensors"
+    _xlabs(path, prefix)
+    with pytest.raises(LoraError, match=r"^LoRA 'x' was made for Flux.1; this model is SDXL$"):
+        read_lora_file(path, name="x", family="sdxl", max_bytes=1 << 30)
+    base, theirs = _diffusers_loader_and_fuse(flux_dir, path)
+    pipe = _pipe(flux_dir)
+    cache = LoraCache(pipe, max_bytes=1 << 30)
+    lora = ref(path)
+    with cache.activate([lora]):
+        ours = _output_of(pipe)
+    assert cache.notices([lora[0]]) == []  # every layer of the file was applied
+    _compare(base, theirs, ours)
+
+
+def _output_of(pipe):
+    from tests.test_flux_loras import _output
+
+    return _output(pipe.transformer)
+
+
+# BFL's 12B Flux.1 layout, as `_convert_bfl_flux_control_lora_to_diffusers` reads it.
+BFL_INNER, BFL_MLP, BFL_DOUBLE, BFL_SINGLE, BFL_HEAD = 3072, 12288, 19, 38, 128
+
+
+def _bfl_layers(in_channels: int) -> dict[str, tuple[int, int]]:
+    """BFL's layer → (out, in) of a FLUX.1 Canny/Depth control LoRA's every LoRA layer."""
+    d, m = BFL_INNER, BFL_MLP
+    layers = {
+        "img_in": (d, in_channels),
+        "txt_in": (d, 4096),
+        "time_in.in_layer": (d, 256),
+        "time_in.out_layer": (d, d),
+        "vector_in.in_layer": (d, 768),
+        "vector_in.out_layer": (d, d),
+        "guidance_in.in_layer": (d, 256),
+        "guidance_in.out_layer": (d, d),
+        "final_layer.linear": (64, d),
+        "final_layer.adaLN_modulation.1": (2 * d, d),
+    }
+    for i in range(BFL_DOUBLE):
+        for stream in ("img", "txt"):
+            at = f"double_blocks.{i}.{stream}_"
+            layers |= {
+                at + "mod.lin": (6 * d, d),
+                at + "attn.qkv": (3 * d, d),
+                at + "attn.proj": (d, d),
+                at + "mlp.0": (m, d),
+                at + "mlp.2": (d, m),
+            }
+    for i in range(BFL_SINGLE):
+        at = f"single_blocks.{i}."
+        layers |= {
+            at + "modulation.lin": (3 * d, d),
+            at + "linear1": (3 * d + m, d),
+            at + "linear2": (d, d + m),
+        }
+    return layers
+
+
+def _bfl_control_lora(path: Path, rank: int = 2) -> None:
+    """A FLUX.1-Canny/Depth-dev-lora file in BFL's layout: `lora_A`/`lora_B` with B's bias
+    on every layer, `img_in` reading 128 channels (latents + control latents), and the
+    trained qk-norm scales; small values, rank 2, at the 12B model's shapes."""
+    g = torch.Generator().manual_seed(31)
+    tensors = {}
+    for name, (out, inp) in _bfl_layers(128).items():
+        tensors[f"{name}.lora_A.weight"] = torch.randn(rank, inp, generator=g) * 0.02
+        tensors[f"{name}.lora_B.weight"] = torch.randn(out, rank, generator=g) * 0.02
+        tensors[f"{name}.lora_B.bias"] = torch.randn(out, generator=g) * 0.02
+    norms = [f"double_blocks.{i}.{s}_attn.norm" for i in range(BFL_DOUBLE) for s in ("img", "txt")]
+    norms += [f"single_blocks.{i}.norm" for i in range(BFL_SINGLE)]
+    for norm in norms:
+        for which in ("query_norm", "key_norm"):
+            tensors[f"{norm}.{which}.scale"] = 1 + torch.randn(BFL_HEAD, generator=g) * 0.1
+    save_file(tensors, str(path))
+
+
+# The layers whose values are compared (every layer's name is): each kind of mapping.
+CHECKED = (
+    "x_embedder",
+    "context_embedder",
+    "time_text_embed.timestep_embedder.linear_1",
+    "time_text_embed.guidance_embedder.linear_1",
+    "time_text_embed.text_embedder.linear_1",
+    "proj_out",
+    "norm_out.linear",
+    "transformer_blocks.0.attn.to_k",
+    "transformer_blocks.0.attn.add_v_proj",
+    "transformer_blocks.0.attn.norm_added_k",
+    f"transformer_blocks.{BFL_DOUBLE - 1}.attn.to_out.0",
+    f"single_transformer_blocks.{BFL_SINGLE - 1}.proj_mlp",
+    f"single_transformer_blocks.{BFL_SINGLE - 1}.attn.norm_q",
+)
+
+
+def _meta_12b_control_pipe(flux_dir: Path):  # noqa: F811
+    """A FluxControlPipeline holding the 12B control transformer (in_channels 128, as
+    FLUX.1-Canny-dev's) on the meta device: its module names and shapes, no weights."""
+    from diffusers import FluxControlPipeline, FluxTransformer2DModel
+
+    small = _pipe(flux_dir)
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(in_channels=128, out_channels=64, guidance_embeds=True)
+    parts = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    return FluxControlPipeline(**{p: getattr(small, p) for p in parts}, transformer=transformer)
+
+
+def test_bfl_control_lora_maps_as_diffusers_converter_reads_it(flux_dir, tmp_path):  # noqa: F811
+    """Every layer of a BFL control LoRA lands where diffusers' converter puts it, and
+    its ΔW (and Δbias, and the norms' new weights) equals what `fuse_lora` adds: B·A at
+    scale 1 (no alpha), B's bias, the scale replacing the RMSNorm's weight. Checked on the
+    layers that show each kind of mapping (ΔW at 12B sizes costs time): a part of a split
+    qkv and linear1, the swapped final modulation, the norms, the embedders.
+
+    One exception, in diffusers: for the final layer's modulation its converter swaps the
+    (shift, scale) halves of lora_A's *rank* rows as well as lora_B's output rows, which
+    pairs B's columns with other ranks' rows of A; BFL's layer is ΔW with its output
+    halves swapped (`swap_scale_shift(B·A)`), so that layer's reference un-swaps A."""
+    from diffusers import FluxPipeline
+    from diffusers.loaders.lora_conversion_utils import swap_scale_shift
+
+    path = tmp_path / "flux1-canny-dev-lora.safetensors"
+    _bfl_control_lora(path)
+    converted = FluxPipeline.lora_state_dict(str(path))  # diffusers' reading of the file
+    converted = converted[0] if isinstance(converted, tuple) else converted
+    expected: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in converted.items():
+        module, _, param = key.removeprefix("transformer.").rpartition(".")
+        if param == "weight" and not module.endswith(("lora_A", "lora_B")):  # a norm
+            expected.setdefault(module, {})["set"] = tensor
+        else:
+            layer, _, factor = module.rpartition(".")
+            expected.setdefault(layer, {})[f"{factor}.{param}"] = tensor
+    pipe = _meta_12b_control_pipe(flux_dir)
+    lora = read_lora_file(path, name="canny", family="flux", max_bytes=1 << 31)
+    assert (lora.family, lora.format) == ("flux", "lora+set")
+    mapped = map_lora(lora, pipe)
+    assert mapped.unmatched == []
+    assert {p for _, p in mapped.layers} == set(expected)
+    modules = dict(pipe.transformer.named_modules())
+    for path_ in CHECKED:
+        delta = mapped.layers[("transformer", path_)]
+        module, theirs = modules[path_], expected[path_]
+        zero = torch.zeros(module.weight.shape)  # W = 0: W + ΔW is what the layer gets
+        bias = torch.zeros(module.bias.shape) if getattr(module, "bias", None) is not None else None
+        diff, diff_b = delta.delta(zero, bias)
+        if "set" in theirs:
+            torch.testing.assert_close(diff, theirs["set"], rtol=0, atol=0)
+            continue
+        down = theirs["lora_A.weight"]
+        if path_ == "norm_out.linear":
+            down = swap_scale_shift(down)
+        torch.testing.assert_close(diff, theirs["lora_B.weight"] @ down, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(diff_b, theirs["lora_B.bias"], rtol=1e-6, atol=0)
+
+
+def test_a_control_lora_on_a_model_without_the_control_input_is_refused(flux_dir, tmp_path):  # noqa: F811
+    """A BFL Canny/Depth LoRA widens `img_in` to the control latents: on a dev model (64
+    input channels) it is refused in one line, not applied without its input layer."""
+    g = torch.Generator().manual_seed(2)
+    tensors = {
+        "img_in.lora_A.weight": torch.randn(RANK, 128, generator=g),
+        "img_in.lora_B.weight": torch.randn(INNER, RANK, generator=g),
+        "double_blocks.0.img_attn.proj.lora_A.weight": torch.randn(RANK, INNER, generator=g),
+        "double_blocks.0.img_attn.proj.lora_B.weight": torch.randn(INNER, RANK, generator=g),
+    }
+    path = tmp_path / "canny_lora.safetensors"
+    save_file(tensors, str(path))
+    pipe = _pipe(flux_dir)
+    lora = ref(path)
+    with pytest.raises(
+        LoraError,
+        match=r"^LoRA 'canny_lora' is a Flux.1 Control LoRA \(Canny/Depth: its input reads 128 "
+        r"channels, this model's 64\); it works on a Flux.1 control model",
+    ):
+        with LoraCache(pipe, max_bytes=1 << 30).activate([lora]):
+            pass
