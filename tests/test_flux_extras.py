@@ -19,8 +19,16 @@ from safetensors.torch import save_file
 
 from pipeline.loras.cache import LoraCache
 from pipeline.loras.formats import LoraError, map_lora, read_lora_file
-from tests.test_flux_loras import INNER, MLP, RANK, _compare, _diffusers_loader_and_fuse, _pipe, ref
-from tests.test_flux_loras import flux_dir  # noqa: F401  (the module's tiny Flux.1 dev)
+from tests.test_flux_loras import (
+    INNER,
+    MLP,
+    RANK,
+    _compare,
+    _diffusers_loader_and_fuse,
+    _pipe,
+    flux_dir,  # noqa: F401  (the module's tiny Flux.1 dev)
+    ref,
+)
 
 # --- LoRA key layouts ------------------------------------------------------------------
 
@@ -217,10 +225,112 @@ def test_a_control_lora_on_a_model_without_the_control_input_is_refused(flux_dir
     save_file(tensors, str(path))
     pipe = _pipe(flux_dir)
     lora = ref(path)
-    with pytest.raises(
-        LoraError,
-        match=r"^LoRA 'canny_lora' is a Flux.1 Control LoRA \(Canny/Depth: its input reads 128 "
-        r"channels, this model's 64\); it works on a Flux.1 control model",
+    with (
+        pytest.raises(
+            LoraError,
+            match=r"^LoRA 'canny_lora' is a Flux.1 Control LoRA \(Canny/Depth: its input reads 128 "
+            r"channels, this model's 64\); it works on a Flux.1 control model",
+        ),
+        LoraCache(pipe, max_bytes=1 << 30).activate([lora]),
     ):
-        with LoraCache(pipe, max_bytes=1 << 30).activate([lora]):
-            pass
+        pass
+
+
+# --- ControlNets ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flux_control(flux_dir, tmp_path_factory):  # noqa: F811
+    """The tiny dev model with three ControlNet units: InstantX's layout, a Union
+    (configured with tile_resample, its mode 1), XLabs' pixel-input layout."""
+    from pipeline.contract.blobs import BlobStore
+    from pipeline.contract.config import config_from_dict
+    from pipeline.control.apply import ControlCache
+    from pipeline.families.flux_tiny import write_tiny_flux_controlnet
+    from pipeline.models.loading import ModelCache
+    from tests.conftest import png_of
+    from tests.test_flux import photo
+
+    root = tmp_path_factory.mktemp("flux_control")
+    nets = {
+        "instantx": write_tiny_flux_controlnet(flux_dir, root / "instantx"),
+        "union": write_tiny_flux_controlnet(flux_dir, root / "union", union=True),
+        "xlabs": write_tiny_flux_controlnet(flux_dir, root / "xlabs", hint=True),
+    }
+    units = {
+        name: {"source": str(path), "family": "flux", "preprocessor": "none"}
+        for name, path in nets.items()
+    }
+    units["union"]["preprocessor"] = "tile_resample"
+    config = config_from_dict(
+        {
+            "models": {"flux": {"source": str(flux_dir), "family": "flux"}},
+            "controlnets": units,
+        }
+    )
+    model = ModelCache(config, "cpu").get()
+    blobs = BlobStore(root / "blobs")
+    image = photo(seed=4)
+    return model, ControlCache(config), blobs, blobs.put(png_of(image), ".png"), image, nets
+
+
+def _controlled(flux_control, unit, **changes):
+    from pipeline.generate.modes import run_generation
+    from tests.test_flux import image_of, spec
+
+    model, cache, blobs, *_ = flux_control
+    job = spec(control=(unit,), **changes)
+    return image_of(run_generation(model, [job], blobs=blobs, control=cache)[0][0])
+
+
+@pytest.mark.parametrize(
+    "name,mode",
+    [("instantx", None), ("union", 1), ("xlabs", None)],
+    ids=["instantx", "union", "xlabs"],
+)
+def test_a_controlnet_unit_equals_flux_controlnet_pipeline(flux_control, flux_dir, name, mode):  # noqa: F811
+    """A unit through our ControlNet path (its map, the family's stack) equals diffusers'
+    FluxControlNetPipeline given the same control image (and the Union's mode number)."""
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+
+    from pipeline.contract.control import ControlUnit
+    from tests.conftest import level_difference
+    from tests.test_flux import SAME_LEVELS, generators
+
+    sha, image, nets = flux_control[3], flux_control[4], flux_control[5]
+    ours = _controlled(flux_control, ControlUnit(name, sha, weight=0.8))
+    pipe = FluxControlNetPipeline.from_pretrained(
+        flux_dir, controlnet=FluxControlNetModel.from_pretrained(nets[name])
+    )
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(
+        prompt="a photo of a cat",
+        width=64,
+        height=64,
+        num_inference_steps=4,
+        generator=generators(),
+        control_image=image,
+        control_mode=mode,
+        controlnet_conditioning_scale=0.8,
+        guidance_scale=3.5,
+    ).images[0]
+    assert level_difference(ours, theirs) <= SAME_LEVELS
+    without = _controlled(flux_control, ControlUnit(name, sha, weight=0.0))
+    assert level_difference(ours, without) > 10  # the unit does something here
+
+
+def test_flux_controlnet_refusals(flux_control):
+    from pipeline.contract.control import ControlUnit
+    from pipeline.contract.jobs import JobError
+
+    sha = flux_control[3]
+    with pytest.raises(JobError, match=r"^Flux.1 ControlNets have no control mode 'My prompt"):
+        _controlled(
+            flux_control, ControlUnit("instantx", sha, control_mode="My prompt is more important")
+        )
+    with pytest.raises(
+        JobError,
+        match=r"^a Flux.1 union ControlNet needs to know the map's kind, and 'invert' is none "
+        r"it knows: pick canny, tile_resample, depth, openpose$",
+    ):
+        _controlled(flux_control, ControlUnit("union", sha, preprocessor="invert"))

@@ -94,7 +94,7 @@ def applied(
     if live:
         denoiser = model.kind.denoiser(pipe)
         nets = [cache.nets(model).get(u.name, denoiser, model.family) for u in live]
-        stack = make_stack(nets, [u.control_mode for u in live], cfg)
+        stack = make_stack(nets, [u.control_mode for u in live], cfg, model.kind)
         index = {id(u): j for j, u in enumerate(spec.control)}
         maps: dict[tuple, Image.Image] = {}
         images = [
@@ -107,7 +107,10 @@ def applied(
             for u in live
         ]
         pipe = control_pipeline(pipe, model.kind.control_pipeline_class(kind), stack)
-        extra["image" if kind == "txt2img" else "control_image"] = [_batch(i) for i in images]
+        extra[model.kind.control_image_argument(kind)] = [_batch(i) for i in images]
+        union = model.kind.union_modes(nets, [preprocessor_of(cache, u) for u in live])
+        if union is not None:
+            extra["control_mode"] = union
         extra["controlnet_conditioning_scale"] = [float(u.weight) for u in live]
         extra["control_guidance_start"] = [float(u.guidance_start) for u in live]
         extra["control_guidance_end"] = [float(u.guidance_end) for u in live]

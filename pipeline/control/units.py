@@ -26,6 +26,7 @@ from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
 from pipeline.contract.families import label as family_label
 from pipeline.contract.jobs import JobError
+from pipeline.families import family as family_named
 
 log = logging.getLogger(__name__)
 
@@ -140,15 +141,16 @@ class ControlNetCache:
                 f"ControlNet '{name}' is for {family_label(entry.family)} but the model is "
                 f"{family_label(family)}; pick a {family_label(family)} unit"
             )
+        kind = family_named(family)
         if name in self._nets:
             self._nets.move_to_end(name)
             net = self._nets[name][0]
         else:
-            net = self._load(entry, unet)
+            net = self._load(entry, unet, kind)
             size = sum(p.numel() * p.element_size() for p in net.parameters())
             self._nets[name] = (net, size)
             self._evict()
-        _check_fits(name, net, unet)
+        _check_fits(name, net, unet, kind.controlnet_fit_keys)
         return net
 
     def model_label(self, name: str) -> str:
@@ -163,20 +165,27 @@ class ControlNetCache:
             evicted, _ = self._nets.popitem(last=False)
             log.info("ControlNet %s evicted from the cache", evicted)
 
-    def _load(self, entry: Any, unet: Any) -> Any:
-        from diffusers import ControlNetModel
+    def _load(self, entry: Any, unet: Any, kind: Any) -> Any:
+        import diffusers
 
         from pipeline.control.controlnet_file import load_controlnet_file
 
         source = entry.source
         path = Path(source)
+        single_file = path.suffix in (".safetensors", ".ckpt", ".pth", ".bin") and path.is_file()
+        if single_file and kind.controlnet_class != "ControlNetModel":
+            raise JobError(
+                f"ControlNet '{entry.name}' is one file; {kind.label} ControlNets load from "
+                "a diffusers folder or Hub id (set its source to one)"
+            )
         self.loads += 1
         try:
-            if path.suffix in (".safetensors", ".ckpt", ".pth", ".bin") and path.is_file():
+            if single_file:
                 # Offline: the configuration is derived from the file and the base model.
                 net = load_controlnet_file(path, self.dtype, unet.config, entry.name)
             else:
-                net = ControlNetModel.from_pretrained(source, torch_dtype=self.dtype)
+                model_class = getattr(diffusers, kind.controlnet_class)
+                net = model_class.from_pretrained(source, torch_dtype=self.dtype)
         except JobError:
             raise
         except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds for bad files
@@ -190,22 +199,35 @@ class ControlNetCache:
         return net
 
 
-def _check_fits(name: str, net: Any, unet: Any) -> None:
-    """A ControlNet of the other family has another cross-attention width or no SDXL
-    time embedding: refuse it by name instead of failing inside the UNet."""
-    mine, theirs = net.config, unet.config
-    if (
-        mine.cross_attention_dim != theirs.cross_attention_dim
-        or mine.addition_embed_type != theirs.addition_embed_type
-        or tuple(mine.block_out_channels) != tuple(theirs.block_out_channels)
-    ):
+def _check_fits(name: str, net: Any, denoiser: Any, keys: tuple[str, ...]) -> None:
+    """A ControlNet of another model has another width where the family's `keys` say
+    (SD: cross-attention width, SDXL's time embedding, block widths; Flux.1: heads, text
+    and pooled widths): refuse it by name instead of failing inside the denoiser."""
+
+    def value(config: Any, key: str) -> Any:
+        found = config.get(key)
+        return tuple(found) if isinstance(found, list) else found
+
+    if any(value(net.config, k) != value(denoiser.config, k) for k in keys):
         raise JobError(
             f"ControlNet '{name}' does not fit this model (it was made for another base "
             "model or family); pick a unit made for this model's family"
         )
 
 
-def make_stack(nets: list[Any], modes: list[str], cfg: bool) -> ControlStack:
+def make_stack(nets: list[Any], modes: list[str], cfg: bool, kind: Any = None) -> Any:
+    """The units' ControlNets as one: ours with A1111's control modes, or the family's
+    own stack (Flux.1's), which has no control modes to apply."""
+    if kind is not None and kind.control_stack_class:
+        import diffusers
+
+        odd = next((m for m in modes if m != "Balanced"), None)
+        if odd is not None:
+            raise JobError(
+                f"{kind.label} ControlNets have no control mode {odd!r} (A1111's modes "
+                "reweight a UNet's residuals): use Balanced"
+            )
+        return getattr(diffusers, kind.control_stack_class)(nets)
     stack = ControlStack(nets)
     stack.modes = list(modes)
     stack.cfg = cfg

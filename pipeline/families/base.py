@@ -33,6 +33,16 @@ class Family:
     # mode → diffusers pipeline class (img2img, inpaint derive from txt2img's modules)
     pipelines: ClassVar[dict[str, str]] = {}
     control_pipelines: ClassVar[dict[str, str]] = {}  # the same with ControlNets
+    controlnet_class: ClassVar[str] = "ControlNetModel"  # a ControlNet of this family
+    # The config fields a ControlNet shares with the denoiser it fits.
+    controlnet_fit_keys: ClassVar[tuple[str, ...]] = (
+        "cross_attention_dim",
+        "addition_embed_type",
+        "block_out_channels",
+    )
+    # diffusers' class stacking several of this family's ControlNets; "": ours
+    # (`pipeline.control.units.ControlStack`, A1111's control modes on UNet residuals).
+    control_stack_class: ClassVar[str] = ""
     ip_adapter_preprocessor: ClassVar[str] = ""  # sd-webui-controlnet's infotext name
     # Prompt embeddings: the hidden layer read (penultimate, as SDXL's pipelines do, or
     # the last through the final norm) and whether the last encoder gives a pooled one.
@@ -114,6 +124,15 @@ class Family:
 
     def control_pipeline_class(self, mode: str) -> Any:
         return _diffusers_class(self.control_pipelines, mode, f"{self.label} ControlNet")
+
+    def control_image_argument(self, mode: str) -> str:
+        """The ControlNet pipeline's keyword for the control maps (SD's txt2img: `image`)."""
+        return "image" if mode == "txt2img" else "control_image"
+
+    def union_modes(self, nets: list[Any], preprocessors: list[str]) -> list[int | None] | None:
+        """Each unit's control type for union ControlNets (a number per unit); None when
+        this family has none."""
+        return None
 
     def load_options(self) -> dict[str, Any]:
         """Extra keyword arguments for `from_pretrained`."""

@@ -22,6 +22,7 @@ from typing import Any
 
 from pipeline.contract.families.flux import VARIANTS
 from pipeline.contract.families.flux import Flux as SPEC
+from pipeline.contract.jobs import JobError
 from pipeline.contract.prompt_schedule import plan_prompt, split_and, text_at_step
 from pipeline.contract.prompt_syntax import parse_prompt_attention, strip_loras
 from pipeline.families.flow import FlowFamily
@@ -57,6 +58,21 @@ class Flux(FlowFamily):
         (-0.1262, -0.0982, -0.0778),
     )
     preview_bias = (-0.0329, -0.0718, -0.0851)
+    # InstantX, Union (InstantX/Shakker) and XLabs-style ControlNets, diffusers' classes.
+    control_pipelines = {
+        "txt2img": "FluxControlNetPipeline",
+        "img2img": "FluxControlNetImg2ImgPipeline",
+        "inpaint": "FluxControlNetInpaintPipeline",
+    }
+    controlnet_class = "FluxControlNetModel"
+    controlnet_fit_keys = (
+        "in_channels",
+        "num_attention_heads",
+        "attention_head_dim",
+        "joint_attention_dim",
+        "pooled_projection_dim",
+    )
+    control_stack_class = "FluxMultiControlNetModel"
     kohya_base_model = "flux1"
     prompt_chunks = False  # CLIP 77 and T5 512 tokens, fixed lengths
     # kohya's sd-scripts name the transformer `lora_unet_` and CLIP-L `lora_te1_`.
@@ -124,7 +140,9 @@ class Flux(FlowFamily):
                 rename(at + theirs, block + ours)
             for prefix in _XLABS:
                 fused[f"{prefix}{at}processor.proj_lora1"] = [(f"{t}{block}attn.to_out.0", 0, None)]
-                fused[f"{prefix}{at}processor.proj_lora2"] = [(f"{t}{block}attn.to_add_out", 0, None)]
+                fused[f"{prefix}{at}processor.proj_lora2"] = [
+                    (f"{t}{block}attn.to_add_out", 0, None)
+                ]
         for i in range(config.num_single_layers):
             at, block = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
             qkv = [block + x for x in _IMAGE_QKV]
@@ -156,6 +174,28 @@ class Flux(FlowFamily):
                         "a Flux.1 control model (FLUX.1-Canny-dev, FLUX.1-Depth-dev)"
                     )
         return None
+
+    def control_image_argument(self, mode: str) -> str:
+        return "control_image"
+
+    def union_modes(self, nets: list[Any], preprocessors: list[str]) -> list[int | None] | None:
+        """A union ControlNet's control type per unit, from the unit's preprocessor
+        (InstantX's FLUX.1-dev-Controlnet-Union numbering, which Shakker-Labs' Union-Pro
+        keeps); a non-union net takes none."""
+        if not any(net.config.get("num_mode") for net in nets):
+            return None
+        modes: list[int | None] = []
+        for net, name in zip(nets, preprocessors):
+            if not net.config.get("num_mode"):
+                modes.append(None)
+            elif name in UNION_MODES:
+                modes.append(UNION_MODES[name])
+            else:
+                raise JobError(
+                    f"a {self.spec.label} union ControlNet needs to know the map's kind, and "
+                    f"'{name}' is none it knows: pick {', '.join(UNION_MODES)}"
+                )
+        return modes
 
     # -- one denoising call ----------------------------------------------------------------
 
@@ -322,6 +362,10 @@ _GLOBAL_LAYERS = (
     ("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2"),
     ("final_layer.linear", "proj_out"),
 )
+# The union ControlNets' control types (InstantX FLUX.1-dev-Controlnet-Union's model
+# card: canny 0, tile 1, depth 2, blur 3, pose 4, gray 5, low quality 6) by our
+# preprocessor names.
+UNION_MODES = {"canny": 0, "tile_resample": 1, "depth": 2, "openpose": 4}
 _IMAGE_QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
 _TEXT_QKV = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
 _XLABS = ("", "diffusion_model.")  # XLabs' processor names, bare or under ComfyUI's prefix
@@ -391,6 +435,7 @@ class _FluxSchnell(Flux):
 
 class _FluxKontext(Flux):
     spec = VARIANTS["kontext"]
+    control_pipelines: dict[str, str] = {}
     pipelines = {"img2img": "FluxKontextPipeline", "txt2img": "FluxKontextPipeline"}
 
     def call_inputs(self, spec: Any, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -401,6 +446,7 @@ class _FluxKontext(Flux):
 
 class _FluxFill(Flux):
     spec = VARIANTS["fill"]
+    control_pipelines: dict[str, str] = {}
     pipelines = {"inpaint": "FluxFillPipeline", "txt2img": "FluxFillPipeline"}
 
 

@@ -160,3 +160,43 @@ def write_tiny_flux_redux(directory: str | Path) -> Path:
     feature_extractor = ["transformers", "SiglipImageProcessor"]
     common.name_components_as_hub(Path(directory), {"feature_extractor": feature_extractor})
     return Path(directory)
+
+
+def write_tiny_flux_controlnet(
+    base: str | Path, directory: str | Path, *, union: bool = False, hint: bool = False
+) -> Path:
+    """A tiny `FluxControlNetModel` for the tiny Flux.1 model at `base`: the InstantX
+    layout (the control image's latents through `controlnet_x_embedder`), with `union`
+    InstantX/Shakker's Union (`num_mode` 10: a mode embedding per control type), with
+    `hint` XLabs' (pixels through `input_hint_block`). Built as diffusers'
+    `from_transformer` builds one, with the zero-initialised projections randomised so
+    the unit has an effect to test."""
+    import torch
+    from diffusers import FluxControlNetModel, FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(Path(base) / "transformer")
+    config = dict(transformer.config)
+    common.seeded(1)
+    net = FluxControlNetModel(
+        # XLabs' maps come as pixels: the hint block's 16 channels at 1/8, patchified 2×2
+        # into the packed latents' 64.
+        patch_size=2 if hint else config["patch_size"],
+        in_channels=config["in_channels"],
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=config["attention_head_dim"],
+        num_attention_heads=config["num_attention_heads"],
+        joint_attention_dim=config["joint_attention_dim"],
+        pooled_projection_dim=config["pooled_projection_dim"],
+        guidance_embeds=config["guidance_embeds"],
+        axes_dims_rope=list(config["axes_dims_rope"]),
+        num_mode=10 if union else None,
+        conditioning_embedding_channels=16 if hint else None,
+    )
+    with torch.no_grad():
+        for module in (*net.controlnet_blocks, *net.controlnet_single_blocks):
+            torch.nn.init.normal_(module.weight, std=0.3)
+        if not hint:
+            torch.nn.init.normal_(net.controlnet_x_embedder.weight, std=0.3)
+    net.save_pretrained(directory)
+    return Path(directory)

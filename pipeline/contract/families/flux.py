@@ -44,8 +44,8 @@ class Flux(FlowSpec):
     variant: ClassVar[str] = "dev"
     modes = frozenset({"txt2img", "img2img", "inpaint", "outpaint", "upscale", "facefix"})
     # true CFG (negative prompt + CFG scale > 1) and Distilled CFG; no CLIP skip (Forge
-    # has none for Flux), no ControlNet/reference yet.
-    options = frozenset({"negative_prompt", "cfg_scale", "guidance", "face_fix"})
+    # has none for Flux); ControlNets (FluxControlNetPipeline and its img2img/inpaint).
+    options = frozenset({"negative_prompt", "cfg_scale", "guidance", "face_fix", "control"})
     size_multiple = 16
     default_size = 1024
     train_resolution = 512  # diffusers' train_dreambooth_lora_flux.py
@@ -56,7 +56,8 @@ class Flux(FlowSpec):
     clip_tokens: ClassVar[int] = 77
     max_steps: ClassVar[int | None] = None
     # kohya/ComfyUI (`lora_unet_double_blocks_…`), BFL/ComfyUI (`diffusion_model.…`),
-    # XLabs and BFL's control LoRAs (bare `double_blocks.…`) and diffusers/ai-toolkit (`transformer.single_transformer_blocks.…`) LoRA names.
+    # XLabs and BFL's control LoRAs (bare `double_blocks.…`) and diffusers/ai-toolkit
+    # (`transformer.single_transformer_blocks.…`) LoRA names.
     single_file_text_encoders = ("text_encoders.clip_l.", "text_encoders.t5xxl.")  # ComfyUI's
     lora_key_prefixes = (
         "lora_unet_double_blocks_",
@@ -138,6 +139,7 @@ class FluxKontext(Flux):
     label = "Flux.1 Kontext"
     variant = "kontext"
     modes = frozenset({"img2img"})  # an edit of the input image, as the prompt says
+    options = Flux.options - {"control"}  # diffusers has no Kontext ControlNet pipeline
     default_guidance = 2.5
 
     @classmethod
@@ -154,6 +156,7 @@ class FluxFill(Flux):
     label = "Flux.1 Fill"
     variant = "fill"
     modes = frozenset({"inpaint", "outpaint", "facefix"})
+    options = Flux.options - {"control"}  # nor a Fill one
     default_guidance = 30.0  # BFL's and diffusers' example for FLUX.1-Fill-dev
 
 
