@@ -334,3 +334,55 @@ def test_flux_controlnet_refusals(flux_control):
         r"it knows: pick canny, tile_resample, depth, openpose$",
     ):
         _controlled(flux_control, ControlUnit("union", sha, preprocessor="invert"))
+
+
+# --- Control models (Flux Tools Canny / Depth) ----------------------------------------
+
+
+def test_a_canny_control_model_draws_from_the_photos_edges_as_flux_control_pipeline(tmp_path):
+    """A configured FLUX.1-Canny-dev-shaped model (transformer in_channels 128) is the
+    control variant: img2img gives it the photo, whose canny map is FluxControlPipeline's
+    `control_image`; txt2img is refused in one line."""
+    from diffusers import FluxControlPipeline
+
+    from pipeline.contract.config import config_from_dict
+    from pipeline.contract.families import family_of_model
+    from pipeline.contract.jobs import JobError
+    from pipeline.control.preprocessors import run_preprocessor
+    from pipeline.families.flux_tiny import write_tiny_flux
+    from pipeline.generate.modes import run_generation
+    from pipeline.models.loading import ModelCache
+    from tests.conftest import level_difference, png_of
+    from tests.test_flux import SAME_LEVELS, Blobs, generators, image_of, photo, spec
+
+    folder = write_tiny_flux(tmp_path / "canny-dev", variant="control")
+    config = config_from_dict({"models": {"canny": {"source": str(folder)}}})
+    found = family_of_model(config.model("canny"))
+    assert (found.label, found.variant, found.default_guidance) == (
+        "Flux.1 Control",
+        "control",
+        10.0,
+    )
+    with pytest.raises(
+        JobError, match=r"^Flux.1 Control models draw from a photo's edges or depth"
+    ):
+        found.check_job(spec())
+    model = ModelCache(config, "cpu").get()
+    blobs = Blobs()
+    source = photo(seed=5)
+    job = spec(mode="img2img", image=blobs.put(png_of(source)), strength=0.7)
+    found.check_job(job)
+    ours = image_of(run_generation(model, [job], blobs=blobs)[0][0])
+    edges = run_preprocessor("canny", source, threshold_a=100, threshold_b=200)
+    pipe = FluxControlPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(
+        prompt="a photo of a cat",
+        control_image=edges.resize((64, 64)),
+        width=64,
+        height=64,
+        num_inference_steps=4,
+        guidance_scale=10.0,
+        generator=generators(),
+    ).images[0]
+    assert level_difference(ours, theirs) <= SAME_LEVELS

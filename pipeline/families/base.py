@@ -134,6 +134,11 @@ class Family:
         this family has none."""
         return None
 
+    def input_control(self, source: str) -> str | None:
+        """The preprocessor whose map of the input image a control model draws from
+        (Flux.1's Canny/Depth models); None: the input image is denoised from (img2img)."""
+        return None
+
     def load_options(self) -> dict[str, Any]:
         """Extra keyword arguments for `from_pretrained`."""
         return {}

@@ -450,9 +450,25 @@ class _FluxFill(Flux):
     pipelines = {"inpaint": "FluxFillPipeline", "txt2img": "FluxFillPipeline"}
 
 
+class _FluxControl(Flux):
+    spec = VARIANTS["control"]
+    pipelines = {"img2img": "FluxControlPipeline", "txt2img": "FluxControlPipeline"}
+    control_pipelines: dict[str, str] = {}
+
+    def input_control(self, source: str) -> str | None:
+        """BFL names the two: FLUX.1-Depth-dev reads depth maps, FLUX.1-Canny-dev edges."""
+        return "depth" if "depth" in source.lower() else "canny"
+
+    def call_inputs(self, spec: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+        # A new image from the map: no denoising strength.
+        inputs = {k: v for k, v in inputs.items() if k != "strength"}
+        return super().call_inputs(spec, inputs)
+
+
 _VARIANT_FAMILIES: dict[str, Flux] = {
     "dev": Flux(),
     "schnell": _FluxSchnell(),
     "kontext": _FluxKontext(),
     "fill": _FluxFill(),
+    "control": _FluxControl(),
 }

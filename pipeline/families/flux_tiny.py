@@ -30,7 +30,10 @@ SCHNELL_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifti
 # Flux.1's VAE latent statistics (the real ones: the pipelines read them from the config).
 VAE_SCALING = dict(scaling_factor=0.3611, shift_factor=0.1159)
 
-VARIANTS = ("dev", "schnell", "kontext", "fill")
+VARIANTS = ("dev", "schnell", "kontext", "fill", "control")
+# The transformer's input channels: 64 packed latent channels; Fill adds the masked image's
+# latents and the packed mask (384); Canny/Depth the control image's latents (128).
+IN_CHANNELS = {"fill": 384, "control": 128}
 
 
 def _transformer(*, in_channels: int, guidance: bool):
@@ -91,10 +94,10 @@ def _t5_text_encoder(vocab_size: int):
 
 
 def write_tiny_flux(directory: str | Path, *, variant: str = "dev") -> Path:
-    """Write a tiny Flux.1 `variant` ("dev", "schnell", "kontext" or "fill") folder that
-    `DiffusionPipeline.from_pretrained` loads as FluxPipeline / FluxKontextPipeline /
-    FluxFillPipeline. Deterministic: the same variant gives the same files."""
-    from diffusers import FluxFillPipeline, FluxKontextPipeline, FluxPipeline
+    """Write a tiny Flux.1 `variant` ("dev", "schnell", "kontext", "fill" or "control")
+    folder that `DiffusionPipeline.from_pretrained` loads as FluxPipeline /
+    FluxKontextPipeline / FluxFillPipeline / FluxControlPipeline (Canny/Depth dev). Deterministic: the same variant gives the same files."""
+    from diffusers import FluxControlPipeline, FluxFillPipeline, FluxKontextPipeline, FluxPipeline
 
     if variant not in VARIANTS:
         raise ValueError(f"unknown Flux.1 variant {variant!r}: use one of {', '.join(VARIANTS)}")
@@ -103,9 +106,11 @@ def write_tiny_flux(directory: str | Path, *, variant: str = "dev") -> Path:
     tokenizer_2 = tokenizers.t5_tokenizer()
     if variant == "schnell":
         tokenizer_2.model_max_length = 256
-    pipeline_class = {"kontext": FluxKontextPipeline, "fill": FluxFillPipeline}.get(
-        variant, FluxPipeline
-    )
+    pipeline_class = {
+        "kontext": FluxKontextPipeline,
+        "fill": FluxFillPipeline,
+        "control": FluxControlPipeline,
+    }.get(variant, FluxPipeline)
     pipe = pipeline_class(
         scheduler=common.flow_scheduler(
             **(SCHNELL_SCHEDULER if variant == "schnell" else DEV_SCHEDULER)
@@ -118,9 +123,13 @@ def write_tiny_flux(directory: str | Path, *, variant: str = "dev") -> Path:
         text_encoder_2=_t5_text_encoder(len(tokenizer_2)),
         tokenizer_2=tokenizer_2,
         transformer=_transformer(
-            in_channels=384 if variant == "fill" else 64, guidance=variant != "schnell"
+            in_channels=IN_CHANNELS.get(variant, 64), guidance=variant != "schnell"
         ),
-        **({} if variant == "fill" else {"image_encoder": None, "feature_extractor": None}),
+        **(
+            {}
+            if variant in ("fill", "control")
+            else {"image_encoder": None, "feature_extractor": None}
+        ),
     )
     return common.save_pipeline(pipe, directory)
 

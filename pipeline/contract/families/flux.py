@@ -160,11 +160,41 @@ class FluxFill(Flux):
     default_guidance = 30.0  # BFL's and diffusers' example for FLUX.1-Fill-dev
 
 
-VARIANTS: dict[str, type[Flux]] = {s.variant: s for s in (Flux, FluxSchnell, FluxKontext, FluxFill)}
+class FluxControl(Flux):
+    """BFL's Flux Tools Canny/Depth dev: a transformer whose input is the noise beside the
+    control image's latents (in_channels 128), through `FluxControlPipeline`. A member
+    picks it as a configured model and gives a photo; its edges or depth map (the
+    preprocessor by the model's name, as BFL names them) guide a new image."""
+
+    label = "Flux.1 Control"
+    variant = "control"
+    modes = frozenset({"img2img"})  # the input photo's map, drawn anew
+    options = Flux.options - {"control"}  # the control map is the input's
+    default_guidance = 10.0  # diffusers' FLUX.1-Depth-dev example (Canny's takes 30)
+
+    @classmethod
+    def check_mode(cls, mode: str) -> None:
+        if mode == "txt2img":
+            raise JobError(
+                f"{cls.label} models draw from a photo's edges or depth: give it an input "
+                "image (img2img)"
+            )
+        super().check_mode(mode)
+
+
+VARIANTS: dict[str, type[Flux]] = {
+    s.variant: s for s in (Flux, FluxSchnell, FluxKontext, FluxFill, FluxControl)
+}
+# model_index.json class names of the control variant (not FluxControlNet…, a dev model).
+CONTROL_PIPELINES = (
+    "FluxControlPipeline",
+    "FluxControlImg2ImgPipeline",
+    "FluxControlInpaintPipeline",
+)
 
 
 def variant_of(source: str) -> str:
-    """ "dev", "schnell", "kontext" or "fill", from a folder's files, a single file's
+    """ "dev", "schnell", "kontext", "fill" or "control", from a folder's files, a single file's
     tensor names and shapes, or a Hub id's name (Krea is a dev)."""
     path = Path(source)
     if path.is_dir():
@@ -174,9 +204,13 @@ def variant_of(source: str) -> str:
             return "kontext"
         if "Fill" in name:
             return "fill"
+        if name in CONTROL_PIPELINES:
+            return "control"
         transformer = _json(path / "transformer" / "config.json")
         if transformer.get("in_channels") == 384:
             return "fill"
+        if transformer.get("in_channels") == 128:
+            return "control"
         return "dev" if transformer.get("guidance_embeds", True) else "schnell"
     if path.suffix == ".safetensors" and path.exists():
         from pipeline.contract.families.sources import safetensors_header
@@ -186,12 +220,16 @@ def variant_of(source: str) -> str:
         image_in = names.get("img_in.weight", {}).get("shape", [0, 64])
         if image_in[-1] == 384:
             return "fill"
+        if image_in[-1] == 128:
+            return "control"
         if not any(k.startswith("guidance_in.") for k in names):
             return "schnell"
     lowered = path.name.lower() if path.suffix else source.lower()
     for variant in ("schnell", "kontext", "fill"):
         if variant in lowered:
             return variant
+    if any(tool in lowered for tool in ("canny", "depth")) and "lora" not in lowered:
+        return "control"  # FLUX.1-Canny-dev, FLUX.1-Depth-dev (their -lora is for dev)
     return "dev"
 
 
