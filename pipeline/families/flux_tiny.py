@@ -96,7 +96,8 @@ def _t5_text_encoder(vocab_size: int):
 def write_tiny_flux(directory: str | Path, *, variant: str = "dev") -> Path:
     """Write a tiny Flux.1 `variant` ("dev", "schnell", "kontext", "fill" or "control")
     folder that `DiffusionPipeline.from_pretrained` loads as FluxPipeline /
-    FluxKontextPipeline / FluxFillPipeline / FluxControlPipeline (Canny/Depth dev). Deterministic: the same variant gives the same files."""
+    FluxKontextPipeline / FluxFillPipeline / FluxControlPipeline (Canny/Depth dev).
+    Deterministic: the same variant gives the same files."""
     from diffusers import FluxControlPipeline, FluxFillPipeline, FluxKontextPipeline, FluxPipeline
 
     if variant not in VARIANTS:
