@@ -386,3 +386,59 @@ def test_a_canny_control_model_draws_from_the_photos_edges_as_flux_control_pipel
         generator=generators(),
     ).images[0]
     assert level_difference(ours, theirs) <= SAME_LEVELS
+
+
+# --- Redux as the reference image -----------------------------------------------------
+
+
+def test_redux_reference_equals_flux_prior_redux_feeding_flux_pipeline(flux_dir, tmp_path):  # noqa: F811
+    """`reference` on Flux.1 is Redux, configured as an [ip_adapters] entry of family flux:
+    equal to diffusers' FluxPriorReduxPipeline (given the base's text encoders, as
+    diffusers documents Redux with a prompt) feeding FluxPipeline its prompt_embeds."""
+    from diffusers import FluxPipeline, FluxPriorReduxPipeline
+
+    from pipeline.contract.config import config_from_dict
+    from pipeline.contract.control import Reference
+    from pipeline.control.apply import ControlCache
+    from pipeline.families.flux_tiny import write_tiny_flux_redux
+    from pipeline.generate.modes import run_generation
+    from pipeline.models.loading import ModelCache
+    from tests.conftest import level_difference, png_of
+    from tests.test_flux import SAME_LEVELS, Blobs, generators, image_of, photo, spec
+
+    redux = write_tiny_flux_redux(tmp_path / "redux")
+    config = config_from_dict(
+        {
+            "models": {"flux": {"source": str(flux_dir), "family": "flux"}},
+            "ip_adapters": {"redux": {"source": str(redux), "family": "flux"}},
+        }
+    )
+    model = ModelCache(config, "cpu").get()
+    blobs, image = Blobs(), photo(seed=9)
+    job = spec(reference=Reference("redux", (blobs.put(png_of(image)),), 0.9))
+    cache = ControlCache(config)
+    outputs = run_generation(model, [job], blobs=blobs, control=cache)[0]
+    ours = image_of(outputs[0])
+    base = FluxPipeline.from_pretrained(flux_dir)
+    base.set_progress_bar_config(disable=True)
+    encoders = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    prior = FluxPriorReduxPipeline.from_pretrained(redux, **{e: getattr(base, e) for e in encoders})
+    got = prior(
+        image=image,
+        prompt="a photo of a cat",
+        prompt_embeds_scale=0.9,
+        pooled_prompt_embeds_scale=0.9,
+    )
+    theirs = base(
+        prompt_embeds=got.prompt_embeds,
+        pooled_prompt_embeds=got.pooled_prompt_embeds,
+        width=64,
+        height=64,
+        num_inference_steps=4,
+        guidance_scale=3.5,
+        generator=generators(),
+    ).images[0]
+    assert level_difference(ours, theirs) <= SAME_LEVELS
+    plain = image_of(run_generation(model, [spec()], blobs=blobs, control=cache)[0][0])
+    assert level_difference(ours, plain) > 0  # the tokens change the image (tiny model: a little)
+    assert 'ControlNet 0: "Module: flux_redux, Model: redux [' in outputs[0].infotext

@@ -44,6 +44,9 @@ class Family:
     # (`pipeline.control.units.ControlStack`, A1111's control modes on UNet residuals).
     control_stack_class: ClassVar[str] = ""
     ip_adapter_preprocessor: ClassVar[str] = ""  # sd-webui-controlnet's infotext name
+    # The diffusers pipeline turning `reference` images into prompt tokens (Flux.1's
+    # Redux); "": references are IP-Adapters on the denoiser's attention.
+    reference_pipeline: ClassVar[str] = ""
     # Prompt embeddings: the hidden layer read (penultimate, as SDXL's pipelines do, or
     # the last through the final norm) and whether the last encoder gives a pooled one.
     penultimate_hidden_state: ClassVar[bool] = False
@@ -133,6 +136,11 @@ class Family:
         """Each unit's control type for union ControlNets (a number per unit); None when
         this family has none."""
         return None
+
+    def with_reference(self, embeds: dict[str, Any], tokens: Any, weight: float) -> dict[str, Any]:
+        """The prompt keywords with a reference's image tokens (`reference_pipeline`
+        families only)."""
+        raise JobError(f"{self.label} models take no reference tokens")
 
     def input_control(self, source: str) -> str | None:
         """The preprocessor whose map of the input image a control model draws from

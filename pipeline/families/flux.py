@@ -73,6 +73,8 @@ class Flux(FlowFamily):
         "pooled_projection_dim",
     )
     control_stack_class = "FluxMultiControlNetModel"
+    reference_pipeline = "FluxPriorReduxPipeline"  # FLUX.1-Redux-dev
+    ip_adapter_preprocessor = "flux_redux"
     kohya_base_model = "flux1"
     prompt_chunks = False  # CLIP 77 and T5 512 tokens, fixed lengths
     # kohya's sd-scripts name the transformer `lora_unet_` and CLIP-L `lora_te1_`.
@@ -174,6 +176,21 @@ class Flux(FlowFamily):
                         "a Flux.1 control model (FLUX.1-Canny-dev, FLUX.1-Depth-dev)"
                     )
         return None
+
+    def with_reference(self, embeds: dict[str, Any], tokens: Any, weight: float) -> dict[str, Any]:
+        """Redux as `FluxPriorReduxPipeline` hands it to FluxPipeline: the image tokens
+        after T5's, and the whole (text, tokens and CLIP's pooled vector) times the
+        weight (its `prompt_embeds_scale`, `pooled_prompt_embeds_scale`). Several images'
+        tokens are averaged, as diffusers' sum at scales weight / n gives them."""
+        import torch
+
+        text = embeds["prompt_embeds"]
+        tokens = tokens.to(device=text.device, dtype=text.dtype).expand(text.shape[0], -1, -1)
+        return {
+            **embeds,
+            "prompt_embeds": torch.cat([text, tokens], dim=1) * weight,
+            "pooled_prompt_embeds": embeds["pooled_prompt_embeds"] * weight,
+        }
 
     def control_image_argument(self, mode: str) -> str:
         return "control_image"

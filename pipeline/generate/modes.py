@@ -562,6 +562,7 @@ def _call(
         steps = max(steps, math.ceil(1 / inputs["strength"]))
     kind = run.model.kind_of(pipe)
     run.size = (spec.width, spec.height)
+    reference = inputs.pop("reference_tokens", None)  # Flux.1's Redux: prompt tokens
     with (
         torch.inference_mode(),
         kind.prompt_conditioning(
@@ -570,6 +571,8 @@ def _call(
         kind.call_context(spec.width, spec.height),
         compiled.active(run.model, pipe),
     ):
+        if reference is not None:
+            embeds = kind.with_reference(embeds, *reference)
         result = pipe(
             **embeds,
             num_inference_steps=steps,

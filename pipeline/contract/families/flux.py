@@ -44,8 +44,11 @@ class Flux(FlowSpec):
     variant: ClassVar[str] = "dev"
     modes = frozenset({"txt2img", "img2img", "inpaint", "outpaint", "upscale", "facefix"})
     # true CFG (negative prompt + CFG scale > 1) and Distilled CFG; no CLIP skip (Forge
-    # has none for Flux); ControlNets (FluxControlNetPipeline and its img2img/inpaint).
-    options = frozenset({"negative_prompt", "cfg_scale", "guidance", "face_fix", "control"})
+    # has none for Flux); ControlNets (FluxControlNetPipeline and its img2img/inpaint);
+    # Redux as the reference image.
+    options = frozenset(
+        {"negative_prompt", "cfg_scale", "guidance", "face_fix", "control", "reference"}
+    )
     size_multiple = 16
     default_size = 1024
     train_resolution = 512  # diffusers' train_dreambooth_lora_flux.py
@@ -139,7 +142,8 @@ class FluxKontext(Flux):
     label = "Flux.1 Kontext"
     variant = "kontext"
     modes = frozenset({"img2img"})  # an edit of the input image, as the prompt says
-    options = Flux.options - {"control"}  # diffusers has no Kontext ControlNet pipeline
+    # diffusers has no Kontext ControlNet pipeline; Kontext's reference is its input image.
+    options = Flux.options - {"control", "reference"}
     default_guidance = 2.5
 
     @classmethod
