@@ -442,3 +442,121 @@ def test_redux_reference_equals_flux_prior_redux_feeding_flux_pipeline(flux_dir,
     plain = image_of(run_generation(model, [spec()], blobs=blobs, control=cache)[0][0])
     assert level_difference(ours, plain) > 0  # the tokens change the image (tiny model: a little)
     assert 'ControlNet 0: "Module: flux_redux, Model: redux [' in outputs[0].infotext
+
+
+# --- LoRA slots on the transformer ------------------------------------------------------
+
+
+def test_flux_loras_in_transformer_slots_equal_the_eager_path(flux_dir, tmp_path):  # noqa: F811
+    """The compiled path's LoRA slots cover Flux.1's Linears: a kohya file (fused qkv and
+    linear1, split into their modules' rows), an XLabs and a peft file run in the slots
+    give the eager path's transformer output, solo and as a mixed batch of two."""
+    from pipeline.loras import slots
+    from tests.test_flux_loras import _kohya
+
+    files = {
+        "kohya": tmp_path / "kohya.safetensors",
+        "linear1": tmp_path / "linear1.safetensors",
+        "xlabs": tmp_path / "xlabs.safetensors",
+    }
+    _kohya(files["kohya"], single_linear1=False)
+    _kohya(files["linear1"], single_linear1=True)
+    _xlabs(files["xlabs"], "")
+    eager_pipe, slot_pipe = _pipe(flux_dir), _pipe(flux_dir)
+    bank = slots.install(slot_pipe.transformer, slots=3, max_rank=RANK, rows=4)
+    eager = LoraCache(eager_pipe, max_bytes=1 << 30)
+    cache = LoraCache(slot_pipe, max_bytes=1 << 30)
+    base = _output_of(eager_pipe)
+    for name, path in files.items():
+        lora = ref(path, 0.8)
+        with eager.activate([lora]):
+            theirs = _output_of(eager_pipe)
+        with cache.activate([lora]):
+            ours = _output_of(slot_pipe)
+        effect = (theirs - base).abs().max().item()
+        assert effect > 1e-3, name
+        assert (ours - theirs).abs().max().item() <= 1e-4 * effect, name
+    assert bank.stats.eager == 0 and bank.stats.calls == len(files)
+    # A mixed batch: row 0 with kohya, row 1 with linear1 + xlabs, in one call.
+    per_sample = [[ref(files["kohya"])], [ref(files["linear1"]), ref(files["xlabs"], 0.5)]]
+    with cache.activate_per_sample(per_sample, cfg=False):
+        mixed = _batched_output(slot_pipe.transformer)
+    for row, loras in enumerate(per_sample):
+        with eager.activate(loras):
+            alone = _batched_output(eager_pipe.transformer)[row]
+        assert (mixed[row] - alone).abs().max().item() <= 1e-4 * alone.abs().max().item()
+    assert bank.stats.eager == 0
+
+
+def _batched_output(transformer) -> torch.Tensor:
+    """The transformer's prediction for two rows of fixed inputs."""
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        return transformer(
+            hidden_states=torch.randn(2, 16, 64, generator=g),
+            encoder_hidden_states=torch.randn(2, 8, 32, generator=g),
+            pooled_projections=torch.randn(2, 32, generator=g),
+            timestep=torch.tensor([0.6, 0.6]),
+            img_ids=torch.zeros(16, 3),
+            txt_ids=torch.zeros(8, 3),
+            guidance=torch.tensor([3.5, 3.5]),
+            return_dict=False,
+        )[0]
+
+
+def test_flux_lora_switches_run_the_compiled_transformer_without_recompiling(
+    flux_dir,  # noqa: F811
+    tmp_path,
+):
+    """A compile worker on Flux.1 (dynamo's `aot_eager` backend: the same capture and
+    guards as inductor): after warming, jobs with a kohya and then an XLabs LoRA run the
+    compiled transformer in its slots under the stance that raises on any recompile."""
+    import hashlib
+
+    from torch._dynamo.utils import counters
+
+    from pipeline.contract.blobs import BlobStore
+    from pipeline.contract.config import config_from_dict
+    from pipeline.contract.jobs import GenerateSpec, LoraRef
+    from pipeline.generate import compiled
+    from pipeline.loras.slots import bank_of
+    from pipeline.workers.runner import Runner
+    from tests.conftest import level_difference
+    from tests.test_compiled import _png
+    from tests.test_flux_loras import _kohya
+
+    config = config_from_dict(
+        {
+            "models": {"default": {"source": str(flux_dir), "family": "flux"}},
+            "storage": {"data_dir": str(tmp_path / "data")},
+            "workers": {"backend": "local", "devices": ["cpu"], "compile": True},
+            "defaults": {"width": 64, "height": 64, "sampler": "Euler", "cfg_scale": 1.0},
+        }
+    )
+    runner = Runner(config, device="cpu", blobs=BlobStore(config.storage.blobs), name="f")
+    saved, compiled.BACKEND = compiled.BACKEND, "aot_eager"
+    try:
+        runner.warm_up()
+    finally:
+        compiled.BACKEND = saved
+    _kohya(tmp_path / "kohya.safetensors", single_linear1=True)
+    _xlabs(tmp_path / "xlabs.safetensors", "")
+    refs = []
+    for name in ("kohya", "xlabs"):
+        data = (tmp_path / f"{name}.safetensors").read_bytes()
+        runner.blobs.put(data, ".safetensors")
+        refs.append(LoraRef(name, hashlib.sha256(data).hexdigest(), 0.8))
+
+    def job(**fields) -> GenerateSpec:
+        values = dict(width=64, height=64, steps=2, seed=3, sampler="Euler", cfg_scale=1.0)
+        return GenerateSpec(prompt="a photo of a cat", **{**values, **fields})
+
+    model = runner._model("default")
+    bank = bank_of(model.pipe.transformer)
+    graphs, runs = counters["stats"]["unique_graphs"], model._compiled.runs
+    plain = _png(runner, job())
+    with compiled.no_recompiling():
+        pngs = [_png(runner, job(loras=(ref,))) for ref in refs]
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert model._compiled.runs == runs + 3 and bank.stats.calls == 2 and bank.stats.eager == 0
+    assert all(level_difference(png, plain) > 0 for png in pngs)  # each LoRA did something
