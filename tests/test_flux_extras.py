@@ -25,8 +25,10 @@ from tests.test_flux_loras import (
     RANK,
     _compare,
     _diffusers_loader_and_fuse,
+    _output,
     _pipe,
     flux_dir,  # noqa: F401  (the module's tiny Flux.1 dev)
+    ours_applying,
     ref,
 )
 
@@ -60,19 +62,12 @@ def test_xlabs_lora_equals_diffusers_loader_and_fuse(flux_dir, tmp_path, prefix)
     with pytest.raises(LoraError, match=r"^LoRA 'x' was made for Flux.1; this model is SDXL$"):
         read_lora_file(path, name="x", family="sdxl", max_bytes=1 << 30)
     base, theirs = _diffusers_loader_and_fuse(flux_dir, path)
-    pipe = _pipe(flux_dir)
-    cache = LoraCache(pipe, max_bytes=1 << 30)
-    lora = ref(path)
-    with cache.activate([lora]):
-        ours = _output_of(pipe)
-    assert cache.notices([lora[0]]) == []  # every layer of the file was applied
+    _, ours = ours_applying(flux_dir, path)
     _compare(base, theirs, ours)
 
 
-def _output_of(pipe):
-    from tests.test_flux_loras import _output
-
-    return _output(pipe.transformer)
+def _output_of(pipe, rows: int = 1):
+    return _output(pipe.transformer, rows)
 
 
 # BFL's 12B Flux.1 layout, as `_convert_bfl_flux_control_lora_to_diffusers` reads it.
@@ -236,6 +231,16 @@ def test_a_control_lora_on_a_model_without_the_control_input_is_refused(flux_dir
         pass
 
 
+def _diffusers_image(pipe, **inputs):
+    """The plain diffusers pipeline's image at the test jobs' settings (tests/test_flux.py's
+    `spec`: 64², 4 steps, seed 7) and `inputs`."""
+    from tests.test_flux import generators
+
+    pipe.set_progress_bar_config(disable=True)
+    settings = dict(prompt="a photo of a cat", width=64, height=64, num_inference_steps=4)
+    return pipe(**{**settings, "generator": generators(), **inputs}).images[0]
+
+
 # --- ControlNets ------------------------------------------------------------------------
 
 
@@ -295,25 +300,20 @@ def test_a_controlnet_unit_equals_flux_controlnet_pipeline(flux_control, flux_di
 
     from pipeline.contract.control import ControlUnit
     from tests.conftest import level_difference
-    from tests.test_flux import SAME_LEVELS, generators
+    from tests.test_flux import SAME_LEVELS
 
     sha, image, nets = flux_control[3], flux_control[4], flux_control[5]
     ours = _controlled(flux_control, ControlUnit(name, sha, weight=0.8))
     pipe = FluxControlNetPipeline.from_pretrained(
         flux_dir, controlnet=FluxControlNetModel.from_pretrained(nets[name])
     )
-    pipe.set_progress_bar_config(disable=True)
-    theirs = pipe(
-        prompt="a photo of a cat",
-        width=64,
-        height=64,
-        num_inference_steps=4,
-        generator=generators(),
+    theirs = _diffusers_image(
+        pipe,
         control_image=image,
         control_mode=mode,
         controlnet_conditioning_scale=0.8,
         guidance_scale=3.5,
-    ).images[0]
+    )
     assert level_difference(ours, theirs) <= SAME_LEVELS
     without = _controlled(flux_control, ControlUnit(name, sha, weight=0.0))
     assert level_difference(ours, without) > 10  # the unit does something here
@@ -353,7 +353,7 @@ def test_a_canny_control_model_draws_from_the_photos_edges_as_flux_control_pipel
     from pipeline.generate.modes import run_generation
     from pipeline.models.loading import ModelCache
     from tests.conftest import level_difference, png_of
-    from tests.test_flux import SAME_LEVELS, Blobs, generators, image_of, photo, spec
+    from tests.test_flux import SAME_LEVELS, Blobs, image_of, photo, spec
 
     folder = write_tiny_flux(tmp_path / "canny-dev", variant="control")
     config = config_from_dict({"models": {"canny": {"source": str(folder)}}})
@@ -375,16 +375,7 @@ def test_a_canny_control_model_draws_from_the_photos_edges_as_flux_control_pipel
     ours = image_of(run_generation(model, [job], blobs=blobs)[0][0])
     edges = run_preprocessor("canny", source, threshold_a=100, threshold_b=200)
     pipe = FluxControlPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    theirs = pipe(
-        prompt="a photo of a cat",
-        control_image=edges.resize((64, 64)),
-        width=64,
-        height=64,
-        num_inference_steps=4,
-        guidance_scale=10.0,
-        generator=generators(),
-    ).images[0]
+    theirs = _diffusers_image(pipe, control_image=edges.resize((64, 64)), guidance_scale=10.0)
     assert level_difference(ours, theirs) <= SAME_LEVELS
 
 
@@ -404,7 +395,7 @@ def test_redux_reference_equals_flux_prior_redux_feeding_flux_pipeline(flux_dir,
     from pipeline.generate.modes import run_generation
     from pipeline.models.loading import ModelCache
     from tests.conftest import level_difference, png_of
-    from tests.test_flux import SAME_LEVELS, Blobs, generators, image_of, photo, spec
+    from tests.test_flux import SAME_LEVELS, Blobs, image_of, photo, spec
 
     redux = write_tiny_flux_redux(tmp_path / "redux")
     config = config_from_dict(
@@ -429,15 +420,13 @@ def test_redux_reference_equals_flux_prior_redux_feeding_flux_pipeline(flux_dir,
         prompt_embeds_scale=0.9,
         pooled_prompt_embeds_scale=0.9,
     )
-    theirs = base(
+    theirs = _diffusers_image(
+        base,
+        prompt=None,
         prompt_embeds=got.prompt_embeds,
         pooled_prompt_embeds=got.pooled_prompt_embeds,
-        width=64,
-        height=64,
-        num_inference_steps=4,
         guidance_scale=3.5,
-        generator=generators(),
-    ).images[0]
+    )
     assert level_difference(ours, theirs) <= SAME_LEVELS
     plain = image_of(run_generation(model, [spec()], blobs=blobs, control=cache)[0][0])
     assert level_difference(ours, plain) > 0  # the tokens change the image (tiny model: a little)
@@ -480,28 +469,12 @@ def test_flux_loras_in_transformer_slots_equal_the_eager_path(flux_dir, tmp_path
     # A mixed batch: row 0 with kohya, row 1 with linear1 + xlabs, in one call.
     per_sample = [[ref(files["kohya"])], [ref(files["linear1"]), ref(files["xlabs"], 0.5)]]
     with cache.activate_per_sample(per_sample, cfg=False):
-        mixed = _batched_output(slot_pipe.transformer)
+        mixed = _output_of(slot_pipe, rows=2)
     for row, loras in enumerate(per_sample):
         with eager.activate(loras):
-            alone = _batched_output(eager_pipe.transformer)[row]
+            alone = _output_of(eager_pipe, rows=2)[row]
         assert (mixed[row] - alone).abs().max().item() <= 1e-4 * alone.abs().max().item()
     assert bank.stats.eager == 0
-
-
-def _batched_output(transformer) -> torch.Tensor:
-    """The transformer's prediction for two rows of fixed inputs."""
-    g = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        return transformer(
-            hidden_states=torch.randn(2, 16, 64, generator=g),
-            encoder_hidden_states=torch.randn(2, 8, 32, generator=g),
-            pooled_projections=torch.randn(2, 32, generator=g),
-            timestep=torch.tensor([0.6, 0.6]),
-            img_ids=torch.zeros(16, 3),
-            txt_ids=torch.zeros(8, 3),
-            guidance=torch.tensor([3.5, 3.5]),
-            return_dict=False,
-        )[0]
 
 
 def test_flux_lora_switches_run_the_compiled_transformer_without_recompiling(
@@ -522,7 +495,7 @@ def test_flux_lora_switches_run_the_compiled_transformer_without_recompiling(
     from pipeline.loras.slots import bank_of
     from pipeline.workers.runner import Runner
     from tests.conftest import level_difference
-    from tests.test_compiled import _png
+    from tests.test_compiled import _png, warm_on_aot_eager
     from tests.test_flux_loras import _kohya
 
     config = config_from_dict(
@@ -534,11 +507,7 @@ def test_flux_lora_switches_run_the_compiled_transformer_without_recompiling(
         }
     )
     runner = Runner(config, device="cpu", blobs=BlobStore(config.storage.blobs), name="f")
-    saved, compiled.BACKEND = compiled.BACKEND, "aot_eager"
-    try:
-        runner.warm_up()
-    finally:
-        compiled.BACKEND = saved
+    warm_on_aot_eager(runner)
     _kohya(tmp_path / "kohya.safetensors", single_linear1=True)
     _xlabs(tmp_path / "xlabs.safetensors", "")
     refs = []

@@ -58,6 +58,8 @@ class Flux(FlowSpec):
     t5_tokens: ClassVar[int] = 512
     clip_tokens: ClassVar[int] = 77
     max_steps: ClassVar[int | None] = None
+    # Why a variant that needs an input image refuses txt2img (after its label); "": none.
+    txt2img_refusal: ClassVar[str] = ""
     # kohya/ComfyUI (`lora_unet_double_blocks_…`), BFL/ComfyUI (`diffusion_model.…`),
     # XLabs and BFL's control LoRAs (bare `double_blocks.…`) and diffusers/ai-toolkit
     # (`transformer.single_transformer_blocks.…`) LoRA names.
@@ -98,6 +100,12 @@ class Flux(FlowSpec):
     @classmethod
     def for_source(cls, source: str) -> type[Flux]:
         return VARIANTS[variant_of(source)]
+
+    @classmethod
+    def check_mode(cls, mode: str) -> None:
+        if mode == "txt2img" and cls.txt2img_refusal:
+            raise JobError(f"{cls.label} {cls.txt2img_refusal}")
+        super().check_mode(mode)
 
     @classmethod
     def check_job(cls, spec: Any) -> None:
@@ -145,15 +153,7 @@ class FluxKontext(Flux):
     # diffusers has no Kontext ControlNet pipeline; Kontext's reference is its input image.
     options = Flux.options - {"control", "reference"}
     default_guidance = 2.5
-
-    @classmethod
-    def check_mode(cls, mode: str) -> None:
-        if mode == "txt2img":
-            raise JobError(
-                f"{cls.label} edits an image: give it an input image (img2img) and say "
-                "what to change"
-            )
-        super().check_mode(mode)
+    txt2img_refusal = "edits an image: give it an input image (img2img) and say what to change"
 
 
 class FluxFill(Flux):
@@ -175,15 +175,7 @@ class FluxControl(Flux):
     modes = frozenset({"img2img"})  # the input photo's map, drawn anew
     options = Flux.options - {"control"}  # the control map is the input's
     default_guidance = 10.0  # diffusers' FLUX.1-Depth-dev example (Canny's takes 30)
-
-    @classmethod
-    def check_mode(cls, mode: str) -> None:
-        if mode == "txt2img":
-            raise JobError(
-                f"{cls.label} models draw from a photo's edges or depth: give it an input "
-                "image (img2img)"
-            )
-        super().check_mode(mode)
+    txt2img_refusal = "models draw from a photo's edges or depth: give it an input image (img2img)"
 
 
 VARIANTS: dict[str, type[Flux]] = {
