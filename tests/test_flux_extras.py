@@ -319,6 +319,67 @@ def test_a_controlnet_unit_equals_flux_controlnet_pipeline(flux_control, flux_di
     assert level_difference(ours, without) > 10  # the unit does something here
 
 
+def test_a_controlnet_unit_on_img2img_equals_flux_controlnet_img2img_pipeline(
+    flux_control, flux_dir
+):  # noqa: F811
+    from diffusers import FluxControlNetImg2ImgPipeline, FluxControlNetModel
+
+    from pipeline.contract.control import ControlUnit
+    from tests.conftest import level_difference, png_of
+    from tests.test_flux import SAME_LEVELS, photo
+
+    blobs, sha, image, nets = flux_control[2], flux_control[3], flux_control[4], flux_control[5]
+    source = photo(seed=6)
+    unit = ControlUnit("instantx", sha, weight=0.8)
+    job = dict(mode="img2img", image=blobs.put(png_of(source), ".png"), strength=0.6)
+    ours = _controlled(flux_control, unit, **job)
+    pipe = FluxControlNetImg2ImgPipeline.from_pretrained(
+        flux_dir, controlnet=FluxControlNetModel.from_pretrained(nets["instantx"])
+    )
+    theirs = _diffusers_image(
+        pipe,
+        image=source,
+        strength=0.6,
+        control_image=image,
+        controlnet_conditioning_scale=0.8,
+        guidance_scale=3.5,
+    )
+    assert level_difference(ours, theirs) <= SAME_LEVELS
+
+
+def test_a_controlnet_unit_on_inpaint_equals_flux_controlnet_inpaint_pipeline(
+    flux_control,
+    flux_dir,  # noqa: F811
+):
+    from diffusers import FluxControlNetInpaintPipeline, FluxControlNetModel
+
+    from pipeline.contract.control import ControlUnit
+    from pipeline.generate.modes import paste_back
+    from tests.conftest import level_difference
+    from tests.test_flux import SAME_LEVELS, _mask, inpaint_job, photo
+
+    blobs, sha, image, nets = flux_control[2], flux_control[3], flux_control[4], flux_control[5]
+    source, mask = photo(seed=8), _mask()
+    job = inpaint_job(blobs, source, mask, 0.9)
+    unit = ControlUnit("instantx", sha, weight=0.8)
+    fields = {k: getattr(job, k) for k in ("mode", "image", "mask", "strength", "mask_blur")}
+    ours = _controlled(flux_control, unit, only_masked=False, **fields)
+    pipe = FluxControlNetInpaintPipeline.from_pretrained(
+        flux_dir, controlnet=FluxControlNetModel.from_pretrained(nets["instantx"])
+    )
+    painted = _diffusers_image(
+        pipe,
+        image=source,
+        mask_image=mask,
+        strength=0.9,
+        control_image=image,
+        controlnet_conditioning_scale=0.8,
+        guidance_scale=3.5,
+    )
+    theirs = paste_back(source, painted, (0, 0, 64, 64), mask)
+    assert level_difference(ours, theirs) <= SAME_LEVELS
+
+
 def test_flux_controlnet_refusals(flux_control):
     from pipeline.contract.control import ControlUnit
     from pipeline.contract.jobs import JobError

@@ -198,9 +198,9 @@ class Flux(FlowFamily):
     def union_modes(self, nets: list[Any], preprocessors: list[str]) -> list[int | None] | None:
         """A union ControlNet's control type per unit, from the unit's preprocessor
         (InstantX's FLUX.1-dev-Controlnet-Union numbering, which Shakker-Labs' Union-Pro
-        keeps); a non-union net takes none."""
-        if not any(net.config.get("num_mode") for net in nets):
-            return None
+        keeps); a non-union net takes None. Always a list: diffusers' Flux ControlNet
+        img2img and inpaint pipelines build no mode at all from `control_mode=None` for a
+        FluxMultiControlNetModel, and its forward then runs no net."""
         modes: list[int | None] = []
         for net, name in zip(nets, preprocessors):
             if not net.config.get("num_mode"):
