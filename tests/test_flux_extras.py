@@ -590,3 +590,36 @@ def test_flux_lora_switches_run_the_compiled_transformer_without_recompiling(
     assert counters["stats"]["unique_graphs"] == graphs
     assert model._compiled.runs == runs + 3 and bank.stats.calls == 2 and bank.stats.eager == 0
     assert all(level_difference(png, plain) > 0 for png in pngs)  # each LoRA did something
+
+
+def test_redux_keeps_its_tokens_under_prompt_editing(flux_dir, tmp_path):  # noqa: F811
+    """With a reference, a prompt edited over the steps still changes the text and keeps
+    the image tokens: "[cat:dog:10]" (never switching) is "cat" with the same reference,
+    and switching halfway differs from both."""
+    from pipeline.contract.config import config_from_dict
+    from pipeline.contract.control import Reference
+    from pipeline.control.apply import ControlCache
+    from pipeline.families.flux_tiny import write_tiny_flux_redux
+    from pipeline.generate.modes import run_generation
+    from pipeline.models.loading import ModelCache
+    from tests.conftest import level_difference, png_of
+    from tests.test_flux import Blobs, image_of, photo, spec
+
+    redux = write_tiny_flux_redux(tmp_path / "redux")
+    config = config_from_dict(
+        {
+            "models": {"flux": {"source": str(flux_dir), "family": "flux"}},
+            "ip_adapters": {"redux": {"source": str(redux), "family": "flux"}},
+        }
+    )
+    model, cache, blobs = ModelCache(config, "cpu").get(), ControlCache(config), Blobs()
+    reference = Reference("redux", (blobs.put(png_of(photo(seed=9))),), 0.9)
+
+    def image(prompt: str):
+        job = spec(prompt=prompt, reference=reference)
+        return image_of(run_generation(model, [job], blobs=blobs, control=cache)[0][0])
+
+    cat, dog = image("a cat"), image("a dog")
+    assert level_difference(image("a [cat:dog:10]"), cat) == 0
+    half = image("a [cat:dog:0.5]")
+    assert level_difference(half, cat) > 0 and level_difference(half, dog) > 0

@@ -137,7 +137,9 @@ class Family:
         this family has none."""
         return None
 
-    def with_reference(self, embeds: dict[str, Any], tokens: Any, weight: float) -> dict[str, Any]:
+    def with_reference(
+        self, pipe: Any, embeds: dict[str, Any], tokens: Any, weight: float
+    ) -> dict[str, Any]:
         """The prompt keywords with a reference's image tokens (`reference_pipeline`
         families only)."""
         raise JobError(f"{self.label} models take no reference tokens")

@@ -177,20 +177,26 @@ class Flux(FlowFamily):
                     )
         return None
 
-    def with_reference(self, embeds: dict[str, Any], tokens: Any, weight: float) -> dict[str, Any]:
+    def with_reference(
+        self, pipe: Any, embeds: dict[str, Any], tokens: Any, weight: float
+    ) -> dict[str, Any]:
         """Redux as `FluxPriorReduxPipeline` hands it to FluxPipeline: the image tokens
         after T5's, and the whole (text, tokens and CLIP's pooled vector) times the
         weight (its `prompt_embeds_scale`, `pooled_prompt_embeds_scale`). Several images'
-        tokens are averaged, as diffusers' sum at scales weight / n gives them."""
-        import torch
-
+        tokens are averaged, as diffusers' sum at scales weight / n gives them. Under
+        prompt editing every step's text gets the same tokens."""
         text = embeds["prompt_embeds"]
-        tokens = tokens.to(device=text.device, dtype=text.dtype).expand(text.shape[0], -1, -1)
-        return {
+        joined = {
             **embeds,
-            "prompt_embeds": torch.cat([text, tokens], dim=1) * weight,
+            "prompt_embeds": _with_tokens(text, tokens, weight),
             "pooled_prompt_embeds": embeds["pooled_prompt_embeds"] * weight,
         }
+        scheduled = self.denoiser(pipe).__dict__.get("forward")
+        if isinstance(scheduled, _ScheduledForward):
+            scheduled.positive = joined["prompt_embeds"]
+            scheduled.embeds = _with_tokens(scheduled.embeds, tokens, weight)
+            scheduled.pooled = scheduled.pooled * weight
+        return joined
 
     def control_image_argument(self, mode: str) -> str:
         return "control_image"
@@ -386,6 +392,14 @@ UNION_MODES = {"canny": 0, "tile_resample": 1, "depth": 2, "openpose": 4}
 _IMAGE_QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
 _TEXT_QKV = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
 _XLABS = ("", "diffusion_model.")  # XLabs' processor names, bare or under ComfyUI's prefix
+
+
+def _with_tokens(text: Any, tokens: Any, weight: float) -> Any:
+    """T5's states of each row followed by the reference's tokens, times the weight."""
+    import torch
+
+    tokens = tokens.to(device=text.device, dtype=text.dtype).expand(text.shape[0], -1, -1)
+    return torch.cat([text, tokens], dim=1) * weight
 
 
 class _ScheduledForward:

@@ -572,7 +572,7 @@ def _call(
         compiled.active(run.model, pipe),
     ):
         if reference is not None:
-            embeds = kind.with_reference(embeds, *reference)
+            embeds = kind.with_reference(pipe, embeds, *reference)
         result = pipe(
             **embeds,
             num_inference_steps=steps,
