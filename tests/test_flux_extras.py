@@ -405,8 +405,9 @@ def test_a_canny_control_model_draws_from_the_photos_edges_as_flux_control_pipel
     control variant: img2img gives it the photo, whose canny map is FluxControlPipeline's
     `control_image`; txt2img is refused in one line."""
     from diffusers import FluxControlPipeline
+    from PIL import ImageOps
 
-    from pipeline.contract.config import config_from_dict
+    from pipeline.contract.config import ConfigError, config_from_dict
     from pipeline.contract.families import family_of_model
     from pipeline.contract.jobs import JobError
     from pipeline.control.preprocessors import run_preprocessor
@@ -438,6 +439,14 @@ def test_a_canny_control_model_draws_from_the_photos_edges_as_flux_control_pipel
     pipe = FluxControlPipeline.from_pretrained(folder)
     theirs = _diffusers_image(pipe, control_image=edges.resize((64, 64)), guidance_scale=10.0)
     assert level_difference(ours, theirs) <= SAME_LEVELS
+    # The admin may name the preprocessor (a folder not called after its kind).
+    values = {"source": str(folder), "control_preprocessor": "invert"}
+    inverted = ModelCache(config_from_dict({"models": {"m": values}}), "cpu").get()
+    ours = image_of(run_generation(inverted, [job], blobs=blobs)[0][0])
+    theirs = _diffusers_image(pipe, control_image=ImageOps.invert(source), guidance_scale=10.0)
+    assert level_difference(ours, theirs) <= SAME_LEVELS
+    with pytest.raises(ConfigError, match=r"unknown control_preprocessor 'edges'; known: none"):
+        config_from_dict({"models": {"m": {**values, "control_preprocessor": "edges"}}})
 
 
 # --- Redux as the reference image -----------------------------------------------------

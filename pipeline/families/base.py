@@ -144,9 +144,10 @@ class Family:
         families only)."""
         raise JobError(f"{self.label} models take no reference tokens")
 
-    def input_control(self, source: str) -> str | None:
-        """The preprocessor whose map of the input image a control model draws from
-        (Flux.1's Canny/Depth models); None: the input image is denoised from (img2img)."""
+    def input_control(self, model: Any) -> str | None:
+        """The preprocessor whose map of the input image a control model (`model`: its
+        ModelConfig) draws from (Flux.1's Canny/Depth models); None: the input image is
+        denoised from (img2img)."""
         return None
 
     def load_options(self) -> dict[str, Any]:

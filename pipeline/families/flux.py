@@ -486,9 +486,14 @@ class _FluxControl(Flux):
     pipelines = {"img2img": "FluxControlPipeline", "txt2img": "FluxControlPipeline"}
     control_pipelines: dict[str, str] = {}
 
-    def input_control(self, source: str) -> str | None:
-        """BFL names the two: FLUX.1-Depth-dev reads depth maps, FLUX.1-Canny-dev edges."""
-        return "depth" if "depth" in source.lower() else "canny"
+    def input_control(self, model: Any) -> str | None:
+        """The configured `control_preprocessor`, else by BFL's names: FLUX.1-Depth-dev
+        reads depth maps, FLUX.1-Canny-dev edges."""
+        from pipeline.contract.control import canonical_preprocessor
+
+        if model.control_preprocessor:
+            return canonical_preprocessor(model.control_preprocessor)
+        return "depth" if "depth" in model.source.lower() else "canny"
 
     def call_inputs(self, spec: Any, inputs: dict[str, Any]) -> dict[str, Any]:
         # A new image from the map: no denoising strength.

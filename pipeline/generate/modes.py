@@ -246,7 +246,7 @@ def img2img(run: _Run, spec: GenerateSpec, image: Image.Image, blobs, loras) -> 
 def _img2img_input(run: _Run, spec: GenerateSpec, source: Image.Image) -> dict[str, Any]:
     """img2img's input as the model reads it: the image denoised from at the spec's
     strength, or a control model's map of it (Flux.1 Canny/Depth: `control_image`)."""
-    preprocessor = run.model.kind.input_control(run.model.source)
+    preprocessor = run.model.kind.input_control(run.model.config)
     if preprocessor is None:
         return {"image": source, "strength": spec.strength}
     from pipeline.contract.control import PREPROCESSORS
