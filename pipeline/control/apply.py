@@ -27,7 +27,7 @@ from pipeline.contract.images import open_image
 from pipeline.contract.jobs import GenerateSpec, JobError
 from pipeline.control.ip_adapter import IPAdapters, weights_file
 from pipeline.control.preprocessors import fit, run_preprocessor
-from pipeline.control.units import ControlNetCache, control_pipeline, file_hash, make_stack
+from pipeline.control.units import ControlNetCache, control_pipeline, file_hash, stack_units
 
 MAX_CONTROL_PIXELS = 4096 * 4096
 
@@ -122,7 +122,7 @@ def applied(
     if live:
         denoiser = model.kind.denoiser(pipe)
         nets = [cache.nets(model).get(u.name, denoiser, model.family) for u in live]
-        stack = make_stack(nets, [u.control_mode for u in live], cfg, model.kind)
+        stack = stack_units(model.kind, nets, [u.control_mode for u in live], cfg)
         index = {id(u): j for j, u in enumerate(spec.control)}
         maps: dict[tuple, Image.Image] = {}
         images = [
@@ -135,13 +135,10 @@ def applied(
             for u in live
         ]
         pipe = control_pipeline(pipe, model.kind.control_pipeline_class(kind), stack)
-        extra[model.kind.control_image_argument(kind)] = [_batch(i) for i in images]
+        extra.update(model.kind.control_arguments(kind, [_batch(i) for i in images], live))
         union = model.kind.union_modes(nets, [preprocessor_of(cache, u) for u in live])
         if union is not None:
             extra["control_mode"] = union
-        extra["controlnet_conditioning_scale"] = [float(u.weight) for u in live]
-        extra["control_guidance_start"] = [float(u.guidance_start) for u in live]
-        extra["control_guidance_end"] = [float(u.guidance_end) for u in live]
     with ExitStack() as stack_cm:
         if spec.reference is not None and model.kind.reference_pipeline:
             if any(s.reference != spec.reference for s in samples):

@@ -1,8 +1,10 @@
 """ControlNets on a worker: loaded once, kept in an LRU cache by size, stacked per job.
 
-A job's units run through diffusers' ControlNet pipelines (txt2img, img2img, inpaint;
-SD 1.x and SDXL), derived from the loaded model with `from_pipe` so the base weights
-are shared. Several units stack as a `MultiControlNetModel` whose outputs add up; the
+A job's units run through diffusers' ControlNet pipelines (the family's per mode:
+`Family.control_pipelines`), derived from the loaded model with `from_pipe` so the base
+weights are shared; the family says which ControlNet class it loads and how its nets are
+stacked and called (Z-Image, Qwen-Image: one net, diffusers' arguments). On the UNet
+families several units stack as a `MultiControlNetModel` whose outputs add up; the
 stack also applies A1111's control modes per unit:
 
 - Balanced: the ControlNet's residuals as they are.
@@ -26,7 +28,6 @@ from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
 from pipeline.contract.families import label as family_label
 from pipeline.contract.jobs import JobError
-from pipeline.families import family as family_named
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class ControlStack(MultiControlNetModel):
         return down_total, mid_total
 
 
-def control_pipeline(base_pipe: Any, cls: Any, stack: ControlStack) -> Any:
+def control_pipeline(base_pipe: Any, cls: Any, stack: Any) -> Any:
     """A ControlNet pipeline of class `cls` (the family's for the mode) sharing
     `base_pipe`'s modules (no copy of the weights)."""
     pipe = cls.from_pipe(base_pipe, controlnet=stack)
@@ -132,6 +133,8 @@ class ControlNetCache:
         self.loads = 0  # how many times a ControlNet was read from disk
 
     def get(self, name: str, unet: Any, family: str) -> Any:
+        """The unit's ControlNet for a model of `family` whose denoiser is `unet` (a
+        UNet, or the flow families' transformer)."""
         entry = self.config.controlnets.get(name)
         if entry is None:
             names = ", ".join(self.config.controlnets) or "none"
@@ -141,16 +144,15 @@ class ControlNetCache:
                 f"ControlNet '{name}' is for {family_label(entry.family)} but the model is "
                 f"{family_label(family)}; pick a {family_label(family)} unit"
             )
-        kind = family_named(family)
         if name in self._nets:
             self._nets.move_to_end(name)
             net = self._nets[name][0]
         else:
-            net = self._load(entry, unet, kind)
+            net = self._load(entry, unet, family)
             size = sum(p.numel() * p.element_size() for p in net.parameters())
             self._nets[name] = (net, size)
             self._evict()
-        _check_fits(name, net, unet, kind.controlnet_fit_keys)
+        _check_fits(name, net, unet, family)
         return net
 
     def model_label(self, name: str) -> str:
@@ -165,27 +167,29 @@ class ControlNetCache:
             evicted, _ = self._nets.popitem(last=False)
             log.info("ControlNet %s evicted from the cache", evicted)
 
-    def _load(self, entry: Any, unet: Any, kind: Any) -> Any:
+    def _load(self, entry: Any, unet: Any, family: str) -> Any:
         import diffusers
 
         from pipeline.control.controlnet_file import load_controlnet_file
+        from pipeline.families import family as family_of
 
+        kind = family_of(family)
         source = entry.source
         path = Path(source)
-        single_file = path.suffix in (".safetensors", ".ckpt", ".pth", ".bin") and path.is_file()
-        if single_file and kind.controlnet_class != "ControlNetModel":
+        single = path.suffix in (".safetensors", ".ckpt", ".pth", ".bin") and path.is_file()
+        if single and not kind.controlnet_single_files:
             raise JobError(
-                f"ControlNet '{entry.name}' is one file; {kind.label} ControlNets load from "
-                "a diffusers folder or Hub id (set its source to one)"
+                f"ControlNet '{entry.name}' is one file; {kind.label} ControlNets load from a "
+                "diffusers folder or Hub id: give its folder as the unit's source"
             )
         self.loads += 1
         try:
-            if single_file:
+            if single:
                 # Offline: the configuration is derived from the file and the base model.
                 net = load_controlnet_file(path, self.dtype, unet.config, entry.name)
             else:
-                model_class = getattr(diffusers, kind.controlnet_class)
-                net = model_class.from_pretrained(source, torch_dtype=self.dtype)
+                cls = getattr(diffusers, kind.controlnet_class)
+                net = cls.from_pretrained(source, torch_dtype=self.dtype)
         except JobError:
             raise
         except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds for bad files
@@ -199,35 +203,26 @@ class ControlNetCache:
         return net
 
 
-def _check_fits(name: str, net: Any, denoiser: Any, keys: tuple[str, ...]) -> None:
-    """A ControlNet of another model has another width where the family's `keys` say
-    (SD: cross-attention width, SDXL's time embedding, block widths; Flux.1: heads, text
-    and pooled widths): refuse it by name instead of failing inside the denoiser."""
+def _check_fits(name: str, net: Any, unet: Any, family: str) -> None:
+    """A ControlNet of another model (a width, SDXL's time embedding, a layout the family
+    reads: `Family.controlnet_fits`): refuse it by name instead of failing inside."""
+    from pipeline.families import family as family_of
 
-    def value(config: Any, key: str) -> Any:
-        found = config.get(key)
-        return tuple(found) if isinstance(found, list) else found
-
-    if any(value(net.config, k) != value(denoiser.config, k) for k in keys):
+    if not family_of(family).controlnet_fits(net, unet):
         raise JobError(
             f"ControlNet '{name}' does not fit this model (it was made for another base "
             "model or family); pick a unit made for this model's family"
         )
 
 
-def make_stack(nets: list[Any], modes: list[str], cfg: bool, kind: Any = None) -> Any:
-    """The units' ControlNets as one: ours with A1111's control modes, or the family's
-    own stack (Flux.1's), which has no control modes to apply."""
-    if kind is not None and kind.control_stack_class:
-        import diffusers
+def stack_units(family: Any, nets: list[Any], modes: list[str], cfg: bool) -> Any:
+    """What the family's ControlNet pipeline takes for a job's nets: the family's own
+    stacking (Qwen-Image's multi-ControlNet, Z-Image's one net), else ours."""
+    stacked = family.stack_controlnets(nets)
+    return stacked if stacked is not None else make_stack(nets, modes, cfg)
 
-        odd = next((m for m in modes if m != "Balanced"), None)
-        if odd is not None:
-            raise JobError(
-                f"{kind.label} ControlNets have no control mode {odd!r} (A1111's modes "
-                "reweight a UNet's residuals): use Balanced"
-            )
-        return getattr(diffusers, kind.control_stack_class)(nets)
+
+def make_stack(nets: list[Any], modes: list[str], cfg: bool) -> ControlStack:
     stack = ControlStack(nets)
     stack.modes = list(modes)
     stack.cfg = cfg

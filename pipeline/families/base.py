@@ -33,16 +33,10 @@ class Family:
     # mode → diffusers pipeline class (img2img, inpaint derive from txt2img's modules)
     pipelines: ClassVar[dict[str, str]] = {}
     control_pipelines: ClassVar[dict[str, str]] = {}  # the same with ControlNets
-    controlnet_class: ClassVar[str] = "ControlNetModel"  # a ControlNet of this family
-    # The config fields a ControlNet shares with the denoiser it fits.
-    controlnet_fit_keys: ClassVar[tuple[str, ...]] = (
-        "cross_attention_dim",
-        "addition_embed_type",
-        "block_out_channels",
-    )
-    # diffusers' class stacking several of this family's ControlNets; "": ours
-    # (`pipeline.control.units.ControlStack`, A1111's control modes on UNet residuals).
-    control_stack_class: ClassVar[str] = ""
+    controlnet_class: ClassVar[str] = "ControlNetModel"  # diffusers' class of its ControlNets
+    # Whether a single-file ControlNet loads (ours: `control.controlnet_file`, UNet ones)
+    # or only a diffusers folder / Hub id does.
+    controlnet_single_files: ClassVar[bool] = True
     ip_adapter_preprocessor: ClassVar[str] = ""  # sd-webui-controlnet's infotext name
     # The diffusers pipeline turning `reference` images into prompt tokens (Flux.1's
     # Redux); "": references are IP-Adapters on the denoiser's attention.
@@ -128,9 +122,32 @@ class Family:
     def control_pipeline_class(self, mode: str) -> Any:
         return _diffusers_class(self.control_pipelines, mode, f"{self.label} ControlNet")
 
-    def control_image_argument(self, mode: str) -> str:
-        """The ControlNet pipeline's keyword for the control maps (SD's txt2img: `image`)."""
-        return "image" if mode == "txt2img" else "control_image"
+    # -- ControlNets -----------------------------------------------------------------------
+
+    def controlnet_fits(self, net: Any, denoiser: Any) -> bool:
+        """Whether a loaded ControlNet was made for this denoiser's layout (a UNet
+        ControlNet: the same cross-attention width, SDXL's time embedding, block widths)."""
+        mine, theirs = net.config, denoiser.config
+        return (
+            mine.cross_attention_dim == theirs.cross_attention_dim
+            and mine.addition_embed_type == theirs.addition_embed_type
+            and tuple(mine.block_out_channels) == tuple(theirs.block_out_channels)
+        )
+
+    def stack_controlnets(self, nets: list[Any]) -> Any:
+        """The module the ControlNet pipeline takes for these nets; None: ours
+        (`control.units.ControlStack`, with sd-webui-controlnet's control modes)."""
+        return None
+
+    def control_arguments(self, mode: str, images: list[Any], units: Sequence[Any]) -> dict:
+        """The ControlNet pipeline's call arguments: each unit's map (per sample), weight
+        and guidance window (diffusers' SD pipelines call txt2img's map `image`)."""
+        return {
+            "image" if mode == "txt2img" else "control_image": images,
+            "controlnet_conditioning_scale": [float(u.weight) for u in units],
+            "control_guidance_start": [float(u.guidance_start) for u in units],
+            "control_guidance_end": [float(u.guidance_end) for u in units],
+        }
 
     def union_modes(self, nets: list[Any], preprocessors: list[str]) -> list[int | None] | None:
         """Each unit's control type for union ControlNets (a number per unit); None when

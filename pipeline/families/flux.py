@@ -65,14 +65,7 @@ class Flux(FlowFamily):
         "inpaint": "FluxControlNetInpaintPipeline",
     }
     controlnet_class = "FluxControlNetModel"
-    controlnet_fit_keys = (
-        "in_channels",
-        "num_attention_heads",
-        "attention_head_dim",
-        "joint_attention_dim",
-        "pooled_projection_dim",
-    )
-    control_stack_class = "FluxMultiControlNetModel"
+    controlnet_single_files = False  # XLabs' own files need a converter diffusers lacks
     reference_pipeline = "FluxPriorReduxPipeline"  # FLUX.1-Redux-dev
     ip_adapter_preprocessor = "flux_redux"
     kohya_base_model = "flux1"
@@ -198,8 +191,34 @@ class Flux(FlowFamily):
             scheduled.pooled = scheduled.pooled * weight
         return joined
 
-    def control_image_argument(self, mode: str) -> str:
-        return "control_image"
+    def controlnet_fits(self, net: Any, denoiser: Any) -> bool:
+        """The net reads the transformer's input, heads, text and pooled widths."""
+        keys = (
+            "in_channels",
+            "num_attention_heads",
+            "attention_head_dim",
+            "joint_attention_dim",
+            "pooled_projection_dim",
+        )
+        return all(net.config.get(k) == denoiser.config.get(k) for k in keys)
+
+    def stack_controlnets(self, nets: list[Any]) -> Any:
+        from diffusers import FluxMultiControlNetModel
+
+        return FluxMultiControlNetModel(nets)
+
+    def control_arguments(self, mode: str, images: list[Any], units: Sequence[Any]) -> dict:
+        """diffusers' Flux ControlNet pipelines take `control_image` in every mode; A1111's
+        control modes reweight a UNet's residuals, which these nets do not make."""
+        odd = next((u.control_mode for u in units if u.control_mode != "Balanced"), None)
+        if odd is not None:
+            raise JobError(
+                f"{self.spec.label} ControlNets have no control mode {odd!r} (A1111's modes "
+                "reweight a UNet's residuals): use Balanced"
+            )
+        arguments = super().control_arguments(mode, images, units)
+        arguments.pop("image", None)  # SD's txt2img name for the maps
+        return {**arguments, "control_image": images}
 
     def union_modes(self, nets: list[Any], preprocessors: list[str]) -> list[int | None] | None:
         """A union ControlNet's control type per unit, from the unit's preprocessor
