@@ -65,11 +65,17 @@ def light(tiny_sd, tmp_path_factory):
     """A compile worker on dynamo's `aot_eager` backend: the same graph capture, guards
     and recompile rules as inductor without its C++ codegen, so warming a second batch
     shape costs seconds. For the no-recompile proof, which is about dynamo's guards."""
-    from pipeline.generate import compiled
     from pipeline.workers.runner import Runner
 
     config = _config(tiny_sd, tmp_path_factory.mktemp("data"), True)
     runner = Runner(config, device="cpu", blobs=BlobStore(config.storage.blobs), name="l")
+    return warm_on_aot_eager(runner)
+
+
+def warm_on_aot_eager(runner):
+    """Warm a compile worker's graphs on dynamo's `aot_eager` backend (see `light`)."""
+    from pipeline.generate import compiled
+
     saved, compiled.BACKEND = compiled.BACKEND, "aot_eager"
     try:
         runner.warm_up()

@@ -48,18 +48,18 @@ def ref(path: Path, weight: float = 1.0) -> tuple[LoraRef, Path]:
     return LoraRef(path.stem, hashlib.sha256(path.read_bytes()).hexdigest(), weight), path
 
 
-def _output(transformer) -> torch.Tensor:
+def _output(transformer, rows: int = 1) -> torch.Tensor:
     """The transformer's prediction on fixed inputs (16 packed latent tokens, 8 text)."""
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         return transformer(
-            hidden_states=torch.randn(1, 16, 64, generator=g),
-            encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
-            pooled_projections=torch.randn(1, 32, generator=g),
-            timestep=torch.tensor([0.6]),
+            hidden_states=torch.randn(rows, 16, 64, generator=g),
+            encoder_hidden_states=torch.randn(rows, 8, 32, generator=g),
+            pooled_projections=torch.randn(rows, 32, generator=g),
+            timestep=torch.tensor([0.6] * rows),
             img_ids=torch.zeros(16, 3),
             txt_ids=torch.zeros(8, 3),
-            guidance=torch.tensor([3.5]),
+            guidance=torch.tensor([3.5] * rows),
             return_dict=False,
         )[0]
 
@@ -120,14 +120,21 @@ def test_kohya_double_blocks_equal_diffusers_loader_and_fuse(flux_dir, tmp_path)
     path = tmp_path / "kohya_flux.safetensors"
     _kohya(path, single_linear1=False)
     base, theirs = _diffusers_loader_and_fuse(flux_dir, path)
-    pipe = _pipe(flux_dir)
+    pipe, ours = ours_applying(flux_dir, path)
+    _compare(base, theirs, ours)
+    assert torch.equal(_output(pipe.transformer), base)  # nothing left behind
+
+
+def ours_applying(folder: Path, path: Path) -> tuple[object, torch.Tensor]:
+    """(the pipeline, its transformer's output) with the file applied by our ΔW path,
+    every layer of it (no notice)."""
+    pipe = _pipe(folder)
     cache = LoraCache(pipe, max_bytes=1 << 30)
     lora = ref(path)
     with cache.activate([lora]):
         ours = _output(pipe.transformer)
     assert cache.notices([lora[0]]) == []  # every layer of the file was applied
-    _compare(base, theirs, ours)
-    assert torch.equal(_output(pipe.transformer), base)  # nothing left behind
+    return pipe, ours
 
 
 def test_kohya_single_block_linear1_is_split_at_the_models_widths(flux_dir, tmp_path):

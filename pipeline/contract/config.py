@@ -38,6 +38,9 @@ class ModelConfig:
     # component configs describe it (diffusers fetches a default one; offline it can't).
     single_file_config: str = ""
     vae_tiling_above: int = 1024 * 1024  # pixels; larger images decode in tiles
+    # A control model's (Flux.1 Canny/Depth) preprocessor for its input photo; "" = by
+    # its name (depth for a Depth model, else canny).
+    control_preprocessor: str = ""
     memory: str = "auto"  # how the weights are held: pipeline.contract.memory_plan.MEMORY_SETTINGS
     # What a job on this model gets for an option the member leaves out, over its family's
     # defaults and the member's /settings (None: the family's, else [defaults]):
@@ -445,6 +448,14 @@ def _model(name: str, values: dict[str, Any], path: str, base_dir: Path | None) 
                 model = dataclasses.replace(model, **{key: str((base_dir / value).resolve())})
     _check_memory(model, f"{path} [models.{name}]")
     _check_model_defaults(model, f"{path} [models.{name}]")
+    if model.control_preprocessor:
+        from pipeline.contract.control import PREPROCESSORS, canonical_preprocessor
+
+        if canonical_preprocessor(model.control_preprocessor) not in PREPROCESSORS:
+            raise ConfigError(
+                f"{path} [models.{name}]: unknown control_preprocessor "
+                f"{model.control_preprocessor!r}; known: {', '.join(PREPROCESSORS)}"
+            )
     return model
 
 

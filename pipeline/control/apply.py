@@ -40,6 +40,7 @@ class ControlCache:
         self._nets: ControlNetCache | None = None
         self._adapters: dict[int, IPAdapters] = {}
         self._ip_hashes: dict[str, str] = {}
+        self._priors: dict[str, Any] = {}  # reference pipelines (Flux.1's Redux) by name
 
     def nets(self, model: Any) -> ControlNetCache:
         if self._nets is None:
@@ -55,8 +56,35 @@ class ControlCache:
     def ip_label(self, name: str) -> str:
         if name not in self._ip_hashes:
             entry = self.config.ip_adapters[name]
-            self._ip_hashes[name] = file_hash(str(weights_file(entry.source)))
+            try:
+                self._ip_hashes[name] = file_hash(str(weights_file(entry.source)))
+            except JobError:  # a diffusers folder (Redux): its own hash rule
+                self._ip_hashes[name] = file_hash(entry.source)
         return f"{name} [{self._ip_hashes[name]}]"
+
+    def reference_tokens(self, model: Any, name: str, images: list[Image.Image]) -> Any:
+        """A reference family's image tokens for the prompt (Flux.1: Redux's SigLIP
+        encoder and projector into T5's width), averaged over the images: [1, n, width]."""
+        import diffusers
+        import torch
+
+        entry = self.config.ip_adapters[name]
+        if name not in self._priors:
+            cls = getattr(diffusers, model.kind.reference_pipeline)
+            try:
+                prior = cls.from_pretrained(entry.source, torch_dtype=model.dtype)
+            except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds
+                raise JobError(
+                    f"reference model '{name}' could not be loaded from {entry.source} "
+                    f"({type(exc).__name__}); {model.kind.label} takes a "
+                    f"{model.kind.reference_pipeline} folder or Hub id"
+                ) from None
+            self._priors[name] = prior.to(model.device)
+        prior = self._priors[name]
+        with torch.inference_mode():
+            encoded = prior.encode_image(images, prior._execution_device, 1)
+            tokens = prior.image_embedder(encoded).image_embeds
+        return tokens.mean(dim=0, keepdim=True)
 
 
 def uses_control(specs: Sequence[GenerateSpec]) -> bool:
@@ -108,8 +136,17 @@ def applied(
         ]
         pipe = control_pipeline(pipe, model.kind.control_pipeline_class(kind), stack)
         extra.update(model.kind.control_arguments(kind, [_batch(i) for i in images], live))
+        union = model.kind.union_modes(nets, [preprocessor_of(cache, u) for u in live])
+        if union is not None:
+            extra["control_mode"] = union
     with ExitStack() as stack_cm:
-        if spec.reference is not None:
+        if spec.reference is not None and model.kind.reference_pipeline:
+            if any(s.reference != spec.reference for s in samples):
+                raise JobError("only jobs with the same reference images can share a batch")
+            images = [_open(blobs, sha, "reference image") for sha in spec.reference.images]
+            tokens = cache.reference_tokens(model, spec.reference.name, images)
+            extra["reference_tokens"] = (tokens, float(spec.reference.weight))
+        elif spec.reference is not None:
             adapters = cache.ip_adapters(model, pipe)
             if any(s.reference != spec.reference for s in samples):
                 raise JobError("only jobs with the same reference images can share a batch")

@@ -38,6 +38,9 @@ class Family:
     # or only a diffusers folder / Hub id does.
     controlnet_single_files: ClassVar[bool] = True
     ip_adapter_preprocessor: ClassVar[str] = ""  # sd-webui-controlnet's infotext name
+    # The diffusers pipeline turning `reference` images into prompt tokens (Flux.1's
+    # Redux); "": references are IP-Adapters on the denoiser's attention.
+    reference_pipeline: ClassVar[str] = ""
     # Prompt embeddings: the hidden layer read (penultimate, as SDXL's pipelines do, or
     # the last through the final norm) and whether the last encoder gives a pooled one.
     penultimate_hidden_state: ClassVar[bool] = False
@@ -101,8 +104,14 @@ class Family:
     def fused_lora_layers(self, pipe: Any) -> dict[str, list[tuple[str, int, int | None]]]:
         """A LoRA file's layers that are another module, or several, of the model (Flux.1's
         BFL names, its fused qkv): file module name → [(our module's lookup name, first
-        row, end row)]; one entry with end None is a plain rename."""
+        row, end row)]; one entry with end None is a plain rename. A module named twice
+        takes both row ranges in that order (BFL's final layer: its halves swapped)."""
         return {}
+
+    def lora_refusal(self, pipe: Any, name: str, shapes: dict[str, tuple[int, ...]]) -> str | None:
+        """Why a LoRA file of this family cannot go on this model, in one line (Flux.1's
+        control LoRAs need a control model); None when it can."""
+        return None
 
     # -- pipelines per mode ----------------------------------------------------------------
 
@@ -139,6 +148,24 @@ class Family:
             "control_guidance_start": [float(u.guidance_start) for u in units],
             "control_guidance_end": [float(u.guidance_end) for u in units],
         }
+
+    def union_modes(self, nets: list[Any], preprocessors: list[str]) -> list[int | None] | None:
+        """Each unit's control type for union ControlNets (a number per unit); None when
+        this family has none."""
+        return None
+
+    def with_reference(
+        self, pipe: Any, embeds: dict[str, Any], tokens: Any, weight: float
+    ) -> dict[str, Any]:
+        """The prompt keywords with a reference's image tokens (`reference_pipeline`
+        families only)."""
+        raise JobError(f"{self.label} models take no reference tokens")
+
+    def input_control(self, model: Any) -> str | None:
+        """The preprocessor whose map of the input image a control model (`model`: its
+        ModelConfig) draws from (Flux.1's Canny/Depth models); None: the input image is
+        denoised from (img2img)."""
+        return None
 
     def load_options(self) -> dict[str, Any]:
         """Extra keyword arguments for `from_pretrained`."""

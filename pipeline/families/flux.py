@@ -22,6 +22,7 @@ from typing import Any
 
 from pipeline.contract.families.flux import VARIANTS
 from pipeline.contract.families.flux import Flux as SPEC
+from pipeline.contract.jobs import JobError
 from pipeline.contract.prompt_schedule import plan_prompt, split_and, text_at_step
 from pipeline.contract.prompt_syntax import parse_prompt_attention, strip_loras
 from pipeline.families.flow import FlowFamily
@@ -57,6 +58,16 @@ class Flux(FlowFamily):
         (-0.1262, -0.0982, -0.0778),
     )
     preview_bias = (-0.0329, -0.0718, -0.0851)
+    # InstantX, Union (InstantX/Shakker) and XLabs-style ControlNets, diffusers' classes.
+    control_pipelines = {
+        "txt2img": "FluxControlNetPipeline",
+        "img2img": "FluxControlNetImg2ImgPipeline",
+        "inpaint": "FluxControlNetInpaintPipeline",
+    }
+    controlnet_class = "FluxControlNetModel"
+    controlnet_single_files = False  # XLabs' own files need a converter diffusers lacks
+    reference_pipeline = "FluxPriorReduxPipeline"  # FLUX.1-Redux-dev
+    ip_adapter_preprocessor = "flux_redux"
     kohya_base_model = "flux1"
     prompt_chunks = False  # CLIP 77 and T5 512 tokens, fixed lengths
     # kohya's sd-scripts name the transformer `lora_unet_` and CLIP-L `lora_te1_`.
@@ -76,45 +87,157 @@ class Flux(FlowFamily):
     # -- loading ---------------------------------------------------------------------------
 
     def fused_lora_layers(self, pipe: Any) -> dict[str, list[tuple[str, int, int | None]]]:
-        """BFL's (and kohya's) layer names → diffusers' modules, as diffusers'
-        `_convert_kohya_flux_lora_to_diffusers` maps them, with the fused qkv and
-        single-block linear1 split at this model's own widths (diffusers hard-codes the
-        12B model's 3072/12288)."""
-        config = self.denoiser(pipe).config
+        """A Flux.1 LoRA file's layer names → diffusers' modules, as diffusers' converters
+        map them: BFL's names (`double_blocks.0.img_attn.qkv`, with ComfyUI's
+        `diffusion_model.` or kohya's `lora_unet_…_` spelling: `_convert_kohya_flux_lora_
+        to_diffusers`, `_convert_bfl_flux_control_lora_to_diffusers`), XLabs' processors
+        (`double_blocks.0.processor.qkv_lora1`: `_convert_xlabs_flux_lora_to_diffusers`)
+        and LyCORIS's wrapper. The fused qkv and single-block linear1 are split at this
+        model's own widths (diffusers hard-codes the 12B model's 3072/12288)."""
+        transformer = self.denoiser(pipe)
+        config = transformer.config
         inner = config.num_attention_heads * config.attention_head_dim
+        mlp = int(inner * 4.0)  # FluxSingleTransformerBlock's mlp_ratio
         t = "transformer."
-        blocks = t + "transformer_blocks."
         fused: dict[str, list[tuple[str, int, int | None]]] = {}
 
-        def split(name: str, targets: list[str], widths: list[int]) -> None:
+        def split(names: list[str], targets: list[str], widths: list[int]) -> None:
             bounds, start = [], 0
             for target, width in zip(targets, widths):
-                bounds.append((target, start, start + width))
+                bounds.append((t + target, start, start + width))
                 start += width
-            fused[name] = bounds
+            for name in names:
+                fused[name] = bounds
 
-        def rename(name: str, target: str) -> None:
-            fused[name] = [(target, 0, None)]
+        def spellings(bfl: str) -> list[str]:
+            """BFL's dotted name as kohya, BFL and ComfyUI files write it."""
+            return ["lora_unet_" + bfl.replace(".", "_"), bfl, "diffusion_model." + bfl]
 
+        def rename(bfl: str, target: str) -> None:
+            for name in spellings(bfl):
+                fused[name] = [(t + target, 0, None)]
+
+        for bfl, target in _GLOBAL_LAYERS:
+            rename(bfl, target)
+        # BFL's final modulation is (shift, scale); diffusers' norm_out.linear is (scale,
+        # shift): its converter swaps the halves (`swap_scale_shift`).
+        half = transformer.norm_out.linear.out_features // 2
+        norm_out = f"{t}norm_out.linear"
+        for name in spellings("final_layer.adaLN_modulation.1"):
+            fused[name] = [(norm_out, half, 2 * half), (norm_out, 0, half)]
         for i in range(config.num_layers):
-            at, block = f"lora_unet_double_blocks_{i}_", f"{blocks}{i}."
-            split(at + "img_attn_qkv", [f"{block}attn.to_{x}" for x in "qkv"], [inner] * 3)
-            split(at + "txt_attn_qkv", [f"{block}attn.add_{x}_proj" for x in "qkv"], [inner] * 3)
+            at, block = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+            for stream, targets in (("img", _IMAGE_QKV), ("txt", _TEXT_QKV)):
+                names = [*spellings(f"{at}{stream}_attn.qkv")]
+                names += [f"{p}{at}processor.qkv_lora{1 if stream == 'img' else 2}" for p in _XLABS]
+                split(names, [block + x for x in targets], [inner] * 3)
             for theirs, ours in _DOUBLE_LAYERS:
                 rename(at + theirs, block + ours)
-        mlp = int(inner * 4.0)  # FluxSingleTransformerBlock's mlp_ratio
+            for prefix in _XLABS:
+                fused[f"{prefix}{at}processor.proj_lora1"] = [(f"{t}{block}attn.to_out.0", 0, None)]
+                fused[f"{prefix}{at}processor.proj_lora2"] = [
+                    (f"{t}{block}attn.to_add_out", 0, None)
+                ]
         for i in range(config.num_single_layers):
-            at, block = f"lora_unet_single_blocks_{i}_", f"{t}single_transformer_blocks.{i}."
-            targets = [f"{block}attn.to_{x}" for x in "qkv"] + [f"{block}proj_mlp"]
-            split(at + "linear1", targets, [inner] * 3 + [mlp])
-            rename(at + "linear2", block + "proj_out")
-            rename(at + "modulation_lin", block + "norm.linear")
+            at, block = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+            qkv = [block + x for x in _IMAGE_QKV]
+            split(spellings(at + "linear1"), [*qkv, block + "proj_mlp"], [inner] * 3 + [mlp])
+            split([f"{p}{at}processor.qkv_lora" for p in _XLABS], qkv, [inner] * 3)
+            for theirs, ours in _SINGLE_LAYERS:
+                rename(at + theirs, block + ours)
+            for prefix in _XLABS:
+                fused[f"{prefix}{at}processor.proj_lora"] = [(f"{t}{block}proj_out", 0, None)]
         # LyCORIS's own wrapper (SimpleTuner's Flux LoKr/LoHa files) names the
         # transformer's modules `lycoris_<diffusers path>`.
-        for path, _ in self.denoiser(pipe).named_modules():
+        for path, _ in transformer.named_modules():
             if path:
-                rename("lycoris_" + path.replace(".", "_"), t + path)
+                fused["lycoris_" + path.replace(".", "_")] = [(t + path, 0, None)]
         return fused
+
+    def lora_refusal(self, pipe: Any, name: str, shapes: dict[str, tuple[int, ...]]) -> str | None:
+        """BFL's Canny/Depth LoRAs widen the image input (`img_in` reads the control image's
+        latents beside the noise): they make a control model, and do nothing sensible on
+        a model whose input is the noise alone."""
+        inputs = self.denoiser(pipe).x_embedder.in_features
+        for prefix in ("", "diffusion_model.", "lora_unet_"):
+            for factor in ("lora_A.weight", "lora_down.weight"):
+                shape = shapes.get(f"{prefix}img_in.{factor}")
+                if shape is not None and shape[-1] != inputs:
+                    return (
+                        f"LoRA '{name}' is a {self.spec.label} Control LoRA (Canny/Depth: its "
+                        f"input reads {shape[-1]} channels, this model's {inputs}); it works on "
+                        "a Flux.1 control model (FLUX.1-Canny-dev, FLUX.1-Depth-dev)"
+                    )
+        return None
+
+    def with_reference(
+        self, pipe: Any, embeds: dict[str, Any], tokens: Any, weight: float
+    ) -> dict[str, Any]:
+        """Redux as `FluxPriorReduxPipeline` hands it to FluxPipeline: the image tokens
+        after T5's, and the whole (text, tokens and CLIP's pooled vector) times the
+        weight (its `prompt_embeds_scale`, `pooled_prompt_embeds_scale`). Several images'
+        tokens are averaged, as diffusers' sum at scales weight / n gives them. Under
+        prompt editing every step's text gets the same tokens."""
+        text = embeds["prompt_embeds"]
+        joined = {
+            **embeds,
+            "prompt_embeds": _with_tokens(text, tokens, weight),
+            "pooled_prompt_embeds": embeds["pooled_prompt_embeds"] * weight,
+        }
+        scheduled = self.denoiser(pipe).__dict__.get("forward")
+        if isinstance(scheduled, _ScheduledForward):
+            scheduled.positive = joined["prompt_embeds"]
+            scheduled.embeds = _with_tokens(scheduled.embeds, tokens, weight)
+            scheduled.pooled = scheduled.pooled * weight
+        return joined
+
+    def controlnet_fits(self, net: Any, denoiser: Any) -> bool:
+        """The net reads the transformer's input, heads, text and pooled widths."""
+        keys = (
+            "in_channels",
+            "num_attention_heads",
+            "attention_head_dim",
+            "joint_attention_dim",
+            "pooled_projection_dim",
+        )
+        return all(net.config.get(k) == denoiser.config.get(k) for k in keys)
+
+    def stack_controlnets(self, nets: list[Any]) -> Any:
+        from diffusers import FluxMultiControlNetModel
+
+        return FluxMultiControlNetModel(nets)
+
+    def control_arguments(self, mode: str, images: list[Any], units: Sequence[Any]) -> dict:
+        """diffusers' Flux ControlNet pipelines take `control_image` in every mode; A1111's
+        control modes reweight a UNet's residuals, which these nets do not make."""
+        odd = next((u.control_mode for u in units if u.control_mode != "Balanced"), None)
+        if odd is not None:
+            raise JobError(
+                f"{self.spec.label} ControlNets have no control mode {odd!r} (A1111's modes "
+                "reweight a UNet's residuals): use Balanced"
+            )
+        arguments = super().control_arguments(mode, images, units)
+        arguments.pop("image", None)  # SD's txt2img name for the maps
+        return {**arguments, "control_image": images}
+
+    def union_modes(self, nets: list[Any], preprocessors: list[str]) -> list[int | None] | None:
+        """A union ControlNet's control type per unit, from the unit's preprocessor
+        (InstantX's FLUX.1-dev-Controlnet-Union numbering, which Shakker-Labs' Union-Pro
+        keeps); a non-union net takes None. Always a list: diffusers' Flux ControlNet
+        img2img and inpaint pipelines build no mode at all from `control_mode=None` for a
+        FluxMultiControlNetModel, and its forward then runs no net."""
+        modes: list[int | None] = []
+        for net, name in zip(nets, preprocessors):
+            if not net.config.get("num_mode"):
+                modes.append(None)
+            elif name in UNION_MODES:
+                modes.append(UNION_MODES[name])
+            else:
+                raise JobError(
+                    f"a {self.spec.label} union ControlNet needs to know the map's kind, and "
+                    f"'{name}' is none it knows: pick {', '.join(UNION_MODES)}"
+                )
+        return modes
 
     # -- one denoising call ----------------------------------------------------------------
 
@@ -248,17 +371,54 @@ class Flux(FlowFamily):
         return z * (original / z.mean())
 
 
-# kohya's double-block layers that are one module each in diffusers (BFL name → ours).
+# BFL's layers that are one module each in diffusers (BFL name → ours), as diffusers'
+# kohya and BFL converters map them; the norms' `scale` is the RMSNorm's weight.
 _DOUBLE_LAYERS = (
-    ("img_attn_proj", "attn.to_out.0"),
-    ("img_mlp_0", "ff.net.0.proj"),
-    ("img_mlp_2", "ff.net.2"),
-    ("img_mod_lin", "norm1.linear"),
-    ("txt_attn_proj", "attn.to_add_out"),
-    ("txt_mlp_0", "ff_context.net.0.proj"),
-    ("txt_mlp_2", "ff_context.net.2"),
-    ("txt_mod_lin", "norm1_context.linear"),
+    ("img_attn.proj", "attn.to_out.0"),
+    ("img_mlp.0", "ff.net.0.proj"),
+    ("img_mlp.2", "ff.net.2"),
+    ("img_mod.lin", "norm1.linear"),
+    ("txt_attn.proj", "attn.to_add_out"),
+    ("txt_mlp.0", "ff_context.net.0.proj"),
+    ("txt_mlp.2", "ff_context.net.2"),
+    ("txt_mod.lin", "norm1_context.linear"),
+    ("img_attn.norm.query_norm", "attn.norm_q"),
+    ("img_attn.norm.key_norm", "attn.norm_k"),
+    ("txt_attn.norm.query_norm", "attn.norm_added_q"),
+    ("txt_attn.norm.key_norm", "attn.norm_added_k"),
 )
+_SINGLE_LAYERS = (
+    ("linear2", "proj_out"),
+    ("modulation.lin", "norm.linear"),
+    ("norm.query_norm", "attn.norm_q"),
+    ("norm.key_norm", "attn.norm_k"),
+)
+_GLOBAL_LAYERS = (
+    ("img_in", "x_embedder"),
+    ("txt_in", "context_embedder"),
+    ("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
+    ("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
+    ("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
+    ("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
+    ("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
+    ("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2"),
+    ("final_layer.linear", "proj_out"),
+)
+# The union ControlNets' control types (InstantX FLUX.1-dev-Controlnet-Union's model
+# card: canny 0, tile 1, depth 2, blur 3, pose 4, gray 5, low quality 6) by our
+# preprocessor names.
+UNION_MODES = {"canny": 0, "tile_resample": 1, "depth": 2, "openpose": 4}
+_IMAGE_QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
+_TEXT_QKV = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
+_XLABS = ("", "diffusion_model.")  # XLabs' processor names, bare or under ComfyUI's prefix
+
+
+def _with_tokens(text: Any, tokens: Any, weight: float) -> Any:
+    """T5's states of each row followed by the reference's tokens, times the weight."""
+    import torch
+
+    tokens = tokens.to(device=text.device, dtype=text.dtype).expand(text.shape[0], -1, -1)
+    return torch.cat([text, tokens], dim=1) * weight
 
 
 class _ScheduledForward:
@@ -325,6 +485,7 @@ class _FluxSchnell(Flux):
 
 class _FluxKontext(Flux):
     spec = VARIANTS["kontext"]
+    control_pipelines: dict[str, str] = {}
     pipelines = {"img2img": "FluxKontextPipeline", "txt2img": "FluxKontextPipeline"}
 
     def call_inputs(self, spec: Any, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -335,7 +496,28 @@ class _FluxKontext(Flux):
 
 class _FluxFill(Flux):
     spec = VARIANTS["fill"]
+    control_pipelines: dict[str, str] = {}
     pipelines = {"inpaint": "FluxFillPipeline", "txt2img": "FluxFillPipeline"}
+
+
+class _FluxControl(Flux):
+    spec = VARIANTS["control"]
+    pipelines = {"img2img": "FluxControlPipeline", "txt2img": "FluxControlPipeline"}
+    control_pipelines: dict[str, str] = {}
+
+    def input_control(self, model: Any) -> str | None:
+        """The configured `control_preprocessor`, else by BFL's names: FLUX.1-Depth-dev
+        reads depth maps, FLUX.1-Canny-dev edges."""
+        from pipeline.contract.control import canonical_preprocessor
+
+        if model.control_preprocessor:
+            return canonical_preprocessor(model.control_preprocessor)
+        return "depth" if "depth" in model.source.lower() else "canny"
+
+    def call_inputs(self, spec: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+        # A new image from the map: no denoising strength.
+        inputs = {k: v for k, v in inputs.items() if k != "strength"}
+        return super().call_inputs(spec, inputs)
 
 
 _VARIANT_FAMILIES: dict[str, Flux] = {
@@ -343,4 +525,5 @@ _VARIANT_FAMILIES: dict[str, Flux] = {
     "schnell": _FluxSchnell(),
     "kontext": _FluxKontext(),
     "fill": _FluxFill(),
+    "control": _FluxControl(),
 }

@@ -30,7 +30,10 @@ SCHNELL_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifti
 # Flux.1's VAE latent statistics (the real ones: the pipelines read them from the config).
 VAE_SCALING = dict(scaling_factor=0.3611, shift_factor=0.1159)
 
-VARIANTS = ("dev", "schnell", "kontext", "fill")
+VARIANTS = ("dev", "schnell", "kontext", "fill", "control")
+# The transformer's input channels: 64 packed latent channels; Fill adds the masked image's
+# latents and the packed mask (384); Canny/Depth the control image's latents (128).
+IN_CHANNELS = {"fill": 384, "control": 128}
 
 
 def _transformer(*, in_channels: int, guidance: bool):
@@ -91,10 +94,11 @@ def _t5_text_encoder(vocab_size: int):
 
 
 def write_tiny_flux(directory: str | Path, *, variant: str = "dev") -> Path:
-    """Write a tiny Flux.1 `variant` ("dev", "schnell", "kontext" or "fill") folder that
-    `DiffusionPipeline.from_pretrained` loads as FluxPipeline / FluxKontextPipeline /
-    FluxFillPipeline. Deterministic: the same variant gives the same files."""
-    from diffusers import FluxFillPipeline, FluxKontextPipeline, FluxPipeline
+    """Write a tiny Flux.1 `variant` ("dev", "schnell", "kontext", "fill" or "control")
+    folder that `DiffusionPipeline.from_pretrained` loads as FluxPipeline /
+    FluxKontextPipeline / FluxFillPipeline / FluxControlPipeline (Canny/Depth dev).
+    Deterministic: the same variant gives the same files."""
+    from diffusers import FluxControlPipeline, FluxFillPipeline, FluxKontextPipeline, FluxPipeline
 
     if variant not in VARIANTS:
         raise ValueError(f"unknown Flux.1 variant {variant!r}: use one of {', '.join(VARIANTS)}")
@@ -103,9 +107,11 @@ def write_tiny_flux(directory: str | Path, *, variant: str = "dev") -> Path:
     tokenizer_2 = tokenizers.t5_tokenizer()
     if variant == "schnell":
         tokenizer_2.model_max_length = 256
-    pipeline_class = {"kontext": FluxKontextPipeline, "fill": FluxFillPipeline}.get(
-        variant, FluxPipeline
-    )
+    pipeline_class = {
+        "kontext": FluxKontextPipeline,
+        "fill": FluxFillPipeline,
+        "control": FluxControlPipeline,
+    }.get(variant, FluxPipeline)
     pipe = pipeline_class(
         scheduler=common.flow_scheduler(
             **(SCHNELL_SCHEDULER if variant == "schnell" else DEV_SCHEDULER)
@@ -118,9 +124,13 @@ def write_tiny_flux(directory: str | Path, *, variant: str = "dev") -> Path:
         text_encoder_2=_t5_text_encoder(len(tokenizer_2)),
         tokenizer_2=tokenizer_2,
         transformer=_transformer(
-            in_channels=384 if variant == "fill" else 64, guidance=variant != "schnell"
+            in_channels=IN_CHANNELS.get(variant, 64), guidance=variant != "schnell"
         ),
-        **({} if variant == "fill" else {"image_encoder": None, "feature_extractor": None}),
+        **(
+            {}
+            if variant in ("fill", "control")
+            else {"image_encoder": None, "feature_extractor": None}
+        ),
     )
     return common.save_pipeline(pipe, directory)
 
@@ -159,4 +169,44 @@ def write_tiny_flux_redux(directory: str | Path) -> Path:
     common.save_pipeline(pipe, directory)
     feature_extractor = ["transformers", "SiglipImageProcessor"]
     common.name_components_as_hub(Path(directory), {"feature_extractor": feature_extractor})
+    return Path(directory)
+
+
+def write_tiny_flux_controlnet(
+    base: str | Path, directory: str | Path, *, union: bool = False, hint: bool = False
+) -> Path:
+    """A tiny `FluxControlNetModel` for the tiny Flux.1 model at `base`: the InstantX
+    layout (the control image's latents through `controlnet_x_embedder`), with `union`
+    InstantX/Shakker's Union (`num_mode` 10: a mode embedding per control type), with
+    `hint` XLabs' (pixels through `input_hint_block`). Built as diffusers'
+    `from_transformer` builds one, with the zero-initialised projections randomised so
+    the unit has an effect to test."""
+    import torch
+    from diffusers import FluxControlNetModel, FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(Path(base) / "transformer")
+    config = dict(transformer.config)
+    common.seeded(1)
+    net = FluxControlNetModel(
+        # XLabs' maps come as pixels: the hint block's 16 channels at 1/8, patchified 2×2
+        # into the packed latents' 64.
+        patch_size=2 if hint else config["patch_size"],
+        in_channels=config["in_channels"],
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=config["attention_head_dim"],
+        num_attention_heads=config["num_attention_heads"],
+        joint_attention_dim=config["joint_attention_dim"],
+        pooled_projection_dim=config["pooled_projection_dim"],
+        guidance_embeds=config["guidance_embeds"],
+        axes_dims_rope=list(config["axes_dims_rope"]),
+        num_mode=10 if union else None,
+        conditioning_embedding_channels=16 if hint else None,
+    )
+    with torch.no_grad():
+        for module in (*net.controlnet_blocks, *net.controlnet_single_blocks):
+            torch.nn.init.normal_(module.weight, std=0.3)
+        if not hint:
+            torch.nn.init.normal_(net.controlnet_x_embedder.weight, std=0.3)
+    net.save_pretrained(directory)
     return Path(directory)

@@ -286,13 +286,29 @@ def _chunk_counts(model: LoadedModel, specs: Sequence[GenerateSpec]) -> dict[int
 def img2img(run: _Run, spec: GenerateSpec, image: Image.Image, blobs, loras) -> list[Image.Image]:
     source = image.resize((spec.width, spec.height), Image.LANCZOS)
     samples = [spec] * spec.count
+    inputs = _img2img_input(run, spec, source)
     with _image_contexts(run, run.model.img2img(), "img2img", spec, image, blobs, loras) as (
         pipe,
         extra,
     ):
-        return _call_for_spec(
-            run, pipe, spec, samples, image=source, strength=spec.strength, **extra
-        )
+        return _call_for_spec(run, pipe, spec, samples, **inputs, **extra)
+
+
+def _img2img_input(run: _Run, spec: GenerateSpec, source: Image.Image) -> dict[str, Any]:
+    """img2img's input as the model reads it: the image denoised from at the spec's
+    strength, or a control model's map of it (Flux.1 Canny/Depth: `control_image`)."""
+    preprocessor = run.model.kind.input_control(run.model.config)
+    if preprocessor is None:
+        return {"image": source, "strength": spec.strength}
+    from pipeline.contract.control import PREPROCESSORS
+    from pipeline.control.preprocessors import fit, run_preprocessor
+
+    _, low, high = PREPROCESSORS[preprocessor]
+    depth_model = run.control.config.control.depth_model if run.control is not None else ""
+    mapped = run_preprocessor(
+        preprocessor, source, threshold_a=low, threshold_b=high, depth_model=depth_model
+    )
+    return {"control_image": fit(mapped, spec.width, spec.height, "Crop and Resize")}
 
 
 def upscale(run: _Run, spec: GenerateSpec, image: Image.Image, blobs, loras) -> list[Image.Image]:
@@ -597,6 +613,7 @@ def _call(
         steps = max(steps, math.ceil(1 / inputs["strength"]))
     kind = run.model.kind_of(pipe)
     run.size = (spec.width, spec.height)
+    reference = inputs.pop("reference_tokens", None)  # Flux.1's Redux: prompt tokens
     with (
         torch.inference_mode(),
         kind.prompt_conditioning(
@@ -605,6 +622,8 @@ def _call(
         kind.call_context(pipe, spec.width, spec.height),
         compiled.active(run.model, pipe),
     ):
+        if reference is not None:
+            embeds = kind.with_reference(pipe, embeds, *reference)
         result = pipe(
             **embeds,
             num_inference_steps=steps,

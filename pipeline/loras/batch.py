@@ -105,7 +105,7 @@ def merged_weight(
     module: nn.Module, entries: dict[str, LayerDelta], combo: Combo
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """W + Σ w·ΔW (and the bias likewise), summed in float32, cast once to W's dtype."""
-    weight, bias = module.weight, module.bias
+    weight, bias = module.weight, getattr(module, "bias", None)  # RMSNorm has none
     diff = diff_b = None
     for name, w in combo:
         d, db = entries[name].delta(weight, bias)
@@ -126,6 +126,8 @@ def _op(module: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, Any], torch.
         return lambda x, w, b: F.layer_norm(x, module.normalized_shape, w, b, module.eps)
     if isinstance(module, nn.GroupNorm):
         return lambda x, w, b: F.group_norm(x, module.num_groups, w, b, module.eps)
+    if isinstance(module, nn.RMSNorm):
+        return lambda x, w, b: F.rms_norm(x, module.normalized_shape, w, module.eps)
     return F.linear
 
 

@@ -11,6 +11,8 @@ Formats (per layer, by the tensor names LyCORIS and kohya write):
   glora                  `a1.weight`, `a2.weight`, `b1.weight`, `b2.weight` (+ `bm.weight`)
   oft (diag-OFT), boft   `oft_blocks` (3-D / 4-D), `alpha` (the constraint), `rescale`
   norm (train_norm)      `w_norm`, `b_norm` on LayerNorm / GroupNorm
+  set                    `scale`: a norm's new weight (BFL's control LoRAs carry the
+                         trained RMSNorm scales; diffusers replaces the norm's weight)
   + DoRA                 `dora_scale` on lora, loha and lokr layers
 
 The forms of ΔW follow LyCORIS's published functions (lycoris/functional/*.py, Apache-2.0:
@@ -42,7 +44,10 @@ from pipeline.prompts.encoding import extract_loras
 
 # Parameter names a layer may carry, per algorithm; the first names identify it.
 _PARAMS = {
-    "lora": ("lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha", "dora_scale"),
+    "lora": (
+        "lora_up.weight", "lora_down.weight", "lora_mid.weight", "lora_up.bias", "alpha",
+        "dora_scale",
+    ),
     "loha": (
         "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha",
         "dora_scale",
@@ -56,6 +61,7 @@ _PARAMS = {
     "glora": ("a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight", "alpha"),
     "oft": ("oft_blocks", "rescale", "alpha"),
     "norm": ("w_norm", "b_norm"),
+    "set": ("scale",),
 }  # fmt: skip
 # diffusers/peft spellings of LoRA's two factors → kohya's.
 _DIFFUSERS_SUFFIXES = {
@@ -65,6 +71,9 @@ _DIFFUSERS_SUFFIXES = {
     "lora.up.weight": "lora_up.weight",
     "lora_linear_layer.down.weight": "lora_down.weight",
     "lora_linear_layer.up.weight": "lora_up.weight",
+    "lora_B.bias": "lora_up.bias",  # peft's lora_bias (BFL's control LoRAs)
+    "down.weight": "lora_down.weight",  # XLabs' `processor.qkv_lora1.down.weight`
+    "up.weight": "lora_up.weight",
     "lora_magnitude_vector": "dora_scale",
     "alpha": "alpha",
 }
@@ -158,7 +167,7 @@ def detect_format(state_dict: dict[str, torch.Tensor]) -> str | None:
                 algos.add("dora")
     if not algos:
         return None
-    order = ("lora", "loha", "lokr", "full", "ia3", "glora", "oft", "boft", "norm", "dora")
+    order = ("lora", "loha", "lokr", "full", "ia3", "glora", "oft", "boft", "norm", "set", "dora")
     return "+".join(a for a in order if a in algos)
 
 
@@ -234,6 +243,8 @@ def _algorithm(params: dict[str, torch.Tensor]) -> str | None:
         return "boft" if params["oft_blocks"].ndim == 4 else "oft"
     if "w_norm" in params:
         return "norm"
+    if "scale" in params:
+        return "set"
     return None
 
 
@@ -245,8 +256,10 @@ class LayerDelta:
     params: dict[str, torch.Tensor]
     scalars: dict[str, float] = field(default_factory=dict)  # alpha, on_input
     # A fused layer of the file split over the model's modules (Flux.1's qkv and
-    # linear1): ΔW is computed at the fused shape and these rows are this module's.
-    fused: tuple[int, int, int] | None = None  # (first row, end row, fused rows)
+    # linear1): ΔW is computed at the fused shape and these row ranges, in this order,
+    # are this module's (two ranges: BFL's final layer, whose shift and scale halves
+    # diffusers swaps).
+    fused: tuple[tuple[tuple[int, int], ...], int] | None = None  # (row ranges, rows)
 
     def __post_init__(self) -> None:
         for name in ("alpha", "on_input"):
@@ -266,17 +279,22 @@ class LayerDelta:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(ΔW, Δbias) at weight 1, in float32, for a layer whose weight is `weight`."""
         if self.fused is not None:
-            start, end, rows = self.fused
+            ranges, rows = self.fused
             whole = torch.zeros((rows, *weight.shape[1:]), device=weight.device)
             unfused = LayerDelta(self.algo, self.params, dict(self.scalars))
-            diff, _ = unfused.delta(whole, None)
-            return diff[start:end], None
+            diff, diff_b = unfused.delta(whole, None)
+            diff = torch.cat([diff[start:end] for start, end in ranges])
+            if diff_b is not None:
+                diff_b = torch.cat([diff_b[start:end] for start, end in ranges])
+            return diff, diff_b
         p: dict[str, Any] = {k: v.float() for k, v in self.params.items()}
         p.update(self.scalars)
         w = weight.float()
         diff_b = None
         if self.algo == "lora":
             diff = _lora_delta(p, w.shape)
+            if "lora_up.bias" in p:  # peft's lora_bias: B's bias, scaled as B is
+                diff_b = p["lora_up.bias"] * _scale(p, p["lora_down.weight"].shape[0])
         elif self.algo == "loha":
             diff = _loha_delta(p, w.shape)
         elif self.algo == "lokr":
@@ -295,6 +313,8 @@ class LayerDelta:
         elif self.algo == "norm":  # LyCORIS train_norm: the norm's weight and bias shift
             diff = p["w_norm"].reshape(w.shape)
             diff_b = p.get("b_norm")
+        elif self.algo == "set":  # the file's weight replaces the layer's: ΔW = new − W
+            diff = p["scale"].reshape(w.shape) - w
         else:  # pragma: no cover - _algorithm names only the above
             raise AssertionError(self.algo)
         if "dora_scale" in p:
@@ -456,6 +476,10 @@ class MappedLora:
 
 def map_lora(lora: LoraFile, pipe: Any) -> MappedLora:
     """Map every layer of the file onto the pipeline's modules; check shapes."""
+    shapes = {k: tuple(v.shape) for k, v in lora.state_dict.items()}
+    refusal = of_pipe(pipe).lora_refusal(pipe, lora.name, shapes)
+    if refusal:
+        raise LoraError(refusal)
     state_dict = _to_diffusers_unet_names(lora.state_dict, pipe)
     modules = _split_modules(state_dict)
     lookup = _module_lookup(pipe)
@@ -473,14 +497,17 @@ def map_lora(lora: LoraFile, pipe: Any) -> MappedLora:
         else:
             fused_parts = renamed or None
         if algo is not None and fused_parts:  # one layer of the file, several of ours
-            parts = [(lookup.get(name), start, end) for name, start, end in fused_parts]
-            rows = max(end for _, _, end in parts)
+            rows = max(end for _, _, end in fused_parts)
+            ranges: dict[str, list[tuple[int, int]]] = {}
+            for name, start, end in fused_parts:
+                ranges.setdefault(name, []).append((start, end))
+            targets = {name: lookup.get(name) for name in ranges}
             split = {
-                t[:2]: (LayerDelta(algo, dict(params), fused=(start, end, rows)), t[2])
-                for t, start, end in parts
+                t[:2]: (LayerDelta(algo, dict(params), fused=(tuple(ranges[n]), rows)), t[2])
+                for n, t in targets.items()
                 if t is not None
             }
-            if len(split) == len(parts) and all(_fits(d, m) for d, m in split.values()):
+            if len(split) == len(ranges) and all(_fits(d, m) for d, m in split.values()):
                 layers.update({where: d for where, (d, _) in split.items()})
             else:
                 unmatched.append(key)
@@ -512,7 +539,7 @@ def _fits(delta: LayerDelta, module: nn.Module) -> bool:
     return diff_b is None or (bias is not None and diff_b.shape == bias.shape)
 
 
-ADAPTABLE = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm)
+ADAPTABLE = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 
 
 def _module_lookup(pipe: Any) -> dict[str, tuple[str, str, nn.Module]]:

@@ -1,4 +1,8 @@
-"""LoRA slots: UNet LoRAs that never change the compiled graph (`[loras] slots`).
+"""LoRA slots: denoiser LoRAs that never change the compiled graph (`[loras] slots`).
+
+The denoiser is the family's (`Family.denoiser`): the SD UNets, and the transformers of
+the flow families (Flux.1: every Linear, its fused qkv / linear1 LoRA layers each
+module's rows of the fused up factor); "UNet" below means that denoiser.
 
 `install(unet, ...)` (called by `pipeline.generate.compiled.prepare` before
 `torch.compile`) gives every Linear and Conv2d of the UNet a fixed-shape low-rank side
@@ -19,8 +23,9 @@ cost less than the gathers would (BENCHMARKS.md, issue 13).
 
 What goes in a slot (exactly, no approximation): the `lora` algorithm (kohya LoRA and
 LoCon, DyLoRA, diffusers/peft files, LoCon-Tucker folded into a k×k down conv) on the
-UNet, at rank ≤ R, without DoRA. Anything else a job's LoRAs carry on the UNet (LoHa,
-LoKr, DoRA, full, IA3, OFT/BOFT, GLoRA, norm layers, a rank above R), more distinct
+UNet, at rank ≤ R, without DoRA or a bias of its own. Anything else a job's LoRAs carry
+on the UNet (LoHa, LoKr, DoRA, full, IA3, OFT/BOFT, GLoRA, norm layers, BFL's norm
+scales and lora_B biases, a rank above R), more distinct
 UNet LoRAs in one call than S, or more rows than the buffers hold: that call runs
 today's exact eager path (`pipeline.loras.batch`) instead — nothing is approximated
 or left out (docs/DECISIONS.md). Text-encoder layers always run on that eager path
@@ -130,6 +135,8 @@ class SlotBank:
                 return delta.algo
             if "dora_scale" in delta.params:
                 return "dora"
+            if "lora_up.bias" in delta.params:  # peft's lora_bias: a bias change
+                return "bias"
             rank = delta.params["lora_down.weight"].shape[0]
             if rank > self.rank:
                 return f"rank {rank} > max_rank {self.rank}"
@@ -193,6 +200,9 @@ def slot_factors(delta: LayerDelta, module: nn.Module) -> tuple[torch.Tensor, to
     p = {k: v.float() for k, v in delta.params.items()}
     down, up = p["lora_down.weight"], p["lora_up.weight"]
     rank = down.shape[0]
+    if delta.fused is not None:  # one fused layer of the file (Flux.1's qkv): our rows
+        up = up.flatten(1)
+        up = torch.cat([up[start:end] for start, end in delta.fused[0]])
     scale = _scale({**p, **delta.scalars}, rank)
     out_features = module.weight.shape[0]
     up = up.reshape(out_features, rank) * scale

@@ -44,8 +44,11 @@ class Flux(FlowSpec):
     variant: ClassVar[str] = "dev"
     modes = frozenset({"txt2img", "img2img", "inpaint", "outpaint", "upscale", "facefix"})
     # true CFG (negative prompt + CFG scale > 1) and Distilled CFG; no CLIP skip (Forge
-    # has none for Flux), no ControlNet/reference yet.
-    options = frozenset({"negative_prompt", "cfg_scale", "guidance", "face_fix"})
+    # has none for Flux); ControlNets (FluxControlNetPipeline and its img2img/inpaint);
+    # Redux as the reference image.
+    options = frozenset(
+        {"negative_prompt", "cfg_scale", "guidance", "face_fix", "control", "reference"}
+    )
     size_multiple = 16
     default_size = 1024
     train_resolution = 512  # diffusers' train_dreambooth_lora_flux.py
@@ -55,14 +58,19 @@ class Flux(FlowSpec):
     t5_tokens: ClassVar[int] = 512
     clip_tokens: ClassVar[int] = 77
     max_steps: ClassVar[int | None] = None
-    # kohya/ComfyUI (`lora_unet_double_blocks_…`), BFL/ComfyUI (`diffusion_model.…`) and
-    # diffusers/ai-toolkit (`transformer.single_transformer_blocks.…`) LoRA names.
+    # Why a variant that needs an input image refuses txt2img (after its label); "": none.
+    txt2img_refusal: ClassVar[str] = ""
+    # kohya/ComfyUI (`lora_unet_double_blocks_…`), BFL/ComfyUI (`diffusion_model.…`),
+    # XLabs and BFL's control LoRAs (bare `double_blocks.…`) and diffusers/ai-toolkit
+    # (`transformer.single_transformer_blocks.…`) LoRA names.
     single_file_text_encoders = ("text_encoders.clip_l.", "text_encoders.t5xxl.")  # ComfyUI's
     lora_key_prefixes = (
         "lora_unet_double_blocks_",
         "lora_unet_single_blocks_",
         "diffusion_model.double_blocks.",
         "diffusion_model.single_blocks.",
+        "double_blocks.",  # XLabs (`double_blocks.0.processor.qkv_lora1`), BFL's control LoRAs
+        "single_blocks.",
         "transformer.single_transformer_blocks.",
         "lora_transformer_single_transformer_blocks_",
         "lycoris_single_transformer_blocks_",  # LyCORIS's wrapper (SimpleTuner)
@@ -92,6 +100,12 @@ class Flux(FlowSpec):
     @classmethod
     def for_source(cls, source: str) -> type[Flux]:
         return VARIANTS[variant_of(source)]
+
+    @classmethod
+    def check_mode(cls, mode: str) -> None:
+        if mode == "txt2img" and cls.txt2img_refusal:
+            raise JobError(f"{cls.label} {cls.txt2img_refusal}")
+        super().check_mode(mode)
 
     @classmethod
     def check_job(cls, spec: Any) -> None:
@@ -136,30 +150,47 @@ class FluxKontext(Flux):
     label = "Flux.1 Kontext"
     variant = "kontext"
     modes = frozenset({"img2img"})  # an edit of the input image, as the prompt says
+    # diffusers has no Kontext ControlNet pipeline; Kontext's reference is its input image.
+    options = Flux.options - {"control", "reference"}
     default_guidance = 2.5
-
-    @classmethod
-    def check_mode(cls, mode: str) -> None:
-        if mode == "txt2img":
-            raise JobError(
-                f"{cls.label} edits an image: give it an input image (img2img) and say "
-                "what to change"
-            )
-        super().check_mode(mode)
+    txt2img_refusal = "edits an image: give it an input image (img2img) and say what to change"
 
 
 class FluxFill(Flux):
     label = "Flux.1 Fill"
     variant = "fill"
     modes = frozenset({"inpaint", "outpaint", "facefix"})
+    options = Flux.options - {"control"}  # nor a Fill one
     default_guidance = 30.0  # BFL's and diffusers' example for FLUX.1-Fill-dev
 
 
-VARIANTS: dict[str, type[Flux]] = {s.variant: s for s in (Flux, FluxSchnell, FluxKontext, FluxFill)}
+class FluxControl(Flux):
+    """BFL's Flux Tools Canny/Depth dev: a transformer whose input is the noise beside the
+    control image's latents (in_channels 128), through `FluxControlPipeline`. A member
+    picks it as a configured model and gives a photo; its edges or depth map (the
+    preprocessor by the model's name, as BFL names them) guide a new image."""
+
+    label = "Flux.1 Control"
+    variant = "control"
+    modes = frozenset({"img2img"})  # the input photo's map, drawn anew
+    options = Flux.options - {"control"}  # the control map is the input's
+    default_guidance = 10.0  # diffusers' FLUX.1-Depth-dev example (Canny's takes 30)
+    txt2img_refusal = "models draw from a photo's edges or depth: give it an input image (img2img)"
+
+
+VARIANTS: dict[str, type[Flux]] = {
+    s.variant: s for s in (Flux, FluxSchnell, FluxKontext, FluxFill, FluxControl)
+}
+# model_index.json class names of the control variant (not FluxControlNet…, a dev model).
+CONTROL_PIPELINES = (
+    "FluxControlPipeline",
+    "FluxControlImg2ImgPipeline",
+    "FluxControlInpaintPipeline",
+)
 
 
 def variant_of(source: str) -> str:
-    """ "dev", "schnell", "kontext" or "fill", from a folder's files, a single file's
+    """ "dev", "schnell", "kontext", "fill" or "control", from a folder's files, a single file's
     tensor names and shapes, or a Hub id's name (Krea is a dev)."""
     path = Path(source)
     if path.is_dir():
@@ -169,9 +200,13 @@ def variant_of(source: str) -> str:
             return "kontext"
         if "Fill" in name:
             return "fill"
+        if name in CONTROL_PIPELINES:
+            return "control"
         transformer = _json(path / "transformer" / "config.json")
         if transformer.get("in_channels") == 384:
             return "fill"
+        if transformer.get("in_channels") == 128:
+            return "control"
         return "dev" if transformer.get("guidance_embeds", True) else "schnell"
     if path.suffix == ".safetensors" and path.exists():
         from pipeline.contract.families.sources import safetensors_header
@@ -181,12 +216,16 @@ def variant_of(source: str) -> str:
         image_in = names.get("img_in.weight", {}).get("shape", [0, 64])
         if image_in[-1] == 384:
             return "fill"
+        if image_in[-1] == 128:
+            return "control"
         if not any(k.startswith("guidance_in.") for k in names):
             return "schnell"
     lowered = path.name.lower() if path.suffix else source.lower()
     for variant in ("schnell", "kontext", "fill"):
         if variant in lowered:
             return variant
+    if any(tool in lowered for tool in ("canny", "depth")) and "lora" not in lowered:
+        return "control"  # FLUX.1-Canny-dev, FLUX.1-Depth-dev (their -lora is for dev)
     return "dev"
 
 
