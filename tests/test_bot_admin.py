@@ -60,6 +60,9 @@ async def test_admin_commands_and_their_refusal(emu, shared_pool, tiny_sd, tmp_p
     assert "Only server admins" in refused
     assert before > 1 and "position 1" in raised["content"] and raised["flags"] & 64
     assert "**Queue**" in stats["content"] and "waiting" in stats["content"]
+    # Each worker's loaded model with its memory plan and estimated peak (issue 26).
+    worker = next(iter(shared_pool.workers())).name
+    assert f"- {worker}: tiny plan full, est. peak " in stats["content"], stats["content"]
     assert "Added 1 LoRA(s)" in reloaded["content"] and usable  # the broken file is not
     assert broken.startswith("LoRA 'broken' not found")  # registered: nothing is queued
     command = emu.get_command("admin", guild_only=True)

@@ -30,6 +30,7 @@ from bot.errors import UserError
 from bot.services import Services
 from bot.services.guild_settings import describe, effective, parse_setting
 from bot.services.loras import register_server_loras
+from pipeline.contract.pool import describe_memory
 
 DAY_S = 24 * 3600
 QUOTAS = ("images_per_day", "gpu_seconds_per_day", "trainings_per_week")
@@ -209,6 +210,9 @@ class AdminGroup(
             f"**LoRAs**: {stats['personal_loras']} personal, "
             f"{stats['library_loras']} in the server library",
         ]
+        memory = describe_memory(pool.workers())
+        if memory:
+            lines += ["**Memory** (loaded models):", *(f"- {line}" for line in memory)]
         await interaction.response.send_message("\n".join(lines), ephemeral=True)
 
     @app_commands.command(name="reload-loras")

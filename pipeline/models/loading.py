@@ -44,6 +44,7 @@ class LoadedModel:
     config: ModelConfig
     scheduler_config: dict[str, Any] = field(default_factory=dict)  # samplers build on it
     variant: Family | None = None  # the family as this model is (Flux.1 schnell, Kontext…)
+    plan: Any = None  # the MemoryPlan it was loaded with (None: sizes unknown, loaded as is)
     _derived: dict[str, Any] = field(default_factory=dict)
     _inpaint_model: LoadedModel | None = None
 
@@ -317,6 +318,7 @@ class ModelCache:
             loaded = load_model(
                 model_config, device=self.device, dtype=self.config.workers.dtype, plan=plan
             )
+        loaded.plan = plan
         self._models[key] = loaded
         return loaded
 

@@ -14,11 +14,12 @@ carry internals, so the member gets a generic line and the traceback goes to the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from pipeline.contract.blobs import BlobError, BlobStore
@@ -36,6 +37,7 @@ from pipeline.contract.jobs import (
     Started,
     TrainSpec,
 )
+from pipeline.contract.pool import ModelMemory
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ class Runner:
         self._models: Any = None  # pipeline.models.loading.ModelCache, built on first use
         self._loras: dict[str, Any] = {}  # model name → LoRA cache
         self._control: Any = None  # pipeline.control.apply.ControlCache, on first use
+        self._peaks: dict[str, int] = {}  # model name → peak bytes measured over its jobs
         # Set after a CUDA device-side error: the CUDA context is unusable, so the worker
         # process must end (its pool starts a fresh one) instead of failing every job.
         self.broken = ""
@@ -96,6 +99,27 @@ class Runner:
         models = [model.name for model in self._models.loaded()] if self._models else []
         return {name: self._loras[name].loaded() if name in self._loras else [] for name in models}
 
+    def report(self) -> dict[str, Any]:
+        """What the pool keeps of this worker after each batch: `held` and `memory`."""
+        return {"held": self.held(), "memory": self.memory()}
+
+    def memory(self) -> dict[str, ModelMemory]:
+        """Each loaded model's memory plan, the plan's estimated peak and the peak measured
+        over its jobs (for /admin stats and /metrics)."""
+        from pipeline.models.memory import peak_measure
+
+        measure = peak_measure(self.device)
+        loaded = self._models.loaded() if self._models else []
+        return {
+            model.name: ModelMemory(
+                plan=model.plan.mode if model.plan is not None else "",
+                estimated_bytes=model.plan.peak if model.plan is not None else 0,
+                peak_bytes=self._peaks.get(model.name, 0),
+                measure=measure,
+            )
+            for model in loaded
+        }
+
     def run(
         self,
         batch: Batch,
@@ -117,10 +141,30 @@ class Runner:
                 continue
             for job_id, _ in live:
                 emit(Started(job_id, worker=self.name))
-            if isinstance(live[0][1], TrainSpec):
-                self._train(live[0][0], live[0][1], emit, is_cancelled, should_yield)
-            else:
-                self._generate(live, emit, is_cancelled)  # type: ignore[arg-type]
+            with self._measured(live[0][1].model):
+                if isinstance(live[0][1], TrainSpec):
+                    self._train(live[0][0], live[0][1], emit, is_cancelled, should_yield)
+                else:
+                    self._generate(live, emit, is_cancelled)  # type: ignore[arg-type]
+
+    @contextlib.contextmanager
+    def _measured(self, model: str) -> Iterator[None]:
+        """Measure the peak memory of one call (its model's load included) and keep the
+        largest per model; a model unloaded since loses its figure."""
+        from pipeline.models.memory import read_peak, reset_peak
+
+        reset_peak(self.device)
+        try:
+            yield
+        finally:
+            try:
+                name = self.config.model(model).name
+            except ValueError:
+                name = ""  # an unknown model: the job said so
+            held = self.held()
+            self._peaks = {n: p for n, p in self._peaks.items() if n in held}
+            if name in held:
+                self._peaks[name] = max(self._peaks.get(name, 0), read_peak(self.device))
 
     # -- generation ---------------------------------------------------------------------
 
