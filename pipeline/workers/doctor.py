@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import sys
 import time
 
 from pipeline.contract.config import Config
@@ -195,3 +196,69 @@ def _memory_plans(config: Config) -> int:
             else:
                 _line(OK, f"plan {model.name} on {device}", plan.reason)
     return failures
+
+
+def download_models(config: Config, only: str = "") -> int:
+    """`sdbot doctor --download [MODEL]`: fetch every configured Hub model (or `only`) into
+    the Hugging Face cache, the weights the first worker's precision loads; a line for the
+    disk (needed, free, where), a line per file (size, speed, the whole download's
+    progress and time left), one line per model at the end. Returns the failures."""
+    from pipeline.contract.hub_files import is_hub_id
+    from pipeline.models.download import fetch_model
+    from pipeline.models.loading import ModelError, choose_device, choose_dtype
+    from pipeline.workers.local_pool import detect_devices
+
+    models = [config.model(only)] if only else list(config.models)
+    device = choose_device(detect_devices(config.workers.devices)[0])
+    half = str(choose_dtype(device, config.workers.dtype)) != "torch.float32"
+    failures = 0
+    for model in models:
+        what = f"download {model.name}"
+        if not is_hub_id(model.source):
+            _line(OK, what, f"{model.source} is local; nothing to download")
+            continue
+        start = time.perf_counter()
+        try:
+            fetched = fetch_model(
+                model,
+                half=half,
+                on_progress=_FileLines(),
+                on_disk=lambda needed, free, where, what=what: _line(
+                    OK, what, f"needs {_size(needed)} in {where}; {_size(free)} free there"
+                ),
+            )
+        except ModelError as exc:
+            _line(FAIL, what, str(exc))
+            failures += 1
+            continue
+        variant = f" ({fetched.variant} weights)" if fetched.variant else ""
+        _line(
+            OK,
+            what,
+            f"{model.source}{variant} in {fetched.folder}: {_size(fetched.fetched)} fetched "
+            f"in {time.perf_counter() - start:.1f}s",
+        )
+    return 1 if failures else 0
+
+
+def _size(n: int) -> str:
+    from pipeline.contract.memory_plan import size_text
+
+    return size_text(n)
+
+
+class _FileLines:
+    """A line per file downloaded; on a terminal, the file in progress rewritten in place."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stdout.isatty()
+        self.shown = 0.0
+
+    def __call__(self, progress) -> None:
+        from pipeline.models.download import file_line
+
+        if progress.finished:
+            print(("\r" if self.tty else "") + f"       {file_line(progress)}", flush=True)
+        elif self.tty and time.monotonic() - self.shown > 0.5:
+            self.shown = time.monotonic()
+            print(f"\r       {file_line(progress)}", end="", flush=True)

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 Emit = Callable[[Event], None]
 Batch = Sequence[tuple[str, JobSpec]]
 PROGRESS_INTERVAL_S = 0.25  # at most ~4 progress events per second per batch
+DOWNLOAD_INTERVAL_S = 1.0  # a model download's progress: at most one event a second
 # Exception class names (from modules we may not import here) whose messages are
 # written for members.
 USER_SAFE_NAMES = frozenset({"ModelError", "LoraError"})
@@ -181,7 +182,7 @@ class Runner:
         failed_batch = ""
         results: list | None = None
         try:
-            model = self._model(jobs[0][1].model)
+            model = self._model(jobs[0][1].model, progress.download)
             results = run_generation(
                 model,
                 [spec for _, spec in jobs],
@@ -317,7 +318,7 @@ class Runner:
         def on_progress(step: int, total: int, loss: float | None = None) -> None:
             progress.step(step, total, None, loss)
 
-        model = self._model(spec.model)
+        model = self._model(spec.model, progress.download)
         outcome = run_training(
             model,
             spec,
@@ -336,12 +337,12 @@ class Runner:
 
     # -- models -------------------------------------------------------------------------
 
-    def _model(self, name: str) -> Any:
+    def _model(self, name: str, on_download: Callable[[Any], None] | None = None) -> Any:
         if self._models is None:
             from pipeline.models.loading import ModelCache
 
             self._models = ModelCache(self.config, self.device, on_evict=self._forget_model)
-        return self._models.get(name)
+        return self._models.get(name, on_download)
 
     def _control_cache(self, jobs: list[tuple[str, GenerateSpec]]) -> Any:
         """ControlNets and IP-Adapters, loaded when a job first asks for one."""
@@ -388,6 +389,20 @@ class _ProgressThrottle:
         self._last = now
         for job_id in self.job_ids:
             self.emit(Progress(job_id, step, total, preview=preview, loss=loss))
+
+    def download(self, progress: Any) -> None:
+        """A model download's progress (pipeline.models.download.DownloadProgress), as a
+        Progress event whose message the member reads: "downloading the model, 3.2 of
+        23.8 GB"; at most one a second, and each file's end."""
+        from pipeline.contract.hub_files import progress_line
+
+        now = time.monotonic()
+        if now - self._last < DOWNLOAD_INTERVAL_S and not progress.finished:
+            return
+        self._last = now
+        message = progress_line(progress.done, progress.total)
+        for job_id in self.job_ids:
+            self.emit(Progress(job_id, 0, 0, message=message))
 
 
 def _training_done(job_id: str, spec: TrainSpec, result: Any) -> Done:
