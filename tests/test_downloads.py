@@ -22,6 +22,8 @@ from pipeline.contract.families import ModelError
 from pipeline.contract.hub_files import disk_problem, is_hub_id, select_files
 from pipeline.contract.jobs import Done, Progress
 from pipeline.workers.local_pool import LocalPool
+from tests import botkit
+from tests.botkit import emu  # noqa: F401 - the Discord emulator fixture
 from tests.hub_server import running_hub
 from tests.test_runner import make_config, one_cpu_thread_per_worker, small
 from tests.test_train_cli import run_cli
@@ -319,3 +321,38 @@ async def test_a_worker_downloads_a_hub_model_with_progress_events(
     folder = snapshot(tmp_path)
     assert files_in(folder) == HALF | CONFIGS
     assert memory["hub"].plan == "full" and memory["hub"].estimated_bytes > 0
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_the_member_reads_the_download_in_the_progress_message(
+    emu,
+    hub_folder,
+    tiny_sd,
+    tmp_path,
+    monkeypatch,  # noqa: F811
+):
+    with running_hub() as hub:
+        hub.add_folder(REPO_ID, hub_folder)
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+        hub_model = {"hub": {"source": REPO_ID, "family": "sd1"}}
+        config = botkit.make_config(tiny_sd, tmp_path / "data", emu, models=hub_model)
+        pool = LocalPool(config)
+        with one_cpu_thread_per_worker():
+            await pool.start()
+            try:
+                async with botkit.running_sdbot(config, pool):
+                    record = await botkit.imagine(emu, "a lighthouse", model="hub")
+                    job = await botkit.queued_job(record)
+                    await botkit.wait_result(emu, job)
+            finally:
+                await pool.close()
+    edits = [
+        r.json.get("content", "")
+        for r in emu.requests_to("PATCH", r"/channels/\d+/messages/\d+$")
+        if isinstance(r.json, dict)
+    ]
+    shown = [text for text in edits if "Downloading the model, " in text]
+    assert shown, edits
+    assert re.search(r"\nDownloading the model, [\d.]+ of [\d.]+ MB…$", shown[-1]), shown[-1]

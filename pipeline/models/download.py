@@ -110,7 +110,8 @@ def fetch_model(
             cache_dir=cache_dir,
             dry_run=True,
         )
-        missing = [f for f in plan if f.will_download]
+        # In path order (the dry run answers in whatever order its threads finish).
+        missing = sorted((f for f in plan if f.will_download), key=lambda f: f.filename)
         _check_disk(model.name, sum(f.file_size or 0 for f in missing), Path(index_path), on_disk)
         done, total, began = 0, sum(f.file_size or 0 for f in missing), time.monotonic()
         for info in missing:
