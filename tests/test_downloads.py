@@ -67,8 +67,11 @@ def files_in(folder: Path) -> set[str]:
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
 
 
-def download(hub, tmp_path: Path, *args: str, model: str = REPO_ID, dtype: str = "auto"):
-    """`sdbot doctor --download [args]` with a config holding `model` from the hub."""
+def download(
+    hub, tmp_path: Path, *args: str, model: str = REPO_ID, dtype: str = "auto", only: bool = True
+):
+    """`sdbot doctor --download [args]` (`only=False`: `sdbot doctor`) with a config
+    holding `model` from the hub."""
     config = tmp_path / "config.toml"
     config.write_text(
         f'[models.tiny]\nsource = "{model}"\n\n[storage]\ndata_dir = "{tmp_path / "data"}"\n\n'
@@ -82,7 +85,10 @@ def download(hub, tmp_path: Path, *args: str, model: str = REPO_ID, dtype: str =
         "PYTHONPATH": str(ROOT),
     }
     return run_cli(
-        ["--config", str(config), "doctor", "--download", *args], cwd=tmp_path, env=env, timeout=300
+        ["--config", str(config), "doctor", *(["--download"] if only else []), *args],
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
     )
 
 
@@ -281,6 +287,21 @@ def test_an_unknown_repository_is_one_line(tmp_path):
         result = download(hub, tmp_path, model="test/nothing")
     assert result.returncode == 1
     assert "[FAIL] download tiny: model 'test/nothing': no such repository" in result.stdout
+
+
+def test_doctor_downloads_a_hub_model_then_loads_it(hub_folder, tmp_path):
+    """Plain `sdbot doctor` fetches a Hub model as a worker would (here a half-precision
+    one: the fp16 variant) and loads it from the snapshot folder."""
+    with running_hub() as hub:
+        hub.add_folder(REPO_ID, hub_folder)
+        result = download(hub, tmp_path, dtype="bfloat16", only=False)
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("[ok  ] download tiny: needs ") for line in lines), result.stdout
+    assert any(
+        line.startswith("[ok  ] download tiny: test/tiny-sd (fp16 weights) in ") for line in lines
+    )
+    assert any(line.startswith("[ok  ] model tiny: sd1 from test/tiny-sd, hash ") for line in lines)
+    assert files_in(snapshot(tmp_path)) == HALF | CONFIGS
 
 
 # -- the worker's first load -------------------------------------------------------------------
