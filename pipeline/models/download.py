@@ -64,9 +64,8 @@ class HubUnreachable(ModelError):
 
 def _unreachable(exc: BaseException) -> bool:
     names = [type(e).__name__ for e in (exc, exc.__cause__, exc.__context__) if e is not None]
-    return any(
-        word in name for name in names for word in ("Connect", "Offline", "Timeout", "Network")
-    )
+    words = ("Connect", "Offline", "Timeout", "Network", "LocalEntryNotFound")
+    return any(word in name for name in names for word in words)
 
 
 @dataclass(frozen=True)
