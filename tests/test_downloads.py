@@ -282,6 +282,18 @@ def test_a_full_disk_is_one_line_before_anything_is_fetched(hub_folder, tmp_path
     assert fetched == []  # the weights were never asked for
 
 
+def test_an_unreachable_hub_is_one_line(tmp_path):
+    with running_hub() as hub:
+        pass  # stopped: nothing listens on its port any more
+    result = download(hub, tmp_path)
+    assert result.returncode == 1
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("[FAIL]")]
+    assert line.startswith(
+        "[FAIL] download tiny: model 'test/tiny-sd' is not in the local Hugging Face cache and "
+        "the Hub cannot be reached"
+    ), line
+
+
 def test_an_unknown_repository_is_one_line(tmp_path):
     with running_hub() as hub:
         result = download(hub, tmp_path, model="test/nothing")
