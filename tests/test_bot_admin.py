@@ -60,7 +60,25 @@ async def test_admin_commands_and_their_refusal(emu, shared_pool, tiny_sd, tmp_p
     assert "Only server admins" in refused
     assert before > 1 and "position 1" in raised["content"] and raised["flags"] & 64
     assert "**Queue**" in stats["content"] and "waiting" in stats["content"]
+    # Each worker's loaded model with its memory plan and estimated peak (issue 26).
+    worker = next(iter(shared_pool.workers())).name
+    assert f"- {worker}: tiny plan full, est. peak " in stats["content"], stats["content"]
     assert "Added 1 LoRA(s)" in reloaded["content"] and usable  # the broken file is not
     assert broken.startswith("LoRA 'broken' not found")  # registered: nothing is queued
     command = emu.get_command("admin", guild_only=True)
     assert int(command["default_member_permissions"]) == 1 << 5  # Manage Server
+
+
+def test_stats_lists_as_many_models_as_fit_in_one_message():
+    from bot.cogs.admin import MESSAGE_LIMIT, _fitting
+
+    head = ["**Queue**: 0 waiting, 0 running; workers: 8 free of 8", "**Memory** (loaded models):"]
+    items = [
+        f"local-{i}-cuda:{i}: flux-dev plan fp8-offload, est. peak 17.7 GB, measured 16.2 GB "
+        "(GPU allocated)"
+        for i in range(40)
+    ]
+    lines = _fitting(head, items)
+    assert len("\n".join(head + lines)) <= MESSAGE_LIMIT
+    assert lines[-1] == f"- … and {40 - (len(lines) - 1)} more (see /metrics)"
+    assert _fitting(head, items[:3]) == [f"- {item}" for item in items[:3]]

@@ -118,6 +118,12 @@ async def test_filters_roles_quotas_burst_library_and_audit(emu, shared_pool, ti
         assert f"**{action}**" in audit["content"], audit["content"]
 
 
+def measured(pool) -> bool:
+    """Whether every loaded model of the pool's workers has a measured peak."""
+    memory = [m for w in pool.workers() for m in w.memory.values()]
+    return bool(memory) and all(m.peak_bytes for m in memory)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -138,6 +144,8 @@ async def test_metrics_and_healthz(emu, shared_pool, tiny_sd, tmp_path):  # noqa
 
         job = await queued_job(await imagine(emu, "a lighthouse"))
         await wait_result(emu, job)
+        # The worker reports what it holds just after its batch's last event.
+        await emu.wait_for(lambda: measured(shared_pool), 30)
         status, text = await get("/metrics")
         families = {f.name: f for f in text_string_to_metric_families(text)}
         healthy = await get("/healthz")
@@ -183,6 +191,16 @@ async def test_metrics_and_healthz(emu, shared_pool, tiny_sd, tmp_path):  # noqa
     assert sample("sdbot_job_outcomes_total", kind="generate", outcome="done") >= 1
     assert sample("sdbot_workers", state="idle") + sample("sdbot_workers", state="busy") == 1
     assert {"sdbot_nsfw_blocks", "sdbot_discord_http_errors"} <= set(families)
+    # Memory per loaded model (issue 26): the plan the worker chose for the tiny model on
+    # the CPU, its estimate (for the largest job the limits allow: 1.0 GB, mostly a 1024²
+    # VAE decode), and the peak RSS measured over the small lighthouse job, which counts
+    # the worker's torch besides the model (well over 100 MB).
+    worker = next(iter(shared_pool.workers())).name
+    assert sample("sdbot_worker_model_plan", worker=worker, model="tiny", plan="full") == 1
+    estimated = sample("sdbot_worker_model_estimated_peak_bytes", worker=worker, model="tiny")
+    peak = sample("sdbot_worker_model_peak_bytes", worker=worker, model="tiny", measure="rss")
+    assert 0.5 * 2**30 < estimated < 2 * 2**30, estimated
+    assert 100 * 2**20 < peak < 16 * 2**30, peak
     assert healthy == (200, "ok\n")
     assert unhealthy[0] == 503 and "workers: none ready" in unhealthy[1], unhealthy
     assert recovered[0] == 200

@@ -6,6 +6,7 @@ on the CPU (skipped when ray is not installed). Killing a worker is a real SIGKI
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import signal
@@ -118,6 +119,23 @@ async def test_input_images_reach_the_worker(pool: WorkerPool, tmp_path: Path) -
     assert png_size(events[-1].images[0].png) == (80, 48)
     if hasattr(pool, "cache_dir"):  # Ray: the blob went through the object store
         assert BlobStore(pool.cache_dir).get(sha) == buffer.getvalue()
+
+
+@module_loop
+async def test_each_worker_reports_its_models_memory(pool: WorkerPool) -> None:
+    """What /admin stats and /metrics show (issue 26): per loaded model, the memory plan it
+    was loaded with, the plan's estimated peak and the peak measured over its jobs."""
+    assert isinstance((await collect(pool, [("m1", small())]))[-1], Done)
+    memory: dict = {}
+    for _ in range(300):  # LocalPool: reported just after the batch's last event
+        memory = {m: mem for w in pool.workers() for m, mem in w.memory.items()}
+        if "tiny" in memory and memory["tiny"].peak_bytes:
+            break
+        await asyncio.sleep(0.1)
+    tiny = memory["tiny"]
+    assert tiny.plan == "full" and tiny.estimated_bytes > 0
+    # On the CPU: the worker process's peak RSS, torch included (well over 100 MB).
+    assert tiny.measure == "rss" and tiny.peak_bytes > 100 * 2**20
 
 
 @module_loop

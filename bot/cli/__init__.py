@@ -5,6 +5,7 @@
     sdbot train NAME PHOTO …      one personal model, registered in the database
     sdbot tiny-model DIR          a tiny random-weight model for tests and demos
     sdbot doctor                  what works and what doesn't on this machine
+    sdbot doctor --download [M]   fetch the configured Hub models ahead of time
 
 One module per command (`bot/cli/<command>.py`, each with `add_command` and its
 handler); this package lives in bot/ because `run` and `train` need the bot's store.

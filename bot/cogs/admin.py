@@ -30,8 +30,10 @@ from bot.errors import UserError
 from bot.services import Services
 from bot.services.guild_settings import describe, effective, parse_setting
 from bot.services.loras import register_server_loras
+from pipeline.contract.pool import describe_memory
 
 DAY_S = 24 * 3600
+MESSAGE_LIMIT = 2000  # characters of a Discord message
 QUOTAS = ("images_per_day", "gpu_seconds_per_day", "trainings_per_week")
 
 
@@ -209,6 +211,9 @@ class AdminGroup(
             f"**LoRAs**: {stats['personal_loras']} personal, "
             f"{stats['library_loras']} in the server library",
         ]
+        memory = describe_memory(pool.workers())
+        if memory:
+            lines += ["**Memory** (loaded models):", *_fitting(lines, memory)]
         await interaction.response.send_message("\n".join(lines), ephemeral=True)
 
     @app_commands.command(name="reload-loras")
@@ -224,6 +229,19 @@ class AdminGroup(
             f"Added {added} LoRA(s) from `{config.lora_dir}`; /lora list shows the library.",
             ephemeral=True,
         )
+
+
+def _fitting(lines: list[str], items: list[str], limit: int = MESSAGE_LIMIT) -> list[str]:
+    """`items` as "- item" lines, as many as fit below `lines` in one message; then how
+    many were left out (many GPUs × models: /metrics lists them all)."""
+    room = limit - len("\n".join(lines)) - 60  # the header and the "… more" line
+    shown: list[str] = []
+    for item in items:
+        room -= len(item) + 3
+        if room < 0:
+            return [*shown, f"- … and {len(items) - len(shown)} more (see /metrics)"]
+        shown.append(f"- {item}")
+    return shown
 
 
 def _audit(row: dict) -> str:

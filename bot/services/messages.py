@@ -224,6 +224,11 @@ class JobMessages:
 
     def _on_progress(self, row: dict, tracked: _Tracked, event: Progress) -> None:
         # No throttle here: the message's editor sends the newest state once per interval.
+        if event.message:  # before the steps: the worker downloads the model
+            status = f"{event.message[:1].upper()}{event.message[1:]}…"
+            text = render.status_text(row["user_id"], row["spec"], status)
+            self._schedule_edit(row, tracked, text)
+            return
         now = time.monotonic()
         elapsed = now - (tracked.started_at or now)
         eta = render.eta_seconds(elapsed, event.step, event.total)

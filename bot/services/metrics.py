@@ -24,7 +24,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from bot import store
 from pipeline.contract.config import listen_address
 from pipeline.contract.jobs import Cancelled, Done, Event, Failed, Paused, Started
-from pipeline.contract.pool import LOST, STARTING, describe_nodes, workers_by_node
+from pipeline.contract.pool import LOST, STARTING, WorkerInfo, describe_nodes, workers_by_node
 
 if TYPE_CHECKING:
     from bot.services import Services
@@ -69,6 +69,20 @@ class Metrics:
         self.worker_models = Gauge(
             "sdbot_worker_models", "Models a worker holds (1 per worker and model)",
             ["worker", "model"], registry=r,
+        )  # fmt: skip
+        self.model_plan = Gauge(
+            "sdbot_worker_model_plan", "The memory plan each loaded model uses (1 per worker, "
+            "model and plan: full, fp8, offload, fp8-offload, group, sequential; none)",
+            ["worker", "model", "plan"], registry=r,
+        )  # fmt: skip
+        self.model_estimated = Gauge(
+            "sdbot_worker_model_estimated_peak_bytes", "The memory plan's estimated peak of a "
+            "loaded model", ["worker", "model"], registry=r,
+        )  # fmt: skip
+        self.model_peak = Gauge(
+            "sdbot_worker_model_peak_bytes", "Peak memory measured over a loaded model's jobs: "
+            "GPU allocated (measure=gpu) or the worker's peak RSS (measure=rss)",
+            ["worker", "model", "measure"], registry=r,
         )  # fmt: skip
         self.placements = Gauge(
             "sdbot_batch_placements", "Batches handed to workers since start, by what their "
@@ -174,8 +188,21 @@ class Metrics:
         for worker in workers:
             for model in worker.held:
                 self.worker_models.labels(worker.name, model).set(1)
+        self._scrape_memory(workers)
         for placement, n in getattr(pool, "placements", {}).items():
             self.placements.labels(placement or "unknown").set(n)
+
+    def _scrape_memory(self, workers: list[WorkerInfo]) -> None:
+        for gauge in (self.model_plan, self.model_estimated, self.model_peak):
+            gauge.clear()
+        for worker in workers:
+            for model, memory in worker.memory.items():
+                self.model_plan.labels(worker.name, model, memory.plan or "none").set(1)
+                if memory.estimated_bytes:
+                    self.model_estimated.labels(worker.name, model).set(memory.estimated_bytes)
+                if memory.peak_bytes:
+                    peak = self.model_peak.labels(worker.name, model, memory.measure)
+                    peak.set(memory.peak_bytes)
 
     async def health(self) -> list[str]:
         """What is wrong (empty: healthy)."""

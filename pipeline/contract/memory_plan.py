@@ -120,6 +120,13 @@ def gib(n: float) -> str:
     return f"{n / GiB:.1f} GB"
 
 
+def size_text(n: float) -> str:
+    """Bytes as a member reads them: "3.2 GB", "412 MB" below one GB, "35 KB"."""
+    if n >= GiB:
+        return gib(n)
+    return f"{n / 2**20:.0f} MB" if n >= 2**20 else f"{n / 1024:.0f} KB"
+
+
 def plan_memory(
     model: str,
     family: str,

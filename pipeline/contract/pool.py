@@ -37,6 +37,19 @@ READY_STATES = (IDLE, BUSY)
 
 
 @dataclass(frozen=True)
+class ModelMemory:
+    """What one loaded model costs its worker: the memory plan it was loaded with
+    (`pipeline.contract.memory_plan`), the plan's estimated peak, and the peak measured over
+    its jobs since it was loaded (on a GPU `torch.cuda.max_memory_allocated`, "gpu"; on the
+    CPU the worker process's peak RSS, "rss", which also counts torch and other models)."""
+
+    plan: str = ""  # the plan's mode (full, fp8, offload…); "" when loaded without a plan
+    estimated_bytes: int = 0  # the plan's estimated peak; 0 without a plan
+    peak_bytes: int = 0  # measured; 0 until a job has run
+    measure: str = "rss"  # "gpu" | "rss": what peak_bytes is
+
+
+@dataclass(frozen=True)
 class WorkerInfo:
     """One worker as the pool sees it: for /metrics, /healthz and model affinity."""
 
@@ -45,6 +58,7 @@ class WorkerInfo:
     node: str = "local"  # the machine (Ray: node id and address)
     # model name → LoRA adapters loaded beside it, least recently used model first
     held: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    memory: Mapping[str, ModelMemory] = field(default_factory=dict)  # model name → its memory
 
 
 def placement(held: Mapping[str, Sequence[str]], model: str, max_models: int) -> str:
@@ -73,6 +87,28 @@ def describe_nodes(workers: Sequence[WorkerInfo]) -> list[str]:
         f"node {node}: " + ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
         for node, states in workers_by_node(workers).items()
     ]
+
+
+MEASURES = {"gpu": "GPU allocated", "rss": "worker RSS"}
+
+
+def describe_memory(workers: Sequence[WorkerInfo]) -> list[str]:
+    """One line per loaded model of each worker: its memory plan, the plan's estimated
+    peak and the measured one ("local-0-cpu: sd15 plan full, est. peak 2.4 GB, measured
+    3.1 GB (worker RSS)")."""
+    from pipeline.contract.memory_plan import size_text
+
+    lines = []
+    for worker in workers:
+        for model, memory in worker.memory.items():
+            plan = f"plan {memory.plan}, est. peak {size_text(memory.estimated_bytes)}"
+            measured = (
+                f"measured {size_text(memory.peak_bytes)} ({MEASURES[memory.measure]})"
+                if memory.peak_bytes
+                else "no job measured yet"
+            )
+            lines.append(f"{worker.name}: {model} {plan if memory.plan else 'no plan'}, {measured}")
+    return lines
 
 
 def batch_model(config: Config, batch: Batch) -> str | None:

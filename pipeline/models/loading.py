@@ -9,6 +9,7 @@ tests' tiny model folder and for a real checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -44,6 +45,7 @@ class LoadedModel:
     config: ModelConfig
     scheduler_config: dict[str, Any] = field(default_factory=dict)  # samplers build on it
     variant: Family | None = None  # the family as this model is (Flux.1 schnell, Kontext…)
+    plan: Any = None  # the MemoryPlan it was loaded with (None: sizes unknown, loaded as is)
     _derived: dict[str, Any] = field(default_factory=dict)
     _inpaint_model: LoadedModel | None = None
 
@@ -161,16 +163,24 @@ def weights_hash(source: str, denoiser: str = "unet") -> str:
 
 
 def load_model(
-    model: ModelConfig, *, device: str = "auto", dtype: str = "auto", plan: Any = None
+    model: ModelConfig,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    plan: Any = None,
+    variant: str = "",
 ) -> LoadedModel:
     """Load one configured model onto a device (held as `plan` says, a MemoryPlan, when
-    given: pipeline.models.memory). Raises ModelError with a clear message."""
+    given: pipeline.models.memory; `variant`: the weights variant of a downloaded folder,
+    pipeline.models.download). Raises ModelError with a clear message."""
     device = choose_device(device)
     torch_dtype = choose_dtype(device, dtype)
     family = model.family if model.family != "auto" else detect_family(model.source)
     kind = family_of(family).for_source(model.source)
     try:
-        pipe = _load_pipeline(model.source, kind, torch_dtype, config=model.single_file_config)
+        pipe = _load_pipeline(
+            model.source, kind, torch_dtype, config=model.single_file_config, variant=variant
+        )
         if plan is None:
             pipe.to(device)
         else:
@@ -228,18 +238,27 @@ def _local_source(source: str, pipe: Any) -> str:
 
 
 def _load_pipeline(
-    source: str, kind: Family, torch_dtype: Any, *, inpaint: bool = False, config: str = ""
+    source: str,
+    kind: Family,
+    torch_dtype: Any,
+    *,
+    inpaint: bool = False,
+    config: str = "",
+    variant: str = "",
 ):
     family = kind.name
     cls = kind.pipeline_class("inpaint" if inpaint else "txt2img")
     path = Path(source)
+    options = kind.load_options()
     try:
         if path.suffix in SINGLE_FILE_SUFFIXES:
             return _from_single_file(kind, cls, path, torch_dtype, config)
         if source.startswith(("/", "./", "../")) and not path.is_dir():
             raise ModelError(f"model folder {source} does not exist")
+        if variant:  # only files of that variant were downloaded
+            options = {**options, "variant": variant}
         return cls.from_pretrained(
-            source, torch_dtype=torch_dtype, **kind.load_options(), **kind.extra_components(source)
+            source, torch_dtype=torch_dtype, **options, **kind.extra_components(source)
         )
     except ModelError:
         raise
@@ -294,8 +313,11 @@ class ModelCache:
         self.device = device
         self.on_evict = on_evict  # told the name of each model unloaded (drop its LoRAs)
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()  # least recent first
+        self._fetched: dict[str, Any] = {}  # Hub id → its download (models.download.Fetched)
 
-    def get(self, name: str = "default") -> LoadedModel:
+    def get(self, name: str = "default", on_download: Any = None) -> LoadedModel:
+        """The model, loaded first if it is not (downloaded first if it is a Hub id whose
+        files are not all in the cache: `on_download` is told the progress)."""
         model_config = self.config.model(name)
         key = model_config.name
         if key in self._models:
@@ -304,10 +326,12 @@ class ModelCache:
         self._make_room(self.config.workers.max_models - 1)
         from pipeline.models.memory import planned
 
+        model_config, variant = self._downloaded(model_config, on_download)
         model_config, plan = planned(self.config, model_config, self.device)
+        dtype = self.config.workers.dtype
         try:
             loaded = load_model(
-                model_config, device=self.device, dtype=self.config.workers.dtype, plan=plan
+                model_config, device=self.device, dtype=dtype, plan=plan, variant=variant
             )
         except ModelError as exc:
             if not getattr(exc, "out_of_memory", False) or not self._models:
@@ -315,10 +339,34 @@ class ModelCache:
             # Out of memory with other models loaded: unload them all and try once more.
             self._make_room(0)
             loaded = load_model(
-                model_config, device=self.device, dtype=self.config.workers.dtype, plan=plan
+                model_config, device=self.device, dtype=dtype, plan=plan, variant=variant
             )
+        loaded.plan = plan
         self._models[key] = loaded
         return loaded
+
+    def _downloaded(self, model: ModelConfig, on_download: Any) -> tuple[ModelConfig, str]:
+        """A Hub model as its downloaded snapshot folder, with the weights variant fetched;
+        any other source unchanged. Offline, the model loads from the cache as before."""
+        from pipeline.contract.hub_files import is_hub_id
+
+        if not is_hub_id(model.source) or os.environ.get("HF_HUB_OFFLINE") == "1":
+            return model, ""
+        if model.source not in self._fetched:
+            from pipeline.models.download import HubUnreachable, fetch_model, log_progress
+
+            half = choose_dtype(choose_device(self.device), self.config.workers.dtype)
+            try:
+                self._fetched[model.source] = fetch_model(
+                    model,
+                    half=str(half) != "torch.float32",
+                    on_progress=log_progress(model.name, on_download),
+                )
+            except HubUnreachable as exc:
+                log.warning("%s; loading %s from the cache", exc, model.name)
+                return model, ""
+        fetched = self._fetched[model.source]
+        return dataclasses.replace(model, source=fetched.folder), fetched.variant
 
     def loaded(self) -> list[LoadedModel]:
         """The loaded models, least recently used first."""

@@ -133,3 +133,48 @@ def _place_text_encoders(pipe: Any, plan: MemoryPlan, target: Any, denoiser: Any
         hooks = [cpu_offload_with_hook(getattr(pipe, n), target)[1] for n in names]
         # Back to the CPU as soon as the denoiser runs: encoding is over by then.
         denoiser.register_forward_pre_hook(lambda *_: [h.offload() for h in hooks] and None)
+
+
+# -- measured peaks (/admin stats, /metrics) ----------------------------------------------
+
+STATUS = "/proc/self/status"
+CLEAR_REFS = "/proc/self/clear_refs"
+
+
+def peak_measure(device: str) -> str:
+    """What `read_peak` measures on `device`: "gpu" (allocated tensors) or "rss"."""
+    return "gpu" if str(device).startswith("cuda") else "rss"
+
+
+def reset_peak(device: str) -> None:
+    """Start measuring a new peak: CUDA's peak allocation statistics, or on the CPU the
+    process's peak RSS (Linux: writing 5 to /proc/self/clear_refs resets VmHWM)."""
+    if peak_measure(device) == "gpu":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
+        return
+    try:
+        with open(CLEAR_REFS, "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux, or not allowed: the peak since the process started is read instead
+
+
+def read_peak(device: str) -> int:
+    """Bytes at the peak since `reset_peak`: `torch.cuda.max_memory_allocated` on a GPU,
+    the process's peak RSS (VmHWM; ru_maxrss where /proc is missing) on the CPU."""
+    if peak_measure(device) == "gpu":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated(torch.device(device)))
+    try:
+        with open(STATUS) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux

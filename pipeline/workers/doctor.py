@@ -1,18 +1,21 @@
 """`sdbot doctor`: what works on this machine, one line per check (GPU, models, database, token;
 with `workers.backend = "ray"`, the cluster: its nodes, their GPUs and sdbot's workers).
 
-It loads torch and every configured model, so it runs as its own command, never in
-the bot process. The Discord token is reported as set or not, never shown.
+It loads torch and every configured model (a Hub model downloaded first, as a worker
+would: `download_models`, which `--download` runs alone), so it runs as its own command,
+never in the bot process. The Discord token is reported as set or not, never shown.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import sqlite3
+import sys
 import time
 
-from pipeline.contract.config import Config
+from pipeline.contract.config import Config, ModelConfig
 
 OK, WARN, FAIL = "ok  ", "warn", "FAIL"
 
@@ -135,12 +138,21 @@ def check_ray(config: Config) -> int:
 
 
 def _check_model(config: Config, name: str) -> int:
+    from pipeline.contract.hub_files import is_hub_id
     from pipeline.models.loading import ModelError, load_model
 
-    model = config.model(name)
+    model, variant = config.model(name), ""
+    if is_hub_id(model.source) and os.environ.get("HF_HUB_OFFLINE") != "1":
+        # As the worker does: only the files it loads, with progress, then from the folder.
+        fetched = _downloaded(config, model)
+        if fetched is None:
+            return 1
+        model, variant = fetched
     start = time.perf_counter()
     try:
-        loaded = load_model(model, device=config.workers.devices[0], dtype=config.workers.dtype)
+        loaded = load_model(
+            model, device=config.workers.devices[0], dtype=config.workers.dtype, variant=variant
+        )
     except (ModelError, ValueError, OSError) as exc:
         _line(FAIL, f"model {name}", str(exc))
         return 1
@@ -148,7 +160,7 @@ def _check_model(config: Config, name: str) -> int:
     _line(
         OK,
         f"model {name}",
-        f"{loaded.family} from {model.source}, hash {loaded.hash}, "
+        f"{loaded.family} from {config.model(name).source}, hash {loaded.hash}, "
         f"loaded on {loaded.device} in {seconds:.1f}s",
     )
     return 0
@@ -195,3 +207,74 @@ def _memory_plans(config: Config) -> int:
             else:
                 _line(OK, f"plan {model.name} on {device}", plan.reason)
     return failures
+
+
+def download_models(config: Config, only: str = "") -> int:
+    """`sdbot doctor --download [MODEL]`: fetch every configured Hub model (or `only`) into
+    the Hugging Face cache, the weights the first worker's precision loads; a line for the
+    disk (needed, free, where), a line per file (size, speed, the whole download's
+    progress and time left), one line per model at the end. Returns the exit status."""
+    from pipeline.contract.hub_files import is_hub_id
+
+    failures = 0
+    for model in [config.model(only)] if only else list(config.models):
+        if not is_hub_id(model.source):
+            _line(OK, f"download {model.name}", f"{model.source} is local; nothing to download")
+        elif _downloaded(config, model) is None:
+            failures += 1
+    return 1 if failures else 0
+
+
+def _downloaded(config: Config, model: ModelConfig) -> tuple[ModelConfig, str] | None:
+    """A Hub model fetched as the first worker would (lines: the disk, each file, the
+    outcome), as its snapshot folder and weights variant; None after a FAIL line."""
+    from pipeline.models.download import fetch_model
+    from pipeline.models.loading import ModelError, choose_device, choose_dtype
+    from pipeline.workers.local_pool import detect_devices
+
+    device = choose_device(detect_devices(config.workers.devices)[0])
+    half = str(choose_dtype(device, config.workers.dtype)) != "torch.float32"
+    what, start = f"download {model.name}", time.perf_counter()
+    try:
+        fetched = fetch_model(
+            model,
+            half=half,
+            on_progress=_FileLines(),
+            on_disk=lambda needed, free, where: _line(
+                OK, what, f"needs {_size(needed)} in {where}; {_size(free)} free there"
+            ),
+        )
+    except ModelError as exc:
+        _line(FAIL, what, str(exc))
+        return None
+    variant = f" ({fetched.variant} weights)" if fetched.variant else ""
+    _line(
+        OK,
+        what,
+        f"{model.source}{variant} in {fetched.folder}: {_size(fetched.fetched)} fetched "
+        f"in {time.perf_counter() - start:.1f}s",
+    )
+    return dataclasses.replace(model, source=fetched.folder), fetched.variant
+
+
+def _size(n: int) -> str:
+    from pipeline.contract.memory_plan import size_text
+
+    return size_text(n)
+
+
+class _FileLines:
+    """A line per file downloaded; on a terminal, the file in progress rewritten in place."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stdout.isatty()
+        self.shown = 0.0
+
+    def __call__(self, progress) -> None:
+        from pipeline.models.download import file_line
+
+        if progress.finished:
+            print(("\r" if self.tty else "") + f"       {file_line(progress)}", flush=True)
+        elif self.tty and time.monotonic() - self.shown > 0.5:
+            self.shown = time.monotonic()
+            print(f"\r       {file_line(progress)}", end="", flush=True)

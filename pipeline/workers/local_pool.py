@@ -40,6 +40,7 @@ from pipeline.contract.pool import (
     WORKER_DIED,
     Batch,
     BatchStream,
+    ModelMemory,
     PoolError,
     WorkerInfo,
     WorkerPool,
@@ -187,7 +188,10 @@ class LocalPool(WorkerPool):
         return worker.pid if worker is not None else None
 
     def workers(self) -> list[WorkerInfo]:
-        return [WorkerInfo(w.name, w.state, "local", dict(w.held)) for w in self._workers]
+        return [
+            WorkerInfo(w.name, w.state, "local", dict(w.held), dict(w.memory))
+            for w in self._workers
+        ]
 
     def worker_changed(self) -> None:
         if self._changed is not None:
@@ -218,6 +222,7 @@ class _LocalWorker:
         self._early_deaths = 0  # deaths before "ready", in a row: a crash loop backs off
         self._fatal = ""  # the worker cannot run on this machine: no restart
         self.held: dict[str, list[str]] = {}  # models (and their LoRAs) it reported loaded
+        self.memory: dict[str, ModelMemory] = {}  # those models' plans and measured peaks
 
     @property
     def is_free(self) -> bool:
@@ -247,7 +252,7 @@ class _LocalWorker:
             daemon=True,
         )
         self.process.start()
-        self.held = {}
+        self.held, self.memory = {}, {}
         # Keep only our ends, so each side sees EOF when the other one goes away.
         command_out.close()
         event_in.close()
@@ -297,7 +302,7 @@ class _LocalWorker:
             if self._ready is not None and not self._ready.done():
                 self._ready.set_exception(PoolError(self._fatal))
         elif kind == "held":
-            self.held = dict(payload)
+            self.held, self.memory = dict(payload["held"]), dict(payload["memory"])
         elif kind == "ready":
             self._early_deaths = 0
             if self._ready is not None and not self._ready.done():
@@ -453,7 +458,7 @@ def worker_main(
         return
     except Exception:  # noqa: BLE001 - keep serving: each job will report why it can't run
         log.exception("worker %s could not load the default model", name)
-    control.send("held", runner.held())
+    control.send("held", runner.report())
     control.send("ready", os.getpid())
     while (batch := control.batches.get()) is not None:
         ids = [job_id for job_id, _ in batch]
@@ -464,7 +469,7 @@ def worker_main(
             log.error("worker %s exits after a device error (%s)", name, runner.broken)
             os._exit(EXIT_DEVICE_FAULT)
         control.forget(ids)
-        control.send("held", runner.held())
+        control.send("held", runner.report())
         control.send("idle")
     with contextlib.suppress(OSError):
         events.close()

@@ -22,6 +22,10 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*torchvision.*")
     for name in ("transformers", "diffusers", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # huggingface_hub's HTTP client logs every request at INFO: a model download would
+    # put two lines per file in the worker's log beside our one (models/download.py).
+    for name in ("httpx", "httpx2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         import diffusers.utils.logging as diffusers_logging
 

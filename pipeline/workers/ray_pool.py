@@ -56,6 +56,7 @@ from pipeline.contract.pool import (
     WORKER_DIED,
     Batch,
     BatchStream,
+    ModelMemory,
     PoolError,
     WorkerInfo,
     WorkerPool,
@@ -117,11 +118,11 @@ class RayWorker:
             "pid": os.getpid(),
             "version": sdbot_version(),
             "code": code_fingerprint(),
-            "held": self.runner.held(),
+            **self.runner.report(),
         }
 
-    def held(self) -> dict[str, list[str]]:
-        return self.runner.held()
+    def report(self) -> dict[str, Any]:
+        return self.runner.report()
 
     def missing(self, shas: Sequence[str]) -> list[str]:
         return [sha for sha in shas if not self.blobs.exists(sha)]
@@ -177,6 +178,7 @@ class _Handle:
         self.state = STARTING  # until the actor answers `hello` (its model is loaded)
         self.pid: int | None = None
         self.held: dict[str, list[str]] = {}
+        self.memory: dict[str, ModelMemory] = {}  # the held models' plans and measured peaks
         self.stream: BatchStream | None = None
         self.pump: asyncio.Task | None = None
         self.waiting: asyncio.Task | None = None  # the start or revival being awaited
@@ -189,7 +191,7 @@ class _Handle:
 
     def info(self) -> WorkerInfo:
         state = BUSY if self.state == IDLE and self.stream is not None else self.state
-        return WorkerInfo(self.name, state, self.node.label, dict(self.held))
+        return WorkerInfo(self.name, state, self.node.label, dict(self.held), dict(self.memory))
 
 
 class RayNode:
@@ -420,7 +422,8 @@ class RayPool(WorkerPool):
                 return
             except RayError:  # restarting: calls fail at once until it is back
                 await asyncio.sleep(0.5)
-        handle.pid, handle.held = hello["pid"], dict(hello["held"])
+        handle.pid = hello["pid"]
+        handle.held, handle.memory = dict(hello["held"]), dict(hello["memory"])
         if hello["code"] != code_fingerprint():
             self._refuse_node(handle.node, _version_mismatch(hello))
             return
@@ -446,14 +449,15 @@ class RayPool(WorkerPool):
             refs = handle.actor.run.options(num_returns="streaming").remote(batch)
             async for ref in refs:
                 stream.push(await ref)
-            handle.held = dict(await handle.actor.held.remote())
+            report = await handle.actor.report.remote()
+            handle.held, handle.memory = dict(report["held"]), dict(report["memory"])
         except RayTaskError as exc:  # the actor lived but the method raised: a bug
             log.error("worker %s failed a batch: %s", handle.name, exc)
             stream.fail_pending(WORKER_BUG, retryable=False)
         except RayError as exc:  # the actor died or is restarting (or its node left)
             log.warning("worker %s stopped during a batch: %r", handle.name, exc)
             if handle.state != LOST and handle in self._handles:
-                handle.held = {}
+                handle.held, handle.memory = {}, {}
                 handle.waiting = self._spawn(self._until_ready(handle))
             stream.fail_pending(WORKER_DIED, retryable=True)
         finally:

@@ -14,11 +14,12 @@ carry internals, so the member gets a generic line and the traceback goes to the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from pipeline.contract.blobs import BlobError, BlobStore
@@ -36,12 +37,14 @@ from pipeline.contract.jobs import (
     Started,
     TrainSpec,
 )
+from pipeline.contract.pool import ModelMemory
 
 log = logging.getLogger(__name__)
 
 Emit = Callable[[Event], None]
 Batch = Sequence[tuple[str, JobSpec]]
 PROGRESS_INTERVAL_S = 0.25  # at most ~4 progress events per second per batch
+DOWNLOAD_INTERVAL_S = 1.0  # a model download's progress: at most one event a second
 # Exception class names (from modules we may not import here) whose messages are
 # written for members.
 USER_SAFE_NAMES = frozenset({"ModelError", "LoraError"})
@@ -59,6 +62,7 @@ class Runner:
         self._models: Any = None  # pipeline.models.loading.ModelCache, built on first use
         self._loras: dict[str, Any] = {}  # model name → LoRA cache
         self._control: Any = None  # pipeline.control.apply.ControlCache, on first use
+        self._peaks: dict[str, int] = {}  # model name → peak bytes measured over its jobs
         # Set after a CUDA device-side error: the CUDA context is unusable, so the worker
         # process must end (its pool starts a fresh one) instead of failing every job.
         self.broken = ""
@@ -96,6 +100,27 @@ class Runner:
         models = [model.name for model in self._models.loaded()] if self._models else []
         return {name: self._loras[name].loaded() if name in self._loras else [] for name in models}
 
+    def report(self) -> dict[str, Any]:
+        """What the pool keeps of this worker after each batch: `held` and `memory`."""
+        return {"held": self.held(), "memory": self.memory()}
+
+    def memory(self) -> dict[str, ModelMemory]:
+        """Each loaded model's memory plan, the plan's estimated peak and the peak measured
+        over its jobs (for /admin stats and /metrics)."""
+        from pipeline.models.memory import peak_measure
+
+        measure = peak_measure(self.device)
+        loaded = self._models.loaded() if self._models else []
+        return {
+            model.name: ModelMemory(
+                plan=model.plan.mode if model.plan is not None else "",
+                estimated_bytes=model.plan.peak if model.plan is not None else 0,
+                peak_bytes=self._peaks.get(model.name, 0),
+                measure=measure,
+            )
+            for model in loaded
+        }
+
     def run(
         self,
         batch: Batch,
@@ -117,10 +142,30 @@ class Runner:
                 continue
             for job_id, _ in live:
                 emit(Started(job_id, worker=self.name))
-            if isinstance(live[0][1], TrainSpec):
-                self._train(live[0][0], live[0][1], emit, is_cancelled, should_yield)
-            else:
-                self._generate(live, emit, is_cancelled)  # type: ignore[arg-type]
+            with self._measured(live[0][1].model):
+                if isinstance(live[0][1], TrainSpec):
+                    self._train(live[0][0], live[0][1], emit, is_cancelled, should_yield)
+                else:
+                    self._generate(live, emit, is_cancelled)  # type: ignore[arg-type]
+
+    @contextlib.contextmanager
+    def _measured(self, model: str) -> Iterator[None]:
+        """Measure the peak memory of one call (its model's load included) and keep the
+        largest per model; a model unloaded since loses its figure."""
+        from pipeline.models.memory import read_peak, reset_peak
+
+        reset_peak(self.device)
+        try:
+            yield
+        finally:
+            try:
+                name = self.config.model(model).name
+            except ValueError:
+                name = ""  # an unknown model: the job said so
+            held = self.held()
+            self._peaks = {n: p for n, p in self._peaks.items() if n in held}
+            if name in held:
+                self._peaks[name] = max(self._peaks.get(name, 0), read_peak(self.device))
 
     # -- generation ---------------------------------------------------------------------
 
@@ -137,7 +182,7 @@ class Runner:
         failed_batch = ""
         results: list | None = None
         try:
-            model = self._model(jobs[0][1].model)
+            model = self._model(jobs[0][1].model, progress.download)
             results = run_generation(
                 model,
                 [spec for _, spec in jobs],
@@ -273,7 +318,7 @@ class Runner:
         def on_progress(step: int, total: int, loss: float | None = None) -> None:
             progress.step(step, total, None, loss)
 
-        model = self._model(spec.model)
+        model = self._model(spec.model, progress.download)
         outcome = run_training(
             model,
             spec,
@@ -292,12 +337,12 @@ class Runner:
 
     # -- models -------------------------------------------------------------------------
 
-    def _model(self, name: str) -> Any:
+    def _model(self, name: str, on_download: Callable[[Any], None] | None = None) -> Any:
         if self._models is None:
             from pipeline.models.loading import ModelCache
 
             self._models = ModelCache(self.config, self.device, on_evict=self._forget_model)
-        return self._models.get(name)
+        return self._models.get(name, on_download)
 
     def _control_cache(self, jobs: list[tuple[str, GenerateSpec]]) -> Any:
         """ControlNets and IP-Adapters, loaded when a job first asks for one."""
@@ -344,6 +389,20 @@ class _ProgressThrottle:
         self._last = now
         for job_id in self.job_ids:
             self.emit(Progress(job_id, step, total, preview=preview, loss=loss))
+
+    def download(self, progress: Any) -> None:
+        """A model download's progress (pipeline.models.download.DownloadProgress), as a
+        Progress event whose message the member reads: "downloading the model, 3.2 of
+        23.8 GB"; at most one a second, and each file's end."""
+        from pipeline.contract.hub_files import progress_line
+
+        now = time.monotonic()
+        if now - self._last < DOWNLOAD_INTERVAL_S and not progress.finished:
+            return
+        self._last = now
+        message = progress_line(progress.done, progress.total)
+        for job_id in self.job_ids:
+            self.emit(Progress(job_id, 0, 0, message=message))
 
 
 def _training_done(job_id: str, spec: TrainSpec, result: Any) -> Done:

@@ -1,0 +1,391 @@
+"""Downloads of Hub models (issue 26): `sdbot doctor --download` and a worker's first load
+of a Hub id, against a Hub served on 127.0.0.1 (tests/hub_server.py: the endpoints and
+headers huggingface_hub 2.4 calls). The repository is a tiny model folder as diffusers'
+`save_pretrained` writes it, three times over: fp32 `.safetensors`, the `fp16` variant
+and `.bin` pickles, as Hub repositories of SD 1.5 and SDXL hold them.
+
+huggingface_hub reads HF_ENDPOINT and HF_HUB_CACHE once, when it is imported: the
+downloads run in processes started with them set (the CLI; the pool's worker)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.contract.families import ModelError
+from pipeline.contract.hub_files import disk_problem, is_hub_id, select_files
+from pipeline.contract.jobs import Done, Progress
+from pipeline.workers.local_pool import LocalPool
+from tests import botkit
+from tests.botkit import emu  # noqa: F401 - the Discord emulator fixture
+from tests.hub_server import running_hub
+from tests.test_runner import make_config, one_cpu_thread_per_worker, small
+from tests.test_train_cli import run_cli
+
+REPO_ID = "test/tiny-sd"
+PLAIN = {
+    "text_encoder/model.safetensors",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+}
+HALF = {path.replace(".safetensors", ".fp16.safetensors") for path in PLAIN}
+CONFIGS = {
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "tokenizer/merges.txt",
+    "tokenizer/tokenizer.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
+    "unet/config.json",
+    "vae/config.json",
+}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def hub_folder(tiny_sd: Path, tmp_path_factory) -> Path:
+    """The tiny model as a Hub repository keeps it: fp32, fp16 variant and .bin files."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    folder = tmp_path_factory.mktemp("hub") / "tiny-sd"
+    shutil.copytree(tiny_sd, folder)
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe.save_pretrained(folder, safe_serialization=False)  # the .bin pickles
+    pipe.to(torch.float16).save_pretrained(folder, variant="fp16")
+    return folder
+
+
+def files_in(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+def download(
+    hub, tmp_path: Path, *args: str, model: str = REPO_ID, dtype: str = "auto", only: bool = True
+):
+    """`sdbot doctor --download [args]` (`only=False`: `sdbot doctor`) with a config
+    holding `model` from the hub."""
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[models.tiny]\nsource = "{model}"\n\n[storage]\ndata_dir = "{tmp_path / "data"}"\n\n'
+        f'[workers]\ndevices = ["cpu"]\ndtype = "{dtype}"\n'
+    )
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": hub.endpoint,
+        "HF_HUB_OFFLINE": "0",
+        "HF_HUB_CACHE": str(tmp_path / "cache"),
+        "PYTHONPATH": str(ROOT),
+    }
+    return run_cli(
+        ["--config", str(config), "doctor", *(["--download"] if only else []), *args],
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+
+
+def snapshot(tmp_path: Path, repo: str = REPO_ID) -> Path:
+    snapshots = tmp_path / "cache" / f"models--{repo.replace('/', '--')}" / "snapshots"
+    (folder,) = snapshots.iterdir()
+    return folder
+
+
+# -- which files ----------------------------------------------------------------------------
+
+# The shape of runwayml/stable-diffusion-v1-5's file list (sizes rounded): the same weights
+# as fp32 and fp16, .bin and .safetensors, EMA-only and non-EMA, single-file checkpoints at
+# the root, and a safety checker the bot never loads.
+SD15_LISTING = {
+    ".gitattributes": 1_500,
+    "README.md": 14_000,
+    "model_index.json": 541,
+    "v1-5-pruned-emaonly.ckpt": 4_265_380_512,
+    "v1-5-pruned-emaonly.safetensors": 4_265_146_304,
+    "v1-5-pruned.ckpt": 7_703_807_346,
+    "v1-5-pruned.safetensors": 7_703_324_286,
+    "feature_extractor/preprocessor_config.json": 342,
+    "safety_checker/config.json": 4_723,
+    "safety_checker/model.fp16.safetensors": 608_016_280,
+    "safety_checker/model.safetensors": 1_215_981_830,
+    "safety_checker/pytorch_model.bin": 1_216_064_769,
+    "safety_checker/pytorch_model.fp16.bin": 608_103_564,
+    "scheduler/scheduler_config.json": 308,
+    "text_encoder/config.json": 617,
+    "text_encoder/model.fp16.safetensors": 246_144_152,
+    "text_encoder/model.safetensors": 492_265_874,
+    "text_encoder/pytorch_model.bin": 492_305_335,
+    "text_encoder/pytorch_model.fp16.bin": 246_187_076,
+    "tokenizer/merges.txt": 524_619,
+    "tokenizer/special_tokens_map.json": 472,
+    "tokenizer/tokenizer_config.json": 806,
+    "tokenizer/vocab.json": 1_059_962,
+    "unet/config.json": 743,
+    "unet/diffusion_pytorch_model.bin": 3_438_375_973,
+    "unet/diffusion_pytorch_model.fp16.bin": 1_719_327_893,
+    "unet/diffusion_pytorch_model.fp16.safetensors": 1_719_125_304,
+    "unet/diffusion_pytorch_model.non_ema.bin": 3_438_375_973,
+    "unet/diffusion_pytorch_model.non_ema.safetensors": 3_438_167_536,
+    "unet/diffusion_pytorch_model.safetensors": 3_438_167_536,
+    "vae/config.json": 547,
+    "vae/diffusion_pytorch_model.bin": 334_707_217,
+    "vae/diffusion_pytorch_model.fp16.bin": 167_405_651,
+    "vae/diffusion_pytorch_model.fp16.safetensors": 167_335_342,
+    "vae/diffusion_pytorch_model.safetensors": 334_643_268,
+}
+SD15_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "feature_extractor": ["transformers", "CLIPImageProcessor"],
+    "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+def test_one_set_of_weights_of_the_loaded_components_is_selected():
+    half = select_files(SD15_LISTING, SD15_INDEX, half=True, skip=["safety_checker"])
+    weights = {p for p in half.files if p.endswith((".safetensors", ".bin", ".ckpt"))}
+    assert half.variant == "fp16"
+    assert weights == {
+        "text_encoder/model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.fp16.safetensors",
+    }
+    assert "feature_extractor/preprocessor_config.json" in half.files
+    assert not any(p.startswith("safety_checker/") for p in half.files)
+    assert 2.1e9 < half.total < 2.2e9  # of the repository's 44 GB
+    full = select_files(SD15_LISTING, SD15_INDEX, half=False, skip=["safety_checker"])
+    assert full.variant == "" and "unet/diffusion_pytorch_model.safetensors" in full.files
+    assert not any(".fp16." in p or "non_ema" in p or p.endswith(".bin") for p in full.files)
+
+
+def test_bin_only_sharded_and_variant_only_repositories():
+    index = {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}
+    sharded = {
+        "model_index.json": 1,
+        "flux1-dev.safetensors": 23_800_000_000,  # the single file at the root: not fetched
+        "transformer/config.json": 1,
+        "transformer/diffusion_pytorch_model-00001-of-00003.safetensors": 9_962_580_296,
+        "transformer/diffusion_pytorch_model-00002-of-00003.safetensors": 9_949_328_904,
+        "transformer/diffusion_pytorch_model-00003-of-00003.safetensors": 3_870_584_832,
+        "transformer/diffusion_pytorch_model.safetensors.index.json": 121_262,
+    }
+    chosen = select_files(sharded, index, half=True)
+    assert chosen.variant == "" and len(chosen.files) == 6  # no fp16 variant: the plain shards
+    assert "flux1-dev.safetensors" not in chosen.files
+    pickles = {"model_index.json": 1, "transformer/diffusion_pytorch_model.bin": 5}
+    assert (
+        "transformer/diffusion_pytorch_model.bin" in select_files(pickles, index, half=False).files
+    )
+    only_half = {"model_index.json": 1, "transformer/diffusion_pytorch_model.fp16.safetensors": 5}
+    assert select_files(only_half, index, half=False).variant == "fp16"
+    with pytest.raises(ModelError, match="transformer"):
+        select_files({"model_index.json": 1, "transformer/x.ckpt": 5}, index, half=False)
+
+
+def test_hub_ids_and_the_disk_line(tmp_path):
+    assert is_hub_id("black-forest-labs/FLUX.1-dev") and not is_hub_id(str(tmp_path))
+    assert not is_hub_id("models/x.safetensors") and not is_hub_id("./a/b")
+    line = disk_problem("flux", 25 * 2**30, 10 * 2**30, "/cache")
+    assert line == (
+        "model 'flux' needs 25.0 GB more on disk in /cache, which has 10.0 GB free (and "
+        "1.0 GB is kept spare); free some space or set HF_HUB_CACHE to a folder on a larger disk"
+    )
+    assert disk_problem("flux", 2**30, 10 * 2**30, "/cache") is None
+
+
+# -- sdbot doctor --download ------------------------------------------------------------------
+
+
+def test_doctor_download_fetches_only_what_the_model_loads(hub_folder, tmp_path):
+    with running_hub() as hub:
+        hub.add_folder(REPO_ID, hub_folder)
+        hub.page_size = 4  # the tree listing comes in pages, as the Hub's does
+        first = download(hub, tmp_path)
+        content_gets = [r for r in hub.requests if r[0] == "GET" and "/api/" not in r[1]]
+        again = download(hub, tmp_path)
+        gets_again = [r for r in hub.requests if r[0] == "GET" and "/api/" not in r[1]]
+    assert first.returncode == 0, first.stdout + first.stderr
+    lines = first.stdout.splitlines()
+    assert lines[0].startswith("[ok  ] download tiny: needs ") and "free there" in lines[0]
+    assert str(tmp_path / "cache") in lines[0]
+    per_file = [line.strip() for line in lines[1:-1]]
+    # A line per file fetched: its size, speed, and the whole download's progress.
+    assert {line.split()[0] for line in per_file} == (PLAIN | CONFIGS) - {"model_index.json"}
+    assert all(" at " in line and "/s; " in line and " of " in line for line in per_file)
+    assert lines[-1].startswith("[ok  ] download tiny: test/tiny-sd in ")
+    folder = snapshot(tmp_path)
+    assert files_in(folder) == PLAIN | CONFIGS  # no fp16 duplicates, no .bin pickles
+    for name in PLAIN | CONFIGS:
+        assert (folder / name).read_bytes() == (hub_folder / name).read_bytes(), name
+    assert len(content_gets) == len(PLAIN | CONFIGS)  # each file fetched once
+    # Again: everything is in the cache, nothing is fetched.
+    assert again.returncode == 0 and "0 KB fetched" in again.stdout, again.stdout
+    assert gets_again == content_gets
+
+
+def test_an_interrupted_download_resumes(hub_folder, tmp_path):
+    big = "unet/diffusion_pytorch_model.safetensors"
+    repo = tmp_path / "repo"
+    shutil.copytree(hub_folder, repo, ignore=shutil.ignore_patterns(big))
+    size = 24 * 2**20  # over huggingface_hub's 10 MB download chunk
+    with running_hub() as hub:
+        hub.add_folder("test/big", repo, declared={big: size})
+        # The connection drops 15 MB into the file: huggingface_hub asks for the rest
+        # with a Range request, from the last chunk it wrote.
+        hub.cut_once[big] = 15 * 2**20
+        # And the VAE's server fails: the first run stops there, in one line.
+        hub.failing.add("vae/diffusion_pytorch_model.safetensors")
+        failed = download(hub, tmp_path, model="test/big")
+        before = list(hub.requests)
+        hub.failing.clear()
+        resumed = download(hub, tmp_path, model="test/big")
+        after = hub.requests[len(before) :]
+        unet_ranges = hub.gets(big)
+    assert failed.returncode == 1
+    (line,) = [line for line in failed.stdout.splitlines() if line.startswith("[FAIL]")]
+    assert line.startswith("[FAIL] download tiny: model 'test/big'"), failed.stdout
+    assert unet_ranges == ["", f"bytes={10 * 2**20}-"]  # in the first run only
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    fetched_again = {url for method, url, _ in after if method == "GET" and "/api/" not in url}
+    assert len(fetched_again) == 1 and next(iter(fetched_again)).startswith("/cdn/")  # the VAE
+    blob = (snapshot(tmp_path, "test/big") / big).read_bytes()
+    assert (
+        len(blob) == size and hashlib.sha256(blob).digest() == hashlib.sha256(bytes(size)).digest()
+    )
+
+
+def test_a_full_disk_is_one_line_before_anything_is_fetched(hub_folder, tmp_path):
+    free = shutil.disk_usage(tmp_path).free
+    huge = "unet/diffusion_pytorch_model.safetensors"
+    repo = tmp_path / "repo"
+    shutil.copytree(hub_folder, repo, ignore=shutil.ignore_patterns(huge))
+    with running_hub() as hub:
+        hub.add_folder("test/huge", repo, declared={huge: free + 2**40})
+        (tmp_path / "run").mkdir()
+        result = download(hub, tmp_path / "run", model="test/huge")
+        fetched = [url for method, url, _ in hub.requests if method == "GET" and "/cdn/" in url]
+    assert result.returncode == 1
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("[FAIL]")]
+    assert "needs" in line and "free" in line and "HF_HUB_CACHE" in line, line
+    assert str(tmp_path / "run" / "cache") in line
+    assert fetched == []  # the weights were never asked for
+
+
+def test_an_unreachable_hub_is_one_line(tmp_path):
+    with running_hub() as hub:
+        pass  # stopped: nothing listens on its port any more
+    result = download(hub, tmp_path)
+    assert result.returncode == 1
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("[FAIL]")]
+    assert line.startswith(
+        "[FAIL] download tiny: model 'test/tiny-sd' is not in the local Hugging Face cache and "
+        "the Hub cannot be reached"
+    ), line
+
+
+def test_an_unknown_repository_is_one_line(tmp_path):
+    with running_hub() as hub:
+        result = download(hub, tmp_path, model="test/nothing")
+    assert result.returncode == 1
+    assert "[FAIL] download tiny: model 'test/nothing': no such repository" in result.stdout
+
+
+def test_doctor_downloads_a_hub_model_then_loads_it(hub_folder, tmp_path):
+    """Plain `sdbot doctor` fetches a Hub model as a worker would (here a half-precision
+    one: the fp16 variant) and loads it from the snapshot folder."""
+    with running_hub() as hub:
+        hub.add_folder(REPO_ID, hub_folder)
+        result = download(hub, tmp_path, dtype="bfloat16", only=False)
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("[ok  ] download tiny: needs ") for line in lines), result.stdout
+    assert any(
+        line.startswith("[ok  ] download tiny: test/tiny-sd (fp16 weights) in ") for line in lines
+    )
+    assert any(line.startswith("[ok  ] model tiny: sd1 from test/tiny-sd, hash ") for line in lines)
+    assert files_in(snapshot(tmp_path)) == HALF | CONFIGS
+
+
+# -- the worker's first load -------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_worker_downloads_a_hub_model_with_progress_events(
+    hub_folder, tiny_sd, tmp_path, monkeypatch
+):
+    with running_hub() as hub:
+        hub.add_folder(REPO_ID, hub_folder)
+        # The spawned worker reads these when it imports huggingface_hub.
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+        # bfloat16 (half precision) on the CPU worker: the fp16 variant is what it fetches.
+        models = {"local": tiny_sd, "hub": Path(REPO_ID)}
+        config = make_config(models, tmp_path / "data", dtype="bfloat16")
+        pool = LocalPool(config)
+        with one_cpu_thread_per_worker():
+            await pool.start()
+            try:
+                events = [e async for e in pool.run([("h1", small(model="hub"))])]
+                for _ in range(300):  # what it holds is reported just after the batch
+                    memory = {m: w.memory[m] for w in pool.workers() for m in w.memory}
+                    if "hub" in memory:
+                        break
+                    await asyncio.sleep(0.1)
+            finally:
+                await pool.close()
+    messages = [e.message for e in events if isinstance(e, Progress) and e.message]
+    assert messages and all(m.startswith("downloading the model, ") for m in messages)
+    done, total = re.fullmatch(
+        r"downloading the model, ([\d.]+) of ([\d.]+) MB", messages[-1]
+    ).groups()
+    assert done == total and float(total) > 1, messages  # the last file's end: all of it
+    assert isinstance(events[-1], Done) and len(events[-1].images) == 1
+    folder = snapshot(tmp_path)
+    assert files_in(folder) == HALF | CONFIGS
+    assert memory["hub"].plan == "full" and memory["hub"].estimated_bytes > 0
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_the_member_reads_the_download_in_the_progress_message(
+    emu,
+    hub_folder,
+    tiny_sd,
+    tmp_path,
+    monkeypatch,  # noqa: F811
+):
+    with running_hub() as hub:
+        hub.add_folder(REPO_ID, hub_folder)
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+        hub_model = {"hub": {"source": REPO_ID, "family": "sd1"}}
+        config = botkit.make_config(tiny_sd, tmp_path / "data", emu, models=hub_model)
+        pool = LocalPool(config)
+        with one_cpu_thread_per_worker():
+            await pool.start()
+            try:
+                async with botkit.running_sdbot(config, pool):
+                    record = await botkit.imagine(emu, "a lighthouse", model="hub")
+                    job = await botkit.queued_job(record)
+                    await botkit.wait_result(emu, job)
+            finally:
+                await pool.close()
+    edits = [
+        r.json.get("content", "")
+        for r in emu.requests_to("PATCH", r"/channels/\d+/messages/\d+$")
+        if isinstance(r.json, dict)
+    ]
+    shown = [text for text in edits if "Downloading the model, " in text]
+    assert shown, edits
+    assert re.search(r"\nDownloading the model, [\d.]+ of [\d.]+ MB…$", shown[-1]), shown[-1]
