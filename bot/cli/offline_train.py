@@ -19,7 +19,12 @@ from bot.services.personal import (
     register_trained_lora,
     validation_summary,
 )
-from bot.services.training import train_spec, training_metrics, training_resolution
+from bot.services.training import (
+    train_spec,
+    training_family,
+    training_metrics,
+    training_resolution,
+)
 from pipeline.contract.blobs import BlobStore
 from pipeline.contract.config import Config
 from pipeline.contract.model_names import resolve_model
@@ -84,8 +89,10 @@ def train_offline(args: argparse.Namespace, config: Config) -> int:
         method=args.method,
         steps=args.steps,
         resolution=resolution,
+        family=training_family(model_config),
     )
     spec.check(config.limits)  # the command line's one check of the spec
+    training_family(model_config).check_training(spec.resolution)
     started = time.monotonic()
     job_id = f"cli-{args.user}-{args.name}"
     photos = TrainPhotos(

@@ -40,18 +40,29 @@ from bot.services.guild_settings import effective
 from pipeline.contract.blobs import BlobStore
 from pipeline.contract.config import Config
 from pipeline.contract.families import FamilySpec, family_of_model
-from pipeline.contract.jobs import GenerateSpec, JobError, JobSpec, Limits, check_size
+from pipeline.contract.jobs import (
+    GenerateSpec,
+    JobError,
+    JobSpec,
+    Limits,
+    TrainSpec,
+    check_size,
+)
 
 NO_FACE_TO_FIX = "no face found in this image, so there is no face to fix"
 
 
-async def family_questions(config: Config, spec: GenerateSpec) -> None:
+async def family_questions(config: Config, spec: JobSpec) -> None:
     """JobError, naming the model's family, for what the chosen model cannot do (a Flux.1
-    schnell job with 50 steps, a Qwen-Image-Edit job with four images or none): the same
-    check the worker makes, here so that nothing is queued."""
+    schnell job with 50 steps, a Qwen-Image-Edit job with four images or none, a personal
+    model on Flux.1 schnell): the same check the worker makes, here so that nothing is
+    queued."""
     model = config.model(spec.model)
     family = await asyncio.to_thread(_family, model.family, model.source)
-    family.check_job(spec)
+    if isinstance(spec, TrainSpec):
+        family.check_training(spec.resolution)
+    else:
+        family.check_job(spec)
 
 
 @functools.lru_cache(maxsize=64)

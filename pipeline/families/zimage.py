@@ -4,6 +4,8 @@ Flux.1's VAE; CFG as `guidance_scale` (Turbo: 1, no second pass). Torch-free hal
 
 from __future__ import annotations
 
+from typing import Any
+
 from pipeline.contract.families.zimage import ZImage as SPEC
 from pipeline.families.flux import Flux
 from pipeline.families.text_template import TextTemplateFamily
@@ -21,3 +23,37 @@ class ZImage(TextTemplateFamily):
         "img2img": "ZImageImg2ImgPipeline",
         "inpaint": "ZImageInpaintPipeline",
     }
+    # Every linear layer of each block's attention and SwiGLU MLP (the refiners' too), as
+    # ai-toolkit's Z-Image LoRAs adapt them.
+    training_targets = (
+        "attention.to_q",
+        "attention.to_k",
+        "attention.to_v",
+        "attention.to_out.0",
+        "feed_forward.w1",
+        "feed_forward.w2",
+        "feed_forward.w3",
+    )
+
+    def training_text(self, pipe: Any, captions: list[str]) -> dict[str, Any]:
+        """Qwen3's states of each caption through the chat template, by the pipeline's own
+        `encode_prompt`: one tensor per caption, as long as its tokens."""
+        embeds, _ = pipe.encode_prompt(
+            prompt=list(captions),
+            device=pipe._execution_device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.spec.max_prompt_tokens,
+        )
+        return {"embeds": list(embeds)}
+
+    def flow_prediction(self, pipe: Any, noisy: Any, sigmas: Any, text: dict[str, Any]) -> Any:
+        """The transformer takes a list of [channels, 1, h, w] latents and t = 1 − σ, and
+        predicts latents − noise: `ZImagePipeline` negates it, and so do we."""
+        import torch
+
+        transformer = self.denoiser(pipe)
+        dtype, device = transformer.dtype, transformer.device
+        latents = list(noisy.to(device, dtype).unsqueeze(2).unbind(0))
+        captions = [e.to(device, dtype) for e in text["embeds"]]
+        out = transformer(latents, (1 - sigmas).to(device, dtype), captions, return_dict=False)[0]
+        return -torch.stack([o.float() for o in out]).squeeze(2)

@@ -49,6 +49,11 @@ class Flux(FlowSpec):
     size_multiple = 16
     default_size = 1024
     train_resolution = 512  # diffusers' train_dreambooth_lora_flux.py
+    # Person LoRAs on Flux.1 dev (ai-toolkit's train_lora_flux_24gb example: linear 16,
+    # linear_alpha 16, lr 1e-4), trained at the guidance diffusers' README passes (1).
+    train_rank = 16
+    train_alpha = 16.0
+    train_guidance: ClassVar[float] = 1.0
     default_steps = 28
     default_cfg = 1.0  # true CFG off: Forge's default for Flux
     default_guidance = 3.5
@@ -125,6 +130,7 @@ class Flux(FlowSpec):
 class FluxSchnell(Flux):
     label = "Flux.1 schnell"
     variant = "schnell"
+    train_refusal = "it is step-distilled; train on a Flux.1 dev (or Krea) model"
     options = frozenset({"face_fix"})
     default_steps = 4
     default_guidance = None
@@ -137,6 +143,7 @@ class FluxKontext(Flux):
     variant = "kontext"
     modes = frozenset({"img2img"})  # an edit of the input image, as the prompt says
     default_guidance = 2.5
+    train_refusal = "it edits images; train on a Flux.1 dev (or Krea) model"
 
     @classmethod
     def check_mode(cls, mode: str) -> None:
@@ -153,6 +160,7 @@ class FluxFill(Flux):
     variant = "fill"
     modes = frozenset({"inpaint", "outpaint", "facefix"})
     default_guidance = 30.0  # BFL's and diffusers' example for FLUX.1-Fill-dev
+    train_refusal = "it fills masks; train on a Flux.1 dev (or Krea) model"
 
 
 VARIANTS: dict[str, type[Flux]] = {s.variant: s for s in (Flux, FluxSchnell, FluxKontext, FluxFill)}

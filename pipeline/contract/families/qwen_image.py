@@ -21,6 +21,7 @@ class QwenImage(TextTemplateSpec):
     lora_key_pattern = r"transformer_blocks_\d+_(img_mlp|txt_mlp|img_mod|txt_mod)"
     index_class = "QwenImageTransformer2DModel"
     checkpoint_keys = (("txt_norm.weight",), ("transformer_blocks.0.img_mod.1.weight",))
+    train_refusal = "not built yet; train on Z-Image, Flux.2 klein or Flux.1 dev"
 
 
 class QwenImageEdit(QwenImage):
