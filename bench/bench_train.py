@@ -27,7 +27,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.contract.jobs import Limits, TrainSpec  # noqa: E402
-from pipeline.training.adapters import UNET_TARGETS  # noqa: E402
+from pipeline.families import of_pipe  # noqa: E402
 from pipeline.training.loop import TrainOptions, TrainPhotos, train_lora  # noqa: E402
 
 
@@ -74,7 +74,7 @@ def diffusers_example(pipe, spec: TrainSpec, images: list[Image.Image]) -> float
         r=spec.rank,
         lora_alpha=spec.alpha,
         init_lora_weights="gaussian",
-        target_modules=UNET_TARGETS,
+        target_modules=list(of_pipe(pipe).training_targets),
     )
     pipe.unet.add_adapter(config)
     params = [p for p in pipe.unet.parameters() if p.requires_grad]

@@ -191,6 +191,12 @@ class Family:
         "ff.net.2",
     )
 
+    def training_scheduler(self, pipe: Any) -> Any:
+        """The noise schedule training draws from: DDPM on the model's betas."""
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(pipe.scheduler.config)
+
     def micro_conditioning(self, pipe: Any, resolution: int, count: int) -> Any:
         """Extra conditioning the denoiser takes beside the text (SDXL's time ids)."""
         return None

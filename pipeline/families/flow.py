@@ -143,16 +143,21 @@ class FlowFamily(Family):
         """What the transformer learns to predict at σ: the velocity noise − latents."""
         return noise - latents
 
-    def training_sigmas(self, pipe: Any, count: int, generator: Any) -> Any:
-        """σ of `count` training samples as diffusers' train_dreambooth_lora_flux.py draws
-        them (`--weighting_scheme logit_normal`): u = sigmoid(N(0, 1)), then the σ at
-        index ⌊u·1000⌋ of a FlowMatchEuler schedule built from the model's config, which
-        holds the model's fixed shift (a model with resolution-dependent shift, such as
-        Flux.1 dev, trains on unshifted σ there too)."""
-        import torch
+    def training_scheduler(self, pipe: Any) -> Any:
+        """A FlowMatchEuler schedule from the model's config: its σ table holds the
+        model's fixed shift (built once per job; `training_sigmas` indexes it)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        schedule = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+
+    def training_sigmas(self, schedule: Any, count: int, generator: Any) -> Any:
+        """σ of `count` training samples as diffusers' train_dreambooth_lora_flux.py draws
+        them (`--weighting_scheme logit_normal`): u = sigmoid(N(0, 1)), then the σ at
+        index ⌊u·1000⌋ of `schedule` (`training_scheduler`), which holds the model's
+        fixed shift (a model with resolution-dependent shift, such as Flux.1 dev, trains
+        on unshifted σ there too)."""
+        import torch
+
         u = logit_normal_sigmas(count, generator)
         steps = schedule.config.num_train_timesteps
         indices = (u * steps).long().clamp(max=steps - 1)

@@ -154,7 +154,9 @@ class Flux(FlowFamily):
         import torch
 
         transformer = self.denoiser(pipe)
-        dtype, device = transformer.dtype, transformer.device
+        # The latents are on the transformer's device (diffusers' `.device` walks every
+        # module: a step's worth of time on the tiny model).
+        dtype, device = transformer.dtype, noisy.device
         batch, channels, height, width = noisy.shape
         packed = pipe._pack_latents(noisy.to(dtype), batch, channels, height, width)
         image_ids = pipe._prepare_latent_image_ids(batch, height // 2, width // 2, device, dtype)

@@ -81,7 +81,7 @@ class Flux2Klein(TextTemplateFamily):
         """Tokens of the patchified latents with their (t, h, w, l) ids and the text's, no
         guidance input (klein's pipeline passes none), back to [batch, 128, h, w]."""
         transformer = self.denoiser(pipe)
-        dtype, device = transformer.dtype, transformer.device
+        dtype, device = transformer.dtype, noisy.device  # (see Flux.flow_prediction)
         batch, channels, height, width = noisy.shape
         embeds = text["embeds"].to(device, dtype)
         prediction = transformer(

@@ -52,7 +52,7 @@ class ZImage(TextTemplateFamily):
         import torch
 
         transformer = self.denoiser(pipe)
-        dtype, device = transformer.dtype, transformer.device
+        dtype, device = transformer.dtype, noisy.device  # (see Flux.flow_prediction)
         latents = list(noisy.to(device, dtype).unsqueeze(2).unbind(0))
         captions = [e.to(device, dtype) for e in text["embeds"]]
         out = transformer(latents, (1 - sigmas).to(device, dtype), captions, return_dict=False)[0]

@@ -72,6 +72,7 @@ def encode_images(
     if len(captions) == 1:
         captions = captions * len(images)
     latents = latents_of(pipe, pixels(images, spec.resolution))
+    latents = latents.to(of_pipe(pipe).denoiser(pipe).device)  # where every step uses them
     cond: Cond | FlowText | None = None
     if is_flow(pipe):
         cond = encode_flow_text(pipe, captions)  # the flow families' encoders stay frozen
@@ -152,9 +153,8 @@ def micro_conditioning(pipe: Any, resolution: int, count: int) -> torch.Tensor |
 
 
 def training_scheduler(pipe: Any) -> Any:
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_config(pipe.scheduler.config)
+    """The family's training schedule (DDPM, or the flow families' FlowMatchEuler)."""
+    return of_pipe(pipe).training_scheduler(pipe)
 
 
 def denoising_loss(

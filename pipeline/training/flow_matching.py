@@ -68,12 +68,13 @@ def flow_losses(
 
 
 def draw_flow(
-    pipe: Any, latents: torch.Tensor, generator: torch.Generator
+    pipe: Any, schedule: Any, latents: torch.Tensor, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise and σ for one training step (noise first, then σ, from the job's generator:
-    a resumed run draws what an uninterrupted one would)."""
+    """Noise and σ (on the family's `training_scheduler`) for one training step: noise
+    first, then σ, from the job's generator, so a resumed run draws what an
+    uninterrupted one would."""
     noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-    sigmas = of_pipe(pipe).training_sigmas(pipe, len(latents), generator)
+    sigmas = of_pipe(pipe).training_sigmas(schedule, len(latents), generator)
     return noise, sigmas.to(latents.device)
 
 

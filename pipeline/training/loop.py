@@ -268,9 +268,9 @@ def _add_trainer(job: _Job, tuners: list[Any]) -> _Trainer:
     if device.type == "cuda":
         denoiser.enable_gradient_checkpointing()  # memory for batch and resolution
     generator = torch.Generator().manual_seed(spec.seed)
-    # Flow matching draws σ through the family; the DDPM schedule is the UNet families'.
-    noise_scheduler = None if is_flow(pipe) else training_scheduler(pipe)
-    return _Trainer(optimizer, precision, precision.grad_scaler(), noise_scheduler, generator)
+    return _Trainer(
+        optimizer, precision, precision.grad_scaler(), training_scheduler(pipe), generator
+    )
 
 
 def _resume(job: _Job, trainer: _Trainer) -> int:
@@ -409,7 +409,6 @@ def _train_step(
     trainer: _Trainer,
 ) -> float:
     denoiser = of_pipe(pipe).denoiser(pipe)
-    device = denoiser.device
     noise_scheduler, generator = trainer.noise_scheduler, trainer.generator
     optimizer, scaler = trainer.optimizer, trainer.scaler
     latents = instance.latents[batch]
@@ -422,10 +421,11 @@ def _train_step(
             ).tolist()
             latents = torch.cat([latents, prior.latents[prior_batch]])
             cond = cond.cat(_step_cond(pipe, spec, prior, prior_batch))
-        if noise_scheduler is None:  # flow matching
-            noise, sigmas = draw_flow(pipe, latents, generator)
+        if is_flow(pipe):
+            noise, sigmas = draw_flow(pipe, noise_scheduler, latents, generator)
             losses = flow_losses(pipe, latents, noise, sigmas, cond)
         else:
+            device = denoiser.device  # (a walk over the modules in diffusers: once a step)
             noise = torch.randn(latents.shape, generator=generator).to(device)
             count = noise_scheduler.config.num_train_timesteps
             timesteps = torch.randint(0, count, (len(latents),), generator=generator).to(device)
