@@ -125,6 +125,42 @@ def diffusers_example(pipe, spec: TrainSpec, images: list[Image.Image]) -> float
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
+def side_by_side(load_model, theirs, args, alpha: float, workroot: Path) -> list[tuple]:
+    """(resolution, ours, theirs) in steps/s, the medians of `args.repeats` alternating
+    runs (so drift hits both alike), each on a freshly loaded model."""
+    rows = []
+    for resolution in args.resolutions:
+        spec = TrainSpec(
+            name="bench",
+            photos=("x",) * 4,
+            steps=args.steps,
+            rank=16,
+            alpha=alpha,
+            resolution=resolution,
+            checkpoint_every=10**6,
+        )
+        images = photos(4, resolution)
+        ours_rates, their_rates = [], []
+        for repeat in range(args.repeats):
+            workdir = workroot / f"ck{resolution}_{repeat}"
+            ours_rates.append(ours(load_model(), spec, images, workdir))
+            their_rates.append(theirs(load_model(), spec, images))
+        rows.append((resolution, statistics.median(ours_rates), statistics.median(their_rates)))
+    return rows
+
+
+def print_table(title: str, theirs: str, rows: list[tuple]) -> None:
+    print(f"\n{title}\n")
+    print(f"| resolution | ours (steps/s) | {theirs} (steps/s) | ours / theirs |")
+    print("|---|---|---|---|")
+    for resolution, ours_rate, their_rate in rows:
+        print(
+            f"| {resolution}² | {ours_rate:.1f} | {their_rate:.1f} | "
+            f"{ours_rate / their_rate:.2f}× |"
+        )
+    print(f"\ncommand: python {' '.join(sys.argv)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="diffusers folder (default: tiny SD1)")
@@ -143,45 +179,20 @@ def main() -> None:
             from pipeline.families.sd_tiny import write_tiny_model
 
             model = write_tiny_model(Path(tmp) / "tiny")
-        rows = []
-        for resolution in args.resolutions:
-            spec = TrainSpec(
-                name="bench",
-                photos=("x",) * 4,
-                steps=args.steps,
-                rank=16,
-                alpha=8.0,
-                resolution=resolution,
-                checkpoint_every=10**6,
-            )
-            images = photos(4, resolution)
-            ours_rates, example_rates = [], []
-            for repeat in range(args.repeats):  # alternate, so drift hits both alike
-                workdir = Path(tmp) / f"ck{resolution}_{repeat}"
-                ours_rates.append(ours(load(model, args.device, False), spec, images, workdir))
-                example_rates.append(
-                    diffusers_example(load(model, args.device, False), spec, images)
-                )
-            rows.append(
-                (resolution, statistics.median(ours_rates), statistics.median(example_rates))
-            )
+        rows = side_by_side(
+            lambda: load(model, args.device, False), diffusers_example, args, 8.0, Path(tmp)
+        )
     device = (
         torch.cuda.get_device_name()
         if args.device.startswith("cuda")
         else (f"CPU, {args.threads} thread(s)")
     )
-    print(
-        f"\nLoRA training, rank 16, batch 1, {args.steps} steps, median of {args.repeats}, "
-        f"{device}, model: {args.model or 'tiny SD1'}\n"
+    print_table(
+        f"LoRA training, rank 16, batch 1, {args.steps} steps, median of {args.repeats}, "
+        f"{device}, model: {args.model or 'tiny SD1'}",
+        "diffusers example",
+        rows,
     )
-    print("| resolution | ours (steps/s) | diffusers example (steps/s) | speed-up |")
-    print("|---|---|---|---|")
-    for resolution, ours_rate, example_rate in rows:
-        print(
-            f"| {resolution}² | {ours_rate:.1f} | {example_rate:.1f} | "
-            f"{ours_rate / example_rate:.2f}× |"
-        )
-    print(f"\ncommand: python {' '.join(sys.argv)}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ precision context, progress callbacks.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_train import ours, photos  # noqa: E402
+from bench.bench_train import print_table, side_by_side  # noqa: E402
 from pipeline.contract.jobs import TrainSpec  # noqa: E402
 from pipeline.families import of_pipe  # noqa: E402
 from pipeline.workers.quiet import quiet_libraries  # noqa: E402
@@ -81,7 +80,9 @@ def script_step_rate(pipe, spec: TrainSpec, images) -> float:
         sigmas = schedule.sigmas[indices].to(device)
         noisy = (1.0 - sigmas.view(-1, 1, 1, 1)) * model_input + sigmas.view(-1, 1, 1, 1) * noise
         packed = pipe._pack_latents(noisy, 1, channels, height, width)
-        guidance = torch.tensor([1.0], device=device) if transformer.config.guidance_embeds else None
+        guidance = (
+            torch.tensor([1.0], device=device) if transformer.config.guidance_embeds else None
+        )
         pred = transformer(
             hidden_states=packed,
             timestep=sigmas,
@@ -144,38 +145,17 @@ def main() -> None:
     quiet_libraries()
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or write_model(Path(tmp), args.width)
-        rows = []
-        for resolution in args.resolutions:
-            spec = TrainSpec(
-                name="bench",
-                photos=("x",) * 4,
-                steps=args.steps,
-                rank=16,
-                alpha=16.0,
-                resolution=resolution,
-                checkpoint_every=10**6,
-            )
-            images = photos(4, resolution)
-            ours_rates, script_rates = [], []
-            for repeat in range(args.repeats):  # alternate, so drift hits both alike
-                workdir = Path(tmp) / f"ck{resolution}_{repeat}"
-                ours_rates.append(ours(load(model, args.device), spec, images, workdir))
-                script_rates.append(script_step_rate(load(model, args.device), spec, images))
-            rows.append((resolution, statistics.median(ours_rates), statistics.median(script_rates)))
+        rows = side_by_side(
+            lambda: load(model, args.device), script_step_rate, args, 16.0, Path(tmp)
+        )
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     label = args.model or f"tiny Flux.1 dev, transformer width {args.width}"
-    print(
-        f"\nFlux.1 LoRA training, rank 16, batch 1, {args.steps} steps, median of "
-        f"{args.repeats}, {device}, {args.threads} thread(s), model: {label}\n"
+    print_table(
+        f"Flux.1 LoRA training, rank 16, batch 1, {args.steps} steps, median of "
+        f"{args.repeats}, {device}, {args.threads} thread(s), model: {label}",
+        "script-style step",
+        rows,
     )
-    print("| resolution | ours (steps/s) | script-style step (steps/s) | ours / script |")
-    print("|---|---|---|---|")
-    for resolution, ours_rate, script_rate in rows:
-        print(
-            f"| {resolution}² | {ours_rate:.1f} | {script_rate:.1f} | "
-            f"{ours_rate / script_rate:.2f}× |"
-        )
-    print(f"\ncommand: python {' '.join(sys.argv)}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Personal models on the flow families (Flux.1 dev, Z-Image, Flux.2 klein), on their tiny
-random-weight models: real diffusers + peft, a few steps each.
+"""Personal models on the flow families (Flux.1 dev, Z-Image, Flux.2 klein, Qwen-Image), on
+their tiny random-weight models: real diffusers + peft, a few steps each.
 
 - **It learns.** Training at a high learning rate on two photos must lower the
   flow-matching loss on those same photos, measured before and after with fixed noise
@@ -22,11 +22,10 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 from peft.tuners.tuners_utils import BaseTunerLayer
-from PIL import Image
 from safetensors.torch import load as load_safetensors
 
 from pipeline.contract.families.flux import FluxFill, FluxKontext, FluxSchnell
-from pipeline.contract.families.qwen_image import QwenImage
+from pipeline.contract.families.qwen_image import QwenImageEdit
 from pipeline.contract.jobs import JobError, Limits, LoraRef, TrainSpec
 from pipeline.loras.cache import LoraCache
 from pipeline.loras.formats import LoraError, read_lora_file
@@ -39,6 +38,8 @@ from pipeline.training.loop import (
     train_lora,
 )
 from pipeline.training.validation import loss_on_images
+from tests.test_train import photos
+from tests.test_train import spec as sd_spec
 
 PROMPT = "photo of sks person"
 LEVELS = 2  # the same weights through two loaders: rounding only (fp16 export)
@@ -49,7 +50,8 @@ def folders(tiny_2026, tmp_path_factory) -> dict[str, Path]:
     from pipeline.families.flux_tiny import write_tiny_flux
 
     flux = write_tiny_flux(tmp_path_factory.mktemp("flux") / "dev")
-    return {"flux": flux, "zimage": tiny_2026["zimage"], "flux2-klein": tiny_2026["flux2-klein"]}
+    names = ("zimage", "flux2-klein", "qwen-image")
+    return {"flux": flux, **{name: tiny_2026[name] for name in names}}
 
 
 def load(folder: Path):
@@ -58,30 +60,9 @@ def load(folder: Path):
     return pipe
 
 
-def photos(count: int, seed: int = 0) -> list[Image.Image]:
-    """Smooth random blobs, the same every run (as tests/test_train.py)."""
-    rng = np.random.default_rng(seed)
-    return [
-        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize(
-            (80, 64), Image.Resampling.BILINEAR
-        )
-        for _ in range(count)
-    ]
-
-
 def spec(**overrides) -> TrainSpec:
-    values = dict(
-        name="me",
-        photos=("a", "b"),
-        test_photos=("c",),
-        steps=12,
-        resolution=64,
-        rank=4,
-        alpha=4.0,
-        learning_rate=1e-2,
-        checkpoint_every=100,
-    )
-    return TrainSpec(**{**values, **overrides})
+    """tests/test_train.py's spec, at 12 steps and no checkpoint on the way."""
+    return sd_spec(**{"steps": 12, "alpha": 4.0, "checkpoint_every": 100, **overrides})
 
 
 def run(pipe, train_spec: TrainSpec, checkpoint_dir: Path, **kwargs):
@@ -138,7 +119,10 @@ def trained(folders, tmp_path_factory) -> dict[str, tuple[TrainResult, list, flo
         root = tmp_path_factory.mktemp(f"train-{family}")
         rate = LEARNING_RATES.get(family, 1e-2)
         result = run(
-            pipe, spec(learning_rate=rate), root / "job", on_progress=lambda *a: progress.append(a)
+            pipe,
+            spec(learning_rate=rate),
+            root / "job",
+            on_progress=lambda *event, events=progress: events.append(event),
         )
         assert isinstance(result, TrainResult)
         path = root / f"{family}_me.safetensors"
@@ -150,7 +134,7 @@ def trained(folders, tmp_path_factory) -> dict[str, tuple[TrainResult, list, flo
     return runs
 
 
-FAMILIES = ["flux", "zimage", "flux2-klein"]
+FAMILIES = ["flux", "zimage", "flux2-klein", "qwen-image"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -165,9 +149,7 @@ def test_a_few_steps_lower_the_loss_on_the_training_photos(trained, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_the_lora_file_loads_in_diffusers_and_draws_what_our_path_draws(
-    folders, trained, family
-):
+def test_the_lora_file_loads_in_diffusers_and_draws_what_our_path_draws(folders, trained, family):
     result, _, _, _, path = trained[family]
     tensors = load_safetensors(result.safetensors)
     assert tensors and all(k.startswith("transformer.") for k in tensors)
@@ -203,6 +185,7 @@ def test_flux_dev_trains_at_guidance_1_with_the_scripts_targets(trained):
         ("flux", "zimage", "Flux.1", "Z-Image"),
         ("zimage", "flux2-klein", "Z-Image", "Flux.2 klein"),
         ("flux2-klein", "flux", "Flux.2 klein", "Flux.1"),
+        ("qwen-image", "zimage", "Qwen-Image", "Z-Image"),
     ],
 )
 def test_the_file_is_refused_on_another_family_naming_both(
@@ -258,7 +241,7 @@ def test_cancel_and_yield_work_and_leave_the_pipe_clean(folders, tmp_path):
         (FluxSchnell, "Flux.1 schnell models cannot train personal models: it is step-distilled"),
         (FluxKontext, "Flux.1 Kontext models cannot train personal models: it edits images"),
         (FluxFill, "Flux.1 Fill models cannot train personal models: it fills masks"),
-        (QwenImage, "Qwen-Image models cannot train personal models: not built yet"),
+        (QwenImageEdit, "Qwen-Image-Edit models cannot train personal models: it edits"),
     ],
 )
 def test_models_that_cannot_train_are_refused_in_one_line(family, says):

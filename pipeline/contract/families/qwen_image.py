@@ -21,7 +21,6 @@ class QwenImage(TextTemplateSpec):
     lora_key_pattern = r"transformer_blocks_\d+_(img_mlp|txt_mlp|img_mod|txt_mod)"
     index_class = "QwenImageTransformer2DModel"
     checkpoint_keys = (("txt_norm.weight",), ("transformer_blocks.0.img_mod.1.weight",))
-    train_refusal = "not built yet; train on Z-Image, Flux.2 klein or Flux.1 dev"
 
 
 class QwenImageEdit(QwenImage):
@@ -31,6 +30,7 @@ class QwenImageEdit(QwenImage):
     default_steps = 40  # 2511 with its Lightning LoRA: 4 or 8, CFG 1
     lora_key_pattern = ""  # Qwen-Image's LoRAs are theirs too (the same transformer)
     lora_family = "qwen-image"
+    train_refusal = "it edits images; train on a Qwen-Image model (its LoRAs work here)"
 
     index_class = "QwenImageEditPipeline"
     checkpoint_keys = ()  # the same transformer as Qwen-Image's: say `family` in config
