@@ -115,14 +115,19 @@ def diffusers_example(pipe, spec: TrainSpec, images: list[Image.Image]) -> float
                 F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
                 * weight
             ).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
+        optimizer_step(loss, params, optimizer, stamps)
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def optimizer_step(loss, params, optimizer, stamps: list[float]) -> None:
+    """The examples' step after the loss: backward, clip at 1.0, AdamW; then the time."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if params[0].device.type == "cuda":
+        torch.cuda.synchronize()
+    stamps.append(time.perf_counter())
 
 
 def side_by_side(load_model, theirs, args, alpha: float, workroot: Path) -> list[tuple]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_train import print_table, side_by_side  # noqa: E402
+from bench.bench_train import optimizer_step, print_table, side_by_side  # noqa: E402
 from pipeline.contract.jobs import TrainSpec  # noqa: E402
 from pipeline.families import of_pipe  # noqa: E402
 from pipeline.workers.quiet import quiet_libraries  # noqa: E402
@@ -96,13 +95,7 @@ def script_step_rate(pipe, spec: TrainSpec, images) -> float:
         scale = pipe.vae_scale_factor
         pred = pipe._unpack_latents(pred, height * scale, width * scale, scale)
         loss = F.mse_loss(pred.float(), (noise - model_input).float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
+        optimizer_step(loss, params, optimizer, stamps)
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
