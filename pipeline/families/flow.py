@@ -168,9 +168,13 @@ class FlowFamily(Family):
         or a list with one entry per caption): encoded once, indexed per step."""
         raise NotImplementedError(f"{self.label} models cannot be trained yet")
 
-    def flow_prediction(self, pipe: Any, noisy: Any, sigmas: Any, text: dict[str, Any]) -> Any:
+    def flow_prediction(
+        self, pipe: Any, noisy: Any, sigmas: Any, text: dict[str, Any], dtype: Any
+    ) -> Any:
         """The transformer's velocity (noise − latents convention) for unpacked noisy
-        latents at σ, in the latents' shape, as float32."""
+        latents at σ, in the latents' shape, as float32. Its inputs go in `dtype` (the
+        transformer's compute dtype, which the caller knows: diffusers' `ModelMixin.dtype`
+        walks the modules, about 1 ms a call on a tiny model), on the latents' device."""
         raise NotImplementedError(f"{self.label} models cannot be trained yet")
 
     def export_name(self, component: str, path: str, method: str) -> str:

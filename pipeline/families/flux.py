@@ -147,16 +147,16 @@ class Flux(FlowFamily):
         )
         return {"embeds": embeds, "pooled": pooled}
 
-    def flow_prediction(self, pipe: Any, noisy: Any, sigmas: Any, text: dict[str, Any]) -> Any:
+    def flow_prediction(
+        self, pipe: Any, noisy: Any, sigmas: Any, text: dict[str, Any], dtype: Any
+    ) -> Any:
         """Packed 2×2 with the pipeline's own helpers, the text's and the image's position
         ids, and a guidance-distilled model's guidance input at `train_guidance` (1, as
         diffusers' README trains Flux.1 dev); unpacked back to [batch, 16, h, w]."""
         import torch
 
         transformer = self.denoiser(pipe)
-        # The latents are on the transformer's device (diffusers' `.device` walks every
-        # module: a step's worth of time on the tiny model).
-        dtype, device = transformer.dtype, noisy.device
+        device = noisy.device  # the transformer's (diffusers' `.device` walks the modules)
         batch, channels, height, width = noisy.shape
         packed = pipe._pack_latents(noisy.to(dtype), batch, channels, height, width)
         image_ids = pipe._prepare_latent_image_ids(batch, height // 2, width // 2, device, dtype)

@@ -77,11 +77,13 @@ class Flux2Klein(TextTemplateFamily):
         )
         return {"embeds": embeds}
 
-    def flow_prediction(self, pipe: Any, noisy: Any, sigmas: Any, text: dict[str, Any]) -> Any:
+    def flow_prediction(
+        self, pipe: Any, noisy: Any, sigmas: Any, text: dict[str, Any], dtype: Any
+    ) -> Any:
         """Tokens of the patchified latents with their (t, h, w, l) ids and the text's, no
         guidance input (klein's pipeline passes none), back to [batch, 128, h, w]."""
         transformer = self.denoiser(pipe)
-        dtype, device = transformer.dtype, noisy.device  # (see Flux.flow_prediction)
+        device = noisy.device
         batch, channels, height, width = noisy.shape
         embeds = text["embeds"].to(device, dtype)
         prediction = transformer(

@@ -82,14 +82,16 @@ class QwenImage(TextTemplateFamily):
             return {"embeds": list(embeds)}
         return {"embeds": [e[m.bool()] for e, m in zip(embeds, mask)]}
 
-    def flow_prediction(self, pipe: Any, noisy: Any, sigmas: Any, text: dict[str, Any]) -> Any:
+    def flow_prediction(
+        self, pipe: Any, noisy: Any, sigmas: Any, text: dict[str, Any], dtype: Any
+    ) -> Any:
         """Packed 2×2 with the pipeline's helper, the text padded to the batch's longest
         caption with its mask, the image's shape per sample; unpacked, frame axis
         dropped."""
         import torch
 
         transformer = self.denoiser(pipe)
-        dtype, device = transformer.dtype, noisy.device  # (see Flux.flow_prediction)
+        device = noisy.device
         batch, channels, height, width = noisy.shape
         longest = max(len(e) for e in text["embeds"])
         width_of_text = text["embeds"][0].shape[-1]

@@ -46,13 +46,15 @@ class ZImage(TextTemplateFamily):
         )
         return {"embeds": list(embeds)}
 
-    def flow_prediction(self, pipe: Any, noisy: Any, sigmas: Any, text: dict[str, Any]) -> Any:
+    def flow_prediction(
+        self, pipe: Any, noisy: Any, sigmas: Any, text: dict[str, Any], dtype: Any
+    ) -> Any:
         """The transformer takes a list of [channels, 1, h, w] latents and t = 1 − σ, and
         predicts latents − noise: `ZImagePipeline` negates it, and so do we."""
         import torch
 
         transformer = self.denoiser(pipe)
-        dtype, device = transformer.dtype, noisy.device  # (see Flux.flow_prediction)
+        device = noisy.device
         latents = list(noisy.to(device, dtype).unsqueeze(2).unbind(0))
         captions = [e.to(device, dtype) for e in text["embeds"]]
         out = transformer(latents, (1 - sigmas).to(device, dtype), captions, return_dict=False)[0]

@@ -53,15 +53,21 @@ def encode_flow_text(pipe: Any, captions: list[str]) -> FlowText:
 
 
 def flow_losses(
-    pipe: Any, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, text: FlowText
+    pipe: Any,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    text: FlowText,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """Per-sample MSE between the transformer's velocity and the flow target at σ. The
-    noisy latents are mixed in fp32; the loss is fp32."""
+    noisy latents are mixed in fp32 and handed over in `dtype` (the transformer's, as
+    `Precision` has it); the loss is fp32."""
     family = of_pipe(pipe)
     latents, noise = latents.float(), noise.float().to(latents.device)
     sigma = sigmas.float().to(latents.device).view(-1, *([1] * (latents.ndim - 1)))
     noisy = (1.0 - sigma) * latents + sigma * noise
-    prediction = family.flow_prediction(pipe, noisy, sigmas.to(latents.device), text.values)
+    prediction = family.flow_prediction(pipe, noisy, sigmas.to(latents.device), text.values, dtype)
     target = family.flow_target(noise, latents)
     dims = tuple(range(1, latents.ndim))
     return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=dims)

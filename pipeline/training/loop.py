@@ -423,7 +423,7 @@ def _train_step(
             cond = cond.cat(_step_cond(pipe, spec, prior, prior_batch))
         if is_flow(pipe):
             noise, sigmas = draw_flow(pipe, noise_scheduler, latents, generator)
-            losses = flow_losses(pipe, latents, noise, sigmas, cond)
+            losses = flow_losses(pipe, latents, noise, sigmas, cond, trainer.precision.dtype)
         else:
             device = denoiser.device  # (a walk over the modules in diffusers: once a step)
             noise = torch.randn(latents.shape, generator=generator).to(device)

@@ -78,13 +78,15 @@ def _flow_loss(
     text = encode_flow_text(pipe, captions)
     sigmas = fixed_sigmas(count)
     losses = []
-    with Precision.of(pipe).autocast():
+    precision = Precision.of(pipe)
+    with precision.autocast():
         for i in range(len(images)):
             generator = torch.Generator().manual_seed(seed + i)
             noise = torch.randn((count, *latents.shape[1:]), generator=generator)
             clean = latents[i : i + 1].expand(count, *latents.shape[1:])
             rows = text.select([i] * count)
-            losses.append(flow_losses(pipe, clean, noise, sigmas, rows).mean().item())
+            loss = flow_losses(pipe, clean, noise, sigmas, rows, precision.dtype)
+            losses.append(loss.mean().item())
     return float(np.mean(losses))
 
 
