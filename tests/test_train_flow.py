@@ -15,6 +15,7 @@ their tiny random-weight models: real diffusers + peft, a few steps each.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -256,3 +257,40 @@ def test_a_resolution_off_the_patch_size_and_text_encoder_training_are_refused(f
         run(pipe, spec(resolution=72), tmp_path / "a")
     with pytest.raises(JobError, match="^Flux.1 personal models train the transformer only"):
         run(pipe, spec(train_text_encoder=True), tmp_path / "b")
+
+
+def test_the_worker_trains_flux_dev_and_refuses_schnell(tmp_path):
+    """The Runner as a worker runs it (tests/test_runner.py's pattern): Started, Progress
+    with the loss, Done with the file and the samples; a schnell model is refused by its
+    variant in one line."""
+    import io
+
+    from pipeline.contract.blobs import BlobStore
+    from pipeline.contract.jobs import Done, Failed, Progress, Started
+    from pipeline.families.flux_tiny import write_tiny_flux
+    from pipeline.workers.runner import Runner
+    from tests.test_runner import make_config, run
+
+    models = {v: write_tiny_flux(tmp_path / v, variant=v) for v in ("dev", "schnell")}
+    config = make_config(models, tmp_path / "data")
+    runner = Runner(config, device="cpu", blobs=BlobStore(config.storage.blobs), name="test")
+    blobs = []
+    for image in photos(3):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        blobs.append(runner.blobs.put(buffer.getvalue(), ".png"))
+    job = spec(photos=tuple(blobs[:2]), test_photos=(blobs[2],), steps=2, model="dev")
+    events = run(runner, [("dev", job)])
+    assert events[0] == Started("dev", worker="test")
+    assert any(isinstance(e, Progress) and e.loss is not None for e in events)
+    done = events[-1]
+    assert isinstance(done, Done), done
+    [(name, data)] = done.files
+    assert name == "me.safetensors"
+    assert all(k.startswith("transformer.") for k in load_safetensors(data))
+    assert done.info["base_loss"] is not None and len(done.images) == 4  # the samples
+
+    events = run(runner, [("schnell", replace(job, model="schnell"))])
+    failed = events[-1]
+    assert isinstance(failed, Failed)
+    assert failed.message.startswith("Flux.1 schnell models cannot train personal models: ")
