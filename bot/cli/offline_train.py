@@ -64,8 +64,10 @@ def train_offline(args: argparse.Namespace, config: Config) -> int:
     # 1. The photos
     zip_data = args.zip.read_bytes() if args.zip else None
     config, model_config = resolve_model(config, args.model)
-    model = ModelCache(config, config.workers.devices[0]).get(model_config.name)
     resolution = args.resolution or training_resolution(config, model_config)
+    family = training_family(model_config)
+    family.check_training(resolution)  # before loading it: a model that cannot train
+    model = ModelCache(config, config.workers.devices[0]).get(model_config.name)
     dataset = prepare_dataset(
         _read_photos(args.photos),
         zip_data=zip_data,
@@ -89,10 +91,9 @@ def train_offline(args: argparse.Namespace, config: Config) -> int:
         method=args.method,
         steps=args.steps,
         resolution=resolution,
-        family=training_family(model_config),
+        family=family,
     )
     spec.check(config.limits)  # the command line's one check of the spec
-    training_family(model_config).check_training(spec.resolution)
     started = time.monotonic()
     job_id = f"cli-{args.user}-{args.name}"
     photos = TrainPhotos(
