@@ -294,3 +294,20 @@ def test_the_worker_trains_flux_dev_and_refuses_schnell(tmp_path):
     failed = events[-1]
     assert isinstance(failed, Failed)
     assert failed.message.startswith("Flux.1 schnell models cannot train personal models: ")
+
+
+@pytest.mark.parametrize("family", ["flux", "qwen-image"])
+def test_prior_preservation_trains_class_images_beside_the_photos(folders, tmp_path, family):
+    """Class images drawn by the base model ride in the same step (Flux.1's T5 states are
+    one length; Qwen-Image's captions keep theirs and are padded per step)."""
+    pipe = load(folders[family])
+    result = run(
+        pipe,
+        spec(steps=2, prior_preservation=True),
+        tmp_path / "job",
+        num_class_images=2,
+        model_hash="tiny",
+    )
+    assert isinstance(result, TrainResult)
+    cached = list((tmp_path / "class_images").rglob("*.png"))
+    assert len(cached) == 2  # drawn once, kept for the next job on this model
