@@ -311,3 +311,24 @@ def test_prior_preservation_trains_class_images_beside_the_photos(folders, tmp_p
     assert isinstance(result, TrainResult)
     cached = list((tmp_path / "class_images").rglob("*.png"))
     assert len(cached) == 2  # drawn once, kept for the next job on this model
+
+
+@pytest.mark.parametrize("family, dtype", [("flux", "bfloat16"), ("zimage", "float16")])
+def test_half_precision_models_train_with_fp32_adapters(folders, tmp_path, family, dtype):
+    """The worker's dtype (`[workers] dtype`): the base in half precision, the adapter's
+    weights fp32 (fp16 with the GradScaler), as on the UNet families."""
+    pipe = DiffusionPipeline.from_pretrained(folders[family], torch_dtype=getattr(torch, dtype))
+    pipe.set_progress_bar_config(disable=True)
+    progress: list = []
+    result = run(
+        pipe,
+        spec(steps=3),
+        tmp_path / "job",
+        on_progress=lambda *event: progress.append(event),
+    )
+    assert isinstance(result, TrainResult) and len(progress) == 3
+    assert all(np.isfinite(p[2]) for p in progress)
+    assert np.isfinite(result.base_loss) and np.isfinite(result.adapter_loss)
+    assert pipe.transformer.dtype == getattr(torch, dtype)  # given back as it was
+    tensors = load_safetensors(result.safetensors)
+    assert tensors and all(t.dtype == torch.float16 for t in tensors.values())
