@@ -11,6 +11,7 @@ precision context, progress callbacks.
 
     python bench/bench_train_flow.py                          # tiny Flux.1, CPU, 64² and 128²
     python bench/bench_train_flow.py --width 256 --resolutions 256   # a wider cut-down Flux
+    python bench/bench_train_flow.py --arch --dtype bfloat16 --device cuda --resolutions 512
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from pipeline.families import of_pipe  # noqa: E402
 from pipeline.workers.quiet import quiet_libraries  # noqa: E402
 
 
-def load(model: Path, device: str):
+def load(model: Path, device: str, dtype: str = "float32"):
     from diffusers import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(model).to(device)
+    pipe = FluxPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype)).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -60,6 +61,10 @@ def script_step_rate(pipe, spec: TrainSpec, images) -> float:
         )
     )
     params = [p for p in transformer.parameters() if p.requires_grad]
+    for param in params:  # the script's `cast_training_params`: fp32 LoRA under autocast
+        param.data = param.data.float()
+    half = transformer.dtype != torch.float32
+    autocast = torch.autocast(device.type, dtype=transformer.dtype, enabled=half)
     optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=1e-2)
     schedule = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
     with torch.no_grad():
@@ -82,16 +87,17 @@ def script_step_rate(pipe, spec: TrainSpec, images) -> float:
         guidance = (
             torch.tensor([1.0], device=device) if transformer.config.guidance_embeds else None
         )
-        pred = transformer(
-            hidden_states=packed,
-            timestep=sigmas,
-            guidance=guidance,
-            pooled_projections=pooled,
-            encoder_hidden_states=embeds,
-            txt_ids=text_ids,
-            img_ids=image_ids,
-            return_dict=False,
-        )[0]
+        with autocast:
+            pred = transformer(
+                hidden_states=packed,
+                timestep=sigmas,
+                guidance=guidance,
+                pooled_projections=pooled,
+                encoder_hidden_states=embeds,
+                txt_ids=text_ids,
+                img_ids=image_ids,
+                return_dict=False,
+            )[0]
         scale = pipe.vae_scale_factor
         pred = pipe._unpack_latents(pred, height * scale, width * scale, scale)
         loss = F.mse_loss(pred.float(), (noise - model_input).float())
@@ -99,27 +105,33 @@ def script_step_rate(pipe, spec: TrainSpec, images) -> float:
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
-def write_model(root: Path, width: int) -> Path:
+def write_model(root: Path, width: int, arch: bool = False) -> Path:
+    """The tiny Flux.1 folder; with a wider transformer (heads of 64 at `width`, 2 + 2
+    blocks), or with `arch` Flux.1's own transformer (24 heads of 128, its rope axes) cut
+    to 1 + 1 blocks: the tiny text encoders stay (their states are cached before the loop,
+    so only the transformer's text projection is narrower than the real one)."""
     from pipeline.families.flux_tiny import write_tiny_flux
 
     model = write_tiny_flux(root / "tiny")
-    if width <= 32:
+    if width <= 32 and not arch:
         return model
-    # The tiny folder with a wider transformer: heads of 64 at `width`, 2 + 2 blocks.
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)
+    heads, head_dim, axes, blocks = (24, 128, [16, 56, 56], 1)
+    if not arch:
+        heads, head_dim, axes, blocks = (width // 64, 64, [16, 24, 24], 2)
     FluxTransformer2DModel(
         patch_size=1,
         in_channels=64,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=64,
-        num_attention_heads=width // 64,
+        num_layers=blocks,
+        num_single_layers=blocks,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
         joint_attention_dim=32,
         pooled_projection_dim=32,
         guidance_embeds=True,
-        axes_dims_rope=[16, 24, 24],
+        axes_dims_rope=axes,
     ).save_pretrained(model / "transformer")
     return model
 
@@ -128,7 +140,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="Flux.1 diffusers folder (default: tiny)")
     parser.add_argument("--width", type=int, default=32, help="transformer width of the default")
+    parser.add_argument("--arch", action="store_true", help="Flux.1's width, 1 + 1 blocks")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--resolutions", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
@@ -137,15 +151,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     quiet_libraries()
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or write_model(Path(tmp), args.width)
+        model = args.model or write_model(Path(tmp), args.width, args.arch)
         rows = side_by_side(
-            lambda: load(model, args.device), script_step_rate, args, 16.0, Path(tmp)
+            lambda: load(model, args.device, args.dtype), script_step_rate, args, 16.0, Path(tmp)
         )
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     label = args.model or f"tiny Flux.1 dev, transformer width {args.width}"
+    if args.arch:
+        label = "Flux.1's transformer at full width (24 × 128), 1 + 1 blocks"
     print_table(
         f"Flux.1 LoRA training, rank 16, batch 1, {args.steps} steps, median of "
-        f"{args.repeats}, {device}, {args.threads} thread(s), model: {label}",
+        f"{args.repeats}, {device}, {args.dtype}, {args.threads} thread(s), model: {label}",
         "script-style step",
         rows,
     )
