@@ -27,7 +27,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.contract.jobs import Limits, TrainSpec  # noqa: E402
-from pipeline.training.adapters import UNET_TARGETS  # noqa: E402
+from pipeline.families import of_pipe  # noqa: E402
 from pipeline.training.loop import TrainOptions, TrainPhotos, train_lora  # noqa: E402
 
 
@@ -74,7 +74,7 @@ def diffusers_example(pipe, spec: TrainSpec, images: list[Image.Image]) -> float
         r=spec.rank,
         lora_alpha=spec.alpha,
         init_lora_weights="gaussian",
-        target_modules=UNET_TARGETS,
+        target_modules=list(of_pipe(pipe).training_targets),
     )
     pipe.unet.add_adapter(config)
     params = [p for p in pipe.unet.parameters() if p.requires_grad]
@@ -115,14 +115,55 @@ def diffusers_example(pipe, spec: TrainSpec, images: list[Image.Image]) -> float
                 F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
                 * weight
             ).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
+        optimizer_step(loss, params, optimizer, stamps)
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def optimizer_step(loss, params, optimizer, stamps: list[float]) -> None:
+    """The examples' step after the loss: backward, clip at 1.0, AdamW; then the time."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if params[0].device.type == "cuda":
+        torch.cuda.synchronize()
+    stamps.append(time.perf_counter())
+
+
+def side_by_side(load_model, theirs, args, alpha: float, workroot: Path) -> list[tuple]:
+    """(resolution, ours, theirs) in steps/s, the medians of `args.repeats` alternating
+    runs (so drift hits both alike), each on a freshly loaded model."""
+    rows = []
+    for resolution in args.resolutions:
+        spec = TrainSpec(
+            name="bench",
+            photos=("x",) * 4,
+            steps=args.steps,
+            rank=16,
+            alpha=alpha,
+            resolution=resolution,
+            checkpoint_every=10**6,
+        )
+        images = photos(4, resolution)
+        ours_rates, their_rates = [], []
+        for repeat in range(args.repeats):
+            workdir = workroot / f"ck{resolution}_{repeat}"
+            ours_rates.append(ours(load_model(), spec, images, workdir))
+            their_rates.append(theirs(load_model(), spec, images))
+        rows.append((resolution, statistics.median(ours_rates), statistics.median(their_rates)))
+    return rows
+
+
+def print_table(title: str, theirs: str, rows: list[tuple]) -> None:
+    print(f"\n{title}\n")
+    print(f"| resolution | ours (steps/s) | {theirs} (steps/s) | ours / theirs |")
+    print("|---|---|---|---|")
+    for resolution, ours_rate, their_rate in rows:
+        print(
+            f"| {resolution}² | {ours_rate:.1f} | {their_rate:.1f} | "
+            f"{ours_rate / their_rate:.2f}× |"
+        )
+    print(f"\ncommand: python {' '.join(sys.argv)}")
 
 
 def main() -> None:
@@ -143,45 +184,20 @@ def main() -> None:
             from pipeline.families.sd_tiny import write_tiny_model
 
             model = write_tiny_model(Path(tmp) / "tiny")
-        rows = []
-        for resolution in args.resolutions:
-            spec = TrainSpec(
-                name="bench",
-                photos=("x",) * 4,
-                steps=args.steps,
-                rank=16,
-                alpha=8.0,
-                resolution=resolution,
-                checkpoint_every=10**6,
-            )
-            images = photos(4, resolution)
-            ours_rates, example_rates = [], []
-            for repeat in range(args.repeats):  # alternate, so drift hits both alike
-                workdir = Path(tmp) / f"ck{resolution}_{repeat}"
-                ours_rates.append(ours(load(model, args.device, False), spec, images, workdir))
-                example_rates.append(
-                    diffusers_example(load(model, args.device, False), spec, images)
-                )
-            rows.append(
-                (resolution, statistics.median(ours_rates), statistics.median(example_rates))
-            )
+        rows = side_by_side(
+            lambda: load(model, args.device, False), diffusers_example, args, 8.0, Path(tmp)
+        )
     device = (
         torch.cuda.get_device_name()
         if args.device.startswith("cuda")
         else (f"CPU, {args.threads} thread(s)")
     )
-    print(
-        f"\nLoRA training, rank 16, batch 1, {args.steps} steps, median of {args.repeats}, "
-        f"{device}, model: {args.model or 'tiny SD1'}\n"
+    print_table(
+        f"LoRA training, rank 16, batch 1, {args.steps} steps, median of {args.repeats}, "
+        f"{device}, model: {args.model or 'tiny SD1'}",
+        "diffusers example",
+        rows,
     )
-    print("| resolution | ours (steps/s) | diffusers example (steps/s) | speed-up |")
-    print("|---|---|---|---|")
-    for resolution, ours_rate, example_rate in rows:
-        print(
-            f"| {resolution}² | {ours_rate:.1f} | {example_rate:.1f} | "
-            f"{ours_rate / example_rate:.2f}× |"
-        )
-    print(f"\ncommand: python {' '.join(sys.argv)}")
 
 
 if __name__ == "__main__":

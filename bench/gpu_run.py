@@ -137,6 +137,16 @@ def steps(dry: bool, out: Path, work: Path) -> list[Step]:
             25 if not dry else DRY_BUDGET_S,
         ),
         Step(
+            "bench_train_flow Flux.1 architecture (1+1 blocks, full width), 512², bf16: "
+            "our training loop / the script's step",
+            "23",
+            [*py, "bench/bench_train_flow.py", "--device", device]
+            + ["--resolutions", "64" if dry else "512", "--steps", "3" if dry else "20"]
+            + ["--repeats", "1" if dry else "3", *threads]
+            + ([] if dry else ["--arch", "--dtype", "bfloat16"]),
+            90 if not dry else DRY_BUDGET_S,
+        ),
+        Step(
             "bench_flux Flux.1 architecture (1+1 blocks, full width), 1024², bf16: ours / plain",
             "23",
             [*py, "bench/bench_flux.py", "--device", device, "--rounds", "1" if dry else "3"]

@@ -91,3 +91,45 @@ async def test_what_the_chosen_models_family_cannot_do_is_refused_before_queuein
         await family_questions(config, replace(fine, width=72, height=64))
     with pytest.raises(JobError, match=r"^Qwen-Image-Edit models cannot txt2img; modes: "):
         await family_questions(config, replace(fine, model="edit", steps=8, width=64, height=64))
+
+
+async def test_a_personal_model_the_family_cannot_train_is_refused_before_queueing(tmp_path):
+    """Training on Flux.1 dev is queued with its family's defaults; on schnell it is
+    refused in one line at submission (the worker checks it again). Real tiny folders."""
+    from bot.services.admission import family_questions
+    from bot.services.training import train_spec, training_family
+    from pipeline.families.flux_tiny import write_tiny_flux
+
+    config = config_from_dict(
+        {
+            "models": {
+                variant: {"source": str(write_tiny_flux(tmp_path / variant, variant=variant))}
+                for variant in ("dev", "schnell")
+            },
+            "storage": {"data_dir": str(tmp_path / "data")},
+        }
+    )
+
+    def spec(model: str) -> TrainSpec:
+        family = training_family(config.model(model))
+        return train_spec(
+            config,
+            name="me",
+            photos=["a" * 64],
+            captions=[],
+            token="sks",
+            subject="person",
+            model=model,
+            method="lora",
+            steps=0,
+            resolution=512,
+            family=family,
+        )
+
+    dev = spec("dev")
+    assert (dev.rank, dev.alpha, dev.learning_rate) == (16, 16.0, 1e-4)  # Flux.1's defaults
+    await family_questions(config, dev)
+    with pytest.raises(JobError, match=r"^Flux.1 schnell models cannot train personal models: "):
+        await family_questions(config, spec("schnell"))
+    with pytest.raises(JobError, match=r"^Flux.1 models train at a multiple of 16 px, not 520$"):
+        await family_questions(config, replace(dev, resolution=520))

@@ -19,7 +19,12 @@ from bot.services.personal import (
     register_trained_lora,
     validation_summary,
 )
-from bot.services.training import train_spec, training_metrics, training_resolution
+from bot.services.training import (
+    train_spec,
+    training_family,
+    training_metrics,
+    training_resolution,
+)
 from pipeline.contract.blobs import BlobStore
 from pipeline.contract.config import Config
 from pipeline.contract.model_names import resolve_model
@@ -59,8 +64,10 @@ def train_offline(args: argparse.Namespace, config: Config) -> int:
     # 1. The photos
     zip_data = args.zip.read_bytes() if args.zip else None
     config, model_config = resolve_model(config, args.model)
-    model = ModelCache(config, config.workers.devices[0]).get(model_config.name)
     resolution = args.resolution or training_resolution(config, model_config)
+    family = training_family(model_config)
+    family.check_training(resolution)  # before loading it: a model that cannot train
+    model = ModelCache(config, config.workers.devices[0]).get(model_config.name)
     dataset = prepare_dataset(
         _read_photos(args.photos),
         zip_data=zip_data,
@@ -84,6 +91,7 @@ def train_offline(args: argparse.Namespace, config: Config) -> int:
         method=args.method,
         steps=args.steps,
         resolution=resolution,
+        family=family,
     )
     spec.check(config.limits)  # the command line's one check of the spec
     started = time.monotonic()

@@ -22,7 +22,7 @@ from bot.photo_helper.work import prepare_photos
 from bot.plumbing.attachments import MiB, Photo, download
 from bot.plumbing.permissions import check_can_deliver
 from bot.services.personal import check_name_free, check_quota
-from bot.services.training import train_spec, training_resolution
+from bot.services.training import train_spec, training_family, training_resolution
 
 Attachment = discord.Attachment
 
@@ -83,6 +83,7 @@ class TrainCog(SDCog):
         zip_data = await self._download_archive(archive) if archive else None
         model = services.config.model("default")
         resolution = await asyncio.to_thread(training_resolution, services.config, model)
+        family = await asyncio.to_thread(training_family, model)
         settings = dict(
             resolution=resolution,
             min_side=services.config.training.min_side,
@@ -110,6 +111,7 @@ class TrainCog(SDCog):
             method=method,
             steps=steps,
             resolution=resolution,
+            family=family,
         )
         await services.jobs.submit(interaction, spec, [*train, *test], summary=prepared["summary"])
 

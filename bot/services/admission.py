@@ -38,7 +38,14 @@ from bot.services.guild_settings import effective
 from bot.services.model_options import family_of
 from pipeline.contract.blobs import BlobStore
 from pipeline.contract.config import Config
-from pipeline.contract.jobs import GenerateSpec, JobError, JobSpec, Limits, check_size
+from pipeline.contract.jobs import (
+    GenerateSpec,
+    JobError,
+    JobSpec,
+    Limits,
+    TrainSpec,
+    check_size,
+)
 
 NO_FACE_TO_FIX = "no face found in this image, so there is no face to fix"
 NO_FACE_TO_KEEP = (
@@ -47,12 +54,16 @@ NO_FACE_TO_KEEP = (
 )
 
 
-async def family_questions(config: Config, spec: GenerateSpec) -> None:
+async def family_questions(config: Config, spec: JobSpec) -> None:
     """JobError, naming the model's family, for what the chosen model cannot do (a Flux.1
-    schnell job with 50 steps, a Qwen-Image-Edit job with four images or none): the same
-    check the worker makes, here so that nothing is queued."""
+    schnell job with 50 steps, a Qwen-Image-Edit job with four images or none, a personal
+    model on Flux.1 schnell): the same check the worker makes, here so that nothing is
+    queued."""
     family = await family_of(config, spec.model)
-    family.check_job(spec)
+    if isinstance(spec, TrainSpec):
+        family.check_training(spec.resolution)
+    else:
+        family.check_job(spec)
 
 
 async def photo_questions(

@@ -105,6 +105,7 @@ class JobService:
         re-checks what it checked."""
         if isinstance(spec, TrainSpec):
             spec.check(settings.limits)  # its photos and captions: check_training_set
+            await family_questions(self.config, spec)
             return spec
         spec = spec.with_seed()
         spec = await self.safety.before_generate(interaction, spec, photos, settings)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline.contract.config import Config, ModelConfig
-from pipeline.contract.families import family_of_model
+from pipeline.contract.families import FamilySpec, family_of_model
 from pipeline.contract.jobs import TrainSpec
 
 METRICS = ("base_loss", "adapter_loss", "got_worse", "steps")
@@ -37,10 +37,20 @@ def train_spec(
     steps: int,
     resolution: int,
     test_photos: Sequence[str] = (),
+    family: type[FamilySpec] | None = None,
 ) -> TrainSpec:
     """The job's spec; it yields the worker (and saves a checkpoint) every
-    `[training] chunk_steps` steps. Checked where it is submitted: `/train` through
-    `JobService.submit` (the server's limits), `sdbot train` against config.toml's."""
+    `[training] chunk_steps` steps, with the rank, alpha and learning rate of the model's
+    `family` (its FamilySpec's `train_*`; TrainSpec's own defaults without one). Checked
+    where it is submitted: `/train` through `JobService.submit` (the server's limits),
+    `sdbot train` against config.toml's."""
+    defaults = {}
+    if family is not None:
+        defaults = dict(
+            rank=family.train_rank,
+            alpha=family.train_alpha,
+            learning_rate=family.train_learning_rate,
+        )
     return TrainSpec(
         name=name,
         photos=tuple(photos),
@@ -53,7 +63,14 @@ def train_spec(
         steps=steps,
         resolution=resolution,
         checkpoint_every=config.training.chunk_steps,
+        **defaults,  # type: ignore[arg-type] - the FamilySpec's typed train_* values
     )
+
+
+def training_family(model: ModelConfig) -> type[FamilySpec]:
+    """The family (as the model's variant is) a personal model on `model` trains on, read
+    from its files without torch (call it off the event loop)."""
+    return family_of_model(model)
 
 
 def training_metrics(info: dict[str, Any]) -> dict[str, Any]:

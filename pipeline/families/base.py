@@ -233,10 +233,54 @@ class Family:
         raise JobError(f"{self.label} models cannot edit")
 
     # -- training ------------------------------------------------------------------------
+    # What a personal model learns with: "denoising" (ε or v prediction on the DDPM
+    # schedule, `pipeline.training.denoising`) or "flow" (flow matching,
+    # `pipeline.training.flow_matching`, through the flow families' methods).
+    training_objective: ClassVar[str] = "denoising"
+    # The denoiser's layers a personal model adapts (peft target names): the attention
+    # projections of diffusers' train_dreambooth_lora.py and kohya's MLP.
+    # A tuple of module-name suffixes, or one regular expression peft full-matches.
+    training_targets: ClassVar[tuple[str, ...] | str] = (
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "ff.net.0.proj",
+        "ff.net.2",
+    )
+
+    def training_scheduler(self, pipe: Any) -> Any:
+        """The noise schedule training draws from: DDPM on the model's betas."""
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(pipe.scheduler.config)
 
     def micro_conditioning(self, pipe: Any, resolution: int, count: int) -> Any:
         """Extra conditioning the denoiser takes beside the text (SDXL's time ids)."""
         return None
+
+    def training_latents(self, pipe: Any, pixels: Any) -> Any:
+        """The VAE's posterior means of `pixels` ([-1, 1]) in the space the denoiser
+        works in: (mean − shift) × scale, as the family's pipelines decode them."""
+        vae = pipe.vae
+        means = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean.float()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (means - shift) * vae.config.scaling_factor
+
+    def export_name(self, component: str, path: str, method: str) -> str:
+        """A trained layer's name in the exported file: kohya's (`lora_unet_` + the
+        module's path with `_`), which A1111, ComfyUI and diffusers read."""
+        return self.lora_prefixes[component] + path.replace(".", "_")
+
+    def training_metadata(self, pipe: Any, spec: Any) -> dict[str, str]:
+        """kohya's `ss_` keys for how this family's objective trained (min-SNR γ here)."""
+        return {"ss_min_snr_gamma": f"{spec.min_snr_gamma:g}"}
+
+    def export_layout(self, method: str) -> str:
+        """How the exported file stores a layer: "kohya" (lora_down/lora_up/alpha, or
+        LyCORIS' names for LoHa/LoKr) or "peft" (lora_A/lora_B, the scale multiplied
+        into lora_B, no alpha)."""
+        return "kohya"
 
     def ldm_text_encoders(self, pipe: Any) -> dict[str, Any]:
         """The text encoders' weights under their single-file (LDM) names."""

@@ -135,6 +135,65 @@ class FlowFamily(Family):
             return latents
         return unpack_latents(latents, size, getattr(pipe, "vae_scale_factor", 8))
 
+    # -- training (`pipeline.training.flow_matching` asks these) ---------------------------
+
+    training_objective = "flow"
+
     def flow_target(self, noise: Any, latents: Any) -> Any:
         """What the transformer learns to predict at σ: the velocity noise − latents."""
         return noise - latents
+
+    def training_scheduler(self, pipe: Any) -> Any:
+        """A FlowMatchEuler schedule from the model's config: its σ table holds the
+        model's fixed shift (built once per job; `training_sigmas` indexes it)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+
+    def training_sigmas(self, schedule: Any, count: int, generator: Any) -> Any:
+        """σ of `count` training samples as diffusers' train_dreambooth_lora_flux.py draws
+        them (`--weighting_scheme logit_normal`): u = sigmoid(N(0, 1)), then the σ at
+        index ⌊u·1000⌋ of `schedule` (`training_scheduler`), which holds the model's
+        fixed shift (a model with resolution-dependent shift, such as Flux.1 dev, trains
+        on unshifted σ there too)."""
+        import torch
+
+        u = logit_normal_sigmas(count, generator)
+        steps = schedule.config.num_train_timesteps
+        indices = (u * steps).long().clamp(max=steps - 1)
+        return schedule.sigmas[indices].to(torch.float32)
+
+    def training_text(self, pipe: Any, captions: list[str]) -> dict[str, Any]:
+        """The frozen text encoders' conditioning for each caption, batch first (a tensor
+        or a list with one entry per caption): encoded once, indexed per step."""
+        raise NotImplementedError(f"{self.label} models cannot be trained yet")
+
+    def flow_prediction(
+        self, pipe: Any, noisy: Any, sigmas: Any, text: dict[str, Any], dtype: Any
+    ) -> Any:
+        """The transformer's velocity (noise − latents convention) for unpacked noisy
+        latents at σ, in the latents' shape, as float32. Its inputs go in `dtype` (the
+        transformer's compute dtype, which the caller knows: diffusers' `ModelMixin.dtype`
+        walks the modules, about 1 ms a call on a tiny model), on the latents' device."""
+        raise NotImplementedError(f"{self.label} models cannot be trained yet")
+
+    def export_name(self, component: str, path: str, method: str) -> str:
+        """LoRA: diffusers' and ai-toolkit's `transformer.<module>` (peft layout), which
+        diffusers' `load_lora_weights` reads for every flow family and ComfyUI reads for
+        Flux.1. LoHa/LoKr: LyCORIS's own wrapper's `lycoris_<module with _>` (SimpleTuner's
+        files), which ComfyUI reads; diffusers loads no LyCORIS file for these families."""
+        if method == "lora":
+            return f"{component}.{path}"
+        return "lycoris_" + path.replace(".", "_")
+
+    def export_layout(self, method: str) -> str:
+        return "peft" if method == "lora" else "kohya"
+
+    def training_metadata(self, pipe: Any, spec: Any) -> dict[str, str]:
+        """kohya's name for σ = sigmoid(N(0, 1)) (sd-scripts' `--timestep_sampling
+        sigmoid`), and the guidance a guidance-distilled model trained at."""
+        metadata = {"ss_timestep_sampling": "sigmoid", "ss_model_prediction_type": "raw"}
+        guidance = getattr(self.spec, "train_guidance", None)
+        if guidance is not None and getattr(self.denoiser(pipe).config, "guidance_embeds", False):
+            metadata["ss_guidance_scale"] = f"{guidance:g}"
+        return metadata

@@ -77,6 +77,24 @@ class Flux(FlowFamily):
         "text_encoder_2": "lora_te2_",
     }
 
+    # diffusers' train_dreambooth_lora_flux.py default `--lora_layers`: every attention
+    # projection of both streams and both MLPs of the double blocks (the single blocks'
+    # q/k/v match "attn.to_q"… too).
+    training_targets = (
+        "attn.to_k",
+        "attn.to_q",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_k_proj",
+        "attn.add_q_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "ff_context.net.0.proj",
+        "ff_context.net.2",
+    )
+
     def owns(self, pipe: Any) -> bool:
         name = type(pipe).__name__
         return name.startswith("Flux") and not name.startswith("Flux2") and super().owns(pipe)
@@ -238,6 +256,49 @@ class Flux(FlowFamily):
                     f"'{name}' is none it knows: pick {', '.join(UNION_MODES)}"
                 )
         return modes
+
+    # -- training --------------------------------------------------------------------------
+
+    def training_text(self, pipe: Any, captions: list[str]) -> dict[str, Any]:
+        """T5's states and CLIP's pooled output of each caption, by the pipeline's own
+        `encode_prompt` (T5 at the variant's length), as diffusers' script caches them."""
+        embeds, pooled, _ = pipe.encode_prompt(
+            prompt=captions,
+            prompt_2=captions,
+            device=pipe._execution_device,
+            max_sequence_length=self.spec.t5_tokens,
+        )
+        return {"embeds": embeds, "pooled": pooled}
+
+    def flow_prediction(
+        self, pipe: Any, noisy: Any, sigmas: Any, text: dict[str, Any], dtype: Any
+    ) -> Any:
+        """Packed 2×2 with the pipeline's own helpers, the text's and the image's position
+        ids, and a guidance-distilled model's guidance input at `train_guidance` (1, as
+        diffusers' README trains Flux.1 dev); unpacked back to [batch, 16, h, w]."""
+        import torch
+
+        transformer = self.denoiser(pipe)
+        device = noisy.device  # the transformer's (diffusers' `.device` walks the modules)
+        batch, channels, height, width = noisy.shape
+        packed = pipe._pack_latents(noisy.to(dtype), batch, channels, height, width)
+        image_ids = pipe._prepare_latent_image_ids(batch, height // 2, width // 2, device, dtype)
+        embeds = text["embeds"].to(device, dtype)
+        guidance = None
+        if transformer.config.guidance_embeds:
+            guidance = torch.full((batch,), self.spec.train_guidance, device=device)
+        prediction = transformer(
+            hidden_states=packed,
+            timestep=sigmas.to(device, dtype),
+            guidance=guidance,
+            pooled_projections=text["pooled"].to(device, dtype),
+            encoder_hidden_states=embeds,
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype),
+            img_ids=image_ids,
+            return_dict=False,
+        )[0]
+        scale = pipe.vae_scale_factor
+        return pipe._unpack_latents(prediction, height * scale, width * scale, scale).float()
 
     # -- one denoising call ----------------------------------------------------------------
 

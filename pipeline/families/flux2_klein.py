@@ -83,3 +83,54 @@ class Flux2Klein(TextTemplateFamily):
             if problem:
                 raise ModelError(problem)
         return super().load_single_file(cls, path, torch_dtype, config)
+
+    # Every linear layer of the double blocks (both streams' attention and MLPs) and the
+    # single blocks' fused qkv+MLP input and output, as ai-toolkit adapts Flux.2 (a
+    # pattern: the double blocks' `attn.to_out` is a list whose `.0` is the layer).
+    training_targets = (
+        r".*\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out"
+        r"|to_qkv_mlp_proj)|.*single_transformer_blocks\.\d+\.attn\.to_out"
+        r"|.*\.ff(_context)?\.linear_(in|out)"
+    )
+
+    def training_latents(self, pipe: Any, pixels: Any) -> Any:
+        """The VAE's means patchified 2×2 and normalised by its batch-norm statistics
+        ([batch, 128, h/16, w/16]), as `Flux2KleinPipeline` encodes images."""
+        import torch
+
+        vae = pipe.vae
+        means = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean.float()
+        patches = pipe._patchify_latents(means)
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).float()
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1).float() + vae.config.batch_norm_eps)
+        return (patches - mean.to(patches.device)) / std.to(patches.device)
+
+    def training_text(self, pipe: Any, captions: list[str]) -> dict[str, Any]:
+        """Qwen3's stacked hidden layers of each caption, by the pipeline's own
+        `encode_prompt` (its chat template and layers)."""
+        embeds, _ = pipe.encode_prompt(
+            prompt=list(captions),
+            device=pipe._execution_device,
+            max_sequence_length=self.spec.max_prompt_tokens,
+        )
+        return {"embeds": embeds}
+
+    def flow_prediction(
+        self, pipe: Any, noisy: Any, sigmas: Any, text: dict[str, Any], dtype: Any
+    ) -> Any:
+        """Tokens of the patchified latents with their (t, h, w, l) ids and the text's, no
+        guidance input (klein's pipeline passes none), back to [batch, 128, h, w]."""
+        transformer = self.denoiser(pipe)
+        device = noisy.device
+        batch, channels, height, width = noisy.shape
+        embeds = text["embeds"].to(device, dtype)
+        prediction = transformer(
+            hidden_states=pipe._pack_latents(noisy.to(device, dtype)),
+            timestep=sigmas.to(device, dtype),
+            guidance=None,
+            encoder_hidden_states=embeds,
+            txt_ids=pipe._prepare_text_ids(embeds).to(device),
+            img_ids=pipe._prepare_latent_ids(noisy).to(device),
+            return_dict=False,
+        )[0]
+        return prediction.float().permute(0, 2, 1).reshape(batch, channels, height, width)

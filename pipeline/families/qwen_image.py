@@ -70,6 +70,85 @@ class QwenImage(TextTemplateFamily):
         # as diffusers' own examples pass.
         return {"negative_prompt": [n or " " for n in negatives]}
 
+    # -- training --------------------------------------------------------------------------
+    # Every attention projection of both streams and both MLPs of each block, as ai-toolkit
+    # and diffusers' train_dreambooth_lora_qwen_image.py adapt Qwen-Image.
+    training_targets = (
+        "attn.to_q",
+        "attn.to_k",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_q_proj",
+        "attn.add_k_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+        "img_mlp.net.0.proj",
+        "img_mlp.net.2",
+        "txt_mlp.net.0.proj",
+        "txt_mlp.net.2",
+    )
+
+    def training_latents(self, pipe: Any, pixels: Any) -> Any:
+        """Its video VAE's means of one-frame clips, normalised by the per-channel
+        statistics in its config (as `QwenImageImg2ImgPipeline` encodes an image), without
+        the frame axis: [batch, 16, h/8, w/8]."""
+        import torch
+
+        vae = pipe.vae
+        clips = pixels.to(vae.device, vae.dtype).unsqueeze(2)
+        means = vae.encode(clips).latent_dist.mean.float()
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(means.device)
+        std = torch.tensor(vae.config.latents_std).view(shape).to(means.device)
+        return ((means - mean) / std).squeeze(2)
+
+    def training_text(self, pipe: Any, captions: list[str]) -> dict[str, Any]:
+        """Qwen2.5-VL's states of each caption through the chat template (the pipeline's
+        own `encode_prompt`), each cut to its own tokens: one tensor per caption, padded
+        per step (captions encoded apart may be padded to other lengths)."""
+        embeds, mask = pipe.encode_prompt(
+            prompt=list(captions),
+            device=pipe._execution_device,
+            max_sequence_length=self.spec.max_prompt_tokens,
+        )
+        if mask is None:
+            return {"embeds": list(embeds)}
+        return {"embeds": [e[m.bool()] for e, m in zip(embeds, mask)]}
+
+    def flow_prediction(
+        self, pipe: Any, noisy: Any, sigmas: Any, text: dict[str, Any], dtype: Any
+    ) -> Any:
+        """Packed 2×2 with the pipeline's helper, the text padded to the batch's longest
+        caption with its mask, the image's shape per sample; unpacked, frame axis
+        dropped."""
+        import torch
+
+        transformer = self.denoiser(pipe)
+        device = noisy.device
+        batch, channels, height, width = noisy.shape
+        longest = max(len(e) for e in text["embeds"])
+        width_of_text = text["embeds"][0].shape[-1]
+        embeds = torch.zeros(batch, longest, width_of_text, device=device, dtype=dtype)
+        mask = torch.zeros(batch, longest, device=device, dtype=torch.long)
+        for row, states in enumerate(text["embeds"]):
+            embeds[row, : len(states)] = states.to(device, dtype)
+            mask[row, : len(states)] = 1
+        guidance = None
+        if transformer.config.guidance_embeds:
+            guidance = torch.ones(batch, device=device)
+        prediction = transformer(
+            hidden_states=pipe._pack_latents(noisy.to(dtype), batch, channels, height, width),
+            timestep=sigmas.to(device, dtype),
+            guidance=guidance,
+            encoder_hidden_states_mask=None if bool(mask.all()) else mask,
+            encoder_hidden_states=embeds,
+            img_shapes=[[(1, height // 2, width // 2)]] * batch,
+            return_dict=False,
+        )[0]
+        scale = pipe.vae_scale_factor
+        unpacked = pipe._unpack_latents(prediction, height * scale, width * scale, scale)
+        return unpacked.float().squeeze(2)
+
 
 class QwenImageEdit(QwenImage):
     """Qwen-Image-Edit: one input image, resized by the pipeline to the output's area."""

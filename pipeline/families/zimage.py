@@ -26,6 +26,43 @@ class ZImage(TextTemplateFamily):
         "img2img": "ZImageImg2ImgPipeline",
         "inpaint": "ZImageInpaintPipeline",
     }
+    # Every linear layer of each block's attention and SwiGLU MLP (the refiners' too), as
+    # ai-toolkit's Z-Image LoRAs adapt them.
+    training_targets = (
+        "attention.to_q",
+        "attention.to_k",
+        "attention.to_v",
+        "attention.to_out.0",
+        "feed_forward.w1",
+        "feed_forward.w2",
+        "feed_forward.w3",
+    )
+
+    def training_text(self, pipe: Any, captions: list[str]) -> dict[str, Any]:
+        """Qwen3's states of each caption through the chat template, by the pipeline's own
+        `encode_prompt`: one tensor per caption, as long as its tokens."""
+        embeds, _ = pipe.encode_prompt(
+            prompt=list(captions),
+            device=pipe._execution_device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.spec.max_prompt_tokens,
+        )
+        return {"embeds": list(embeds)}
+
+    def flow_prediction(
+        self, pipe: Any, noisy: Any, sigmas: Any, text: dict[str, Any], dtype: Any
+    ) -> Any:
+        """The transformer takes a list of [channels, 1, h, w] latents and t = 1 − σ, and
+        predicts latents − noise: `ZImagePipeline` negates it, and so do we."""
+        import torch
+
+        transformer = self.denoiser(pipe)
+        device = noisy.device
+        latents = list(noisy.to(device, dtype).unsqueeze(2).unbind(0))
+        captions = [e.to(device, dtype) for e in text["embeds"]]
+        out = transformer(latents, (1 - sigmas).to(device, dtype), captions, return_dict=False)[0]
+        return -torch.stack([o.float() for o in out]).squeeze(2)
+
     # alibaba-pai's Z-Image-Turbo-Fun-Controlnet-Union, at every step (the pipeline has
     # no guidance window; the spec refuses one: `contract/families/zimage.py`).
     control_pipelines = {"txt2img": "ZImageControlNetPipeline"}

@@ -16,9 +16,6 @@ from pipeline.families import of_pipe
 ADAPTER = "sdbot_train"
 
 
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
-
-
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
@@ -115,7 +112,7 @@ def freeze(pipe: Any) -> None:
         model.requires_grad_(False)
 
 
-def _adapter_config(spec: TrainSpec, targets: list[str]) -> Any:
+def _adapter_config(spec: TrainSpec, targets: list[str] | str) -> Any:
     from peft import LoHaConfig, LoKrConfig, LoraConfig
 
     if spec.method == "loha":
@@ -140,13 +137,19 @@ def add_adapters(pipe: Any, spec: TrainSpec) -> list[Any]:
         for kind, model in trainable_models(pipe, train_text=spec.train_text_encoder):
             # The set-aside adapters' configs must not meet ours (PipeState puts them back).
             model.__dict__.pop("peft_config", None)
-            targets = UNET_TARGETS if kind == "unet" else TEXT_TARGETS
+            targets = _denoiser_targets(pipe) if kind == "unet" else TEXT_TARGETS
             tuners.append(tuner_class(model, _adapter_config(spec, targets), ADAPTER))
     for _, model in trainable_models(pipe, train_text=spec.train_text_encoder):
         for param in model.parameters():
             if param.requires_grad:
                 param.data = param.data.float()  # fp32 master weights under autocast
     return tuners
+
+
+def _denoiser_targets(pipe: Any) -> list[str] | str:
+    """The family's target layers (a pattern stays a pattern: peft full-matches it)."""
+    targets = of_pipe(pipe).training_targets
+    return targets if isinstance(targets, str) else list(targets)
 
 
 def trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

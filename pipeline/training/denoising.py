@@ -15,6 +15,7 @@ from PIL import Image
 
 from pipeline.contract.jobs import TrainSpec
 from pipeline.families import of_pipe
+from pipeline.training.flow_matching import FlowText, encode_flow_text
 
 
 @dataclass
@@ -24,6 +25,23 @@ class Cond:
     embeds: torch.Tensor
     pooled: torch.Tensor | None = None  # SDXL
     time_ids: torch.Tensor | None = None  # SDXL
+
+    def select(self, rows: list[int]) -> Cond:
+        return Cond(
+            self.embeds[rows],
+            None if self.pooled is None else self.pooled[rows],
+            None if self.time_ids is None else self.time_ids[rows],
+        )
+
+    def cat(self, other: Cond) -> Cond:
+        def cat(x: torch.Tensor | None, y: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None or y is None else torch.cat([x, y])
+
+        return Cond(
+            torch.cat([self.embeds, other.embeds]),
+            cat(self.pooled, other.pooled),
+            cat(self.time_ids, other.time_ids),
+        )
 
     def unet_kwargs(self, dtype: torch.dtype) -> dict[str, Any]:
         """The UNet's keyword arguments, cast to its dtype."""
@@ -40,8 +58,8 @@ class Cond:
 class Encoded:
     """Training images, encoded once: VAE latents and (frozen encoder) embeddings."""
 
-    latents: torch.Tensor  # (n, 4, h, w) on the device, already × scaling factor
-    cond: Cond | None  # None when the text encoder trains: encoded every step
+    latents: torch.Tensor  # (n, c, h, w) on the device, in the denoiser's latent space
+    cond: Cond | FlowText | None  # None when the text encoder trains: encoded every step
     captions: list[str]
 
 
@@ -53,12 +71,20 @@ def encode_images(
         return None
     if len(captions) == 1:
         captions = captions * len(images)
-    latents = latents_of(pipe.vae, pixels(images, spec.resolution))
-    cond = None
-    if not spec.train_text_encoder:
+    latents = latents_of(pipe, pixels(images, spec.resolution))
+    latents = latents.to(of_pipe(pipe).denoiser(pipe).device)  # where every step uses them
+    cond: Cond | FlowText | None = None
+    if is_flow(pipe):
+        cond = encode_flow_text(pipe, captions)  # the flow families' encoders stay frozen
+    elif not spec.train_text_encoder:
         embeds, pooled = encode_text(pipe, captions)
         cond = Cond(embeds, pooled, micro_conditioning(pipe, spec.resolution, len(images)))
     return Encoded(latents, cond, captions)
+
+
+def is_flow(pipe: Any) -> bool:
+    """Whether the pipe's family trains by flow matching (`flow_matching.py`)."""
+    return of_pipe(pipe).training_objective == "flow"
 
 
 def pixels(images: list[Image.Image], resolution: int) -> torch.Tensor:
@@ -74,14 +100,13 @@ def pixels(images: list[Image.Image], resolution: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
-def latents_of(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
-    """VAE posterior means × scaling factor (no sampling: the same every step)."""
-    with _vae_in_float32_if_needed(vae):
-        chunks = [
-            vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist.mean
-            for chunk in pixels.split(4)
-        ]
-    return torch.cat(chunks).float() * vae.config.scaling_factor
+def latents_of(pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE's posterior means in the denoiser's latent space, as the family says (no
+    sampling: the same every step)."""
+    family = of_pipe(pipe)
+    with _vae_in_float32_if_needed(pipe.vae):
+        chunks = [family.training_latents(pipe, chunk) for chunk in pixels.split(4)]
+    return torch.cat(chunks).float()
 
 
 @contextmanager
@@ -128,9 +153,8 @@ def micro_conditioning(pipe: Any, resolution: int, count: int) -> torch.Tensor |
 
 
 def training_scheduler(pipe: Any) -> Any:
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_config(pipe.scheduler.config)
+    """The family's training schedule (DDPM, or the flow families' FlowMatchEuler)."""
+    return of_pipe(pipe).training_scheduler(pipe)
 
 
 def denoising_loss(

@@ -18,24 +18,34 @@ VERSION = sdbot_version()
 
 
 def kohya_state_dict(pipe: Any, method: str, alpha: float) -> dict[str, torch.Tensor]:
-    """The pipe's `ADAPTER` weights under kohya/LyCORIS key names, in fp16."""
+    """The pipe's `ADAPTER` weights under the names the family exports (kohya/LyCORIS
+    names for SD; diffusers' peft names for a flow family's LoRA), in fp16."""
+    family = of_pipe(pipe)
+    layout = family.export_layout(method)
     tensors: dict[str, torch.Tensor] = {}
-    for prefix, model in _kohya_models(pipe):
+    for index, (component, model) in enumerate(family.adaptable(pipe)):
         for path, layer in _adapter_layers(model):
-            if prefix != "lora_unet_" and not path.startswith("text_model."):
+            if index and not path.startswith("text_model."):
                 # transformers 5 flattened CLIPTextModel; kohya names keep `text_model`.
                 path = f"text_model.{path}"
-            name = prefix + path.replace(".", "_")
-            for suffix, tensor in _layer_tensors(layer, method).items():
+            name = family.export_name(component, path, method)
+            if layout == "peft":
+                layer_tensors = _peft_tensors(layer)
+            else:
+                layer_tensors = _layer_tensors(layer, method)
+                layer_tensors["alpha"] = torch.tensor(alpha)
+            for suffix, tensor in layer_tensors.items():
                 tensors[f"{name}.{suffix}"] = tensor.detach().to("cpu", torch.float16)
-            tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float16)
     return tensors
 
 
-def _kohya_models(pipe: Any) -> list[tuple[str, torch.nn.Module]]:
-    """(kohya prefix, model): the denoiser first, then the text encoders."""
-    family = of_pipe(pipe)
-    return [(family.lora_prefixes[name], model) for name, model in family.adaptable(pipe)]
+def _peft_tensors(layer: Any) -> dict[str, torch.Tensor]:
+    """diffusers' layout: lora_A and lora_B with peft's scale (alpha / r) multiplied into
+    lora_B, since a file in this layout carries no alpha (readers scale it by 1)."""
+    return {
+        "lora_A.weight": layer.lora_A[ADAPTER].weight,
+        "lora_B.weight": layer.lora_B[ADAPTER].weight * layer.scaling[ADAPTER],
+    }
 
 
 def _adapter_layers(model: torch.nn.Module) -> Iterator[tuple[str, Any]]:
@@ -90,9 +100,10 @@ def metadata_of(
     photos: int,
 ) -> dict[str, str]:
     lycoris = spec.method != "lora"
+    family = of_pipe(pipe)
     text_lr = spec.learning_rate * TEXT_LR_RATIO if spec.train_text_encoder else 0.0
     metadata = {
-        "ss_base_model_version": of_pipe(pipe).kohya_base_model,
+        "ss_base_model_version": family.kohya_base_model or family.name,
         "ss_sd_model_name": model_name,
         "ss_output_name": spec.name,
         "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora",
@@ -104,7 +115,6 @@ def metadata_of(
         "ss_unet_lr": f"{spec.learning_rate:g}",
         "ss_text_encoder_lr": f"{text_lr:g}",
         "ss_num_train_images": str(photos),
-        "ss_min_snr_gamma": f"{spec.min_snr_gamma:g}",
         "sdbot_version": VERSION,
         "sdbot_base_model": model_name,
         "sdbot_base_model_hash": model_hash,
@@ -117,4 +127,7 @@ def metadata_of(
     }
     if lycoris:
         metadata["ss_network_args"] = json.dumps({"algo": spec.method})
+    if family.export_layout(spec.method) == "peft":
+        metadata["sdbot_layout"] = "peft: alpha / rank multiplied into lora_B"
+    metadata.update(family.training_metadata(pipe, spec))
     return metadata

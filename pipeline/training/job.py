@@ -48,6 +48,7 @@ def run_training(
     should_yield: Callable[[], bool] | None = None,
 ) -> TrainResult | TrainingPaused:
     """Train `spec` on a loaded model (`pipeline.models.loading.LoadedModel`)."""
+    model.kind.spec.check_training(spec.resolution)  # as its variant is (Flux.1 schnell…)
     options = TrainOptions(
         checkpoint_dir=checkpoint_dir(config, job_id),
         limits=config.limits,

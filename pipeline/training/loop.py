@@ -53,11 +53,13 @@ from pipeline.training.denoising import (
     denoising_loss,
     encode_images,
     encode_text,
+    is_flow,
     micro_conditioning,
     snr_weights,
     training_scheduler,
 )
 from pipeline.training.export import kohya_state_dict, metadata_of
+from pipeline.training.flow_matching import draw_flow, flow_losses
 from pipeline.training.precision import Precision
 from pipeline.training.samples import (
     class_image_dir,
@@ -368,6 +370,13 @@ def _check_inputs(
         raise JobError(f"training needs at least one step, but plans {total}")
     if spec.method not in ("lora", "loha", "lokr"):
         raise JobError(f"method must be lora, loha or lokr, not {spec.method!r}")
+    family = of_pipe(pipe)
+    family.spec.check_training(spec.resolution)
+    if spec.train_text_encoder and is_flow(pipe):
+        raise JobError(
+            f"{family.label} personal models train the transformer only; its text encoders "
+            "stay frozen (train_text_encoder must be off)"
+        )
 
 
 # --- 5. one training step ---------------------------------------------------------
@@ -384,25 +393,11 @@ def _batch_indices(step: int, spec: TrainSpec, count: int) -> list[int]:
     return indices
 
 
-def _step_cond(pipe: Any, spec: TrainSpec, encoded: Encoded, batch: list[int]) -> Cond:
+def _step_cond(pipe: Any, spec: TrainSpec, encoded: Encoded, batch: list[int]) -> Any:
     if encoded.cond is not None:
-        c = encoded.cond
-        return Cond(
-            c.embeds[batch],
-            None if c.pooled is None else c.pooled[batch],
-            None if c.time_ids is None else c.time_ids[batch],
-        )
+        return encoded.cond.select(batch)
     embeds, pooled = encode_text(pipe, [encoded.captions[i] for i in batch])
     return Cond(embeds, pooled, micro_conditioning(pipe, spec.resolution, len(batch)))
-
-
-def _cat_cond(a: Cond, b: Cond) -> Cond:
-    def cat(x: torch.Tensor | None, y: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None or y is None else torch.cat([x, y])
-
-    return Cond(
-        torch.cat([a.embeds, b.embeds]), cat(a.pooled, b.pooled), cat(a.time_ids, b.time_ids)
-    )
 
 
 def _train_step(
@@ -414,7 +409,6 @@ def _train_step(
     trainer: _Trainer,
 ) -> float:
     denoiser = of_pipe(pipe).denoiser(pipe)
-    device = denoiser.device
     noise_scheduler, generator = trainer.noise_scheduler, trainer.generator
     optimizer, scaler = trainer.optimizer, trainer.scaler
     latents = instance.latents[batch]
@@ -426,12 +420,17 @@ def _train_step(
                 len(prior.latents), (len(batch),), generator=generator
             ).tolist()
             latents = torch.cat([latents, prior.latents[prior_batch]])
-            cond = _cat_cond(cond, _step_cond(pipe, spec, prior, prior_batch))
-        noise = torch.randn(latents.shape, generator=generator).to(device)
-        count = noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, count, (len(latents),), generator=generator).to(device)
-        losses = denoising_loss(denoiser, noise_scheduler, latents, noise, timesteps, cond)
-        losses = losses * snr_weights(noise_scheduler, timesteps, spec.min_snr_gamma)
+            cond = cond.cat(_step_cond(pipe, spec, prior, prior_batch))
+        if is_flow(pipe):
+            noise, sigmas = draw_flow(pipe, noise_scheduler, latents, generator)
+            losses = flow_losses(pipe, latents, noise, sigmas, cond, trainer.precision.dtype)
+        else:
+            device = denoiser.device  # (a walk over the modules in diffusers: once a step)
+            noise = torch.randn(latents.shape, generator=generator).to(device)
+            count = noise_scheduler.config.num_train_timesteps
+            timesteps = torch.randint(0, count, (len(latents),), generator=generator).to(device)
+            losses = denoising_loss(denoiser, noise_scheduler, latents, noise, timesteps, cond)
+            losses = losses * snr_weights(noise_scheduler, timesteps, spec.min_snr_gamma)
         if prior is not None:
             instance_loss, prior_loss = losses.chunk(2)
             loss = instance_loss.mean() + 1.0 * prior_loss.mean()  # prior weight 1.0

@@ -86,7 +86,7 @@ def _sample_batch(
     rounding) what its seed draws alone, so the cache does not depend on batching."""
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     result = pipe(
-        [prompt] * len(seeds),
+        prompt=[prompt] * len(seeds),  # by name: Flux.2 klein's first argument is an image
         num_inference_steps=steps,
         height=size,
         width=size,

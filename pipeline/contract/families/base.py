@@ -54,6 +54,13 @@ class FamilySpec:
     size_multiple: ClassVar[int] = 8  # the VAE's downsampling
     default_size: ClassVar[int] = 512  # sides of a txt2img image, and of upscale's pass
     train_resolution: ClassVar[int] = 512  # what `[training] resolution = 0` means
+    # Personal models: what a job on this family gets unless the config says otherwise
+    # (kohya's SD 1.x person LoRA: dim 16, alpha 8, 1e-4), and why it cannot train ("":
+    # it can).
+    train_rank: ClassVar[int] = 16
+    train_alpha: ClassVar[float] = 8.0
+    train_learning_rate: ClassVar[float] = 1e-4
+    train_refusal: ClassVar[str] = ""
     default_steps: ClassVar[int] = 20
     default_cfg: ClassVar[float] = 7.0
     # Its row in the memory planner's figures (`families/memory.py`), "" = its name.
@@ -152,6 +159,18 @@ class FamilySpec:
         else:
             said = f"{made_for}: the job ran so (set steps or CFG to change it)"
         return dataclasses.replace(spec, **changes), (said,)
+
+    @classmethod
+    def check_training(cls, resolution: int) -> None:
+        """Refuse, in one line naming the family, a personal model it cannot train: the
+        family (or variant) is not trainable, or the resolution is off its multiple."""
+        if cls.train_refusal:
+            raise JobError(f"{cls.label} models cannot train personal models: {cls.train_refusal}")
+        if resolution % cls.size_multiple:
+            raise JobError(
+                f"{cls.label} models train at a multiple of {cls.size_multiple} px, "
+                f"not {resolution}"
+            )
 
     @classmethod
     def check_size(cls, width: int, height: int) -> None:

@@ -52,6 +52,11 @@ class Flux(FlowSpec):
     size_multiple = 16
     default_size = 1024
     train_resolution = 512  # diffusers' train_dreambooth_lora_flux.py
+    # Person LoRAs on Flux.1 dev (ai-toolkit's train_lora_flux_24gb example: linear 16,
+    # linear_alpha 16, lr 1e-4), trained at the guidance diffusers' README passes (1).
+    train_rank = 16
+    train_alpha = 16.0
+    train_guidance: ClassVar[float] = 1.0
     default_steps = 28
     default_cfg = 1.0  # true CFG off: Forge's default for Flux
     default_guidance = 3.5
@@ -139,6 +144,7 @@ class Flux(FlowSpec):
 class FluxSchnell(Flux):
     label = "Flux.1 schnell"
     variant = "schnell"
+    train_refusal = "it is step-distilled; train on a Flux.1 dev (or Krea) model"
     options = frozenset({"face_fix"})
     default_steps = 4
     default_guidance = None
@@ -154,6 +160,7 @@ class FluxKontext(Flux):
     options = Flux.options - {"control", "reference"}
     default_guidance = 2.5
     txt2img_refusal = "edits an image: give it an input image (img2img) and say what to change"
+    train_refusal = "it edits images; train on a Flux.1 dev (or Krea) model"
 
 
 class FluxFill(Flux):
@@ -162,6 +169,7 @@ class FluxFill(Flux):
     modes = frozenset({"inpaint", "outpaint", "facefix"})
     options = Flux.options - {"control"}  # nor a Fill one
     default_guidance = 30.0  # BFL's and diffusers' example for FLUX.1-Fill-dev
+    train_refusal = "it fills masks; train on a Flux.1 dev (or Krea) model"
 
 
 class FluxControl(Flux):
@@ -176,6 +184,7 @@ class FluxControl(Flux):
     options = Flux.options - {"control"}  # the control map is the input's
     default_guidance = 10.0  # diffusers' FLUX.1-Depth-dev example (Canny's takes 30)
     txt2img_refusal = "models draw from a photo's edges or depth: give it an input image (img2img)"
+    train_refusal = "it draws from control maps; train on a Flux.1 dev (or Krea) model"
 
 
 VARIANTS: dict[str, type[Flux]] = {

@@ -71,6 +71,9 @@ class TextTemplateSpec(FlowSpec):
     size_multiple = 16
     default_size = 1024
     train_resolution = 1024
+    # ai-toolkit's person-LoRA settings for these transformers: rank 16, alpha 16, 1e-4.
+    train_rank = 16
+    train_alpha = 16.0
     options = frozenset({"negative_prompt", "cfg_scale", "face_fix"})
     max_prompt_tokens: ClassVar[int] = 512  # the pipelines' max_sequence_length
     # ControlNets (where `options` has "control"): the modes diffusers has a ControlNet

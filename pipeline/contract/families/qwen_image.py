@@ -50,6 +50,7 @@ class QwenImageEdit(QwenImage):
     default_steps = 40  # 2511 with its Lightning LoRA: 4 or 8, CFG 1
     lora_key_pattern = ""  # Qwen-Image's LoRAs are theirs too (the same transformer)
     lora_family = "qwen-image"
+    train_refusal = "it edits images; train on a Qwen-Image model (its LoRAs work here)"
 
     index_class = "QwenImageEditPipeline"
     checkpoint_keys = ()  # the same transformer as Qwen-Image's: say `family` in config

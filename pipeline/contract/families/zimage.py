@@ -42,4 +42,5 @@ class ZImageOmni(ZImage):
     lora_key_pattern = ""
     lora_family = "zimage"
     index_class = "ZImageOmniPipeline"
+    train_refusal = "it edits with reference images; train on Z-Image (its LoRAs work here)"
     checkpoint_keys = ()
