@@ -286,6 +286,7 @@ def generate(args: argparse.Namespace) -> int:
         on_step=_progress_bar(spec.count),
         preview_every=0,
         control=ControlCache(config),
+        edit=config.edit,
     )
     for path, image in zip(output_paths(args.out, spec.count), results[0]):
         write_atomically(path, image.png)

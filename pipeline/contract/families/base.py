@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any, ClassVar
 
-from pipeline.contract.jobs import MODES, GenerateSpec, JobError
+from pipeline.contract.jobs import ALL_MODES, MODES, GenerateSpec, JobError
 from pipeline.contract.samplers import SAMPLERS, resolve
 
 # Options of the generation commands a family may or may not have. `guidance` is a
@@ -26,6 +26,10 @@ OPTIONS = (
     "face_fix",
     "guidance",
 )
+
+
+# SD 1.x and SDXL: every mode, edit by the classic route.
+CLASSIC_EDIT_MODES = frozenset(ALL_MODES)
 
 
 def text_encoder_component(index: int) -> str:
@@ -42,6 +46,14 @@ class FamilySpec:
     label: ClassVar[str]  # what a member reads: "SD 1.x"
     modes: ClassVar[frozenset[str]] = frozenset(MODES)  # edit: the edit models' families
     max_input_images: ClassVar[int] = 1  # images an edit job may give (`image` + `images`)
+    # How an edit job draws, where `modes` has "edit": "model", the family's own
+    # instruction-editing pipeline; "classic", for families without one (SD 1.x, SDXL),
+    # the instruction as the prompt of an img2img, or of an inpaint around the kept face
+    # or person (`pipeline/generate/editing.py`).
+    edit_route: ClassVar[str] = "model"
+    # Whether its edit model shifts or zooms the picture it hands back (Qwen-Image-Edit's
+    # known flaw), so a result is registered back onto the photo (`generate/align.py`).
+    edit_registers: ClassVar[bool] = False
     options: ClassVar[frozenset[str]] = frozenset(OPTIONS) - {"guidance"}
     samplers: ClassVar[tuple[str, ...]] = tuple(SAMPLERS)  # A1111 names it accepts
     size_multiple: ClassVar[int] = 8  # the VAE's downsampling

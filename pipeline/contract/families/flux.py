@@ -135,7 +135,8 @@ class FluxSchnell(Flux):
 class FluxKontext(Flux):
     label = "Flux.1 Kontext"
     variant = "kontext"
-    modes = frozenset({"img2img"})  # an edit of the input image, as the prompt says
+    # img2img and edit are the same call: the input image edited as the prompt says
+    modes = frozenset({"img2img", "edit"})
     default_guidance = 2.5
 
     @classmethod
