@@ -147,10 +147,12 @@ def _draw(
     person: Person,
     seeds: list[int],
 ) -> list[Image.Image]:
-    """One image per seed; consecutive seeds share one pipeline call."""
+    """One image per seed, each its own pipeline call: the edit pipelines read their
+    input images per prompt (Qwen-Image-Edit's processor refuses two prompts over one
+    image), and a retry's seed need not follow another's."""
     images: list[Image.Image] = []
-    for first, count in _consecutive(seeds):
-        job = dataclasses.replace(spec, seed=first, count=count)
+    for seed in seeds:
+        job = dataclasses.replace(spec, seed=seed, count=1)
         if not classic(run):
             images += modes.edit(run, job, photo, blobs, loras)
         elif job.keep and person.kept:
@@ -161,17 +163,6 @@ def _draw(
             img2img = dataclasses.replace(job, mode="img2img")
             images += modes.img2img(run, img2img, photo, blobs, loras)
     return images
-
-
-def _consecutive(seeds: list[int]) -> list[tuple[int, int]]:
-    """(first seed, count) of each run of consecutive seeds."""
-    runs: list[list[int]] = []
-    for seed in seeds:
-        if runs and seed == (runs[-1][0] + runs[-1][1]) % (MAX_SEED + 1):
-            runs[-1][1] += 1
-        else:
-            runs.append([seed, 1])
-    return [(first, count) for first, count in runs]
 
 
 def _classic_mask(size: tuple[int, int], boxes: list[faces.FaceBox], keep: str) -> Image.Image:

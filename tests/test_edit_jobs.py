@@ -1,0 +1,206 @@
+"""/edit jobs on the worker (issue 25): a real photo edited by the tiny edit models, the
+person measured by dlib's real recogniser, redrawn when lost.
+
+The photo is scikit-image's astronaut (Eileen Collins, 512²). The tiny models' results
+are noise: without `keep` the person is lost on every try (no face, identity 0), so the
+job takes exactly 1 + max_retries tries; with `keep: face` the photo's face is put back
+over the result, and the person is kept on the first try.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from pipeline.contract.config import EditConfig
+from pipeline.contract.infotext import generation_settings, parse_infotext
+from pipeline.contract.jobs import GenerateSpec, JobError
+from tests.conftest import level_difference, png_of
+
+SETTINGS = EditConfig(min_identity=0.55, max_retries=2)
+WORK = 64  # the tiny models' working size; results come back at the photo's 512²
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def photo() -> Image.Image:
+    return Image.fromarray(skimage.data.astronaut()).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def qwen_edit(tiny_2026):
+    from pipeline.contract.config import ModelConfig
+    from pipeline.models.loading import load_model
+
+    return load_model(ModelConfig(name="edit", source=str(tiny_2026["qwen-image-edit"])))
+
+
+def _spec(blobs, photo, **values) -> GenerateSpec:
+    base = dict(
+        prompt="make her older",
+        mode="edit",
+        image=blobs.put(png_of(photo)),
+        sampler="Euler",
+        steps=STEPS,
+        cfg_scale=2.0,
+        width=WORK,
+        height=WORK,
+        seed=7,
+    )
+    return GenerateSpec(**{**base, **values})
+
+
+def _edit(model, spec, blobs, settings=SETTINGS, on_step=None):
+    from pipeline.generate.modes import run_generation
+
+    [images] = run_generation(model, [spec], blobs=blobs, edit=settings, on_step=on_step)
+    return images
+
+
+def _image(output) -> Image.Image:
+    return Image.open(io.BytesIO(output.png)).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def kept(qwen_edit, tmp_path_factory, photo):
+    """An edit with keep: face of Collins as face 1, on the tiny Qwen-Image-Edit."""
+    from pipeline.contract.blobs import BlobStore
+
+    blobs = BlobStore(tmp_path_factory.mktemp("blobs"))
+    [out] = _edit(qwen_edit, _spec(blobs, photo, keep="face", face=1), blobs)
+    return out
+
+
+def test_keep_face_keeps_the_person_on_the_first_try_at_the_photos_size(kept, photo):
+    assert kept.identity is not None and kept.identity >= SETTINGS.min_identity
+    assert kept.tries == 1 and kept.seed == 7 and kept.input_face
+    assert _image(kept).size == photo.size  # the model worked at 64², the photo is 512²
+    # The face itself is the photo's (the result is composited around it).
+    box = (205, 95, 245, 135)  # inside Collins's face
+    assert level_difference(_image(kept).crop(box), photo.crop(box)) == 0
+    info = parse_infotext(kept.infotext)
+    assert info["Identity"] == f"{kept.identity:.2f}" and info["Edit tries"] == "1"
+    assert info["Size"] == "512x512" and info["Edit keep"] == "face"
+    assert not any("could not be kept" in n for n in kept.notices)
+
+
+def test_a_lost_person_is_redrawn_with_the_next_seeds_then_posted_saying_so(
+    qwen_edit, blobs, photo
+):
+    steps: list[tuple[int, int]] = []
+    spec = _spec(blobs, photo)
+    [out] = _edit(qwen_edit, spec, blobs, on_step=lambda done, total, _: steps.append((done, total)))
+    tries = 1 + SETTINGS.max_retries
+    assert out.tries == tries and out.identity is not None
+    assert out.identity < SETTINGS.min_identity
+    [notice] = [n for n in out.notices if "could not be kept" in n]
+    assert notice.startswith(f"identity {out.identity:.2f} after {tries} tries: the person")
+    assert "seeds 7–9" in notice and out.seed in (7, 8, 9)
+    assert parse_infotext(out.infotext)["Edit tries"] == str(tries)
+    # Progress over the three calls: the step never goes back, the total grows per try.
+    assert [d for d, _ in steps] == list(range(1, STEPS * tries + 1))
+    assert steps[-1] == (STEPS * tries, STEPS * tries)
+    assert all(b[1] >= a[1] for a, b in zip(steps, steps[1:]))
+    # The seed posted draws the image posted: the same call alone, without retries.
+    alone = _spec(blobs, photo, seed=out.seed)
+    [again] = _edit(qwen_edit, alone, blobs, EditConfig(min_identity=0.55, max_retries=0))
+    assert again.tries == 1 and level_difference(_image(again), _image(out)) == 0
+
+
+def test_count_two_retries_never_repeat_another_images_seed(qwen_edit, blobs, photo):
+    from pipeline.generate.editing import try_seed
+
+    small = photo.resize((256, 256), Image.Resampling.LANCZOS)
+    spec = _spec(blobs, small, count=2, seed=10)
+    assert [[try_seed(spec, i, k) for k in range(3)] for i in range(2)] == [
+        [10, 12, 14],
+        [11, 13, 15],
+    ]
+    outs = _edit(qwen_edit, spec, blobs, EditConfig(min_identity=0.55, max_retries=1))
+    assert [o.tries for o in outs] == [2, 2]
+    assert outs[0].seed in (10, 12) and outs[1].seed in (11, 13)
+    assert [_image(o).size for o in outs] == [(256, 256)] * 2
+
+
+def test_no_face_in_the_photo_means_no_measure_and_no_retry(qwen_edit, blobs):
+    wall = Image.fromarray(skimage.data.brick()).convert("RGB")
+    [plain] = _edit(qwen_edit, _spec(blobs, wall), blobs)
+    assert (plain.identity, plain.tries, plain.input_face) == (None, 1, False)
+    assert "Identity" not in parse_infotext(plain.infotext)
+    assert not any("face" in n for n in plain.notices)
+    [kept] = _edit(qwen_edit, _spec(blobs, wall, keep="face"), blobs)
+    assert kept.identity is None and kept.tries == 1
+    assert any(n.startswith("no face found in the photo, so nothing was kept") for n in kept.notices)
+
+
+def test_a_face_number_the_photo_lacks_is_one_line(qwen_edit, blobs, photo):
+    with pytest.raises(JobError, match=r"^face 2 was asked for, but the photo shows 1 face; pick 1 to 1$"):
+        _edit(qwen_edit, _spec(blobs, photo, face=2), blobs)
+
+
+def test_the_edit_infotext_reads_back(kept):
+    settings = generation_settings(kept.infotext)
+    assert settings.measured == {"Identity": pytest.approx(kept.identity, abs=0.005), "Edit tries": 1}
+    assert settings.edit == {"face": 1, "keep": "face"}
+    assert settings.fields["seed"] == 7 and settings.fields["steps"] == STEPS
+    # What an edit measured is never "not re-run"; its own settings are, outside an edit.
+    assert sorted(settings.not_applied) == ["Edit face: 1", "Edit keep: face"]
+
+
+def test_edit_specs_refuse_nonsense_in_one_line() -> None:
+    from pipeline.contract.jobs import Limits
+
+    with pytest.raises(JobError, match=r"^edit needs an instruction: say what to change"):
+        GenerateSpec("  ", mode="edit", image="a" * 64).check(Limits())
+    with pytest.raises(JobError, match=r"^edit takes no mask; keep: face or keep: background"):
+        GenerateSpec("older", mode="edit", image="a" * 64, mask="b" * 64).check(Limits())
+    GenerateSpec("older", mode="edit", image="a" * 64, keep="face", face=2).check(Limits())
+
+
+def test_the_classic_route_on_sd_keeps_the_face_by_inpainting(sd, blobs, photo):
+    spec = _spec(blobs, photo, keep="face", sampler="Euler a", steps=3)
+    [out] = _edit(sd, spec, blobs)
+    assert _image(out).size == photo.size and out.tries == 1
+    assert out.identity is not None and out.identity >= SETTINGS.min_identity
+    info = parse_infotext(out.infotext)
+    assert info["Edit route"] == "classic inpaint" and info["Denoising strength"] == "0.75"
+    assert any("edited by the classic route" in n for n in out.notices)
+    box = (205, 95, 245, 135)
+    assert level_difference(_image(out).crop(box), photo.crop(box)) <= 2
+    # Without keep: the instruction as an img2img prompt, mapped back to the photo's size.
+    [loose] = _edit(sd, _spec(blobs, photo, steps=3), blobs, EditConfig(max_retries=0))
+    assert _image(loose).size == photo.size
+    assert parse_infotext(loose.infotext)["Edit route"] == "classic img2img"
+    assert np.asarray(_image(loose)).std() > 0
+
+
+def test_sdbot_edit_prints_identity_and_tries(tiny_sd, tmp_path, photo, capsys):
+    from bot.cli import main
+
+    (tmp_path / "config.toml").write_text(
+        f'[models.tiny]\nsource = "{tiny_sd}"\n[defaults]\nsteps = 2\nwidth = 64\nheight = 64\n'
+        f'[storage]\ndata_dir = "{tmp_path / "data"}"\n[edit]\nmax_retries = 1\n'
+    )
+    photo.save(tmp_path / "me.png")
+    config = ["--config", str(tmp_path / "config.toml")]
+    out = tmp_path / "older.png"
+    args = ["edit", str(tmp_path / "me.png"), "make her older", "--keep", "face", "--seed", "3"]
+    assert main([*config, *args, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    line = printed.splitlines()[0]
+    assert line.startswith(f"{out}  seed 3  identity 0.") and line.endswith("  1 try")
+    assert "note: SD 1.x has no instruction-editing model" in printed
+    assert Image.open(out).size == photo.size
+    # Bad input: one line, nothing runs.
+    assert main([*config, "edit", str(tmp_path / "me.png"), ""]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: edit needs an instruction: say what to change, e.g. 'make it night'"
+    )
+    assert main([*config, *args, "--image2", str(tmp_path / "me.png")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: SD 1.x models edit with at most 1 input image; this job gave 2"
+    )
