@@ -370,6 +370,18 @@ def test_kontext_edits_the_input_image_as_flux_kontext_pipeline(flux_dirs):
         run_generation(kontext, [spec()])
 
 
+def test_kontext_takes_edit_jobs_as_the_same_kontext_call(flux_dirs):
+    """/edit on a Kontext model: mode edit runs FluxKontextPipeline on the photo, the image
+    its img2img draws (a photo without a face: nothing measured, one try)."""
+    kontext = _load(flux_dirs["kontext"])
+    blobs = Blobs()
+    source = blobs.put(png_of(photo()))
+    [[edited]] = run_generation(kontext, [spec(prompt="make it red", mode="edit", image=source)], blobs=blobs)
+    [[img2img]] = run_generation(kontext, [spec(prompt="make it red", mode="img2img", image=source)], blobs=blobs)
+    assert level_difference(image_of(edited), image_of(img2img)) == 0
+    assert (edited.identity, edited.tries) == (None, 1)
+
+
 def test_schnell_runs_four_steps_without_guidance_and_refuses_what_it_cannot(flux_dirs):
     schnell = _load(flux_dirs["schnell"])
     [[ours]] = run_generation(schnell, [spec()])

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any, ClassVar
 
-from pipeline.contract.jobs import ALL_MODES, MODES, GenerateSpec, JobError
+from pipeline.contract.jobs import MODES, GenerateSpec, JobError
 from pipeline.contract.samplers import SAMPLERS, resolve
 
 # Options of the generation commands a family may or may not have. `guidance` is a
@@ -26,10 +26,6 @@ OPTIONS = (
     "face_fix",
     "guidance",
 )
-
-
-# SD 1.x and SDXL: every mode, edit by the classic route.
-CLASSIC_EDIT_MODES = frozenset(ALL_MODES)
 
 
 def text_encoder_component(index: int) -> str:
@@ -46,10 +42,11 @@ class FamilySpec:
     label: ClassVar[str]  # what a member reads: "SD 1.x"
     modes: ClassVar[frozenset[str]] = frozenset(MODES)  # edit: the edit models' families
     max_input_images: ClassVar[int] = 1  # images an edit job may give (`image` + `images`)
-    # How an edit job draws, where `modes` has "edit": "model", the family's own
-    # instruction-editing pipeline; "classic", for families without one (SD 1.x, SDXL),
+    # How an edit job draws: "model", the family's own instruction-editing pipeline
+    # (where `modes` has "edit"); "classic", for families without one (SD 1.x, SDXL),
     # the instruction as the prompt of an img2img, or of an inpaint around the kept face
-    # or person (`pipeline/generate/editing.py`).
+    # or person (`pipeline/generate/editing.py`): these take edit jobs beside `modes`,
+    # which are their pipelines' modes. `can_edit()` says whether a family edits at all.
     edit_route: ClassVar[str] = "model"
     # Whether its edit model shifts or zooms the picture it hands back (Qwen-Image-Edit's
     # known flaw), so a result is registered back onto the photo (`generate/align.py`).
@@ -145,8 +142,15 @@ class FamilySpec:
         return None
 
     @classmethod
+    def can_edit(cls) -> bool:
+        """Whether /edit may use its models: an editing model, or the classic route."""
+        return "edit" in cls.modes or cls.edit_route == "classic"
+
+    @classmethod
     def check_mode(cls, mode: str) -> None:
         """Refuse, in one line naming the family, a mode it lacks."""
+        if mode == "edit" and cls.can_edit():
+            return
         if mode not in cls.modes:
             raise JobError(
                 f"{cls.label} models cannot {mode}; modes: {', '.join(sorted(cls.modes))}"

@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from pipeline.contract.families.base import CLASSIC_EDIT_MODES, FamilySpec
+from pipeline.contract.families.base import FamilySpec
 
 
 class SD1(FamilySpec):
     name = "sd1"
     label = "SD 1.x"
-    modes = CLASSIC_EDIT_MODES  # edit: the instruction as an img2img/inpaint prompt
-    edit_route = "classic"
+    edit_route = "classic"  # edit: the instruction as an img2img/inpaint prompt
     # 768: CLIP ViT-L/14's width; 32: the tiny model's (pipeline/families/sd_tiny.py), so
     # the tests meet the same refusals a member does.
     cross_attention_widths = (768, 32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from pipeline.contract.families.base import CLASSIC_EDIT_MODES, FamilySpec, text_encoder_component
+from pipeline.contract.families.base import FamilySpec, text_encoder_component
 
 _SECOND = text_encoder_component(1)  # OpenCLIP bigG
 
@@ -13,8 +13,7 @@ _SECOND = text_encoder_component(1)  # OpenCLIP bigG
 class SDXL(FamilySpec):
     name = "sdxl"
     label = "SDXL"
-    modes = CLASSIC_EDIT_MODES  # edit: the instruction as an img2img/inpaint prompt
-    edit_route = "classic"
+    edit_route = "classic"  # edit: the instruction as an img2img/inpaint prompt
     default_size = 1024
     train_resolution = 1024
     # kohya names SDXL's two text encoders te1/te2; diffusers and peft files name the second.
