@@ -93,7 +93,9 @@ def test_a_lost_person_is_redrawn_with_the_next_seeds_then_posted_saying_so(
 ):
     steps: list[tuple[int, int]] = []
     spec = _spec(blobs, photo)
-    [out] = _edit(qwen_edit, spec, blobs, on_step=lambda done, total, _: steps.append((done, total)))
+    [out] = _edit(
+        qwen_edit, spec, blobs, on_step=lambda done, total, _: steps.append((done, total))
+    )
     tries = 1 + SETTINGS.max_retries
     assert out.tries == tries and out.identity is not None
     assert out.identity < SETTINGS.min_identity
@@ -134,17 +136,24 @@ def test_no_face_in_the_photo_means_no_measure_and_no_retry(qwen_edit, blobs):
     assert not any("face" in n for n in plain.notices)
     [kept] = _edit(qwen_edit, _spec(blobs, wall, keep="face"), blobs)
     assert kept.identity is None and kept.tries == 1
-    assert any(n.startswith("no face found in the photo, so nothing was kept") for n in kept.notices)
+    assert any(
+        n.startswith("no face found in the photo, so nothing was kept") for n in kept.notices
+    )
 
 
 def test_a_face_number_the_photo_lacks_is_one_line(qwen_edit, blobs, photo):
-    with pytest.raises(JobError, match=r"^face 2 was asked for, but the photo shows 1 face; pick 1 to 1$"):
+    with pytest.raises(
+        JobError, match=r"^face 2 was asked for, but the photo shows 1 face; pick 1 to 1$"
+    ):
         _edit(qwen_edit, _spec(blobs, photo, face=2), blobs)
 
 
 def test_the_edit_infotext_reads_back(kept):
     settings = generation_settings(kept.infotext)
-    assert settings.measured == {"Identity": pytest.approx(kept.identity, abs=0.005), "Edit tries": 1}
+    assert settings.measured == {
+        "Identity": pytest.approx(kept.identity, abs=0.005),
+        "Edit tries": 1,
+    }
     assert settings.edit == {"face": 1, "keep": "face"}
     assert settings.fields["seed"] == 7 and settings.fields["steps"] == STEPS
     # What an edit measured is never "not re-run"; its own settings are, outside an edit.
@@ -204,3 +213,33 @@ def test_sdbot_edit_prints_identity_and_tries(tiny_sd, tmp_path, photo, capsys):
     assert capsys.readouterr().err.strip() == (
         "error: SD 1.x models edit with at most 1 input image; this job gave 2"
     )
+
+
+def test_the_runner_follows_the_configs_edit_settings(tiny_2026, tmp_path, photo):
+    """The worker's path: `[edit] max_retries` from config.toml reaches the job, and the
+    Done event carries each image's identity, tries and input face."""
+    from pipeline.contract.blobs import BlobStore
+    from pipeline.contract.config import config_from_dict
+    from pipeline.contract.jobs import Done, Progress
+    from pipeline.workers.runner import Runner
+
+    config = config_from_dict(
+        {
+            "models": {"edit": {"source": str(tiny_2026["qwen-image-edit"])}},
+            "storage": {"data_dir": str(tmp_path / "data")},
+            "edit": {"min_identity": 0.55, "max_retries": 1},
+        }
+    )
+    blobs = BlobStore(config.storage.blobs)
+    small = photo.resize((256, 256), Image.Resampling.LANCZOS)
+    spec = _spec(blobs, small, model="edit")
+    events: list = []
+    Runner(config, device="cpu", blobs=blobs, name="w").run(
+        [("job", spec)], events.append, lambda job_id: False
+    )
+    [done] = [e for e in events if isinstance(e, Done)]
+    [image] = done.images
+    assert (image.tries, image.input_face) == (2, True)
+    assert image.identity is not None and image.identity < 0.55
+    steps = [e.step for e in events if isinstance(e, Progress)]
+    assert steps == sorted(steps) and steps[-1] == 2 * STEPS

@@ -27,7 +27,8 @@ from pipeline.contract.jobs import JobError
 
 __all__ = ["CliError", "main"]
 
-COMMANDS = (run, generate, edit, tiny_model, doctor, train)  # in the order `sdbot --help` lists them
+# In the order `sdbot --help` lists them.
+COMMANDS = (run, generate, edit, tiny_model, doctor, train)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from bot.cli.generate import (
     _model_name,
     _progress_bar,
     _read_input,
+    add_place_options,
     output_paths,
     write_atomically,
 )
@@ -57,9 +58,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         metavar="NAME[:WEIGHT]",
         help="a LoRA from --lora-dir (repeatable); it must be of the model's family",
     )
-    parser.add_argument("--lora-dir", type=Path, default=None, help="where --lora finds NAME")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: config)")
-    parser.add_argument("--out", type=Path, default=Path("edit.png"), help="output PNG")
+    add_place_options(parser, "edit.png")
     parser.set_defaults(handler=edit)
 
 

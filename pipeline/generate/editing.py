@@ -73,6 +73,24 @@ class Edited:
     infotext: dict[str, Any]  # the edit's infotext fields
 
 
+@dataclass(frozen=True)
+class EditJob:
+    """One edit job as it runs: the pipeline call's context (`modes._Run`), the spec,
+    the member's photo, the blob store, the LoRA cache, and the person."""
+
+    run: Any
+    spec: GenerateSpec
+    photo: Image.Image
+    blobs: Any
+    loras: Any
+    person: Person
+
+    @property
+    def classic(self) -> bool:
+        """Whether the model edits by the classic route (no instruction-editing pipeline)."""
+        return self.run.model.kind.spec.edit_route == "classic"
+
+
 def run_edit(
     run: Any,
     spec: GenerateSpec,
@@ -87,20 +105,21 @@ def run_edit(
     limit = 1 + settings.max_retries if person.reference is not None else 1
     if run.on_step is not None:
         run = dataclasses.replace(run, on_step=JobSteps(run.on_step))
+    job = EditJob(run, spec, photo, blobs, loras, person)
     tries: list[list[Try]] = [[] for _ in range(spec.count)]
     pending = list(range(spec.count))
     for attempt in range(limit):
         # 2. Draw the images still pending, with this try's seeds.
         seeds = [try_seed(spec, i, attempt) for i in pending]
-        drawn = _draw(run, spec, photo, blobs, loras, person, seeds)
+        drawn = _draw(job, seeds)
         # 3. On the photo, 4. measured.
         for i, seed, image in zip(pending, seeds, drawn):
-            tries[i].append(_finish(run, spec, photo, blobs, loras, person, image, seed))
+            tries[i].append(_finish(job, image, seed))
         # 5. Redraw those that lost the person.
         pending = [i for i in pending if _lost(tries[i][-1], settings)]
         if not pending:
             break
-    return [_edited(run, spec, person, image_tries, settings) for image_tries in tries]
+    return [_edited(job, image_tries, settings) for image_tries in tries]
 
 
 def try_seed(spec: GenerateSpec, index: int, attempt: int) -> int:
@@ -133,34 +152,22 @@ def person_of(photo: Image.Image, spec: GenerateSpec) -> Person:
 # ---------------------------------------------------------------- 2. drawing
 
 
-def classic(run: Any) -> bool:
-    """Whether the model edits by the classic route (no instruction-editing pipeline)."""
-    return run.model.kind.spec.edit_route == "classic"
-
-
-def _draw(
-    run: Any,
-    spec: GenerateSpec,
-    photo: Image.Image,
-    blobs: Any,
-    loras: Any,
-    person: Person,
-    seeds: list[int],
-) -> list[Image.Image]:
+def _draw(job: EditJob, seeds: list[int]) -> list[Image.Image]:
     """One image per seed, each its own pipeline call: the edit pipelines read their
     input images per prompt (Qwen-Image-Edit's processor refuses two prompts over one
     image), and a retry's seed need not follow another's."""
+    run, photo, blobs, loras = job.run, job.photo, job.blobs, job.loras
     images: list[Image.Image] = []
     for seed in seeds:
-        job = dataclasses.replace(spec, seed=seed, count=1)
-        if not classic(run):
-            images += modes.edit(run, job, photo, blobs, loras)
-        elif job.keep and person.kept:
-            mask = _classic_mask(photo.size, person.kept, job.keep)
-            inpaint = dataclasses.replace(job, mode="inpaint")
+        one = dataclasses.replace(job.spec, seed=seed, count=1)
+        if not job.classic:
+            images += modes.edit(run, one, photo, blobs, loras)
+        elif one.keep and job.person.kept:
+            mask = _classic_mask(photo.size, job.person.kept, one.keep)
+            inpaint = dataclasses.replace(one, mode="inpaint")
             images += modes.inpaint(run, inpaint, photo, blobs, loras, mask=mask)
         else:
-            img2img = dataclasses.replace(job, mode="img2img")
+            img2img = dataclasses.replace(one, mode="img2img")
             images += modes.img2img(run, img2img, photo, blobs, loras)
     return images
 
@@ -175,29 +182,22 @@ def _classic_mask(size: tuple[int, int], boxes: list[faces.FaceBox], keep: str) 
 # ---------------------------------------------------------------- 3. onto the photo, 4. measured
 
 
-def _finish(
-    run: Any,
-    spec: GenerateSpec,
-    photo: Image.Image,
-    blobs: Any,
-    loras: Any,
-    person: Person,
-    image: Image.Image,
-    seed: int,
-) -> Try:
+def _finish(job: EditJob, image: Image.Image, seed: int) -> Try:
     # The classic inpaint kept the region already; its img2img and every edit model's
     # result are mapped back onto the photo here.
-    keep = spec.keep if spec.keep and person.kept and not classic(run) else "none"
+    spec, person = job.spec, job.person
+    keep = spec.keep if spec.keep and person.kept and not job.classic else "none"
     placed = align.align_to_input(
-        photo,
+        job.photo,
         image,
         keep=keep,
         face_boxes=person.kept,
-        registered=run.model.kind.spec.edit_registers,
+        registered=job.run.model.kind.spec.edit_registers,
     )
     image = placed.image
     if spec.face_fix:
-        image = modes.fix_faces(run, dataclasses.replace(spec, seed=seed), image, blobs, loras)
+        fixing = dataclasses.replace(spec, seed=seed)
+        image = modes.fix_faces(job.run, fixing, image, job.blobs, job.loras)
     score = None
     if person.reference is not None:
         score = identity.identity_score(person.reference, image)
@@ -211,11 +211,10 @@ def _lost(attempt: Try, settings: EditConfig) -> bool:
 # ---------------------------------------------------------------- 5. what is posted
 
 
-def _edited(
-    run: Any, spec: GenerateSpec, person: Person, tries: list[Try], settings: EditConfig
-) -> Edited:
+def _edited(job: EditJob, tries: list[Try], settings: EditConfig) -> Edited:
+    spec, person = job.spec, job.person
     best = max(tries, key=lambda t: t.score.score if t.score is not None else 0.0)
-    notices = [*_route_notices(run, spec), *best.notices]
+    notices = [*_route_notices(job), *best.notices]
     if person.reference is None and spec.keep:
         notices.append(
             f"no face found in the photo, so nothing was kept (keep: {spec.keep} needs a "
@@ -228,8 +227,8 @@ def _edited(
         "Edit tries": len(tries),
         "Edit face": spec.face or None,
         "Edit keep": spec.keep,
-        "Edit route": _route(spec, person) if classic(run) else None,
-        "Denoising strength": spec.strength if classic(run) else None,
+        "Edit route": _route(job) if job.classic else None,
+        "Denoising strength": spec.strength if job.classic else None,
     }
     return Edited(
         best.image, best.seed, score, len(tries), bool(person.found), tuple(notices), fields
@@ -258,16 +257,16 @@ def _score(attempt: Try) -> str:
     return f"{attempt.score.score:.2f}" if attempt.score is not None else "none"
 
 
-def _route(spec: GenerateSpec, person: Person) -> str:
+def _route(job: EditJob) -> str:
     """The infotext's `Edit route` value for the classic route."""
-    return "classic inpaint" if spec.keep and person.kept else "classic img2img"
+    return "classic inpaint" if job.spec.keep and job.person.kept else "classic img2img"
 
 
-def _route_notices(run: Any, spec: GenerateSpec) -> list[str]:
-    if not classic(run):
+def _route_notices(job: EditJob) -> list[str]:
+    if not job.classic:
         return []
-    how = f"the instruction as the prompt at denoising strength {spec.strength:g}"
-    label = run.model.kind.label
+    how = f"the instruction as the prompt at denoising strength {job.spec.strength:g}"
+    label = job.run.model.kind.label
     return [f"{label} has no instruction-editing model: edited by the classic route ({how})"]
 
 
