@@ -243,3 +243,26 @@ def test_the_runner_follows_the_configs_edit_settings(tiny_2026, tmp_path, photo
     assert image.identity is not None and image.identity < 0.55
     steps = [e.step for e in events if isinstance(e, Progress)]
     assert steps == sorted(steps) and steps[-1] == 2 * STEPS
+
+
+def test_face_n_counts_the_photos_faces_from_the_left(photo):
+    """Two real people side by side: face 1 is the left one, face 2 the right one, 0 the
+    largest; `keep` keeps only the face named (every face when none is)."""
+    from pipeline.faces import identity
+    from pipeline.faces.detection import detect_faces
+    from pipeline.generate.editing import person_of
+
+    canvas = Image.new("RGB", (1024, 512))
+    canvas.paste(Image.fromarray(skimage.data.camera()).convert("RGB"), (0, 0))
+    canvas.paste(photo, (512, 0))  # Collins on the right
+    largest = detect_faces(canvas)
+    assert len(largest) == 2
+    people = {n: person_of(canvas, GenerateSpec("x", mode="edit", face=n)) for n in (0, 1, 2)}
+    assert people[1].reference.box.x1 <= 512 <= people[2].reference.box.x
+    assert people[0].reference.box == largest[0] and people[0].kept == largest
+    assert [p.kept for p in (people[1], people[2])] == [
+        [people[1].reference.box],
+        [people[2].reference.box],
+    ]
+    assert identity.identity_score(people[2].reference, photo).score >= SETTINGS.min_identity
+    assert identity.identity_score(people[1].reference, photo).score < 0.5
