@@ -266,3 +266,17 @@ def test_face_n_counts_the_photos_faces_from_the_left(photo):
     ]
     assert identity.identity_score(people[2].reference, photo).score >= SETTINGS.min_identity
     assert identity.identity_score(people[1].reference, photo).score < 0.5
+
+
+def test_a_large_photo_is_measured_on_a_copy_of_at_most_1024(photo):
+    from pipeline.faces import identity
+    from pipeline.generate.editing import MEASURE_MAX_SIDE, measurable, person_of
+
+    large = photo.resize((2048, 2048), Image.Resampling.LANCZOS)
+    person = person_of(large, GenerateSpec("x", mode="edit"))
+    # The keep masks work in the photo's pixels, the descriptor on the copy's.
+    assert person.kept[0].x1 > MEASURE_MAX_SIDE
+    assert person.reference.box == person.kept[0].scaled(0.5)
+    copy, factor = measurable(large)
+    assert copy.size == (1024, 1024) and factor == 0.5
+    assert identity.identity_score(person.reference, copy).score >= 0.9

@@ -40,6 +40,10 @@ from pipeline.faces import detection as faces
 from pipeline.faces import identity
 from pipeline.generate import align, modes
 
+# Identity is measured on copies at most this large (photo and result alike): dlib reads
+# a face as a 150 px chip, and its HOG fallback on a 16 MP result would take a minute.
+MEASURE_MAX_SIDE = 1024
+
 
 @dataclass(frozen=True)
 class Person:
@@ -145,8 +149,19 @@ def person_of(photo: Image.Image, spec: GenerateSpec) -> Person:
         kept = [chosen]
     else:
         chosen, kept = found[0], found
-    pixels = np.ascontiguousarray(np.asarray(photo.convert("RGB")))
-    return Person(found, kept, identity.FaceIdentity(identity.embed(pixels, chosen), chosen))
+    small, factor = measurable(photo)
+    box = chosen.scaled(factor) if factor != 1.0 else chosen
+    pixels = np.ascontiguousarray(np.asarray(small.convert("RGB")))
+    return Person(found, kept, identity.FaceIdentity(identity.embed(pixels, box), box))
+
+
+def measurable(image: Image.Image) -> tuple[Image.Image, float]:
+    """The copy identity is measured on (at most MEASURE_MAX_SIDE), and its scale."""
+    factor = min(1.0, MEASURE_MAX_SIDE / max(image.size))
+    if factor == 1.0:
+        return image, 1.0
+    size = (round(image.width * factor), round(image.height * factor))
+    return image.resize(size, Image.Resampling.LANCZOS), factor
 
 
 # ---------------------------------------------------------------- 2. drawing
@@ -200,7 +215,7 @@ def _finish(job: EditJob, image: Image.Image, seed: int) -> Try:
         image = modes.fix_faces(job.run, fixing, image, job.blobs, job.loras)
     score = None
     if person.reference is not None:
-        score = identity.identity_score(person.reference, image)
+        score = identity.identity_score(person.reference, measurable(image)[0])
     return Try(image, seed, score, placed.notices)
 
 
