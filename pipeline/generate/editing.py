@@ -261,7 +261,8 @@ def _identity_notices(best: Try, tries: list[Try], settings: EditConfig) -> list
             f"because {scores} scored below {settings.min_identity:g}"
         ]
     plural = "try" if len(tries) == 1 else "tries"
-    others = f"; the best of seeds {tries[0].seed}–{tries[-1].seed} is shown" if lost else ""
+    seeds = ", ".join(str(t.seed) for t in tries)
+    others = f"; the best of seeds {seeds} is shown" if lost else ""
     return [
         f"identity {_score(best)} after {len(tries)} {plural}: the person could not be kept "
         f"(seed {best.seed}{others})"
