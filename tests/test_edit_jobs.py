@@ -17,7 +17,7 @@ import skimage.data
 from PIL import Image
 
 from pipeline.contract.config import EditConfig
-from pipeline.contract.infotext import generation_settings, parse_infotext
+from pipeline.contract.infotext import generation_settings, parse_infotext, read_infotext
 from pipeline.contract.jobs import GenerateSpec, JobError
 from tests.conftest import level_difference, png_of
 
@@ -187,7 +187,7 @@ def test_the_classic_route_on_sd_keeps_the_face_by_inpainting(sd, blobs, photo):
     assert np.asarray(_image(loose)).std() > 0
 
 
-def test_sdbot_edit_prints_identity_and_tries(tiny_sd, tmp_path, photo, capsys):
+def test_sdbot_edit_prints_identity_and_tries(sd, tiny_sd, tmp_path, photo, capsys):
     from bot.cli import main
 
     (tmp_path / "config.toml").write_text(
@@ -209,6 +209,18 @@ def test_sdbot_edit_prints_identity_and_tries(tiny_sd, tmp_path, photo, capsys):
     assert capsys.readouterr().err.strip() == (
         "error: edit needs an instruction: say what to change, e.g. 'make it night'"
     )
+    # The member's LoRA applies to the edit, and the infotext says so as A1111 does.
+    from tests.lycoris_files import write_lora
+
+    (tmp_path / "loras").mkdir()
+    write_lora(tmp_path / "loras" / "Me.safetensors", sd.pipe, "kohya", seed=3)
+    lora = ["--lora", "Me:0.7", "--lora-dir", str(tmp_path / "loras")]
+    assert main([*config, *args, *lora, "--out", str(tmp_path / "me-lora.png")]) == 0
+    capsys.readouterr()
+    info = parse_infotext(read_infotext((tmp_path / "me-lora.png").read_bytes()))
+    assert info["Prompt"] == "make her older <lora:Me:0.7>"
+    assert info["Lora hashes"].startswith("Me: ")
+    assert level_difference(Image.open(tmp_path / "me-lora.png"), Image.open(out)) > 0
     assert main([*config, *args, "--image2", str(tmp_path / "me.png")]) == 2
     assert capsys.readouterr().err.strip() == (
         "error: SD 1.x models edit with at most 1 input image; this job gave 2"
