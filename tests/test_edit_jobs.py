@@ -100,8 +100,9 @@ def test_a_lost_person_is_redrawn_with_the_next_seeds_then_posted_saying_so(
     assert out.tries == tries and out.identity is not None
     assert out.identity < SETTINGS.min_identity
     [notice] = [n for n in out.notices if "could not be kept" in n]
-    assert notice.startswith(f"identity {out.identity:.2f} after {tries} tries: the person")
-    assert "the best of seeds 7, 8, 9 is shown" in notice and out.seed in (7, 8, 9)
+    assert notice.startswith("the person could not be kept: seeds 7, 8, 9 scored ")
+    assert f"{out.identity:.2f}" in notice and out.seed in (7, 8, 9)
+    assert notice.endswith(f"below 0.55; seed {out.seed}'s result is shown")
     assert parse_infotext(out.infotext)["Edit tries"] == str(tries)
     # Progress over the three calls: the step never goes back, the total grows per try.
     assert [d for d, _ in steps] == list(range(1, STEPS * tries + 1))

@@ -251,22 +251,21 @@ def _edited(job: EditJob, tries: list[Try], settings: EditConfig) -> Edited:
 
 
 def _identity_notices(best: Try, tries: list[Try], settings: EditConfig) -> list[str]:
-    if best.score is None or (len(tries) == 1 and not _lost(best, settings)):
+    """Which seeds lost the person and what they scored (the image's `identity` and
+    `tries` fields say the rest, and the bot words them)."""
+    lost = [t for t in tries if _lost(t, settings)]
+    if not lost:
         return []
-    lost = [t for t in tries if t is not best]
-    scores = ", ".join(f"seed {t.seed}: {_score(t)}" for t in lost)
-    if not _lost(best, settings):
-        return [
-            f"identity {_score(best)} on try {len(tries)} (seed {best.seed}); redrawn "
-            f"because {scores} scored below {settings.min_identity:g}"
-        ]
-    plural = "try" if len(tries) == 1 else "tries"
-    seeds = ", ".join(str(t.seed) for t in tries)
-    others = f"; the best of seeds {seeds} is shown" if lost else ""
-    return [
-        f"identity {_score(best)} after {len(tries)} {plural}: the person could not be kept "
-        f"(seed {best.seed}{others})"
-    ]
+    seeds = ", ".join(str(t.seed) for t in lost)
+    scores = ", ".join(_score(t) for t in lost)
+    scored = (
+        f"seed{'s' if len(lost) > 1 else ''} {seeds} scored {scores}, "
+        f"below {settings.min_identity:g}"
+    )
+    if _lost(best, settings):
+        shown = f"; seed {best.seed}'s result is shown" if len(tries) > 1 else ""
+        return [f"the person could not be kept: {scored}{shown}"]
+    return [f"{scored}: redrawn, seed {best.seed} scored {_score(best)}"]
 
 
 def _score(attempt: Try) -> str:
