@@ -293,3 +293,23 @@ def test_a_large_photo_is_measured_on_a_copy_of_at_most_1024(photo):
     copy, factor = measurable(large)
     assert copy.size == (1024, 1024) and factor == 0.5
     assert identity.identity_score(person.reference, copy).score >= 0.9
+
+
+def test_which_families_edit_and_how() -> None:
+    from pipeline.contract import families
+    from pipeline.contract.families.flux import VARIANTS
+    from pipeline.contract.jobs import MODES
+
+    for name in ("sd1", "sdxl"):  # the classic route; their pipelines' modes unchanged
+        spec = families.spec(name)
+        assert spec.has_mode("edit") and spec.edit_route == "classic"
+        assert set(spec.modes) == set(MODES)
+        spec.check_mode("edit")
+    for name in ("qwen-image-edit", "qwen-image-edit-plus", "flux2-klein"):
+        assert families.spec(name).has_mode("edit")
+        assert families.spec(name).edit_route == "model"
+    assert VARIANTS["kontext"].has_mode("edit") and not VARIANTS["dev"].has_mode("edit")
+    registers = {n for n in families.FAMILIES if families.spec(n).edit_registers}
+    assert registers == {"qwen-image-edit", "qwen-image-edit-plus"}
+    with pytest.raises(JobError, match=r"^Flux.1 models cannot edit; modes: "):
+        VARIANTS["dev"].check_mode("edit")

@@ -46,7 +46,7 @@ class FamilySpec:
     # (where `modes` has "edit"); "classic", for families without one (SD 1.x, SDXL),
     # the instruction as the prompt of an img2img, or of an inpaint around the kept face
     # or person (`pipeline/generate/editing.py`): these take edit jobs beside `modes`,
-    # which are their pipelines' modes. `can_edit()` says whether a family edits at all.
+    # which are their pipelines' modes (`has_mode("edit")` says whether a family edits).
     edit_route: ClassVar[str] = "model"
     # Whether its edit model shifts or zooms the picture it hands back (Qwen-Image-Edit's
     # known flaw), so a result is registered back onto the photo (`generate/align.py`).
@@ -142,16 +142,15 @@ class FamilySpec:
         return None
 
     @classmethod
-    def can_edit(cls) -> bool:
-        """Whether /edit may use its models: an editing model, or the classic route."""
-        return "edit" in cls.modes or cls.edit_route == "classic"
+    def has_mode(cls, mode: str) -> bool:
+        """Whether its models take jobs of `mode`: one of `modes`, or edit by the classic
+        route (what a command asks to list the models it may use)."""
+        return mode in cls.modes or (mode == "edit" and cls.edit_route == "classic")
 
     @classmethod
     def check_mode(cls, mode: str) -> None:
         """Refuse, in one line naming the family, a mode it lacks."""
-        if mode == "edit" and cls.can_edit():
-            return
-        if mode not in cls.modes:
+        if not cls.has_mode(mode):
             raise JobError(
                 f"{cls.label} models cannot {mode}; modes: {', '.join(sorted(cls.modes))}"
             )
