@@ -313,3 +313,17 @@ def test_which_families_edit_and_how() -> None:
     assert registers == {"qwen-image-edit", "qwen-image-edit-plus"}
     with pytest.raises(JobError, match=r"^Flux.1 models cannot edit; modes: "):
         VARIANTS["dev"].check_mode("edit")
+
+
+def test_face_fix_runs_on_the_edit_before_it_is_measured(sd, blobs, photo):
+    steps: list[tuple[int, int]] = []
+    spec = _spec(blobs, photo, sampler="Euler a", steps=3, keep="face", face_fix=True)
+    [out] = _edit(sd, spec, blobs, EditConfig(max_retries=0), lambda d, t, _: steps.append((d, t)))
+    assert parse_infotext(out.infotext)["ADetailer model"] == "haarcascade face"
+    assert out.identity is not None and _image(out).size == photo.size
+    # The kept face was repainted by the face fix after the edit (keep alone leaves it).
+    box = (205, 95, 245, 135)
+    assert level_difference(_image(out).crop(box), photo.crop(box)) > 2
+    # Two calls (the edit's inpaint, then the face's), counted as one job's steps.
+    assert [d for d, _ in steps] == list(range(1, len(steps) + 1)) and len(steps) > 2
+    assert all(b[1] >= a[1] for a, b in zip(steps, steps[1:]))
