@@ -9,11 +9,13 @@ An edit job, top to bottom (`run_edit`):
 2. Draw: the family's edit pipeline (`modes.edit`: Qwen-Image-Edit, Flux.2 klein,
    Kontext) or, for a family without one (`FamilySpec.edit_route == "classic"`: SD 1.x,
    SDXL), the instruction as the prompt of an img2img, or with `keep` of an inpaint
-   around the kept face or person, with the member's LoRAs as any job.
+   around the kept face or person, with the member's LoRAs as any job; one pipeline
+   call per image.
 3. Onto the photo (`align.align_to_input`): at the photo's size, registered where the
    family's model moves its picture (`FamilySpec.edit_registers`), the kept region
    composited with a feathered edge; then face fix when asked.
-4. Measure the identity of the result's best-matching face against the photo's.
+4. Measure the identity of the result's best-matching face against the photo's (both on
+   copies of at most 1024 px).
 5. Below `[edit] min_identity`, draw again with the next seed, at most `max_retries`
    times (A1111's "next seed"): image i of the job at try k draws with
    seed + i + k × count, so a retry never repeats another image's seed (with count 1:
