@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -368,6 +369,21 @@ def test_kontext_edits_the_input_image_as_flux_kontext_pipeline(flux_dirs):
     assert level_difference(image_of(ours), theirs) <= SAME_LEVELS
     with pytest.raises(JobError, match=r"^Flux.1 Kontext edits an image: give it an input image"):
         run_generation(kontext, [spec()])
+
+
+def test_kontext_takes_edit_jobs_as_the_same_kontext_call(flux_dirs):
+    """/edit on a Kontext model: mode edit runs FluxKontextPipeline on the photo, the image
+    its img2img draws (at Kontext's preferred size), handed back at the photo's size (a
+    photo without a face: nothing measured, one try)."""
+    kontext = _load(flux_dirs["kontext"])
+    blobs = Blobs()
+    source = blobs.put(png_of(photo()))
+    job = spec(prompt="make it red", image=source)
+    [[edited]] = run_generation(kontext, [replace(job, mode="edit")], blobs=blobs)
+    [[img2img]] = run_generation(kontext, [replace(job, mode="img2img")], blobs=blobs)
+    back = image_of(img2img).resize(photo().size, Image.Resampling.LANCZOS)
+    assert level_difference(image_of(edited), back) == 0
+    assert (edited.identity, edited.tries) == (None, 1)
 
 
 def test_schnell_runs_four_steps_without_guidance_and_refuses_what_it_cannot(flux_dirs):

@@ -2,6 +2,7 @@
 
     sdbot run                     the Discord bot (reads config.toml and DISCORD_TOKEN)
     sdbot generate PROMPT …       one image job, written as PNGs with infotext
+    sdbot edit IMAGE INSTRUCTION  one /edit job: the person measured, redrawn when lost
     sdbot train NAME PHOTO …      one personal model, registered in the database
     sdbot tiny-model DIR          a tiny random-weight model for tests and demos
     sdbot doctor                  what works and what doesn't on this machine
@@ -20,14 +21,15 @@ import argparse
 import logging
 import sys
 
-from bot.cli import doctor, generate, run, tiny_model, train
+from bot.cli import doctor, edit, generate, run, tiny_model, train
 from bot.cli.common import EXIT_USAGE, CliError
 from pipeline.contract.config import ConfigError
 from pipeline.contract.jobs import JobError
 
 __all__ = ["CliError", "main"]
 
-COMMANDS = (run, generate, tiny_model, doctor, train)  # in the order `sdbot --help` lists them
+# In the order `sdbot --help` lists them.
+COMMANDS = (run, generate, edit, tiny_model, doctor, train)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,15 +74,20 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--ip-adapter", default=None, help="[ip_adapters.NAME] (default: the first)"
     )
+    add_place_options(parser, "out.png")
+    parser.set_defaults(handler=generate)
+
+
+def add_place_options(parser: argparse.ArgumentParser, out: str) -> None:
+    """Where an offline image job finds its LoRAs, runs and writes (generate, edit)."""
     parser.add_argument(
         "--lora-dir",
         type=Path,
         default=None,
-        help="folder where <lora:NAME:w> finds NAME.safetensors",
+        help="folder where LoRA NAME is NAME.safetensors (<lora:NAME:w>, --lora)",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: config)")
-    parser.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG")
-    parser.set_defaults(handler=generate)
+    parser.add_argument("--out", type=Path, default=Path(out), help="output PNG")
 
 
 def _model_name(config: Config, requested: str) -> str:
@@ -287,6 +292,7 @@ def generate(args: argparse.Namespace) -> int:
         on_step=_progress_bar(spec.count),
         preview_every=0,
         control=ControlCache(config),
+        edit=config.edit,
     )
     for path, image in zip(output_paths(args.out, spec.count), results[0]):
         write_atomically(path, image.png)

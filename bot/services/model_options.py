@@ -120,7 +120,7 @@ async def models_for(config: Config, command: str) -> list[str]:
     if mode is None:
         return names
     families = await asyncio.gather(*(family_of(config, n) for n in names))
-    return [n for n, family in zip(names, families, strict=True) if mode in family.modes]
+    return [n for n, family in zip(names, families, strict=True) if family.has_mode(mode)]
 
 
 def family_label(family: type[FamilySpec]) -> str:

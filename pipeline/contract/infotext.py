@@ -108,6 +108,10 @@ _STEPS = re.compile(r"(?:^|\s)(Steps: *\d+ *,)")
 _NEGATIVE = re.compile(r"\s*\bNegative prompt: *")
 # Keys that change nothing here when they have these values (A1111's defaults, ours).
 _HARMLESS = {"Version": None, "Clip skip": "1", "RNG": "CPU", "Emphasis": "Original"}
+# What an edit measured of its result (/edit): read back, never a setting to re-run.
+MEASURED = ("Identity", "Edit tries")
+# An edit's own settings (/edit, `sdbot edit`): read into `InfotextSettings.edit`.
+EDIT_KEYS = {"Edit face": "face", "Edit keep": "keep", "Edit route": "route"}
 
 
 @dataclass
@@ -122,6 +126,11 @@ class InfotextSettings:
     model_hash: str | None = None
     lora_hashes: dict[str, str] = field(default_factory=dict)
     not_applied: list[str] = field(default_factory=list)
+    # An edit's result: its identity score and tries (`Identity`, `Edit tries`), and its
+    # edit settings {"face": 2, "keep": "face", "route": "classic img2img"}, which only
+    # an edit of a photo re-runs (they are in `not_applied` too).
+    measured: dict[str, float] = field(default_factory=dict)
+    edit: dict[str, Any] = field(default_factory=dict)
 
 
 def looks_like_parameters(text: str) -> bool:
@@ -170,6 +179,11 @@ def generation_settings(text: str) -> InfotextSettings:
                 settings.lora_hashes = _hash_list(value)
             elif key in _HARMLESS and _HARMLESS[key] in (None, value):
                 continue
+            elif key in MEASURED:
+                settings.measured[key] = float(value)
+            elif key in EDIT_KEYS:
+                settings.edit[EDIT_KEYS[key]] = int(value) if key == "Edit face" else value
+                settings.not_applied.append(f"{key}: {value}")
             else:
                 settings.not_applied.append(f"{key}: {value}")
         except ValueError:

@@ -210,6 +210,8 @@ class GenerateSpec:
             raise JobError(f"{self.mode} takes one input image; more are for edit")
         if self.mode == "inpaint" and not (self.mask or self.keep):
             raise JobError("inpaint needs a mask (white = repaint) or keep: face|background")
+        if self.mode == "edit":
+            _check_edit(self)
         _check_int("face", self.face, 0, MAX_FACES)
         if self.face and self.mode != "edit":
             raise JobError("face: picks the person of an edit; other modes do not take it")
@@ -308,6 +310,15 @@ def check_size(width: int, height: int, limits: Limits) -> None:
             f"{width}×{height} is {width * height / 1e6:.2f} MP; "
             f"the limit is {limits.max_pixels / 1e6:.2f} MP"
         )
+
+
+def _check_edit(spec: GenerateSpec) -> None:
+    """What an edit job cannot mean: no instruction, or a mask (the kept region comes
+    from `keep: face|background`, around the person's face)."""
+    if not spec.prompt.strip():
+        raise JobError("edit needs an instruction: say what to change, e.g. 'make it night'")
+    if spec.mask:
+        raise JobError("edit takes no mask; keep: face or keep: background keeps a region")
 
 
 def _check_text(name: str, text: str, limit: int) -> None:

@@ -547,7 +547,15 @@ class _FluxSchnell(Flux):
 class _FluxKontext(Flux):
     spec = VARIANTS["kontext"]
     control_pipelines: dict[str, str] = {}
-    pipelines = {"img2img": "FluxKontextPipeline", "txt2img": "FluxKontextPipeline"}
+    pipelines = {
+        "img2img": "FluxKontextPipeline",
+        "edit": "FluxKontextPipeline",
+        "txt2img": "FluxKontextPipeline",
+    }
+
+    @contextmanager
+    def edit_inputs(self, images: list[Any], width: int, height: int) -> Iterator[dict[str, Any]]:
+        yield {"image": images[0]}  # Kontext reads one image
 
     def call_inputs(self, spec: Any, inputs: dict[str, Any]) -> dict[str, Any]:
         # Kontext edits the whole image at the prompt's word: no denoising strength.

@@ -80,17 +80,24 @@ def align_to_input(
     *,
     keep: Keep = "none",
     face_boxes: list[faces.FaceBox] | None = None,
+    registered: bool = True,
 ) -> Alignment:
     """`result` resized and registered onto `photo`, with the kept region composited.
 
     `face_boxes` are the photo's faces (detected here when not given); keep: face and
-    background need at least one (faces.NoFaceFound otherwise).
+    background need at least one (faces.NoFaceFound otherwise). `registered=False`:
+    only resized (a model that does not move its picture).
     """
     # 1. The photo's size.
     photo = photo.convert("RGB")
-    resized = result.convert("RGB").resize(photo.size, Image.Resampling.LANCZOS)
+    resized = result.convert("RGB")
+    if resized.size != photo.size:
+        resized = resized.resize(photo.size, Image.Resampling.LANCZOS)
     # 2. Register, 3. warp; or keep the resize, saying why.
-    transform, method, notices = register(photo, resized)
+    if registered:
+        transform, method, notices = register(photo, resized)
+    else:
+        transform, method, notices = None, "resize", []
     if transform is None:
         aligned = resized
         shift, zoom = (0.0, 0.0), 1.0

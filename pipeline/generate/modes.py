@@ -9,6 +9,7 @@ a cheap preview and checks for cancellation between steps.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import logging
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from pipeline.contract.config import EditConfig
 from pipeline.contract.images import open_image
 from pipeline.contract.infotext import VERSION, format_infotext, png_bytes
 from pipeline.contract.jobs import GenerateSpec, JobError, OutputImage
@@ -84,11 +86,13 @@ def run_generation(
     should_cancel: Callable[[], bool] | None = None,
     preview_every: int = 4,
     control: Any = None,
+    edit: EditConfig | None = None,
 ) -> list[list[OutputImage]]:
     """Run the specs (one, or several txt2img jobs sharing a batch key) as one call.
 
     Returns one list of images per spec, in order. Raises GenerationCancelled,
-    JobError (bad input: message for the member) or ImageInputError.
+    JobError (bad input: message for the member) or ImageInputError. `edit`: the
+    `[edit]` settings an edit job's identity retries follow (defaults without it).
     """
     specs = [spec if spec.seed is not None else spec.with_seed() for spec in specs]
     if not specs:
@@ -113,6 +117,7 @@ def run_generation(
                 should_cancel=should_cancel,
                 preview_every=preview_every,
                 control=control,
+                edit=edit,
             )
             for i, images in zip(members, outputs):
                 results[i] = [_told(image, said[i]) for image in images]
@@ -126,6 +131,9 @@ def run_generation(
     # A mode, sampler or setting the model's family lacks: one line naming the family.
     model.kind.spec.check_job(spec)
     model.kind.spec.resolve_sampler(spec.sampler, spec.schedule)
+    if spec.mode == "edit":
+        edited = _edit_outputs(run, spec, blobs, loras, edit or EditConfig())
+        return [[_told(image, said[0]) for image in edited]]
     if spec.mode == "txt2img":
         results = txt2img(run, specs, blobs, loras)
     else:
@@ -136,7 +144,6 @@ def run_generation(
             "outpaint": outpaint,
             "upscale": upscale,
             "facefix": face_fix_only,
-            "edit": edit,
         }
         results = [modes[spec.mode](run, spec, image, blobs, loras)]
     if spec.face_fix:
@@ -187,6 +194,29 @@ def _told(output: OutputImage, notices: tuple[str, ...]) -> OutputImage:
     from dataclasses import replace
 
     return replace(output, notices=notices + output.notices) if notices else output
+
+
+def _edit_outputs(
+    run: _Run, spec: GenerateSpec, blobs, loras, settings: EditConfig
+) -> list[OutputImage]:
+    """An edit job's images: each drawn until its person is kept (`generate/editing.py`),
+    with its identity, tries and the edit's infotext fields."""
+    from pipeline.generate.editing import run_edit
+
+    photo = _input_image(spec.image, blobs, "image")
+    edited = run_edit(run, spec, photo, blobs, loras, settings)
+    model = run.model
+    hashes = {ref.sha256: lora_file_hash(blobs, ref.sha256) for ref in spec.loras}
+    notices = _lora_notices(loras, spec) + model.kind.prompt_notices(model.pipe, spec)
+    return [
+        dataclasses.replace(
+            _output(model, spec, e.image, e.seed, hashes, notices + e.notices, e.infotext),
+            identity=e.identity,
+            tries=e.tries,
+            input_face=e.input_face,
+        )
+        for e in edited
+    ]
 
 
 def _lora_notices(loras: Any, spec: GenerateSpec) -> tuple[str, ...]:

@@ -194,6 +194,7 @@ class Runner:
                 # cancel discards its images at the end instead.
                 should_cancel=lambda: all(is_cancelled(job_id) for job_id in ids),
                 preview_every=self.config.workers.preview_every,
+                edit=self.config.edit,
             )
         except GenerationCancelled:
             for job_id in ids:

@@ -49,6 +49,15 @@ class FamilySpec:
     variant: ClassVar[str] = ""  # a family's variant with its own defaults (Flux.1 "schnell")
     modes: ClassVar[frozenset[str]] = frozenset(MODES)  # edit: the edit models' families
     max_input_images: ClassVar[int] = 1  # images an edit job may give (`image` + `images`)
+    # How an edit job draws: "model", the family's own instruction-editing pipeline
+    # (where `modes` has "edit"); "classic", for families without one (SD 1.x, SDXL),
+    # the instruction as the prompt of an img2img, or of an inpaint around the kept face
+    # or person (`pipeline/generate/editing.py`): these take edit jobs beside `modes`,
+    # which are their pipelines' modes (`has_mode("edit")` says whether a family edits).
+    edit_route: ClassVar[str] = "model"
+    # Whether its edit model shifts or zooms the picture it hands back (Qwen-Image-Edit's
+    # known flaw), so a result is registered back onto the photo (`generate/align.py`).
+    edit_registers: ClassVar[bool] = False
     options: ClassVar[frozenset[str]] = frozenset(OPTIONS) - {"guidance"}
     samplers: ClassVar[tuple[str, ...]] = tuple(SAMPLERS)  # A1111 names it accepts
     size_multiple: ClassVar[int] = 8  # the VAE's downsampling
@@ -199,9 +208,15 @@ class FamilySpec:
         return None
 
     @classmethod
+    def has_mode(cls, mode: str) -> bool:
+        """Whether its models take jobs of `mode`: one of `modes`, or edit by the classic
+        route (what a command asks to list the models it may use)."""
+        return mode in cls.modes or (mode == "edit" and cls.edit_route == "classic")
+
+    @classmethod
     def check_mode(cls, mode: str) -> None:
         """Refuse, in one line naming the family, a mode it lacks."""
-        if mode not in cls.modes:
+        if not cls.has_mode(mode):
             raise JobError(
                 f"{cls.label} models cannot {mode}; modes: {', '.join(sorted(cls.modes))}"
             )

@@ -155,7 +155,8 @@ class FluxSchnell(Flux):
 class FluxKontext(Flux):
     label = "Flux.1 Kontext"
     variant = "kontext"
-    modes = frozenset({"img2img"})  # an edit of the input image, as the prompt says
+    # img2img and edit are the same call: the input image edited as the prompt says
+    modes = frozenset({"img2img", "edit"})
     # diffusers has no Kontext ControlNet pipeline; Kontext's reference is its input image.
     options = Flux.options - {"control", "reference"}
     default_guidance = 2.5

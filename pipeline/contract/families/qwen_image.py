@@ -47,6 +47,7 @@ class QwenImageEdit(QwenImage):
     label = "Qwen-Image-Edit"
     modes = frozenset({"edit", "inpaint", "outpaint", "facefix"})
     options = TextTemplateSpec.options  # no ControlNet pipeline edits
+    edit_registers = True  # it shifts and zooms its output against the input
     default_steps = 40  # 2511 with its Lightning LoRA: 4 or 8, CFG 1
     lora_key_pattern = ""  # Qwen-Image's LoRAs are theirs too (the same transformer)
     lora_family = "qwen-image"

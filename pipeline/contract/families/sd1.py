@@ -11,6 +11,7 @@ from pipeline.contract.families.base import FamilySpec
 class SD1(FamilySpec):
     name = "sd1"
     label = "SD 1.x"
+    edit_route = "classic"  # edit: the instruction as an img2img/inpaint prompt
     # 768: CLIP ViT-L/14's width; 32: the tiny model's (pipeline/families/sd_tiny.py), so
     # the tests meet the same refusals a member does.
     cross_attention_widths = (768, 32)

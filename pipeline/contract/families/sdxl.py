@@ -13,6 +13,7 @@ _SECOND = text_encoder_component(1)  # OpenCLIP bigG
 class SDXL(FamilySpec):
     name = "sdxl"
     label = "SDXL"
+    edit_route = "classic"  # edit: the instruction as an img2img/inpaint prompt
     default_size = 1024
     train_resolution = 1024
     # kohya names SDXL's two text encoders te1/te2; diffusers and peft files name the second.
