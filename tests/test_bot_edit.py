@@ -111,9 +111,10 @@ async def test_edit_posts_a_result_with_compare_and_reroll(
         first_spec, reroll_spec = (store.get_job(db, j)["spec"] for j in (job, rerolled))
         db.close()
 
-    # Autocomplete offers the models whose family edits (asked of the registry), no other.
-    editing = {m.name for m in config.models if "edit" in family_of_model(m).modes}
-    assert {c["value"] for c in offered} == editing and {"edit", "single"} <= editing
+    # Autocomplete offers the models whose family edits (asked of the registry: an edit
+    # model, or an SD model by the classic route), no other.
+    editing = {m.name for m in config.models if family_of_model(m).has_mode("edit")}
+    assert {c["value"] for c in offered} == editing and {"edit", "single", "tiny"} <= editing
     # The result: the photo's size, the instruction, the buttons of every result + Compare.
     assert f"<@{emu.alice.id}>" in message["content"] and INSTRUCTION in message["content"]
     assert "edit" in message["content"] and "11" in message["content"]

@@ -143,7 +143,7 @@ async def test_models_shows_family_variant_modes_and_defaults(emu, flux_pool, op
     assert list(blocks) == ["tiny", "dev", "schnell", "kontext"]
     assert blocks["tiny"].splitlines() == [
         "**tiny** · SD 1.x (sd1)",
-        "modes: txt2img, img2img, inpaint, outpaint, upscale, facefix",
+        "modes: txt2img, img2img, inpaint, outpaint, upscale, facefix, edit (classic route)",
         "defaults: Euler a · 2 steps · CFG 5 · 64x64 (multiples of 8)",
         "options: negative, cfg, face_fix, control, reference; not: guidance",
     ]
@@ -155,7 +155,7 @@ async def test_models_shows_family_variant_modes_and_defaults(emu, flux_pool, op
         "defaults: Euler Simple · 4 steps · CFG 1 · 64x64 (multiples of 16)",
         "options: face_fix; not: negative, cfg, guidance, control, reference",
     ]
-    assert blocks["kontext"].splitlines()[1] == "modes: img2img"
+    assert blocks["kontext"].splitlines()[1] == "modes: img2img, edit"
     assert "Distilled CFG 2.5" in blocks["kontext"]
 
 

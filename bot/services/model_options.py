@@ -129,6 +129,15 @@ def family_label(family: type[FamilySpec]) -> str:
     return f"{family.label} ({family.name}{variant})"
 
 
+def _modes(family: type[FamilySpec]) -> str:
+    """Its modes in /imagine's order; an edit by the classic route (SD: the instruction as
+    the prompt of an img2img or keep-face inpaint) says so."""
+    names = [m for m in ALL_MODES if m in family.modes]
+    if family.has_mode("edit") and "edit" not in family.modes:
+        names.append("edit (classic route)")
+    return ", ".join(names)
+
+
 def describe(name: str, family: type[FamilySpec], own: dict[str, Any], server: Any) -> str:
     """One model for /models: its family and variant, modes, defaults and options."""
     values = pick_values(own, {}, server, None)
@@ -142,7 +151,7 @@ def describe(name: str, family: type[FamilySpec], own: dict[str, Any], server: A
     lacking = [o for o, needs in NEEDS.items() if needs not in family.options and o in _SHOWN]
     lines = [
         f"**{name}** · {family_label(family)}",
-        f"modes: {', '.join(m for m in ALL_MODES if m in family.modes)}",
+        f"modes: {_modes(family)}",
         f"defaults: {' · '.join(defaults)} · {size}",
         f"options: {', '.join(taken)}" + (f"; not: {', '.join(lacking)}" if lacking else ""),
     ]
