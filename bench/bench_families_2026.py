@@ -87,24 +87,10 @@ def _qwen3(tokenizer, published: str, layers: int, causal_lm: bool):
     """A Qwen3 text encoder at the published hidden width, narrow inside (2 heads of 8,
     MLP 64): the transformer sees states of the real width; `layers` as many as the
     pipeline reads hidden states from."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+    from pipeline.models.tiny_families.common import qwen3_text_encoder
 
-    from pipeline.models.tiny_families.common import qwen_token_ids
-
-    real = _published(published)
-    config = Qwen3Config(
-        **qwen_token_ids(tokenizer),
-        hidden_size=real["hidden_size"],
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=2048,
-        tie_word_embeddings=causal_lm,
-    )
-    torch.manual_seed(0)
-    return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config).eval()
+    hidden = _published(published)["hidden_size"]
+    return qwen3_text_encoder(tokenizer, causal_lm=causal_lm, layers=layers, hidden=hidden, mlp=64)
 
 
 def _qwen25_vl(tiny_encoder):

@@ -64,15 +64,18 @@ def qwen_token_ids(tokenizer) -> dict[str, int]:
     )
 
 
-def qwen3_text_encoder(tokenizer, *, causal_lm: bool, layers: int = 2, hidden: int = 16):
+def qwen3_text_encoder(
+    tokenizer, *, causal_lm: bool, layers: int = 2, hidden: int = 16, mlp: int | None = None
+):
     """A Qwen3 text encoder (`Qwen3Model` for Z-Image, `Qwen3ForCausalLM` for Flux.2
-    klein), 16 wide, its embedding sized to the tiny tokenizer."""
+    klein), 16 wide, its embedding sized to the tiny tokenizer. `mlp`: its MLP's width
+    (twice `hidden` without it; the benchmarks' real-width encoders keep it narrow)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
     config = Qwen3Config(
         **qwen_token_ids(tokenizer),
         hidden_size=hidden,
-        intermediate_size=hidden * 2,
+        intermediate_size=mlp or hidden * 2,
         num_hidden_layers=layers,
         num_attention_heads=2,
         num_key_value_heads=2,
