@@ -7,6 +7,7 @@ reports its resident memory with the workers excluded (they are other processes)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -31,7 +32,14 @@ def write_config(path: Path, tiny_sd: Path, emulator) -> Path:
 
 
 def start_bot_process(config: Path, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "DISCORD_TOKEN": TOKEN, "SDBOT_DEBUG_MODULES": "1"}
+    # PYTHONFAULTHANDLER: a bot that does not stop is sent SIGABRT, and its threads'
+    # stacks land in the log the failure shows (see `stop_bot_process`).
+    env = {
+        **os.environ,
+        "DISCORD_TOKEN": TOKEN,
+        "SDBOT_DEBUG_MODULES": "1",
+        "PYTHONFAULTHANDLER": "1",
+    }
     with log.open("wb") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "bot.cli", "--config", str(config), "run"],
@@ -40,6 +48,22 @@ def start_bot_process(config: Path, log: Path) -> subprocess.Popen:
             stdout=out,
             stderr=subprocess.STDOUT,
         )
+
+
+async def stop_bot_process(process: subprocess.Popen, log: Path, timeout: float = 60) -> int:
+    """Ctrl-C, as an admin stops it; its exit code. One that has not stopped in `timeout`
+    seconds fails the test with its log and every thread's stack."""
+    process.send_signal(signal.SIGINT)
+    try:
+        return await asyncio.to_thread(process.wait, timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)  # faulthandler writes the stacks to the log
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            await asyncio.to_thread(process.wait, 10)
+        process.kill()
+        raise AssertionError(
+            f"the bot did not stop within {timeout:g} s of Ctrl-C:\n{log.read_text()[-6000:]}"
+        ) from None
 
 
 def rss_mb(pid: int) -> float:
@@ -74,12 +98,7 @@ async def test_sdbot_run_serves_imagine_without_torch(emu, tiny_sd, tmp_path):  
         maps = mapped_libraries(process.pid)
         rss = rss_mb(process.pid)
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            code = await asyncio.to_thread(process.wait, 60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise
+        code = await stop_bot_process(process, log)
     text = log.read_text()
     print(f"\nbot process RSS with a result posted: {rss:.0f} MB (workers excluded)")
     assert info["Seed"] == "99" and image.size == (64, 64)
