@@ -66,8 +66,12 @@ def run_bot(config: Config) -> int:
 async def _serve_until_signal(config: Config, token: str) -> None:
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
-    with contextlib.suppress(NotImplementedError):  # Windows has no add_signal_handler
-        loop.add_signal_handler(signal.SIGTERM, task.cancel)  # type: ignore[union-attr]
+    # SIGINT too, explicitly: a process started in the background by a non-interactive
+    # shell (a script's `sdbot run &`, a CI runner) inherits SIGINT ignored, and Python
+    # then never raises KeyboardInterrupt, so `kill -INT` would not stop the bot.
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):  # Windows has no add_signal_handler
+            loop.add_signal_handler(stop, task.cancel)  # type: ignore[union-attr]
     with contextlib.suppress(asyncio.CancelledError):
         await serve(config, token)
 
