@@ -1,9 +1,13 @@
-"""The memory planner's estimated peak beside the measured one, per plan, on the SD 1.5
-architecture on the CPU (a CPU worker's memory is its RSS). Run:
+"""The memory planner's estimated peak beside the measured one, per plan, on a real
+architecture on the CPU (a CPU worker's memory is its RSS): SD 1.5's, or a flow family's
+at full width cut to a block or two (`--write-arch`, as bench_flux.py and
+bench_families_2026.py build them). Run:
 
     python bench/arch_model.py sd15 /tmp/sd15-arch
     python bench/bench_memory_plan.py --model /tmp/sd15-arch --sizes 256 512 --steps 1
     python bench/bench_memory_plan.py --model /tmp/sd15-arch --sizes 256 512 --calibrate
+    python bench/bench_memory_plan.py --write-arch flux --model /tmp/flux-arch
+    python bench/bench_memory_plan.py --model /tmp/flux-arch --sizes 512 --steps 2
 
 Each case runs in a fresh process: the RSS after imports is the baseline; the model is
 loaded through the worker's own path (ModelCache: plan, then apply_plan); the peak RSS is
@@ -39,6 +43,7 @@ def child(model: str, memory: str, size: int, count: int, steps: int, tiling: in
 
     sys.path.insert(0, str(ROOT))
     from pipeline.contract.config import config_from_dict
+    from pipeline.contract.families import defaults_for
     from pipeline.contract.jobs import GenerateSpec
     from pipeline.contract.memory_plan import plan_for, ram_card
     from pipeline.generate.modes import run_generation
@@ -52,7 +57,7 @@ def child(model: str, memory: str, size: int, count: int, steps: int, tiling: in
             "models": {
                 "arch": {
                     "source": model,
-                    "family": "sd1",
+                    "family": "auto",  # read from the folder: any family's architecture
                     "memory": memory,
                     "vae_tiling_above": tiling or 4 * pixels,
                 }
@@ -67,8 +72,17 @@ def child(model: str, memory: str, size: int, count: int, steps: int, tiling: in
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")
     loaded_rss = _status("VmRSS")
+    own = defaults_for(config, "arch")  # the family's sampler and CFG (Flux: CFG 1)
     spec = GenerateSpec(
-        prompt="a photo of a cat", width=size, height=size, steps=steps, count=count, seed=1
+        prompt="a photo of a cat",
+        width=size,
+        height=size,
+        steps=steps,
+        count=count,
+        seed=1,
+        sampler=own.sampler,
+        schedule=own.schedule,
+        cfg_scale=own.cfg_scale,
     )
     run_generation(loaded, [spec])
     weights = sum(p.bytes for p in plan.placements)
@@ -112,6 +126,31 @@ def calibrate(model: str, size: int) -> dict:
     }
 
 
+def write_arch(family: str, folder: Path) -> None:
+    """The family's transformer at full width, cut down, with text encoders at the real
+    hidden width (the speed benchmarks' models), saved as a diffusers folder."""
+    import shutil
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    with tempfile.TemporaryDirectory() as tmp:
+        if family == "flux":
+            from bench_flux import _arch_model
+
+            from pipeline.families.flux_tiny import write_tiny_flux
+
+            built = _arch_model(write_tiny_flux(Path(tmp) / "dev"))
+        else:
+            from bench_families_2026 import _arch_folder, _cases
+
+            labels = {"zimage": "Z-Image", "qwen-image": "Qwen-Image", "flux2-klein": "Flux.2"}
+            _, cases = _cases(Path(tmp))
+            label, tiny, _, _ = next(c for c in cases if c[0].startswith(labels[family]))
+            built = _arch_folder(label, tiny, 1)
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(built, folder)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
@@ -121,7 +160,15 @@ def main() -> None:
     parser.add_argument("--child", nargs=3, metavar=("MEMORY", "SIZE", "TILING"))
     parser.add_argument("--calibrate", action="store_true", help="measure the SD factors")
     parser.add_argument("--plans", nargs="+", default=[c[0] for c in CASES], help="labels")
+    parser.add_argument(
+        "--write-arch",
+        choices=["flux", "zimage", "qwen-image", "flux2-klein"],
+        help="write that family's full-width, cut-down folder to --model and stop",
+    )
     args = parser.parse_args()
+    if args.write_arch:
+        write_arch(args.write_arch, Path(args.model))
+        return
     if args.calibrate:
         print("| size | UNet act. (batch 2) | factor | VAE decode act. | factor |")
         print("| --- | --- | --- | --- | --- |")
@@ -137,7 +184,8 @@ def main() -> None:
         memory, size, tiling = args.child[0], int(args.child[1]), int(args.child[2])
         print(json.dumps(child(args.model, memory, size, args.count, args.steps, tiling)))
         return
-    print(f"SD 1.5 architecture, CPU, float32, {args.count} image(s), {args.steps} step(s)")
+    index = json.loads((Path(args.model) / "model_index.json").read_text())["_class_name"]
+    print(f"{index} at {args.model}, CPU, float32, {args.count} image(s), {args.steps} step(s)")
     print("| plan | size | estimated peak | measured peak | est./meas. | weights est. / meas. |")
     print("| --- | --- | --- | --- | --- | --- |")
     for size in args.sizes:
