@@ -246,7 +246,7 @@ def open_clip_to_ldm(state: StateDict) -> StateDict:
         m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", key)
         renamed = _replace_head(m[2], _OPEN_CLIP_LAYER) if m else None
         if renamed is None:
-            raise ValueError(f"cannot export text_encoder_2 weight {key!r} to the LDM format")
+            raise ValueError(f"cannot export OpenCLIP text weight {key!r} to the LDM format")
         converted[f"transformer.resblocks.{m[1]}.{renamed}"] = value
     return converted
 
