@@ -245,6 +245,19 @@ def keep_face_mask(
     return ImageChops.invert(keep)
 
 
+def keep_mask(
+    size: tuple[int, int], boxes: list[FaceBox], keep: str, blur: int | None = None
+) -> Image.Image:
+    """What `keep:` repaints (white): all but the faces ("face", `keep_face_mask`) or
+    the person ("background", `person_mask`); `blur` None: each mask's own feathering."""
+    feather = {} if blur is None else {"blur": blur}
+    if keep == "face":
+        return keep_face_mask(size, boxes, **feather)
+    if keep == "background":
+        return person_mask(size, boxes, **feather)
+    raise ValueError(f"keep must be face or background, not {keep!r}")
+
+
 def person_mask(size: tuple[int, int], boxes: list[FaceBox], blur: int = 8) -> Image.Image:
     """255 over each person's estimated head and shoulders (repaint the person).
 

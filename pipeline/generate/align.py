@@ -288,12 +288,7 @@ def warp(result: Image.Image, transform: np.ndarray) -> Image.Image:
 
 def keep_mask(size: tuple[int, int], boxes: list[faces.FaceBox], keep: Keep) -> Image.Image:
     """255 where the result shows, 0 where the photo is kept, feathered between."""
-    feather = max(4, round(FEATHER_FRACTION * max(size)))
-    if keep == "face":
-        return faces.keep_face_mask(size, boxes, blur=feather)
-    if keep == "background":
-        return faces.person_mask(size, boxes, blur=feather)
-    raise ValueError(f"keep must be face or background, not {keep!r}")
+    return faces.keep_mask(size, boxes, keep, blur=max(4, round(FEATHER_FRACTION * max(size))))
 
 
 def composite(photo: Image.Image, result: Image.Image, mask: Image.Image) -> Image.Image:

@@ -180,20 +180,13 @@ def _draw(job: EditJob, seeds: list[int]) -> list[Image.Image]:
         if not job.classic:
             images += modes.edit(run, one, photo, blobs, loras)
         elif one.keep and job.person.kept:
-            mask = _classic_mask(photo.size, job.person.kept, one.keep)
+            mask = faces.keep_mask(photo.size, job.person.kept, one.keep)  # as /inpaint keep:
             inpaint = dataclasses.replace(one, mode="inpaint")
             images += modes.inpaint(run, inpaint, photo, blobs, loras, mask=mask)
         else:
             img2img = dataclasses.replace(one, mode="img2img")
             images += modes.img2img(run, img2img, photo, blobs, loras)
     return images
-
-
-def _classic_mask(size: tuple[int, int], boxes: list[faces.FaceBox], keep: str) -> Image.Image:
-    """What the classic route repaints (white), as `/inpaint keep:` builds it."""
-    if keep == "face":
-        return faces.keep_face_mask(size, boxes)
-    return faces.person_mask(size, boxes)
 
 
 # ---------------------------------------------------------------- 3. onto the photo, 4. measured

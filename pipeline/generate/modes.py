@@ -465,11 +465,7 @@ def _mask_for(spec: GenerateSpec, image: Image.Image, blobs) -> Image.Image:
             )
         mask = mask.convert("L")
     elif spec.keep:
-        boxes = faces.detect_faces(image)
-        if spec.keep == "face":
-            mask = faces.keep_face_mask(image.size, boxes)
-        else:
-            mask = faces.person_mask(image.size, boxes)
+        mask = faces.keep_mask(image.size, faces.detect_faces(image), spec.keep)
     else:
         raise JobError("inpaint needs a mask (white = repaint) or keep: face|background")
     if mask.getextrema()[1] == 0:
