@@ -111,22 +111,26 @@ def make_lora(
     encoders = [copy.deepcopy(pipe.text_encoder)]
     if xl:
         encoders.append(copy.deepcopy(pipe.text_encoder_2))
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        network = create_network(
-            1.0,
-            rank,
-            1.0,
-            None,
-            encoders if xl else encoders[0],
-            unet,
-            preset=_preset_file(preset, path.parent),
-            **options,
-        )
-        network.apply_to(encoders if xl else encoders[0], unet, True, True)
-    finally:
-        logger.setLevel(level)
+    # LyCORIS initialises its down factors from the global generator: seed it, or a file
+    # would depend on which tests ran before (fork_rng leaves the global state as it was).
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        level = logger.level
+        logger.setLevel(logging.ERROR)
+        try:
+            network = create_network(
+                1.0,
+                rank,
+                1.0,
+                None,
+                encoders if xl else encoders[0],
+                unet,
+                preset=_preset_file(preset, path.parent),
+                **options,
+            )
+            network.apply_to(encoders if xl else encoders[0], unet, True, True)
+        finally:
+            logger.setLevel(level)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, parameter in network.named_parameters():

