@@ -26,10 +26,10 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from pipeline.contract.jobs import JobError
+from pipeline.contract.jobs import JobError, Limits
 from pipeline.training.adapters import ADAPTER, add_adapters
 from pipeline.training.export import kohya_state_dict
-from tests.test_train_flow import folders, load, ours, run, spec  # noqa: F401 - fixture
+from tests.test_train_flow import draw, folders, load, ours, run, spec  # noqa: F401 - fixture
 
 RANK = 4
 
@@ -133,3 +133,71 @@ def test_at_the_real_widths_diffusers_reads_every_layer_as_we_trained_it(folders
         expected = ours_up @ ours_down * scale
         assert delta.shape == expected.shape
         assert (delta - expected).abs().max() <= 1e-6 * expected.abs().max()
+
+
+@pytest.fixture(scope="module")
+def both_layouts(folders, tmp_path_factory):
+    """The same training (12 steps, same seed) on the tiny Flux.1 dev, exported in
+    each layout: {layout: (result, file)}."""
+    runs = {}
+    for layout in ("kohya", "diffusers"):
+        root = tmp_path_factory.mktemp(f"flux-{layout}")
+        train_spec = spec(learning_rate=1e-2, flux_lora_layout=layout)
+        result = run(load(folders["flux"]), train_spec, root / "job")
+        path = root / f"me_{layout}.safetensors"
+        path.write_bytes(result.safetensors)
+        runs[layout] = (result, path)
+    return runs
+
+
+def test_the_kohya_file_draws_what_the_diffusers_layout_draws_through_our_path(
+    folders, both_layouts
+):
+    result, kohya = both_layouts["kohya"]
+    tensors = load_safetensors(result.safetensors)
+    assert all(key.startswith("lora_unet_") for key in tensors)
+    assert "lora_unet_single_blocks_0_linear1.lora_up.weight" in tensors
+    image = ours(folders["flux"], kohya)
+    assert np.abs(image - draw(load(folders["flux"]))).mean() > 1.0  # the adapter changes the picture
+    # The same adapter in diffusers' peft layout, through the same path: 1 level (fp16
+    # rounding of different products only).
+    assert np.abs(image - ours(folders["flux"], both_layouts["diffusers"][1])).max() <= 1
+    # …and what peft's own adapter drew during training.
+    assert np.abs(np.asarray(result.samples[0]).astype(int) - image).max() <= 2
+
+
+def test_the_kohya_file_carries_the_metadata_sd_scripts_writes_for_flux(both_layouts):
+    result, _ = both_layouts["kohya"]
+    header = result.metadata
+    assert header["ss_network_module"] == "networks.lora_flux"
+    assert json.loads(header["ss_network_args"]) == {"split_qkv": "True"}
+    assert header["ss_base_model_version"] == "flux1"
+    assert header["ss_network_dim"] == "4"
+    assert header["ss_network_alpha"] == "4"
+    assert header["ss_guidance_scale"] == "1"
+    assert header["ss_timestep_sampling"] == "sigmoid"
+    assert header["ss_model_prediction_type"] == "raw"
+    assert header["ss_model_type"] == "flux"
+    assert header["modelspec.architecture"] == "flux-1-dev/lora"
+    assert header["sdbot_layout"].startswith("kohya")
+    for key in ("ss_output_name", "ss_steps", "ss_resolution", "ss_learning_rate"):
+        assert header[key]
+    # The peft file says it is one, and claims no kohya network module of Flux.
+    peft = both_layouts["diffusers"][0].metadata
+    assert peft["ss_network_module"] == "networks.lora"
+    assert peft["sdbot_layout"].startswith("peft")
+
+
+def test_a_layout_other_than_kohya_or_diffusers_is_refused(tmp_path):
+    from bot.services.training import train_spec
+    from pipeline.contract.config import ConfigError, config_from_dict
+
+    models = {"models": {"flux": {"source": str(tmp_path)}}}
+    with pytest.raises(ConfigError, match="flux_lora_layout must be 'kohya' or 'diffusers'"):
+        config_from_dict({**models, "training": {"flux_lora_layout": "peft"}})
+    config = config_from_dict({**models, "training": {"flux_lora_layout": "diffusers"}})
+    kwargs = dict(photos=["a"], captions=["x"], token="sks", subject="person", model="flux")
+    made = train_spec(config, name="me", method="lora", steps=0, resolution=512, **kwargs)
+    assert made.flux_lora_layout == "diffusers"
+    with pytest.raises(JobError, match="^flux_lora_layout must be kohya or diffusers, not 'x'$"):
+        replace(made, flux_lora_layout="x").check(Limits())

@@ -119,9 +119,12 @@ def trained(folders, tmp_path_factory) -> dict[str, tuple[TrainResult, list, flo
         progress: list = []
         root = tmp_path_factory.mktemp(f"train-{family}")
         rate = LEARNING_RATES.get(family, 1e-2)
+        # Flux.1's default is kohya's names (tests/test_flux_kohya_export.py); the file
+        # diffusers loads at any width is the peft layout, asked for here.
+        layout = {"flux_lora_layout": "diffusers"} if family == "flux" else {}
         result = run(
             pipe,
-            spec(learning_rate=rate),
+            spec(learning_rate=rate, **layout),
             root / "job",
             on_progress=lambda *event, events=progress: events.append(event),
         )
