@@ -520,6 +520,15 @@ _GLOBAL_LAYERS = (
     ("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2"),
     ("final_layer.linear", "proj_out"),
 )
+# The union ControlNets' control types (InstantX FLUX.1-dev-Controlnet-Union's model
+# card: canny 0, tile 1, depth 2, blur 3, pose 4, gray 5, low quality 6) by our
+# preprocessor names.
+UNION_MODES = {"canny": 0, "tile_resample": 1, "depth": 2, "openpose": 4}
+_IMAGE_QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
+_TEXT_QKV = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
+_XLABS = ("", "diffusion_model.")  # XLabs' processor names, bare or under ComfyUI's prefix
+
+
 def kohya_layer_names(double_blocks: int, single_blocks: int) -> dict[str, tuple[str, ...]]:
     """sd-scripts' Flux.1 LoRA name of each Linear in the blocks (`lora_unet_` + BFL's
     layer with `_`, what lora_flux trains and diffusers' kohya converter maps) → the
@@ -543,15 +552,6 @@ def kohya_layer_names(double_blocks: int, single_blocks: int) -> dict[str, tuple
             if not theirs.endswith("_norm"):
                 names[kohya(at + theirs)] = (block + ours,)
     return names
-
-
-# The union ControlNets' control types (InstantX FLUX.1-dev-Controlnet-Union's model
-# card: canny 0, tile 1, depth 2, blur 3, pose 4, gray 5, low quality 6) by our
-# preprocessor names.
-UNION_MODES = {"canny": 0, "tile_resample": 1, "depth": 2, "openpose": 4}
-_IMAGE_QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
-_TEXT_QKV = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
-_XLABS = ("", "diffusion_model.")  # XLabs' processor names, bare or under ComfyUI's prefix
 
 
 def _with_tokens(text: Any, tokens: Any, weight: float) -> Any:
