@@ -202,3 +202,25 @@ def test_a_layout_other_than_kohya_or_diffusers_is_refused(tmp_path):
     assert made.flux_lora_layout == "diffusers"
     with pytest.raises(JobError, match="^flux_lora_layout must be kohya or diffusers, not 'x'$"):
         replace(made, flux_lora_layout="x").check(Limits())
+
+
+def test_the_kohya_file_fits_the_compiled_paths_slots_at_its_trained_rank(folders, both_layouts):
+    """The fused layers' ranks are n·r in the file, but each part's up is non-zero on its
+    own r columns only: the LoRA slots take each module at rank r (a rank-16 personal
+    model fits the default max_rank 32) and give the eager path's transformer output."""
+    from pipeline.loras import slots
+    from pipeline.loras.cache import LoraCache
+    from tests.test_flux_loras import _output, ref
+
+    path = both_layouts["kohya"][1]
+    eager_pipe, slot_pipe = load(folders["flux"]), load(folders["flux"])
+    bank = slots.install(slot_pipe.transformer, slots=1, max_rank=4, rows=4)
+    base = _output(eager_pipe.transformer)
+    with LoraCache(eager_pipe, max_bytes=1 << 30).activate([ref(path)]):
+        theirs = _output(eager_pipe.transformer)
+    with LoraCache(slot_pipe, max_bytes=1 << 30).activate([ref(path)]):
+        ours = _output(slot_pipe.transformer)
+    effect = (theirs - base).abs().max().item()
+    assert effect > 1e-3
+    assert (ours - theirs).abs().max().item() <= 1e-4 * effect
+    assert bank.stats.eager == 0 and bank.stats.calls == 1
