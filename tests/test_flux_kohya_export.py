@@ -12,7 +12,10 @@ the layout ComfyUI and Forge read, proven by the tools that read it:
 - **On the tiny model, trained**: the kohya file drawn through our `<lora:name:1>` path
   equals the diffusers-layout file of the same training through the same path within 1
   level, and the sample peft's adapter drew during training within 2.
-- **The metadata sd-scripts writes for Flux** is there.
+- **The metadata sd-scripts writes for Flux** is there, and the file is read as Flux.1's
+  (refused on another family naming both).
+- **The compiled path's LoRA slots** take each fused part at the trained rank and give
+  the eager path's output.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from pipeline.contract.jobs import JobError, Limits
+from pipeline.loras.formats import LoraError, read_lora_file
 from pipeline.training.adapters import ADAPTER, add_adapters
 from pipeline.training.export import kohya_state_dict
 from tests.test_train_flow import draw, folders, load, ours, run, spec  # noqa: F401 - fixture
@@ -183,6 +187,10 @@ def test_the_kohya_file_carries_the_metadata_sd_scripts_writes_for_flux(both_lay
     assert header["sdbot_layout"].startswith("kohya")
     for key in ("ss_output_name", "ss_steps", "ss_resolution", "ss_learning_rate"):
         assert header[key]
+    path = both_layouts["kohya"][1]
+    read_lora_file(path, name="me", family="flux", max_bytes=1 << 30)
+    with pytest.raises(LoraError, match="^LoRA 'me' was made for Flux.1; this model is Z-Image$"):
+        read_lora_file(path, name="me", family="zimage", max_bytes=1 << 30)
     # The peft file says it is one, and claims no kohya network module of Flux.
     peft = both_layouts["diffusers"][0].metadata
     assert peft["ss_network_module"] == "networks.lora"
