@@ -119,9 +119,12 @@ def trained(folders, tmp_path_factory) -> dict[str, tuple[TrainResult, list, flo
         progress: list = []
         root = tmp_path_factory.mktemp(f"train-{family}")
         rate = LEARNING_RATES.get(family, 1e-2)
+        # Flux.1's default is kohya's names (tests/test_flux_kohya_export.py); the file
+        # diffusers loads at any width is the peft layout, asked for here.
+        layout = {"flux_lora_layout": "diffusers"} if family == "flux" else {}
         result = run(
             pipe,
-            spec(learning_rate=rate),
+            spec(learning_rate=rate, **layout),
             root / "job",
             on_progress=lambda *event, events=progress: events.append(event),
         )
@@ -279,7 +282,14 @@ def test_the_worker_trains_flux_dev_and_refuses_schnell(tmp_path):
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         blobs.append(runner.blobs.put(buffer.getvalue(), ".png"))
-    job = spec(photos=tuple(blobs[:2]), test_photos=(blobs[2],), steps=2, model="dev")
+    # In diffusers' layout (Flux.1's default is kohya's names: test_flux_kohya_export.py).
+    job = spec(
+        photos=tuple(blobs[:2]),
+        test_photos=(blobs[2],),
+        steps=2,
+        model="dev",
+        flux_lora_layout="diffusers",
+    )
     events = run(runner, [("dev", job)])
     assert events[0] == Started("dev", worker="test")
     assert any(isinstance(e, Progress) and e.loss is not None for e in events)

@@ -63,6 +63,7 @@ def train_spec(
         steps=steps,
         resolution=resolution,
         checkpoint_every=config.training.chunk_steps,
+        flux_lora_layout=config.training.flux_lora_layout,  # type: ignore[arg-type] - checked
         **defaults,  # type: ignore[arg-type] - the FamilySpec's typed train_* values
     )
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.contract.devices import DTYPES, bad_dtype_message, device_syntax_error
 from pipeline.contract.families import DEFAULT, FAMILIES, names
-from pipeline.contract.jobs import JobError, Limits
+from pipeline.contract.jobs import FLUX_LORA_LAYOUTS, JobError, Limits
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -140,6 +140,8 @@ class TrainingConfig:
     max_lora_mb_per_member: int = 500
     chunk_steps: int = 50  # steps before a training job yields the worker to generation
     resolution: int = 0  # training image size; 0 = 512 for SD 1.x, 1024 for SDXL
+    # Flux.1 LoRA files: "kohya" (sd-scripts' names) or "diffusers" (peft layout)
+    flux_lora_layout: str = "kohya"
 
 
 @dataclass(frozen=True)
@@ -322,6 +324,12 @@ def config_from_dict(
         _check_workers(sections["workers"], path)
     if "loras" in sections:
         _check_loras(sections["loras"], path)
+    if "training" in sections and sections["training"].flux_lora_layout not in FLUX_LORA_LAYOUTS:
+        raise ConfigError(
+            f"{path or 'config'}: training.flux_lora_layout must be "
+            f"{' or '.join(repr(x) for x in FLUX_LORA_LAYOUTS)}, "
+            f"not {sections['training'].flux_lora_layout!r}"
+        )
     if "edit" in sections:
         _check_edit(sections["edit"], path)
         _check_edit_model(sections["edit"].default_model, models, path)

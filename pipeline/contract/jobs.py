@@ -35,6 +35,9 @@ MAX_FACES = 20  # edit: face: 1..20 picks the person among the input's faces
 OUTPAINT_DIRECTIONS = ("left", "right", "up", "down", "all")
 KEEP_CHOICES = ("face", "background")
 TRAIN_METHODS = ("lora", "loha", "lokr")
+# How a Flux.1 LoRA is written (`[training] flux_lora_layout`): kohya's sd-scripts names
+# (ComfyUI, Forge, diffusers at the 12B model's widths) or diffusers' peft layout.
+FLUX_LORA_LAYOUTS = ("kohya", "diffusers")
 MAX_SEED = 2**32 - 1
 
 
@@ -266,6 +269,7 @@ class TrainSpec:
     resolution: int = 512
     train_text_encoder: bool = False
     min_snr_gamma: float = 5.0
+    flux_lora_layout: Literal["kohya", "diffusers"] = "kohya"  # Flux.1 LoRA files only
     prior_preservation: bool = False
     checkpoint_every: int = 50
     seed: int = 0
@@ -285,6 +289,11 @@ class TrainSpec:
             raise JobError("the model name must be 1 to 40 characters")
         if self.method not in TRAIN_METHODS:
             raise JobError(f"method must be one of {', '.join(TRAIN_METHODS)}, not {self.method!r}")
+        if self.flux_lora_layout not in FLUX_LORA_LAYOUTS:
+            raise JobError(
+                f"flux_lora_layout must be {' or '.join(FLUX_LORA_LAYOUTS)}, "
+                f"not {self.flux_lora_layout!r}"
+            )
         if len(self.photos) < 1:
             raise JobError("training needs at least one usable photo")
         _check_int("steps", self.steps, 0, limits.max_train_steps)

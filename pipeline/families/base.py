@@ -276,11 +276,19 @@ class Family:
         """kohya's `ss_` keys for how this family's objective trained (min-SNR γ here)."""
         return {"ss_min_snr_gamma": f"{spec.min_snr_gamma:g}"}
 
-    def export_layout(self, method: str) -> str:
-        """How the exported file stores a layer: "kohya" (lora_down/lora_up/alpha, or
-        LyCORIS' names for LoHa/LoKr) or "peft" (lora_A/lora_B, the scale multiplied
-        into lora_B, no alpha)."""
+    def export_layout(self, spec: Any) -> str:
+        """How the exported file of `spec` (a TrainSpec) stores a layer: "kohya"
+        (lora_down/lora_up/alpha, or LyCORIS' names for LoHa/LoKr) or "peft"
+        (lora_A/lora_B, the scale multiplied into lora_B, no alpha)."""
         return "kohya"
+
+    def export_layers(
+        self, component: str, model: Any, paths: list[str], spec: Any
+    ) -> dict[str, tuple[str, ...]]:
+        """The exported file's layers for the trained modules `paths` of `model`: name in
+        the file → the modules it holds, in its rows' order. One module each here; a
+        family whose tools fuse layers (Flux.1's qkv) names several under one."""
+        return {self.export_name(component, path, spec.method): (path,) for path in paths}
 
     def ldm_text_encoders(self, pipe: Any) -> dict[str, Any]:
         """The text encoders' weights under their single-file (LDM) names."""

@@ -186,8 +186,8 @@ class FlowFamily(Family):
             return f"{component}.{path}"
         return "lycoris_" + path.replace(".", "_")
 
-    def export_layout(self, method: str) -> str:
-        return "peft" if method == "lora" else "kohya"
+    def export_layout(self, spec: Any) -> str:
+        return "peft" if spec.method == "lora" else "kohya"
 
     def training_metadata(self, pipe: Any, spec: Any) -> dict[str, str]:
         """kohya's name for σ = sigmoid(N(0, 1)) (sd-scripts' `--timestep_sampling

@@ -15,6 +15,7 @@ and the member is told.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from pipeline.contract.families.flux import Flux as SPEC
 from pipeline.contract.jobs import JobError
 from pipeline.contract.prompt_schedule import plan_prompt, split_and, text_at_step
 from pipeline.contract.prompt_syntax import parse_prompt_attention, strip_loras
+from pipeline.families.base import Family
 from pipeline.families.flow import FlowFamily
 
 
@@ -300,6 +302,59 @@ class Flux(FlowFamily):
         scale = pipe.vae_scale_factor
         return pipe._unpack_latents(prediction, height * scale, width * scale, scale).float()
 
+    def export_layout(self, spec: Any) -> str:
+        """A LoRA under kohya's sd-scripts names unless `[training] flux_lora_layout` asks
+        for diffusers' peft layout; LoHa/LoKr under LyCORIS's names either way (a fused
+        layer cannot hold three separate Kronecker products exactly)."""
+        if spec.method == "lora" and spec.flux_lora_layout == "kohya":
+            return "kohya"
+        return super().export_layout(spec)
+
+    def export_layers(
+        self, component: str, model: Any, paths: list[str], spec: Any
+    ) -> dict[str, tuple[str, ...]]:
+        """kohya's layout: sd-scripts' `lora_unet_<BFL layer>` (networks/lora_flux.py); the
+        double blocks' `img_attn_qkv`/`txt_attn_qkv` hold diffusers' q, k, v and the single
+        blocks' `linear1` their q, k, v and MLP input, in that row order, trained or not."""
+        if self.export_layout(spec) != "kohya" or spec.method != "lora":
+            return super().export_layers(component, model, paths, spec)
+        if component != self.denoiser_name:  # CLIP-L: `lora_te1_…`, as for SD
+            return {Family.export_name(self, component, p, spec.method): (p,) for p in paths}
+        config = model.config
+        names = kohya_layer_names(config.num_layers, config.num_single_layers)
+        trained = set(paths)
+        layers = {name: parts for name, parts in names.items() if trained & set(parts)}
+        unnamed = trained.difference(*layers.values())
+        if unnamed:
+            raise ValueError(f"no kohya name for the trained layer(s) {', '.join(sorted(unnamed))}")
+        return layers
+
+    def training_metadata(self, pipe: Any, spec: Any) -> dict[str, str]:
+        """The keys sd-scripts' `flux_train_network.py` adds (`update_metadata`: how σ was
+        drawn, the guidance, T5's mask) and its ModelSpec's architecture; in kohya's
+        layout the network module that reads it and the `split_qkv` its fused layers
+        are written as."""
+        metadata = {
+            **super().training_metadata(pipe, spec),
+            "ss_model_type": "flux",
+            "ss_weighting_scheme": "none",  # σ = sigmoid(N(0, 1)), every σ weighed 1
+            "ss_sigmoid_scale": "1.0",
+            "ss_apply_t5_attn_mask": "False",  # FluxPipeline's encode_prompt masks nothing
+            "modelspec.sai_model_spec": "1.0.1",
+            "modelspec.architecture": "flux-1-dev/lora",  # dev and Krea train; see train_refusal
+            "modelspec.implementation": "https://github.com/black-forest-labs/flux",
+            "modelspec.title": spec.name,
+            "modelspec.resolution": f"{spec.resolution}x{spec.resolution}",
+        }
+        if self.export_layout(spec) == "kohya" and spec.method == "lora":
+            metadata["ss_network_module"] = "networks.lora_flux"
+            metadata["ss_network_args"] = json.dumps({"split_qkv": "True"})
+            metadata["sdbot_layout"] = (
+                "kohya: sd-scripts' lora_flux names, fused qkv/linear1 as split_qkv writes "
+                "them, alpha = parts x alpha so that alpha / rank is the trained scale"
+            )
+        return metadata
+
     # -- one denoising call ----------------------------------------------------------------
 
     def guidance_arguments(self, spec: Any) -> dict[str, Any]:
@@ -472,6 +527,31 @@ UNION_MODES = {"canny": 0, "tile_resample": 1, "depth": 2, "openpose": 4}
 _IMAGE_QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
 _TEXT_QKV = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
 _XLABS = ("", "diffusion_model.")  # XLabs' processor names, bare or under ComfyUI's prefix
+
+
+def kohya_layer_names(double_blocks: int, single_blocks: int) -> dict[str, tuple[str, ...]]:
+    """sd-scripts' Flux.1 LoRA name of each Linear in the blocks (`lora_unet_` + BFL's
+    layer with `_`, what lora_flux trains and diffusers' kohya converter maps) → the
+    diffusers transformer modules it is, in its rows' order."""
+
+    def kohya(bfl: str) -> str:
+        return "lora_unet_" + bfl.replace(".", "_")
+
+    names: dict[str, tuple[str, ...]] = {}
+    for i in range(double_blocks):
+        at, block = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        names[kohya(at + "img_attn.qkv")] = tuple(block + x for x in _IMAGE_QKV)
+        names[kohya(at + "txt_attn.qkv")] = tuple(block + x for x in _TEXT_QKV)
+        for theirs, ours in _DOUBLE_LAYERS:
+            if not theirs.endswith("_norm"):
+                names[kohya(at + theirs)] = (block + ours,)
+    for i in range(single_blocks):
+        at, block = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        names[kohya(at + "linear1")] = (*(block + x for x in _IMAGE_QKV), block + "proj_mlp")
+        for theirs, ours in _SINGLE_LAYERS:
+            if not theirs.endswith("_norm"):
+                names[kohya(at + theirs)] = (block + ours,)
+    return names
 
 
 def _with_tokens(text: Any, tokens: Any, weight: float) -> Any:

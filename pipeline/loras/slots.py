@@ -137,7 +137,7 @@ class SlotBank:
                 return "dora"
             if "lora_up.bias" in delta.params:  # peft's lora_bias: a bias change
                 return "bias"
-            rank = delta.params["lora_down.weight"].shape[0]
+            rank = _fused_part(delta)[0].shape[0]
             if rank > self.rank:
                 return f"rank {rank} > max_rank {self.rank}"
         return None
@@ -194,16 +194,31 @@ class SlotBank:
         self.scale.zero_()
 
 
+def _fused_part(delta: LayerDelta) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) of one module of a layer; of a fused layer of the file (Flux.1's qkv,
+    linear1), our rows of up, and only the ranks whose up is non-zero on them: sd-scripts'
+    `split_qkv` (and our Flux.1 export) give each part its own r columns of a
+    block-diagonal up, so a part is rank r, not n·r. ΔW is the same (the ranks left out
+    add zeros here)."""
+    down, up = delta.params["lora_down.weight"], delta.params["lora_up.weight"]
+    if delta.fused is None:
+        return down, up
+    up = up.flatten(1)
+    up = torch.cat([up[start:end] for start, end in delta.fused[0]])
+    used = up.ne(0).any(dim=0)
+    if used.all():
+        return down, up
+    return down[used], up[:, used]
+
+
 def slot_factors(delta: LayerDelta, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(down, up) of a `lora` layer in the slot's shapes, alpha/rank folded into up, so
     up · down = ΔW at weight 1. LoCon-Tucker's mid conv is folded into the down conv."""
     p = {k: v.float() for k, v in delta.params.items()}
-    down, up = p["lora_down.weight"], p["lora_up.weight"]
+    scale = _scale({**p, **delta.scalars}, p["lora_down.weight"].shape[0])  # the file's rank
+    down, up = _fused_part(delta)
+    down, up = down.float(), up.float()
     rank = down.shape[0]
-    if delta.fused is not None:  # one fused layer of the file (Flux.1's qkv): our rows
-        up = up.flatten(1)
-        up = torch.cat([up[start:end] for start, end in delta.fused[0]])
-    scale = _scale({**p, **delta.scalars}, rank)
     out_features = module.weight.shape[0]
     up = up.reshape(out_features, rank) * scale
     if isinstance(module, nn.Conv2d):
@@ -214,7 +229,7 @@ def slot_factors(delta: LayerDelta, module: nn.Module) -> tuple[torch.Tensor, to
         return down.to(module.weight.dtype), up.reshape(out_features, rank, 1, 1).to(
             module.weight.dtype
         )
-    return down.reshape(rank, -1).to(module.weight.dtype), up.to(module.weight.dtype)
+    return down.flatten(1).to(module.weight.dtype), up.to(module.weight.dtype)
 
 
 def install(unet: nn.Module, *, slots: int, max_rank: int, rows: int) -> SlotBank | None:

@@ -1,5 +1,7 @@
 """Export the trained adapter in kohya/AUTOMATIC1111 key format (`lora_unet_…`,
-`lora_te_…`; LyCORIS names for LoHa/LoKr), with kohya-style metadata."""
+`lora_te_…`; LyCORIS names for LoHa/LoKr; Flux.1's LoRA under sd-scripts' lora_flux
+names, its fused layers as `split_qkv` writes them), or diffusers' peft layout where the
+family exports that, with kohya-style metadata."""
 
 from __future__ import annotations
 
@@ -17,26 +19,60 @@ from pipeline.training.adapters import ADAPTER, TEXT_LR_RATIO
 VERSION = sdbot_version()
 
 
-def kohya_state_dict(pipe: Any, method: str, alpha: float) -> dict[str, torch.Tensor]:
+def kohya_state_dict(pipe: Any, spec: TrainSpec) -> dict[str, torch.Tensor]:
     """The pipe's `ADAPTER` weights under the names the family exports (kohya/LyCORIS
-    names for SD; diffusers' peft names for a flow family's LoRA), in fp16."""
+    names for SD and Flux.1; diffusers' peft names for the other flow families' LoRA, and
+    Flux.1's when asked), in fp16."""
     family = of_pipe(pipe)
-    layout = family.export_layout(method)
+    layout = family.export_layout(spec)
     tensors: dict[str, torch.Tensor] = {}
     for index, (component, model) in enumerate(family.adaptable(pipe)):
-        for path, layer in _adapter_layers(model):
-            if index and not path.startswith("text_model."):
-                # transformers 5 flattened CLIPTextModel; kohya names keep `text_model`.
-                path = f"text_model.{path}"
-            name = family.export_name(component, path, method)
-            if layout == "peft":
-                layer_tensors = _peft_tensors(layer)
+        trained = {_kohya_path(index, path): layer for path, layer in _adapter_layers(model)}
+        for name, paths in family.export_layers(component, model, list(trained), spec).items():
+            if len(paths) > 1:
+                parts = [trained.get(path) for path in paths]
+                layer_tensors = _fused_tensors(model, paths, parts, spec.alpha)
+            elif layout == "peft":
+                layer_tensors = _peft_tensors(trained[paths[0]])
             else:
-                layer_tensors = _layer_tensors(layer, method)
-                layer_tensors["alpha"] = torch.tensor(alpha)
+                layer_tensors = _layer_tensors(trained[paths[0]], spec.method)
+                layer_tensors["alpha"] = torch.tensor(spec.alpha)
             for suffix, tensor in layer_tensors.items():
                 tensors[f"{name}.{suffix}"] = tensor.detach().to("cpu", torch.float16)
     return tensors
+
+
+def _kohya_path(index: int, path: str) -> str:
+    if index and not path.startswith("text_model."):
+        # transformers 5 flattened CLIPTextModel; kohya names keep `text_model`.
+        return f"text_model.{path}"
+    return path
+
+
+def _fused_tensors(
+    model: torch.nn.Module, paths: tuple[str, ...], parts: list[Any], alpha: float
+) -> dict[str, torch.Tensor]:
+    """One fused layer (Flux.1's qkv, linear1) from its parts' LoRAs, as sd-scripts'
+    `split_qkv` saves it: the downs stacked (rank n·r), the up block-diagonal (each part's
+    up on its own rows and its own r columns), which diffusers' kohya converter finds
+    sparse and splits back. A part nobody trained (the single blocks' MLP input) is
+    zeros. Every reader scales a layer by alpha / its down's rank, here n·r; sd-scripts
+    keeps each part's alpha (so its own fused files read at 1/n of what trained): we
+    write n·alpha, and alpha / rank is peft's alpha / r exactly."""
+    first = next(part for part in parts if part is not None).lora_A[ADAPTER].weight
+    downs, ups = [], []
+    for path, part in zip(paths, parts, strict=True):
+        if part is None:
+            downs.append(first.new_zeros(first.shape))
+            ups.append(first.new_zeros(model.get_submodule(path).out_features, first.shape[0]))
+        else:
+            downs.append(part.lora_A[ADAPTER].weight)
+            ups.append(part.lora_B[ADAPTER].weight)
+    return {
+        "lora_down.weight": torch.cat(downs),
+        "lora_up.weight": torch.block_diag(*ups),
+        "alpha": torch.tensor(alpha * len(paths)),
+    }
 
 
 def _peft_tensors(layer: Any) -> dict[str, torch.Tensor]:
@@ -127,7 +163,7 @@ def metadata_of(
     }
     if lycoris:
         metadata["ss_network_args"] = json.dumps({"algo": spec.method})
-    if family.export_layout(spec.method) == "peft":
+    if family.export_layout(spec) == "peft":
         metadata["sdbot_layout"] = "peft: alpha / rank multiplied into lora_B"
     metadata.update(family.training_metadata(pipe, spec))
     return metadata

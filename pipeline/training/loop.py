@@ -339,7 +339,7 @@ def _export(
         adapter_loss,
         len(job.captions),
     )
-    tensors = kohya_state_dict(pipe, spec.method, spec.alpha)
+    tensors = kohya_state_dict(pipe, spec)
     return TrainResult(
         safetensors=save_safetensors(tensors, metadata=metadata),
         metadata=metadata,
