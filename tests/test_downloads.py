@@ -68,13 +68,20 @@ def files_in(folder: Path) -> set[str]:
 
 
 def download(
-    hub, tmp_path: Path, *args: str, model: str = REPO_ID, dtype: str = "auto", only: bool = True
+    hub,
+    tmp_path: Path,
+    *args: str,
+    model: str = REPO_ID,
+    dtype: str = "auto",
+    only: bool = True,
+    lines: str = "",
 ):
     """`sdbot doctor --download [args]` (`only=False`: `sdbot doctor`) with a config
-    holding `model` from the hub."""
+    holding `model` from the hub (or `[models.tiny]` as `lines` say)."""
     config = tmp_path / "config.toml"
+    lines = lines or f'source = "{model}"'
     config.write_text(
-        f'[models.tiny]\nsource = "{model}"\n\n[storage]\ndata_dir = "{tmp_path / "data"}"\n\n'
+        f'[models.tiny]\n{lines}\n\n[storage]\ndata_dir = "{tmp_path / "data"}"\n\n'
         f'[workers]\ndevices = ["cpu"]\ndtype = "{dtype}"\n'
     )
     env = {
@@ -389,3 +396,115 @@ async def test_the_member_reads_the_download_in_the_progress_message(
     shown = [text for text in edits if "Downloading the model, " in text]
     assert shown, edits
     assert re.search(r"\nDownloading the model, [\d.]+ of [\d.]+ MB…$", shown[-1]), shown[-1]
+
+
+# -- what else a model loads from the Hub: a single file's base, an inpainting model ----------
+
+
+def test_a_single_file_takes_configs_only_of_what_it_holds():
+    """Of a single file's base only what the file lacks: every configuration, and weights
+    only of the components the file does not bring."""
+    held = {"unet", "vae", "text_encoder"}  # an SD 1.5 checkpoint brings all three
+    chosen = select_files(
+        SD15_LISTING, SD15_INDEX, half=True, skip=["safety_checker"], configs_only=held
+    )
+    assert chosen.variant == ""
+    assert not any(p.endswith((".safetensors", ".bin", ".ckpt")) for p in chosen.files)
+    assert {"unet/config.json", "vae/config.json", "text_encoder/config.json"} <= set(chosen.files)
+    assert "tokenizer/vocab.json" in chosen.files and "scheduler/scheduler_config.json" in (
+        chosen.files
+    )
+    unet_only = select_files(
+        SD15_LISTING, SD15_INDEX, half=True, skip=["safety_checker"], configs_only={"unet"}
+    )
+    weights = {p for p in unet_only.files if p.endswith(".safetensors")}
+    assert weights == {
+        "text_encoder/model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.fp16.safetensors",
+    }
+
+
+def _weights_fetched(hub, repo: str) -> set[str]:
+    """The weights files of `repo` whose content was asked of the hub (by content: with
+    one repository on the hub)."""
+    paths = {p for p in hub.repos[repo].files if p.endswith((".safetensors", ".bin"))}
+    return {p for p in paths if hub.gets(p)}
+
+
+def _needed(line: str) -> str:
+    return re.search(r"needs (\S+ \S+) in ", line).group(1)
+
+
+def test_a_checkpoint_s_base_and_an_inpainting_model_come_through_our_downloader(
+    hub_folder, tiny_sd, tiny_inpaint, tmp_path
+):
+    """An SD 1.x single file with `single_file_config` and `inpaint_source` given as Hub
+    ids: one disk line for both, a line per file, only the base's configurations (the
+    file brings the UNet, VAE and text encoder), the inpainting model's loaded files; the
+    model then loads from the snapshots, diffusers fetching nothing of its own."""
+    from pipeline.contract.config import ModelConfig
+    from pipeline.contract.memory_plan import size_text
+    from pipeline.models.loading import load_model
+    from pipeline.models.single_file import export_single_file
+
+    pipe = load_model(ModelConfig("tiny", str(tiny_sd)), device="cpu").pipe
+    checkpoint = export_single_file(pipe, tmp_path / "tiny.safetensors")
+    lines = (
+        f'source = "{checkpoint}"\nsingle_file_config = "{REPO_ID}"\n'
+        'inpaint_source = "test/tiny-inpaint"'
+    )
+    with running_hub() as hub:
+        hub.add_folder(REPO_ID, hub_folder)
+        hub.add_folder("test/tiny-inpaint", tiny_inpaint)
+        result = download(hub, tmp_path, lines=lines, only=False)
+        requests = len(hub.requests)
+        again = download(hub, tmp_path, lines=lines)
+        fetched_again = [
+            r for r in hub.requests[requests:] if r[0] == "GET" and "/api/" not in r[1]
+        ]
+    out = result.stdout.splitlines()
+    base, inpaint = snapshot(tmp_path), snapshot(tmp_path, "test/tiny-inpaint")
+    assert files_in(base) == CONFIGS
+    assert files_in(inpaint) == files_in(tiny_inpaint)
+    (disk,) = [line for line in out if line.startswith("[ok  ] download tiny: needs ")]
+    # model_index.json of each is read before the disk is checked: the rest is counted.
+    counted = [base / p for p in CONFIGS] + [inpaint / p for p in files_in(inpaint)]
+    needed = sum(p.stat().st_size for p in counted if p.name != "model_index.json")
+    assert _needed(disk) == size_text(needed), disk
+    per_file = [line.strip().split()[0] for line in out if line.startswith("       ")]
+    assert sorted(per_file) == sorted(
+        [p for p in CONFIGS if p != "model_index.json"]
+        + [p for p in files_in(tiny_inpaint) if p != "model_index.json"]
+    )
+    (done,) = [line for line in out if line.startswith("[ok  ] download tiny: single_file")]
+    assert f"single_file_config {REPO_ID} in {base}" in done
+    assert f"inpaint_source test/tiny-inpaint in {inpaint}" in done
+    assert any(line.startswith("[ok  ] model tiny: sd1 from ") for line in out), result.stdout
+    assert again.returncode == 0 and "0 KB fetched" in again.stdout, again.stdout
+    assert fetched_again == []
+
+
+def test_a_flux_transformer_file_takes_the_rest_of_its_base_from_the_hub(tmp_path):
+    """A GGUF Flux.1 transformer with its base as a Hub id: the base's text encoders, VAE,
+    tokenizers and configs are fetched, its transformer weights never (the file replaces
+    them), and the model loads."""
+    pytest.importorskip("gguf")
+    from diffusers import FluxTransformer2DModel
+
+    from pipeline.families.flux_tiny import write_tiny_flux
+    from tests.gguf_files import write_gguf
+
+    base = write_tiny_flux(tmp_path / "flux-base")
+    transformer = FluxTransformer2DModel.from_pretrained(base / "transformer")
+    gguf = write_gguf(tmp_path / "flux1-dev-Q8_0.gguf", transformer.state_dict())
+    lines = f'source = "{gguf}"\nfamily = "flux"\nsingle_file_config = "test/tiny-flux"'
+    with running_hub() as hub:
+        hub.add_folder("test/tiny-flux", base)
+        result = download(hub, tmp_path, lines=lines, only=False)
+        weights = _weights_fetched(hub, "test/tiny-flux")
+    out = result.stdout.splitlines()
+    replaced = "transformer/diffusion_pytorch_model.safetensors"
+    assert files_in(snapshot(tmp_path, "test/tiny-flux")) == files_in(base) - {replaced}
+    assert replaced not in weights and len(weights) == 3  # two text encoders, the VAE
+    assert any(line.startswith("[ok  ] download tiny: needs ") for line in out), result.stdout
+    assert any(line.startswith("[ok  ] model tiny: flux from ") for line in out), result.stdout
