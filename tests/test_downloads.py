@@ -10,6 +10,7 @@ downloads run in processes started with them set (the CLI; the pool's worker).""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import re
@@ -18,12 +19,13 @@ from pathlib import Path
 
 import pytest
 
+from bot import store
 from pipeline.contract.families import ModelError
 from pipeline.contract.hub_files import disk_problem, is_hub_id, select_files
 from pipeline.contract.jobs import Done, Progress
 from pipeline.workers.local_pool import LocalPool
 from tests import botkit
-from tests.botkit import emu  # noqa: F401 - the Discord emulator fixture
+from tests.botkit import custom_ids, emu  # noqa: F401 - the Discord emulator fixture
 from tests.hub_server import running_hub
 from tests.test_runner import make_config, one_cpu_thread_per_worker, small
 from tests.test_train_cli import run_cli
@@ -508,3 +510,109 @@ def test_a_flux_transformer_file_takes_the_rest_of_its_base_from_the_hub(tmp_pat
     assert replaced not in weights and len(weights) == 3  # two text encoders, the VAE
     assert any(line.startswith("[ok  ] download tiny: needs ") for line in out), result.stdout
     assert any(line.startswith("[ok  ] model tiny: flux from ") for line in out), result.stdout
+
+
+# -- a cancel while the worker downloads the model ------------------------------------------
+
+UNET = "unet/diffusion_pytorch_model.safetensors"
+VAE = "vae/diffusion_pytorch_model.safetensors"
+
+
+@contextlib.asynccontextmanager
+async def _bot_downloading(emu, hub_folder, tiny_sd, tmp_path, monkeypatch):  # noqa: F811
+    """The bot with one worker and a Hub model "hub" whose UNet weights the hub sends
+    half of, then holds until the test releases them (`hub.held`, `hub.release`)."""
+    with running_hub() as hub:
+        hub.add_folder(REPO_ID, hub_folder)
+        hub.hold_at[UNET] = (hub_folder / UNET).stat().st_size // 2
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+        # The hold lasts as long as the test needs: no read timeout and retry meanwhile.
+        monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "300")
+        hub_model = {"hub": {"source": REPO_ID, "family": "sd1"}}
+        config = botkit.make_config(tiny_sd, tmp_path / "data", emu, models=hub_model)
+        pool = LocalPool(config)
+        with one_cpu_thread_per_worker():
+            await pool.start()
+            try:
+                async with botkit.running_sdbot(config, pool):
+                    yield hub, pool, store.open_db(config.storage.database)
+            finally:
+                await pool.close()
+
+
+async def _downloading_job(emu, hub) -> tuple[str, dict]:
+    """A job for the Hub model, once its worker is half way through the UNet's weights;
+    and its progress message."""
+    job = await botkit.queued_job(await botkit.imagine(emu, "a lighthouse", model="hub"))
+    assert await asyncio.to_thread(hub.held.wait, 120), "the download never reached the UNet"
+    progress = await emu.wait_for(
+        lambda: next(
+            (m for m in emu.channel_messages() if f"sdbot:cancel:{job}" in custom_ids(m)), None
+        ),
+        30,
+    )
+    return job, progress
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_cancel_during_the_download_ends_the_job_at_once_and_stops_it(
+    emu,
+    hub_folder,
+    tiny_sd,
+    tmp_path,
+    monkeypatch,  # noqa: F811
+):
+    """Nothing else waits for the model: the member is answered while the UNet is still
+    half sent, and the download stops there; the worker is free for the next job."""
+    async with _bot_downloading(emu, hub_folder, tiny_sd, tmp_path, monkeypatch) as (
+        hub,
+        pool,
+        db,
+    ):
+        job, progress = await _downloading_job(emu, hub)
+        answer = await botkit.reply(await emu.send_command("cancel", {"job": job}))
+        # Answered, ended and shown while the hub still holds the rest of the UNet.
+        status = store.get_job(db, job)["status"]
+        await emu.wait_for(lambda: "Cancelled." in emu.get_message(progress["id"])["content"], 30)
+        unet_while_cancelled = list((tmp_path / "cache").rglob(UNET))
+        hub.release.set()
+        await emu.wait_for(lambda: pool.free_workers() == 1, 120)
+        vae_gets = hub.gets(VAE)
+        other = await botkit.queued_job(await botkit.imagine(emu, "a castle"))
+        await botkit.wait_result(emu, other)
+    assert answer["content"] == f"Cancelled `{job}`." and answer["flags"] & 64
+    assert status == "cancelled" and unet_while_cancelled == []
+    # The download stopped: the UNet never completed, the VAE after it was never asked for.
+    assert list((tmp_path / "cache").rglob(UNET)) == [] and vae_gets == []
+    assert store.get_job(db, job)["status"] == "cancelled"
+    assert botkit.result_messages(emu, job) == []
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_cancel_during_the_download_keeps_it_for_the_next_job_of_that_model(
+    emu,
+    hub_folder,
+    tiny_sd,
+    tmp_path,
+    monkeypatch,  # noqa: F811
+):
+    """Another job waits for the model: the cancelled job ends at once all the same, the
+    download goes on (the UNet fetched once, never restarted), the waiting job runs."""
+    async with _bot_downloading(emu, hub_folder, tiny_sd, tmp_path, monkeypatch) as (
+        hub,
+        pool,
+        db,
+    ):
+        job, progress = await _downloading_job(emu, hub)
+        waiting = await botkit.queued_job(await botkit.imagine(emu, "a castle", model="hub"))
+        answer = await botkit.reply(await emu.send_command("cancel", {"job": job}))
+        status = store.get_job(db, job)["status"]
+        await emu.wait_for(lambda: "Cancelled." in emu.get_message(progress["id"])["content"], 30)
+        hub.release.set()
+        await botkit.wait_result(emu, waiting)
+    assert answer["content"] == f"Cancelled `{job}`." and status == "cancelled"
+    assert hub.gets(UNET) == [""]  # one GET, no Range: the download was never restarted
+    assert store.get_job(db, job)["status"] == "cancelled"
+    assert botkit.result_messages(emu, job) == []
