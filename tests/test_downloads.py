@@ -365,6 +365,35 @@ async def test_a_worker_downloads_a_hub_model_with_progress_events(
     assert memory["hub"].plan == "full" and memory["hub"].estimated_bytes > 0
 
 
+UNET = "unet/diffusion_pytorch_model.safetensors"
+VAE = "vae/diffusion_pytorch_model.safetensors"
+
+
+@contextlib.asynccontextmanager
+async def _bot_with_hub(emu, hub_folder, tiny_sd, tmp_path, monkeypatch, *, hold=False):  # noqa: F811
+    """The bot with one worker and a Hub model "hub" (`hold`: whose UNet weights the hub
+    sends half of, then holds until the test releases them: `hub.held`, `hub.release`)."""
+    with running_hub() as hub:
+        hub.add_folder(REPO_ID, hub_folder)
+        if hold:
+            hub.hold_at[UNET] = (hub_folder / UNET).stat().st_size // 2
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+        # The hold lasts as long as the test needs: no read timeout and retry meanwhile.
+        monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "300")
+        hub_model = {"hub": {"source": REPO_ID, "family": "sd1"}}
+        config = botkit.make_config(tiny_sd, tmp_path / "data", emu, models=hub_model)
+        pool = LocalPool(config)
+        with one_cpu_thread_per_worker():
+            await pool.start()
+            try:
+                async with botkit.running_sdbot(config, pool):
+                    yield hub, pool, store.open_db(config.storage.database)
+            finally:
+                await pool.close()
+
+
 @pytest.mark.asyncio(loop_scope="session")
 async def test_the_member_reads_the_download_in_the_progress_message(
     emu,
@@ -373,23 +402,10 @@ async def test_the_member_reads_the_download_in_the_progress_message(
     tmp_path,
     monkeypatch,  # noqa: F811
 ):
-    with running_hub() as hub:
-        hub.add_folder(REPO_ID, hub_folder)
-        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
-        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-        hub_model = {"hub": {"source": REPO_ID, "family": "sd1"}}
-        config = botkit.make_config(tiny_sd, tmp_path / "data", emu, models=hub_model)
-        pool = LocalPool(config)
-        with one_cpu_thread_per_worker():
-            await pool.start()
-            try:
-                async with botkit.running_sdbot(config, pool):
-                    record = await botkit.imagine(emu, "a lighthouse", model="hub")
-                    job = await botkit.queued_job(record)
-                    await botkit.wait_result(emu, job)
-            finally:
-                await pool.close()
+    async with _bot_with_hub(emu, hub_folder, tiny_sd, tmp_path, monkeypatch):
+        record = await botkit.imagine(emu, "a lighthouse", model="hub")
+        job = await botkit.queued_job(record)
+        await botkit.wait_result(emu, job)
     edits = [
         r.json.get("content", "")
         for r in emu.requests_to("PATCH", r"/channels/\d+/messages/\d+$")
@@ -514,33 +530,6 @@ def test_a_flux_transformer_file_takes_the_rest_of_its_base_from_the_hub(tmp_pat
 
 # -- a cancel while the worker downloads the model ------------------------------------------
 
-UNET = "unet/diffusion_pytorch_model.safetensors"
-VAE = "vae/diffusion_pytorch_model.safetensors"
-
-
-@contextlib.asynccontextmanager
-async def _bot_downloading(emu, hub_folder, tiny_sd, tmp_path, monkeypatch):  # noqa: F811
-    """The bot with one worker and a Hub model "hub" whose UNet weights the hub sends
-    half of, then holds until the test releases them (`hub.held`, `hub.release`)."""
-    with running_hub() as hub:
-        hub.add_folder(REPO_ID, hub_folder)
-        hub.hold_at[UNET] = (hub_folder / UNET).stat().st_size // 2
-        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
-        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-        # The hold lasts as long as the test needs: no read timeout and retry meanwhile.
-        monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "300")
-        hub_model = {"hub": {"source": REPO_ID, "family": "sd1"}}
-        config = botkit.make_config(tiny_sd, tmp_path / "data", emu, models=hub_model)
-        pool = LocalPool(config)
-        with one_cpu_thread_per_worker():
-            await pool.start()
-            try:
-                async with botkit.running_sdbot(config, pool):
-                    yield hub, pool, store.open_db(config.storage.database)
-            finally:
-                await pool.close()
-
 
 async def _downloading_job(emu, hub) -> tuple[str, dict]:
     """A job for the Hub model, once its worker is half way through the UNet's weights;
@@ -566,7 +555,7 @@ async def test_a_cancel_during_the_download_ends_the_job_at_once_and_stops_it(
 ):
     """Nothing else waits for the model: the member is answered while the UNet is still
     half sent, and the download stops there; the worker is free for the next job."""
-    async with _bot_downloading(emu, hub_folder, tiny_sd, tmp_path, monkeypatch) as (
+    async with _bot_with_hub(emu, hub_folder, tiny_sd, tmp_path, monkeypatch, hold=True) as (
         hub,
         pool,
         db,
@@ -600,7 +589,7 @@ async def test_a_cancel_during_the_download_keeps_it_for_the_next_job_of_that_mo
 ):
     """Another job waits for the model: the cancelled job ends at once all the same, the
     download goes on (the UNet fetched once, never restarted), the waiting job runs."""
-    async with _bot_downloading(emu, hub_folder, tiny_sd, tmp_path, monkeypatch) as (
+    async with _bot_with_hub(emu, hub_folder, tiny_sd, tmp_path, monkeypatch, hold=True) as (
         hub,
         pool,
         db,
