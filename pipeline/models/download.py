@@ -127,11 +127,6 @@ class Fetched:
     variants: dict[str, str]  # key (source, inpaint_source…) → the weights variant fetched
     fetched: int  # bytes downloaded now (0: everything was in the cache)
 
-    @property
-    def variant(self) -> str:
-        """The main source's weights variant ("" or "fp16")."""
-        return self.variants.get("source", "")
-
 
 @dataclass
 class _Planned:
