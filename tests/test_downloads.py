@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from bot import store
+from pipeline.contract.config import config_from_dict
 from pipeline.contract.families import ModelError
 from pipeline.contract.hub_files import disk_problem, is_hub_id, select_files
 from pipeline.contract.jobs import Done, Progress
@@ -453,22 +454,28 @@ def _needed(line: str) -> str:
     return re.search(r"needs (\S+ \S+) in ", line).group(1)
 
 
+@pytest.fixture(scope="module")
+def sd_checkpoint(tiny_sd, tmp_path_factory) -> Path:
+    """The tiny SD 1.x model as an A1111 single file (UNet, VAE and text encoder)."""
+    from pipeline.contract.config import ModelConfig
+    from pipeline.models.loading import load_model
+    from pipeline.models.single_file import export_single_file
+
+    pipe = load_model(ModelConfig("tiny", str(tiny_sd)), device="cpu").pipe
+    return export_single_file(pipe, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+
+
 def test_a_checkpoint_s_base_and_an_inpainting_model_come_through_our_downloader(
-    hub_folder, tiny_sd, tiny_inpaint, tmp_path
+    hub_folder, sd_checkpoint, tiny_inpaint, tmp_path
 ):
     """An SD 1.x single file with `single_file_config` and `inpaint_source` given as Hub
     ids: one disk line for both, a line per file, only the base's configurations (the
     file brings the UNet, VAE and text encoder), the inpainting model's loaded files; the
     model then loads from the snapshots, diffusers fetching nothing of its own."""
-    from pipeline.contract.config import ModelConfig
     from pipeline.contract.memory_plan import size_text
-    from pipeline.models.loading import load_model
-    from pipeline.models.single_file import export_single_file
 
-    pipe = load_model(ModelConfig("tiny", str(tiny_sd)), device="cpu").pipe
-    checkpoint = export_single_file(pipe, tmp_path / "tiny.safetensors")
     lines = (
-        f'source = "{checkpoint}"\nsingle_file_config = "{REPO_ID}"\n'
+        f'source = "{sd_checkpoint}"\nsingle_file_config = "{REPO_ID}"\n'
         'inpaint_source = "test/tiny-inpaint"'
     )
     with running_hub() as hub:
@@ -500,6 +507,40 @@ def test_a_checkpoint_s_base_and_an_inpainting_model_come_through_our_downloader
     assert any(line.startswith("[ok  ] model tiny: sd1 from ") for line in out), result.stdout
     assert again.returncode == 0 and "0 KB fetched" in again.stdout, again.stdout
     assert fetched_again == []
+
+
+@pytest.mark.asyncio
+async def test_a_worker_fetches_a_checkpoint_s_base_before_loading_it(
+    hub_folder, sd_checkpoint, tiny_sd, tmp_path, monkeypatch
+):
+    """The worker's first load of a single file whose `single_file_config` is a Hub id:
+    the member's progress says the download, only the base's configurations come down,
+    and the job is drawn."""
+    with running_hub() as hub:
+        hub.add_folder(REPO_ID, hub_folder)
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+        ckpt = {"source": str(sd_checkpoint), "single_file_config": REPO_ID}
+        config = config_from_dict(
+            {
+                # The worker loads the first (default) model at start, the other on its job.
+                "models": {"local": {"source": str(tiny_sd)}, "ckpt": ckpt},
+                "storage": {"data_dir": str(tmp_path / "data")},
+                "workers": {"backend": "local", "devices": ["cpu"]},
+            }
+        )
+        pool = LocalPool(config)
+        with one_cpu_thread_per_worker():
+            await pool.start()
+            try:
+                events = [e async for e in pool.run([("c1", small(model="ckpt"))])]
+            finally:
+                await pool.close()
+    messages = [e.message for e in events if isinstance(e, Progress) and e.message]
+    assert messages and all(m.startswith("downloading the model, ") for m in messages)
+    assert isinstance(events[-1], Done) and len(events[-1].images) == 1, events[-1]
+    assert files_in(snapshot(tmp_path)) == CONFIGS
 
 
 def test_a_flux_transformer_file_takes_the_rest_of_its_base_from_the_hub(tmp_path):
