@@ -17,10 +17,12 @@
   `RevisionNotFound` or `EntryNotFound`.
 
 What the tests steer: `cut_once` (path → bytes: the first GET of that file sends its full
-`Content-Length` but closes the connection after that many bytes), `failing` (paths whose
-GET answers 500), `declared` (path → a size the repository claims for an extra LFS file
-of zeros), `page_size` (tree entries per page). Every request is logged in `requests`:
-(method, url path, Range header).
+`Content-Length` but closes the connection after that many bytes), `hold_at` (path →
+bytes: the first GET of that file sends that many, sets `held` and waits for `release`
+before the rest: a download caught in the middle, for as long as a test needs),
+`failing` (paths whose GET answers 500), `declared` (path → a size the repository claims
+for an extra LFS file of zeros), `page_size` (tree entries per page). Every request is
+logged in `requests`: (method, url path, Range header).
 """
 
 from __future__ import annotations
@@ -85,6 +87,9 @@ class FakeHub:
     cut_once: dict[str, int] = field(default_factory=dict)
     failing: set[str] = field(default_factory=set)
     page_size: int = 1000
+    hold_at: dict[str, int] = field(default_factory=dict)
+    held: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
     requests: list[tuple[str, str, str]] = field(default_factory=list)
     port: int = 0
 
@@ -258,7 +263,18 @@ class _Handler(BaseHTTPRequestHandler):
         if head:
             return
         cut = self.hub.cut_once.pop(f.path, None) if status == 200 else None
-        self._body(f, start, f.size if cut is None else cut)
+        end = f.size if cut is None else cut
+        hold = self.hub.hold_at.pop(f.path, None) if status == 200 else None
+        try:
+            if hold is not None and hold < end:
+                self._body(f, start, hold)
+                self.hub.held.set()
+                self.hub.release.wait(timeout=300)
+                start = hold
+            self._body(f, start, end)
+        except (BrokenPipeError, ConnectionResetError):  # the client stopped reading
+            self.close_connection = True
+            return
         if cut is not None:
             self.close_connection = True  # the rest never comes: a dropped connection
 
@@ -306,5 +322,6 @@ class running_hub:
         return self.hub
 
     def __exit__(self, *exc: object) -> None:
+        self.hub.release.set()  # a GET still held ends
         self.server.shutdown()
         self.server.server_close()

@@ -10,6 +10,7 @@ downloads run in processes started with them set (the CLI; the pool's worker).""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import re
@@ -18,12 +19,14 @@ from pathlib import Path
 
 import pytest
 
+from bot import store
+from pipeline.contract.config import config_from_dict
 from pipeline.contract.families import ModelError
 from pipeline.contract.hub_files import disk_problem, is_hub_id, select_files
 from pipeline.contract.jobs import Done, Progress
 from pipeline.workers.local_pool import LocalPool
 from tests import botkit
-from tests.botkit import emu  # noqa: F401 - the Discord emulator fixture
+from tests.botkit import custom_ids, emu  # noqa: F401 - the Discord emulator fixture
 from tests.hub_server import running_hub
 from tests.test_runner import make_config, one_cpu_thread_per_worker, small
 from tests.test_train_cli import run_cli
@@ -68,13 +71,20 @@ def files_in(folder: Path) -> set[str]:
 
 
 def download(
-    hub, tmp_path: Path, *args: str, model: str = REPO_ID, dtype: str = "auto", only: bool = True
+    hub,
+    tmp_path: Path,
+    *args: str,
+    model: str = REPO_ID,
+    dtype: str = "auto",
+    only: bool = True,
+    lines: str = "",
 ):
     """`sdbot doctor --download [args]` (`only=False`: `sdbot doctor`) with a config
-    holding `model` from the hub."""
+    holding `model` from the hub (or `[models.tiny]` as `lines` say)."""
     config = tmp_path / "config.toml"
+    lines = lines or f'source = "{model}"'
     config.write_text(
-        f'[models.tiny]\nsource = "{model}"\n\n[storage]\ndata_dir = "{tmp_path / "data"}"\n\n'
+        f'[models.tiny]\n{lines}\n\n[storage]\ndata_dir = "{tmp_path / "data"}"\n\n'
         f'[workers]\ndevices = ["cpu"]\ndtype = "{dtype}"\n'
     )
     env = {
@@ -356,6 +366,35 @@ async def test_a_worker_downloads_a_hub_model_with_progress_events(
     assert memory["hub"].plan == "full" and memory["hub"].estimated_bytes > 0
 
 
+UNET = "unet/diffusion_pytorch_model.safetensors"
+VAE = "vae/diffusion_pytorch_model.safetensors"
+
+
+@contextlib.asynccontextmanager
+async def _bot_with_hub(emu, hub_folder, tiny_sd, tmp_path, monkeypatch, *, hold=False):  # noqa: F811
+    """The bot with one worker and a Hub model "hub" (`hold`: whose UNet weights the hub
+    sends half of, then holds until the test releases them: `hub.held`, `hub.release`)."""
+    with running_hub() as hub:
+        hub.add_folder(REPO_ID, hub_folder)
+        if hold:
+            hub.hold_at[UNET] = (hub_folder / UNET).stat().st_size // 2
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+        # The hold lasts as long as the test needs: no read timeout and retry meanwhile.
+        monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "300")
+        hub_model = {"hub": {"source": REPO_ID, "family": "sd1"}}
+        config = botkit.make_config(tiny_sd, tmp_path / "data", emu, models=hub_model)
+        pool = LocalPool(config)
+        with one_cpu_thread_per_worker():
+            await pool.start()
+            try:
+                async with botkit.running_sdbot(config, pool):
+                    yield hub, pool, store.open_db(config.storage.database)
+            finally:
+                await pool.close()
+
+
 @pytest.mark.asyncio(loop_scope="session")
 async def test_the_member_reads_the_download_in_the_progress_message(
     emu,
@@ -364,23 +403,10 @@ async def test_the_member_reads_the_download_in_the_progress_message(
     tmp_path,
     monkeypatch,  # noqa: F811
 ):
-    with running_hub() as hub:
-        hub.add_folder(REPO_ID, hub_folder)
-        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
-        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-        hub_model = {"hub": {"source": REPO_ID, "family": "sd1"}}
-        config = botkit.make_config(tiny_sd, tmp_path / "data", emu, models=hub_model)
-        pool = LocalPool(config)
-        with one_cpu_thread_per_worker():
-            await pool.start()
-            try:
-                async with botkit.running_sdbot(config, pool):
-                    record = await botkit.imagine(emu, "a lighthouse", model="hub")
-                    job = await botkit.queued_job(record)
-                    await botkit.wait_result(emu, job)
-            finally:
-                await pool.close()
+    async with _bot_with_hub(emu, hub_folder, tiny_sd, tmp_path, monkeypatch):
+        record = await botkit.imagine(emu, "a lighthouse", model="hub")
+        job = await botkit.queued_job(record)
+        await botkit.wait_result(emu, job)
     edits = [
         r.json.get("content", "")
         for r in emu.requests_to("PATCH", r"/channels/\d+/messages/\d+$")
@@ -389,3 +415,234 @@ async def test_the_member_reads_the_download_in_the_progress_message(
     shown = [text for text in edits if "Downloading the model, " in text]
     assert shown, edits
     assert re.search(r"\nDownloading the model, [\d.]+ of [\d.]+ MB…$", shown[-1]), shown[-1]
+
+
+# -- what else a model loads from the Hub: a single file's base, an inpainting model ----------
+
+
+def test_a_single_file_takes_configs_only_of_what_it_holds():
+    """Of a single file's base only what the file lacks: every configuration, and weights
+    only of the components the file does not bring."""
+    held = {"unet", "vae", "text_encoder"}  # an SD 1.5 checkpoint brings all three
+    chosen = select_files(
+        SD15_LISTING, SD15_INDEX, half=True, skip=["safety_checker"], configs_only=held
+    )
+    assert chosen.variant == ""
+    assert not any(p.endswith((".safetensors", ".bin", ".ckpt")) for p in chosen.files)
+    assert {"unet/config.json", "vae/config.json", "text_encoder/config.json"} <= set(chosen.files)
+    assert "tokenizer/vocab.json" in chosen.files and "scheduler/scheduler_config.json" in (
+        chosen.files
+    )
+    unet_only = select_files(
+        SD15_LISTING, SD15_INDEX, half=True, skip=["safety_checker"], configs_only={"unet"}
+    )
+    weights = {p for p in unet_only.files if p.endswith(".safetensors")}
+    assert weights == {
+        "text_encoder/model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.fp16.safetensors",
+    }
+
+
+def _weights_fetched(hub, repo: str) -> set[str]:
+    """The weights files of `repo` whose content was asked of the hub (by content: with
+    one repository on the hub)."""
+    paths = {p for p in hub.repos[repo].files if p.endswith((".safetensors", ".bin"))}
+    return {p for p in paths if hub.gets(p)}
+
+
+def _needed(line: str) -> str:
+    return re.search(r"needs (\S+ \S+) in ", line).group(1)
+
+
+@pytest.fixture(scope="module")
+def sd_checkpoint(tiny_sd, tmp_path_factory) -> Path:
+    """The tiny SD 1.x model as an A1111 single file (UNet, VAE and text encoder)."""
+    from pipeline.contract.config import ModelConfig
+    from pipeline.models.loading import load_model
+    from pipeline.models.single_file import export_single_file
+
+    pipe = load_model(ModelConfig("tiny", str(tiny_sd)), device="cpu").pipe
+    return export_single_file(pipe, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+
+
+def test_a_checkpoint_s_base_and_an_inpainting_model_come_through_our_downloader(
+    hub_folder, sd_checkpoint, tiny_inpaint, tmp_path
+):
+    """An SD 1.x single file with `single_file_config` and `inpaint_source` given as Hub
+    ids: one disk line for both, a line per file, only the base's configurations (the
+    file brings the UNet, VAE and text encoder), the inpainting model's loaded files; the
+    model then loads from the snapshots, diffusers fetching nothing of its own."""
+    from pipeline.contract.memory_plan import size_text
+
+    lines = (
+        f'source = "{sd_checkpoint}"\nsingle_file_config = "{REPO_ID}"\n'
+        'inpaint_source = "test/tiny-inpaint"'
+    )
+    with running_hub() as hub:
+        hub.add_folder(REPO_ID, hub_folder)
+        hub.add_folder("test/tiny-inpaint", tiny_inpaint)
+        result = download(hub, tmp_path, lines=lines, only=False)
+        requests = len(hub.requests)
+        again = download(hub, tmp_path, lines=lines)
+        fetched_again = [
+            r for r in hub.requests[requests:] if r[0] == "GET" and "/api/" not in r[1]
+        ]
+    out = result.stdout.splitlines()
+    base, inpaint = snapshot(tmp_path), snapshot(tmp_path, "test/tiny-inpaint")
+    assert files_in(base) == CONFIGS
+    assert files_in(inpaint) == files_in(tiny_inpaint)
+    (disk,) = [line for line in out if line.startswith("[ok  ] download tiny: needs ")]
+    # model_index.json of each is read before the disk is checked: the rest is counted.
+    counted = [base / p for p in CONFIGS] + [inpaint / p for p in files_in(inpaint)]
+    needed = sum(p.stat().st_size for p in counted if p.name != "model_index.json")
+    assert _needed(disk) == size_text(needed), disk
+    per_file = [line.strip().split()[0] for line in out if line.startswith("       ")]
+    assert sorted(per_file) == sorted(
+        [p for p in CONFIGS if p != "model_index.json"]
+        + [p for p in files_in(tiny_inpaint) if p != "model_index.json"]
+    )
+    (done,) = [line for line in out if line.startswith("[ok  ] download tiny: single_file")]
+    assert f"single_file_config {REPO_ID} in {base}" in done
+    assert f"inpaint_source test/tiny-inpaint in {inpaint}" in done
+    assert any(line.startswith("[ok  ] model tiny: sd1 from ") for line in out), result.stdout
+    assert again.returncode == 0 and "0 KB fetched" in again.stdout, again.stdout
+    assert fetched_again == []
+
+
+@pytest.mark.asyncio
+async def test_a_worker_fetches_a_checkpoint_s_base_before_loading_it(
+    hub_folder, sd_checkpoint, tiny_sd, tmp_path, monkeypatch
+):
+    """The worker's first load of a single file whose `single_file_config` is a Hub id:
+    the member's progress says the download, only the base's configurations come down,
+    and the job is drawn."""
+    with running_hub() as hub:
+        hub.add_folder(REPO_ID, hub_folder)
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+        ckpt = {"source": str(sd_checkpoint), "single_file_config": REPO_ID}
+        config = config_from_dict(
+            {
+                # The worker loads the first (default) model at start, the other on its job.
+                "models": {"local": {"source": str(tiny_sd)}, "ckpt": ckpt},
+                "storage": {"data_dir": str(tmp_path / "data")},
+                "workers": {"backend": "local", "devices": ["cpu"]},
+            }
+        )
+        pool = LocalPool(config)
+        with one_cpu_thread_per_worker():
+            await pool.start()
+            try:
+                events = [e async for e in pool.run([("c1", small(model="ckpt"))])]
+            finally:
+                await pool.close()
+    messages = [e.message for e in events if isinstance(e, Progress) and e.message]
+    assert messages and all(m.startswith("downloading the model, ") for m in messages)
+    assert isinstance(events[-1], Done) and len(events[-1].images) == 1, events[-1]
+    assert files_in(snapshot(tmp_path)) == CONFIGS
+
+
+def test_a_flux_transformer_file_takes_the_rest_of_its_base_from_the_hub(tmp_path):
+    """A GGUF Flux.1 transformer with its base as a Hub id: the base's text encoders, VAE,
+    tokenizers and configs are fetched, its transformer weights never (the file replaces
+    them), and the model loads."""
+    pytest.importorskip("gguf")
+    from diffusers import FluxTransformer2DModel
+
+    from pipeline.families.flux_tiny import write_tiny_flux
+    from tests.gguf_files import write_gguf
+
+    base = write_tiny_flux(tmp_path / "flux-base")
+    transformer = FluxTransformer2DModel.from_pretrained(base / "transformer")
+    gguf = write_gguf(tmp_path / "flux1-dev-Q8_0.gguf", transformer.state_dict())
+    lines = f'source = "{gguf}"\nfamily = "flux"\nsingle_file_config = "test/tiny-flux"'
+    with running_hub() as hub:
+        hub.add_folder("test/tiny-flux", base)
+        result = download(hub, tmp_path, lines=lines, only=False)
+        weights = _weights_fetched(hub, "test/tiny-flux")
+    out = result.stdout.splitlines()
+    replaced = "transformer/diffusion_pytorch_model.safetensors"
+    assert files_in(snapshot(tmp_path, "test/tiny-flux")) == files_in(base) - {replaced}
+    assert replaced not in weights and len(weights) == 3  # two text encoders, the VAE
+    assert any(line.startswith("[ok  ] download tiny: needs ") for line in out), result.stdout
+    assert any(line.startswith("[ok  ] model tiny: flux from ") for line in out), result.stdout
+
+
+# -- a cancel while the worker downloads the model ------------------------------------------
+
+
+async def _downloading_job(emu, hub) -> tuple[str, dict]:
+    """A job for the Hub model, once its worker is half way through the UNet's weights;
+    and its progress message."""
+    job = await botkit.queued_job(await botkit.imagine(emu, "a lighthouse", model="hub"))
+    assert await asyncio.to_thread(hub.held.wait, 120), "the download never reached the UNet"
+    progress = await emu.wait_for(
+        lambda: next(
+            (m for m in emu.channel_messages() if f"sdbot:cancel:{job}" in custom_ids(m)), None
+        ),
+        30,
+    )
+    return job, progress
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_cancel_during_the_download_ends_the_job_at_once_and_stops_it(
+    emu,
+    hub_folder,
+    tiny_sd,
+    tmp_path,
+    monkeypatch,  # noqa: F811
+):
+    """Nothing else waits for the model: the member is answered while the UNet is still
+    half sent, and the download stops there; the worker is free for the next job."""
+    async with _bot_with_hub(emu, hub_folder, tiny_sd, tmp_path, monkeypatch, hold=True) as (
+        hub,
+        pool,
+        db,
+    ):
+        job, progress = await _downloading_job(emu, hub)
+        answer = await botkit.reply(await emu.send_command("cancel", {"job": job}))
+        # Answered, ended and shown while the hub still holds the rest of the UNet.
+        status = store.get_job(db, job)["status"]
+        await emu.wait_for(lambda: "Cancelled." in emu.get_message(progress["id"])["content"], 30)
+        unet_while_cancelled = list((tmp_path / "cache").rglob(UNET))
+        hub.release.set()
+        await emu.wait_for(lambda: pool.free_workers() == 1, 120)
+        vae_gets = hub.gets(VAE)
+        other = await botkit.queued_job(await botkit.imagine(emu, "a castle"))
+        await botkit.wait_result(emu, other)
+    assert answer["content"] == f"Cancelled `{job}`." and answer["flags"] & 64
+    assert status == "cancelled" and unet_while_cancelled == []
+    # The download stopped: the UNet never completed, the VAE after it was never asked for.
+    assert list((tmp_path / "cache").rglob(UNET)) == [] and vae_gets == []
+    assert store.get_job(db, job)["status"] == "cancelled"
+    assert botkit.result_messages(emu, job) == []
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_cancel_during_the_download_keeps_it_for_the_next_job_of_that_model(
+    emu,
+    hub_folder,
+    tiny_sd,
+    tmp_path,
+    monkeypatch,  # noqa: F811
+):
+    """Another job waits for the model: the cancelled job ends at once all the same, the
+    download goes on (the UNet fetched once, never restarted), the waiting job runs."""
+    async with _bot_with_hub(emu, hub_folder, tiny_sd, tmp_path, monkeypatch, hold=True) as (
+        hub,
+        pool,
+        db,
+    ):
+        job, progress = await _downloading_job(emu, hub)
+        waiting = await botkit.queued_job(await botkit.imagine(emu, "a castle", model="hub"))
+        answer = await botkit.reply(await emu.send_command("cancel", {"job": job}))
+        status = store.get_job(db, job)["status"]
+        await emu.wait_for(lambda: "Cancelled." in emu.get_message(progress["id"])["content"], 30)
+        hub.release.set()
+        await botkit.wait_result(emu, waiting)
+    assert answer["content"] == f"Cancelled `{job}`." and status == "cancelled"
+    assert hub.gets(UNET) == [""]  # one GET, no Range: the download was never restarted
+    assert store.get_job(db, job)["status"] == "cancelled"
+    assert botkit.result_messages(emu, job) == []

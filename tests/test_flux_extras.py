@@ -380,6 +380,82 @@ def test_a_controlnet_unit_on_inpaint_equals_flux_controlnet_inpaint_pipeline(
     assert level_difference(ours, theirs) <= SAME_LEVELS
 
 
+def _texts_seen(net) -> tuple[list, object]:
+    """What each call of a ControlNet is given as text (T5 states, CLIP's pooled
+    vector), recorded by a forward pre-hook; and the hook's handle."""
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append((kwargs["encoder_hidden_states"].clone(), kwargs["pooled_projections"].clone()))
+
+    return seen, net.register_forward_pre_hook(record, with_kwargs=True)
+
+
+def test_a_controlnet_sees_each_step_s_text_under_prompt_editing(flux_control, flux_dir):  # noqa: F811
+    """`a [cat:dog:0.5]` over 4 steps is "a cat" at steps 0–2 and "a dog" at step 3
+    (A1111's prompt_parser: the first text whose end step the step has not passed). Our
+    ControlNet is given, step by step, the texts diffusers' FluxControlNetPipeline gives
+    its ControlNet when handed "a cat"'s embeddings and switched to "a dog"'s after step
+    2 by `callback_on_step_end` (whose `prompt_embeds` the pipeline passes to the
+    ControlNet and the transformer alike; CLIP's pooled vector, not among the callback's
+    tensors, is switched in place); and the images are within 1 level."""
+    import torch
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+
+    from pipeline.contract.control import ControlUnit
+    from tests.conftest import level_difference
+    from tests.test_flux import generators
+
+    model, cache, sha, image, nets = (flux_control[i] for i in (0, 1, 3, 4, 5))
+    unit = ControlUnit("instantx", sha, weight=0.8)
+    ours_net = cache.nets(model).get("instantx", model.pipe.transformer, model.family)
+    ours_seen, hook = _texts_seen(ours_net)
+    try:
+        ours = _controlled(flux_control, unit, prompt="a [cat:dog:0.5]")
+    finally:
+        hook.remove()
+    pipe = FluxControlNetPipeline.from_pretrained(
+        flux_dir, controlnet=FluxControlNetModel.from_pretrained(nets["instantx"])
+    )
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        cat, cat_pooled, _ = pipe.encode_prompt("a cat", "a cat", max_sequence_length=512)
+        dog, dog_pooled, _ = pipe.encode_prompt("a dog", "a dog", max_sequence_length=512)
+    pooled = cat_pooled.clone()
+
+    def to_dog_after_step_2(pipe, step, timestep, tensors):
+        if step != 2:
+            return {}
+        pooled.copy_(dog_pooled)
+        return {"prompt_embeds": dog}
+
+    theirs_seen, hook = _texts_seen(pipe.controlnet)
+    try:
+        theirs = pipe(
+            prompt_embeds=cat,
+            pooled_prompt_embeds=pooled,
+            control_image=image,
+            controlnet_conditioning_scale=0.8,
+            guidance_scale=3.5,
+            width=64,
+            height=64,
+            num_inference_steps=4,
+            generator=generators(),
+            callback_on_step_end=to_dog_after_step_2,
+            callback_on_step_end_tensor_inputs=["prompt_embeds"],
+        ).images[0]
+    finally:
+        hook.remove()
+    assert len(ours_seen) == len(theirs_seen) == 4
+    for step, ((text, vector), (their_text, their_vector)) in enumerate(
+        zip(ours_seen, theirs_seen)
+    ):
+        assert torch.allclose(text, their_text, atol=1e-5), step
+        assert torch.allclose(vector, their_vector, atol=1e-5), step
+    assert not torch.allclose(ours_seen[3][0], ours_seen[0][0], atol=1e-3)  # it switched
+    assert level_difference(ours, theirs) <= 1
+
+
 def test_flux_controlnet_refusals(flux_control):
     from pipeline.contract.control import ControlUnit
     from pipeline.contract.jobs import JobError

@@ -82,6 +82,8 @@ class Dispatcher:
         self._starting = 0  # batches claimed but not yet on a worker
         self._claimed: list[str | None] = []  # their models (model affinity counts them)
         self._running: dict[str, dict] = {}  # job id → row, for jobs on a worker
+        self._stepping: set[str] = set()  # running jobs past their model's download/load
+        self._ended: set[str] = set()  # cancelled before their first step: events ignored
         self._yield_asked: set[str] = set()
         self._prefer_generation = False  # after a training job paused for them
 
@@ -114,18 +116,45 @@ class Dispatcher:
     async def cancel(
         self, job_id: str, by_user: str | None = None, *, admin: bool = False
     ) -> store.JobStatus:
-        """Cancel for a member (None: the bot itself). A queued job ends at once; a
-        running one is stopped on its worker and ends when the worker says so.
+        """Cancel for a member (None: the bot itself). A queued job ends at once; so does
+        an image job whose worker still fetches or loads its model (`_end_before_steps`);
+        a running one is stopped on its worker and ends when the worker says so.
         Raises store.NotYours / store.JobNotFound (messages for the member)."""
         previous = await self._call(
             store.cancel, self.db, job_id, str(by_user or ""), admin=admin or by_user is None
         )
-        if previous is store.JobStatus.RUNNING:
+        row = self._running.get(job_id)
+        if previous is store.JobStatus.RUNNING and row is not None and self._before_steps(row):
+            await self._end_before_steps(row)
+        elif previous is store.JobStatus.RUNNING:
             await self.pool.cancel(job_id)
         elif previous is store.JobStatus.QUEUED:
             row = await self._call(store.get_job, self.db, job_id)
             await self._notify(row, Cancelled(job_id))
         return previous
+
+    def _before_steps(self, row: dict) -> bool:
+        """An image job on its way to a worker or there before its first step: the
+        worker is fetching or loading the model, which can take many minutes."""
+        return row["kind"] == "generate" and row["id"] not in self._stepping
+
+    async def _end_before_steps(self, row: dict) -> None:
+        """End a cancelled job now, not when its worker gets to its first step (after a
+        30 GB download): the member is told at once. The worker is told too; it goes on
+        fetching the model only if another queued job waits for it (docs/DECISIONS.md,
+        "#26 (stop 29)"), and stops the job before its first step; whatever it reports
+        of the job from now on is not recorded."""
+        job_id = row["id"]
+        model = self._model_of(row)
+        names = {model} if model is not None else set()
+        if model is not None and model == self.config.model("default").name:
+            names.add("default")
+        waiting = bool(names) and await self._call(store.queued_for_models, self.db, names)
+        self._ended.add(job_id)
+        self._running.pop(job_id, None)
+        await self.pool.cancel(job_id, keep_download=waiting)
+        ended = await self._call(store.mark_cancelled, self.db, job_id)
+        await self._notify(ended, Cancelled(job_id))
 
     async def wait_idle(self, timeout_s: float = 60.0) -> None:
         """Wait until nothing is queued or running (tests, benchmarks, shutdown)."""
@@ -242,7 +271,8 @@ class Dispatcher:
                     self._claimed.remove(self._model_of(rows[0]))
                     self.wake()  # the pool's free count is now accurate again
                     await self._pass_on_early_cancels(runnable)
-                await self._record(jobs[event.job_id], event)
+                if event.job_id not in self._ended:
+                    await self._record(jobs[event.job_id], event)
             # A pool that ended a batch without an outcome for a job broke its contract;
             # the job must not stay `running` forever.
             for job_id in [j for j, _ in runnable if j in self._running]:
@@ -254,6 +284,8 @@ class Dispatcher:
             for job_id in jobs:
                 self._running.pop(job_id, None)
                 self._yield_asked.discard(job_id)
+                self._stepping.discard(job_id)
+                self._ended.discard(job_id)
 
     async def _pass_on_early_cancels(self, runnable: list[tuple[str, JobSpec]]) -> None:
         """A job is `running` from its claim but on a worker only from its first event: a
@@ -286,6 +318,8 @@ class Dispatcher:
         """Write the event's outcome to the database, then tell the Discord layer."""
         job_id = row["id"]
         if isinstance(event, (Started, Progress)):
+            if isinstance(event, Progress) and event.total:  # a step, not the download's
+                self._stepping.add(job_id)
             await self._notify(row, event)
             return
         self._running.pop(job_id, None)

@@ -120,8 +120,14 @@ class JobService:
         previous = await self.dispatcher.cancel(
             job_id, str(interaction.user.id), admin=is_admin(interaction, self.config)
         )
+        if previous is store.JobStatus.RUNNING:
+            # Ended at once when its worker was still fetching or loading the model.
+            row = await self.db.call(store.get_job, job_id)
+            if row is not None and row["status"] == store.JobStatus.CANCELLED.value:
+                previous = store.JobStatus.CANCELLED
         text = {
             store.JobStatus.QUEUED: f"Cancelled `{job_id}`.",
+            store.JobStatus.CANCELLED: f"Cancelled `{job_id}`.",
             store.JobStatus.RUNNING: f"Stopping `{job_id}`…",
         }.get(previous, f"`{job_id}` had already ended ({previous.value}).")
         await interaction.followup.send(text, ephemeral=True)

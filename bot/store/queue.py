@@ -424,6 +424,13 @@ def generation_waiting(db: sqlite_utils.Database) -> bool:
     return row is not None
 
 
+def queued_for_models(db: sqlite_utils.Database, models: set[str]) -> bool:
+    """Is any job queued for one of `models` (as job specs name them)?"""
+    where, params = _model_filter(models)
+    row = db.execute(f"SELECT 1 FROM jobs WHERE status = 'queued'{where} LIMIT 1", params)
+    return row.fetchone() is not None
+
+
 def busy_count(db: sqlite_utils.Database) -> int:
     """Jobs queued or running, all members together."""
     row = db.execute("SELECT COUNT(*) FROM jobs WHERE status IN ('queued', 'running')").fetchone()

@@ -90,10 +90,18 @@ def weight_kind(path: str) -> tuple[str, str] | None:
 
 
 def select_files(
-    sizes: Mapping[str, int], index: Mapping, *, half: bool, skip: Iterable[str] = ()
+    sizes: Mapping[str, int],
+    index: Mapping,
+    *,
+    half: bool,
+    skip: Iterable[str] = (),
+    configs_only: Iterable[str] = (),
 ) -> Selection:
-    """The files a model needs of a repository whose files are `sizes` (path → bytes).
-    Raises ModelError when a component has no weights diffusers can load."""
+    """The files a model needs of a repository whose files are `sizes` (path → bytes):
+    of `configs_only` components (those a single-file checkpoint brings the weights of)
+    only their configs. Raises ModelError when a component has no weights diffusers can
+    load."""
+    without_weights = set(configs_only)
     chosen: dict[str, int] = {INDEX: sizes.get(INDEX, 0)}
     weights: dict[str, dict[tuple[str, str], list[str]]] = {}
     unreadable: dict[str, str] = {}  # component → a weights file of a format never fetched
@@ -102,6 +110,8 @@ def select_files(
             if not path.startswith(f"{name}/"):
                 continue
             kind = weight_kind(path)
+            if name in without_weights and (kind is not None or path.endswith(NEVER)):
+                continue
             if kind is not None:
                 weights.setdefault(name, {}).setdefault(kind, []).append(path)
             elif not path.endswith(NEVER):
@@ -128,6 +138,8 @@ def _variant(weights: Mapping[str, Mapping[tuple[str, str], list[str]]], half: b
     component has it (else diffusers would mix fp32 and fp16 downloads); the plain files
     when every component has them; else the half variant where it is all there is."""
     has = [{variant for _, variant in kinds} for kinds in weights.values()]
+    if not has:  # configs only: no weights, no variant
+        return ""
     everywhere_half = all(HALF_VARIANT in found for found in has)
     if half and everywhere_half:
         return HALF_VARIANT

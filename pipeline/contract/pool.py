@@ -201,8 +201,11 @@ class WorkerPool(ABC):
         its jobs; ends once each job has had a terminal event and the worker is free."""
 
     @abstractmethod
-    async def cancel(self, job_id: str) -> None:
-        """Ask the worker running the job to stop it between two steps (Cancelled)."""
+    async def cancel(self, job_id: str, *, keep_download: bool = False) -> None:
+        """Ask the worker running the job to stop it between two steps (Cancelled). A
+        download of the job's model stops too once every job of its batch is cancelled,
+        unless `keep_download` (another job waits for that model): the worker then
+        fetches and loads it, and stops the job before its first step."""
 
     @abstractmethod
     def request_yield(self, job_id: str) -> None:

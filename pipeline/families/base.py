@@ -176,13 +176,35 @@ class Family:
         processor without torchvision)."""
         return {}
 
-    def load_single_file(self, cls: Any, path: Any, torch_dtype: Any, config: str) -> Any:
+    def load_single_file(
+        self, cls: Any, path: Any, torch_dtype: Any, config: str, variant: str = ""
+    ) -> Any:
         """A pipeline from one checkpoint file; the UNet families' files hold every
-        component (`config`: a diffusers folder of the family, for offline loading)."""
+        component (`config`: a diffusers folder of the family, for offline loading;
+        diffusers loads what the file lacks from it without a variant, so `variant` is
+        never one here: `single_file_parts`)."""
         kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
         if config:
             kwargs["config"] = config
         return cls.from_single_file(str(path), **kwargs)
+
+    def single_file_parts(self, path: Any) -> tuple[frozenset[str], bool]:
+        """What a single-file checkpoint brings, for downloading its `single_file_config`
+        (pipeline.models.download): the components whose weights are in the file (of
+        the others, and of every component's configuration, the base is fetched), and
+        whether those others load as the worker's weights variant (fp16). A UNet
+        family's file holds the UNet, the VAE and, mostly, its text encoders (read from
+        its keys); diffusers' `from_single_file` loads the parts it lacks without a
+        variant, so they come as plain weights."""
+        from pathlib import Path
+
+        from pipeline.contract.families.weight_sizes import single_file_sizes
+
+        try:
+            held = {part.name for part in single_file_sizes(Path(path))}
+        except Exception:  # noqa: BLE001 - a pickled .ckpt has no header to read: all of it
+            held = {self.denoiser_name, "vae", *self.text_encoder_names}
+        return frozenset(held), False
 
     # -- one denoising call --------------------------------------------------------------
 

@@ -92,7 +92,15 @@ class FlowFamily(Family):
     transformer_class: ClassVar[str] = ""  # its diffusers class (single files, `owns`)
     packed: ClassVar[bool] = True  # latents in the loop are [batch, tokens, 4·channels]
 
-    def load_single_file(self, cls: Any, path: Any, torch_dtype: Any, config: str) -> Any:
+    def single_file_parts(self, path: Any) -> tuple[frozenset[str], bool]:
+        """A flow family's file brings its transformer alone (a ComfyUI checkpoint's text
+        encoders are not read); the rest loads from the base with `from_pretrained`,
+        which takes the worker's weights variant."""
+        return frozenset({self.denoiser_name}), True
+
+    def load_single_file(
+        self, cls: Any, path: Any, torch_dtype: Any, config: str, variant: str = ""
+    ) -> Any:
         """A transformer file as Civitai and ComfyUI ship it (.safetensors, or GGUF through
         diffusers' GGUFQuantizationConfig), converted by diffusers' single-file loader;
         the text encoders, tokenizers and VAE come from `config`, a diffusers folder or
@@ -119,6 +127,8 @@ class FlowFamily(Family):
         model = getattr(diffusers, self.transformer_class)
         transformer = model.from_single_file(str(path), **kwargs)
         extra = self.extra_components(config)
+        if variant:  # only files of that variant were downloaded
+            extra["variant"] = variant
         return cls.from_pretrained(
             config, transformer=transformer, torch_dtype=torch_dtype, **extra
         )

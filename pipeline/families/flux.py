@@ -204,11 +204,12 @@ class Flux(FlowFamily):
             "prompt_embeds": _with_tokens(text, tokens, weight),
             "pooled_prompt_embeds": embeds["pooled_prompt_embeds"] * weight,
         }
-        scheduled = self.denoiser(pipe).__dict__.get("forward")
-        if isinstance(scheduled, _ScheduledForward):
-            scheduled.positive = joined["prompt_embeds"]
-            scheduled.embeds = _with_tokens(scheduled.embeds, tokens, weight)
-            scheduled.pooled = scheduled.pooled * weight
+        for module in (self.denoiser(pipe), getattr(pipe, "controlnet", None)):
+            scheduled = module.__dict__.get("forward") if module is not None else None
+            if isinstance(scheduled, _ScheduledForward):
+                scheduled.positive = joined["prompt_embeds"]
+                scheduled.embeds = _with_tokens(scheduled.embeds, tokens, weight)
+                scheduled.pooled = scheduled.pooled * weight
         return joined
 
     def controlnet_fits(self, net: Any, denoiser: Any) -> bool:
@@ -425,18 +426,23 @@ class Flux(FlowFamily):
         if all(len(r) == 1 for r in rows):
             yield kwargs
             return
-        transformer = self.denoiser(pipe)
-        own = transformer.__dict__.get("forward")
+        # The transformer and a ControlNet (which the pipeline hands the same step-0
+        # embeddings, once per step before the transformer) each get the step's rows.
+        modules = [self.denoiser(pipe), getattr(pipe, "controlnet", None)]
+        modules = [module for module in modules if module is not None]
+        owns = [module.__dict__.get("forward") for module in modules]
         positive = kwargs["prompt_embeds"]
-        transformer.forward = _ScheduledForward(transformer.forward, positive, embeds, pooled, rows)
+        for module in modules:
+            module.forward = _ScheduledForward(module.forward, positive, embeds, pooled, rows)
         try:
             with torch.inference_mode():
                 yield kwargs
         finally:
-            if own is None:
-                del transformer.forward
-            else:
-                transformer.forward = own
+            for module, own in zip(modules, owns):
+                if own is None:
+                    del module.forward
+                else:
+                    module.forward = own
 
     def _encode(self, pipe: Any, texts: list[str]) -> tuple[Any, Any]:
         """CLIP's pooled and T5's states of each text through the pipeline's own
@@ -563,9 +569,10 @@ def _with_tokens(text: Any, tokens: Any, weight: float) -> Any:
 
 
 class _ScheduledForward:
-    """The transformer's forward with each step's prompt rows (prompt editing and
-    alternation). A step is a new timestep: true CFG's second call at the same timestep
-    (the negative's, a tensor other than the positive one) passes through."""
+    """The transformer's (or its ControlNet's) forward with each step's prompt rows
+    (prompt editing and alternation). A step is a new timestep: true CFG's second call at
+    the same timestep (the negative's, a tensor other than the positive one) passes
+    through."""
 
     def __init__(self, forward: Any, positive: Any, embeds: Any, pooled: Any, rows: list) -> None:
         self.forward, self.positive = forward, positive

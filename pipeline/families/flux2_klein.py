@@ -62,7 +62,9 @@ class Flux2Klein(TextTemplateFamily):
     def negative_inputs(self, negatives: list[str]) -> dict[str, Any]:
         return {}  # klein takes no negative text (the contract refuses one)
 
-    def load_single_file(self, cls: Any, path: Any, torch_dtype: Any, config: str) -> Any:
+    def load_single_file(
+        self, cls: Any, path: Any, torch_dtype: Any, config: str, variant: str = ""
+    ) -> Any:
         """A klein transformer file (.safetensors as BFL and ComfyUI ship it, or GGUF):
         the text encoder, tokenizer and VAE come from `config`, a klein diffusers folder
         of the same size. A 9B file configured with the 4B's folder (or the reverse) is
@@ -82,7 +84,7 @@ class Flux2Klein(TextTemplateFamily):
             problem = shape and variant_mismatch(str(path), int(shape[-1]), width)
             if problem:
                 raise ModelError(problem)
-        return super().load_single_file(cls, path, torch_dtype, config)
+        return super().load_single_file(cls, path, torch_dtype, config, variant)
 
     # Every linear layer of the double blocks (both streams' attention and MLPs) and the
     # single blocks' fused qkv+MLP input and output, as ai-toolkit adapts Flux.2 (a

@@ -9,12 +9,11 @@ tests' tiny model folder and for a real checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,18 +167,25 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
     plan: Any = None,
-    variant: str = "",
+    variants: Mapping[str, str] | None = None,
 ) -> LoadedModel:
     """Load one configured model onto a device (held as `plan` says, a MemoryPlan, when
-    given: pipeline.models.memory; `variant`: the weights variant of a downloaded folder,
+    given: pipeline.models.memory; `variants`: the weights variant of each downloaded
+    folder by its key, source, inpaint_source or single_file_config:
     pipeline.models.download). Raises ModelError with a clear message."""
+    variants = variants or {}
     device = choose_device(device)
     torch_dtype = choose_dtype(device, dtype)
     family = model.family if model.family != "auto" else detect_family(model.source)
     kind = family_of(family).for_source(model.source)
     try:
         pipe = _load_pipeline(
-            model.source, kind, torch_dtype, config=model.single_file_config, variant=variant
+            model.source,
+            kind,
+            torch_dtype,
+            config=model.single_file_config,
+            variant=variants.get("source", ""),
+            config_variant=variants.get("single_file_config", ""),
         )
         if plan is None:
             pipe.to(device)
@@ -208,7 +214,13 @@ def load_model(
     if model.inpaint_source:
         try:
             inpaint_kind = family_of(family).for_source(model.inpaint_source)
-            inpaint = _load_pipeline(model.inpaint_source, inpaint_kind, torch_dtype, inpaint=True)
+            inpaint = _load_pipeline(
+                model.inpaint_source,
+                inpaint_kind,
+                torch_dtype,
+                inpaint=True,
+                variant=variants.get("inpaint_source", ""),
+            )
             inpaint.to(device)
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
             if not is_out_of_memory(exc):
@@ -245,6 +257,7 @@ def _load_pipeline(
     inpaint: bool = False,
     config: str = "",
     variant: str = "",
+    config_variant: str = "",
 ):
     family = kind.name
     cls = kind.pipeline_class("inpaint" if inpaint else "txt2img")
@@ -252,7 +265,7 @@ def _load_pipeline(
     options = kind.load_options()
     try:
         if path.suffix in SINGLE_FILE_SUFFIXES:
-            return _from_single_file(kind, cls, path, torch_dtype, config)
+            return _from_single_file(kind, cls, path, torch_dtype, config, config_variant)
         if source.startswith(("/", "./", "../")) and not path.is_dir():
             raise ModelError(f"model folder {source} does not exist")
         if variant:  # only files of that variant were downloaded
@@ -275,12 +288,14 @@ def _load_pipeline(
         ) from None
 
 
-def _from_single_file(kind: Family, cls, path: Path, torch_dtype: Any, config: str):
+def _from_single_file(
+    kind: Family, cls, path: Path, torch_dtype: Any, config: str, variant: str = ""
+):
     if not path.exists():
         raise ModelError(f"model file {path} does not exist")
     family_from_checkpoint(path)  # a clear error for a file that is no checkpoint
     try:
-        return kind.load_single_file(cls, path, torch_dtype, config)
+        return kind.load_single_file(cls, path, torch_dtype, config, variant)
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds here
@@ -313,11 +328,14 @@ class ModelCache:
         self.device = device
         self.on_evict = on_evict  # told the name of each model unloaded (drop its LoRAs)
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()  # least recent first
-        self._fetched: dict[str, Any] = {}  # Hub id → its download (models.download.Fetched)
+        self._fetched: dict[str, Any] = {}  # model name → its download (download.Fetched)
 
-    def get(self, name: str = "default", on_download: Any = None) -> LoadedModel:
-        """The model, loaded first if it is not (downloaded first if it is a Hub id whose
-        files are not all in the cache: `on_download` is told the progress)."""
+    def get(
+        self, name: str = "default", on_download: Any = None, should_stop: Any = None
+    ) -> LoadedModel:
+        """The model, loaded first if it is not (downloaded first if it loads from a Hub id
+        whose files are not all in the cache: `on_download` is told the progress, and the
+        download stops with DownloadStopped once `should_stop()` is true)."""
         model_config = self.config.model(name)
         key = model_config.name
         if key in self._models:
@@ -326,12 +344,12 @@ class ModelCache:
         self._make_room(self.config.workers.max_models - 1)
         from pipeline.models.memory import planned
 
-        model_config, variant = self._downloaded(model_config, on_download)
+        model_config, variants = self._downloaded(model_config, on_download, should_stop)
         model_config, plan = planned(self.config, model_config, self.device)
         dtype = self.config.workers.dtype
         try:
             loaded = load_model(
-                model_config, device=self.device, dtype=dtype, plan=plan, variant=variant
+                model_config, device=self.device, dtype=dtype, plan=plan, variants=variants
             )
         except ModelError as exc:
             if not getattr(exc, "out_of_memory", False) or not self._models:
@@ -339,34 +357,42 @@ class ModelCache:
             # Out of memory with other models loaded: unload them all and try once more.
             self._make_room(0)
             loaded = load_model(
-                model_config, device=self.device, dtype=dtype, plan=plan, variant=variant
+                model_config, device=self.device, dtype=dtype, plan=plan, variants=variants
             )
         loaded.plan = plan
         self._models[key] = loaded
         return loaded
 
-    def _downloaded(self, model: ModelConfig, on_download: Any) -> tuple[ModelConfig, str]:
-        """A Hub model as its downloaded snapshot folder, with the weights variant fetched;
-        any other source unchanged. Offline, the model loads from the cache as before."""
-        from pipeline.contract.hub_files import is_hub_id
+    def _downloaded(
+        self, model: ModelConfig, on_download: Any, should_stop: Any
+    ) -> tuple[ModelConfig, dict[str, str]]:
+        """The model with each Hub id it loads from (its source, inpaint_source, a single
+        file's single_file_config) as its downloaded snapshot folder, and the weights
+        variant of each; a model from local files unchanged. Offline, the model loads
+        from the cache as before."""
+        from pipeline.models.download import (
+            HubUnreachable,
+            fetch_model,
+            hub_parts,
+            log_progress,
+        )
 
-        if not is_hub_id(model.source) or os.environ.get("HF_HUB_OFFLINE") == "1":
-            return model, ""
-        if model.source not in self._fetched:
-            from pipeline.models.download import HubUnreachable, fetch_model, log_progress
-
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_parts(model):
+            return model, {}
+        if model.name not in self._fetched:
             half = choose_dtype(choose_device(self.device), self.config.workers.dtype)
             try:
-                self._fetched[model.source] = fetch_model(
+                self._fetched[model.name] = fetch_model(
                     model,
                     half=str(half) != "torch.float32",
                     on_progress=log_progress(model.name, on_download),
+                    should_stop=should_stop,
                 )
             except HubUnreachable as exc:
                 log.warning("%s; loading %s from the cache", exc, model.name)
-                return model, ""
-        fetched = self._fetched[model.source]
-        return dataclasses.replace(model, source=fetched.folder), fetched.variant
+                return model, {}
+        fetched = self._fetched[model.name]
+        return fetched.model, dict(fetched.variants)
 
     def loaded(self) -> list[LoadedModel]:
         """The loaded models, least recently used first."""

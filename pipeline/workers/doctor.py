@@ -9,7 +9,6 @@ never in the bot process. The Discord token is reported as set or not, never sho
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import sqlite3
 import sys
@@ -138,20 +137,25 @@ def check_ray(config: Config) -> int:
 
 
 def _check_model(config: Config, name: str) -> int:
-    from pipeline.contract.hub_files import is_hub_id
+    from pipeline.models.download import hub_parts
     from pipeline.models.loading import ModelError, load_model
 
-    model, variant = config.model(name), ""
-    if is_hub_id(model.source) and os.environ.get("HF_HUB_OFFLINE") != "1":
+    model, variants = config.model(name), {}
+    try:
+        parts = hub_parts(model)
+    except ModelError as exc:
+        _line(FAIL, f"model {name}", str(exc))
+        return 1
+    if parts and os.environ.get("HF_HUB_OFFLINE") != "1":
         # As the worker does: only the files it loads, with progress, then from the folder.
         fetched = _downloaded(config, model)
         if fetched is None:
             return 1
-        model, variant = fetched
+        model, variants = fetched
     start = time.perf_counter()
     try:
         loaded = load_model(
-            model, device=config.workers.devices[0], dtype=config.workers.dtype, variant=variant
+            model, device=config.workers.devices[0], dtype=config.workers.dtype, variants=variants
         )
     except (ModelError, ValueError, OSError) as exc:
         _line(FAIL, f"model {name}", str(exc))
@@ -214,21 +218,30 @@ def download_models(config: Config, only: str = "") -> int:
     the Hugging Face cache, the weights the first worker's precision loads; a line for the
     disk (needed, free, where), a line per file (size, speed, the whole download's
     progress and time left), one line per model at the end. Returns the exit status."""
-    from pipeline.contract.hub_files import is_hub_id
+    from pipeline.models.download import hub_parts
+    from pipeline.models.loading import ModelError
 
     failures = 0
     for model in [config.model(only)] if only else list(config.models):
-        if not is_hub_id(model.source):
+        try:
+            local = not hub_parts(model)
+        except ModelError as exc:
+            _line(FAIL, f"download {model.name}", str(exc))
+            failures += 1
+            continue
+        if local:
             _line(OK, f"download {model.name}", f"{model.source} is local; nothing to download")
         elif _downloaded(config, model) is None:
             failures += 1
     return 1 if failures else 0
 
 
-def _downloaded(config: Config, model: ModelConfig) -> tuple[ModelConfig, str] | None:
-    """A Hub model fetched as the first worker would (lines: the disk, each file, the
-    outcome), as its snapshot folder and weights variant; None after a FAIL line."""
-    from pipeline.models.download import fetch_model
+def _downloaded(config: Config, model: ModelConfig) -> tuple[ModelConfig, dict[str, str]] | None:
+    """A model's Hub repositories (its source, inpaint_source, a single file's
+    single_file_config) fetched as the first worker would (lines: the disk, each file,
+    the outcome), as its snapshot folders and their weights variants; None after a FAIL
+    line."""
+    from pipeline.models.download import fetch_model, hub_parts
     from pipeline.models.loading import ModelError, choose_device, choose_dtype
     from pipeline.workers.local_pool import detect_devices
 
@@ -247,14 +260,19 @@ def _downloaded(config: Config, model: ModelConfig) -> tuple[ModelConfig, str] |
     except ModelError as exc:
         _line(FAIL, what, str(exc))
         return None
-    variant = f" ({fetched.variant} weights)" if fetched.variant else ""
+    repos = []
+    for part in hub_parts(model):
+        variant = fetched.variants.get(part.key, "")
+        shown = f" ({variant} weights)" if variant else ""
+        named = "" if part.key == "source" else f"{part.key} "
+        repos.append(f"{named}{part.repo}{shown} in {getattr(fetched.model, part.key)}")
     _line(
         OK,
         what,
-        f"{model.source}{variant} in {fetched.folder}: {_size(fetched.fetched)} fetched "
+        f"{'; '.join(repos)}: {_size(fetched.fetched)} fetched "
         f"in {time.perf_counter() - start:.1f}s",
     )
-    return dataclasses.replace(model, source=fetched.folder), fetched.variant
+    return fetched.model, dict(fetched.variants)
 
 
 def _size(n: int) -> str:

@@ -173,9 +173,11 @@ class LocalPool(WorkerPool):
             for job_id in stream.pending:
                 worker.send(("cancel", job_id))
 
-    async def cancel(self, job_id: str) -> None:
+    async def cancel(self, job_id: str, *, keep_download: bool = False) -> None:
         worker = self._worker_of(job_id)
         if worker is not None:
+            if keep_download:  # before the cancel: the worker must never see one alone
+                worker.send(("keep_download", job_id))
             worker.send(("cancel", job_id))
 
     def request_yield(self, job_id: str) -> None:
@@ -391,6 +393,7 @@ class _Control:
         self.events = events
         self.batches: queue.Queue[Batch | None] = queue.Queue()
         self.cancelled: set[str] = set()
+        self.keep_download: set[str] = set()  # cancelled, but others wait for the model
         self.yielding: set[str] = set()
         self.stopping = False
         self._send_lock = threading.Lock()
@@ -406,6 +409,8 @@ class _Control:
                 self.batches.put(payload)
             elif kind == "cancel":
                 self.cancelled.add(payload)
+            elif kind == "keep_download":
+                self.keep_download.add(payload)
             elif kind == "yield":
                 self.yielding.add(payload)
             elif kind == "stop":
@@ -428,6 +433,7 @@ class _Control:
 
     def forget(self, job_ids: Sequence[str]) -> None:
         self.cancelled.difference_update(job_ids)
+        self.keep_download.difference_update(job_ids)
         self.yielding.difference_update(job_ids)
 
 
@@ -462,7 +468,13 @@ def worker_main(
     control.send("ready", os.getpid())
     while (batch := control.batches.get()) is not None:
         ids = [job_id for job_id, _ in batch]
-        runner.run(batch, control.emit, control.is_cancelled, control.should_yield(ids))
+        runner.run(
+            batch,
+            control.emit,
+            control.is_cancelled,
+            control.should_yield(ids),
+            keeps_download=control.keep_download.__contains__,
+        )
         if runner.broken:
             # A CUDA device-side error leaves this process's CUDA context unusable: end it
             # (its jobs were reported retryable); the pool starts a fresh worker.

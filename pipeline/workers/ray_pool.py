@@ -103,6 +103,7 @@ class RayWorker:
         self.blobs = BlobStore(cache_dir)
         self.runner = Runner(config, device=device, blobs=self.blobs, name=name)
         self.cancelled: set[str] = set()
+        self.keep_download: set[str] = set()  # cancelled, but others wait for the model
         self.yielding: set[str] = set()
         try:
             self.runner.warm_up()
@@ -134,7 +135,9 @@ class RayWorker:
                 raise ValueError(f"blob {sha[:12]}… arrived damaged")
             self.blobs.put(data, suffix)
 
-    def cancel(self, job_id: str) -> None:
+    def cancel(self, job_id: str, keep_download: bool = False) -> None:
+        if keep_download:  # before the cancel: the runner must never see one alone
+            self.keep_download.add(job_id)
         self.cancelled.add(job_id)
 
     def request_yield(self, job_id: str) -> None:
@@ -153,6 +156,7 @@ class RayWorker:
                     events.put,
                     self.cancelled.__contains__,
                     lambda: any(job_id in self.yielding for job_id in ids),
+                    keeps_download=self.keep_download.__contains__,
                 )
             finally:
                 events.put(None)
@@ -164,6 +168,7 @@ class RayWorker:
             log.error("actor exits after a device error (%s)", self.runner.broken)
             os._exit(70)
         self.cancelled.difference_update(ids)
+        self.keep_download.difference_update(ids)
         self.yielding.difference_update(ids)
 
 
@@ -300,10 +305,10 @@ class RayPool(WorkerPool):
                 self._remove(handle)
             self._worker_changed()
 
-    async def cancel(self, job_id: str) -> None:
+    async def cancel(self, job_id: str, *, keep_download: bool = False) -> None:
         handle = self._handle_of(job_id)
         if handle is not None:
-            await handle.actor.cancel.remote(job_id)
+            await handle.actor.cancel.remote(job_id, keep_download)
 
     def request_yield(self, job_id: str) -> None:
         handle = self._handle_of(job_id)

@@ -127,8 +127,18 @@ class Runner:
         emit: Emit,
         is_cancelled: Callable[[str], bool],
         should_yield: Callable[[], bool] = lambda: False,
+        *,
+        keeps_download: Callable[[str], bool] = lambda job_id: False,
     ) -> None:
-        """Run every job of the batch; each gets Started, then exactly one terminal event."""
+        """Run every job of the batch; each gets Started, then exactly one terminal event.
+        A download of the batch's model stops once every job of it is cancelled, unless
+        `keeps_download` says of one that another job waits for that model."""
+
+        def stop_download(ids: list[str]) -> Callable[[], bool]:
+            return lambda: (
+                all(is_cancelled(i) for i in ids) and not any(keeps_download(i) for i in ids)
+            )
+
         for group in _groups(batch, self.config.workers.max_batch_pixels):
             if self.broken:
                 for job_id, _ in group:
@@ -143,10 +153,11 @@ class Runner:
             for job_id, _ in live:
                 emit(Started(job_id, worker=self.name))
             with self._measured(live[0][1].model):
+                stop = stop_download([job_id for job_id, _ in live])
                 if isinstance(live[0][1], TrainSpec):
-                    self._train(live[0][0], live[0][1], emit, is_cancelled, should_yield)
+                    self._train(live[0][0], live[0][1], emit, is_cancelled, should_yield, stop)
                 else:
-                    self._generate(live, emit, is_cancelled)  # type: ignore[arg-type]
+                    self._generate(live, emit, is_cancelled, stop)  # type: ignore[arg-type]
 
     @contextlib.contextmanager
     def _measured(self, model: str) -> Iterator[None]:
@@ -174,15 +185,17 @@ class Runner:
         jobs: list[tuple[str, GenerateSpec]],
         emit: Emit,
         is_cancelled: Callable[[str], bool],
+        stop_download: Callable[[], bool] | None = None,
     ) -> None:
         from pipeline.generate.modes import GenerationCancelled, run_generation
+        from pipeline.models.download import DownloadStopped
 
         ids = [job_id for job_id, _ in jobs]
         progress = _ProgressThrottle(ids, emit)
         failed_batch = ""
         results: list | None = None
         try:
-            model = self._model(jobs[0][1].model, progress.download)
+            model = self._model(jobs[0][1].model, progress.download, stop_download)
             results = run_generation(
                 model,
                 [spec for _, spec in jobs],
@@ -196,7 +209,7 @@ class Runner:
                 preview_every=self.config.workers.preview_every,
                 edit=self.config.edit,
             )
-        except GenerationCancelled:
+        except (GenerationCancelled, DownloadStopped):
             for job_id in ids:
                 emit(Cancelled(job_id))
             return
@@ -272,7 +285,9 @@ class Runner:
         emit: Emit,
         is_cancelled: Callable[[str], bool],
         should_yield: Callable[[], bool],
+        stop_download: Callable[[], bool] | None = None,
     ) -> None:
+        from pipeline.models.download import DownloadStopped
         from pipeline.training.job import discard_checkpoints
         from pipeline.training.loop import TrainingCancelled
 
@@ -284,8 +299,9 @@ class Runner:
                 _ProgressThrottle([job_id], emit),
                 lambda: is_cancelled(job_id),
                 should_yield,
+                stop_download,
             )
-        except TrainingCancelled:
+        except (TrainingCancelled, DownloadStopped):
             event = Cancelled(job_id)
         except Exception as exc:  # noqa: BLE001 - every failure must become an event
             if is_device_fault(exc):
@@ -307,6 +323,7 @@ class Runner:
         progress: _ProgressThrottle,
         should_cancel: Callable[[], bool],
         should_yield: Callable[[], bool],
+        stop_download: Callable[[], bool] | None = None,
     ) -> Event:
         from pipeline.contract.images import open_image
         from pipeline.training.job import run_training
@@ -319,7 +336,7 @@ class Runner:
         def on_progress(step: int, total: int, loss: float | None = None) -> None:
             progress.step(step, total, None, loss)
 
-        model = self._model(spec.model, progress.download)
+        model = self._model(spec.model, progress.download, stop_download)
         outcome = run_training(
             model,
             spec,
@@ -338,12 +355,17 @@ class Runner:
 
     # -- models -------------------------------------------------------------------------
 
-    def _model(self, name: str, on_download: Callable[[Any], None] | None = None) -> Any:
+    def _model(
+        self,
+        name: str,
+        on_download: Callable[[Any], None] | None = None,
+        stop_download: Callable[[], bool] | None = None,
+    ) -> Any:
         if self._models is None:
             from pipeline.models.loading import ModelCache
 
             self._models = ModelCache(self.config, self.device, on_evict=self._forget_model)
-        return self._models.get(name, on_download)
+        return self._models.get(name, on_download, stop_download)
 
     def _control_cache(self, jobs: list[tuple[str, GenerateSpec]]) -> Any:
         """ControlNets and IP-Adapters, loaded when a job first asks for one."""
