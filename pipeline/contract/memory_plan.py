@@ -104,6 +104,8 @@ class MemoryPlan:
     vae_tiling_above: int  # pixels; larger images decode in tiles
     peak: int  # estimated bytes
     reason: str
+    # The estimate per phase: (("encode", bytes), ("denoise", bytes), ("decode", bytes)).
+    phases: tuple[tuple[str, int], ...] = ()
 
     @property
     def fits(self) -> bool:
@@ -134,13 +136,19 @@ def plan_memory(
     card: Card,
     jobs: Jobs,
     setting: str = "auto",
+    text_encoders: str = "auto",
 ) -> MemoryPlan:
-    """The cheapest plan that fits, or MemoryPlanError. `setting`: "auto" or a mode."""
+    """The cheapest plan that fits, or MemoryPlanError. `setting`: "auto" or a mode;
+    `text_encoders`: "auto" or one placement (a benchmark measuring each ladder step)."""
     if setting not in MEMORY_SETTINGS:
         raise MemoryPlanError(
             f"{model}: memory = {setting!r} is not one of {', '.join(MEMORY_SETTINGS)}"
         )
-    candidates = [c for c in _candidates(card, components) if setting in ("auto", c[0])]
+    candidates = [
+        c
+        for c in _candidates(card, components)
+        if setting in ("auto", c[0]) and text_encoders in ("auto", c[1])
+    ]
     if not candidates:
         allowed = ", ".join(dict.fromkeys(m for m, _ in _candidates(card, components)))
         raise MemoryPlanError(
@@ -207,9 +215,10 @@ def _plan(model, family, components, card, jobs, mode, text) -> MemoryPlan:
     room = card.budget - (den_resident + te_resident + vae_bytes)
     tiling = _tiling_above(fam, jobs, room, cbytes)
     decode = den_resident + te_resident + vae_bytes + _decode_activations(fam, tiling, jobs, cbytes)
+    phases = (("encode", encode), ("denoise", denoise), ("decode", decode))
     peak = max(encode, denoise, decode)
     placements = _placements(components, mode, text, den_used, cbytes, den)
-    plan = MemoryPlan(model, family, card, mode, text, placements, tiling, peak, "")
+    plan = MemoryPlan(model, family, card, mode, text, placements, tiling, peak, "", phases)
     return _with_reason(plan, fam)
 
 
