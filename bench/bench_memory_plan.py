@@ -103,6 +103,37 @@ def _allocated(device: str) -> int:
     return _status("VmRSS")
 
 
+def _import_classes(model: str) -> None:
+    """Import the pipeline's and its components' classes before the baseline is taken:
+    diffusers and transformers import a model's module on first use, and that code (0.1–0.2
+    GB of RSS) is the process's, not the plan's."""
+    import importlib
+
+    index = json.loads((Path(model) / "model_index.json").read_text())
+    named = [("diffusers", index["_class_name"])]
+    named += [tuple(v) for v in index.values() if isinstance(v, list) and len(v) == 2 and v[0]]
+    for library, name in named:
+        getattr(importlib.import_module(library), name, None)
+
+
+def largest_job(config, family: str, size: int, count: int, steps: int):
+    """The job the estimate is for: the family's sampler; a prompt the family reads to its
+    limit (its text tokens; SD's 77 are not counted); CFG in the same batch where the
+    family can run it so (Z-Image Turbo's default 1.0 would not)."""
+    from pipeline.contract.families import defaults_for
+    from pipeline.contract.jobs import GenerateSpec
+    from pipeline.contract.memory_plan import family_memory
+
+    own = defaults_for(config, "arch")  # the family's sampler and CFG (Flux: CFG 1)
+    fam = family_memory(family)
+    prompt = "a photo of a cat"
+    if fam.text_tokens:
+        prompt = ", ".join([prompt] * fam.text_tokens)  # cut at the limit, with a notice
+    cfg = own.cfg_scale if fam.cfg_batch == 1 or own.cfg_scale > 1 else 4.0
+    return GenerateSpec(prompt=prompt, width=size, height=size, steps=steps, count=count,
+                        seed=1, sampler=own.sampler, schedule=own.schedule, cfg_scale=cfg)  # fmt: skip
+
+
 def measure(model: str, device: str, plan_name: str, size: int, count: int, steps: int,
             tiling: int) -> dict:  # fmt: skip
     """One plan, one generation: load through the worker's path (the plan for this card,
@@ -113,8 +144,7 @@ def measure(model: str, device: str, plan_name: str, size: int, count: int, step
 
     sys.path.insert(0, str(ROOT))
     from pipeline.contract.config import config_from_dict
-    from pipeline.contract.families import defaults_for, detect_family
-    from pipeline.contract.jobs import GenerateSpec
+    from pipeline.contract.families import detect_family
     from pipeline.contract.memory_plan import components_for, jobs_for, plan_memory
     from pipeline.generate.modes import run_generation
     from pipeline.models.loading import choose_dtype, load_model
@@ -145,23 +175,13 @@ def measure(model: str, device: str, plan_name: str, size: int, count: int, step
     plan = plan_memory("arch", family, components, card, jobs_for(config, settings), mode,
                        text or "auto")  # fmt: skip
     settings = dataclasses.replace(settings, vae_tiling_above=plan.vae_tiling_above)
+    _import_classes(model)
     gc.collect()
     baseline = _allocated(device)
     loaded = load_model(settings, device=device, dtype=config.workers.dtype, plan=plan)
     gc.collect()
     loaded_bytes = _allocated(device) - baseline
-    own = defaults_for(config, "arch")  # the family's sampler and CFG (Flux: CFG 1)
-    spec = GenerateSpec(
-        prompt="a photo of a cat",
-        width=size,
-        height=size,
-        steps=steps,
-        count=count,
-        seed=1,
-        sampler=own.sampler,
-        schedule=own.schedule,
-        cfg_scale=own.cfg_scale,
-    )
+    spec = largest_job(config, family, size, count, steps)
     phases = Phases(loaded.pipe, device, baseline)
     run_generation(loaded, [spec])
     phases.finish()

@@ -30,6 +30,9 @@ class FamilyMemory:
     vae_tile: int  # side of diffusers' VAE tile (its tiled decode's working size)
     skip_patterns: tuple[str, ...] = ()  # the model's _skip_layerwise_casting_patterns
     names: dict[str, str] = field(default_factory=dict)  # component → what users call it
+    # On the CPU only: a 3-D (video) VAE's convs unfold their input, kernel 3×3×3 = 27
+    # widths per pixel, on top of vae_factor (torch's slow_conv3d; CUDA does not).
+    vae_cpu_unfold: float = 0.0
 
 
 # Activation factors: UNet and VAE factors measured on the SD 1.5 architecture on the CPU
@@ -51,8 +54,8 @@ FAMILY_MEMORY: dict[str, FamilyMemory] = {  # published model → its figures
         {"text_encoder": "Qwen3"},
     ),
     "qwen_image": FamilyMemory(
-        256, 3072, _DIT, 1024, 1, 96, _VAE, 256, ("pos_embed", "norm"),
-        {"text_encoder": "Qwen2.5-VL"},
+        256, 3072, _DIT, 512, 1, 96, _VAE, 256, ("pos_embed", "norm"),
+        {"text_encoder": "Qwen2.5-VL"}, vae_cpu_unfold=27,
     ),
     "flux2_klein_4b": FamilyMemory(
         256, 3072, _DIT, 512, 1, 128, _VAE, 1024, ("pos_embed", "norm"), {"text_encoder": "Qwen3"}
