@@ -242,7 +242,8 @@ def test_the_text_tokens_counted_are_the_prompt_limit_each_family_reads():
 
 def test_a_3d_vae_decode_counts_its_unfolded_convs_on_the_cpu_only():
     """Qwen-Image's VAE is a 3-D (video) one: on the CPU torch's slow_conv3d unfolds each
-    conv's input (3×3×3 × width values per pixel); CUDA's convolutions do not."""
+    conv's input (3×3×3 × width values per pixel; with the padded and cached frames 32
+    widths); CUDA's convolutions do not."""
     qwen = published_components("qwen_image")
     flux = published_components("flux1")
     ram = cpu_card(512 * GiB, 512 * GiB)
