@@ -130,8 +130,17 @@ def largest_job(config, family: str, size: int, count: int, steps: int):
     if fam.text_tokens:
         prompt = ", ".join([prompt] * fam.text_tokens)  # cut at the limit, with a notice
     cfg = own.cfg_scale if fam.cfg_batch == 1 or own.cfg_scale > 1 else 4.0
-    return GenerateSpec(prompt=prompt, width=size, height=size, steps=steps, count=count,
-                        seed=1, sampler=own.sampler, schedule=own.schedule, cfg_scale=cfg)  # fmt: skip
+    return GenerateSpec(
+        prompt=prompt,
+        width=size,
+        height=size,
+        steps=steps,
+        count=count,
+        seed=1,
+        sampler=own.sampler,
+        schedule=own.schedule,
+        cfg_scale=cfg,
+    )
 
 
 def measure(model: str, device: str, plan_name: str, size: int, count: int, steps: int,

@@ -216,7 +216,8 @@ def _plan(model, family, components, card, jobs, mode, text) -> MemoryPlan:
     room = card.budget - (den_resident + te_resident + vae_bytes)
     per_pixel = _decode_bytes_per_pixel(fam, card)
     tiling = _tiling_above(fam, jobs, room, per_pixel)
-    decode = den_resident + te_resident + vae_bytes + _decode_activations(fam, tiling, jobs, per_pixel)
+    decode_act = _decode_activations(fam, tiling, jobs, per_pixel)
+    decode = den_resident + te_resident + vae_bytes + decode_act
     phases = (("encode", encode), ("denoise", denoise), ("decode", decode))
     peak = max(encode, denoise, decode)
     placements = _placements(components, mode, text, den_used, cbytes, den)
