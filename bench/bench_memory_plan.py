@@ -1,19 +1,25 @@
-"""The memory planner's estimated peak beside the measured one, per plan, on a real
-architecture on the CPU (a CPU worker's memory is its RSS): SD 1.5's, or a flow family's
-at full width cut to a block or two (`--write-arch`, as bench_flux.py and
-bench_families_2026.py build them). Run:
+"""The memory planner's estimated peak beside the measured one, per plan and per phase
+(encode, denoise, decode), with the time per denoising step: on the CPU (a CPU worker's
+memory is its RSS) or on a GPU (`--device cuda`: torch.cuda.max_memory_allocated), on
+SD 1.5's architecture or a flow family's at full width cut to a block or two
+(`--write-arch`, as bench_flux.py and bench_families_2026.py build them). Run:
 
     python bench/arch_model.py sd15 /tmp/sd15-arch
     python bench/bench_memory_plan.py --model /tmp/sd15-arch --sizes 256 512 --steps 1
     python bench/bench_memory_plan.py --model /tmp/sd15-arch --sizes 256 512 --calibrate
     python bench/bench_memory_plan.py --write-arch flux --model /tmp/flux-arch
     python bench/bench_memory_plan.py --model /tmp/flux-arch --sizes 512 --steps 2
+    python bench/bench_memory_plan.py --model /tmp/flux-arch --device cuda --ladder --sizes 1024
 
-Each case runs in a fresh process: the RSS after imports is the baseline; the model is
-loaded through the worker's own path (ModelCache: plan, then apply_plan); the peak RSS is
-reset (`/proc/self/clear_refs` 5) so that loading's transient copies do not count; one
-generation runs; measured = peak RSS − baseline. The estimate is the plan's `peak` for a
-server whose largest job is exactly this one.
+On the CPU each case runs in a fresh process: the baseline is the RSS after imports (the
+model's classes included); the model is loaded through the worker's own path (the plan
+for this card, then load_model → apply_plan); the peak is reset after loading
+(`/proc/self/clear_refs` 5) so that loading's transient copies do not count, and again at
+each phase; measured = the largest phase's peak − baseline. On a GPU every case runs in one
+process (`--in-process`: CUDA's peak statistics are exact) and the baseline is what was
+allocated before loading. `--ladder` measures every step of the card's ladder (GPU:
+full/device … sequential/sequential; CPU: full, fp8). The estimate is the plan's `peak`
+for a server whose largest job is exactly the one run (`largest_job`).
 """
 
 from __future__ import annotations
