@@ -162,6 +162,26 @@ def steps(dry: bool, out: Path, work: Path) -> list[Step]:
             + (["--threads", "1"] if dry else ["--arch", "--size", "1024"]),
             60 if not dry else DRY_BUDGET_S,
         ),
+        # Issue 26: the memory planner's estimate beside torch.cuda.max_memory_allocated for
+        # every step of the GPU ladder (each loaded through the worker's path, one process);
+        # the dry run measures the CPU's ladder (full, fp8) the same way, on tiny models.
+        Step(
+            "bench_memory_plan SD 1.5, 512², every GPU plan: estimated vs measured peak",
+            "26",
+            [*py, "bench/bench_memory_plan.py", "--model", sd15, "--device", device]
+            + ["--ladder", "--in-process", "--sizes", "64" if dry else "512", "--steps", "2"],
+            45 if not dry else DRY_BUDGET_S,
+        ),
+        Step(
+            "bench_memory_plan Flux.1 architecture (1+1 blocks, full width), 1024², "
+            "every GPU plan: estimated vs measured peak",
+            "26",
+            [*py, "bench/bench_memory_plan.py", "--device", device, "--ladder", "--in-process"]
+            + ["--arch", "tiny-flux" if dry else "flux"]
+            + ["--model", str(work / ("tiny-flux-memory" if dry else "flux-memory-arch"))]
+            + ["--sizes", "64" if dry else "1024", "--steps", "2"],
+            90 if not dry else DRY_BUDGET_S,
+        ),
         # HOOK: later figures go here, e.g.
         # Step("bench_pool on cuda", "4", [*py, "bench/bench_pool.py", ...], 40),
     ]

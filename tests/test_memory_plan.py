@@ -215,3 +215,59 @@ def test_every_configurable_family_has_memory_figures_and_a_published_plan():
             SMALL_JOBS,
         )
         assert chosen.peak <= chosen.card.budget, name
+
+
+# -- #26 (stop 29): what the estimate counts, per phase ---------------------------------
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_MEMORY))
+def test_the_peak_is_the_largest_phase_and_each_phase_is_named(family):
+    chosen = plan(family, 80, SMALL_JOBS)
+    assert [name for name, _ in chosen.phases] == ["encode", "denoise", "decode"]
+    assert chosen.peak == max(size for _, size in chosen.phases)
+
+
+def test_the_text_tokens_counted_are_the_prompt_limit_each_family_reads():
+    """The joint-attention families attend over the prompt's tokens: the planner counts as
+    many as the family's prompt encoder reads at most (its max_sequence_length)."""
+    from pipeline.contract.families import FAMILIES
+    from pipeline.contract.families.memory import family_memory
+
+    for name, spec in FAMILIES.items():
+        limit = getattr(spec, "max_prompt_tokens", None) or getattr(spec, "t5_tokens", None)
+        if limit is None:  # SD 1.x / SDXL: 77 CLIP tokens in cross-attention, not counted
+            continue
+        assert family_memory(name).text_tokens == limit, name
+
+
+def test_a_3d_vae_decode_counts_its_unfolded_convs_on_the_cpu_only():
+    """Qwen-Image's VAE is a 3-D (video) one: on the CPU torch's slow_conv3d unfolds each
+    conv's input (3×3×3 × width values per pixel; with the padded and cached frames 32
+    widths); CUDA's convolutions do not."""
+    qwen = published_components("qwen_image")
+    flux = published_components("flux1")
+    ram = cpu_card(512 * GiB, 512 * GiB)
+    gpu = gpu_card("big", 512 * GiB, 512 * GiB, compute_dtype="fp32")
+
+    def decode(family, components, where):
+        chosen = plan_memory(family, family, components, where, SMALL_JOBS, "full")
+        return dict(chosen.phases)["decode"]
+
+    vae_width = FAMILY_MEMORY["qwen_image"].vae_width
+    unfolded = 1024 * 1024 * vae_width * FAMILY_MEMORY["qwen_image"].vae_cpu_unfold * 4
+    assert decode("qwen_image", qwen, ram) - decode("qwen_image", qwen, gpu) == pytest.approx(
+        unfolded, rel=1e-6
+    )
+    assert decode("flux1", flux, ram) == decode("flux1", flux, gpu)
+
+
+def test_a_forced_text_encoder_placement_plans_that_ladder_step():
+    """bench_memory_plan measures every step of the ladder: (mode, text encoders) forced."""
+    parts = published_components("flux1")
+    chosen = plan_memory("flux1", "flux1", parts, card(80), SMALL_JOBS, "offload", "cpu")
+    assert (chosen.mode, chosen.text_encoders) == ("offload", "cpu")
+    moved = plan_memory("flux1", "flux1", parts, card(80), SMALL_JOBS, "offload")
+    assert moved.text_encoders == "offload"
+    assert dict(chosen.phases)["encode"] < dict(moved.phases)["encode"]  # T5 not on the card
+    with pytest.raises(MemoryPlanError, match="text encoders 'cpu'"):  # not a ladder step
+        plan_memory("flux1", "flux1", parts, card(80), SMALL_JOBS, "full", "cpu")

@@ -104,6 +104,8 @@ class MemoryPlan:
     vae_tiling_above: int  # pixels; larger images decode in tiles
     peak: int  # estimated bytes
     reason: str
+    # The estimate per phase: (("encode", bytes), ("denoise", bytes), ("decode", bytes)).
+    phases: tuple[tuple[str, int], ...] = ()
 
     @property
     def fits(self) -> bool:
@@ -134,17 +136,24 @@ def plan_memory(
     card: Card,
     jobs: Jobs,
     setting: str = "auto",
+    text_encoders: str = "auto",
 ) -> MemoryPlan:
-    """The cheapest plan that fits, or MemoryPlanError. `setting`: "auto" or a mode."""
+    """The cheapest plan that fits, or MemoryPlanError. `setting`: "auto" or a mode;
+    `text_encoders`: "auto" or one placement (a benchmark measuring each ladder step)."""
     if setting not in MEMORY_SETTINGS:
         raise MemoryPlanError(
             f"{model}: memory = {setting!r} is not one of {', '.join(MEMORY_SETTINGS)}"
         )
-    candidates = [c for c in _candidates(card, components) if setting in ("auto", c[0])]
+    candidates = [
+        c
+        for c in _candidates(card, components)
+        if setting in ("auto", c[0]) and text_encoders in ("auto", c[1])
+    ]
     if not candidates:
         allowed = ", ".join(dict.fromkeys(m for m, _ in _candidates(card, components)))
+        forced = f" with text encoders {text_encoders!r}" if text_encoders != "auto" else ""
         raise MemoryPlanError(
-            f"{model}: memory = {setting!r} cannot be used on {card.name} (it can use "
+            f"{model}: memory = {setting!r}{forced} cannot be used on {card.name} (it can use "
             f'auto, {allowed}); set memory = "auto"'
         )
     plans = [_plan(model, family, components, card, jobs, m, t) for m, t in candidates]
@@ -205,11 +214,14 @@ def _plan(model, family, components, card, jobs, mode, text) -> MemoryPlan:
     encode = den_resident + vae_resident + te_each + (64 << 20 if text != "cpu" else 0)
     denoise = den_used + te_resident + (vae_resident if resident else 0) + act
     room = card.budget - (den_resident + te_resident + vae_bytes)
-    tiling = _tiling_above(fam, jobs, room, cbytes)
-    decode = den_resident + te_resident + vae_bytes + _decode_activations(fam, tiling, jobs, cbytes)
+    per_pixel = _decode_bytes_per_pixel(fam, card)
+    tiling = _tiling_above(fam, jobs, room, per_pixel)
+    decode_act = _decode_activations(fam, tiling, jobs, per_pixel)
+    decode = den_resident + te_resident + vae_bytes + decode_act
+    phases = (("encode", encode), ("denoise", denoise), ("decode", decode))
     peak = max(encode, denoise, decode)
     placements = _placements(components, mode, text, den_used, cbytes, den)
-    plan = MemoryPlan(model, family, card, mode, text, placements, tiling, peak, "")
+    plan = MemoryPlan(model, family, card, mode, text, placements, tiling, peak, "", phases)
     return _with_reason(plan, fam)
 
 
@@ -226,18 +238,25 @@ def _denoise_activations(fam: FamilyMemory, pixels: int, cbytes: int) -> int:
     return int(fam.cfg_batch * tokens * fam.width * fam.act_factor * cbytes)
 
 
-def _decode_activations(fam: FamilyMemory, tiling_above: int, jobs: Jobs, cbytes: int) -> int:
+def _decode_bytes_per_pixel(fam: FamilyMemory, card: Card) -> float:
+    """The VAE decode's working set per image pixel. On the CPU a 3-D decoder's convs are
+    computed by unfolding each input (kernel volume × width values per pixel, torch's
+    slow_conv3d), which CUDA's convolutions do not hold."""
+    factor = fam.vae_factor + (fam.vae_cpu_unfold if card.kind == "cpu" else 0)
+    return fam.vae_width * factor * _BYTES[card.compute_dtype]
+
+
+def _decode_activations(fam: FamilyMemory, tiling_above: int, jobs: Jobs, per_pixel) -> int:
     """One image at a time (slicing); tiled above the threshold (a tile's working set)."""
     pixels = jobs.image_pixels
     if pixels > tiling_above:
         pixels = min(pixels, fam.vae_tile**2)
-    return int(pixels * fam.vae_width * fam.vae_factor * cbytes)
+    return int(pixels * per_pixel)
 
 
-def _tiling_above(fam: FamilyMemory, jobs: Jobs, room: int, cbytes: int) -> int:
+def _tiling_above(fam: FamilyMemory, jobs: Jobs, room: int, per_pixel: float) -> int:
     """The configured threshold, lowered (in steps of 64² pixels) until an untiled
     decode fits the room the weights leave; never below one tile."""
-    per_pixel = fam.vae_width * fam.vae_factor * cbytes
     fitting = int(room / per_pixel) if per_pixel else jobs.vae_tiling_above
     threshold = min(jobs.vae_tiling_above, max(fitting, fam.vae_tile**2))
     return max(threshold - threshold % 4096, 4096)

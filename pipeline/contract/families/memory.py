@@ -30,11 +30,18 @@ class FamilyMemory:
     vae_tile: int  # side of diffusers' VAE tile (its tiled decode's working size)
     skip_patterns: tuple[str, ...] = ()  # the model's _skip_layerwise_casting_patterns
     names: dict[str, str] = field(default_factory=dict)  # component → what users call it
+    # On the CPU only, on top of vae_factor: a 3-D (video) VAE's causal convs unfold their
+    # input (torch's slow_conv3d: kernel 3×3×3 = 27 widths per pixel), pad it with two
+    # frames and cache each conv's last frames; CUDA's convolutions hold none of it.
+    vae_cpu_unfold: float = 0.0
 
 
 # Activation factors: UNet and VAE factors measured on the SD 1.5 architecture on the CPU
 # (bench/bench_memory_plan.py; BENCHMARKS.md, issue 26); the transformer factor counted
-# from a block's live tensors at inference (docs/DECISIONS.md, issue 26).
+# from a block's live tensors at inference (docs/DECISIONS.md, issue 26) and measured on
+# the flow families' full-width blocks (the slope per token from 256² to 768²: Flux.1 15,
+# Z-Image 16, Qwen-Image 13, klein 21; DECISIONS "#26 (stop 29)"). Qwen-Image's 3-D VAE
+# on the CPU: 40 widths per pixel measured the same way (8 + 32).
 _UNET, _DIT, _VAE = 28.0, 16.0, 8.0
 FAMILY_MEMORY: dict[str, FamilyMemory] = {  # published model → its figures
     "sd1": FamilyMemory(64, 320, _UNET, 0, 2, 128, _VAE, 512, ("norm",), {"text_encoder": "CLIP"}),
@@ -51,8 +58,8 @@ FAMILY_MEMORY: dict[str, FamilyMemory] = {  # published model → its figures
         {"text_encoder": "Qwen3"},
     ),
     "qwen_image": FamilyMemory(
-        256, 3072, _DIT, 1024, 1, 96, _VAE, 256, ("pos_embed", "norm"),
-        {"text_encoder": "Qwen2.5-VL"},
+        256, 3072, _DIT, 512, 1, 96, _VAE, 256, ("pos_embed", "norm"),
+        {"text_encoder": "Qwen2.5-VL"}, vae_cpu_unfold=32,
     ),
     "flux2_klein_4b": FamilyMemory(
         256, 3072, _DIT, 512, 1, 128, _VAE, 1024, ("pos_embed", "norm"), {"text_encoder": "Qwen3"}
