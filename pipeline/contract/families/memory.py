@@ -43,6 +43,10 @@ class FamilyMemory:
 # Z-Image 16, Qwen-Image 13, klein 21; DECISIONS "#26 (stop 29)"). Qwen-Image's 3-D VAE
 # on the CPU: 40 widths per pixel measured the same way (8 + 32).
 _UNET, _DIT, _VAE = 28.0, 16.0, 8.0
+# Flux.2 klein's blocks hold more per token: a fused qkv+SwiGLU projection of 3 + 2×3
+# widths, its SwiGLU halves, then the concatenated 4-width output (measured 21 on its
+# full-width architecture, DECISIONS #26 stop 29; counted the same).
+_KLEIN_DIT = 21.0
 FAMILY_MEMORY: dict[str, FamilyMemory] = {  # published model → its figures
     "sd1": FamilyMemory(64, 320, _UNET, 0, 2, 128, _VAE, 512, ("norm",), {"text_encoder": "CLIP"}),
     "sdxl": FamilyMemory(
@@ -62,10 +66,12 @@ FAMILY_MEMORY: dict[str, FamilyMemory] = {  # published model → its figures
         {"text_encoder": "Qwen2.5-VL"}, vae_cpu_unfold=32,
     ),
     "flux2_klein_4b": FamilyMemory(
-        256, 3072, _DIT, 512, 1, 128, _VAE, 1024, ("pos_embed", "norm"), {"text_encoder": "Qwen3"}
+        256, 3072, _KLEIN_DIT, 512, 1, 128, _VAE, 1024, ("pos_embed", "norm"),
+        {"text_encoder": "Qwen3"},
     ),
     "flux2_klein_9b": FamilyMemory(
-        256, 4096, _DIT, 512, 1, 128, _VAE, 1024, ("pos_embed", "norm"), {"text_encoder": "Qwen3"}
+        256, 4096, _KLEIN_DIT, 512, 1, 128, _VAE, 1024, ("pos_embed", "norm"),
+        {"text_encoder": "Qwen3"},
     ),
 }  # fmt: skip
 
