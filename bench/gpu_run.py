@@ -147,11 +147,13 @@ def steps(dry: bool, out: Path, work: Path) -> list[Step]:
             90 if not dry else DRY_BUDGET_S,
         ),
         Step(
-            "bench_flux Flux.1 architecture (1+1 blocks, full width), 1024², bf16: ours / plain",
+            "bench_flux Flux.1 architecture (1+1 blocks, full width), 1024², bf16 / fp8 "
+            "storage / GGUF Q8_0: ours / plain",
             "23",
             [*py, "bench/bench_flux.py", "--device", device, "--rounds", "1" if dry else "3"]
+            + ["--storage", "full", "fp8", "gguf-q8"]
             + (["--steps", "2", "--threads", "1"] if dry else ["--arch", "--size", "1024"]),
-            40 if not dry else DRY_BUDGET_S,
+            75 if not dry else DRY_BUDGET_S,
         ),
         Step(
             "bench_families_2026 Z-Image, Qwen-Image, Flux.2 klein 4B architectures "
