@@ -16,9 +16,10 @@ in `--dtype`; plain diffusers with the same `enable_layerwise_casting`) and `ggu
 transformer written as a GGUF Q8_0 file as city96's Flux files are, in BFL's names for
 `--arch`; ours loads it as `source = the .gguf` with `single_file_config` = the folder,
 plain diffusers through `from_single_file(..., GGUFQuantizationConfig)`). Per storage:
-each side's peak memory (GPU: torch's allocator; CPU: resident high-water mark), above
-what was held before it loaded, and its image's difference from the first storage's in
-8-bit levels.
+each side's memory above what the process held before it loaded (GPU: torch's
+allocator; CPU: resident set): held once loaded, and the peak of its first call (the load's
+own transient, such as fp8's cast from bf16, left out); and the images' difference from
+the first storage's in 8-bit levels.
 
     python bench/bench_flux.py [--rounds 5] [--steps 8] [--arch] [--device cuda] [--size 1024]
         [--storage full fp8 gguf-q8] [--dtype bfloat16|float32]
@@ -111,9 +112,10 @@ def _write_gguf(folder: Path, path: Path, bfl: bool) -> str:
 
 
 class Peak:
-    """Peak memory of what runs between `start` and `read`, above what was held at start:
-    torch's allocator on CUDA; on the CPU the process's resident high-water mark
-    (VmHWM, reset through /proc/self/clear_refs)."""
+    """Memory above what was held at `start`: torch's allocator on CUDA; on the CPU the
+    process's resident set (VmRSS) and its high-water mark (VmHWM, reset through
+    /proc/self/clear_refs). `held` is what is resident now, `read` the peak since `start`
+    or the last `reset`."""
 
     def __init__(self, device: str) -> None:
         self.cuda = device.startswith("cuda")
@@ -124,11 +126,19 @@ class Peak:
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
-            self.base = torch.cuda.memory_allocated()
+        self.base = self.held(0)
+        self.reset()
+
+    def held(self, base: int | None = None) -> int:
+        now = torch.cuda.memory_allocated() if self.cuda else _status_bytes("VmRSS")
+        return now - (self.base if base is None else base)
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         else:
             Path("/proc/self/clear_refs").write_text("5")
-            self.base = _status_bytes("VmRSS")
 
     def read(self) -> int:
         if self.cuda:
@@ -230,6 +240,8 @@ def _storage(storage: str, folder: Path, gguf: Path, args, dtype: torch.dtype) -
         start = time.perf_counter()
         loaded = load()
         row[f"load_s {name}"] = time.perf_counter() - start
+        row[f"held {name}"] = peak.held()
+        peak.reset()  # the call's peak, not the load's (fp8 is cast from bf16 as it loads)
         sides[name] = loaded
         if name == "ours":
             ours, _ = _calls(loaded, None, args.size)
@@ -270,13 +282,14 @@ def _levels(a, b) -> tuple[int, float]:
 
 def _table(rows: list[dict], label: str, args) -> None:
     mib = 2**20
+    memory = "GPU" if args.device.startswith("cuda") else "RSS"
     print(
         f"| {label} | storage | per step ({args.steps} steps): ours | diffusers | ratio "
-        f"| call: ours | diffusers | peak {'GPU' if args.device.startswith('cuda') else 'RSS'}"
-        f": ours | diffusers | image vs {rows[0]['storage']}: max / mean levels "
-        "| ours vs diffusers: max |"
+        f"| call: ours | diffusers | {memory} held after loading: ours | diffusers "
+        f"| peak {memory} in a call: ours | diffusers "
+        f"| image vs {rows[0]['storage']}: max / mean levels | ours vs diffusers: max |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     reference = rows[0]["image ours"]
     for row in rows:
         vs_ref = _levels(row["image ours"], reference)
@@ -287,6 +300,7 @@ def _table(rows: list[dict], label: str, args) -> None:
             f"| {row['step diffusers'] * 1000:.1f} ms "
             f"| {row['step ours'] / row['step diffusers']:.3f}× "
             f"| {row['call ours'] * 1000:.0f} ms | {row['call diffusers'] * 1000:.0f} ms "
+            f"| {row['held ours'] / mib:.0f} MiB | {row['held diffusers'] / mib:.0f} MiB "
             f"| {row['peak ours'] / mib:.0f} MiB | {row['peak diffusers'] / mib:.0f} MiB "
             f"| {vs_ref[0]} / {vs_ref[1]:.2f} | {vs_plain[0]} |"
         )
