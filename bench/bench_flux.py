@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import gc
 import io
-import statistics
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.timing import alternating_medians  # noqa: E402
 from pipeline.workers.quiet import quiet_libraries  # noqa: E402
 
 
@@ -251,17 +251,13 @@ def _storage(storage: str, folder: Path, gguf: Path, args, dtype: torch.dtype) -
             row["image diffusers"] = theirs(args.steps)
         row[f"peak {name}"] = peak.read()
     ours, theirs = _calls(sides["ours"], sides["diffusers"], args.size)
-    times: dict[tuple[str, int], list[float]] = {}
-    for _ in range(args.rounds):
-        order = [("ours", ours), ("diffusers", theirs)]
-        for name, fn in reversed(order) if args.diffusers_first else order:
-            for steps in (1, args.steps):
-                _sync(args.device)
-                start = time.perf_counter()
-                fn(steps)
-                _sync(args.device)
-                times.setdefault((name, steps), []).append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    order = [("ours", ours), ("diffusers", theirs)]
+    med = alternating_medians(
+        order[::-1] if args.diffusers_first else order,
+        (1, args.steps),
+        args.rounds,
+        lambda: _sync(args.device),
+    )
     for name in ("ours", "diffusers"):
         row[f"call {name}"] = med[(name, args.steps)]
         row[f"step {name}"] = (med[(name, args.steps)] - med[(name, 1)]) / (args.steps - 1)
