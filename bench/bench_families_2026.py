@@ -22,10 +22,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -33,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.timing import alternating_medians  # noqa: E402
 from pipeline.workers.quiet import quiet_libraries  # noqa: E402
 
 SIZE = 64
@@ -222,18 +221,14 @@ def main() -> None:
                     continue  # the edit case: tiny models only (see the docstring)
                 folder = _arch_folder(label, folder, args.blocks)
             ours, theirs = _runners(folder, photo, job, call, size, args.device, dtype)
-            times: dict[tuple[str, int], list[float]] = {}
             for fn in (ours, theirs):
                 fn(2)  # warm-up
-            for _ in range(args.rounds):
-                for name, fn in (("ours", ours), ("diffusers", theirs)):
-                    for steps in (2, args.steps):
-                        _sync(args.device)
-                        start = time.perf_counter()
-                        fn(steps)
-                        _sync(args.device)
-                        times.setdefault((name, steps), []).append(time.perf_counter() - start)
-            med = {k: statistics.median(v) for k, v in times.items()}
+            med = alternating_medians(
+                [("ours", ours), ("diffusers", theirs)],
+                (2, args.steps),
+                args.rounds,
+                lambda: _sync(args.device),
+            )
             call_s = {n: med[(n, args.steps)] for n in ("ours", "diffusers")}
             per = {n: (med[(n, args.steps)] - med[(n, 2)]) / (args.steps - 2) for n in call_s}
             print(

@@ -14,7 +14,7 @@ WHEELS=bench/wheels
 # What the device image lacks (it has torch, transformers, peft, accelerate,
 # safetensors, huggingface-hub, numpy, pillow, opencv, regex, requests, filelock, scipy).
 # Versions: those this project's CI uses.
-MISSING=(diffusers==0.42.1 importlib_metadata==10.2.0 torchsde==0.2.6 trampoline==0.1.2)
+MISSING=(diffusers==0.42.1 importlib_metadata==10.2.0 torchsde==0.2.6 trampoline==0.1.2 gguf==0.19.0)
 
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
     mkdir -p "$WHEELS"

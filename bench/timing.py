@@ -21,6 +21,27 @@ def timed(
     return statistics.median(times)
 
 
+def alternating_medians(
+    sides: list[tuple[str, Callable[[int], object]]],
+    step_counts: tuple[int, ...],
+    rounds: int,
+    sync: Callable[[], object] = lambda: None,
+) -> dict[tuple[str, int], float]:
+    """Median seconds of each (side, step count), the sides timed in turn in every round
+    so that a shared machine's changing load falls on both alike. `sync` waits for the
+    device (torch.cuda.synchronize on a GPU)."""
+    times: dict[tuple[str, int], list[float]] = {}
+    for _ in range(rounds):
+        for name, fn in sides:
+            for steps in step_counts:
+                sync()
+                start = time.perf_counter()
+                fn(steps)
+                sync()
+                times.setdefault((name, steps), []).append(time.perf_counter() - start)
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
 def sd_job(prompt: str, steps: int, size: int, **extra):
     """The SD job the benchmarks time (Euler a, CFG 7, seed 1, a short negative prompt),
     one place so that their figures stay comparable; `extra` adds GenerateSpec fields."""

@@ -10,6 +10,8 @@ import torch
 
 from pipeline.contract.families.weight_sizes import READABLE_GGUF, gguf_problem, gguf_sizes
 from pipeline.contract.memory_plan import GiB, gpu_card, plan_memory, published_components
+from pipeline.generate.modes import run_generation
+from tests.conftest import level_difference
 from tests.gguf_files import write_gguf
 from tests.test_memory_plan import JOBS
 
@@ -114,3 +116,56 @@ def test_the_readable_list_is_diffusers_own():
 
     plain = {gguf.GGMLQuantizationType.F32.name, gguf.GGMLQuantizationType.F16.name}
     assert set(READABLE_GGUF) == {t.name for t in SUPPORTED_GGUF_QUANT_TYPES} | plain
+
+
+# --- a GGUF transformer through the worker's path (`[models.X] source = the .gguf`) ------
+
+# Largest difference in 8-bit levels between the tiny Flux.1 dev's image from its Q8_0
+# GGUF transformer and from its float32 folder, same job (measured: 1 level at 64², 4 steps).
+Q8_LEVELS = 4
+
+
+def test_a_gguf_transformer_with_its_base_folder_generates_as_the_folder_does(tmp_path):
+    """What an admin writes: source = the .gguf, single_file_config = a diffusers folder of
+    the family for the text encoders and VAE; the image stays within Q8_0's rounding of
+    the float32 folder's."""
+    from diffusers import FluxTransformer2DModel
+
+    from pipeline.families.flux_tiny import write_tiny_flux
+    from tests.test_flux import _load, image_of, spec
+
+    folder = write_tiny_flux(tmp_path / "dev")
+    transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer")
+    path = write_gguf(tmp_path / "flux1-dev-Q8_0.gguf", transformer.state_dict(), "Q8_0")
+    quantised = _load(path, single_file_config=str(folder))
+    assert "GGUFParameter" in {type(p).__name__ for p in quantised.pipe.transformer.parameters()}
+    [[ours]] = run_generation(quantised, [spec()])
+    [[full]] = run_generation(_load(folder), [spec()])
+    assert level_difference(image_of(ours), image_of(full)) <= Q8_LEVELS
+
+
+def test_the_bfl_layout_is_what_diffusers_converter_reads_at_full_width():
+    """tests/gguf_files.bfl_flux_state_dict on Flux.1's full width (1+1 blocks, on the meta
+    device: names and shapes, no memory): diffusers' detector calls it flux-dev, its
+    converter gives back the transformer's own names and shapes, our recogniser takes it;
+    the tensors city96's quantiser keeps in F32/F16 are there under those names."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import (
+        convert_flux_transformer_checkpoint_to_diffusers,
+        infer_diffusers_model_type,
+    )
+
+    from pipeline.contract.families.flux import Flux
+    from tests.gguf_files import KEEP_F16, KEEP_F32, bfl_flux_state_dict
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(num_layers=1, num_single_layers=1, guidance_embeds=True)
+    ours = model.state_dict()
+    bfl = bfl_flux_state_dict(ours)
+    assert infer_diffusers_model_type(bfl) == "flux-dev"
+    assert Flux.matches_checkpoint(list(bfl))
+    back = convert_flux_transformer_checkpoint_to_diffusers(dict(bfl))
+    assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in ours.items()}
+    assert bfl["single_blocks.0.linear1.weight"].shape == (3 * 3072 + 12288, 3072)
+    for prefix in (*KEEP_F32, *KEEP_F16):
+        assert any(k.startswith(prefix) for k in bfl), prefix
