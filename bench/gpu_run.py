@@ -66,7 +66,10 @@ def steps(dry: bool, out: Path, work: Path) -> list[Step]:
     ]
     # In order of what the open issues need most: a step the total budget cuts short
     # is one of the last. bench_arch SD 1.5 comes first: it writes the SD 1.5 model the
-    # others load. (bench_generate's plain-vs-ours it/s at 30 steps is bench_speed's
+    # others load; then the open issues' steps (#23 Flux.1 storages, #26 memory plans),
+    # which fit TOTAL_BUDGET_S together with it. The budgets of all steps add up to
+    # about twice the total: what one device call does not reach, a later lent card runs
+    # with `--only <name>`. (bench_generate's plain-vs-ours it/s at 30 steps is bench_speed's
     # plain and eager rows, so it is not run here.)
     return [
         Step(
@@ -76,6 +79,57 @@ def steps(dry: bool, out: Path, work: Path) -> list[Step]:
             + ["--dtype", *dtypes, *arch],
             80 if not dry else DRY_BUDGET_S,
             writes=f"bench_arch-{'tiny' if dry else 'sd15'}-{device}.json",
+        ),
+        # Three storages, each side loaded from disk: an estimate (no GPU has run it) of
+        # imports ~8 s, the architecture folder ~8 s, its GGUF ~7 s (timed in the step's
+        # output), each storage ~20 s; 90 s leaves room.
+        Step(
+            "bench_flux Flux.1 architecture (1+1 blocks, full width), 1024², bf16 / fp8 "
+            "storage / GGUF Q8_0: ours / plain",
+            "23",
+            [*py, "bench/bench_flux.py", "--device", device, "--rounds", "1" if dry else "3"]
+            + ["--storage", "full", "fp8", "gguf-q8"]
+            + (["--steps", "2", "--threads", "1"] if dry else ["--arch", "--size", "1024"]),
+            90 if not dry else DRY_BUDGET_S,
+        ),
+        # Issue 26: the memory planner's estimate beside torch.cuda.max_memory_allocated for
+        # every step of the GPU ladder (each loaded through the worker's path, one process);
+        # the dry run measures the CPU's ladder (full, fp8) the same way, on tiny models.
+        Step(
+            "bench_memory_plan SD 1.5, 512², every GPU plan: estimated vs measured peak",
+            "26",
+            [*py, "bench/bench_memory_plan.py", "--model", sd15, "--device", device]
+            + ["--ladder", "--in-process", "--sizes", "64" if dry else "512", "--steps", "2"],
+            45 if not dry else DRY_BUDGET_S,
+        ),
+        Step(
+            "bench_memory_plan Flux.1 architecture (1+1 blocks, full width), 1024², "
+            "every GPU plan: estimated vs measured peak",
+            "26",
+            [*py, "bench/bench_memory_plan.py", "--device", device, "--ladder", "--in-process"]
+            + ["--arch", "tiny-flux" if dry else "flux"]
+            + ["--model", str(work / ("tiny-flux-memory" if dry else "flux-memory-arch"))]
+            + ["--sizes", "64" if dry else "1024", "--steps", "2"],
+            90 if not dry else DRY_BUDGET_S,
+        ),
+        Step(
+            "bench_families_2026 Z-Image, Qwen-Image, Flux.2 klein 4B architectures "
+            "(1 block, full width), 1024², bf16: ours / plain",
+            "24",
+            [*py, "bench/bench_families_2026.py", "--device", device]
+            + ["--rounds", "1" if dry else "3", "--steps", "3" if dry else "8"]
+            + (["--threads", "1"] if dry else ["--arch", "--size", "1024"]),
+            60 if not dry else DRY_BUDGET_S,
+        ),
+        Step(
+            "bench_train_flow Flux.1 architecture (1+1 blocks, full width), 512², bf16: "
+            "our training loop / the script's step",
+            "23",
+            [*py, "bench/bench_train_flow.py", "--device", device]
+            + ["--resolutions", "64" if dry else "512", "--steps", "3" if dry else "20"]
+            + ["--repeats", "1" if dry else "3", *threads]
+            + ([] if dry else ["--arch", "--dtype", "bfloat16"]),
+            90 if not dry else DRY_BUDGET_S,
         ),
         Step(
             "bench_speed SD 1.5, 512², 30 steps, fp16: plain / eager / compiled",
@@ -135,57 +189,6 @@ def steps(dry: bool, out: Path, work: Path) -> list[Step]:
             + ["--resolutions", "64" if dry else "512", "--steps", "3" if dry else "20"]
             + ["--repeats", "1", *threads],
             25 if not dry else DRY_BUDGET_S,
-        ),
-        Step(
-            "bench_train_flow Flux.1 architecture (1+1 blocks, full width), 512², bf16: "
-            "our training loop / the script's step",
-            "23",
-            [*py, "bench/bench_train_flow.py", "--device", device]
-            + ["--resolutions", "64" if dry else "512", "--steps", "3" if dry else "20"]
-            + ["--repeats", "1" if dry else "3", *threads]
-            + ([] if dry else ["--arch", "--dtype", "bfloat16"]),
-            90 if not dry else DRY_BUDGET_S,
-        ),
-        # Three storages, each side loaded from disk: an estimate (no GPU has run it) of
-        # imports ~8 s, the architecture folder ~8 s, its GGUF ~7 s (timed in the step's
-        # output), each storage ~20 s; 90 s leaves room.
-        Step(
-            "bench_flux Flux.1 architecture (1+1 blocks, full width), 1024², bf16 / fp8 "
-            "storage / GGUF Q8_0: ours / plain",
-            "23",
-            [*py, "bench/bench_flux.py", "--device", device, "--rounds", "1" if dry else "3"]
-            + ["--storage", "full", "fp8", "gguf-q8"]
-            + (["--steps", "2", "--threads", "1"] if dry else ["--arch", "--size", "1024"]),
-            90 if not dry else DRY_BUDGET_S,
-        ),
-        Step(
-            "bench_families_2026 Z-Image, Qwen-Image, Flux.2 klein 4B architectures "
-            "(1 block, full width), 1024², bf16: ours / plain",
-            "24",
-            [*py, "bench/bench_families_2026.py", "--device", device]
-            + ["--rounds", "1" if dry else "3", "--steps", "3" if dry else "8"]
-            + (["--threads", "1"] if dry else ["--arch", "--size", "1024"]),
-            60 if not dry else DRY_BUDGET_S,
-        ),
-        # Issue 26: the memory planner's estimate beside torch.cuda.max_memory_allocated for
-        # every step of the GPU ladder (each loaded through the worker's path, one process);
-        # the dry run measures the CPU's ladder (full, fp8) the same way, on tiny models.
-        Step(
-            "bench_memory_plan SD 1.5, 512², every GPU plan: estimated vs measured peak",
-            "26",
-            [*py, "bench/bench_memory_plan.py", "--model", sd15, "--device", device]
-            + ["--ladder", "--in-process", "--sizes", "64" if dry else "512", "--steps", "2"],
-            45 if not dry else DRY_BUDGET_S,
-        ),
-        Step(
-            "bench_memory_plan Flux.1 architecture (1+1 blocks, full width), 1024², "
-            "every GPU plan: estimated vs measured peak",
-            "26",
-            [*py, "bench/bench_memory_plan.py", "--device", device, "--ladder", "--in-process"]
-            + ["--arch", "tiny-flux" if dry else "flux"]
-            + ["--model", str(work / ("tiny-flux-memory" if dry else "flux-memory-arch"))]
-            + ["--sizes", "64" if dry else "1024", "--steps", "2"],
-            90 if not dry else DRY_BUDGET_S,
         ),
         # HOOK: later figures go here, e.g.
         # Step("bench_pool on cuda", "4", [*py, "bench/bench_pool.py", ...], 40),
