@@ -169,3 +169,18 @@ def test_the_bfl_layout_is_what_diffusers_converter_reads_at_full_width():
     assert bfl["single_blocks.0.linear1.weight"].shape == (3 * 3072 + 12288, 3072)
     for prefix in (*KEEP_F32, *KEEP_F16):
         assert any(k.startswith(prefix) for k in bfl), prefix
+
+
+@pytest.mark.parametrize("guidance", [True, False])
+def test_a_flux_gguf_is_dev_or_schnell_by_its_guidance_embedder_not_its_name(tmp_path, guidance):
+    """A renamed GGUF keeps its variant: schnell has no guidance embedder (its defaults,
+    4 steps and no negative prompt, follow from this)."""
+    from diffusers import FluxTransformer2DModel
+
+    from pipeline.contract.families.flux import variant_of
+    from tests.gguf_files import bfl_flux_state_dict
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(**{**CONFIG, "guidance_embeds": guidance})
+    path = write_gguf(tmp_path / "my-favourite-model.gguf", bfl_flux_state_dict(model.state_dict()))
+    assert variant_of(str(path)) == ("dev" if guidance else "schnell")

@@ -201,7 +201,7 @@ CONTROL_PIPELINES = (
 
 def variant_of(source: str) -> str:
     """ "dev", "schnell", "kontext", "fill" or "control", from a folder's files, a single file's
-    tensor names and shapes, or a Hub id's name (Krea is a dev)."""
+    or a GGUF's tensor names and shapes, or a Hub id's name (Krea is a dev)."""
     path = Path(source)
     if path.is_dir():
         index = _json(path / "model_index.json")
@@ -218,12 +218,9 @@ def variant_of(source: str) -> str:
         if transformer.get("in_channels") == 128:
             return "control"
         return "dev" if transformer.get("guidance_embeds", True) else "schnell"
-    if path.suffix == ".safetensors" and path.exists():
-        from pipeline.contract.families.sources import safetensors_header
-
-        header = safetensors_header(path)
-        names = {k.removeprefix(CHECKPOINT_PREFIX): v for k, v in header.items()}
-        image_in = names.get("img_in.weight", {}).get("shape", [0, 64])
+    if path.suffix in (".safetensors", ".gguf") and path.exists():
+        names = {k.removeprefix(CHECKPOINT_PREFIX): shape for k, shape in _shapes(path).items()}
+        image_in = names.get("img_in.weight", [0, 64])
         if image_in[-1] == 384:
             return "fill"
         if image_in[-1] == 128:
@@ -237,6 +234,16 @@ def variant_of(source: str) -> str:
     if any(tool in lowered for tool in ("canny", "depth")) and "lora" not in lowered:
         return "control"  # FLUX.1-Canny-dev, FLUX.1-Depth-dev (their -lora is for dev)
     return "dev"
+
+
+def _shapes(path: Path) -> dict[str, list[int]]:
+    """A single file's or a GGUF's tensor shapes, from its header (a renamed schnell GGUF
+    is still a schnell: it has no guidance embedder)."""
+    from pipeline.contract.families.sources import gguf_tensor_shapes, safetensors_header
+
+    if path.suffix == ".gguf":
+        return gguf_tensor_shapes(path)[1]
+    return {name: info.get("shape", []) for name, info in safetensors_header(path).items()}
 
 
 def _json(path: Path) -> dict[str, Any]:

@@ -91,9 +91,17 @@ _GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12:
 
 
 def gguf_tensor_names(path: Path) -> tuple[str, list[str]]:
-    """(general.architecture, tensor names) of a GGUF file, read without torch or numpy
-    (the layout of ggml's docs/gguf.md: magic, version, counts, key/values, tensor
-    infos). Raises ValueError for a file that is not GGUF."""
+    """(general.architecture, tensor names) of a GGUF file, read without torch or numpy.
+    Raises ValueError for a file that is not GGUF."""
+    architecture, shapes = gguf_tensor_shapes(path)
+    return architecture, list(shapes)
+
+
+def gguf_tensor_shapes(path: Path) -> tuple[str, dict[str, list[int]]]:
+    """(general.architecture, {tensor name: torch shape}) of a GGUF file, read without
+    torch or numpy (the layout of ggml's docs/gguf.md: magic, version, counts,
+    key/values, tensor infos; a tensor's dims are ggml's, innermost first, so the torch
+    shape is their reverse). Raises ValueError for a file that is not GGUF."""
     import struct
 
     with open(path, "rb") as f:
@@ -136,12 +144,14 @@ def gguf_tensor_names(path: Path) -> tuple[str, list[str]]:
             value = skip(kind)
             if key == "general.architecture" and isinstance(value, str):
                 architecture = value
-        names = []
+        shapes: dict[str, list[int]] = {}
         for _ in range(tensors):
-            names.append(string())
-            dims = read("I")
-            f.read(8 * dims + 4 + 8)  # dims, type, offset
-    return architecture, names
+            name, dims = string(), read("I")
+            if dims > 8:
+                raise ValueError("implausible tensor dimensions")
+            shapes[name] = [read("Q") for _ in range(dims)][::-1]
+            f.read(4 + 8)  # type, offset
+    return architecture, shapes
 
 
 def hub_error(source: str, exc: Exception) -> ModelError:
