@@ -307,9 +307,7 @@ class Flux(FlowFamily):
         """A LoRA under kohya's sd-scripts names unless `[training] flux_lora_layout` asks
         for diffusers' peft layout; LoHa/LoKr under LyCORIS's names either way (a fused
         layer cannot hold three separate Kronecker products exactly)."""
-        if spec.method == "lora" and spec.flux_lora_layout == "kohya":
-            return "kohya"
-        return super().export_layout(spec)
+        return "kohya" if _kohya_names(spec) else super().export_layout(spec)
 
     def export_layers(
         self, component: str, model: Any, paths: list[str], spec: Any
@@ -317,7 +315,7 @@ class Flux(FlowFamily):
         """kohya's layout: sd-scripts' `lora_unet_<BFL layer>` (networks/lora_flux.py); the
         double blocks' `img_attn_qkv`/`txt_attn_qkv` hold diffusers' q, k, v and the single
         blocks' `linear1` their q, k, v and MLP input, in that row order, trained or not."""
-        if self.export_layout(spec) != "kohya" or spec.method != "lora":
+        if not _kohya_names(spec):
             return super().export_layers(component, model, paths, spec)
         if component != self.denoiser_name:  # CLIP-L: `lora_te1_…`, as for SD
             return {Family.export_name(self, component, p, spec.method): (p,) for p in paths}
@@ -347,7 +345,7 @@ class Flux(FlowFamily):
             "modelspec.title": spec.name,
             "modelspec.resolution": f"{spec.resolution}x{spec.resolution}",
         }
-        if self.export_layout(spec) == "kohya" and spec.method == "lora":
+        if _kohya_names(spec):
             metadata["ss_network_module"] = "networks.lora_flux"
             metadata["ss_network_args"] = json.dumps({"split_qkv": "True"})
             metadata["sdbot_layout"] = (
@@ -533,6 +531,12 @@ UNION_MODES = {"canny": 0, "tile_resample": 1, "depth": 2, "openpose": 4}
 _IMAGE_QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
 _TEXT_QKV = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
 _XLABS = ("", "diffusion_model.")  # XLabs' processor names, bare or under ComfyUI's prefix
+
+
+def _kohya_names(spec: Any) -> bool:
+    """A LoRA written under sd-scripts' names (`[training] flux_lora_layout`, "kohya" by
+    default); LoHa/LoKr keep LyCORIS's either way."""
+    return spec.method == "lora" and spec.flux_lora_layout == "kohya"
 
 
 def kohya_layer_names(double_blocks: int, single_blocks: int) -> dict[str, tuple[str, ...]]:
